@@ -1,0 +1,308 @@
+//! The futures (and streams) that carry a frame: [`Scope`] and [`WithContext`].
+
+use std::{
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    mem::ManuallyDrop,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use crate::{current, node::NodeRef, Snapshot};
+
+/// A future that runs with one variable bound; returned by
+/// [`AsyncLocal::scope`](crate::AsyncLocal::scope).
+///
+/// On every poll, and while the inner future is dropped, the current frame is the poller's frame
+/// plus this binding. The inner future's destructor therefore sees the value, even when the
+/// task is aborted or the future is dropped half-way (a client disconnect).
+///
+/// ```
+/// use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let fut: contextflow::Scope<u32, _> = ID.scope(7, async { ID.get() });
+/// assert_eq!(fut.await, Some(7));
+/// # }
+/// ```
+pub struct Scope<T, F> {
+    /// The binding, as a value node with no parent.
+    value: NodeRef,
+    /// The binding re-parented under the frame of the last poller, reused while the poller's
+    /// frame stays the same (the common case: one allocation per scope, not per poll).
+    under: Option<NodeRef>,
+    /// Structurally pinned; dropped in place by `Drop`, inside the frame.
+    inner: ManuallyDrop<F>,
+    _value: PhantomData<fn() -> T>,
+}
+
+/// A future or stream that runs inside a captured [`Snapshot`]; returned by
+/// [`FutureExt::in_current_context`], [`FutureExt::with_snapshot`] and their `StreamExt` twins.
+///
+/// It adds one pointer to the wrapped future. It enters the snapshot on every poll and while
+/// dropping the inner future, so destructors of an aborted task see its context.
+///
+/// ```
+/// use contextflow::{AsyncLocal, FutureExt, Snapshot};
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let fut = ID.sync_scope(1, || async { ID.get() }.in_current_context());
+/// assert_eq!(fut.await, Some(1));
+/// assert_eq!(async { ID.get() }.with_snapshot(Snapshot::empty()).await, None);
+/// # }
+/// ```
+pub struct WithContext<F> {
+    snapshot: Snapshot,
+    /// Structurally pinned; dropped in place by `Drop`, inside the snapshot.
+    inner: ManuallyDrop<F>,
+}
+
+/// Extension methods that attach a context to any future.
+///
+/// ```
+/// use contextflow::{AsyncLocal, FutureExt};
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // A plain `tokio::spawn` does not inherit; `in_current_context` carries the context over.
+/// let handle = ID.sync_scope(5, || tokio::spawn(async { ID.get() }.in_current_context()));
+/// assert_eq!(handle.await.unwrap(), Some(5));
+/// # }
+/// ```
+pub trait FutureExt: Future + Sized {
+    /// Captures the current context *now* and runs `self` inside it wherever it is polled.
+    ///
+    /// Like a spawn, this captures only the variables spawned children inherit (see
+    /// [`Inherit`](crate::Inherit)); use [`with_snapshot`](FutureExt::with_snapshot) with
+    /// [`Snapshot::capture`] to carry every variable.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, FutureExt};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let fut = ID.sync_scope(3, || async { ID.get() }.in_current_context());
+    /// assert_eq!(fut.await, Some(3));
+    /// # }
+    /// ```
+    fn in_current_context(self) -> WithContext<Self> {
+        WithContext::new(Snapshot::capture_inheritable(), self)
+    }
+
+    /// Runs `self` inside `snapshot` wherever it is polled.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, FutureExt, Snapshot};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let snapshot = ID.sync_scope(9, Snapshot::capture);
+    /// assert_eq!(async { ID.get() }.with_snapshot(snapshot).await, Some(9));
+    /// # }
+    /// ```
+    fn with_snapshot(self, snapshot: Snapshot) -> WithContext<Self> {
+        WithContext::new(snapshot, self)
+    }
+}
+
+impl<F: Future> FutureExt for F {}
+
+/// Extension methods that attach a context to any stream (feature `futures`).
+///
+/// ```
+/// use contextflow::{AsyncLocal, StreamExt as _};
+/// use futures_util::{stream, StreamExt};
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let ids = ID.sync_scope(4, || stream::iter(0..2).map(|_| ID.get()).in_current_context());
+/// assert_eq!(ids.collect::<Vec<_>>().await, vec![Some(4), Some(4)]);
+/// # }
+/// ```
+#[cfg(feature = "futures")]
+#[cfg_attr(docsrs, doc(cfg(feature = "futures")))]
+pub trait StreamExt: futures_core::Stream + Sized {
+    /// Captures the current (inheritable) context now and polls `self` inside it.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, StreamExt as _};
+    /// use futures_util::{stream, StreamExt};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let s = ID.sync_scope(1, || stream::once(async { ID.get() }).in_current_context());
+    /// assert_eq!(s.collect::<Vec<_>>().await, vec![Some(1)]);
+    /// # }
+    /// ```
+    fn in_current_context(self) -> WithContext<Self> {
+        WithContext::new(Snapshot::capture_inheritable(), self)
+    }
+
+    /// Polls `self` inside `snapshot`.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, Snapshot, StreamExt as _};
+    /// use futures_util::{stream, StreamExt};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let snap = ID.sync_scope(2, Snapshot::capture);
+    /// let s = stream::once(async { ID.get() }).with_snapshot(snap);
+    /// assert_eq!(s.collect::<Vec<_>>().await, vec![Some(2)]);
+    /// # }
+    /// ```
+    fn with_snapshot(self, snapshot: Snapshot) -> WithContext<Self> {
+        WithContext::new(snapshot, self)
+    }
+}
+
+#[cfg(feature = "futures")]
+impl<S: futures_core::Stream> StreamExt for S {}
+
+// ===== impl Scope =====
+
+impl<T, F> Scope<T, F> {
+    pub(crate) fn new(value: NodeRef, inner: F) -> Self {
+        Scope {
+            value,
+            under: None,
+            inner: ManuallyDrop::new(inner),
+            _value: PhantomData,
+        }
+    }
+
+    /// The frame to enter: the poller's frame plus our binding.
+    #[inline]
+    fn frame(&mut self) -> *const crate::node::Header {
+        let parent = current::current_ptr();
+        if parent.is_null() {
+            return self.value.as_ptr();
+        }
+        if let Some(under) = &self.under {
+            if under.header().parent_ptr() == parent {
+                return under.as_ptr();
+            }
+        }
+        self.reparent(parent)
+    }
+
+    #[cold]
+    fn reparent(&mut self, parent: *const crate::node::Header) -> *const crate::node::Header {
+        // SAFETY: `parent` is the current frame, alive for this call.
+        let parent = unsafe { NodeRef::clone_raw(parent) };
+        let under = NodeRef::new_alias(self.value.header(), Some(parent));
+        let ptr = under.as_ptr();
+        self.under = Some(under);
+        ptr
+    }
+}
+
+impl<T, F: Future> Future for Scope<T, F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `inner` is structurally pinned: it is never moved out, only polled through a
+        // pinned reference and dropped in place; the other fields are not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let frame = this.frame();
+        // `this` owns the frame's node and outlives `_entered`.
+        let _entered = current::enter_borrowed(frame);
+        // SAFETY: see above; `this` came from a pinned reference.
+        unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx)
+    }
+}
+
+impl<T, F> Drop for Scope<T, F> {
+    fn drop(&mut self) {
+        let frame = self.frame();
+        let _entered = current::enter_borrowed(frame);
+        // SAFETY: dropped exactly once, in place (allowed for pinned data), and never used
+        // again; the frame's nodes are other fields, dropped after this body returns.
+        unsafe { ManuallyDrop::drop(&mut self.inner) }
+    }
+}
+
+impl<T, F> fmt::Debug for Scope<T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header = self.value.header();
+        f.debug_struct("Scope")
+            .field("name", &header.name)
+            .field("type", &header.type_name())
+            .finish_non_exhaustive()
+    }
+}
+
+// ===== impl WithContext =====
+
+impl<F> WithContext<F> {
+    pub(crate) fn new(snapshot: Snapshot, inner: F) -> Self {
+        WithContext {
+            snapshot,
+            inner: ManuallyDrop::new(inner),
+        }
+    }
+
+    /// The snapshot this future runs in.
+    ///
+    /// ```
+    /// use contextflow::{FutureExt, Snapshot};
+    /// let fut = async {}.with_snapshot(Snapshot::empty());
+    /// assert!(fut.snapshot().is_empty());
+    /// ```
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    #[inline]
+    fn project(self: Pin<&mut Self>) -> (&Snapshot, Pin<&mut F>) {
+        // SAFETY: `inner` is structurally pinned (never moved out, dropped in place); the
+        // snapshot is not pinned and is only read.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: as above.
+        (&this.snapshot, unsafe { Pin::new_unchecked(&mut *this.inner) })
+    }
+}
+
+impl<F: Future> Future for WithContext<F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let (snapshot, inner) = self.project();
+        // The snapshot is borrowed from `self`, which outlives `_entered`.
+        let _entered = current::enter_borrowed(snapshot.as_ptr());
+        inner.poll(cx)
+    }
+}
+
+#[cfg(feature = "futures")]
+impl<S: futures_core::Stream> futures_core::Stream for WithContext<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let (snapshot, inner) = self.project();
+        let _entered = current::enter_borrowed(snapshot.as_ptr());
+        inner.poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl<F> Drop for WithContext<F> {
+    fn drop(&mut self) {
+        let _entered = current::enter_borrowed(self.snapshot.as_ptr());
+        // SAFETY: dropped exactly once, in place, never used again; the snapshot is another
+        // field, dropped after this body returns.
+        unsafe { ManuallyDrop::drop(&mut self.inner) }
+    }
+}
+
+impl<F> fmt::Debug for WithContext<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithContext")
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,403 @@
+//! [`AsyncLocal`]: one typed context variable.
+
+use std::{
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use crate::{current, future::Scope, node::Header, node::NodeRef};
+
+/// A typed context variable: the Rust counterpart of one Node.js `AsyncLocalStorage`.
+///
+/// A value bound with [`scope`](AsyncLocal::scope) (async) or
+/// [`sync_scope`](AsyncLocal::sync_scope) is visible to all code that runs inside, through
+/// every `.await`, and to tasks and threads started with [`contextflow::spawn`](crate::spawn)
+/// and friends. Concurrent scopes on the same thread never see each other's values.
+///
+/// `AsyncLocal::new` is `const`, so variables are usually `static`s; instances that are not
+/// `static` work too (each instance is its own variable).
+///
+/// ```
+/// use contextflow::AsyncLocal;
+///
+/// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// REQUEST_ID
+///     .scope("req-123".to_string(), async {
+///         tokio::task::yield_now().await;
+///         assert_eq!(REQUEST_ID.get().as_deref(), Some("req-123"));
+///     })
+///     .await;
+/// assert!(!REQUEST_ID.is_set());
+/// # }
+/// ```
+pub struct AsyncLocal<T: Send + Sync + 'static> {
+    /// Unique key of this variable, assigned on first use (0 = not yet).
+    id: AtomicUsize,
+    name: &'static str,
+    inherit: Inherit,
+    _value: PhantomData<fn() -> T>,
+}
+
+/// Whether tasks and threads spawned through `contextflow` see a variable's value.
+///
+/// The default is [`Inherit::Always`]. Mark a variable [`Inherit::Never`] when its value must
+/// stay with the code that set it: a database transaction, for one, must be committed by the
+/// request that opened it, not used concurrently by a background task that may outlive it.
+///
+/// ```
+/// use contextflow::{AsyncLocal, Inherit};
+///
+/// struct Tx;
+/// static TX: AsyncLocal<Tx> = AsyncLocal::named("tx").inherit(Inherit::Never);
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// TX.scope(Tx, async {
+///     assert!(TX.is_set());
+///     let child = contextflow::spawn(async { TX.is_set() });
+///     assert!(!child.await.unwrap());
+/// })
+/// .await;
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Inherit {
+    /// Spawned children see the value (the default).
+    #[default]
+    Always,
+    /// Spawned children do not see the value; they see what was bound outside it, if anything.
+    Never,
+}
+
+/// Restores the previous context when dropped; returned by [`AsyncLocal::enter`].
+///
+/// The guard is `!Send`: the context it entered belongs to this thread, so it cannot be held
+/// across an `.await` in a future that moves between threads.
+///
+/// ```compile_fail
+/// # use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+/// fn assert_send<T: Send>(_: T) {}
+/// assert_send(ID.enter(1));
+/// ```
+///
+/// Binding the guard to `_` drops it at once, so the value is never visible:
+///
+/// ```
+/// # use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+/// let _ = ID.enter(1); // wrong: restored immediately
+/// assert!(!ID.is_set());
+/// let _guard = ID.enter(1); // right: entered until `_guard` goes out of scope
+/// assert_eq!(ID.get(), Some(1));
+/// ```
+///
+/// Dropping guards out of order is tolerated: the context becomes the one from before the
+/// first guard once all of them are gone.
+#[must_use = "dropping the guard restores the previous context"]
+pub struct EnterGuard {
+    id: u64,
+    _not_send: PhantomData<*const ()>,
+}
+
+// ===== impl AsyncLocal =====
+
+impl<T: Send + Sync + 'static> AsyncLocal<T> {
+    /// Creates an unnamed variable. `const`, so it can initialize a `static`.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<u64> = AsyncLocal::new();
+    /// assert_eq!(TENANT.name(), "");
+    /// ```
+    pub const fn new() -> Self {
+        Self::named("")
+    }
+
+    /// Creates a variable whose name appears in `Debug` output and diagnostics, such as the
+    /// `Debug` view of a [`Snapshot`](crate::Snapshot).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<u64> = AsyncLocal::named("tenant");
+    /// assert_eq!(TENANT.name(), "tenant");
+    /// ```
+    pub const fn named(name: &'static str) -> Self {
+        AsyncLocal {
+            id: AtomicUsize::new(0),
+            name,
+            inherit: Inherit::Always,
+            _value: PhantomData,
+        }
+    }
+
+    /// Sets whether spawned tasks and threads inherit this variable (see [`Inherit`]).
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, Inherit};
+    /// struct Tx;
+    /// static TX: AsyncLocal<Tx> = AsyncLocal::named("tx").inherit(Inherit::Never);
+    /// assert_eq!(TX.inherit_policy(), Inherit::Never);
+    /// ```
+    pub const fn inherit(mut self, inherit: Inherit) -> Self {
+        self.inherit = inherit;
+        self
+    }
+
+    /// The variable's [`Inherit`] policy.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, Inherit};
+    /// static ID: AsyncLocal<u64> = AsyncLocal::new();
+    /// assert_eq!(ID.inherit_policy(), Inherit::Always);
+    /// ```
+    pub fn inherit_policy(&self) -> Inherit {
+        self.inherit
+    }
+
+    /// The name given to [`named`](AsyncLocal::named); `""` when unnamed.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static USER: AsyncLocal<String> = AsyncLocal::named("user");
+    /// assert_eq!(USER.name(), "user");
+    /// ```
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Runs `fut` with this variable bound to `value`.
+    ///
+    /// The value is visible on every poll of `fut` (and while `fut` is dropped), on top of
+    /// whatever context the poller has: the frame is the poller's frame plus this binding.
+    /// The returned future is `Send` when `F` is.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<&'static str> = AsyncLocal::named("tenant");
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let tenant = TENANT.scope("acme", async { TENANT.get() }).await;
+    /// assert_eq!(tenant, Some("acme"));
+    /// # }
+    /// ```
+    pub fn scope<F: Future>(&self, value: T, fut: F) -> Scope<T, F> {
+        Scope::new(self.new_node(None, value), fut)
+    }
+
+    /// Runs `f` with this variable bound to `value`, and returns what `f` returns.
+    ///
+    /// The previous context is restored when `f` returns or panics.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static DEPTH: AsyncLocal<u32> = AsyncLocal::new();
+    ///
+    /// let inner = DEPTH.sync_scope(1, || DEPTH.sync_scope(2, || DEPTH.get()));
+    /// assert_eq!(inner, Some(2));
+    /// assert_eq!(DEPTH.get(), None);
+    /// ```
+    pub fn sync_scope<R>(&self, value: T, f: impl FnOnce() -> R) -> R {
+        let node = self.new_node(current::capture(), value);
+        // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
+        let _entered = current::enter_borrowed(node.as_ptr());
+        f()
+    }
+
+    /// Calls `f` with a reference to the current value, or `None` when the variable is not set.
+    ///
+    /// Neither allocates nor touches a reference count.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::new();
+    ///
+    /// REQUEST_ID.sync_scope("req-1".into(), || {
+    ///     let len = REQUEST_ID.with(|id| id.map_or(0, |id| id.len()));
+    ///     assert_eq!(len, 5);
+    /// });
+    /// ```
+    #[inline]
+    pub fn with<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
+        let key = self.key();
+        current::with_current(|frame| {
+            // SAFETY: `with_current` keeps `frame` alive for this whole closure, and the
+            // reference handed to `f` does not escape it.
+            let binding = unsafe { Header::find(frame, key) };
+            // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
+            f(binding.map(|b| unsafe { b.value::<T>() }))
+        })
+    }
+
+    /// A clone of the current value, or `None` when the variable is not set.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static USER: AsyncLocal<String> = AsyncLocal::new();
+    /// assert_eq!(USER.get(), None);
+    /// USER.sync_scope("ada".into(), || assert_eq!(USER.get().as_deref(), Some("ada")));
+    /// ```
+    #[inline]
+    pub fn get(&self) -> Option<T>
+    where
+        T: Clone,
+    {
+        self.with(|v| v.cloned())
+    }
+
+    /// Whether the variable has a value in the current context.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static USER: AsyncLocal<String> = AsyncLocal::new();
+    /// assert!(!USER.is_set());
+    /// USER.sync_scope("ada".into(), || assert!(USER.is_set()));
+    /// ```
+    #[inline]
+    pub fn is_set(&self) -> bool {
+        self.with(|v| v.is_some())
+    }
+
+    /// Binds `value` until the returned guard is dropped: for synchronous code that cannot be
+    /// written as a closure (a callback registered elsewhere, a test fixture).
+    ///
+    /// Prefer [`sync_scope`](AsyncLocal::sync_scope) and [`scope`](AsyncLocal::scope). The
+    /// guard is `!Send`; never hold it across an `.await` (see [`EnterGuard`]).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static USER: AsyncLocal<String> = AsyncLocal::new();
+    ///
+    /// {
+    ///     let _guard = USER.enter("ada".into());
+    ///     assert_eq!(USER.get().as_deref(), Some("ada"));
+    /// }
+    /// assert_eq!(USER.get(), None);
+    /// ```
+    pub fn enter(&self, value: T) -> EnterGuard {
+        let node = self.new_node(current::capture(), value);
+        EnterGuard::new(current::enter_owned(Some(node)))
+    }
+
+    fn new_node(&self, parent: Option<NodeRef>, value: T) -> NodeRef {
+        NodeRef::new_value(
+            parent,
+            self.key(),
+            self.name,
+            self.inherit == Inherit::Always,
+            value,
+        )
+    }
+
+    /// This variable's unique key.
+    #[inline]
+    pub(crate) fn key(&self) -> usize {
+        // Relaxed is enough: the key is a plain number that carries no other data with it.
+        match self.id.load(Ordering::Relaxed) {
+            0 => assign_key(&self.id),
+            key => key,
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Default for AsyncLocal<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Send + Sync + 'static> fmt::Debug for AsyncLocal<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncLocal")
+            .field("name", &self.name)
+            .field("type", &std::any::type_name::<T>())
+            .field("inherit", &self.inherit)
+            .field("is_set", &self.is_set())
+            .finish()
+    }
+}
+
+// ===== impl EnterGuard =====
+
+impl EnterGuard {
+    pub(crate) fn new(id: u64) -> Self {
+        EnterGuard {
+            id,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for EnterGuard {
+    fn drop(&mut self) {
+        current::exit_owned(self.id);
+    }
+}
+
+impl fmt::Debug for EnterGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnterGuard").finish_non_exhaustive()
+    }
+}
+
+// ===== keys =====
+
+/// Source of variable keys; 0 means "not assigned yet".
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(1);
+
+#[cold]
+#[inline(never)]
+fn assign_key(slot: &AtomicUsize) -> usize {
+    keys::assign(slot, &NEXT_KEY)
+}
+
+/// Key assignment, written once over a small atomic trait so that the loom model checks the
+/// very code that runs.
+pub(crate) mod keys {
+    /// The two atomic operations key assignment needs.
+    pub(crate) trait Atomic {
+        fn fetch_add_relaxed(&self, n: usize) -> usize;
+        fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize>;
+    }
+
+    impl Atomic for std::sync::atomic::AtomicUsize {
+        fn fetch_add_relaxed(&self, n: usize) -> usize {
+            self.fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+        }
+        fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.compare_exchange(current, new, Relaxed, Relaxed)
+        }
+    }
+
+    #[cfg(all(test, loom))]
+    impl Atomic for loom::sync::atomic::AtomicUsize {
+        fn fetch_add_relaxed(&self, n: usize) -> usize {
+            self.fetch_add(n, loom::sync::atomic::Ordering::Relaxed)
+        }
+        fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize> {
+            use loom::sync::atomic::Ordering::Relaxed;
+            self.compare_exchange(current, new, Relaxed, Relaxed)
+        }
+    }
+
+    /// Gives `slot` a key from `next` unless another thread got there first, in which case
+    /// the winner's key is used by everyone. Keys are never 0 and never reused.
+    pub(crate) fn assign<A: Atomic>(slot: &A, next: &A) -> usize {
+        let fresh = next.fetch_add_relaxed(1);
+        if fresh == 0 || fresh == usize::MAX {
+            // 2^64 variables cannot be created in practice; refuse to wrap around to 0.
+            std::process::abort();
+        }
+        match slot.cas_relaxed(0, fresh) {
+            Ok(_) => fresh,
+            Err(existing) => existing,
+        }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests;

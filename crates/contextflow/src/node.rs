@@ -1,0 +1,430 @@
+//! Frames as immutable, reference-counted chains of bindings.
+//!
+//! A frame is a pointer to the innermost [`Header`] of a singly linked chain; each header
+//! binds one variable (by `key`) and owns a reference to its parent. Entering a scope
+//! allocates one node whose parent is the current frame, so entry is O(1) whatever the
+//! number of variables already set, and capturing a frame is one reference-count increment.
+//! Lookup walks the chain from the innermost binding, so the innermost scope wins.
+//!
+//! Two kinds of node exist:
+//! - a *value node* (`ValueNode<T>`) stores the value inline, in the same allocation;
+//! - an *alias node* (`AliasNode`) re-binds a value that lives in another value node under a
+//!   different parent. Scope futures use aliases when they are polled under a new frame, and
+//!   inheritable captures use them to rebuild a chain without the non-inherited bindings.
+//!
+//! A value node therefore has two counts, like `Arc`'s strong and weak: `refs` counts
+//! references to the *link* (lookups through it, its parent), `value_refs` counts holders of
+//! the *value* (the node itself plus every alias). When the link count reaches zero the
+//! parent is released at once (so a database transaction bound deeper in the chain is not kept
+//! alive by an alias of an unrelated value), and the value is dropped when the last alias goes.
+//!
+//! All of this is the only `unsafe` code of the crate; it is covered by the loom models in
+//! `tests/loom_refcount.rs` (the counts) and by the whole test suite run under valgrind.
+
+use std::{
+    mem::ManuallyDrop,
+    ptr::{self, NonNull},
+};
+
+use crate::loom::sync::atomic::{fence, AtomicUsize, Ordering};
+
+/// Bit set on an inheritable binding.
+const INHERIT: u8 = 0b01;
+/// Bit set when this node or any ancestor is *not* inheritable, so that an inheritable
+/// capture knows in O(1) whether it can share the chain as it is.
+const CHAIN_HAS_PRIVATE: u8 = 0b10;
+
+/// Refcounts past this are treated as a leak loop and abort, as `Arc` does.
+const MAX_REFCOUNT: usize = isize::MAX as usize;
+
+/// The part of every node that lookups read. `#[repr(C)]` so that a `*const Header` is also a
+/// pointer to the node that starts with it.
+#[repr(C)]
+pub(crate) struct Header {
+    /// References to this link: `NodeRef`s and child nodes' `parent` fields.
+    refs: AtomicUsize,
+    /// The variable this node binds.
+    pub(crate) key: usize,
+    /// Points at the bound `T`, inside `owner`.
+    pub(crate) value: *const (),
+    /// The value node that owns the value: this node itself, or the aliased node.
+    owner: NonNull<ValueHead>,
+    /// The enclosing frame; `None` at the root. Taken when the link count reaches zero.
+    parent: Option<NodeRef>,
+    /// `INHERIT` and `CHAIN_HAS_PRIVATE`.
+    flags: u8,
+    /// The variable's name, for `Debug`.
+    pub(crate) name: &'static str,
+    /// Called once the link count reaches zero, depending on the node kind: releases the
+    /// node's hold on its value and, for an alias, frees the alias. The parent has already been
+    /// taken out.
+    release_link: unsafe fn(NonNull<Header>),
+    /// Value-type operations, shared by a value node and its aliases.
+    vtable: &'static VTable,
+}
+
+struct VTable {
+    /// Called once the value count reaches zero: drops the value and frees the value node.
+    release_value: unsafe fn(NonNull<ValueHead>),
+    /// `std::any::type_name` of the value, for `Debug`.
+    type_name: fn() -> &'static str,
+}
+
+/// The first part of a value node: a header plus the count of value holders.
+#[repr(C)]
+struct ValueHead {
+    header: Header,
+    value_refs: AtomicUsize,
+}
+
+#[repr(C)]
+struct ValueNode<T> {
+    head: ValueHead,
+    value: T,
+}
+
+#[repr(C)]
+struct AliasNode {
+    header: Header,
+}
+
+/// An owned reference to a node (one count of `refs`). `Send + Sync`: values are required to
+/// be `Send + Sync` by `AsyncLocal`, and the counts are atomic.
+pub(crate) struct NodeRef {
+    ptr: NonNull<Header>,
+}
+
+// SAFETY: a node is immutable after construction except for its atomic counts and the parent
+// slot, which is only touched by whoever brings the link count to zero (exclusive access).
+// Every value stored in a node is `Send + Sync` (bound on `AsyncLocal<T>`).
+unsafe impl Send for NodeRef {}
+// SAFETY: as above; shared access only reads immutable fields or uses atomics.
+unsafe impl Sync for NodeRef {}
+
+// ===== impl NodeRef =====
+
+impl NodeRef {
+    /// Allocates a value node binding `key` to `value` under `parent`.
+    pub(crate) fn new_value<T: Send + Sync + 'static>(
+        parent: Option<NodeRef>,
+        key: usize,
+        name: &'static str,
+        inherit: bool,
+        value: T,
+    ) -> NodeRef {
+        let flags = flags_for(inherit, parent.as_ref());
+        let node = Box::new(ValueNode {
+            head: ValueHead {
+                header: Header {
+                    refs: AtomicUsize::new(1),
+                    key,
+                    value: ptr::null(),
+                    owner: NonNull::dangling(),
+                    parent,
+                    flags,
+                    name,
+                    release_link: release_value_link,
+                    vtable: &ValueNode::<T>::VTABLE,
+                },
+                value_refs: AtomicUsize::new(1),
+            },
+            value,
+        });
+        let raw = Box::into_raw(node);
+        // SAFETY: `raw` comes from `Box::into_raw`, so it is valid and unique; we patch the
+        // two self-pointers before anyone else can see the node.
+        unsafe {
+            (*raw).head.header.value = ptr::addr_of!((*raw).value).cast();
+            (*raw).head.header.owner = NonNull::new_unchecked(ptr::addr_of_mut!((*raw).head));
+            NodeRef {
+                ptr: NonNull::new_unchecked(raw.cast()),
+            }
+        }
+    }
+
+    /// Allocates an alias of `binding`'s value under `parent`: same variable, same value
+    /// (shared, not cloned), different enclosing frame.
+    pub(crate) fn new_alias(binding: &Header, parent: Option<NodeRef>) -> NodeRef {
+        let owner = binding.owner;
+        // SAFETY: `binding` is a live header, so its owner value node is alive (the header
+        // holds one value count). Incrementing needs no ordering, as for `Arc::clone`.
+        let old = unsafe { owner.as_ref() }
+            .value_refs
+            .fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFCOUNT {
+            std::process::abort();
+        }
+        let inherit = binding.flags & INHERIT != 0;
+        let node = Box::new(AliasNode {
+            header: Header {
+                refs: AtomicUsize::new(1),
+                key: binding.key,
+                value: binding.value,
+                owner,
+                flags: flags_for(inherit, parent.as_ref()),
+                parent,
+                name: binding.name,
+                release_link: release_alias_link,
+                vtable: binding.vtable,
+            },
+        });
+        NodeRef {
+            // SAFETY: a pointer from `Box::into_raw` is never null.
+            ptr: unsafe { NonNull::new_unchecked(Box::into_raw(node).cast()) },
+        }
+    }
+
+    /// The raw pointer, for the thread-local slot. Ownership stays with `self`.
+    #[inline]
+    pub(crate) fn as_ptr(&self) -> *const Header {
+        self.ptr.as_ptr()
+    }
+
+    #[inline]
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: `self` owns a link count, so the header is alive.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// Gives up ownership without decrementing; pair with [`NodeRef::from_raw`].
+    #[inline]
+    pub(crate) fn into_raw(self) -> *const Header {
+        ManuallyDrop::new(self).ptr.as_ptr()
+    }
+
+    /// Takes back ownership of a count given up by [`NodeRef::into_raw`] (or by
+    /// [`NodeRef::clone_raw`]).
+    ///
+    /// # Safety
+    /// `ptr` must be non-null and carry one link count that the caller owns.
+    #[inline]
+    pub(crate) unsafe fn from_raw(ptr: *const Header) -> NodeRef {
+        NodeRef {
+            // SAFETY: non-null by the caller's contract.
+            ptr: unsafe { NonNull::new_unchecked(ptr as *mut Header) },
+        }
+    }
+
+    /// Takes a new link count on a node the caller knows to be alive.
+    ///
+    /// # Safety
+    /// `ptr` must be non-null and point to a live node for the duration of the call.
+    #[inline]
+    pub(crate) unsafe fn clone_raw(ptr: *const Header) -> NodeRef {
+        // SAFETY: alive by the caller's contract.
+        let header = unsafe { &*ptr };
+        let old = header.refs.fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFCOUNT {
+            std::process::abort();
+        }
+        // SAFETY: we just took the count we hand out; non-null by contract.
+        unsafe { NodeRef::from_raw(ptr) }
+    }
+}
+
+impl Clone for NodeRef {
+    #[inline]
+    fn clone(&self) -> NodeRef {
+        // SAFETY: `self` keeps the node alive during the call.
+        unsafe { NodeRef::clone_raw(self.as_ptr()) }
+    }
+}
+
+impl Drop for NodeRef {
+    fn drop(&mut self) {
+        // Release the chain iteratively: a deep chain (a recursive function that opens a
+        // scope per level) must not overflow the stack when its last owner goes away.
+        let mut next = Some(self.ptr);
+        while let Some(ptr) = next.take() {
+            // SAFETY: we own one link count on `ptr`, so it is alive until we drop it.
+            let header = unsafe { ptr.as_ref() };
+            // Release/Acquire as in `Arc::drop`: every use of the node by other owners
+            // happens-before the deallocation below.
+            if header.refs.fetch_sub(1, Ordering::Release) != 1 {
+                return;
+            }
+            fence(Ordering::Acquire);
+            // SAFETY: the count reached zero, so we are the only one with access; the parent
+            // slot is taken exactly once, here.
+            let parent = unsafe { (*ptr.as_ptr()).parent.take() };
+            // SAFETY: `release_link` matches the node kind (set at construction) and is
+            // called once, after the link count reached zero.
+            unsafe { (header.release_link)(ptr) };
+            next = parent.map(|p| ManuallyDrop::new(p).ptr);
+        }
+    }
+}
+
+impl Header {
+    /// Finds the innermost binding of `key` in the chain that starts at `frame`.
+    ///
+    /// # Safety
+    /// `frame` must be null or point to a live node.
+    #[inline]
+    pub(crate) unsafe fn find(mut frame: *const Header, key: usize) -> Option<&'static Header> {
+        while !frame.is_null() {
+            // SAFETY: `frame` is live by the caller's contract, and each live node keeps its
+            // parent alive. The `'static` lifetime is narrowed by every caller to the time the
+            // frame is known to stay alive.
+            let header = unsafe { &*frame };
+            if header.key == key {
+                return Some(header);
+            }
+            frame = header
+                .parent
+                .as_ref()
+                .map_or(ptr::null(), NodeRef::as_ptr);
+        }
+        None
+    }
+
+    /// The parent frame, null at the root.
+    #[inline]
+    pub(crate) fn parent_ptr(&self) -> *const Header {
+        self.parent.as_ref().map_or(ptr::null(), NodeRef::as_ptr)
+    }
+
+    #[inline]
+    pub(crate) fn inherit(&self) -> bool {
+        self.flags & INHERIT != 0
+    }
+
+    #[inline]
+    fn chain_has_private(&self) -> bool {
+        self.flags & CHAIN_HAS_PRIVATE != 0
+    }
+
+    pub(crate) fn type_name(&self) -> &'static str {
+        (self.vtable.type_name)()
+    }
+
+    /// The value, as a `T`.
+    ///
+    /// # Safety
+    /// `T` must be the type the node was created with, i.e. the type of the variable whose
+    /// key this header carries (keys are unique per `AsyncLocal<T>` instance).
+    #[inline]
+    pub(crate) unsafe fn value<T>(&self) -> &T {
+        // SAFETY: by the caller's contract `value` points at a live `T` (kept alive by the
+        // value count that this header holds).
+        unsafe { &*self.value.cast::<T>() }
+    }
+}
+
+/// Takes an owned reference to the frame at `frame` (null gives `None`) without the
+/// bindings of variables that are not inherited. O(1) unless such a variable is set; then
+/// O(bindings above the outermost private one), each rebuilt as an alias.
+///
+/// # Safety
+/// `frame` must be null or point to a live node.
+pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
+    if frame.is_null() {
+        return None;
+    }
+    // SAFETY: live by the caller's contract.
+    let top = unsafe { &*frame };
+    if !top.chain_has_private() {
+        // SAFETY: live by the caller's contract.
+        return Some(unsafe { NodeRef::clone_raw(frame) });
+    }
+    // Walk down to the part of the chain that is entirely inheritable, remembering the
+    // inheritable bindings above it (innermost first).
+    let mut above: Vec<&Header> = Vec::new();
+    let mut tail: *const Header = frame;
+    while !tail.is_null() {
+        // SAFETY: every node of a live chain is live.
+        let header = unsafe { &*tail };
+        if !header.chain_has_private() {
+            break;
+        }
+        if header.inherit() {
+            above.push(header);
+        }
+        tail = header.parent_ptr();
+    }
+    let mut rebuilt = if tail.is_null() {
+        None
+    } else {
+        // SAFETY: a node of a live chain.
+        Some(unsafe { NodeRef::clone_raw(tail) })
+    };
+    for binding in above.into_iter().rev() {
+        rebuilt = Some(NodeRef::new_alias(binding, rebuilt));
+    }
+    rebuilt
+}
+
+fn flags_for(inherit: bool, parent: Option<&NodeRef>) -> u8 {
+    let parent_private = parent.is_some_and(|p| p.header().chain_has_private());
+    let mut flags = 0;
+    if inherit {
+        flags |= INHERIT;
+    }
+    if !inherit || parent_private {
+        flags |= CHAIN_HAS_PRIVATE;
+    }
+    flags
+}
+
+// ===== node kinds =====
+
+impl<T: Send + Sync + 'static> ValueNode<T> {
+    const VTABLE: VTable = VTable {
+        release_value: Self::release_value,
+        type_name: std::any::type_name::<T>,
+    };
+
+    /// # Safety
+    /// `head` must be the head of a `ValueNode<T>` whose value count just reached zero.
+    unsafe fn release_value(head: NonNull<ValueHead>) {
+        // SAFETY: allocated by `Box::new` in `new_value` as a `ValueNode<T>` (the head is at
+        // offset 0 thanks to `#[repr(C)]`), and this is the last holder. The parent was taken
+        // when the link count reached zero, so dropping the box drops only the value.
+        drop(unsafe { Box::from_raw(head.as_ptr().cast::<ValueNode<T>>()) });
+    }
+}
+
+/// `release_link` of a value node: gives up the node's own value count.
+///
+/// # Safety
+/// `ptr` must be a value node whose link count just reached zero.
+unsafe fn release_value_link(ptr: NonNull<Header>) {
+    // SAFETY: a value node's header is the start of its `ValueHead`.
+    unsafe { release_value_count(ptr.cast::<ValueHead>(), ptr.as_ref().vtable) }
+}
+
+/// `release_link` of an alias node: gives up its value count and frees the alias.
+///
+/// # Safety
+/// `ptr` must be an alias node whose link count just reached zero.
+unsafe fn release_alias_link(ptr: NonNull<Header>) {
+    // SAFETY: allocated by `Box::new` in `new_alias`; the parent was already taken.
+    let alias = unsafe { Box::from_raw(ptr.as_ptr().cast::<AliasNode>()) };
+    let (owner, vtable) = (alias.header.owner, alias.header.vtable);
+    drop(alias);
+    // SAFETY: the alias held one value count on `owner`, given up here exactly once.
+    unsafe { release_value_count(owner, vtable) }
+}
+
+/// # Safety
+/// The caller must own one value count on `owner`.
+unsafe fn release_value_count(owner: NonNull<ValueHead>, vtable: &'static VTable) {
+    // SAFETY: our value count keeps the value node allocated.
+    let head = unsafe { owner.as_ref() };
+    if head.value_refs.fetch_sub(1, Ordering::Release) == 1 {
+        fence(Ordering::Acquire);
+        // SAFETY: the value count reached zero: we are the last holder.
+        unsafe { (vtable.release_value)(owner) };
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn live_value_refs(node: &NodeRef) -> usize {
+    // SAFETY: `node` keeps its owner alive.
+    unsafe { node.header().owner.as_ref() }
+        .value_refs
+        .load(Ordering::Relaxed)
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests;
