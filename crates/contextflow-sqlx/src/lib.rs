@@ -1,0 +1,1 @@
+//! contextflow integration (work in progress).
