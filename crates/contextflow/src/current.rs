@@ -122,7 +122,11 @@ struct Record {
 /// [`exit_owned`].
 pub(crate) fn enter_owned(frame: Option<NodeRef>) -> u64 {
     let node_ptr = frame.map_or(std::ptr::null(), NodeRef::into_raw);
-    let raw = if node_ptr.is_null() { 0 } else { node_ptr as usize | OWNED };
+    let raw = if node_ptr.is_null() {
+        0
+    } else {
+        node_ptr as usize | OWNED
+    };
     let saved = CURRENT.with(|c| {
         let prev = c.replace(raw);
         if prev == 0 || prev & OWNED != 0 {
@@ -137,20 +141,21 @@ pub(crate) fn enter_owned(frame: Option<NodeRef>) -> u64 {
     });
     // `try_with` fails only while this thread's locals are being destroyed; the frame then
     // stays entered until the thread is gone, which is all a guard could promise there anyway.
-    GUARDS.try_with(|g| {
-        // Cannot panic: no code runs while the stack is borrowed (releases happen after).
-        let mut g = g.borrow_mut();
-        let id = g.next_id;
-        g.next_id += 1;
-        g.records.push(Record {
-            id,
-            node: node_ptr,
-            saved,
-            dead: false,
-        });
-        id
-    })
-    .unwrap_or(u64::MAX)
+    GUARDS
+        .try_with(|g| {
+            // Cannot panic: no code runs while the stack is borrowed (releases happen after).
+            let mut g = g.borrow_mut();
+            let id = g.next_id;
+            g.next_id += 1;
+            g.records.push(Record {
+                id,
+                node: node_ptr,
+                saved,
+                dead: false,
+            });
+            id
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// Leaves the frame entered by guard `id`. In order, this restores the previous frame. Out of

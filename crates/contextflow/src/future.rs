@@ -9,7 +9,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use crate::{current, node::NodeRef, Snapshot};
+use crate::{carry, current, node::NodeRef, Snapshot};
 
 /// A future that runs with one variable bound; returned by
 /// [`AsyncLocal::scope`](crate::AsyncLocal::scope).
@@ -259,7 +259,9 @@ impl<F> WithContext<F> {
         // snapshot is not pinned and is only read.
         let this = unsafe { self.get_unchecked_mut() };
         // SAFETY: as above.
-        (&this.snapshot, unsafe { Pin::new_unchecked(&mut *this.inner) })
+        (&this.snapshot, unsafe {
+            Pin::new_unchecked(&mut *this.inner)
+        })
     }
 }
 
@@ -269,9 +271,8 @@ impl<F: Future> Future for WithContext<F> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let (snapshot, inner) = self.project();
-        // The snapshot is borrowed from `self`, which outlives `_entered`.
-        let _entered = current::enter_borrowed(snapshot.as_ptr());
-        inner.poll(cx)
+        // The snapshot is borrowed from `self`, which outlives the call.
+        carry::run_in(snapshot.as_ptr(), || inner.poll(cx))
     }
 }
 
@@ -281,8 +282,7 @@ impl<S: futures_core::Stream> futures_core::Stream for WithContext<S> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let (snapshot, inner) = self.project();
-        let _entered = current::enter_borrowed(snapshot.as_ptr());
-        inner.poll_next(cx)
+        carry::run_in(snapshot.as_ptr(), || inner.poll_next(cx))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -292,10 +292,12 @@ impl<S: futures_core::Stream> futures_core::Stream for WithContext<S> {
 
 impl<F> Drop for WithContext<F> {
     fn drop(&mut self) {
-        let _entered = current::enter_borrowed(self.snapshot.as_ptr());
+        let inner = &mut self.inner;
         // SAFETY: dropped exactly once, in place, never used again; the snapshot is another
         // field, dropped after this body returns.
-        unsafe { ManuallyDrop::drop(&mut self.inner) }
+        carry::run_in(self.snapshot.as_ptr(), || unsafe {
+            ManuallyDrop::drop(inner)
+        })
     }
 }
 

@@ -270,10 +270,7 @@ impl Header {
             if header.key == key {
                 return Some(header);
             }
-            frame = header
-                .parent
-                .as_ref()
-                .map_or(ptr::null(), NodeRef::as_ptr);
+            frame = header.parent.as_ref().map_or(ptr::null(), NodeRef::as_ptr);
         }
         None
     }
@@ -416,14 +413,6 @@ unsafe fn release_value_count(owner: NonNull<ValueHead>, vtable: &'static VTable
         // SAFETY: the value count reached zero: we are the last holder.
         unsafe { (vtable.release_value)(owner) };
     }
-}
-
-#[cfg(test)]
-pub(crate) fn live_value_refs(node: &NodeRef) -> usize {
-    // SAFETY: `node` keeps its owner alive.
-    unsafe { node.header().owner.as_ref() }
-        .value_refs
-        .load(Ordering::Relaxed)
 }
 
 #[cfg(all(test, loom))]

@@ -2,7 +2,7 @@
 
 use std::{fmt, ptr};
 
-use crate::{current, node, node::Header, node::NodeRef, AsyncLocal, EnterGuard};
+use crate::{carry, current, node, node::Header, node::NodeRef, AsyncLocal, EnterGuard};
 
 /// An immutable copy of a context, to carry it where it does not flow by itself.
 ///
@@ -51,7 +51,8 @@ impl Snapshot {
     /// [`contextflow::spawn`](crate::spawn) and [`FutureExt::in_current_context`](crate::FutureExt::in_current_context) use.
     ///
     /// O(1) unless a non-inherited variable is set; then it re-links the bindings made after
-    /// it, sharing their values.
+    /// it, sharing their values. Registered [carriers](crate::carry) (the current tracing span,
+    /// the current `opentelemetry::Context`) are captured too.
     ///
     /// ```
     /// use contextflow::{AsyncLocal, Inherit, Snapshot};
@@ -63,9 +64,10 @@ impl Snapshot {
     /// assert_eq!(snap.get(&TX), None);
     /// ```
     pub fn capture_inheritable() -> Snapshot {
+        // SAFETY: `with_current` keeps the frame alive during the call.
+        let frame = current::with_current(|frame| unsafe { node::inheritable(frame) });
         Snapshot {
-            // SAFETY: `with_current` keeps the frame alive during the call.
-            frame: current::with_current(|frame| unsafe { node::inheritable(frame) }),
+            frame: carry::capture_into(frame),
         }
     }
 
@@ -104,9 +106,8 @@ impl Snapshot {
     /// ```
     #[inline]
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        // `self` outlives `_entered`.
-        let _entered = current::enter_borrowed(self.as_ptr());
-        f()
+        // `self` keeps the frame alive for the call.
+        carry::run_in(self.as_ptr(), f)
     }
 
     /// Enters this snapshot until the returned guard is dropped (the guard form of

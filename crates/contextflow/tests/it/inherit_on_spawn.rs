@@ -1,0 +1,154 @@
+use contextflow::{AsyncLocal, Inherit, Snapshot};
+
+static REQ: AsyncLocal<String> = AsyncLocal::named("req");
+static TX: AsyncLocal<&'static str> = AsyncLocal::named("tx").inherit(Inherit::Never);
+static AFTER: AsyncLocal<u32> = AsyncLocal::named("after");
+
+async fn spawn_inherits() {
+    let seen = REQ
+        .scope("r1".into(), async {
+            let child = contextflow::spawn(async {
+                tokio::task::yield_now().await;
+                REQ.get()
+            });
+            child.await.unwrap()
+        })
+        .await;
+    assert_eq!(seen.as_deref(), Some("r1"));
+}
+
+async fn spawn_blocking_inherits() {
+    let seen = REQ
+        .scope("r2".into(), async {
+            contextflow::spawn_blocking(|| REQ.get()).await.unwrap()
+        })
+        .await;
+    assert_eq!(seen.as_deref(), Some("r2"));
+}
+
+async fn thread_spawn_inherits() {
+    let seen = REQ
+        .scope("r3".into(), async {
+            contextflow::thread::spawn(|| REQ.get()).join().unwrap()
+        })
+        .await;
+    assert_eq!(seen.as_deref(), Some("r3"));
+}
+
+async fn plain_spawns_do_not_inherit() {
+    REQ.scope("r4".into(), async {
+        assert_eq!(tokio::spawn(async { REQ.get() }).await.unwrap(), None);
+        assert_eq!(
+            tokio::task::spawn_blocking(|| REQ.get()).await.unwrap(),
+            None
+        );
+        assert_eq!(std::thread::spawn(|| REQ.get()).join().unwrap(), None);
+    })
+    .await;
+}
+
+async fn spawn_local_inherits() {
+    let local = tokio::task::LocalSet::new();
+    let seen = local
+        .run_until(REQ.scope("r5".into(), async {
+            contextflow::spawn_local(async { REQ.get() }).await.unwrap()
+        }))
+        .await;
+    assert_eq!(seen.as_deref(), Some("r5"));
+}
+
+async fn never_inherited_variable_stays_behind() {
+    let (req, tx, after) = REQ
+        .scope("r6".into(), async {
+            TX.scope("tx-1", async {
+                AFTER
+                    .scope(3, async {
+                        assert_eq!(TX.get(), Some("tx-1"));
+                        contextflow::spawn(async { (REQ.get(), TX.get(), AFTER.get()) })
+                            .await
+                            .unwrap()
+                    })
+                    .await
+            })
+            .await
+        })
+        .await;
+    assert_eq!(req.as_deref(), Some("r6"), "bound before the tx: inherited");
+    assert_eq!(tx, None, "the transaction never crosses a spawn");
+    assert_eq!(after, Some(3), "bound after the tx: inherited");
+}
+
+async fn never_inherited_shadow_reveals_nothing_of_outer() {
+    // An outer inheritable REQ is visible in the child even though TX sits between.
+    let seen = TX
+        .scope("tx", async {
+            contextflow::spawn_blocking(|| (TX.is_set(), REQ.is_set()))
+                .await
+                .unwrap()
+        })
+        .await;
+    assert_eq!(seen, (false, false));
+}
+
+async fn spawn_detached_and_spawn_with() {
+    REQ.scope("r7".into(), async {
+        assert_eq!(
+            contextflow::spawn_detached(async { REQ.get() })
+                .await
+                .unwrap(),
+            None
+        );
+        let other = REQ.sync_scope("other".into(), Snapshot::capture);
+        assert_eq!(
+            contextflow::spawn_with(other, async { REQ.get() })
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("other")
+        );
+    })
+    .await;
+}
+
+async fn child_rebinding_never_reaches_parent_or_sibling() {
+    REQ.scope("parent".into(), async {
+        let a = contextflow::spawn(REQ.scope("child-a".into(), async {
+            tokio::task::yield_now().await;
+            REQ.get()
+        }));
+        let b = contextflow::spawn(async {
+            tokio::task::yield_now().await;
+            REQ.get()
+        });
+        assert_eq!(a.await.unwrap().as_deref(), Some("child-a"));
+        assert_eq!(b.await.unwrap().as_deref(), Some("parent"));
+        assert_eq!(REQ.get().as_deref(), Some("parent"));
+    })
+    .await;
+}
+
+async fn join_set_spawn_inherits() {
+    let mut set = tokio::task::JoinSet::new();
+    REQ.scope("r8".into(), async {
+        for _ in 0..4 {
+            contextflow::spawn_in(&mut set, async { REQ.get() });
+        }
+    })
+    .await;
+    while let Some(seen) = set.join_next().await {
+        assert_eq!(seen.unwrap().as_deref(), Some("r8"));
+    }
+}
+
+on_both_runtimes! {
+    spawn_inherits => spawn_inherits;
+    spawn_blocking_inherits => spawn_blocking_inherits;
+    thread_spawn_inherits => thread_spawn_inherits;
+    plain_spawns_do_not_inherit => plain_spawns_do_not_inherit;
+    spawn_local_inherits => spawn_local_inherits;
+    never_inherited_variable_stays_behind => never_inherited_variable_stays_behind;
+    never_inherited_shadow_reveals_nothing_of_outer => never_inherited_shadow_reveals_nothing_of_outer;
+    spawn_detached_and_spawn_with => spawn_detached_and_spawn_with;
+    child_rebinding_never_reaches_parent_or_sibling => child_rebinding_never_reaches_parent_or_sibling;
+    join_set_spawn_inherits => join_set_spawn_inherits;
+}
