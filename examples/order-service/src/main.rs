@@ -1,0 +1,3 @@
+//! Run with: cargo run -p order-service
+
+fn main() {}
