@@ -1,1 +1,565 @@
-fn main() {}
+//! Side-by-side benchmark of contextflow against the anchors named in DESIGN.md:
+//! a bare baseline, `tokio::task_local!`, `opentelemetry::Context` and a tracing span
+//! (a `Registry` plus a no-op layer).
+//!
+//! Run with: `cargo run --release -p contextflow-bench` (add `-- --quick` for a short run, or
+//! `-- --smoke` to only check that every row runs).
+//!
+//! Every contender of a row is measured in the same run, interleaved round by round (so drift
+//! and noise hit all of them alike), and the median of the rounds is reported. "overhead" is a
+//! contender's median minus the bare baseline's; the ratio columns compare our overhead with each
+//! anchor's (below 1.00 means we are cheaper).
+
+use std::{
+    cell::Cell,
+    future::Future,
+    hint::black_box,
+    pin::{pin, Pin},
+    task::{Context as TaskContext, Poll, Waker},
+    time::Instant,
+};
+
+use contextflow::{AsyncLocal, Snapshot};
+use opentelemetry::{context::FutureExt as _, Context as OtelContext};
+use tracing::Instrument as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+static OURS: AsyncLocal<u64> = AsyncLocal::named("request_id");
+
+tokio::task_local! {
+    static TASK_LOCAL: u64;
+}
+
+thread_local! {
+    static PLAIN: Cell<u64> = const { Cell::new(7) };
+}
+
+/// A value type for the OpenTelemetry context (it is keyed by type).
+#[derive(Clone, Copy, Debug)]
+struct OtelValue(#[allow(dead_code)] u64);
+
+/// One contender of a row: a name and a closure that runs `n` iterations and returns the
+/// elapsed nanoseconds.
+struct Contender<'a> {
+    name: &'static str,
+    run: Box<dyn FnMut(u64) -> f64 + 'a>,
+}
+
+fn contender<'a>(name: &'static str, run: impl FnMut(u64) -> f64 + 'a) -> Contender<'a> {
+    Contender {
+        name,
+        run: Box::new(run),
+    }
+}
+
+/// Times `n` calls of `f`, in nanoseconds.
+fn time(n: u64, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    start.elapsed().as_nanos() as f64
+}
+
+struct Settings {
+    rounds: usize,
+    /// Target duration of one batch, in nanoseconds.
+    batch_ns: f64,
+    /// Skips calibration and runs this many iterations per batch.
+    fixed_batch: Option<u64>,
+}
+
+/// Measures every contender interleaved, returning (name, median ns/op) in input order.
+fn measure(settings: &Settings, contenders: &mut [Contender<'_>]) -> Vec<(&'static str, f64)> {
+    // Calibrate each contender's batch size so a batch takes about `batch_ns`.
+    let sizes: Vec<u64> = contenders
+        .iter_mut()
+        .map(|c| {
+            if let Some(n) = settings.fixed_batch {
+                return n;
+            }
+            let mut n = 16u64;
+            loop {
+                let t = (c.run)(n);
+                if t > settings.batch_ns / 4.0 || n > 1 << 28 {
+                    let per = t / n as f64;
+                    break ((settings.batch_ns / per.max(0.01)) as u64).clamp(16, 1 << 30);
+                }
+                n *= 4;
+            }
+        })
+        .collect();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+    for _ in 0..settings.rounds {
+        for (i, c) in contenders.iter_mut().enumerate() {
+            samples[i].push((c.run)(sizes[i]) / sizes[i] as f64);
+        }
+    }
+    contenders
+        .iter()
+        .zip(samples)
+        .map(|(c, mut s)| {
+            s.sort_by(|a, b| a.total_cmp(b));
+            (c.name, s[s.len() / 2])
+        })
+        .collect()
+}
+
+/// Prints one table section. The first result is the bare baseline, `ours` names our row, and
+/// every other row is an anchor.
+fn report(title: &str, results: &[(&'static str, f64)], ours: &str) {
+    let base = results[0].1;
+    let ours_over = results
+        .iter()
+        .find(|(n, _)| *n == ours)
+        .map_or(f64::NAN, |(_, t)| t - base);
+    println!("\n## {title}");
+    println!(
+        "| {:<44} | {:>10} | {:>10} | {:>14} |",
+        "contender", "ns/op", "overhead", "ours/anchor"
+    );
+    println!("|{:-<46}|{:->12}|{:->12}|{:->16}|", "", "", "", "");
+    for (i, (name, t)) in results.iter().enumerate() {
+        let over = t - base;
+        let ratio = if i == 0 || *name == ours {
+            String::from("-")
+        } else if over.abs() < 0.05 {
+            String::from("(anchor ~0)")
+        } else {
+            format!("{:.2}", ours_over / over)
+        };
+        println!("| {name:<44} | {t:>10.2} | {over:>+10.2} | {ratio:>14} |");
+    }
+}
+
+// ===== futures for the per-poll and spawn rows =====
+
+/// A future that returns `Pending` `n` times (waking itself) before completing: each poll of a
+/// wrapper around it costs one context entry and exit.
+struct YieldN(u32);
+
+impl Future for YieldN {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        // `black_box` keeps the compiler from collapsing the poll loop into arithmetic.
+        if black_box(self.0) == 0 {
+            Poll::Ready(())
+        } else {
+            self.0 -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+/// Polls `fut` to completion on this thread with a no-op waker; returns the number of polls.
+fn drive<F: Future>(fut: F) -> u64 {
+    let mut fut = pin!(fut);
+    let mut cx = TaskContext::from_waker(Waker::noop());
+    let mut polls = 1;
+    while fut.as_mut().poll(&mut cx).is_pending() {
+        polls += 1;
+    }
+    polls
+}
+
+/// A future padded by one pointer: the size-matched baseline for an inheriting spawn, which adds
+/// one pointer to the task.
+struct Padded<F> {
+    _pad: usize,
+    inner: F,
+}
+
+impl<F: Future + Unpin> Future for Padded<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+fn main() {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let quick = smoke || std::env::args().any(|a| a == "--quick");
+    let settings = Settings {
+        rounds: if smoke {
+            1
+        } else if quick {
+            5
+        } else {
+            21
+        },
+        batch_ns: if smoke {
+            1e5
+        } else if quick {
+            2e6
+        } else {
+            1e7
+        },
+        fixed_batch: None,
+    };
+    // tracing anchor: a Registry plus a no-op layer (a bare Registry leaks closed spans).
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_subscriber::layer::Identity::new());
+    tracing::subscriber::set_global_default(subscriber).expect("no other subscriber is set");
+
+    println!("# contextflow side-by-side benchmark");
+    println!(
+        "rounds: {}, batch: {:.0} ms, medians; overhead = ns/op - bare baseline",
+        settings.rounds,
+        settings.batch_ns / 1e6
+    );
+
+    bench_get(&settings);
+    bench_sync_scope(&settings);
+    bench_poll(&settings);
+    bench_capture(&settings);
+    bench_spawn(quick, if smoke { 1_000 } else { 100_000 });
+    bench_scope_entry_flat(&settings);
+    bench_get_depth(&settings);
+}
+
+fn bench_get(settings: &Settings) {
+    let otel_guard = OtelContext::current_with_value(OtelValue(7)).attach();
+    let results = OURS.sync_scope(7, || {
+        TASK_LOCAL.sync_scope(7, || {
+            measure(
+                settings,
+                &mut [
+                    contender("bare: thread_local! Cell read", |n| {
+                        time(n, || {
+                            black_box(PLAIN.with(Cell::get));
+                        })
+                    }),
+                    contender("contextflow AsyncLocal::get", |n| {
+                        time(n, || {
+                            black_box(black_box(&OURS).get());
+                        })
+                    }),
+                    contender("contextflow AsyncLocal::with", |n| {
+                        time(n, || {
+                            black_box(black_box(&OURS).with(|v| v.copied()));
+                        })
+                    }),
+                    contender("tokio task_local! get", |n| {
+                        time(n, || {
+                            black_box(TASK_LOCAL.get());
+                        })
+                    }),
+                    contender("opentelemetry Context::map_current get", |n| {
+                        time(n, || {
+                            black_box(OtelContext::map_current(|cx| {
+                                cx.get::<OtelValue>().copied()
+                            }));
+                        })
+                    }),
+                ],
+            )
+        })
+    });
+    drop(otel_guard);
+    report(
+        "get: read the current value (1 variable set)",
+        &results,
+        "contextflow AsyncLocal::get",
+    );
+    let with = results[2].1 - results[0].1;
+    println!("(AsyncLocal::with overhead over a plain thread-local read: {with:+.2} ns)");
+}
+
+fn bench_sync_scope(settings: &Settings) {
+    let results = measure(
+        settings,
+        &mut [
+            contender("bare: call the closure", |n| {
+                time(n, || {
+                    black_box((black_box(|| 1u64))());
+                })
+            }),
+            contender("contextflow AsyncLocal::sync_scope", |n| {
+                time(n, || {
+                    black_box(OURS.sync_scope(black_box(1), || 1u64));
+                })
+            }),
+            contender("tokio task_local! sync_scope", |n| {
+                time(n, || {
+                    black_box(TASK_LOCAL.sync_scope(black_box(1), || 1u64));
+                })
+            }),
+            contender("opentelemetry with_value + attach", |n| {
+                time(n, || {
+                    let _g = OtelContext::current_with_value(OtelValue(black_box(1))).attach();
+                    black_box(1u64);
+                })
+            }),
+        ],
+    );
+    report(
+        "sync_scope: bind a value around a closure",
+        &results,
+        "contextflow AsyncLocal::sync_scope",
+    );
+}
+
+fn bench_poll(settings: &Settings) {
+    const POLLS: u32 = 1000;
+    let per_poll = |polls: u64, t: f64| t / polls as f64;
+    let span = tracing::info_span!("request");
+    let results = measure(
+        settings,
+        &mut [
+            contender("bare: poll a future", |n| {
+                let start = Instant::now();
+                let mut polls = 0;
+                for _ in 0..n {
+                    polls += drive(YieldN(black_box(POLLS)));
+                }
+                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+            }),
+            contender("contextflow AsyncLocal::scope future", |n| {
+                let start = Instant::now();
+                let mut polls = 0;
+                for _ in 0..n {
+                    polls += drive(OURS.scope(1, YieldN(black_box(POLLS))));
+                }
+                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+            }),
+            contender("contextflow WithContext (spawned task)", |n| {
+                use contextflow::FutureExt as _;
+                let start = Instant::now();
+                let mut polls = 0;
+                OURS.sync_scope(1, || {
+                    for _ in 0..n {
+                        polls += drive(YieldN(black_box(POLLS)).in_current_context());
+                    }
+                });
+                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+            }),
+            contender("tokio task_local! scope future", |n| {
+                let start = Instant::now();
+                let mut polls = 0;
+                for _ in 0..n {
+                    polls += drive(TASK_LOCAL.scope(1, YieldN(black_box(POLLS))));
+                }
+                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+            }),
+            contender("opentelemetry FutureExt::with_context", |n| {
+                let cx = OtelContext::current_with_value(OtelValue(1));
+                let start = Instant::now();
+                let mut polls = 0;
+                for _ in 0..n {
+                    polls += drive(YieldN(black_box(POLLS)).with_context(cx.clone()));
+                }
+                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+            }),
+            contender("tracing Instrument (Registry + no-op layer)", |n| {
+                let start = Instant::now();
+                let mut polls = 0;
+                for _ in 0..n {
+                    polls += drive(YieldN(black_box(POLLS)).instrument(span.clone()));
+                }
+                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+            }),
+        ],
+    );
+    report(
+        "per poll: enter and leave the context around one poll",
+        &results,
+        "contextflow AsyncLocal::scope future",
+    );
+}
+
+fn bench_capture(settings: &Settings) {
+    let otel_guard = OtelContext::current_with_value(OtelValue(7)).attach();
+    let span = tracing::info_span!("request");
+    let span_guard = span.enter();
+    let results = OURS.sync_scope(7, || {
+        measure(
+            settings,
+            &mut [
+                contender("bare: thread_local! Cell read", |n| {
+                    time(n, || {
+                        black_box(PLAIN.with(Cell::get));
+                    })
+                }),
+                contender("contextflow Snapshot::capture (+drop)", |n| {
+                    time(n, || {
+                        black_box(Snapshot::capture());
+                    })
+                }),
+                contender("contextflow Snapshot::capture_inheritable", |n| {
+                    time(n, || {
+                        black_box(Snapshot::capture_inheritable());
+                    })
+                }),
+                contender("opentelemetry Context::current (+drop)", |n| {
+                    time(n, || {
+                        black_box(OtelContext::current());
+                    })
+                }),
+                contender("tracing Span::current (+drop)", |n| {
+                    time(n, || {
+                        black_box(tracing::Span::current());
+                    })
+                }),
+            ],
+        )
+    });
+    drop(span_guard);
+    drop(otel_guard);
+    report(
+        "capture: take the current context to carry it elsewhere",
+        &results,
+        "contextflow Snapshot::capture (+drop)",
+    );
+}
+
+fn bench_spawn(quick: bool, tasks: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime");
+    let span = tracing::info_span!("request");
+    // Each contender spawns and awaits `tasks` tasks from inside a request context; the runner
+    // returns the elapsed time for `n` batches.
+    let mut spawn_batch = |n: u64, kind: u8| -> f64 {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut handles = Vec::with_capacity(tasks as usize);
+                for _ in 0..tasks {
+                    handles.push(match kind {
+                        0 => tokio::spawn(Padded {
+                            _pad: 0,
+                            inner: std::future::ready(()),
+                        }),
+                        1 => OURS.sync_scope(1, || contextflow::spawn(std::future::ready(()))),
+                        2 => {
+                            let v = TASK_LOCAL.get();
+                            tokio::spawn(TASK_LOCAL.scope(v, std::future::ready(())))
+                        }
+                        3 => tokio::spawn(std::future::ready(()).with_current_context()),
+                        _ => tokio::spawn(std::future::ready(()).in_current_span()),
+                    });
+                }
+                for h in handles {
+                    h.await.expect("the task completes");
+                }
+            }
+            start.elapsed().as_nanos() as f64
+        })
+    };
+    let otel_cx = OtelContext::current_with_value(OtelValue(1));
+    let spawn_settings = Settings {
+        rounds: if quick { 3 } else { 11 },
+        batch_ns: 0.0,
+        fixed_batch: Some(1),
+    };
+    let run = std::cell::RefCell::new(&mut spawn_batch);
+    let results = {
+        let make = |kind: u8| {
+            let otel_cx = otel_cx.clone();
+            let span = span.clone();
+            let run = &run;
+            move |n: u64| {
+                let _otel = otel_cx.clone().attach();
+                let _span = span.enter();
+                let t = TASK_LOCAL.sync_scope(1, || (run.borrow_mut())(n, kind));
+                t / tasks as f64
+            }
+        };
+        let mut contenders = [
+            contender("bare: tokio::spawn (size-matched, +1 pointer)", make(0)),
+            contender("contextflow::spawn", make(1)),
+            contender("tokio task_local! re-scoped in the child", make(2)),
+            contender("opentelemetry with_current_context", make(3)),
+            contender("tracing in_current_span", make(4)),
+        ];
+        measure(&spawn_settings, &mut contenders)
+    };
+    report(
+        "spawn: inheriting spawn + await, per task (100k tasks per batch, current_thread)",
+        &results,
+        "contextflow::spawn",
+    );
+}
+
+fn bench_scope_entry_flat(settings: &Settings) {
+    let others: Vec<AsyncLocal<u64>> = (0..100).map(|_| AsyncLocal::new()).collect();
+    let mut results = Vec::new();
+    for k in [0usize, 10, 100] {
+        let guards: Vec<_> = others[..k].iter().map(|v| v.enter(1)).collect();
+        let r = measure(
+            settings,
+            &mut [
+                contender("bare", |n| {
+                    time(n, || {
+                        black_box((black_box(|| 1u64))());
+                    })
+                }),
+                contender("contextflow sync_scope", |n| {
+                    time(n, || {
+                        black_box(OURS.sync_scope(black_box(1), || 1u64));
+                    })
+                }),
+                contender("contextflow scope future (1 poll)", |n| {
+                    time(n, || {
+                        black_box(drive(OURS.scope(black_box(1), std::future::ready(()))));
+                    })
+                }),
+            ],
+        );
+        drop(guards);
+        results.push((k, r));
+    }
+    println!("\n## scope entry with 0 / 10 / 100 other variables set (ns/op, ratio to 0)");
+    println!(
+        "| {:<34} | {:>8} | {:>8} | {:>8} | {:>10} | {:>10} |",
+        "contender", "0", "10", "100", "10 / 0", "100 / 0"
+    );
+    println!(
+        "|{:-<36}|{:->10}|{:->10}|{:->10}|{:->12}|{:->12}|",
+        "", "", "", "", "", ""
+    );
+    for i in 1..3 {
+        let name = results[0].1[i].0;
+        let t: Vec<f64> = results.iter().map(|(_, r)| r[i].1).collect();
+        println!(
+            "| {name:<34} | {:>8.2} | {:>8.2} | {:>8.2} | {:>10.2} | {:>10.2} |",
+            t[0],
+            t[1],
+            t[2],
+            t[1] / t[0],
+            t[2] / t[0]
+        );
+    }
+}
+
+fn bench_get_depth(settings: &Settings) {
+    let others: Vec<AsyncLocal<u64>> = (0..100).map(|_| AsyncLocal::new()).collect();
+    println!("\n## get with 0 / 10 / 100 other variables bound after it (ns/op)");
+    println!(
+        "| {:<34} | {:>8} | {:>8} | {:>8} |",
+        "contender", "0", "10", "100"
+    );
+    println!("|{:-<36}|{:->10}|{:->10}|{:->10}|", "", "", "", "");
+    let mut row = Vec::new();
+    for k in [0usize, 10, 100] {
+        let t = OURS.sync_scope(7, || {
+            let guards: Vec<_> = others[..k].iter().map(|v| v.enter(1)).collect();
+            let r = measure(
+                settings,
+                &mut [contender("contextflow AsyncLocal::get", |n| {
+                    time(n, || {
+                        black_box(black_box(&OURS).get());
+                    })
+                })],
+            );
+            drop(guards);
+            r[0].1
+        });
+        row.push(t);
+    }
+    println!(
+        "| {:<34} | {:>8.2} | {:>8.2} | {:>8.2} |",
+        "contextflow AsyncLocal::get", row[0], row[1], row[2]
+    );
+}

@@ -173,16 +173,18 @@ pub(crate) fn exit_owned(id: u64) {
             g.records[pos].dead = true;
             return;
         }
-        while let Some(record) = g.records.pop() {
+        while let Some(mut record) = g.records.pop() {
+            // Moved out, so that the record's `Drop` has nothing left to release.
+            let saved = std::mem::take(&mut record.saved);
             CURRENT.with(|c| {
                 let cur = c.get();
                 if cur & !OWNED == record.node as usize {
-                    c.set(record.saved);
+                    c.set(saved);
                     release.push(cur);
                 } else {
                     // The guard's frame is no longer current (it was held across a poll that
                     // restored something else): leave the current frame alone.
-                    release.push(record.saved);
+                    release.push(saved);
                 }
             });
             if !g.records.last().is_some_and(|r| r.dead) {
@@ -195,6 +197,18 @@ pub(crate) fn exit_owned(id: u64) {
             // SAFETY: each released value is a reference that the slot or a record owned and
             // that nothing refers to any more.
             drop(unsafe { NodeRef::from_raw((raw & !OWNED) as *const Header) });
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        // Reached with a reference only when the thread exits while a guard is still entered
+        // (it was forgotten): release the frame it saved rather than leak it.
+        if self.saved & OWNED != 0 {
+            // SAFETY: the record owns this count; `exit_owned` zeroes `saved` when it moves
+            // the count elsewhere.
+            drop(unsafe { NodeRef::from_raw((self.saved & !OWNED) as *const Header) });
         }
     }
 }

@@ -3,13 +3,16 @@
 use std::{
     fmt,
     future::Future,
-    marker::PhantomData,
     mem::ManuallyDrop,
     pin::Pin,
     task::{Context, Poll},
 };
 
-use crate::{carry, current, node::NodeRef, Snapshot};
+use crate::{
+    carry, current,
+    node::{Header, NodeRef},
+    Snapshot,
+};
 
 /// A future that runs with one variable bound; returned by
 /// [`AsyncLocal::scope`](crate::AsyncLocal::scope).
@@ -27,15 +30,27 @@ use crate::{carry, current, node::NodeRef, Snapshot};
 /// assert_eq!(fut.await, Some(7));
 /// # }
 /// ```
-pub struct Scope<T, F> {
-    /// The binding, as a value node with no parent.
-    value: NodeRef,
-    /// The binding re-parented under the frame of the last poller, reused while the poller's
-    /// frame stays the same (the common case: one allocation per scope, not per poll).
+pub struct Scope<T: Send + Sync + 'static, F> {
+    /// The binding: the value until the first poll, then a value node whose parent is the
+    /// frame of that first poller.
+    binding: Binding<T>,
+    /// The binding re-parented under the frame of a later poller whose frame differs from the
+    /// first one (rare: most futures are polled by one task), reused while it stays the same.
     under: Option<NodeRef>,
     /// Structurally pinned; dropped in place by `Drop`, inside the frame.
     inner: ManuallyDrop<F>,
-    _value: PhantomData<fn() -> T>,
+}
+
+enum Binding<T> {
+    Pending {
+        value: T,
+        key: usize,
+        name: &'static str,
+        inherit: bool,
+    },
+    Node(NodeRef),
+    /// Only while switching from `Pending` to `Node`.
+    Empty,
 }
 
 /// A future or stream that runs inside a captured [`Snapshot`]; returned by
@@ -160,43 +175,71 @@ impl<S: futures_core::Stream> StreamExt for S {}
 
 // ===== impl Scope =====
 
-impl<T, F> Scope<T, F> {
-    pub(crate) fn new(value: NodeRef, inner: F) -> Self {
+impl<T: Send + Sync + 'static, F> Scope<T, F> {
+    pub(crate) fn new(value: T, key: usize, name: &'static str, inherit: bool, inner: F) -> Self {
         Scope {
-            value,
+            binding: Binding::Pending {
+                value,
+                key,
+                name,
+                inherit,
+            },
             under: None,
             inner: ManuallyDrop::new(inner),
-            _value: PhantomData,
         }
     }
 
     /// The frame to enter: the poller's frame plus our binding.
     #[inline]
-    fn frame(&mut self) -> *const crate::node::Header {
+    fn frame(&mut self) -> *const Header {
         let parent = current::current_ptr();
-        if parent.is_null() {
-            return self.value.as_ptr();
-        }
-        if let Some(under) = &self.under {
-            if under.header().parent_ptr() == parent {
-                return under.as_ptr();
+        if let Binding::Node(node) = &self.binding {
+            if node.header().parent_ptr() == parent {
+                return node.as_ptr();
+            }
+            if let Some(under) = &self.under {
+                if under.header().parent_ptr() == parent {
+                    return under.as_ptr();
+                }
             }
         }
-        self.reparent(parent)
+        self.bind_under(parent)
     }
 
     #[cold]
-    fn reparent(&mut self, parent: *const crate::node::Header) -> *const crate::node::Header {
-        // SAFETY: `parent` is the current frame, alive for this call.
-        let parent = unsafe { NodeRef::clone_raw(parent) };
-        let under = NodeRef::new_alias(self.value.header(), Some(parent));
-        let ptr = under.as_ptr();
-        self.under = Some(under);
-        ptr
+    fn bind_under(&mut self, parent: *const Header) -> *const Header {
+        let parent = if parent.is_null() {
+            None
+        } else {
+            // SAFETY: `parent` is the current frame, alive for this call.
+            Some(unsafe { NodeRef::clone_raw(parent) })
+        };
+        match std::mem::replace(&mut self.binding, Binding::Empty) {
+            Binding::Pending {
+                value,
+                key,
+                name,
+                inherit,
+            } => {
+                let node = NodeRef::new_value(parent, key, name, inherit, value);
+                let ptr = node.as_ptr();
+                self.binding = Binding::Node(node);
+                ptr
+            }
+            Binding::Node(node) => {
+                let under = NodeRef::new_alias(node.header(), parent);
+                let ptr = under.as_ptr();
+                self.binding = Binding::Node(node);
+                self.under = Some(under);
+                ptr
+            }
+            // `binding` is `Empty` only inside this function, which does not re-enter.
+            Binding::Empty => unreachable!("Scope binding observed mid-update"),
+        }
     }
 }
 
-impl<T, F: Future> Future for Scope<T, F> {
+impl<T: Send + Sync + 'static, F: Future> Future for Scope<T, F> {
     type Output = F::Output;
 
     #[inline]
@@ -212,7 +255,7 @@ impl<T, F: Future> Future for Scope<T, F> {
     }
 }
 
-impl<T, F> Drop for Scope<T, F> {
+impl<T: Send + Sync + 'static, F> Drop for Scope<T, F> {
     fn drop(&mut self) {
         let frame = self.frame();
         let _entered = current::enter_borrowed(frame);
@@ -222,12 +265,16 @@ impl<T, F> Drop for Scope<T, F> {
     }
 }
 
-impl<T, F> fmt::Debug for Scope<T, F> {
+impl<T: Send + Sync + 'static, F> fmt::Debug for Scope<T, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let header = self.value.header();
+        let name = match &self.binding {
+            Binding::Pending { name, .. } => *name,
+            Binding::Node(node) => node.header().name,
+            Binding::Empty => "",
+        };
         f.debug_struct("Scope")
-            .field("name", &header.name)
-            .field("type", &header.type_name())
+            .field("name", &name)
+            .field("type", &std::any::type_name::<T>())
             .finish_non_exhaustive()
     }
 }

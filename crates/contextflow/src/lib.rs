@@ -1,4 +1,178 @@
-//! GUIDE_PLACEHOLDER
+//! Request-scoped context for async Rust: Node.js's `AsyncLocalStorage`, done the Rust way.
+//!
+//! A value set once, at the edge of a request, is visible to all the code the request runs:
+//! through every `.await`, in tasks and threads it spawns through contextflow, and in the
+//! destructors of its futures, while thousands of concurrent requests on the same threads each
+//! see only their own. No parameter plumbing: the controller, the service and the repository
+//! read the request id, the tenant or the trace without receiving them as arguments.
+//!
+//! Store *infrastructure metadata* in it (ids, tenant, user, session, trace): never business
+//! data.
+//!
+//! # Tour
+//!
+//! ```
+//! use contextflow::AsyncLocal;
+//!
+//! // 1. Declare typed variables, once, as statics.
+//! static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+//! static TENANT: AsyncLocal<u64> = AsyncLocal::named("tenant");
+//!
+//! // 3. Read them anywhere below, without parameters.
+//! async fn repository_insert() -> String {
+//!     let id = REQUEST_ID.get().unwrap_or_default();
+//!     let tenant = TENANT.with(|t| t.copied()).unwrap_or(0);
+//!     format!("[{id}] insert for tenant {tenant}")
+//! }
+//!
+//! async fn service() -> String {
+//!     tokio::task::yield_now().await; // context survives every .await
+//!     repository_insert().await
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! // 2. Bind them at the edge of a request, for the whole request.
+//! let line = REQUEST_ID
+//!     .scope("req-123".into(), TENANT.scope(42, service()))
+//!     .await;
+//! assert_eq!(line, "[req-123] insert for tenant 42");
+//! assert_eq!(REQUEST_ID.get(), None); // and nowhere else
+//! # }
+//! ```
+//!
+//! The model, in one paragraph: every execution point has a current *frame*, an immutable map
+//! from variable to value. A scope makes a new frame (the current one plus one binding) for the
+//! code inside it and restores the previous one afterwards, whatever happens (return, panic,
+//! cancellation). Children never change their parent's frame. A plain future sees the frame of
+//! whoever polls it; only [`spawn`] and friends, [`FutureExt::in_current_context`],
+//! [`Snapshot::capture`] and [`Snapshot::bind`] capture a frame at the call.
+//!
+//! # Recipes
+//!
+//! **Request id in every log line.** Bind it in middleware (the `contextflow-http` server
+//! layer does) and let the `contextflow-tracing` formatter print it; in your own code:
+//!
+//! ```
+//! # use contextflow::AsyncLocal;
+//! static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+//!
+//! fn log(msg: &str) -> String {
+//!     REQUEST_ID.with(|id| match id {
+//!         Some(id) => format!("[{id}] {msg}"),
+//!         None => msg.to_string(),
+//!     })
+//! }
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let line = REQUEST_ID.scope("req-1".into(), async { log("Inventory validated") }).await;
+//! assert_eq!(line, "[req-1] Inventory validated");
+//! # }
+//! ```
+//!
+//! **Tenant, set by authenticated code only.** Untrusted input (a header) never sets the
+//! tenant; the code that checked the credentials does:
+//!
+//! ```
+//! # use contextflow::AsyncLocal;
+//! #[derive(Clone, Debug, PartialEq)]
+//! struct TenantId(String);
+//! static TENANT: AsyncLocal<TenantId> = AsyncLocal::named("tenant");
+//!
+//! async fn authenticated<F: std::future::Future>(token: &str, handler: F) -> Option<F::Output> {
+//!     let tenant = match token {
+//!         "secret-acme" => TenantId("acme".into()),
+//!         _ => return None, // 401
+//!     };
+//!     Some(TENANT.scope(tenant, handler).await)
+//! }
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let seen = authenticated("secret-acme", async { TENANT.get() }).await;
+//! assert_eq!(seen, Some(Some(TenantId("acme".into()))));
+//! # }
+//! ```
+//!
+//! **A background job from a request** keeps the request's context (for its logs), but a
+//! database transaction, marked [`Inherit::Never`], stays with the request:
+//!
+//! ```
+//! # use contextflow::{AsyncLocal, Inherit};
+//! static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+//! struct Tx;
+//! static TX: AsyncLocal<Tx> = AsyncLocal::named("tx").inherit(Inherit::Never);
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let job = REQUEST_ID
+//!     .scope("req-9".into(), TX.scope(Tx, async {
+//!         contextflow::spawn(async { (REQUEST_ID.get(), TX.is_set()) })
+//!     }))
+//!     .await;
+//! assert_eq!(job.await.unwrap(), (Some("req-9".to_string()), false));
+//! # }
+//! ```
+//!
+//! **A cron job** starts from nothing: `contextflow::spawn_detached` or
+//! [`Snapshot::empty`], then binds its own run id.
+//!
+//! **`spawn_blocking`** (CPU work, a blocking driver) keeps the context:
+//!
+//! ```
+//! # use contextflow::AsyncLocal;
+//! static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let id = REQUEST_ID
+//!     .scope("req-3".into(), async {
+//!         contextflow::spawn_blocking(|| REQUEST_ID.get()).await.unwrap()
+//!     })
+//!     .await;
+//! assert_eq!(id.as_deref(), Some("req-3"));
+//! # }
+//! ```
+//!
+//! **Other executors and thread pools** (rayon, a callback API): carry a [`Snapshot`] and
+//! [`Snapshot::run`] it there, or wrap the callback with [`Snapshot::bind`].
+//!
+//! **"Why is my context missing?"** Print the current frame: `println!("{:?}",
+//! Snapshot::capture())` names every variable set, innermost first.
+//!
+//! # What propagates
+//!
+//! | Boundary | Context follows? |
+//! |---|---|
+//! | `.await` inside a scope | yes |
+//! | `join!` / `select!` of futures inside a scope | yes (they are polled by the scope) |
+//! | [`contextflow::spawn`](spawn), [`spawn_blocking`], [`spawn_local`], [`spawn_in`] (`JoinSet`) | yes, except [`Inherit::Never`] variables |
+//! | [`contextflow::thread::spawn`](thread::spawn) | yes, except [`Inherit::Never`] variables |
+//! | `fut.in_current_context()` handed to any executor | yes, except [`Inherit::Never`] variables |
+//! | plain `tokio::spawn`, `tokio::task::spawn_blocking` | **no**: the task starts with an empty context |
+//! | plain `std::thread::spawn`, rayon, a C callback | **no**: carry a [`Snapshot`] (`run`/`bind`) |
+//! | destructors of a scoped future (cancelled, aborted) | yes |
+//! | another process (HTTP, a queue, a child process) | only what a propagator writes (see `contextflow-http`) |
+//!
+//! To forbid plain `tokio::spawn` in your code base, copy this repository's `clippy.toml`
+//! (`disallowed-methods`).
+//!
+//! # Compared with the alternatives
+//!
+//! | | contextflow | `tokio::task_local!` | tracing span | `opentelemetry::Context` |
+//! |---|---|---|---|---|
+//! | typed values, any number | yes | yes | fields only, write-once | yes, keyed by type |
+//! | survives `tokio::spawn` | with `contextflow::spawn` | no (re-scope by hand) | with `.in_current_span()` by hand | with `.with_current_context()` by hand |
+//! | `spawn_blocking`, OS threads | yes | no | by hand | by hand |
+//! | per-variable "do not inherit" | yes ([`Inherit::Never`]) | n/a | no | no |
+//! | destructors see the value | yes | yes | no | no |
+//! | capture all of it, O(1) | [`Snapshot::capture`] | no | `Span::current()` | `Context::current()` |
+//!
+//! contextflow also carries the other two with every spawn once their integration crates
+//! register a [carrier](carry), so the three "current context" systems agree. Measured costs
+//! are in the `contextflow-bench` crate's README.
+//!
+//! # Feature flags
+//!
+//! - `tokio` (default): the inheriting spawn helpers.
+//! - `futures`: [`StreamExt`] for `futures_core::Stream`.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.85 (declared in `rust-version`; CI tests the current stable toolchain only).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
@@ -14,6 +188,7 @@ mod spawn;
 pub mod thread;
 
 #[cfg(feature = "futures")]
+#[cfg_attr(docsrs, doc(cfg(feature = "futures")))]
 pub use crate::future::StreamExt;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]

@@ -185,7 +185,13 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// # }
     /// ```
     pub fn scope<F: Future>(&self, value: T, fut: F) -> Scope<T, F> {
-        Scope::new(self.new_node(None, value), fut)
+        Scope::new(
+            value,
+            self.key(),
+            self.name,
+            self.inherit == Inherit::Always,
+            fut,
+        )
     }
 
     /// Runs `f` with this variable bound to `value`, and returns what `f` returns.
