@@ -19,7 +19,7 @@ use std::{
     marker::PhantomData,
 };
 
-use crate::node::{Header, NodeRef};
+use crate::node::{self, Header, NodeRef};
 
 const OWNED: usize = 1;
 
@@ -63,8 +63,8 @@ pub(crate) fn capture() -> Option<NodeRef> {
     if ptr.is_null() {
         None
     } else {
-        // SAFETY: the current frame is alive (see `current_ptr`).
-        Some(unsafe { NodeRef::clone_raw(ptr) })
+        // SAFETY: the current frame is alive (see `current_ptr`) and this thread's.
+        Some(unsafe { node::share(ptr) })
     }
 }
 
@@ -136,7 +136,7 @@ pub(crate) fn enter_owned(frame: Option<NodeRef>) -> u64 {
             // Borrowed from a construct that may be gone by the time this guard is dropped
             // (a guard held across `.await` in a `!Send` future): take a reference of our own.
             // SAFETY: the borrowed frame is alive now (its owner is on this stack).
-            unsafe { NodeRef::clone_raw(prev as *const Header) }.into_raw() as usize | OWNED
+            unsafe { node::share(prev as *const Header) }.into_raw() as usize | OWNED
         }
     });
     // `try_with` fails only while this thread's locals are being destroyed; the frame then

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     carry, current,
-    node::{Header, NodeRef},
+    node::{self, Header, NodeRef},
     Snapshot,
 };
 
@@ -211,8 +211,8 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         let parent = if parent.is_null() {
             None
         } else {
-            // SAFETY: `parent` is the current frame, alive for this call.
-            Some(unsafe { NodeRef::clone_raw(parent) })
+            // SAFETY: `parent` is this thread's current frame, alive for this call.
+            Some(unsafe { node::share(parent) })
         };
         match std::mem::replace(&mut self.binding, Binding::Empty) {
             Binding::Pending {

@@ -207,7 +207,19 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(DEPTH.get(), None);
     /// ```
     pub fn sync_scope<R>(&self, value: T, f: impl FnOnce() -> R) -> R {
-        let node = self.new_node(current::capture(), value);
+        let parent = current::current_ptr();
+        // SAFETY: `parent` is the current frame, kept alive by its owner (a construct further up
+        // this stack) until after `node` is gone: `node` is dropped at the end of this call. The
+        // node stays on this thread unless shared, and sharing goes through `node::share`.
+        let node = unsafe {
+            NodeRef::new_value_borrowing(
+                parent,
+                self.key(),
+                self.name,
+                self.inherit == Inherit::Always,
+                value,
+            )
+        };
         // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
         let _entered = current::enter_borrowed(node.as_ptr());
         f()

@@ -22,11 +22,12 @@
 //! `tests/loom_refcount.rs` (the counts) and by the whole test suite run under valgrind.
 
 use std::{
-    mem::ManuallyDrop,
+    alloc::{alloc, dealloc, handle_alloc_error, Layout},
+    mem::{self, ManuallyDrop},
     ptr::{self, NonNull},
 };
 
-use crate::loom::sync::atomic::{fence, AtomicUsize, Ordering};
+use crate::loom::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 
 /// Bit set on an inheritable binding.
 const INHERIT: u8 = 0b01;
@@ -53,6 +54,11 @@ pub(crate) struct Header {
     parent: Option<NodeRef>,
     /// `INHERIT` and `CHAIN_HAS_PRIVATE`.
     flags: u8,
+    /// Set while `parent` is *borrowed*: it holds no count, because this node was made by
+    /// `sync_scope` and cannot outlive its parent while nobody else refers to it. Cleared (the
+    /// parent then gets its count) by [`share`] before the node is ever shared. While set, the
+    /// node is reachable only from the thread that made it.
+    borrowed: AtomicBool,
     /// The variable's name, for `Debug`.
     pub(crate) name: &'static str,
     /// Called once the link count reaches zero, depending on the node kind: releases the
@@ -112,8 +118,39 @@ impl NodeRef {
         inherit: bool,
         value: T,
     ) -> NodeRef {
+        Self::value_node(parent, false, key, name, inherit, value)
+    }
+
+    /// Allocates a value node under `parent` *without* taking a count on it: the fast path of
+    /// `sync_scope`, which costs no atomic read-modify-write unless the node gets shared.
+    ///
+    /// # Safety
+    /// `parent` must be null or a live node that stays alive at least as long as the returned
+    /// reference is the only one (until it is dropped or passed to [`share`]), and the returned
+    /// node must not leave this thread before [`share`] has been called on it.
+    pub(crate) unsafe fn new_value_borrowing<T: Send + Sync + 'static>(
+        parent: *const Header,
+        key: usize,
+        name: &'static str,
+        inherit: bool,
+        value: T,
+    ) -> NodeRef {
+        // SAFETY: the count is not taken: `borrowed` below tells `Drop` and `share` so.
+        let parent = (!parent.is_null()).then(|| unsafe { NodeRef::from_raw(parent) });
+        let borrowed = parent.is_some();
+        Self::value_node(parent, borrowed, key, name, inherit, value)
+    }
+
+    fn value_node<T: Send + Sync + 'static>(
+        parent: Option<NodeRef>,
+        borrowed: bool,
+        key: usize,
+        name: &'static str,
+        inherit: bool,
+        value: T,
+    ) -> NodeRef {
         let flags = flags_for(inherit, parent.as_ref());
-        let node = Box::new(ValueNode {
+        let node = ValueNode {
             head: ValueHead {
                 header: Header {
                     refs: AtomicUsize::new(1),
@@ -122,6 +159,7 @@ impl NodeRef {
                     owner: NonNull::dangling(),
                     parent,
                     flags,
+                    borrowed: AtomicBool::new(borrowed),
                     name,
                     release_link: release_value_link,
                     vtable: &ValueNode::<T>::VTABLE,
@@ -129,11 +167,12 @@ impl NodeRef {
                 value_refs: AtomicUsize::new(1),
             },
             value,
-        });
-        let raw = Box::into_raw(node);
-        // SAFETY: `raw` comes from `Box::into_raw`, so it is valid and unique; we patch the
-        // two self-pointers before anyone else can see the node.
+        };
+        let raw = ValueNode::<T>::alloc();
+        // SAFETY: `raw` is a fresh allocation with the layout of `ValueNode<T>` (see `alloc`);
+        // we write the node, then patch the two self-pointers before anyone else can see it.
         unsafe {
+            raw.write(node);
             (*raw).head.header.value = ptr::addr_of!((*raw).value).cast();
             (*raw).head.header.owner = NonNull::new_unchecked(ptr::addr_of_mut!((*raw).head));
             NodeRef {
@@ -155,22 +194,28 @@ impl NodeRef {
             std::process::abort();
         }
         let inherit = binding.flags & INHERIT != 0;
-        let node = Box::new(AliasNode {
+        let node = AliasNode {
             header: Header {
                 refs: AtomicUsize::new(1),
                 key: binding.key,
                 value: binding.value,
                 owner,
                 flags: flags_for(inherit, parent.as_ref()),
+                borrowed: AtomicBool::new(false),
                 parent,
                 name: binding.name,
                 release_link: release_alias_link,
                 vtable: binding.vtable,
             },
-        });
-        NodeRef {
-            // SAFETY: a pointer from `Box::into_raw` is never null.
-            ptr: unsafe { NonNull::new_unchecked(Box::into_raw(node).cast()) },
+        };
+        const { assert!(pool::fits(Layout::new::<AliasNode>())) };
+        let raw = pool::alloc_block().cast::<AliasNode>();
+        // SAFETY: a fresh block, large and aligned enough for an `AliasNode` (asserted above).
+        unsafe {
+            raw.write(node);
+            NodeRef {
+                ptr: NonNull::new_unchecked(raw.cast()),
+            }
         }
     }
 
@@ -222,6 +267,34 @@ impl NodeRef {
     }
 }
 
+/// Takes a new count on a node of the current frame, first giving every `sync_scope` node on
+/// the way down whose parent is still borrowed a counted parent, so that the returned reference
+/// may outlive the `sync_scope` calls and travel to other threads.
+///
+/// # Safety
+/// `ptr` must be non-null, point to a live node, and be called on the thread that made any
+/// node of its chain that still has a borrowed parent (true of the current frame).
+#[inline]
+pub(crate) unsafe fn share(ptr: *const Header) -> NodeRef {
+    let mut node = ptr;
+    while !node.is_null() {
+        // SAFETY: a live chain by the caller's contract.
+        let header = unsafe { &*node };
+        // Relaxed: the flag is only ever set or cleared on this thread (see `borrowed`).
+        if !header.borrowed.load(Ordering::Relaxed) {
+            break;
+        }
+        let parent = header.parent_ptr();
+        // SAFETY: a borrowed parent is alive while its child is (the contract of
+        // `new_value_borrowing`); the count taken here is the one `parent` now owns.
+        mem::forget(unsafe { NodeRef::clone_raw(parent) });
+        header.borrowed.store(false, Ordering::Relaxed);
+        node = parent;
+    }
+    // SAFETY: alive by the caller's contract.
+    unsafe { NodeRef::clone_raw(ptr) }
+}
+
 impl Clone for NodeRef {
     #[inline]
     fn clone(&self) -> NodeRef {
@@ -238,15 +311,27 @@ impl Drop for NodeRef {
         while let Some(ptr) = next.take() {
             // SAFETY: we own one link count on `ptr`, so it is alive until we drop it.
             let header = unsafe { ptr.as_ref() };
-            // Release/Acquire as in `Arc::drop`: every use of the node by other owners
-            // happens-before the deallocation below.
-            if header.refs.fetch_sub(1, Ordering::Release) != 1 {
-                return;
+            // A count of 1 is ours alone, and nobody can take a new one without a count or a
+            // live parent link of their own: free without a read-modify-write. The Acquire load
+            // pairs with the Release decrements of former owners, as the fence below does.
+            if header.refs.load(Ordering::Acquire) != 1 {
+                // Release/Acquire as in `Arc::drop`: every use of the node by other owners
+                // happens-before the deallocation below.
+                if header.refs.fetch_sub(1, Ordering::Release) != 1 {
+                    return;
+                }
+                fence(Ordering::Acquire);
             }
-            fence(Ordering::Acquire);
             // SAFETY: the count reached zero, so we are the only one with access; the parent
             // slot is taken exactly once, here.
             let parent = unsafe { (*ptr.as_ptr()).parent.take() };
+            if header.borrowed.load(Ordering::Relaxed) {
+                // A borrowed parent holds no count: nothing to release.
+                mem::forget(parent);
+                // SAFETY: as below.
+                unsafe { (header.release_link)(ptr) };
+                return;
+            }
             // SAFETY: `release_link` matches the node kind (set at construction) and is
             // called once, after the link count reached zero.
             unsafe { (header.release_link)(ptr) };
@@ -313,7 +398,7 @@ impl Header {
 /// O(bindings above the outermost private one), each rebuilt as an alias.
 ///
 /// # Safety
-/// `frame` must be null or point to a live node.
+/// `frame` must be null or point to a live node of this thread's current frame.
 pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
     if frame.is_null() {
         return None;
@@ -322,7 +407,7 @@ pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
     let top = unsafe { &*frame };
     if !top.chain_has_private() {
         // SAFETY: live by the caller's contract.
-        return Some(unsafe { NodeRef::clone_raw(frame) });
+        return Some(unsafe { share(frame) });
     }
     // Walk down to the part of the chain that is entirely inheritable, remembering the
     // inheritable bindings above it (innermost first).
@@ -343,7 +428,7 @@ pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
         None
     } else {
         // SAFETY: a node of a live chain.
-        Some(unsafe { NodeRef::clone_raw(tail) })
+        Some(unsafe { share(tail) })
     };
     for binding in above.into_iter().rev() {
         rebuilt = Some(NodeRef::new_alias(binding, rebuilt));
@@ -371,13 +456,38 @@ impl<T: Send + Sync + 'static> ValueNode<T> {
         type_name: std::any::type_name::<T>,
     };
 
+    /// Whether this node type is allocated from the per-thread pool.
+    const POOLED: bool = pool::fits(Layout::new::<ValueNode<T>>());
+
+    /// Uninitialized memory for one node. Never null.
+    fn alloc() -> *mut ValueNode<T> {
+        if Self::POOLED {
+            return pool::alloc_block().cast();
+        }
+        let layout = Layout::new::<ValueNode<T>>();
+        // SAFETY: a node has a non-zero size (its header).
+        let raw = unsafe { alloc(layout) };
+        if raw.is_null() {
+            handle_alloc_error(layout);
+        }
+        raw.cast()
+    }
+
     /// # Safety
     /// `head` must be the head of a `ValueNode<T>` whose value count just reached zero.
     unsafe fn release_value(head: NonNull<ValueHead>) {
-        // SAFETY: allocated by `Box::new` in `new_value` as a `ValueNode<T>` (the head is at
-        // offset 0 thanks to `#[repr(C)]`), and this is the last holder. The parent was taken
-        // when the link count reached zero, so dropping the box drops only the value.
-        drop(unsafe { Box::from_raw(head.as_ptr().cast::<ValueNode<T>>()) });
+        let raw = head.as_ptr().cast::<ValueNode<T>>();
+        // SAFETY: allocated by `ValueNode::<T>::alloc` and initialized in `value_node` (the head
+        // is at offset 0 thanks to `#[repr(C)]`), and this is the last holder. The parent was
+        // taken when the link count reached zero, so this drops only the value.
+        unsafe {
+            ptr::drop_in_place(raw);
+            if Self::POOLED {
+                pool::free_block(raw.cast());
+            } else {
+                dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
+            }
+        }
     }
 }
 
@@ -395,10 +505,12 @@ unsafe fn release_value_link(ptr: NonNull<Header>) {
 /// # Safety
 /// `ptr` must be an alias node whose link count just reached zero.
 unsafe fn release_alias_link(ptr: NonNull<Header>) {
-    // SAFETY: allocated by `Box::new` in `new_alias`; the parent was already taken.
-    let alias = unsafe { Box::from_raw(ptr.as_ptr().cast::<AliasNode>()) };
-    let (owner, vtable) = (alias.header.owner, alias.header.vtable);
-    drop(alias);
+    let raw = ptr.as_ptr().cast::<AliasNode>();
+    // SAFETY: allocated from the pool in `new_alias`; the parent was already taken, and the
+    // other fields need no drop.
+    let (owner, vtable) = unsafe { ((*raw).header.owner, (*raw).header.vtable) };
+    // SAFETY: as above; the block is not used again.
+    unsafe { pool::free_block(raw.cast()) };
     // SAFETY: the alias held one value count on `owner`, given up here exactly once.
     unsafe { release_value_count(owner, vtable) }
 }
@@ -408,12 +520,17 @@ unsafe fn release_alias_link(ptr: NonNull<Header>) {
 unsafe fn release_value_count(owner: NonNull<ValueHead>, vtable: &'static VTable) {
     // SAFETY: our value count keeps the value node allocated.
     let head = unsafe { owner.as_ref() };
-    if head.value_refs.fetch_sub(1, Ordering::Release) == 1 {
+    // As in `NodeRef::drop`: a count of 1 is ours alone.
+    let last = head.value_refs.load(Ordering::Acquire) == 1
+        || head.value_refs.fetch_sub(1, Ordering::Release) == 1;
+    if last {
         fence(Ordering::Acquire);
         // SAFETY: the value count reached zero: we are the last holder.
         unsafe { (vtable.release_value)(owner) };
     }
 }
+
+mod pool;
 
 #[cfg(all(test, loom))]
 mod loom_tests;

@@ -54,3 +54,37 @@ fn bind_captures_at_call() {
     assert_eq!(f(1), Some(7));
     assert_eq!(A.get(), None);
 }
+
+#[test]
+fn capture_inside_nested_sync_scopes_outlives_them() {
+    // The inner `sync_scope` nodes borrow their parents until something captures them; the
+    // capture must give the whole chain counted parents before the scopes unwind.
+    static C: AsyncLocal<Vec<u8>> = AsyncLocal::named("c");
+    let (snap, bound_fn) = A.sync_scope(1, || {
+        B.sync_scope("two".into(), || {
+            C.sync_scope(vec![3; 64], || {
+                (Snapshot::capture(), Snapshot::bind(|| (A.get(), B.get())))
+            })
+        })
+    });
+    assert_eq!((A.get(), B.get(), C.get()), (None, None, None));
+    let seen = std::thread::spawn(move || {
+        (
+            snap.get(&A),
+            snap.get(&B),
+            snap.with(&C, |c| c.map(|c| c.len())),
+            bound_fn(),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        seen,
+        (
+            Some(1),
+            Some("two".into()),
+            Some(64),
+            (Some(1), Some("two".into()))
+        )
+    );
+}
