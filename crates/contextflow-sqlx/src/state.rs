@@ -5,12 +5,9 @@
 //! (the transaction itself, then one per savepoint) is a [`Level`] bound in the context; its
 //! `busy` mutex is what keeps a level's queries out of a savepoint opened beneath it.
 
-use std::{
-    mem,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex as StdMutex, PoisonError,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex as StdMutex, PoisonError,
 };
 
 use sqlx::{Database, Executor, Transaction};
@@ -21,10 +18,12 @@ use crate::{conn::Conn, error::TransactionClosed};
 /// The connection of one top-level transaction, shared by all its levels.
 pub(crate) struct Shared<DB: Database> {
     pub(crate) conn: Arc<Mutex<TxConn<DB>>>,
-    /// Statements owed by savepoints whose future was dropped before it finished; run, in
-    /// order, before anything else uses the connection. A std mutex, because `Drop` pushes here
-    /// and cannot await.
-    pending: StdMutex<Vec<String>>,
+    /// The outermost savepoint whose future was dropped before it ended, if any: rolled back
+    /// before anything else uses the connection. A std mutex, because `Drop` records it and
+    /// cannot await. Only the outermost matters: dropped savepoints that pile up between two
+    /// uses of the connection are nested in one another (siblings never coexist, see
+    /// `Level::busy`), and rolling back to the outermost one undoes the others too.
+    pending: StdMutex<Option<u64>>,
     next_savepoint: AtomicU64,
 }
 
@@ -55,8 +54,8 @@ pub(crate) struct RootGuard<DB: Database> {
 /// Rolls a savepoint back if its future is dropped before it finished.
 pub(crate) struct SavepointGuard<DB: Database> {
     shared: Arc<Shared<DB>>,
-    /// `None` once released or rolled back.
-    name: Option<String>,
+    /// The savepoint's number; `None` once released or rolled back.
+    number: Option<u64>,
     /// Keeps the parent level's queries out until the savepoint has ended. Declared last, so
     /// it is released after `Drop::drop` has queued the rollback.
     _parent_busy: OwnedMutexGuard<()>,
@@ -74,7 +73,7 @@ where
                 tx: Some(tx),
                 poisoned: false,
             })),
-            pending: StdMutex::new(Vec::new()),
+            pending: StdMutex::new(None),
             next_savepoint: AtomicU64::new(1),
         }
     }
@@ -88,8 +87,8 @@ where
         let Some(tx) = guard.tx.as_mut() else {
             return Err(TransactionClosed::ended());
         };
-        for statement in self.take_pending() {
-            if let Err(err) = exec(tx, &statement).await {
+        if let Some(number) = self.take_pending() {
+            if let Err(err) = rollback_to(tx, number).await {
                 guard.poisoned = true;
                 return Err(err);
             }
@@ -110,22 +109,24 @@ where
 }
 
 impl<DB: Database> Shared<DB> {
-    fn take_pending(&self) -> Vec<String> {
-        // A panic while the std mutex is held cannot leave the vector half-written.
-        mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    fn push_pending(&self, statements: [String; 2]) {
+    fn take_pending(&self) -> Option<u64> {
+        // Nothing can panic while the std mutex is held, so poisoning carries no meaning.
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend(statements);
+            .take()
     }
 
-    fn savepoint_name(&self) -> String {
-        // Relaxed: the counter only has to hand out distinct numbers.
-        let n = self.next_savepoint.fetch_add(1, Ordering::Relaxed);
-        format!("contextflow_sp_{n}")
+    fn push_pending(&self, number: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // Savepoints are numbered in creation order, so an enclosing one has a smaller number.
+        *pending = Some(pending.map_or(number, |n| n.min(number)));
+    }
+
+    fn next_savepoint(&self) -> u64 {
+        // Relaxed: the counter only has to hand out distinct, increasing numbers, and it is
+        // only used with the connection's mutex held.
+        self.next_savepoint.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -133,7 +134,7 @@ impl<DB: Database> Shared<DB> {
 pub(crate) struct Taken<DB: Database> {
     tx: Option<Transaction<'static, DB>>,
     poisoned: bool,
-    pending: Vec<String>,
+    pending: Option<u64>,
 }
 
 impl<DB: Database> Taken<DB>
@@ -151,8 +152,8 @@ where
             let _ = tx.rollback().await;
             return Err(TransactionClosed::poisoned());
         }
-        for statement in &self.pending {
-            if let Err(err) = exec(&mut tx, statement).await {
+        if let Some(number) = self.pending {
+            if let Err(err) = rollback_to(&mut tx, number).await {
                 let _ = tx.rollback().await;
                 return Err(err);
             }
@@ -195,16 +196,17 @@ where
     /// Opens a savepoint beneath this level: returns the new level and the guard that ends it.
     pub(crate) async fn savepoint(&self) -> Result<(Level<DB>, SavepointGuard<DB>), sqlx::Error> {
         let parent_busy = self.busy.clone().lock_owned().await;
-        let name = self.shared.savepoint_name();
+        let number;
         {
             let mut guard = self.shared.lock().await?;
+            number = self.shared.next_savepoint();
             let Some(tx) = guard.tx.as_mut() else {
                 return Err(TransactionClosed::ended());
             };
             // If this future is dropped mid-statement, a savepoint may exist with no guard:
             // harmless, since nothing runs inside it and the enclosing transaction's end
             // (commit or rollback) ends it too.
-            exec(tx, &format!("SAVEPOINT {name}")).await?;
+            exec(tx, &format!("SAVEPOINT {}", name(number))).await?;
         }
         let level = Level {
             shared: self.shared.clone(),
@@ -213,7 +215,7 @@ where
         };
         let guard = SavepointGuard {
             shared: self.shared.clone(),
-            name: Some(name),
+            number: Some(number),
             _parent_busy: parent_busy,
         };
         Ok((level, guard))
@@ -261,64 +263,70 @@ where
     /// Releases the savepoint (its work becomes part of the enclosing level). If that fails
     /// (PostgreSQL refuses when a statement inside failed), rolls it back and returns the error.
     pub(crate) async fn release(mut self) -> Result<(), sqlx::Error> {
-        let Some(name) = self.name.clone() else {
+        let Some(number) = self.number else {
             return Ok(());
         };
         let mut guard = self.shared.lock().await?;
         let result = match guard.tx.as_mut() {
-            Some(tx) => exec(tx, &format!("RELEASE SAVEPOINT {name}")).await,
+            Some(tx) => exec(tx, &format!("RELEASE SAVEPOINT {}", name(number))).await,
             None => Err(TransactionClosed::ended()),
         };
         if let Err(err) = result {
-            rollback_to(&mut guard, &name).await;
-            self.name = None;
+            if let Some(tx) = guard.tx.as_mut() {
+                if rollback_to(tx, number).await.is_err() {
+                    guard.poisoned = true;
+                }
+            }
+            self.number = None;
             return Err(err);
         }
-        self.name = None;
+        self.number = None;
         Ok(())
     }
 
     /// Rolls the savepoint back (undoing its work only) and releases it.
     pub(crate) async fn rollback(mut self) {
-        let Some(name) = self.name.clone() else {
+        let Some(number) = self.number else {
             return;
         };
-        if let Ok(mut guard) = self.shared.lock().await {
-            rollback_to(&mut guard, &name).await;
-        }
         // When `lock` fails the transaction has ended or may only be rolled back as a whole.
-        self.name = None;
+        if let Ok(mut guard) = self.shared.lock().await {
+            if let Some(tx) = guard.tx.as_mut() {
+                if rollback_to(tx, number).await.is_err() {
+                    guard.poisoned = true;
+                }
+            }
+        }
+        self.number = None;
     }
 }
 
 impl<DB: Database> Drop for SavepointGuard<DB> {
     fn drop(&mut self) {
-        if let Some(name) = self.name.take() {
-            // Cannot await here: queue the rollback; it runs before the connection's next use,
-            // and the parent level's queries wait for `_parent_busy`, released after this.
-            self.shared.push_pending([
-                format!("ROLLBACK TO SAVEPOINT {name}"),
-                format!("RELEASE SAVEPOINT {name}"),
-            ]);
+        if let Some(number) = self.number.take() {
+            // Cannot await here: record the rollback; it runs before the connection's next
+            // use, and the parent level's queries wait for `_parent_busy`, released after this.
+            self.shared.push_pending(number);
         }
     }
 }
 
-/// Rolls back to savepoint `name` and releases it; poisons the transaction if that fails.
-async fn rollback_to<DB: Database>(guard: &mut TxConn<DB>, name: &str)
+/// The SQL name of savepoint `number`.
+fn name(number: u64) -> String {
+    format!("contextflow_sp_{number}")
+}
+
+/// Rolls back to savepoint `number` and releases it.
+async fn rollback_to<DB: Database>(
+    tx: &mut Transaction<'static, DB>,
+    number: u64,
+) -> Result<(), sqlx::Error>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    let Some(tx) = guard.tx.as_mut() else {
-        return;
-    };
-    let rolled_back = exec(tx, &format!("ROLLBACK TO SAVEPOINT {name}"))
-        .await
-        .is_ok()
-        && exec(tx, &format!("RELEASE SAVEPOINT {name}")).await.is_ok();
-    if !rolled_back {
-        guard.poisoned = true;
-    }
+    let name = name(number);
+    exec(tx, &format!("ROLLBACK TO SAVEPOINT {name}")).await?;
+    exec(tx, &format!("RELEASE SAVEPOINT {name}")).await
 }
 
 /// Runs one statement of our own (no parameters) on the transaction's connection.
