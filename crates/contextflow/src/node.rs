@@ -47,7 +47,7 @@ pub(crate) struct Header {
     /// The variable this node binds.
     pub(crate) key: usize,
     /// Points at the bound `T`, inside `owner`.
-    pub(crate) value: *const (),
+    value: NonNull<()>,
     /// The value node that owns the value: this node itself, or the aliased node.
     owner: NonNull<ValueHead>,
     /// The enclosing frame; `None` at the root. Taken when the link count reaches zero.
@@ -155,7 +155,7 @@ impl NodeRef {
                 header: Header {
                     refs: AtomicUsize::new(1),
                     key,
-                    value: ptr::null(),
+                    value: NonNull::dangling(),
                     owner: NonNull::dangling(),
                     parent,
                     flags,
@@ -173,7 +173,8 @@ impl NodeRef {
         // we write the node, then patch the two self-pointers before anyone else can see it.
         unsafe {
             raw.write(node);
-            (*raw).head.header.value = ptr::addr_of!((*raw).value).cast();
+            (*raw).head.header.value =
+                NonNull::new_unchecked(ptr::addr_of_mut!((*raw).value)).cast();
             (*raw).head.header.owner = NonNull::new_unchecked(ptr::addr_of_mut!((*raw).head));
             NodeRef {
                 ptr: NonNull::new_unchecked(raw.cast()),
@@ -389,7 +390,7 @@ impl Header {
     pub(crate) unsafe fn value<T>(&self) -> &T {
         // SAFETY: by the caller's contract `value` points at a live `T` (kept alive by the
         // value count that this header holds).
-        unsafe { &*self.value.cast::<T>() }
+        unsafe { self.value.cast::<T>().as_ref() }
     }
 }
 
