@@ -158,6 +158,15 @@ where
                 return Err(err);
             }
         }
+        if DB::NAME == "PostgreSQL" {
+            // PostgreSQL silently turns the COMMIT of a transaction in which a statement failed
+            // into a ROLLBACK, and sqlx cannot tell: a statement run now fails in exactly that
+            // case, which turns a silent loss of the block's work into an error.
+            if let Err(err) = exec(&mut tx, "SELECT 1").await {
+                let _ = tx.rollback().await;
+                return Err(err);
+            }
+        }
         tx.commit().await
     }
 

@@ -86,7 +86,27 @@ mod postgres {
         ctx.finish().await;
     }
 
+    /// PostgreSQL would turn the COMMIT of a transaction aborted by a failed statement into a
+    /// silent ROLLBACK; the block must report an error instead of `Ok`.
+    async fn commit_after_swallowed_error_is_an_error() {
+        let Some(ctx) = setup(1).await else { return };
+        let db = &ctx.db;
+        let result = db
+            .transaction(|| async {
+                insert(&ctx, 1, 1).await?;
+                let failed = db.execute(sqlx::query("SELECT * FROM no_such_table")).await;
+                assert!(failed.is_err());
+                Ok::<_, TestError>(())
+            })
+            .await;
+        assert!(matches!(result, Err(TestError::Sql(_))), "{result:?}");
+        assert_eq!(ids(&ctx).await, Vec::<i64>::new());
+        assert_connection_clean(&ctx, 2).await;
+        ctx.finish().await;
+    }
+
     flavors!(
+        commit_after_swallowed_error_is_an_error,
         savepoint_release_fails_after_swallowed_error,
         transactions_have_distinct_server_ids
     );
