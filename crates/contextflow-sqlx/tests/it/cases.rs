@@ -21,6 +21,8 @@ impl From<sqlx::Error> for TestError {
 
 type Ctx = crate::support::Ctx<Db>;
 
+static REQUEST_ID: contextflow::AsyncLocal<u64> = contextflow::AsyncLocal::named("request_id");
+
 /// Inserts a row through the `TxPool`: the current transaction's connection, or the pool.
 async fn insert(ctx: &Ctx, id: i64, tag: i64) -> Result<(), sqlx::Error> {
     let sql = format!("INSERT INTO {} (id, tag) VALUES ($1, $2)", ctx.table);
@@ -277,16 +279,20 @@ async fn spawned_task_gets_the_pool() {
             let table = ctx.table.clone();
             // On SQLite the spawned write must come before the block's first write, which takes
             // the database's only write lock until the block ends.
-            contextflow::spawn(async move {
-                assert!(!child_db.in_transaction());
+            let spawn = REQUEST_ID.scope(42, async move {
+                contextflow::spawn(async move {
+                    // The rest of the context travels; the transaction does not.
+                    assert_eq!(REQUEST_ID.get(), Some(42));
+                    assert!(!child_db.in_transaction());
                 let mut conn = child_db.acquire().await?;
                 assert!(!conn.in_transaction());
                 let sql = format!("INSERT INTO {table} (id, tag) VALUES (1, 0)");
-                sqlx::query(&sql).execute(&mut *conn).await?;
-                Ok::<_, sqlx::Error>(())
-            })
-            .await
-            .unwrap()?;
+                    sqlx::query(&sql).execute(&mut *conn).await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+            });
+            spawn.await.unwrap()?;
             // Committed already: visible from the pool while the block is still open.
             assert_eq!(ids(&ctx).await, vec![1]);
             insert(&ctx, 2, 0).await?;
@@ -295,6 +301,22 @@ async fn spawned_task_gets_the_pool() {
         .await;
     assert!(matches!(result, Err(TestError::Refused)));
     assert_eq!(ids(&ctx).await, vec![1]);
+    ctx.finish().await;
+}
+
+/// Two `TxPool`s built separately are independent, even over the same sqlx pool.
+async fn separate_tx_pools_are_independent() {
+    let Some(ctx) = setup(2).await else { return };
+    let other = TxPool::new(ctx.db.pool().clone());
+    ctx.db
+        .transaction(|| async {
+            assert!(ctx.db.clone().in_transaction());
+            assert!(!other.in_transaction());
+            assert!(!other.acquire().await?.in_transaction());
+            Ok::<_, TestError>(())
+        })
+        .await
+        .unwrap();
     ctx.finish().await;
 }
 
@@ -402,6 +424,7 @@ flavors!(
     savepoint_panic,
     savepoint_drop,
     pool_outside_a_block,
+    separate_tx_pools_are_independent,
     spawned_task_gets_the_pool,
     snapshot_after_block_is_closed,
     concurrent_queries_in_one_transaction,
