@@ -130,7 +130,7 @@
 //! | the block returns `Err` | rolled back, the error returned |
 //! | the block panics | rolled back, then the panic continues |
 //! | the block's future is dropped (client disconnect, timeout, aborted task) | rolled back: no partial work is ever committed |
-//! | `transaction` inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only |
+//! | `transaction` (or `transaction_with`) inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only |
 //! | a query outside any block | runs on the pool, committed on its own |
 //! | a task started with [`contextflow::spawn`] (or `tokio::spawn`) inside a block | gets the pool, not the transaction |
 //! | concurrent queries inside one block (`join!`) | run one at a time on the transaction's connection |
@@ -205,17 +205,18 @@
 //! and returns `Ok` gets the `RELEASE SAVEPOINT` error instead; a top-level block that does so
 //! gets an error instead of a commit (checked with one `SELECT 1` before each `COMMIT`), so the
 //! block never reports success for work that was thrown away. To choose the isolation level,
-//! make `SET TRANSACTION ISOLATION LEVEL ...` the block's first statement; a serialization
-//! failure (`40001`) comes back as the block's error, and retrying means running the block
-//! again.
+//! open the block with [`TxPool::transaction_with`] and `BEGIN ISOLATION LEVEL SERIALIZABLE`;
+//! a serialization failure (`40001`) comes back as the block's error, and retrying means
+//! running the block again.
 //!
 //! **SQLite.** One writer at a time: a block holds the database's write lock from its first
 //! write until it ends, and other writers wait up to the connection's busy timeout (sqlx's
 //! default: 5 s). Keep blocks short, and do not wait inside a block, after its first write,
 //! for another connection's write (an awaited spawned task): it waits for the block, which
 //! waits for it, until the busy timeout. `BEGIN` is deferred, so a block that reads and then
-//! writes can fail with "database is locked" when another connection wrote in between; run
-//! it again. WAL mode (`journal_mode(SqliteJournalMode::Wal)`) lets readers run while a block
+//! writes can fail with "database is locked" when another connection wrote in between: open
+//! such blocks with [`TxPool::transaction_with`] and `BEGIN IMMEDIATE`, which takes the write
+//! lock at once (other writers then queue, up to the busy timeout). WAL mode (`journal_mode(SqliteJournalMode::Wal)`) lets readers run while a block
 //! writes. Every connection to `sqlite::memory:` is a separate database: use one connection
 //! (then anything that needs a second connection while a block runs waits for it), or a file.
 //!
@@ -229,8 +230,7 @@
 //!     .connect("postgres://postgres@127.0.0.1:5432/app")
 //!     .await?;
 //! let db: TxPool<sqlx::Postgres> = TxPool::new(pool);
-//! db.transaction(|| async {
-//!     db.execute(sqlx::query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")).await?;
+//! db.transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE", || async {
 //!     db.execute(sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = $1").bind(1))
 //!         .await?;
 //!     Ok::<_, sqlx::Error>(())

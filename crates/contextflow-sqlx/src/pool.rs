@@ -1,6 +1,7 @@
 //! [`TxPool`]: a pool whose queries join the transaction of the current context.
 
 use std::{
+    borrow::Cow,
     fmt,
     future::Future,
     panic::{resume_unwind, AssertUnwindSafe},
@@ -198,7 +199,57 @@ where
         E: From<sqlx::Error>,
     {
         match self.inner.current.get() {
-            None => self.root_transaction(f).await,
+            None => self.root_transaction(None, f).await,
+            Some(parent) => self.savepoint(&parent, f).await,
+        }
+    }
+
+    /// As [`transaction`](TxPool::transaction), but a top-level transaction is opened with
+    /// `statement` instead of `BEGIN`: `BEGIN ISOLATION LEVEL SERIALIZABLE` or
+    /// `BEGIN READ ONLY` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite (take the write lock at
+    /// once, so a block that reads before it writes cannot fail to upgrade its lock).
+    ///
+    /// Inside a transaction, `statement` does not apply (the enclosing transaction's mode
+    /// holds) and a savepoint is opened exactly as with [`transaction`](TxPool::transaction),
+    /// so a service that asks for a mode still composes into a larger unit of work.
+    ///
+    /// # Errors
+    /// As [`transaction`](TxPool::transaction); also [`sqlx::Error::BeginFailed`] when
+    /// `statement` does not open a transaction.
+    ///
+    /// # Panics
+    /// Resumes the block's panic after rolling back.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::new(pool);
+    /// db.execute(sqlx::query("CREATE TABLE counter (n INTEGER)")).await?;
+    /// db.execute(sqlx::query("INSERT INTO counter VALUES (0)")).await?;
+    ///
+    /// // Read, then write: with `BEGIN IMMEDIATE` no other writer can slip in between.
+    /// db.transaction_with("BEGIN IMMEDIATE", || async {
+    ///     let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+    ///         .fetch_one(&mut *db.acquire().await?)
+    ///         .await?;
+    ///     db.execute(sqlx::query("UPDATE counter SET n = $1").bind(n + 1)).await?;
+    ///     Ok::<_, sqlx::Error>(())
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction_with<F, Fut, T, E>(
+        &self,
+        statement: impl Into<Cow<'static, str>>,
+        f: F,
+    ) -> Result<T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<sqlx::Error>,
+    {
+        match self.inner.current.get() {
+            None => self.root_transaction(Some(statement.into()), f).await,
             Some(parent) => self.savepoint(&parent, f).await,
         }
     }
@@ -319,13 +370,21 @@ where
         conn.fetch_all(query).await
     }
 
-    async fn root_transaction<F, Fut, T, E>(&self, f: F) -> Result<T, E>
+    async fn root_transaction<F, Fut, T, E>(
+        &self,
+        begin: Option<Cow<'static, str>>,
+        f: F,
+    ) -> Result<T, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: From<sqlx::Error>,
     {
-        let shared = Arc::new(Shared::new(self.inner.pool.begin().await?));
+        let tx = match begin {
+            None => self.inner.pool.begin().await?,
+            Some(statement) => self.inner.pool.begin_with(statement).await?,
+        };
+        let shared = Arc::new(Shared::new(tx));
         // From here until `disarm`, dropping this future rolls the transaction back.
         let mut guard = RootGuard::new(shared.clone());
         let level = Arc::new(Level::root(shared.clone()));

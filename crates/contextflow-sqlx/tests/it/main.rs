@@ -105,7 +105,41 @@ mod postgres {
         ctx.finish().await;
     }
 
+    /// `transaction_with` opens the top-level transaction with its statement, and is a plain
+    /// savepoint when nested.
+    async fn transaction_with_isolation_level() {
+        let Some(ctx) = setup(1).await else { return };
+        let db = &ctx.db;
+        let isolation = || async {
+            let row = db
+                .fetch_one(sqlx::query("SHOW transaction_isolation"))
+                .await?;
+            Ok::<String, sqlx::Error>(sqlx::Row::get(&row, 0))
+        };
+        let (outer, nested) = db
+            .transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE", || async {
+                insert(&ctx, 1, 0).await?;
+                let nested = db
+                    .transaction_with("BEGIN ISOLATION LEVEL READ COMMITTED", || async {
+                        assert_eq!(db.transaction_depth(), 2);
+                        insert(&ctx, 2, 0).await?;
+                        isolation().await
+                    })
+                    .await?;
+                Ok::<_, TestError>((isolation().await?, nested))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (outer.as_str(), nested.as_str()),
+            ("serializable", "serializable")
+        );
+        assert_eq!(ids(&ctx).await, vec![1, 2]);
+        ctx.finish().await;
+    }
+
     flavors!(
+        transaction_with_isolation_level,
         commit_after_swallowed_error_is_an_error,
         savepoint_release_fails_after_swallowed_error,
         transactions_have_distinct_server_ids
@@ -120,4 +154,40 @@ mod sqlite {
     }
 
     include!("cases.rs");
+
+    /// With `BEGIN IMMEDIATE`, concurrent read-modify-write blocks queue for the write lock
+    /// instead of failing to upgrade a read lock: no increment is lost or refused.
+    async fn begin_immediate_serializes_writers() {
+        const WRITERS: i64 = 50;
+        let ctx = setup(4).await.unwrap();
+        insert(&ctx, 0, 0).await.unwrap();
+        let mut handles = Vec::new();
+        for _ in 0..WRITERS {
+            let db = ctx.db.clone();
+            let table = ctx.table.clone();
+            handles.push(tokio::spawn(async move {
+                db.transaction_with("BEGIN IMMEDIATE", || async {
+                    let mut conn = db.acquire().await?;
+                    let sql = format!("SELECT tag FROM {table} WHERE id = 0");
+                    let tag: i64 = sqlx::query_scalar(&sql).fetch_one(&mut *conn).await?;
+                    drop(conn);
+                    tokio::task::yield_now().await;
+                    let sql = format!("UPDATE {table} SET tag = $1 WHERE id = 0");
+                    db.execute(sqlx::query(&sql).bind(tag + 1)).await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+            }));
+        }
+        for handle in handles {
+            handle.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            count_where(&ctx.db, &ctx.table, "tag = $1", WRITERS).await,
+            1
+        );
+        ctx.finish().await;
+    }
+
+    flavors!(begin_immediate_serializes_writers);
 }

@@ -1,0 +1,3 @@
+//! Trace-context validation service (work in progress).
+
+fn main() {}
