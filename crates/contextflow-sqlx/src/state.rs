@@ -1,7 +1,7 @@
 //! The value bound in the context while a transaction runs, and the guards that end it.
 //!
 //! One top-level transaction owns one [`Shared`]: the sqlx `Transaction` behind an async mutex,
-//! plus the statements that dropped savepoints still owe the connection. Each nesting level
+//! plus the rollback that dropped savepoints still owe the connection. Each nesting level
 //! (the transaction itself, then one per savepoint) is a [`Level`] bound in the context; its
 //! `busy` mutex is what keeps a level's queries out of a savepoint opened beneath it.
 
