@@ -1,3 +1,122 @@
 //! Run with: cargo run -p order-service
+//!
+//! - `cargo run -p order-service [-- --json] [--addr 127.0.0.1:3000]`: serves on an embedded
+//!   SQLite file (or `DATABASE_URL=postgres://...`).
+//! - `cargo run -p order-service -- demo [--orders N] [--concurrency C] [--json]`: fires N
+//!   concurrent orders at an in-process instance and checks every log line.
+#![forbid(unsafe_code)]
 
-fn main() {}
+use std::{net::SocketAddr, process::ExitCode};
+
+use order_service::{
+    app::{self, Config},
+    demo::{self, DemoOptions},
+    logging::{self, LogFormat},
+};
+
+const USAGE: &str = "usage: order-service [--json] [--addr ADDR]
+       order-service demo [--orders N] [--concurrency C] [--json]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = if args.first().map(String::as_str) == Some("demo") {
+        parse_demo(&args[1..]).and_then(|opts| runtime.block_on(run_demo(opts)))
+    } else {
+        parse_serve(&args).and_then(|(config, format)| runtime.block_on(serve(config, format)))
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn parse_serve(args: &[String]) -> Result<(Config, LogFormat), BoxError> {
+    let mut config = Config::from_env();
+    let mut format = LogFormat::Text;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--json" => format = LogFormat::Json,
+            "--addr" => {
+                let addr = args.next().ok_or(USAGE)?;
+                config.listen = addr
+                    .parse::<SocketAddr>()
+                    .map_err(|e| format!("--addr {addr}: {e}"))?;
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
+        }
+    }
+    Ok((config, format))
+}
+
+fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
+    let mut opts = DemoOptions::default();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut number = |name: &str| -> Result<usize, BoxError> {
+            let value = args
+                .next()
+                .ok_or_else(|| format!("{name} needs a number"))?;
+            value
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{name} {value:?}: expected a positive number").into())
+        };
+        match arg.as_str() {
+            "--orders" => opts.orders = number("--orders")?,
+            "--concurrency" => opts.concurrency = number("--concurrency")?,
+            "--json" => opts.format = LogFormat::Json,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
+        }
+    }
+    opts.database_url = std::env::var("DATABASE_URL").ok();
+    Ok(opts)
+}
+
+async fn serve(config: Config, format: LogFormat) -> Result<ExitCode, BoxError> {
+    logging::init(format, std::io::stdout)?;
+    let database = config.database_url.clone();
+    let service = app::start(config).await?;
+    let addr = service.addr;
+    println!("order-service listening on http://{addr}");
+    println!("  database: {database}");
+    println!("  payment stub: http://{}", service.payment_addr);
+    println!(
+        "  try: curl -s -X POST http://{addr}/orders -H 'Authorization: Bearer token-acme' \\"
+    );
+    println!("         -H 'Content-Type: application/json' \\");
+    println!("         -d '{{\"reference\":\"r-1\",\"items\":[{{\"sku\":\"sku-apple\",\"quantity\":2}}]}}'");
+    println!("       curl -s http://{addr}/orders/1 -H 'Authorization: Bearer token-acme'");
+    println!("  Ctrl-C to stop");
+    tokio::signal::ctrl_c().await?;
+    service.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_demo(opts: DemoOptions) -> Result<ExitCode, BoxError> {
+    let report = demo::run(opts).await?;
+    print!("{report}");
+    Ok(if report.is_correct() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,273 @@
+//! The order repository: orders and their lines, always restricted to the current tenant.
+
+use contextflow_sqlx::TxPool;
+use serde::{Deserialize, Serialize};
+use sqlx::{any::AnyRow, Any, Row as _};
+use tracing::Instrument as _;
+
+use super::{current_tenant, statement, RepoError};
+
+/// Writes and reads the current tenant's orders.
+#[derive(Clone, Debug)]
+pub struct OrderRepository {
+    pool: TxPool<Any>,
+}
+
+/// A stored order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// Its id.
+    pub id: i64,
+    /// The client's reference for it.
+    pub reference: String,
+    /// `pending` while being placed, `paid` once committed.
+    pub status: String,
+    /// The total, in cents.
+    pub total_cents: i64,
+    /// The payment provider's id, once paid.
+    pub payment_id: Option<String>,
+    /// Whether the confirmation job has run.
+    pub confirmation_sent: bool,
+    /// Its lines.
+    pub items: Vec<OrderItem>,
+}
+
+/// One line of an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderItem {
+    /// The product code.
+    pub sku: String,
+    /// Units ordered.
+    pub quantity: i64,
+    /// Unit price, in cents, when ordered.
+    pub price_cents: i64,
+}
+
+impl OrderRepository {
+    /// A repository over `db`'s pool.
+    pub fn new(db: &super::Db) -> Self {
+        OrderRepository {
+            pool: db.pool().clone(),
+        }
+    }
+
+    /// Inserts a `pending` order for the current tenant and returns its id.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn insert(&self, reference: &str) -> Result<i64, RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            let row = statement(
+                "INSERT orders",
+                self.pool.fetch_one(
+                    sqlx::query(
+                        "INSERT INTO orders (tenant_id, reference, status, total_cents)
+                         VALUES ($1, $2, 'pending', 0) RETURNING id",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind(reference.to_owned()),
+                ),
+            )
+            .await?;
+            Ok(row.try_get::<i64, _>("id")?)
+        }
+        .instrument(tracing::info_span!("repository", op = "orders.insert"))
+        .await
+    }
+
+    /// Adds a line to one of the current tenant's orders.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn add_item(&self, order_id: i64, item: &OrderItem) -> Result<(), RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            statement(
+                "INSERT order_items",
+                self.pool.execute(
+                    sqlx::query(
+                        "INSERT INTO order_items (order_id, tenant_id, sku, quantity, price_cents)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(order_id)
+                    .bind(tenant.as_str().to_owned())
+                    .bind(item.sku.clone())
+                    .bind(item.quantity)
+                    .bind(item.price_cents),
+                ),
+            )
+            .await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("repository", op = "orders.add_item", sku = %item.sku))
+        .await
+    }
+
+    /// Marks one of the current tenant's orders paid.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn mark_paid(
+        &self,
+        order_id: i64,
+        total_cents: i64,
+        payment_id: &str,
+    ) -> Result<(), RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            statement(
+                "UPDATE orders",
+                self.pool.execute(
+                    sqlx::query(
+                        "UPDATE orders SET status = 'paid', total_cents = $1, payment_id = $2
+                         WHERE tenant_id = $3 AND id = $4",
+                    )
+                    .bind(total_cents)
+                    .bind(payment_id.to_owned())
+                    .bind(tenant.as_str().to_owned())
+                    .bind(order_id),
+                ),
+            )
+            .await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("repository", op = "orders.mark_paid"))
+        .await
+    }
+
+    /// Records that the confirmation of one of the current tenant's orders went out.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn mark_confirmed(&self, order_id: i64) -> Result<bool, RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            let done = statement(
+                "UPDATE orders",
+                self.pool.execute(
+                    sqlx::query(
+                        "UPDATE orders SET confirmation_sent = 1 WHERE tenant_id = $1 AND id = $2",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind(order_id),
+                ),
+            )
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+        .instrument(tracing::info_span!(
+            "repository",
+            op = "orders.mark_confirmed"
+        ))
+        .await
+    }
+
+    /// One of the current tenant's orders, with its lines; `None` for another tenant's.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn find(&self, order_id: i64) -> Result<Option<Order>, RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            let Some(row) = statement(
+                "SELECT orders",
+                self.pool.fetch_optional(
+                    sqlx::query(
+                        "SELECT id, reference, status, total_cents, payment_id, confirmation_sent
+                         FROM orders WHERE tenant_id = $1 AND id = $2",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind(order_id),
+                ),
+            )
+            .await?
+            else {
+                return Ok(None);
+            };
+            let items = statement(
+                "SELECT order_items",
+                self.pool.fetch_all(
+                    sqlx::query(
+                        "SELECT sku, quantity, price_cents FROM order_items
+                         WHERE tenant_id = $1 AND order_id = $2 ORDER BY sku",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind(order_id),
+                ),
+            )
+            .await?;
+            Ok(Some(order_from_rows(&row, &items)?))
+        }
+        .instrument(tracing::info_span!("repository", op = "orders.find"))
+        .await
+    }
+
+    /// How many of the current tenant's orders have a reference starting with `prefix` and
+    /// are paid.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn count_paid_with_prefix(&self, prefix: &str) -> Result<i64, RepoError> {
+        let tenant = current_tenant()?;
+        let row = self
+            .pool
+            .fetch_one(
+                sqlx::query(
+                    "SELECT COUNT(*) AS n FROM orders
+                     WHERE tenant_id = $1 AND status = 'paid' AND reference LIKE $2",
+                )
+                .bind(tenant.as_str().to_owned())
+                .bind(format!("{prefix}%")),
+            )
+            .await?;
+        Ok(row.try_get::<i64, _>("n")?)
+    }
+
+    /// How many rows of the current tenant's orders and order lines exist in total (the
+    /// tests' "nothing was written" check).
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn count_rows(&self) -> Result<(i64, i64), RepoError> {
+        let tenant = current_tenant()?;
+        let orders = self
+            .pool
+            .fetch_one(
+                sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE tenant_id = $1")
+                    .bind(tenant.as_str().to_owned()),
+            )
+            .await?
+            .try_get::<i64, _>("n")?;
+        let items = self
+            .pool
+            .fetch_one(
+                sqlx::query("SELECT COUNT(*) AS n FROM order_items WHERE tenant_id = $1")
+                    .bind(tenant.as_str().to_owned()),
+            )
+            .await?
+            .try_get::<i64, _>("n")?;
+        Ok((orders, items))
+    }
+}
+
+fn order_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Order, sqlx::Error> {
+    Ok(Order {
+        id: row.try_get("id")?,
+        reference: row.try_get("reference")?,
+        status: row.try_get("status")?,
+        total_cents: row.try_get("total_cents")?,
+        payment_id: row.try_get("payment_id")?,
+        confirmation_sent: row.try_get::<i64, _>("confirmation_sent")? != 0,
+        items: items
+            .iter()
+            .map(|r| {
+                Ok(OrderItem {
+                    sku: r.try_get("sku")?,
+                    quantity: r.try_get("quantity")?,
+                    price_cents: r.try_get("price_cents")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?,
+    })
+}

@@ -1,0 +1,627 @@
+//! The demo: many concurrent orders against an in-process service, then a check of every log
+//! line it wrote.
+//!
+//! Each client request sends its own `x-request-id`, a `traceparent` with a fresh trace id, the
+//! token of one of three tenants and an order with its own reference. Every captured log line
+//! that names a request id must then name one that was sent, with that request's trace id, its
+//! tenant (where the line has one) and its order reference (where the line has one, as an
+//! event field or in its span path). A line that fails is a *mismatch*: context that leaked
+//! from one request into another.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    io::{IsTerminal as _, Write as _},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::task::JoinSet;
+
+use crate::{
+    app::{self, Config},
+    context::{TenantId, TraceContext, TENANT},
+    db::{Backend, OrderRepository},
+    http::{auth::DEMO_TOKENS, TokenTable},
+    logging::{self, LogCapture, LogFormat},
+    service::{NewOrder, NewOrderItem},
+};
+
+/// What the demo runs.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// How many orders (default 2,000).
+    pub orders: usize,
+    /// How many requests in flight at most (default 64).
+    pub concurrency: usize,
+    /// The service's log format.
+    pub format: LogFormat,
+    /// The database; `None` for a fresh SQLite file, removed afterwards.
+    pub database_url: Option<String>,
+    /// Whether to draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// What the demo saw.
+#[derive(Clone, Debug)]
+pub struct DemoReport {
+    /// Orders sent.
+    pub requests: usize,
+    /// Requests answered `201 Created`.
+    pub created: usize,
+    /// Requests that failed (other status, transport error).
+    pub failed: usize,
+    /// Every log line captured.
+    pub log_lines: usize,
+    /// Lines that name no request (start-up).
+    pub lines_without_request: usize,
+    /// Lines whose order reference was checked.
+    pub lines_with_reference: usize,
+    /// Lines whose context does not belong to their request (must be 0).
+    pub mismatches: usize,
+    /// A few of them, for the report.
+    pub mismatch_examples: Vec<String>,
+    /// Requests whose confirmation job logged "confirmation sent" under their id.
+    pub jobs_logged: usize,
+    /// Requests whose payment the stub logged under their id and trace.
+    pub payments_logged: usize,
+    /// Orders of this run found paid in the database.
+    pub committed: i64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Wall time of the load.
+    pub elapsed: Duration,
+    /// Which database.
+    pub backend: Backend,
+    /// The log format.
+    pub format: LogFormat,
+    /// The concurrency used.
+    pub concurrency: usize,
+    /// One request's path, drawn as a tree.
+    pub tree: String,
+}
+
+/// What one request is expected to produce in the logs.
+#[derive(Clone, Debug)]
+struct Expected {
+    reference: String,
+    trace_id: String,
+    tenant: String,
+}
+
+/// One client request's outcome.
+struct Outcome {
+    latency: Duration,
+    created: bool,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            orders: 2_000,
+            concurrency: 64,
+            format: LogFormat::Text,
+            database_url: None,
+            progress: true,
+        }
+    }
+}
+
+/// Runs the demo: installs the global log capture, starts the service, fires the orders,
+/// waits for the background jobs, and checks the logs and the database.
+///
+/// # Errors
+/// When a global `tracing` subscriber is already installed, or the service cannot start.
+pub async fn run(
+    opts: DemoOptions,
+) -> Result<DemoReport, Box<dyn std::error::Error + Send + Sync>> {
+    let capture = LogCapture::new();
+    logging::init(opts.format, capture.clone())?;
+
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let temp_db = opts.database_url.is_none().then(|| {
+        let dir = std::env::temp_dir().join("order-service");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("demo-{run_id}.db"))
+    });
+    let database_url = match (&opts.database_url, &temp_db) {
+        (Some(url), _) => url.clone(),
+        (None, Some(path)) => app::sqlite_url(path),
+        (None, None) => unreachable!("a temp file is chosen when no URL is given"),
+    };
+    let service = app::start(Config {
+        database_url,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tokens: TokenTable::demo(),
+    })
+    .await?;
+    let backend = service.state.db.backend();
+
+    // ----- the load -----
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let base = format!("http://{}", service.addr);
+    let mut expected = HashMap::with_capacity(opts.orders);
+    let mut set = JoinSet::new();
+    let mut outcomes = Vec::with_capacity(opts.orders);
+    let mut progress = Progress::new(opts.orders, opts.progress);
+    let started = Instant::now();
+    let mut next = 0;
+    while next < opts.orders || !set.is_empty() {
+        while next < opts.orders && set.len() < opts.concurrency.max(1) {
+            let (token, tenant) = DEMO_TOKENS[next % DEMO_TOKENS.len()];
+            let request_id = format!("demo-{run_id}-{next:05}");
+            let trace = TraceContext::new_root();
+            let order = demo_order(&run_id, next);
+            expected.insert(
+                request_id.clone(),
+                Expected {
+                    reference: order.reference.clone(),
+                    trace_id: trace.trace_id(),
+                    tenant: tenant.to_string(),
+                },
+            );
+            let request = client
+                .post(format!("{base}/orders"))
+                .header("authorization", format!("Bearer {token}"))
+                .header("x-request-id", request_id)
+                .header("traceparent", trace.to_traceparent())
+                .json(&order);
+            set.spawn(async move {
+                let sent = Instant::now();
+                let created = match request.send().await {
+                    Ok(response) => response.status() == reqwest::StatusCode::CREATED,
+                    Err(_) => false,
+                };
+                Outcome {
+                    latency: sent.elapsed(),
+                    created,
+                }
+            });
+            next += 1;
+        }
+        if let Some(done) = set.join_next().await {
+            outcomes.push(done.unwrap_or(Outcome {
+                latency: Duration::ZERO,
+                created: false,
+            }));
+            progress.tick();
+        }
+    }
+    let elapsed = started.elapsed();
+    progress.finish();
+
+    // Background jobs log after the responses went out.
+    if tokio::time::timeout(Duration::from_secs(60), service.state.jobs.wait_idle())
+        .await
+        .is_err()
+    {
+        eprintln!("warning: confirmation jobs still running after 60 s");
+    }
+
+    // ----- the database -----
+    let orders = OrderRepository::new(&service.state.db);
+    let mut committed = 0;
+    for tenant in TokenTable::demo().tenants() {
+        committed += TENANT
+            .scope(
+                tenant,
+                orders.count_paid_with_prefix(&format!("ord-{run_id}-")),
+            )
+            .await?;
+    }
+    service.shutdown().await;
+    if let Some(path) = temp_db {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    // ----- the logs -----
+    let lines = capture.lines();
+    let check = check_lines(&lines, &expected);
+    let first_id = format!("demo-{run_id}-00000");
+    let tree = expected
+        .get(&first_id)
+        .map(|e| draw_tree(&lines, &first_id, e))
+        .unwrap_or_default();
+
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+    latencies.sort();
+    let created = outcomes.iter().filter(|o| o.created).count();
+    Ok(DemoReport {
+        requests: outcomes.len(),
+        created,
+        failed: outcomes.len() - created,
+        log_lines: lines.len(),
+        lines_without_request: check.without_request,
+        lines_with_reference: check.with_reference,
+        mismatches: check.mismatches,
+        mismatch_examples: check.examples,
+        jobs_logged: check.jobs.len(),
+        payments_logged: check.payments.len(),
+        committed,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        elapsed,
+        backend,
+        format: opts.format,
+        concurrency: opts.concurrency,
+        tree,
+    })
+}
+
+/// Order `i` of run `run_id`: one to three apples, and a pear every other order.
+fn demo_order(run_id: &str, i: usize) -> NewOrder {
+    let mut items = vec![NewOrderItem {
+        sku: "sku-apple".into(),
+        quantity: 1 + (i % 3) as i64,
+    }];
+    if i % 2 == 0 {
+        items.push(NewOrderItem {
+            sku: "sku-pear".into(),
+            quantity: 1,
+        });
+    }
+    NewOrder {
+        reference: format!("ord-{run_id}-{i:05}"),
+        items,
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+// ===== the log check =====
+
+#[derive(Default)]
+struct Check {
+    without_request: usize,
+    with_reference: usize,
+    mismatches: usize,
+    examples: Vec<String>,
+    jobs: HashSet<String>,
+    payments: HashSet<String>,
+}
+
+/// One log line's fields, whatever the format: values as strings, `None` when absent/null.
+fn parse_line(line: &str) -> HashMap<String, Option<String>> {
+    if line.starts_with('{') {
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line) {
+            Ok(obj) => obj
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    };
+                    (k, v)
+                })
+                .collect(),
+            Err(_) => HashMap::new(),
+        }
+    } else {
+        logging::parse_logfmt(line).into_iter().collect()
+    }
+}
+
+fn field<'a>(fields: &'a HashMap<String, Option<String>>, key: &str) -> Option<&'a str> {
+    fields.get(key).and_then(|v| v.as_deref())
+}
+
+/// The order reference a line carries: its own `reference` field, else the innermost span
+/// field of that name.
+fn line_reference(fields: &HashMap<String, Option<String>>) -> Option<String> {
+    if let Some(r) = field(fields, "reference") {
+        return Some(r.to_string());
+    }
+    let span = field(fields, "span")?;
+    let at = span.rfind("reference=")? + "reference=".len();
+    let rest = &span[at..];
+    let end = rest.find([' ', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+fn check_lines(lines: &[String], expected: &HashMap<String, Expected>) -> Check {
+    let mut check = Check::default();
+    for line in lines {
+        let fields = parse_line(line);
+        let Some(request_id) = field(&fields, "request_id") else {
+            check.without_request += 1;
+            continue;
+        };
+        let mut problems = Vec::new();
+        match expected.get(request_id) {
+            None => problems.push("request id was never sent"),
+            Some(want) => {
+                if field(&fields, "trace_id") != Some(want.trace_id.as_str()) {
+                    problems.push("trace id of another request");
+                }
+                if field(&fields, "tenant").is_some_and(|t| t != want.tenant) {
+                    problems.push("tenant of another request");
+                }
+                if let Some(reference) = line_reference(&fields) {
+                    check.with_reference += 1;
+                    if reference != want.reference {
+                        problems.push("order reference of another request");
+                    }
+                }
+                match field(&fields, "msg") {
+                    Some("confirmation sent") => {
+                        check.jobs.insert(request_id.to_string());
+                    }
+                    Some("payment authorized") => {
+                        check.payments.insert(request_id.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !problems.is_empty() {
+            check.mismatches += 1;
+            if check.examples.len() < 5 {
+                check
+                    .examples
+                    .push(format!("{}: {line}", problems.join(", ")));
+            }
+        }
+    }
+    check
+}
+
+// ===== the tree =====
+
+/// A span (with children) or an event (a leaf).
+struct Node {
+    label: String,
+    is_span: bool,
+    children: Vec<Node>,
+}
+
+fn draw_tree(lines: &[String], request_id: &str, want: &Expected) -> String {
+    let mut root = Node {
+        label: String::new(),
+        is_span: true,
+        children: Vec::new(),
+    };
+    // Where the payment stub's lines hang: under the outgoing call that caused them.
+    let mut client_call: Vec<String> = Vec::new();
+    for line in lines {
+        let fields = parse_line(line);
+        if field(&fields, "request_id") != Some(request_id) {
+            continue;
+        }
+        let span = field(&fields, "span").unwrap_or_default();
+        let mut path: Vec<String> = if span.is_empty() {
+            Vec::new()
+        } else {
+            span.split(" > ").map(str::to_string).collect()
+        };
+        if let Some(at) = path.iter().position(|s| s.starts_with("http.client")) {
+            client_call = path[..=at].to_vec();
+        }
+        if path.first().is_some_and(|s| s.contains("service=payment")) {
+            let mut grafted = client_call.clone();
+            grafted.append(&mut path);
+            path = grafted;
+        }
+        let mut event = format!("• {}", field(&fields, "msg").unwrap_or_default());
+        let mut extra: Vec<(&String, &str)> = fields
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "ts" | "level"
+                        | "target"
+                        | "request_id"
+                        | "trace_id"
+                        | "tenant"
+                        | "span"
+                        | "msg"
+                )
+            })
+            .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+            .collect();
+        extra.sort();
+        for (k, v) in extra {
+            event.push_str(&format!(" {k}={v}"));
+        }
+        insert(&mut root, &path, event);
+    }
+    let mut out = format!(
+        "POST /orders  request_id={request_id}  trace_id={}  tenant={}  reference={}\n",
+        want.trace_id, want.tenant, want.reference
+    );
+    let count = root.children.len();
+    for (i, child) in root.children.iter().enumerate() {
+        render(child, "", i + 1 == count, &mut out);
+    }
+    out
+}
+
+fn insert(node: &mut Node, path: &[String], event: String) {
+    match path.split_first() {
+        None => node.children.push(Node {
+            label: event,
+            is_span: false,
+            children: Vec::new(),
+        }),
+        Some((head, rest)) => {
+            // Consecutive lines of the same span share its node; a span seen again after
+            // something else happened is a new node (a second query, a second item).
+            let reuse = node
+                .children
+                .last()
+                .is_some_and(|last| last.is_span && &last.label == head);
+            if !reuse {
+                node.children.push(Node {
+                    label: head.clone(),
+                    is_span: true,
+                    children: Vec::new(),
+                });
+            }
+            let last = node.children.len() - 1;
+            insert(&mut node.children[last], rest, event);
+        }
+    }
+}
+
+fn render(node: &Node, prefix: &str, last: bool, out: &mut String) {
+    out.push_str(prefix);
+    out.push_str(if last { "└── " } else { "├── " });
+    out.push_str(&node.label);
+    out.push('\n');
+    let child_prefix = format!("{prefix}{}", if last { "    " } else { "│   " });
+    let count = node.children.len();
+    for (i, child) in node.children.iter().enumerate() {
+        render(child, &child_prefix, i + 1 == count, out);
+    }
+}
+
+// ===== progress =====
+
+struct Progress {
+    total: usize,
+    done: usize,
+    shown: usize,
+    enabled: bool,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(total: usize, enabled: bool) -> Self {
+        Progress {
+            total,
+            done: 0,
+            shown: usize::MAX,
+            enabled,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        if !self.enabled {
+            return;
+        }
+        // A redraw per percent on a terminal, a line per quarter otherwise.
+        let steps = if self.terminal { 100 } else { 4 };
+        let step = self.done * steps / self.total.max(1);
+        if step == self.shown {
+            return;
+        }
+        self.shown = step;
+        let width = 40;
+        let filled = self.done * width / self.total.max(1);
+        let bar = format!("{}{}", "#".repeat(filled), "-".repeat(width - filled));
+        let mut stderr = std::io::stderr();
+        if self.terminal {
+            let _ = write!(stderr, "\r  orders [{bar}] {}/{}", self.done, self.total);
+        } else {
+            let _ = writeln!(stderr, "  orders [{bar}] {}/{}", self.done, self.total);
+        }
+        let _ = stderr.flush();
+    }
+
+    fn finish(&self) {
+        if self.enabled && self.terminal {
+            eprintln!();
+        }
+    }
+}
+
+// ===== impl DemoReport =====
+
+impl DemoReport {
+    /// Whether everything checked out: every order created and committed, no mismatched
+    /// line, every job and payment logged under its request.
+    pub fn is_correct(&self) -> bool {
+        self.mismatches == 0
+            && self.failed == 0
+            && self.committed == self.requests as i64
+            && self.jobs_logged == self.requests
+            && self.payments_logged == self.requests
+    }
+}
+
+impl fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let backend = match self.backend {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        };
+        let format = match self.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "JSON",
+        };
+        writeln!(f, "\nOne request's path, from its captured log lines:\n")?;
+        writeln!(f, "{}", self.tree)?;
+        writeln!(
+            f,
+            "Summary ({backend}, {format} logs, concurrency {}):",
+            self.concurrency
+        )?;
+        writeln!(
+            f,
+            "  requests            {} ({} created, {} failed) in {:.2} s",
+            self.requests,
+            self.created,
+            self.failed,
+            self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "  log lines           {} ({} outside any request: start-up)",
+            self.log_lines, self.lines_without_request
+        )?;
+        writeln!(
+            f,
+            "  mismatched lines    {} (request id, trace id, tenant and order reference of every line checked against the request that caused it; {} lines carried a reference)",
+            self.mismatches, self.lines_with_reference
+        )?;
+        for example in &self.mismatch_examples {
+            writeln!(f, "    {example}")?;
+        }
+        writeln!(
+            f,
+            "  confirmation jobs   {}/{} logged under their request (contextflow::spawn)",
+            self.jobs_logged, self.requests
+        )?;
+        writeln!(
+            f,
+            "  payment calls       {}/{} logged by the payment stub with the caller's request and trace id",
+            self.payments_logged, self.requests
+        )?;
+        writeln!(
+            f,
+            "  orders committed    {} (counted in the database, tenant by tenant)",
+            self.committed
+        )?;
+        writeln!(
+            f,
+            "  latency             p50 {:.1} ms, p99 {:.1} ms",
+            ms(self.p50),
+            ms(self.p99)
+        )?;
+        writeln!(
+            f,
+            "  result              {}",
+            if self.is_correct() { "OK" } else { "FAILED" }
+        )
+    }
+}
+
+/// The tenants the demo's tokens map to.
+pub fn demo_tenants() -> Vec<TenantId> {
+    TokenTable::demo().tenants()
+}

@@ -1,0 +1,48 @@
+//! The HTTP edge: routes, the context and authentication middleware, the controllers and the
+//! JSON error type.
+//!
+//! Middleware order, outermost first: [`propagate_orders_context`] binds the request id and
+//! trace (valid incoming headers, fresh values otherwise) and opens the `http.request` span;
+//! [`auth::authenticate`] checks the bearer token and binds the tenant; then the controller.
+
+pub mod auth;
+mod context;
+mod error;
+pub mod orders;
+
+use axum::{
+    routing::{get, post},
+    Router,
+};
+
+pub use self::{
+    auth::TokenTable,
+    context::{propagate_orders_context, propagate_payment_context},
+    error::{ApiError, AppJson},
+};
+use crate::{db::Db, jobs::Jobs, service::OrderService};
+
+/// What the controllers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The database (for the transaction).
+    pub db: Db,
+    /// The business rules.
+    pub service: OrderService,
+    /// Background jobs.
+    pub jobs: Jobs,
+}
+
+/// The service's routes: `POST /orders`, `GET /orders/{id}`, both authenticated.
+pub fn router(state: AppState, tokens: TokenTable) -> Router {
+    Router::new()
+        .route("/orders", post(orders::create_order))
+        .route("/orders/{id}", get(orders::get_order))
+        .route_layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::authenticate,
+        ))
+        .fallback(orders::not_found)
+        .layer(axum::middleware::from_fn(propagate_orders_context))
+        .with_state(state)
+}

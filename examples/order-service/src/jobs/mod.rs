@@ -1,0 +1,95 @@
+//! Background work started by a request.
+//!
+//! [`Jobs::send_confirmation`] starts the confirmation sender with [`contextflow::spawn`]: the
+//! task keeps the request's id, trace and tenant (so its log lines and its tenant-scoped query
+//! belong to the request) and its tracing span nests under the request's, but it does *not*
+//! get the request's database transaction, which has been committed by then anyway: its query
+//! runs on the pool.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn, Instrument as _};
+
+use crate::db::{Db, OrderRepository};
+
+/// Starts background jobs and knows how many are still running.
+#[derive(Clone, Debug)]
+pub struct Jobs {
+    db: Db,
+    orders: OrderRepository,
+    inflight: Arc<Inflight>,
+}
+
+#[derive(Debug, Default)]
+struct Inflight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// Decrements the in-flight count when a job ends, however it ends.
+struct InflightGuard(Arc<Inflight>);
+
+impl Jobs {
+    /// Jobs over `db`.
+    pub fn new(db: &Db) -> Self {
+        Jobs {
+            db: db.clone(),
+            orders: OrderRepository::new(db),
+            inflight: Arc::default(),
+        }
+    }
+
+    /// Sends the confirmation of order `order_id` in the background, in the current context.
+    pub fn send_confirmation(&self, order_id: i64) -> JoinHandle<()> {
+        self.inflight.count.fetch_add(1, Ordering::SeqCst);
+        let guard = InflightGuard(self.inflight.clone());
+        let (db, orders) = (self.db.clone(), self.orders.clone());
+        contextflow::spawn(async move {
+            let _guard = guard;
+            // Created inside the task: its parent is the request's span, carried by the spawn.
+            let span = tracing::info_span!("job", name = "send_confirmation", order_id);
+            async {
+                info!(
+                    in_transaction = db.pool().in_transaction(),
+                    "sending confirmation"
+                );
+                match orders.mark_confirmed(order_id).await {
+                    Ok(true) => info!("confirmation sent"),
+                    Ok(false) => warn!("order not found for this tenant"),
+                    Err(err) => warn!(error = %err, "confirmation failed"),
+                }
+            }
+            .instrument(span)
+            .await;
+        })
+    }
+
+    /// How many jobs are still running.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no job is running.
+    pub async fn wait_idle(&self) {
+        loop {
+            // Registered before the check, so a job ending in between still wakes us.
+            let idle = self.inflight.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The Order Service: contextflow's reference application.
+//!
+//! `POST /orders` runs controller -> service (validates inventory) -> repository -> database in
+//! one transaction that no function receives as a parameter; the tenant, taken from an
+//! authenticated bearer token, restricts every query, also without a parameter; every log line
+//! carries the request id, trace id and tenant; the call to the payment provider carries the
+//! trace; the confirmation job spawned by the request keeps its context.
+//!
+//! Module map: [`http`] (routes, middleware, controllers), [`service`], [`db`] (repositories),
+//! [`jobs`], [`payment`] (client and in-process stub), [`context`] (the request context),
+//! [`logging`], [`app`] (start-up) and [`demo`] (the load run with its correctness check).
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod context;
+pub mod db;
+pub mod demo;
+pub mod http;
+pub mod jobs;
+pub mod logging;
+pub mod payment;
+pub mod service;

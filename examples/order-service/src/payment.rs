@@ -1,0 +1,133 @@
+//! The payment provider: a client that carries the trace to it, and a small in-process stub
+//! of it (its own axum server on 127.0.0.1) so the service runs with no set-up.
+//!
+//! The outgoing request carries the context across the process boundary the W3C way: a
+//! `traceparent` naming this hop as parent (same trace id, fresh span id) and the
+//! `x-request-id`. Nothing else crosses: the tenant stays home, and the stub does not learn it.
+
+use axum::{http::StatusCode, routing::post, Json, Router};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn, Instrument as _};
+
+use crate::{
+    context::{REQUEST_ID, TRACE},
+    http::propagate_payment_context,
+};
+
+/// Calls the payment provider.
+#[derive(Clone, Debug)]
+pub struct PaymentClient {
+    http: reqwest::Client,
+    url: String,
+}
+
+/// Why a payment did not go through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PaymentError {
+    /// The provider declined it.
+    Declined,
+    /// The provider could not be reached or answered nonsense.
+    Unavailable(String),
+}
+
+/// The body of `POST /payments`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PaymentRequest {
+    /// The order's reference.
+    pub reference: String,
+    /// The amount to charge, in cents.
+    pub amount_cents: i64,
+}
+
+/// The stub's answer to an authorized payment.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PaymentResponse {
+    /// The provider's id for the payment.
+    pub payment_id: String,
+}
+
+// ===== impl PaymentClient =====
+
+impl PaymentClient {
+    /// A client for the provider at `base_url` (`http://127.0.0.1:port`).
+    pub fn new(base_url: &str) -> Self {
+        PaymentClient {
+            http: reqwest::Client::new(),
+            url: format!("{base_url}/payments"),
+        }
+    }
+
+    /// Authorizes `amount_cents` for the order `reference`; returns the provider's payment id.
+    ///
+    /// # Errors
+    /// [`PaymentError::Declined`] when refused; [`PaymentError::Unavailable`] when the
+    /// provider cannot be reached or fails.
+    pub async fn authorize(
+        &self,
+        reference: &str,
+        amount_cents: i64,
+    ) -> Result<String, PaymentError> {
+        // The outgoing hop: same trace, a fresh span id, the request id as is.
+        let hop = TRACE.get().map(|t| t.child());
+        let span = tracing::info_span!("http.client", peer = "payment", method = "POST");
+        async {
+            let mut request = self.http.post(&self.url).json(&PaymentRequest {
+                reference: reference.to_owned(),
+                amount_cents,
+            });
+            if let Some(hop) = hop {
+                request = request.header("traceparent", hop.to_traceparent());
+            }
+            if let Some(id) = REQUEST_ID.get() {
+                request = request.header("x-request-id", id.as_str());
+            }
+            info!(amount_cents, "calling payment provider");
+            let response = request
+                .send()
+                .await
+                .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
+            let status = response.status();
+            info!(status = status.as_u16(), "payment provider answered");
+            match status {
+                StatusCode::OK => response
+                    .json::<PaymentResponse>()
+                    .await
+                    .map(|r| r.payment_id)
+                    .map_err(|e| PaymentError::Unavailable(e.to_string())),
+                StatusCode::PAYMENT_REQUIRED => Err(PaymentError::Declined),
+                other => Err(PaymentError::Unavailable(format!("status {other}"))),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl std::fmt::Display for PaymentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PaymentError::Declined => f.write_str("payment declined"),
+            PaymentError::Unavailable(why) => write!(f, "payment provider unavailable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for PaymentError {}
+
+/// The stub provider: `POST /payments` authorizes everything except references starting with
+/// `decline`, which get `402 Payment Required`.
+pub fn stub_router() -> Router {
+    Router::new()
+        .route("/payments", post(authorize))
+        .layer(axum::middleware::from_fn(propagate_payment_context))
+}
+
+async fn authorize(Json(req): Json<PaymentRequest>) -> Result<Json<PaymentResponse>, StatusCode> {
+    if req.reference.starts_with("decline") {
+        warn!(reference = %req.reference, amount_cents = req.amount_cents, "payment declined");
+        return Err(StatusCode::PAYMENT_REQUIRED);
+    }
+    let payment_id = format!("pay_{}", uuid::Uuid::new_v4().simple());
+    info!(reference = %req.reference, amount_cents = req.amount_cents, payment_id, "payment authorized");
+    Ok(Json(PaymentResponse { payment_id }))
+}
