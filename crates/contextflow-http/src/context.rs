@@ -313,7 +313,7 @@ impl IncomingContext {
 
 // ===== extraction =====
 
-fn extract_trace_context(headers: &HeaderMap, sample_new_traces: bool) -> TraceContext {
+pub(crate) fn extract_trace_context(headers: &HeaderMap, sample_new_traces: bool) -> TraceContext {
     match TraceParent::from_headers(headers) {
         Ok(Some(parent)) => {
             let state = match TraceState::from_headers(headers) {
@@ -341,7 +341,7 @@ fn extract_trace_context(headers: &HeaderMap, sample_new_traces: bool) -> TraceC
     }
 }
 
-fn extract_request_id(headers: &HeaderMap) -> RequestId {
+pub(crate) fn extract_request_id(headers: &HeaderMap) -> RequestId {
     match RequestId::from_headers(headers) {
         Ok(Some(id)) => id,
         Ok(None) => RequestId::new(),
@@ -356,7 +356,7 @@ fn extract_request_id(headers: &HeaderMap) -> RequestId {
     }
 }
 
-fn extract_baggage(headers: &HeaderMap) -> Baggage {
+pub(crate) fn extract_baggage(headers: &HeaderMap) -> Baggage {
     let (baggage, dropped) = Baggage::from_headers_counting(headers);
     if dropped > 0 {
         tracing::debug!(
