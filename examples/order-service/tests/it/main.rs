@@ -1,0 +1,129 @@
+//! The order service through its HTTP API, on a fresh database per test.
+//!
+//! Log capture installs a global subscriber, so the demo's check lives in its own files
+//! (`demo_check.rs`, `demo_check_json.rs`); nothing here installs one.
+
+mod bad_input;
+mod postgres;
+mod rollback;
+mod tenant_isolation;
+
+use std::net::SocketAddr;
+
+use order_service::{
+    app::{self, Config, RunningService},
+    context::{TenantId, TENANT},
+    db::{InventoryRepository, OrderRepository},
+    http::TokenTable,
+};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A service on 127.0.0.1 with a client for it.
+pub(crate) struct TestService {
+    pub(crate) service: RunningService,
+    pub(crate) base: String,
+    pub(crate) client: reqwest::Client,
+    _dir: Option<TempDir>,
+}
+
+/// A service on a fresh SQLite file.
+pub(crate) async fn start_sqlite() -> TestService {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = app::sqlite_url(&dir.path().join("orders.db"));
+    let mut service = start_url(&url).await;
+    service._dir = Some(dir);
+    service
+}
+
+/// A service on the database at `url`.
+pub(crate) async fn start_url(url: &str) -> TestService {
+    let service = app::start(Config {
+        database_url: url.to_string(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tokens: TokenTable::demo(),
+    })
+    .await
+    .expect("service starts");
+    TestService {
+        base: format!("http://{}", service.addr),
+        service,
+        client: reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .expect("client"),
+        _dir: None,
+    }
+}
+
+impl TestService {
+    /// `POST /orders` with `body` (raw text) and optional token; the status and JSON answer.
+    pub(crate) async fn post_raw(
+        &self,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}/orders", self.base))
+            .body(body.to_string());
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST /orders` with a JSON body as `token`.
+    pub(crate) async fn post_order(&self, token: &str, body: Value) -> (StatusCode, Value) {
+        self.post_raw(Some(token), Some("application/json"), &body.to_string())
+            .await
+    }
+
+    /// `GET /orders/{id}` as `token`.
+    pub(crate) async fn get_order(&self, token: &str, id: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .get(format!("{}/orders/{id}", self.base))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Units of `sku` left for `tenant`.
+    pub(crate) async fn stock(&self, tenant: &str, sku: &str) -> i64 {
+        let inventory = InventoryRepository::new(&self.service.state.db);
+        TENANT
+            .scope(TenantId::new(tenant), inventory.find(sku))
+            .await
+            .expect("query")
+            .expect("product")
+            .stock
+    }
+
+    /// `(orders, order lines)` rows of `tenant`.
+    pub(crate) async fn rows(&self, tenant: &str) -> (i64, i64) {
+        let orders = OrderRepository::new(&self.service.state.db);
+        TENANT
+            .scope(TenantId::new(tenant), orders.count_rows())
+            .await
+            .expect("query")
+    }
+}
+
+/// An order body.
+pub(crate) fn order(reference: &str, items: &[(&str, i64)]) -> Value {
+    serde_json::json!({
+        "reference": reference,
+        "items": items.iter().map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity})).collect::<Vec<_>>(),
+    })
+}
