@@ -1,0 +1,119 @@
+//! `baggage`: grammar, percent-encoding, properties and limits.
+
+use contextflow_http::Baggage;
+
+#[test]
+fn spec_example_with_properties() {
+    let baggage = Baggage::parse(
+        "key1=value1;property1;property2, key2 = value2, key3=value3; propertyKey=propertyValue",
+    );
+    assert_eq!(baggage.len(), 3);
+    assert_eq!(baggage.get("key2"), Some("value2"));
+    let props: Vec<_> = baggage.member("key1").unwrap().properties().collect();
+    assert_eq!(props, [("property1", None), ("property2", None)]);
+    let props: Vec<_> = baggage.member("key3").unwrap().properties().collect();
+    assert_eq!(props, [("propertyKey", Some("propertyValue"))]);
+    assert_eq!(
+        baggage.to_string(),
+        "key1=value1;property1;property2,key2=value2,key3=value3;propertyKey=propertyValue"
+    );
+}
+
+#[test]
+fn percent_encoding() {
+    let cases = [
+        ("k=%20", " ", "encoded space"),
+        ("k=a%2Cb%3Bc", "a,b;c", "encoded separators"),
+        (
+            "k=%e2%82%ac",
+            "\u{20ac}",
+            "lower-case hex, multi-byte UTF-8",
+        ),
+        ("k=100%", "100%", "a lone '%' stays"),
+        ("k=%zz", "%zz", "an invalid escape stays"),
+        ("k=%ff", "\u{fffd}", "invalid UTF-8 becomes U+FFFD"),
+        ("k=", "", "an empty value"),
+    ];
+    for (raw, value, reason) in cases {
+        assert_eq!(Baggage::parse(raw).get("k"), Some(value), "{reason}");
+    }
+    let mut baggage = Baggage::new();
+    baggage.insert("k", "a b,c;d=e%f\"g\\h\u{e9}").unwrap();
+    let formatted = baggage.to_string();
+    assert_eq!(formatted, "k=a%20b%2Cc%3Bd=e%25f%22g%5Ch%C3%A9");
+    assert_eq!(Baggage::parse(&formatted), baggage, "round trip");
+}
+
+#[test]
+fn invalid_members_are_dropped_and_the_rest_kept() {
+    let cases = [
+        ("=v", "empty key"),
+        ("k", "no '='"),
+        ("k v=1", "space in key"),
+        ("k(=1", "separator in key"),
+        ("k=a b", "space in value"),
+        ("k=\"q\"", "double quote in value"),
+        ("k=a\\b", "backslash in value"),
+        ("k=1;=p", "property with an empty key"),
+        ("k=1;p=a b", "property value with a space"),
+        ("k\u{e9}=1", "non-ASCII key"),
+    ];
+    for (member, reason) in cases {
+        let baggage = Baggage::parse(&format!("good=1,{member},also=2"));
+        assert_eq!(baggage.len(), 2, "{reason}: {baggage:?}");
+        assert_eq!(baggage.get("good"), Some("1"), "{reason}");
+        assert_eq!(baggage.get("also"), Some("2"), "{reason}");
+    }
+    assert_eq!(
+        Baggage::parse_bytes(b"a=\xff\xfe,b=1").len(),
+        1,
+        "raw non-ASCII"
+    );
+}
+
+#[test]
+fn repeated_key_keeps_position_and_last_value() {
+    let baggage = Baggage::parse("a=1,b=2,a=3");
+    assert_eq!(baggage.to_string(), "a=3,b=2");
+}
+
+#[test]
+fn member_limit() {
+    let raw = (0..200)
+        .map(|i| format!("k{i}=v"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let baggage = Baggage::parse(&raw);
+    assert_eq!(baggage.len(), 180);
+    assert_eq!(baggage.get("k179"), Some("v"));
+    assert_eq!(baggage.get("k180"), None, "members past 180 are dropped");
+    let mut baggage = baggage;
+    assert!(baggage.insert("one-more", "v").is_err());
+    assert!(
+        baggage.insert("k0", "replaced").is_ok(),
+        "replacing does not add"
+    );
+}
+
+#[test]
+fn byte_limit() {
+    // 100 members of 100 bytes: 100 * 100 + 99 = 10_099 > 8192.
+    let raw = (0..100)
+        .map(|i| format!("k{i:03}={}", "v".repeat(95)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let baggage = Baggage::parse(&raw);
+    assert!(baggage.to_string().len() <= 8192);
+    assert_eq!(baggage.len(), 81, "81 * 101 - 1 = 8180 bytes fit");
+    // Every kept member is whole.
+    assert!(baggage.iter().all(|m| m.value().len() == 95));
+    let mut small = Baggage::new();
+    assert!(small.insert("k", &"x".repeat(8190)).is_ok());
+    assert!(small.insert("k2", "x").is_err(), "8192 bytes reached");
+}
+
+#[test]
+fn properties_are_normalized() {
+    let baggage = Baggage::parse("k = v ; p1 = x ;; p2 ");
+    assert_eq!(baggage.to_string(), "k=v;p1=x;p2");
+}

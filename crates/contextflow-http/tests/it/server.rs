@@ -1,0 +1,384 @@
+//! The server layer: extraction, extensions, echo, and the context over the whole request.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use contextflow_http::{
+    Baggage, PropagateContextLayer, RequestId, TraceContext, BAGGAGE, REQUEST_ID, TRACE_CONTEXT,
+};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+/// What the handler saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    trace: Option<TraceContext>,
+    request_id: Option<RequestId>,
+    baggage: Option<Baggage>,
+    request_id_header: Option<String>,
+    extension_id: Option<RequestId>,
+    extension_trace: Option<TraceContext>,
+}
+
+/// Sends `req` through the layer to a handler that records what it sees.
+async fn call(req: Request<String>) -> (Response<String>, Seen) {
+    let seen = Arc::new(Mutex::new(None));
+    let seen2 = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(move |req: Request<String>| {
+            let seen = seen2.clone();
+            async move {
+                tokio::task::yield_now().await;
+                *seen.lock().unwrap() = Some(Seen {
+                    trace: TRACE_CONTEXT.get(),
+                    request_id: REQUEST_ID.get(),
+                    baggage: BAGGAGE.get(),
+                    request_id_header: req
+                        .headers()
+                        .get("x-request-id")
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                    extension_id: req.extensions().get::<RequestId>().cloned(),
+                    extension_trace: req.extensions().get::<TraceContext>().cloned(),
+                });
+                Ok::<_, Infallible>(Response::new(String::from("ok")))
+            }
+        }));
+    let res = svc.oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let res = Response::from_parts(parts, String::from_utf8(body.to_vec()).unwrap());
+    let seen = seen.lock().unwrap().clone().unwrap();
+    (res, seen)
+}
+
+fn request() -> http::request::Builder {
+    Request::builder().uri("/")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn continues_the_callers_trace() {
+    let req = request()
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .header("tracestate", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
+        .header("baggage", "userId=alice,region=eu%20west")
+        .header("x-request-id", "req-1")
+        .body(String::new())
+        .unwrap();
+    let (res, seen) = call(req).await;
+    let trace = seen.trace.unwrap();
+    assert_eq!(trace.trace_id().to_string(), TRACE);
+    assert_eq!(trace.parent_span_id().unwrap().to_string(), PARENT);
+    assert_ne!(
+        trace.span_id().to_string(),
+        PARENT,
+        "this service has its own span id"
+    );
+    assert!(trace.flags().is_sampled());
+    assert_eq!(
+        trace.trace_state().to_string(),
+        "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    );
+    assert_eq!(seen.request_id.unwrap().as_str(), "req-1");
+    let baggage = seen.baggage.unwrap();
+    assert_eq!(baggage.get("region"), Some("eu west"));
+    assert_eq!(res.headers()["x-request-id"], "req-1", "echoed");
+    assert_eq!(res.body(), "ok");
+    assert_eq!(seen.extension_id.unwrap().as_str(), "req-1");
+    assert_eq!(seen.extension_trace.unwrap().span_id(), trace.span_id());
+    assert_eq!(seen.request_id_header.as_deref(), Some("req-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_a_trace_and_a_request_id_when_none_came() {
+    let (res, seen) = call(request().body(String::new()).unwrap()).await;
+    let trace = seen.trace.unwrap();
+    assert!(trace.parent_span_id().is_none());
+    assert!(trace.flags().is_random() && trace.flags().is_sampled());
+    let id = seen.request_id.unwrap();
+    assert!(uuid::Uuid::parse_str(id.as_str()).is_ok());
+    assert_eq!(res.headers()["x-request-id"], id.as_str());
+    assert_eq!(
+        seen.request_id_header.as_deref(),
+        Some(id.as_str()),
+        "set on the request too"
+    );
+    assert!(seen.baggage.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn invalid_traceparent_starts_a_new_trace_and_drops_tracestate() {
+    let bad = [
+        format!("00-{}-{PARENT}-01", TRACE.to_uppercase()),
+        format!("ff-{TRACE}-{PARENT}-01"),
+        format!("00-{TRACE}-{PARENT}-01-extra"),
+        "caf\u{e9}\tnot-a-traceparent".to_string(),
+    ];
+    for value in bad {
+        let req = request()
+            .header("traceparent", value.as_bytes())
+            .header("tracestate", "congo=t61rcWkgMzE")
+            .body(String::new())
+            .unwrap();
+        let trace = call(req).await.1.trace.unwrap();
+        assert_ne!(trace.trace_id().to_string(), TRACE, "{value:?}");
+        assert!(trace.parent_span_id().is_none(), "{value:?}");
+        assert!(
+            trace.trace_state().is_empty(),
+            "{value:?}: tracestate dropped"
+        );
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn duplicate_traceparent_headers_start_a_new_trace() {
+    let tp = format!("00-{TRACE}-{PARENT}-01");
+    let req = request()
+        .header("traceparent", &tp)
+        .header("traceparent", &tp)
+        .body(String::new())
+        .unwrap();
+    let trace = call(req).await.1.trace.unwrap();
+    assert_ne!(trace.trace_id().to_string(), TRACE);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn invalid_tracestate_alone_is_dropped() {
+    let req = request()
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .header("tracestate", "a=1,a=2")
+        .body(String::new())
+        .unwrap();
+    let trace = call(req).await.1.trace.unwrap();
+    assert_eq!(trace.trace_id().to_string(), TRACE, "the trace continues");
+    assert!(trace.trace_state().is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn invalid_request_id_is_replaced() {
+    let long = "x".repeat(129);
+    for bad in ["two words", long.as_str(), "caf\u{e9}"] {
+        let req = request()
+            .header("x-request-id", bad.as_bytes())
+            .body(String::new())
+            .unwrap();
+        let (res, seen) = call(req).await;
+        let id = seen.request_id.unwrap();
+        assert_ne!(id.as_str(), bad);
+        assert_eq!(res.headers()["x-request-id"], id.as_str());
+        assert_eq!(
+            seen.request_id_header.as_deref(),
+            Some(id.as_str()),
+            "{bad:?} replaced on the request"
+        );
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn handler_request_id_on_the_response_is_kept() {
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(|_req: Request<String>| async {
+            let res = Response::builder()
+                .header("x-request-id", "chosen-by-handler")
+                .body(String::new())
+                .unwrap();
+            Ok::<_, Infallible>(res)
+        }));
+    let req = request()
+        .header("x-request-id", "incoming")
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    let ids: Vec<_> = res.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["chosen-by-handler"]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_earlier_layer_already_set_the_request_id() {
+    let earlier: RequestId = "from-outer-layer".parse().unwrap();
+    let trace = TraceContext::new_trace(false);
+    let seen = Arc::new(Mutex::new(None));
+    let seen2 = seen.clone();
+    let svc = ServiceBuilder::new()
+        .map_request({
+            let earlier = earlier.clone();
+            let trace = trace.clone();
+            move |mut req: Request<String>| {
+                req.extensions_mut().insert(earlier.clone());
+                req.extensions_mut().insert(trace.clone());
+                req
+            }
+        })
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(move |req: Request<String>| {
+            *seen2.lock().unwrap() = Some((
+                REQUEST_ID.get(),
+                TRACE_CONTEXT.get(),
+                req.headers()["x-request-id"].clone(),
+            ));
+            async { Ok::<_, Infallible>(Response::new(String::new())) }
+        }));
+    let req = request()
+        .header("x-request-id", "from-header")
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    let (id, ctx, header) = seen.lock().unwrap().take().unwrap();
+    assert_eq!(id, Some(earlier.clone()));
+    assert_eq!(ctx, Some(trace));
+    assert_eq!(header, "from-outer-layer");
+    assert_eq!(res.headers()["x-request-id"], "from-outer-layer");
+}
+
+/// Records the request id seen by each poll and by the drop of a body.
+struct ProbeBody {
+    chunks: Vec<&'static str>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl http_body::Body for ProbeBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let id = REQUEST_ID.get().map_or("-".into(), |id| id.to_string());
+        self.log.lock().unwrap().push(format!("poll:{id}"));
+        Poll::Ready(
+            self.chunks
+                .pop()
+                .map(|c| Ok(http_body::Frame::data(Bytes::from_static(c.as_bytes())))),
+        )
+    }
+}
+
+impl Drop for ProbeBody {
+    fn drop(&mut self) {
+        let id = REQUEST_ID.get().map_or("-".into(), |id| id.to_string());
+        self.log.lock().unwrap().push(format!("drop:{id}"));
+    }
+}
+
+async fn body_streams_in_context() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(move |_req: Request<String>| {
+            let log = log2.clone();
+            async move {
+                Ok::<_, Infallible>(Response::new(ProbeBody {
+                    chunks: vec!["b", "a"],
+                    log,
+                }))
+            }
+        }));
+    let req = request()
+        .header("x-request-id", "streamed")
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    // Read the body from another task, outside any scope.
+    let body = tokio::spawn(async move { res.into_body().collect().await.unwrap().to_bytes() })
+        .await
+        .unwrap();
+    assert_eq!(&body[..], b"ab");
+    assert!(!REQUEST_ID.is_set());
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        [
+            "poll:streamed",
+            "poll:streamed",
+            "poll:streamed",
+            "drop:streamed"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn body_streams_in_context_current_thread() {
+    body_streams_in_context().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_streams_in_context_multi_thread() {
+    body_streams_in_context().await;
+}
+
+/// Drops a handler half-way (a client going away): its destructors see the context.
+async fn cancelled_handler_drops_in_context() {
+    struct OnDrop(Arc<Mutex<Option<Option<RequestId>>>>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(REQUEST_ID.get());
+        }
+    }
+    let dropped = Arc::new(Mutex::new(None));
+    let dropped2 = dropped.clone();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Arc::new(Mutex::new(Some(started_tx)));
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(move |_req: Request<String>| {
+            let guard = OnDrop(dropped2.clone());
+            let started = started_tx.lock().unwrap().take();
+            async move {
+                let _guard = guard;
+                if let Some(tx) = started {
+                    let _ = tx.send(());
+                }
+                std::future::pending::<()>().await;
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }
+        }));
+    let req = request()
+        .header("x-request-id", "gone")
+        .body(String::new())
+        .unwrap();
+    let task = tokio::spawn(svc.oneshot(req));
+    started_rx.await.unwrap();
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let seen = dropped.lock().unwrap().take().unwrap();
+    assert_eq!(seen.map(|id| id.to_string()).as_deref(), Some("gone"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn cancelled_handler_drops_in_context_current_thread() {
+    cancelled_handler_drops_in_context().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_handler_drops_in_context_multi_thread() {
+    cancelled_handler_drops_in_context().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn poll_ready_is_delegated() {
+    let (mut svc, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<()>, _>(PropagateContextLayer::new());
+    handle.allow(0);
+    assert!(svc.poll_ready().is_pending());
+    handle.allow(1);
+    assert!(matches!(svc.poll_ready(), Poll::Ready(Ok(()))));
+    let fut = svc.call(Request::new(()));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert!(req.headers().contains_key("x-request-id"));
+    send.send_response(Response::new(()));
+    let res = fut.await.unwrap();
+    assert!(res.headers().contains_key("x-request-id"));
+}
