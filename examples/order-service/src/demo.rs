@@ -40,6 +40,8 @@ pub struct DemoOptions {
     pub database_url: Option<String>,
     /// Whether to draw a progress bar on stderr.
     pub progress: bool,
+    /// Where to save every captured log line, if anywhere.
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 /// What the demo saw.
@@ -105,6 +107,7 @@ impl Default for DemoOptions {
             format: LogFormat::Text,
             database_url: None,
             progress: true,
+            log_file: None,
         }
     }
 }
@@ -222,11 +225,17 @@ pub async fn run(
 
     // ----- the logs -----
     let lines = capture.lines();
-    let check = check_lines(&lines, &expected);
+    if let Some(path) = &opts.log_file {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(path, text)?;
+    }
+    let parsed: Vec<Fields> = lines.iter().map(|line| parse_line(line)).collect();
+    let check = check_lines(&lines, &parsed, &expected);
     let first_id = format!("demo-{run_id}-00000");
     let tree = expected
         .get(&first_id)
-        .map(|e| draw_tree(&lines, &first_id, e))
+        .map(|e| draw_tree(&parsed, &first_id, e))
         .unwrap_or_default();
 
     let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
@@ -293,7 +302,9 @@ struct Check {
 }
 
 /// One log line's fields, whatever the format: values as strings, `None` when absent/null.
-fn parse_line(line: &str) -> HashMap<String, Option<String>> {
+type Fields = HashMap<String, Option<String>>;
+
+fn parse_line(line: &str) -> Fields {
     if line.starts_with('{') {
         match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line) {
             Ok(obj) => obj
@@ -314,13 +325,13 @@ fn parse_line(line: &str) -> HashMap<String, Option<String>> {
     }
 }
 
-fn field<'a>(fields: &'a HashMap<String, Option<String>>, key: &str) -> Option<&'a str> {
+fn field<'a>(fields: &'a Fields, key: &str) -> Option<&'a str> {
     fields.get(key).and_then(|v| v.as_deref())
 }
 
 /// The order reference a line carries: its own `reference` field, else the innermost span
 /// field of that name.
-fn line_reference(fields: &HashMap<String, Option<String>>) -> Option<String> {
+fn line_reference(fields: &Fields) -> Option<String> {
     if let Some(r) = field(fields, "reference") {
         return Some(r.to_string());
     }
@@ -331,11 +342,10 @@ fn line_reference(fields: &HashMap<String, Option<String>>) -> Option<String> {
     Some(rest[..end].trim_matches('"').to_string())
 }
 
-fn check_lines(lines: &[String], expected: &HashMap<String, Expected>) -> Check {
+fn check_lines(lines: &[String], parsed: &[Fields], expected: &HashMap<String, Expected>) -> Check {
     let mut check = Check::default();
-    for line in lines {
-        let fields = parse_line(line);
-        let Some(request_id) = field(&fields, "request_id") else {
+    for (line, fields) in lines.iter().zip(parsed) {
+        let Some(request_id) = field(fields, "request_id") else {
             check.without_request += 1;
             continue;
         };
@@ -343,19 +353,19 @@ fn check_lines(lines: &[String], expected: &HashMap<String, Expected>) -> Check 
         match expected.get(request_id) {
             None => problems.push("request id was never sent"),
             Some(want) => {
-                if field(&fields, "trace_id") != Some(want.trace_id.as_str()) {
+                if field(fields, "trace_id") != Some(want.trace_id.as_str()) {
                     problems.push("trace id of another request");
                 }
-                if field(&fields, "tenant").is_some_and(|t| t != want.tenant) {
+                if field(fields, "tenant").is_some_and(|t| t != want.tenant) {
                     problems.push("tenant of another request");
                 }
-                if let Some(reference) = line_reference(&fields) {
+                if let Some(reference) = line_reference(fields) {
                     check.with_reference += 1;
                     if reference != want.reference {
                         problems.push("order reference of another request");
                     }
                 }
-                match field(&fields, "msg") {
+                match field(fields, "msg") {
                     Some("confirmation sent") => {
                         check.jobs.insert(request_id.to_string());
                     }
@@ -387,7 +397,7 @@ struct Node {
     children: Vec<Node>,
 }
 
-fn draw_tree(lines: &[String], request_id: &str, want: &Expected) -> String {
+fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
     let mut root = Node {
         label: String::new(),
         is_span: true,
@@ -395,12 +405,11 @@ fn draw_tree(lines: &[String], request_id: &str, want: &Expected) -> String {
     };
     // Where the payment stub's lines hang: under the outgoing call that caused them.
     let mut client_call: Vec<String> = Vec::new();
-    for line in lines {
-        let fields = parse_line(line);
-        if field(&fields, "request_id") != Some(request_id) {
+    for fields in lines {
+        if field(fields, "request_id") != Some(request_id) {
             continue;
         }
-        let span = field(&fields, "span").unwrap_or_default();
+        let span = field(fields, "span").unwrap_or_default();
         let mut path: Vec<String> = if span.is_empty() {
             Vec::new()
         } else {
@@ -414,7 +423,7 @@ fn draw_tree(lines: &[String], request_id: &str, want: &Expected) -> String {
             grafted.append(&mut path);
             path = grafted;
         }
-        let mut event = format!("• {}", field(&fields, "msg").unwrap_or_default());
+        let mut event = format!("• {}", field(fields, "msg").unwrap_or_default());
         let mut extra: Vec<(&String, &str)> = fields
             .iter()
             .filter(|(k, _)| {

@@ -15,7 +15,7 @@ use order_service::{
 };
 
 const USAGE: &str = "usage: order-service [--json] [--addr ADDR]
-       order-service demo [--orders N] [--concurrency C] [--json]";
+       order-service demo [--orders N] [--concurrency C] [--json] [--log-file PATH]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -83,6 +83,9 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
             "--orders" => opts.orders = number("--orders")?,
             "--concurrency" => opts.concurrency = number("--concurrency")?,
             "--json" => opts.format = LogFormat::Json,
+            "--log-file" => {
+                opts.log_file = Some(args.next().ok_or("--log-file needs a path")?.into())
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }

@@ -73,6 +73,20 @@ impl Db {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
+            // The pool hands out local connections that rarely break; skip the ping.
+            .test_before_acquire(backend == Backend::Postgres)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL (sqlx's default) with NORMAL sync: durable against crashes of
+                        // the process, one fsync per checkpoint rather than per commit.
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
         let db = Db {
