@@ -2,8 +2,12 @@
 
 mod baggage;
 mod client;
+#[cfg(feature = "reqwest")]
+mod e2e;
 mod props;
 mod request_id;
 mod server;
 mod traceparent;
 mod tracestate;
+#[cfg(feature = "reqwest")]
+mod validation_service;

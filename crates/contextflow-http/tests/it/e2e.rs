@@ -1,0 +1,187 @@
+//! End to end on loopback: a client calls service A, which calls service B through the client
+//! middleware. One trace id, a fresh span id per hop, the baggage and the request id kept.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::{Path, State},
+    routing::get,
+    Json, Router,
+};
+use contextflow_http::{InjectContextMiddleware, PropagateContextLayer, BAGGAGE, TRACE_CONTEXT};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use serde::{Deserialize, Serialize};
+
+/// What one service saw in its context.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Seen {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: Option<String>,
+    request_id: String,
+    baggage: String,
+}
+
+impl Seen {
+    fn current() -> Seen {
+        let ctx = TRACE_CONTEXT.get().expect("trace context set by the layer");
+        Seen {
+            trace_id: ctx.trace_id().to_string(),
+            span_id: ctx.span_id().to_string(),
+            parent_span_id: ctx.parent_span_id().map(|id| id.to_string()),
+            request_id: contextflow_http::current_request_id().unwrap().to_string(),
+            baggage: BAGGAGE.get().unwrap().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hops {
+    a: Seen,
+    b: Seen,
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// Starts B, then A (which calls B); returns A's address.
+async fn start_services() -> SocketAddr {
+    let b = Router::new()
+        .route(
+            "/b",
+            get(|| async {
+                tokio::task::yield_now().await;
+                Json(Seen::current())
+            }),
+        )
+        .layer(PropagateContextLayer::new());
+    let b_addr = serve(b).await;
+
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(InjectContextMiddleware::new())
+        .build();
+    let a = Router::new()
+        .route(
+            "/a/{spawn}",
+            get(
+                move |State(client): State<ClientWithMiddleware>,
+                      Path(spawn): Path<bool>| async move {
+                    let a = Seen::current();
+                    let call = async move {
+                        let res = client
+                            .get(format!("http://{b_addr}/b"))
+                            .send()
+                            .await
+                            .unwrap();
+                        res.json::<Seen>().await.unwrap()
+                    };
+                    let b = if spawn {
+                        // A spawned task inherits the request's context, and injects it.
+                        contextflow::spawn(call).await.unwrap()
+                    } else {
+                        call.await
+                    };
+                    Json(Hops { a, b })
+                },
+            ),
+        )
+        .with_state(client)
+        .layer(PropagateContextLayer::new());
+    serve(a).await
+}
+
+async fn call_a(
+    http: &reqwest::Client,
+    a_addr: SocketAddr,
+    trace_id: &str,
+    request_id: &str,
+    baggage: &str,
+    spawn: bool,
+) -> Hops {
+    http.get(format!("http://{a_addr}/a/{spawn}"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .header("x-request-id", request_id)
+        .header("baggage", baggage)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn check(hops: &Hops, trace_id: &str, request_id: &str, baggage: &str) {
+    for seen in [&hops.a, &hops.b] {
+        assert_eq!(seen.trace_id, trace_id, "one trace id");
+        assert_eq!(seen.request_id, request_id, "request id kept");
+        assert_eq!(seen.baggage, baggage, "baggage kept");
+    }
+    assert_eq!(hops.a.parent_span_id.as_deref(), Some("00f067aa0ba902b7"));
+    let b_parent = hops.b.parent_span_id.as_deref().unwrap();
+    assert_ne!(b_parent, "00f067aa0ba902b7", "A's call has its own span id");
+    assert_ne!(
+        b_parent, hops.a.span_id,
+        "a new span id for the outgoing call"
+    );
+    assert_ne!(hops.a.span_id, hops.b.span_id, "a fresh span id per hop");
+}
+
+async fn one_request_through_two_services() {
+    let a_addr = start_services().await;
+    let http = reqwest::Client::new();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    for spawn in [false, true] {
+        let hops = call_a(
+            &http,
+            a_addr,
+            trace_id,
+            "req-1",
+            "userId=alice,region=eu",
+            spawn,
+        )
+        .await;
+        check(&hops, trace_id, "req-1", "userId=alice,region=eu");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_request_through_two_services_current_thread() {
+    one_request_through_two_services().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_through_two_services_multi_thread() {
+    one_request_through_two_services().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_requests_never_mix_contexts() {
+    const REQUESTS: usize = 1000;
+    const IN_FLIGHT: usize = 64;
+    let a_addr = start_services().await;
+    let http = reqwest::Client::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let http = http.clone();
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let trace_id = format!("{:032x}", 0x1000 + i);
+            let request_id = format!("req-{i}");
+            let baggage = format!("n={i},user=u{i}");
+            let hops = call_a(&http, a_addr, &trace_id, &request_id, &baggage, i % 2 == 1).await;
+            check(&hops, &trace_id, &request_id, &baggage);
+            hops.b.span_id
+        });
+    }
+    let mut span_ids = std::collections::HashSet::new();
+    while let Some(span_id) = tasks.join_next().await {
+        span_ids.insert(span_id.unwrap());
+    }
+    assert_eq!(span_ids.len(), REQUESTS, "every hop made its own span id");
+}
