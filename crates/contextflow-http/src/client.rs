@@ -2,7 +2,7 @@
 //!
 //! Each request gets `traceparent` (the current trace id and flags with a new span id),
 //! `tracestate`, `baggage` and `x-request-id`, read when the request is handed to the service
-//! (in `call`); see [`inject_headers`](crate::inject_headers) for the rules. Headers the
+//! (in `call`); see [`inject_headers`] for the rules. Headers the
 //! caller set are left alone. Call it from the request's task, or from a task started with
 //! `contextflow::spawn`, which inherits the context; a plain `tokio::spawn` does not.
 //!

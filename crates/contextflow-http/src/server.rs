@@ -80,7 +80,7 @@
 //!
 //! `TENANT.scope` covers the handler; the response body, streamed after the handler returns,
 //! sees the request's context but not the tenant. Wrap the body too (with
-//! [`ContextBody`] and a [`Snapshot`](contextflow::Snapshot) captured inside the scope) when a
+//! [`ContextBody`] and a [`Snapshot`] captured inside the scope) when a
 //! streaming body needs it.
 
 use std::{
