@@ -157,13 +157,13 @@ pub async fn run(
         while next < opts.orders && set.len() < opts.concurrency.max(1) {
             let (token, tenant) = DEMO_TOKENS[next % DEMO_TOKENS.len()];
             let request_id = format!("demo-{run_id}-{next:05}");
-            let trace = TraceContext::new_root();
+            let trace = TraceContext::new_trace(true);
             let order = demo_order(&run_id, next);
             expected.insert(
                 request_id.clone(),
                 Expected {
                     reference: order.reference.clone(),
-                    trace_id: trace.trace_id(),
+                    trace_id: trace.trace_id().to_string(),
                     tenant: tenant.to_string(),
                 },
             );
@@ -171,7 +171,7 @@ pub async fn run(
                 .post(format!("{base}/orders"))
                 .header("authorization", format!("Bearer {token}"))
                 .header("x-request-id", request_id)
-                .header("traceparent", trace.to_traceparent())
+                .header("traceparent", trace.traceparent().to_header_value())
                 .json(&order);
             set.spawn(async move {
                 let sent = Instant::now();

@@ -33,7 +33,7 @@ use tracing_subscriber::{
     registry::LookupSpan, util::SubscriberInitExt as _, Layer,
 };
 
-use crate::context::{REQUEST_ID, TENANT, TRACE};
+use crate::context::{self, REQUEST_ID, TENANT};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +157,7 @@ where
         }
 
         let request_id = REQUEST_ID.with(|r| r.map(|r| r.as_str().to_owned()));
-        let trace_id = TRACE.with(|t| t.map(|t| t.trace_id()));
+        let trace_id = context::trace_id();
         let tenant = TENANT.with(|t| t.map(|t| t.as_str().to_owned()));
         let meta = event.metadata();
         let line = match self.format {

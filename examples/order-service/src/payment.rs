@@ -1,23 +1,24 @@
 //! The payment provider: a client that carries the trace to it, and a small in-process stub
 //! of it (its own axum server on 127.0.0.1) so the service runs with no set-up.
 //!
-//! The outgoing request carries the context across the process boundary the W3C way: a
-//! `traceparent` naming this hop as parent (same trace id, fresh span id) and the
-//! `x-request-id`. Nothing else crosses: the tenant stays home, and the stub does not learn it.
+//! The outgoing request carries the context across the process boundary the W3C way, written
+//! by `contextflow-http`'s reqwest middleware: a `traceparent` naming this hop as parent (same
+//! trace id, fresh span id) and the `x-request-id`. Nothing else crosses: the tenant stays
+//! home, and the stub does not learn it.
 
 use axum::{http::StatusCode, routing::post, Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn, Instrument as _};
 
-use crate::{
-    context::{REQUEST_ID, TRACE},
-    http::propagate_payment_context,
-};
+use contextflow_http::{InjectContextMiddleware, PropagateContextLayer};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+
+use crate::http::payment_request_span;
 
 /// Calls the payment provider.
 #[derive(Clone, Debug)]
 pub struct PaymentClient {
-    http: reqwest::Client,
+    http: ClientWithMiddleware,
     url: String,
 }
 
@@ -52,7 +53,9 @@ impl PaymentClient {
     /// A client for the provider at `base_url` (`http://127.0.0.1:port`).
     pub fn new(base_url: &str) -> Self {
         PaymentClient {
-            http: reqwest::Client::new(),
+            http: ClientBuilder::new(reqwest::Client::new())
+                .with(InjectContextMiddleware::new())
+                .build(),
             url: format!("{base_url}/payments"),
         }
     }
@@ -67,20 +70,13 @@ impl PaymentClient {
         reference: &str,
         amount_cents: i64,
     ) -> Result<String, PaymentError> {
-        // The outgoing hop: same trace, a fresh span id, the request id as is.
-        let hop = TRACE.get().map(|t| t.child());
         let span = tracing::info_span!("http.client", peer = "payment", method = "POST");
         async {
-            let mut request = self.http.post(&self.url).json(&PaymentRequest {
+            // No header set by hand: the middleware writes `traceparent` and `x-request-id`.
+            let request = self.http.post(&self.url).json(&PaymentRequest {
                 reference: reference.to_owned(),
                 amount_cents,
             });
-            if let Some(hop) = hop {
-                request = request.header("traceparent", hop.to_traceparent());
-            }
-            if let Some(id) = REQUEST_ID.get() {
-                request = request.header("x-request-id", id.as_str());
-            }
             info!(amount_cents, "calling payment provider");
             let response = request
                 .send()
@@ -119,7 +115,8 @@ impl std::error::Error for PaymentError {}
 pub fn stub_router() -> Router {
     Router::new()
         .route("/payments", post(authorize))
-        .layer(axum::middleware::from_fn(propagate_payment_context))
+        .layer(axum::middleware::from_fn(payment_request_span))
+        .layer(PropagateContextLayer::new())
 }
 
 async fn authorize(Json(req): Json<PaymentRequest>) -> Result<Json<PaymentResponse>, StatusCode> {

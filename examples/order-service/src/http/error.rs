@@ -50,7 +50,7 @@ impl IntoResponse for ApiError {
         } else {
             warn!(status = self.status.as_u16(), error = %self.message, "request rejected");
         }
-        let request_id = context::request_id().map(|id| id.to_string());
+        let request_id = context::request_id().map(|id| id.as_str().to_owned());
         let body = json!({ "error": self.message, "request_id": request_id });
         (self.status, Json(body)).into_response()
     }

@@ -1,9 +1,10 @@
 //! The HTTP edge: routes, the context and authentication middleware, the controllers and the
 //! JSON error type.
 //!
-//! Middleware order, outermost first: [`propagate_orders_context`] binds the request id and
-//! trace (valid incoming headers, fresh values otherwise) and opens the `http.request` span;
-//! [`auth::authenticate`] checks the bearer token and binds the tenant; then the controller.
+//! Middleware order, outermost first: `contextflow_http::PropagateContextLayer` binds the
+//! request id and trace context (valid incoming headers, fresh values otherwise) and echoes the
+//! request id; [`orders_request_span`] opens the `http.request` span; [`auth::authenticate`]
+//! checks the bearer token and binds the tenant; then the controller.
 
 pub mod auth;
 mod context;
@@ -17,7 +18,7 @@ use axum::{
 
 pub use self::{
     auth::TokenTable,
-    context::{propagate_orders_context, propagate_payment_context},
+    context::{orders_request_span, payment_request_span},
     error::{ApiError, AppJson},
 };
 use crate::{db::Db, jobs::Jobs, service::OrderService};
@@ -43,6 +44,7 @@ pub fn router(state: AppState, tokens: TokenTable) -> Router {
             auth::authenticate,
         ))
         .fallback(orders::not_found)
-        .layer(axum::middleware::from_fn(propagate_orders_context))
+        .layer(axum::middleware::from_fn(orders_request_span))
+        .layer(contextflow_http::PropagateContextLayer::new())
         .with_state(state)
 }
