@@ -130,3 +130,20 @@ async fn spawned_tasks_inject_the_parent_context_current_thread() {
 async fn spawned_tasks_inject_the_parent_context_multi_thread() {
     spawned_tasks_inject_the_parent_context().await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn poll_ready_is_delegated() {
+    let (mut svc, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, (), _>(InjectContextLayer::new());
+    handle.allow(0);
+    assert!(svc.poll_ready().is_pending());
+    handle.allow(1);
+    assert!(matches!(svc.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    let fut = incoming()
+        .into_snapshot()
+        .run(|| svc.call(Request::new(())));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.headers()["x-request-id"], "req-7");
+    send.send_response(());
+    fut.await.unwrap();
+}

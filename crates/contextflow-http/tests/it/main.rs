@@ -4,6 +4,7 @@ mod baggage;
 mod client;
 #[cfg(feature = "reqwest")]
 mod e2e;
+mod logging;
 mod props;
 mod request_id;
 mod server;

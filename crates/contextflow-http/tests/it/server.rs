@@ -382,3 +382,31 @@ async fn poll_ready_is_delegated() {
     let res = fut.await.unwrap();
     assert!(res.headers().contains_key("x-request-id"));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn axum_extractors_see_the_extensions() {
+    use axum::{routing::get, Extension, Router};
+
+    let app =
+        Router::new()
+            .route(
+                "/",
+                get(
+                    |Extension(id): Extension<RequestId>,
+                     Extension(trace): Extension<TraceContext>| async move {
+                        assert_eq!(Some(&trace), TRACE_CONTEXT.get().as_ref());
+                        format!("{id} {}", trace.trace_id())
+                    },
+                ),
+            )
+            .layer(PropagateContextLayer::new());
+    let req = request()
+        .header("x-request-id", "axum-1")
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.headers()["x-request-id"], "axum-1");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, format!("axum-1 {TRACE}"));
+}
