@@ -64,8 +64,21 @@ pub struct CaptureWriter {
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-/// The keys every line has, whatever the event's own fields.
+/// The context keys every line has, whatever the event's own fields.
 pub const CONTEXT_KEYS: [&str; 3] = ["request_id", "trace_id", "tenant"];
+
+/// Every key the layer writes itself; an event field of the same name is written as
+/// `field.<name>`.
+const RESERVED_KEYS: [&str; 8] = [
+    "ts",
+    "level",
+    "target",
+    "request_id",
+    "trace_id",
+    "tenant",
+    "span",
+    "msg",
+];
 
 /// Installs the global subscriber: events at INFO and above, formatted by a
 /// [`ContextLogLayer`] into `writer`; and registers the span carrier.
@@ -174,6 +187,10 @@ where
                 push_logfmt_pair(&mut line, "msg", &Value::String(message));
                 for (k, v) in &fields.0 {
                     line.push(' ');
+                    // An event field never shadows a key of the line itself.
+                    if RESERVED_KEYS.contains(k) {
+                        line.push_str("field.");
+                    }
                     push_logfmt_pair(&mut line, k, v);
                 }
                 line
@@ -190,7 +207,7 @@ where
                 obj.insert("msg".into(), message.into());
                 for (k, v) in fields.0 {
                     // An event field never overwrites a context key.
-                    let key = if obj.contains_key(k) {
+                    let key = if RESERVED_KEYS.contains(&k) {
                         format!("field.{k}")
                     } else {
                         k.to_string()
@@ -442,6 +459,62 @@ mod tests {
                 ("d".into(), Some("42".into())),
             ]
         );
+    }
+
+    #[test]
+    fn lines_carry_the_context_and_escape_untrusted_values() {
+        use crate::context::{
+            RequestId, TenantId, TraceContext, REQUEST_ID, TENANT, TRACE_CONTEXT,
+        };
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let capture = LogCapture::new();
+            let subscriber =
+                tracing_subscriber::registry().with(ContextLogLayer::new(format, capture.clone()));
+            let trace = TraceContext::new_trace(true);
+            let id: RequestId = "req-7".parse().unwrap();
+            tracing::subscriber::with_default(subscriber, || {
+                REQUEST_ID.sync_scope(id, || {
+                    TRACE_CONTEXT.sync_scope(trace.clone(), || {
+                        TENANT.sync_scope(TenantId::new("acme"), || {
+                            let _span =
+                                tracing::info_span!("controller", reference = "r-1").entered();
+                            // A forged field and a line break from a client.
+                            tracing::info!(
+                                note = "x\n request_id=evil tenant=globex",
+                                tenant = "shadow",
+                                "hello"
+                            );
+                        })
+                    })
+                });
+                tracing::info!("outside");
+            });
+            let lines = capture.lines();
+            assert_eq!(lines.len(), 2, "{lines:?}");
+            let fields: std::collections::HashMap<String, Option<String>> = match format {
+                LogFormat::Text => parse_logfmt(&lines[0]).into_iter().collect(),
+                LogFormat::Json => serde_json::from_str::<Map<String, Value>>(&lines[0])
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_str().map(str::to_string)))
+                    .collect(),
+            };
+            let get = |k: &str| fields.get(k).cloned().flatten();
+            assert_eq!(get("request_id").as_deref(), Some("req-7"), "{format:?}");
+            assert_eq!(get("trace_id"), Some(trace.trace_id().to_string()));
+            assert_eq!(get("tenant").as_deref(), Some("acme"));
+            assert_eq!(get("field.tenant").as_deref(), Some("shadow"));
+            assert_eq!(get("span").as_deref(), Some("controller{reference=r-1}"));
+            assert_eq!(get("msg").as_deref(), Some("hello"));
+            assert_eq!(
+                get("note").as_deref(),
+                Some("x\n request_id=evil tenant=globex")
+            );
+            assert!(lines[1].contains("outside"));
+            assert!(!lines[1].contains("req-7"), "no context outside the scope");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use tracing::{info, Instrument as _};
+use tracing::info;
 
 use super::ApiError;
 use crate::context::{TenantId, TENANT};
@@ -67,25 +67,26 @@ pub async fn authenticate(
     next: Next,
 ) -> Result<Response, ApiError> {
     let span = tracing::info_span!("auth");
-    // Copied out: the request (its body) is not `Sync`, so it cannot be borrowed across the
-    // `.await` below.
-    let header = req.headers().get(AUTHORIZATION).cloned();
-    let tenant = async {
-        let header = header.ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let tenant = span.in_scope(|| {
+        let header = req
+            .headers()
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("malformed authorization header"))?;
-        let tenant = tokens
+        tokens
             .tenant(token)
             .cloned()
-            .ok_or_else(|| ApiError::unauthorized("unknown token"))?;
-        info!(tenant = %tenant, "authenticated");
-        Ok::<_, ApiError>(tenant)
-    }
-    .instrument(span)
-    .await?;
-    Ok(TENANT.scope(tenant, next.run(req)).await)
+            .ok_or_else(|| ApiError::unauthorized("unknown token"))
+    })?;
+    let handle = async move {
+        // Logged inside the scope: the line's own tenant field shows who was authenticated.
+        span.in_scope(|| info!("authenticated"));
+        next.run(req).await
+    };
+    Ok(TENANT.scope(tenant, handle).await)
 }
