@@ -29,6 +29,14 @@ const VARIANTS: &[(&str, &str)] = &[
         "tower-http",
         "tower-http SetRequestId + PropagateRequestId + TraceLayer",
     ),
+    (
+        "contextflow",
+        "contextflow-http PropagateContextLayer (handler reads ids)",
+    ),
+    (
+        "contextflow+trace",
+        "contextflow-http PropagateContextLayer + TraceLayer",
+    ),
 ];
 
 fn main() {
@@ -107,6 +115,15 @@ fn measure(variant: &str, duration: u64, connections: u64) -> f64 {
         .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"))
 }
 
+/// The hello-world handler, reading the ids from the context as real handlers would.
+async fn contextflow_handler() -> &'static str {
+    std::hint::black_box((
+        contextflow_http::current_request_id(),
+        contextflow_http::current_trace_id(),
+    ));
+    "Hello, World!"
+}
+
 /// Runs the server for `variant` on 127.0.0.1 (an ephemeral port, printed on stdout).
 fn serve(variant: &str) {
     // Every variant runs under the same subscriber: a Registry plus a no-op layer, so spans are
@@ -128,6 +145,14 @@ fn serve(variant: &str) {
                     .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                     .layer(TraceLayer::new_for_http())
                     .layer(PropagateRequestIdLayer::x_request_id()),
+            ),
+            "contextflow" => Router::new()
+                .route("/", get(contextflow_handler))
+                .layer(contextflow_http::PropagateContextLayer::new()),
+            "contextflow+trace" => Router::new().route("/", get(contextflow_handler)).layer(
+                ServiceBuilder::new()
+                    .layer(contextflow_http::PropagateContextLayer::new())
+                    .layer(TraceLayer::new_for_http()),
             ),
             other => panic!("unknown variant {other}"),
         };
