@@ -410,3 +410,19 @@ async fn axum_extractors_see_the_extensions() {
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, format!("axum-1 {TRACE}"));
 }
+
+#[test]
+fn futures_and_bodies_are_send_when_their_parts_are() {
+    fn assert_send_sync<T: Send + Sync>(_: &T) {}
+    fn assert_send<T: Send>(_: &T) {}
+    let mut svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(|_req: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+    assert_send_sync(&svc);
+    let fut = tower::Service::call(&mut svc, Request::new(String::new()));
+    assert_send(&fut);
+    let body = contextflow_http::ContextBody::new(String::new(), contextflow::Snapshot::empty());
+    assert_send_sync(&body);
+}
