@@ -426,3 +426,53 @@ fn futures_and_bodies_are_send_when_their_parts_are() {
     let body = contextflow_http::ContextBody::new(String::new(), contextflow::Snapshot::empty());
     assert_send_sync(&body);
 }
+
+/// The application's own variable, bound by authenticated code inside the layer.
+static TENANT: contextflow::AsyncLocal<String> = contextflow::AsyncLocal::named("tenant");
+
+async fn tenant_from_an_inner_layer() {
+    use axum::{extract::Request as AxumRequest, middleware::Next, routing::get, Router};
+
+    async fn authenticate(req: AxumRequest, next: Next) -> axum::response::Response {
+        // Stand-in for a verified token.
+        let tenant = req.headers()["x-verified-tenant"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        TENANT.scope(tenant, next.run(req)).await
+    }
+
+    let app = Router::new()
+        .route(
+            "/",
+            get(|| async {
+                // A spawned task sees both the request's context and the tenant.
+                contextflow::spawn(async {
+                    format!("{} {}", REQUEST_ID.get().unwrap(), TENANT.get().unwrap())
+                })
+                .await
+                .unwrap()
+            }),
+        )
+        .layer(axum::middleware::from_fn(authenticate))
+        .layer(PropagateContextLayer::new());
+    let req = request()
+        .header("x-request-id", "r-9")
+        .header("x-verified-tenant", "acme")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "r-9 acme");
+    assert!(!TENANT.is_set());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn tenant_from_an_inner_layer_current_thread() {
+    tenant_from_an_inner_layer().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_from_an_inner_layer_multi_thread() {
+    tenant_from_an_inner_layer().await;
+}
