@@ -1,0 +1,381 @@
+//! The list of contextflow variables that every log event carries.
+
+use std::{
+    cell::RefCell,
+    fmt::{self, Write},
+    sync::Arc,
+};
+
+use contextflow::AsyncLocal;
+
+use crate::{
+    escape::{self, Bounded},
+    format::{ContextFormat, Mode},
+};
+
+/// Which contextflow variables appear in every log event, and under which names.
+///
+/// Declare it once at start-up, then hand it to the `fmt` layer through
+/// [`text`](ContextFields::text) or [`json`](ContextFields::json). Each field is any
+/// `&'static AsyncLocal<T>` whose `T` implements [`Display`](fmt::Display); the value is read
+/// when the event is formatted, on the thread (and poll) that emitted it, so no span and no
+/// argument is needed at the call site. Variables that are not set are left out.
+///
+/// Text output starts with `[first other=value ...] `: the first declared field shows its value
+/// alone (it is usually the request id), the others as `name=value`. JSON output gets one
+/// top-level key per field.
+///
+/// ```
+/// use contextflow::AsyncLocal;
+/// use contextflow_tracing::ContextFields;
+///
+/// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+/// static TENANT: AsyncLocal<&'static str> = AsyncLocal::named("tenant");
+///
+/// let fields = ContextFields::new()
+///     .field("request_id", &REQUEST_ID)
+///     .field("tenant", &TENANT);
+/// REQUEST_ID.sync_scope("req-123".into(), || {
+///     TENANT.sync_scope("acme", || assert_eq!(fields.text_prefix(), "[req-123 tenant=acme] "));
+/// });
+/// assert_eq!(fields.text_prefix(), "");
+/// ```
+#[derive(Clone)]
+pub struct ContextFields {
+    fields: Arc<[Field]>,
+    max_len: usize,
+}
+
+/// The default bound on a value's length, in characters.
+pub const DEFAULT_MAX_LEN: usize = 256;
+
+/// The marker appended to a value cut at the length bound.
+pub const TRUNCATED_MARKER: &str = "…";
+
+#[derive(Clone, Copy)]
+struct Field {
+    name: &'static str,
+    source: &'static dyn Source,
+}
+
+/// A variable whose current value can be displayed. Implemented for every `AsyncLocal<T>` with
+/// `T: Display`, so the field list holds plain `'static` references and no boxes.
+trait Source: Send + Sync {
+    /// Calls `f` with the current value; returns `false` (without calling it) when not set.
+    fn with_value(&self, f: &mut dyn FnMut(&dyn fmt::Display)) -> bool;
+}
+
+impl<T: fmt::Display + Send + Sync + 'static> Source for AsyncLocal<T> {
+    fn with_value(&self, f: &mut dyn FnMut(&dyn fmt::Display)) -> bool {
+        self.with(|v| match v {
+            Some(v) => {
+                f(v);
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+// ===== impl ContextFields =====
+
+impl ContextFields {
+    /// An empty list; add fields with [`field`](ContextFields::field).
+    ///
+    /// ```
+    /// let fields = contextflow_tracing::ContextFields::new();
+    /// assert!(fields.is_empty());
+    /// ```
+    pub fn new() -> Self {
+        ContextFields {
+            fields: Arc::new([]),
+            max_len: DEFAULT_MAX_LEN,
+        }
+    }
+
+    /// Adds `var` under `name`. Fields appear in the order they are added.
+    ///
+    /// # Panics
+    /// When `name` is empty or has a character other than ASCII letters, digits, `_`, `-` and
+    /// `.` (names are code, not input; this keeps them valid as JSON keys and readable in text).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static USER_ID: AsyncLocal<u64> = AsyncLocal::named("user_id");
+    ///
+    /// let fields = contextflow_tracing::ContextFields::new().field("user_id", &USER_ID);
+    /// assert_eq!(fields.names().collect::<Vec<_>>(), ["user_id"]);
+    /// ```
+    #[track_caller]
+    pub fn field<T>(self, name: &'static str, var: &'static AsyncLocal<T>) -> Self
+    where
+        T: fmt::Display + Send + Sync + 'static,
+    {
+        assert!(
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')),
+            "contextflow-tracing: invalid field name {name:?} (use ASCII letters, digits, `_`, `-`, `.`)"
+        );
+        let mut fields = self.fields.to_vec();
+        fields.push(Field { name, source: var });
+        ContextFields {
+            fields: fields.into(),
+            max_len: self.max_len,
+        }
+    }
+
+    /// Sets the bound on each value's length, in characters (default [`DEFAULT_MAX_LEN`]).
+    /// A longer value is cut and [`TRUNCATED_MARKER`] appended; the value's `Display` impl
+    /// is stopped at the bound, so a huge value costs no more than a short one.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static ID: AsyncLocal<String> = AsyncLocal::named("id");
+    ///
+    /// let fields = contextflow_tracing::ContextFields::new().field("id", &ID).max_len(4);
+    /// ID.sync_scope("abcdefgh".into(), || assert_eq!(fields.text_prefix(), "[abcd…] "));
+    /// ```
+    pub fn max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len;
+        self
+    }
+
+    /// Whether no field was added.
+    ///
+    /// ```
+    /// assert!(contextflow_tracing::ContextFields::default().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The field names, in order.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static A: AsyncLocal<u8> = AsyncLocal::new();
+    /// static B: AsyncLocal<u8> = AsyncLocal::new();
+    /// let fields = contextflow_tracing::ContextFields::new().field("a", &A).field("b", &B);
+    /// assert_eq!(fields.names().collect::<Vec<_>>(), ["a", "b"]);
+    /// ```
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.fields.iter().map(|f| f.name)
+    }
+
+    /// Wraps a text event format (such as `tracing_subscriber::fmt::format()`) so that each
+    /// line starts with the context prefix (see [`write_text_prefix`](Self::write_text_prefix)).
+    ///
+    /// Also registers [`SpanCarrier`](crate::SpanCarrier), so that spawned tasks log inside
+    /// their parent's span.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    ///
+    /// let fields = contextflow_tracing::ContextFields::new().field("request_id", &REQUEST_ID);
+    /// let subscriber = tracing_subscriber::fmt()
+    ///     .event_format(fields.text(tracing_subscriber::fmt::format()))
+    ///     .finish();
+    /// # drop(subscriber);
+    /// ```
+    pub fn text<F>(&self, inner: F) -> ContextFormat<F> {
+        crate::carry_spans();
+        ContextFormat::new(self.clone(), inner, Mode::Text)
+    }
+
+    /// Wraps a JSON event format (such as `tracing_subscriber::fmt::format().json()`) so that
+    /// each object gets one top-level key per field that is set.
+    ///
+    /// Also registers [`SpanCarrier`](crate::SpanCarrier), so that spawned tasks log inside
+    /// their parent's span.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    ///
+    /// let fields = contextflow_tracing::ContextFields::new().field("request_id", &REQUEST_ID);
+    /// let subscriber = tracing_subscriber::fmt()
+    ///     .json()
+    ///     .map_event_format(|json| fields.json(json))
+    ///     .finish();
+    /// # drop(subscriber);
+    /// ```
+    pub fn json<F>(&self, inner: F) -> ContextFormat<F> {
+        crate::carry_spans();
+        ContextFormat::new(self.clone(), inner, Mode::Json)
+    }
+
+    /// Writes the text prefix for the current context: `[value1 name2=value2] `, or nothing at
+    /// all when no field is set. Values with spaces, `=`, brackets, quotes, control or invisible
+    /// characters are quoted and escaped (`"acme corp"`, `"a\nb"`, `"\x1b[31m"`).
+    ///
+    /// # Errors
+    /// When `w` fails.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    /// let fields = contextflow_tracing::ContextFields::new().field("request_id", &REQUEST_ID);
+    ///
+    /// let mut out = String::new();
+    /// REQUEST_ID.sync_scope("evil\n[req-2] forged".into(), || fields.write_text_prefix(&mut out))?;
+    /// assert_eq!(out, "[\"evil\\n[req-2] forged\"] ");
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn write_text_prefix(&self, w: &mut dyn Write) -> fmt::Result {
+        let mut result = Ok(());
+        let mut any = false;
+        with_scratch(|scratch| {
+            for (i, field) in self.fields.iter().enumerate() {
+                if !self.render(field, scratch) {
+                    continue;
+                }
+                result = (|| {
+                    w.write_str(if any { " " } else { "[" })?;
+                    if i > 0 {
+                        w.write_str(field.name)?;
+                        w.write_char('=')?;
+                    }
+                    escape::write_text(w, scratch)
+                })();
+                any = true;
+                if result.is_err() {
+                    return;
+                }
+            }
+        });
+        result?;
+        if any {
+            w.write_str("] ")?;
+        }
+        Ok(())
+    }
+
+    /// The text prefix for the current context, as a `String` (see
+    /// [`write_text_prefix`](Self::write_text_prefix)).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    /// let fields = contextflow_tracing::ContextFields::new()
+    ///     .field("request_id", &REQUEST_ID)
+    ///     .field("tenant", &TENANT);
+    /// TENANT.sync_scope("acme corp".into(), || {
+    ///     assert_eq!(fields.text_prefix(), "[tenant=\"acme corp\"] ");
+    /// });
+    /// ```
+    pub fn text_prefix(&self) -> String {
+        let mut out = String::new();
+        // Writing to a `String` cannot fail.
+        let _ = self.write_text_prefix(&mut out);
+        out
+    }
+
+    /// Writes the JSON object members for the current context, `"name":"value"` separated by
+    /// commas, without braces; returns whether anything was written. Values are JSON strings,
+    /// escaped as JSON requires plus DEL, C1 controls and invisible characters (`\u2028`).
+    ///
+    /// # Errors
+    /// When `w` fails.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    /// let fields = contextflow_tracing::ContextFields::new().field("request_id", &REQUEST_ID);
+    ///
+    /// let mut out = String::new();
+    /// REQUEST_ID.sync_scope("a\"b".into(), || fields.write_json_members(&mut out))?;
+    /// assert_eq!(out, r#""request_id":"a\"b""#);
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn write_json_members(&self, w: &mut dyn Write) -> Result<bool, fmt::Error> {
+        let mut result = Ok(());
+        let mut any = false;
+        with_scratch(|scratch| {
+            for field in self.fields.iter() {
+                if !self.render(field, scratch) {
+                    continue;
+                }
+                result = (|| {
+                    if any {
+                        w.write_char(',')?;
+                    }
+                    // Names are checked to be `[A-Za-z0-9_.-]+` in `field`.
+                    w.write_char('"')?;
+                    w.write_str(field.name)?;
+                    w.write_str("\":")?;
+                    escape::write_json(w, scratch)
+                })();
+                any = true;
+                if result.is_err() {
+                    return;
+                }
+            }
+        });
+        result.map(|()| any)
+    }
+
+    /// Renders `field`'s current value, bounded, into `scratch`; `false` when it is not set.
+    fn render(&self, field: &Field, scratch: &mut String) -> bool {
+        scratch.clear();
+        let mut bounded = Bounded {
+            buf: scratch,
+            remaining: self.max_len,
+            truncated: false,
+        };
+        let set = field.source.with_value(&mut |value| {
+            // An error is either our own stop at the bound (recorded in `truncated`) or a
+            // failing `Display` impl, whose partial output is still worth logging.
+            let _ = write!(bounded, "{value}");
+        });
+        if bounded.truncated {
+            scratch.push_str(TRUNCATED_MARKER);
+        }
+        set
+    }
+}
+
+impl Default for ContextFields {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ContextFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContextFields")
+            .field("names", &self.names().collect::<Vec<_>>())
+            .field("max_len", &self.max_len)
+            .finish()
+    }
+}
+
+// ===== scratch buffer =====
+
+thread_local! {
+    /// Reused buffer for rendering one value, so that formatting does not allocate per event.
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Calls `f` with this thread's scratch buffer, or with a fresh one when the buffer is in use
+/// (a value's `Display` impl that itself logs) or the thread is being torn down.
+fn with_scratch(f: impl FnOnce(&mut String)) {
+    let mut f = Some(f);
+    let _ = SCRATCH.try_with(|cell| {
+        if let Ok(mut buf) = cell.try_borrow_mut() {
+            if let Some(f) = f.take() {
+                f(&mut buf);
+            }
+            // Do not keep a huge buffer alive after one unusual value.
+            if buf.capacity() > 4 * 1024 {
+                *buf = String::new();
+            }
+        }
+    });
+    if let Some(f) = f {
+        f(&mut String::new());
+    }
+}

@@ -1,0 +1,254 @@
+//! Context fields in text and JSON output, with subscribers set per thread.
+
+mod common;
+
+use common::Capture;
+use contextflow::AsyncLocal;
+use contextflow_tracing::ContextFields;
+use tracing::{info, subscriber::with_default, warn};
+use tracing_subscriber::fmt::format;
+
+static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+static TENANT: AsyncLocal<&'static str> = AsyncLocal::named("tenant");
+static USER_ID: AsyncLocal<u64> = AsyncLocal::named("user_id");
+
+fn fields() -> ContextFields {
+    ContextFields::new()
+        .field("request_id", &REQUEST_ID)
+        .field("tenant", &TENANT)
+        .field("user_id", &USER_ID)
+}
+
+fn text_subscriber(capture: &Capture) -> impl tracing::Subscriber + Send + Sync {
+    let inner = format().without_time().with_target(false).with_level(false);
+    tracing_subscriber::fmt()
+        .event_format(fields().text(inner))
+        .with_writer(capture.clone())
+        .finish()
+}
+
+fn json_subscriber(capture: &Capture) -> impl tracing::Subscriber + Send + Sync {
+    tracing_subscriber::fmt()
+        .json()
+        .without_time()
+        .map_event_format(|json| fields().json(json))
+        .with_writer(capture.clone())
+        .finish()
+}
+
+fn json_lines(capture: &Capture) -> Vec<serde_json::Value> {
+    capture
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("invalid JSON {l:?}: {e}")))
+        .collect()
+}
+
+const HOSTILE: &str = "evil\n[req-2] forged line\r\x1b[31mred\x1b[0m \"quoted\" \\ \u{2028}sep\u{2029}\u{202E}rtl\u{85}\0\x07end";
+
+#[test]
+fn text_prefix_with_one_field() {
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || {
+        REQUEST_ID.sync_scope("req-123".into(), || info!("Order creation started"));
+    });
+    assert_eq!(capture.contents(), "[req-123] Order creation started\n");
+}
+
+#[test]
+fn text_prefix_with_several_fields_in_declaration_order() {
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || {
+        USER_ID.sync_scope(7, || {
+            TENANT.sync_scope("acme", || {
+                REQUEST_ID.sync_scope("req-1".into(), || info!(order = 42, "created"));
+                info!("no request id");
+            })
+        });
+    });
+    assert_eq!(
+        capture.lines(),
+        [
+            "[req-1 tenant=acme user_id=7] created order=42",
+            "[tenant=acme user_id=7] no request id",
+        ]
+    );
+}
+
+#[test]
+fn no_context_prints_normally() {
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || warn!("outside any request"));
+    assert_eq!(capture.contents(), "outside any request\n");
+
+    let capture = Capture::default();
+    with_default(json_subscriber(&capture), || warn!("outside any request"));
+    let lines = json_lines(&capture);
+    assert_eq!(lines.len(), 1);
+    let obj = lines[0].as_object().unwrap();
+    assert!(!obj.contains_key("request_id"));
+    assert_eq!(obj["fields"]["message"], "outside any request");
+}
+
+#[test]
+fn json_fields_are_top_level_keys() {
+    let capture = Capture::default();
+    with_default(json_subscriber(&capture), || {
+        REQUEST_ID.sync_scope("req-9".into(), || {
+            TENANT.sync_scope("acme", || info!(order = 1, "created"));
+        });
+    });
+    let lines = json_lines(&capture);
+    assert_eq!(lines.len(), 1);
+    let obj = lines[0].as_object().unwrap();
+    assert_eq!(obj["request_id"], "req-9");
+    assert_eq!(obj["tenant"], "acme");
+    assert!(!obj.contains_key("user_id"));
+    assert_eq!(obj["level"], "INFO");
+    assert_eq!(obj["fields"]["message"], "created");
+    assert_eq!(obj["fields"]["order"], 1);
+    // Our keys come first, then the inner format's.
+    assert!(capture
+        .contents()
+        .starts_with(r#"{"request_id":"req-9","tenant":"acme","#));
+}
+
+#[test]
+fn json_with_flattened_event_and_numbers_as_strings() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .map_event_format(|json| fields().json(json))
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || USER_ID.sync_scope(5, || info!("hi")));
+    let lines = json_lines(&capture);
+    assert_eq!(lines[0]["user_id"], "5");
+    assert_eq!(lines[0]["message"], "hi");
+}
+
+#[test]
+fn hostile_value_cannot_forge_a_text_line() {
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || {
+        REQUEST_ID.sync_scope(HOSTILE.into(), || info!("one event"));
+    });
+    let out = capture.contents();
+    assert_eq!(out.matches('\n').count(), 1, "{out:?}");
+    assert!(out.ends_with("one event\n"));
+    for forbidden in [
+        '\r', '\x1b', '\u{2028}', '\u{2029}', '\u{202E}', '\u{85}', '\0', '\x07',
+    ] {
+        assert!(!out.contains(forbidden), "{forbidden:?} in {out:?}");
+    }
+    assert_eq!(
+        out,
+        "[\"evil\\n[req-2] forged line\\r\\x1b[31mred\\x1b[0m \\\"quoted\\\" \\\\ \\u{2028}sep\\u{2029}\\u{202e}rtl\\u{85}\\x00\\x07end\"] one event\n"
+    );
+}
+
+#[test]
+fn hostile_value_is_valid_escaped_json() {
+    let capture = Capture::default();
+    with_default(json_subscriber(&capture), || {
+        REQUEST_ID.sync_scope(HOSTILE.into(), || info!("one event"));
+    });
+    let out = capture.contents();
+    assert_eq!(out.matches('\n').count(), 1, "{out:?}");
+    for forbidden in [
+        '\r', '\x1b', '\u{2028}', '\u{2029}', '\u{202E}', '\u{85}', '\0', '\x07',
+    ] {
+        assert!(!out.contains(forbidden), "{forbidden:?} in {out:?}");
+    }
+    let lines = json_lines(&capture);
+    assert_eq!(lines[0]["request_id"], HOSTILE, "round-trips exactly");
+    assert_eq!(lines[0]["fields"]["message"], "one event");
+}
+
+#[test]
+fn long_values_are_truncated_with_a_marker() {
+    let capture = Capture::default();
+    with_default(json_subscriber(&capture), || {
+        REQUEST_ID.sync_scope("x".repeat(100_000), || info!("big"));
+    });
+    let id = json_lines(&capture)[0]["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id, format!("{}…", "x".repeat(256)));
+
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || {
+        REQUEST_ID.sync_scope("y".repeat(1000), || info!("big"));
+    });
+    assert_eq!(capture.contents(), format!("[{}…] big\n", "y".repeat(256)));
+}
+
+/// A value whose `Display` logs: formatting must neither panic nor deadlock.
+struct Chatty;
+impl std::fmt::Display for Chatty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        info!("from inside Display");
+        f.write_str("chatty")
+    }
+}
+static CHATTY: AsyncLocal<Chatty> = AsyncLocal::named("chatty");
+
+#[test]
+fn display_that_logs_is_tolerated() {
+    for json in [false, true] {
+        let capture = Capture::default();
+        let fields = ContextFields::new().field("chatty", &CHATTY);
+        let builder = tracing_subscriber::fmt()
+            .without_time()
+            .with_writer(capture.clone());
+        let dispatch: tracing::Dispatch = if json {
+            builder
+                .json()
+                .map_event_format(|f| fields.json(f))
+                .finish()
+                .into()
+        } else {
+            builder
+                .event_format(fields.text(format().without_time()))
+                .finish()
+                .into()
+        };
+        tracing::dispatcher::with_default(&dispatch, || {
+            CHATTY.sync_scope(Chatty, || info!("outer"));
+        });
+        let out = capture.contents();
+        assert!(out.contains("outer") && out.contains("chatty"), "{out}");
+    }
+}
+
+#[test]
+fn concurrent_requests_on_one_thread_keep_their_own_fields() {
+    let capture = Capture::default();
+    with_default(json_subscriber(&capture), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let requests = (0..50).map(|i| {
+                REQUEST_ID.scope(format!("req-{i}"), async move {
+                    for step in 0..3 {
+                        info!(i, step, "working");
+                        tokio::task::yield_now().await;
+                    }
+                })
+            });
+            let handles: Vec<_> = requests.map(tokio::spawn).collect();
+            for h in handles {
+                h.await.unwrap();
+            }
+        });
+    });
+    let lines = json_lines(&capture);
+    assert_eq!(lines.len(), 150);
+    for line in lines {
+        let i = line["fields"]["i"].as_u64().unwrap();
+        assert_eq!(line["request_id"], format!("req-{i}"));
+    }
+}
