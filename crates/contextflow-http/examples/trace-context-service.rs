@@ -5,7 +5,7 @@
 //! context of the incoming request (through [`PropagateContextLayer`] on the way in and
 //! [`InjectContextMiddleware`] on the way out), then answers 200.
 //!
-//! Run with: `cargo run -p contextflow-http --features reqwest --example trace-context-service -- --port 8080`
+//! Run with: `cargo run -p contextflow-http --example trace-context-service -- --port 8080`
 //! (`--host` picks the address to listen on; the default is 127.0.0.1).
 
 use std::net::SocketAddr;
