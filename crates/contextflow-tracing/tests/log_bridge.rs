@@ -26,7 +26,9 @@ fn log_records_carry_context_fields() {
         .finish();
     with_default(subscriber, || {
         REQUEST_ID.sync_scope("req-7".into(), || {
-            TENANT.sync_scope("acme\nINFO forged".into(), || log::info!("from the log crate"));
+            TENANT.sync_scope("acme\nINFO forged".into(), || {
+                log::info!("from the log crate")
+            });
         });
         log::warn!("no request");
     });

@@ -27,8 +27,12 @@ async fn request() {
     contextflow::spawn(async { info!("spawned") })
         .await
         .unwrap();
-    contextflow::spawn_blocking(|| info!("blocking")).await.unwrap();
-    contextflow::thread::spawn(|| info!("thread")).join().unwrap();
+    contextflow::spawn_blocking(|| info!("blocking"))
+        .await
+        .unwrap();
+    contextflow::thread::spawn(|| info!("thread"))
+        .join()
+        .unwrap();
     // A plain tokio::spawn carries neither the context nor the span.
     tokio::spawn(async { info!("plain") }).await.unwrap();
 }
@@ -79,7 +83,11 @@ fn spawned_children_log_inside_the_parent_span() {
             let span = &event["span"];
             assert_eq!(span["name"], "request", "{message}: {event}");
             let n = span["n"].as_u64().unwrap();
-            assert_eq!(event["request_id"], format!("req-{n}"), "{message}: {event}");
+            assert_eq!(
+                event["request_id"],
+                format!("req-{n}"),
+                "{message}: {event}"
+            );
             assert_eq!(event["spans"].as_array().unwrap().len(), 1, "{event}");
         }
     }
