@@ -11,6 +11,7 @@ use crate::{
     http::{router, AppState, TokenTable},
     jobs::Jobs,
     payment::{stub_router, PaymentClient},
+    queue::Queue,
     service::OrderService,
 };
 
@@ -36,6 +37,7 @@ pub struct RunningService {
     pub state: AppState,
     shutdown: Arc<Notify>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
+    consumer: JoinHandle<()>,
 }
 
 /// The seeded catalogue, per tenant: `(sku, name, stock, price in cents)`.
@@ -84,9 +86,10 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
     let payment_server = serve(payment_listener, stub_router(), shutdown.clone());
 
     let payments = PaymentClient::new(&format!("http://{payment_addr}"));
+    let (queue, consumer) = Queue::start(1024);
     let state = AppState {
         service: OrderService::new(&db, payments),
-        jobs: Jobs::new(&db),
+        jobs: Jobs::new(&db, queue),
         db,
     };
     let listener = TcpListener::bind(config.listen).await?;
@@ -103,17 +106,19 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         state,
         shutdown,
         servers: vec![payment_server, server],
+        consumer,
     })
 }
 
 impl RunningService {
-    /// Stops accepting requests, waits for the servers and for running jobs.
+    /// Stops accepting requests, waits for the servers, for running jobs and queued messages.
     pub async fn shutdown(self) {
         self.shutdown.notify_waiters();
         for server in self.servers {
             let _ = server.await;
         }
         self.state.jobs.wait_idle().await;
+        self.consumer.abort();
     }
 }
 

@@ -67,6 +67,8 @@ pub struct DemoReport {
     pub jobs_logged: usize,
     /// Requests whose payment the stub logged under their id and trace.
     pub payments_logged: usize,
+    /// Requests whose `order.confirmed` event the queue consumer logged under their id and trace.
+    pub events_logged: usize,
     /// Orders of this run found paid in the database.
     pub committed: i64,
     /// Median latency.
@@ -252,6 +254,7 @@ pub async fn run(
         mismatch_examples: check.examples,
         jobs_logged: check.jobs.len(),
         payments_logged: check.payments.len(),
+        events_logged: check.events.len(),
         committed,
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
@@ -299,6 +302,7 @@ struct Check {
     examples: Vec<String>,
     jobs: HashSet<String>,
     payments: HashSet<String>,
+    events: HashSet<String>,
 }
 
 /// One log line's fields, whatever the format: values as strings, `None` when absent/null.
@@ -372,6 +376,9 @@ fn check_lines(lines: &[String], parsed: &[Fields], expected: &HashMap<String, E
                     Some("payment authorized") => {
                         check.payments.insert(request_id.to_string());
                     }
+                    Some("audit: order confirmed") => {
+                        check.events.insert(request_id.to_string());
+                    }
                     _ => {}
                 }
             }
@@ -403,8 +410,10 @@ fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
         is_span: true,
         children: Vec::new(),
     };
-    // Where the payment stub's lines hang: under the outgoing call that caused them.
+    // Where the lines of another service (the payment stub, the queue consumer) hang: under
+    // the outgoing call or publish that caused them.
     let mut client_call: Vec<String> = Vec::new();
+    let mut publish: Vec<String> = Vec::new();
     for fields in lines {
         if field(fields, "request_id") != Some(request_id) {
             continue;
@@ -418,8 +427,16 @@ fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
         if let Some(at) = path.iter().position(|s| s.starts_with("http.client")) {
             client_call = path[..=at].to_vec();
         }
-        if path.first().is_some_and(|s| s.contains("service=payment")) {
-            let mut grafted = client_call.clone();
+        if let Some(at) = path.iter().position(|s| s.starts_with("queue.publish")) {
+            publish = path[..=at].to_vec();
+        }
+        let graft_under = match path.first() {
+            Some(root) if root.contains("service=payment") => Some(&client_call),
+            Some(root) if root.starts_with("queue.consume") => Some(&publish),
+            _ => None,
+        };
+        if let Some(parent) = graft_under {
+            let mut grafted = parent.clone();
             grafted.append(&mut path);
             path = grafted;
         }
@@ -559,6 +576,7 @@ impl DemoReport {
             && self.committed == self.requests as i64
             && self.jobs_logged == self.requests
             && self.payments_logged == self.requests
+            && self.events_logged == self.requests
     }
 }
 
@@ -610,6 +628,11 @@ impl fmt::Display for DemoReport {
             f,
             "  payment calls       {}/{} logged by the payment stub with the caller's request and trace id",
             self.payments_logged, self.requests
+        )?;
+        writeln!(
+            f,
+            "  queue events        {}/{} consumed under their request's id and trace (headers, not the tenant)",
+            self.events_logged, self.requests
         )?;
         writeln!(
             f,

@@ -7,7 +7,7 @@
 //! trace; the confirmation job spawned by the request keeps its context.
 //!
 //! Module map: [`http`] (routes, middleware, controllers), [`service`], [`db`] (repositories),
-//! [`jobs`], [`payment`] (client and in-process stub), [`context`] (the request context),
+//! [`jobs`], [`queue`] (in-process message queue), [`payment`] (client and in-process stub), [`context`] (the request context),
 //! [`logging`], [`app`] (start-up) and [`demo`] (the load run with its correctness check).
 #![forbid(unsafe_code)]
 
@@ -19,4 +19,5 @@ pub mod http;
 pub mod jobs;
 pub mod logging;
 pub mod payment;
+pub mod queue;
 pub mod service;

@@ -28,7 +28,7 @@ pub async fn create_order(
             .db
             .transaction(|| app.service.place_order(&order))
             .await?;
-        app.jobs.send_confirmation(placed.id);
+        app.jobs.send_confirmation(placed.id, &placed.reference);
         info!(order_id = placed.id, "order accepted");
         Ok((StatusCode::CREATED, Json(placed)))
     }

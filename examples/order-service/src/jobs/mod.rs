@@ -4,7 +4,8 @@
 //! task keeps the request's id, trace and tenant (so its log lines and its tenant-scoped query
 //! belong to the request) and its tracing span nests under the request's, but it does *not*
 //! get the request's database transaction, which has been committed by then anyway: its query
-//! runs on the pool.
+//! runs on the pool. It then publishes an `order.confirmed` event to the [`Queue`], which
+//! carries the context to its consumer the way an HTTP call would.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -14,13 +15,18 @@ use std::sync::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn, Instrument as _};
 
-use crate::db::{Db, OrderRepository};
+use crate::{
+    context,
+    db::{Db, OrderRepository},
+    queue::{OrderConfirmed, Queue, ORDER_CONFIRMED},
+};
 
 /// Starts background jobs and knows how many are still running.
 #[derive(Clone, Debug)]
 pub struct Jobs {
     db: Db,
     orders: OrderRepository,
+    queue: Queue,
     inflight: Arc<Inflight>,
 }
 
@@ -34,20 +40,23 @@ struct Inflight {
 struct InflightGuard(Arc<Inflight>);
 
 impl Jobs {
-    /// Jobs over `db`.
-    pub fn new(db: &Db) -> Self {
+    /// Jobs over `db`, publishing their events to `queue`.
+    pub fn new(db: &Db, queue: Queue) -> Self {
         Jobs {
             db: db.clone(),
             orders: OrderRepository::new(db),
+            queue,
             inflight: Arc::default(),
         }
     }
 
-    /// Sends the confirmation of order `order_id` in the background, in the current context.
-    pub fn send_confirmation(&self, order_id: i64) -> JoinHandle<()> {
+    /// Sends the confirmation of order `order_id` (client reference `reference`) in the
+    /// background, in the current context, then publishes [`ORDER_CONFIRMED`].
+    pub fn send_confirmation(&self, order_id: i64, reference: &str) -> JoinHandle<()> {
         self.inflight.count.fetch_add(1, Ordering::SeqCst);
         let guard = InflightGuard(self.inflight.clone());
-        let (db, orders) = (self.db.clone(), self.orders.clone());
+        let (db, orders, queue) = (self.db.clone(), self.orders.clone(), self.queue.clone());
+        let reference = reference.to_owned();
         contextflow::spawn(async move {
             let _guard = guard;
             // Created inside the task: its parent is the request's span, carried by the spawn.
@@ -59,13 +68,30 @@ impl Jobs {
                 );
                 match orders.mark_confirmed(order_id).await {
                     Ok(true) => info!("confirmation sent"),
-                    Ok(false) => warn!("order not found for this tenant"),
-                    Err(err) => warn!(error = %err, "confirmation failed"),
+                    Ok(false) => {
+                        warn!("order not found for this tenant");
+                        return;
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "confirmation failed");
+                        return;
+                    }
                 }
+                let event = OrderConfirmed {
+                    order_id,
+                    reference,
+                    tenant: context::tenant().map(|t| t.to_string()).unwrap_or_default(),
+                };
+                queue.publish(ORDER_CONFIRMED, &event).await;
             }
             .instrument(span)
             .await;
         })
+    }
+
+    /// The queue the jobs publish to.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
     }
 
     /// How many jobs are still running.
@@ -73,16 +99,17 @@ impl Jobs {
         self.inflight.count.load(Ordering::SeqCst)
     }
 
-    /// Waits until no job is running.
+    /// Waits until no job is running and every message they published has been handled.
     pub async fn wait_idle(&self) {
         loop {
             // Registered before the check, so a job ending in between still wakes us.
             let idle = self.inflight.idle.notified();
             if self.in_flight() == 0 {
-                return;
+                break;
             }
             idle.await;
         }
+        self.queue.wait_idle().await;
     }
 }
 

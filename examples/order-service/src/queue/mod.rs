@@ -1,0 +1,149 @@
+//! An in-process message queue: what crosses a queue is what a propagator writes, nothing else.
+//!
+//! [`Queue::publish`] writes the current context into the message's headers with
+//! `contextflow_http::inject_headers` (`traceparent` with a fresh span id, `x-request-id`,
+//! `baggage`), exactly as for an HTTP call. The consumer task, started at start-up with an
+//! empty context (it belongs to no request), runs each message's handler inside
+//! `contextflow_http::IncomingContext::from_headers(..)`: its log lines carry the publishing
+//! request's id and trace id. The tenant does *not* cross: message metadata is input, and
+//! input never sets the tenant; the handler reads the order's tenant from the payload as data.
+//!
+//! A real deployment swaps the channel for AMQP, Kafka or NATS; the two calls stay the same.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use axum::http::HeaderMap;
+use contextflow_http::IncomingContext;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{mpsc, Notify},
+    task::JoinHandle,
+};
+use tracing::{info, warn, Instrument as _};
+
+/// The topic the confirmation job publishes to.
+pub const ORDER_CONFIRMED: &str = "order.confirmed";
+
+/// A message: a topic, propagation headers and a JSON payload.
+#[derive(Debug)]
+pub struct Message {
+    /// Where it goes.
+    pub topic: &'static str,
+    /// What the propagator wrote: trace context, request id, baggage.
+    pub headers: HeaderMap,
+    /// The event itself.
+    pub payload: serde_json::Value,
+}
+
+/// The payload of [`ORDER_CONFIRMED`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OrderConfirmed {
+    /// The order.
+    pub order_id: i64,
+    /// Its client reference.
+    pub reference: String,
+    /// Its tenant (data here, not context).
+    pub tenant: String,
+}
+
+/// The publishing side of the queue; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    sender: mpsc::Sender<Message>,
+    pending: Arc<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Queue {
+    /// A queue of `capacity` messages and its consumer task, which logs every
+    /// [`ORDER_CONFIRMED`] event (an audit trail) in the publisher's propagated context.
+    pub fn start(capacity: usize) -> (Queue, JoinHandle<()>) {
+        let (sender, mut receiver) = mpsc::channel::<Message>(capacity);
+        let pending = Arc::new(Pending::default());
+        let consumer_pending = pending.clone();
+        // The consumer serves every request and none: it starts from an empty context and
+        // takes each message's context from its headers.
+        let consumer = contextflow::spawn_detached(async move {
+            while let Some(message) = receiver.recv().await {
+                let incoming = IncomingContext::from_headers(&message.headers);
+                let span = tracing::info_span!("queue.consume", topic = message.topic);
+                incoming.scope(consume(message).instrument(span)).await;
+                if consumer_pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    consumer_pending.idle.notify_waiters();
+                }
+            }
+        });
+        (Queue { sender, pending }, consumer)
+    }
+
+    /// Publishes `payload` on `topic`, with the current context in the headers. Waits while
+    /// the queue is full.
+    pub async fn publish<T: Serialize>(&self, topic: &'static str, payload: &T) {
+        let span = tracing::info_span!("queue.publish", topic);
+        async {
+            let mut headers = HeaderMap::new();
+            contextflow_http::inject_headers(&mut headers);
+            let payload = match serde_json::to_value(payload) {
+                Ok(payload) => payload,
+                Err(err) => {
+                    warn!(error = %err, "message not serializable; dropped");
+                    return;
+                }
+            };
+            self.pending.count.fetch_add(1, Ordering::SeqCst);
+            let message = Message {
+                topic,
+                headers,
+                payload,
+            };
+            match self.sender.send(message).await {
+                Ok(()) => info!("message published"),
+                Err(_) => {
+                    self.pending.count.fetch_sub(1, Ordering::SeqCst);
+                    warn!("queue closed; message dropped");
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// How many published messages are not yet handled.
+    pub fn pending(&self) -> usize {
+        self.pending.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every published message has been handled.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.pending.idle.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+async fn consume(message: Message) {
+    match message.topic {
+        ORDER_CONFIRMED => match serde_json::from_value::<OrderConfirmed>(message.payload) {
+            Ok(event) => info!(
+                order_id = event.order_id,
+                reference = %event.reference,
+                order_tenant = %event.tenant,
+                "audit: order confirmed"
+            ),
+            Err(err) => warn!(error = %err, "malformed order.confirmed event"),
+        },
+        other => warn!(topic = other, "message on an unknown topic"),
+    }
+}
