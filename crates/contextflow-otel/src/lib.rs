@@ -1,1 +1,356 @@
-//! contextflow integration (work in progress).
+//! `opentelemetry::Context` carried in contextflow's frame and across contextflow spawns;
+//! trace id and span id accessors; requests that continue a remote trace.
+//!
+//! OpenTelemetry keeps its own thread-local "current [`Context`]", which a plain
+//! `tokio::spawn` loses and which a future only keeps when wrapped in `with_context`. This
+//! crate makes it agree with contextflow:
+//!
+//! - [`carry_context`] registers [`ContextCarrier`], so that `contextflow::spawn`,
+//!   `spawn_blocking`, `contextflow::thread::spawn` and `in_current_context` capture
+//!   [`Context::current`] and attach it around every poll of the child.
+//! - [`scope`] / [`sync_scope`] run code inside a `Context`, both as OpenTelemetry's current
+//!   context (attached on every poll) and as a contextflow variable ([`OTEL_CONTEXT`]), so it is
+//!   visible to [`Snapshot`](contextflow::Snapshot)s and can be a log field.
+//! - [`in_remote_context`] runs a request under the `SpanContext` extracted from its incoming
+//!   headers (for instance by `contextflow-http` or an OpenTelemetry propagator): every span
+//!   started inside, with the OpenTelemetry API or through `tracing-opentelemetry`, is a child
+//!   of the remote parent and shares its trace id.
+//! - [`current_trace_id`] and [`current_span_id`] read the innermost context.
+//!
+//! ```
+//! use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! contextflow_otel::carry_context();
+//!
+//! // What a server middleware extracts from `traceparent`:
+//! let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+//! let parent = SpanContext::new(
+//!     trace_id,
+//!     SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+//!     TraceFlags::SAMPLED,
+//!     true,
+//!     TraceState::default(),
+//! );
+//! contextflow_otel::in_remote_context(parent, async move {
+//!     assert_eq!(contextflow_otel::current_trace_id(), Some(trace_id));
+//!     // Spawned children see it too, with no `.with_current_context()`.
+//!     let child = contextflow::spawn(async { contextflow_otel::current_trace_id() });
+//!     assert_eq!(child.await.unwrap(), Some(trace_id));
+//! })
+//! .await;
+//! assert_eq!(contextflow_otel::current_trace_id(), None);
+//! # }
+//! ```
+//!
+//! # Trace id in every log line
+//!
+//! [`OTEL_CONTEXT`] holds an [`OtelContext`] whose `Display` is the trace id, so it can be
+//! declared as a log field with `contextflow-tracing`
+//! (`ContextFields::new().field("trace_id", &contextflow_otel::OTEL_CONTEXT)`).
+//!
+//! # With `tracing-opentelemetry`
+//!
+//! `tracing-opentelemetry` starts a root tracing span under `Context::current()`; inside
+//! [`in_remote_context`] (and in children spawned through contextflow with the carrier
+//! registered) that is the request's context, so tracing spans join the request's trace. With
+//! its default context activation, entering a tracing span makes its OpenTelemetry context
+//! current, so [`current_span_id`] returns that span's id.
+//!
+//! # Cost
+//!
+//! With the carrier registered, each contextflow spawn clones the current `Context` (two
+//! reference counts) and each poll of the child attaches it (OpenTelemetry's own cost,
+//! as with `with_context`). Nothing is done for spawns when the carrier is not registered.
+#![forbid(unsafe_code)]
+#![doc(test(attr(deny(warnings))))]
+
+use std::{fmt, future::Future};
+
+use contextflow::{
+    carry::{self, Carrier},
+    AsyncLocal,
+};
+use opentelemetry::{
+    context::FutureExt as _,
+    trace::{SpanContext, SpanId, TraceContextExt, TraceId},
+    Context,
+};
+
+/// The request's OpenTelemetry context as a contextflow variable; set by [`scope`],
+/// [`sync_scope`] and [`in_remote_context`]. Its value displays as the trace id, so it can be
+/// a log field.
+///
+/// ```
+/// use opentelemetry::{trace::TraceContextExt, Context};
+/// # use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+/// # let parent = SpanContext::new(TraceId::from(7u128), SpanId::from(1u64),
+/// #     TraceFlags::SAMPLED, true, TraceState::default());
+///
+/// let cx = Context::new().with_remote_span_context(parent);
+/// contextflow_otel::sync_scope(cx, || {
+///     let shown = contextflow_otel::OTEL_CONTEXT.with(|cx| cx.map(|cx| cx.to_string()));
+///     assert_eq!(shown.as_deref(), Some("00000000000000000000000000000007"));
+/// });
+/// ```
+pub static OTEL_CONTEXT: AsyncLocal<OtelContext> = AsyncLocal::named("otel.context");
+
+/// An OpenTelemetry [`Context`] stored in [`OTEL_CONTEXT`]; displays as its span's trace id
+/// (32 hex digits, all zeros when the context has no span).
+///
+/// ```
+/// use opentelemetry::Context;
+/// let cx = contextflow_otel::OtelContext::new(Context::new());
+/// assert_eq!(cx.trace_id(), None);
+/// assert_eq!(cx.to_string(), "00000000000000000000000000000000");
+/// ```
+#[derive(Clone)]
+pub struct OtelContext {
+    cx: Context,
+}
+
+/// A [`Carrier`] for OpenTelemetry's current [`Context`]: contextflow spawns capture
+/// [`Context::current`] and attach it around every poll of the child. Register it with
+/// [`carry_context`].
+///
+/// ```
+/// use contextflow::carry::Carrier;
+/// let captured = contextflow_otel::ContextCarrier.capture();
+/// assert!(captured.is_some());
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ContextCarrier;
+
+// ===== impl OtelContext =====
+
+impl OtelContext {
+    /// Wraps `cx`.
+    ///
+    /// ```
+    /// let _cx = contextflow_otel::OtelContext::new(opentelemetry::Context::current());
+    /// ```
+    pub fn new(cx: Context) -> Self {
+        OtelContext { cx }
+    }
+
+    /// The wrapped context.
+    ///
+    /// ```
+    /// use opentelemetry::trace::TraceContextExt;
+    /// let cx = contextflow_otel::OtelContext::new(opentelemetry::Context::new());
+    /// assert!(!cx.context().has_active_span());
+    /// ```
+    pub fn context(&self) -> &Context {
+        &self.cx
+    }
+
+    /// The trace id of the context's span, if it has a valid one.
+    ///
+    /// ```
+    /// let cx = contextflow_otel::OtelContext::new(opentelemetry::Context::new());
+    /// assert_eq!(cx.trace_id(), None);
+    /// ```
+    pub fn trace_id(&self) -> Option<TraceId> {
+        valid(self.cx.span().span_context()).map(SpanContext::trace_id)
+    }
+
+    /// The id of the context's span, if it has a valid one.
+    ///
+    /// ```
+    /// let cx = contextflow_otel::OtelContext::new(opentelemetry::Context::new());
+    /// assert_eq!(cx.span_id(), None);
+    /// ```
+    pub fn span_id(&self) -> Option<SpanId> {
+        valid(self.cx.span().span_context()).map(SpanContext::span_id)
+    }
+
+    /// Unwraps the context.
+    ///
+    /// ```
+    /// let cx = contextflow_otel::OtelContext::new(opentelemetry::Context::new());
+    /// let _cx: opentelemetry::Context = cx.into_context();
+    /// ```
+    pub fn into_context(self) -> Context {
+        self.cx
+    }
+}
+
+impl fmt::Display for OtelContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.cx.span().span_context().trace_id(), f)
+    }
+}
+
+impl fmt::Debug for OtelContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("OtelContext").field(&self.cx).finish()
+    }
+}
+
+impl From<Context> for OtelContext {
+    fn from(cx: Context) -> Self {
+        OtelContext::new(cx)
+    }
+}
+
+// ===== impl ContextCarrier =====
+
+impl Carrier for ContextCarrier {
+    type Value = Context;
+
+    fn capture(&self) -> Option<Context> {
+        // Always carried: a `Context` may hold baggage or custom values without a span, and
+        // OpenTelemetry has no public way to tell an empty one apart.
+        Some(Context::current())
+    }
+
+    fn enter(&self, cx: &Context, f: &mut dyn FnMut()) {
+        // The guard detaches on drop, also when `f` panics.
+        let _attached = cx.clone().attach();
+        f()
+    }
+}
+
+/// Registers [`ContextCarrier`] for the rest of the process; returns `false` if it already
+/// was. Safe to call any number of times.
+///
+/// ```
+/// contextflow_otel::carry_context();
+/// assert!(!contextflow_otel::carry_context());
+/// ```
+pub fn carry_context() -> bool {
+    carry::register(ContextCarrier)
+}
+
+// ===== scopes =====
+
+/// Runs `fut` inside `cx`: attached as OpenTelemetry's current context around every poll, and
+/// bound to [`OTEL_CONTEXT`].
+///
+/// ```
+/// use opentelemetry::{Context, KeyValue, baggage::BaggageExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let cx = Context::new().with_baggage([KeyValue::new("tenant", "acme")]);
+/// let tenant = contextflow_otel::scope(cx, async {
+///     Context::current().baggage().get("tenant").map(|v| v.to_string())
+/// })
+/// .await;
+/// assert_eq!(tenant.as_deref(), Some("acme"));
+/// # }
+/// ```
+pub fn scope<F: Future>(cx: Context, fut: F) -> impl Future<Output = F::Output> {
+    OTEL_CONTEXT.scope(OtelContext::new(cx.clone()), fut.with_context(cx))
+}
+
+/// Runs `f` inside `cx`: attached as OpenTelemetry's current context and bound to
+/// [`OTEL_CONTEXT`], both restored when `f` returns or panics.
+///
+/// ```
+/// use opentelemetry::{Context, trace::TraceContextExt};
+/// # use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+/// # let parent = SpanContext::new(TraceId::from(9u128), SpanId::from(2u64),
+/// #     TraceFlags::SAMPLED, true, TraceState::default());
+///
+/// let cx = Context::new().with_remote_span_context(parent);
+/// let id = contextflow_otel::sync_scope(cx, contextflow_otel::current_span_id);
+/// assert_eq!(id, Some(2u64.into()));
+/// ```
+pub fn sync_scope<R>(cx: Context, f: impl FnOnce() -> R) -> R {
+    OTEL_CONTEXT.sync_scope(OtelContext::new(cx.clone()), || {
+        let _attached = cx.attach();
+        f()
+    })
+}
+
+/// The context a request continuing the remote trace `parent` runs in: the current context
+/// (keeping its baggage) with `parent` as its remote span.
+///
+/// ```
+/// use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+/// let parent = SpanContext::new(TraceId::from(5u128), SpanId::from(6u64),
+///     TraceFlags::SAMPLED, true, TraceState::default());
+/// let cx = contextflow_otel::remote_context(parent.clone());
+/// assert_eq!(cx.span().span_context(), &parent);
+/// ```
+pub fn remote_context(parent: SpanContext) -> Context {
+    Context::map_current(|cx| cx.with_remote_span_context(parent))
+}
+
+/// Runs `fut` as a request continuing the remote trace `parent` (extracted from incoming
+/// headers): spans started inside are children of `parent`. Same as
+/// `scope(remote_context(parent), fut)`.
+///
+/// ```
+/// use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let parent = SpanContext::new(TraceId::from(5u128), SpanId::from(6u64),
+///     TraceFlags::SAMPLED, true, TraceState::default());
+/// let ids = contextflow_otel::in_remote_context(parent, async {
+///     (contextflow_otel::current_trace_id(), contextflow_otel::current_span_id())
+/// })
+/// .await;
+/// assert_eq!(ids, (Some(5u128.into()), Some(6u64.into())));
+/// # }
+/// ```
+pub fn in_remote_context<F: Future>(
+    parent: SpanContext,
+    fut: F,
+) -> impl Future<Output = F::Output> {
+    scope(remote_context(parent), fut)
+}
+
+// ===== accessors =====
+
+/// The innermost OpenTelemetry context: [`Context::current`] when it has a span (a span
+/// started or a tracing span entered inside the request is more specific than the request),
+/// else the request's context from [`OTEL_CONTEXT`] (for code that runs in contextflow's
+/// frame without OpenTelemetry's thread-local, such as `Snapshot::run` with no carrier
+/// registered), else `Context::current()`.
+///
+/// ```
+/// use opentelemetry::trace::TraceContextExt;
+/// assert!(!contextflow_otel::current_context().has_active_span());
+/// ```
+pub fn current_context() -> Context {
+    if let Some(cx) = Context::map_current(|cx| cx.has_active_span().then(|| cx.clone())) {
+        return cx;
+    }
+    OTEL_CONTEXT
+        .with(|cx| cx.map(|cx| cx.cx.clone()))
+        .unwrap_or_else(Context::current)
+}
+
+/// The trace id of the innermost valid span (see [`current_context`]); `None` outside any
+/// trace.
+///
+/// ```
+/// assert_eq!(contextflow_otel::current_trace_id(), None);
+/// ```
+pub fn current_trace_id() -> Option<TraceId> {
+    with_current_span_context(SpanContext::trace_id)
+}
+
+/// The id of the innermost valid span (see [`current_context`]): the remote parent inside
+/// [`in_remote_context`], or a span started inside the request; `None` outside any trace.
+///
+/// ```
+/// assert_eq!(contextflow_otel::current_span_id(), None);
+/// ```
+pub fn current_span_id() -> Option<SpanId> {
+    with_current_span_context(SpanContext::span_id)
+}
+
+// ===== helpers =====
+
+fn valid(sc: &SpanContext) -> Option<&SpanContext> {
+    sc.is_valid().then_some(sc)
+}
+
+/// Reads the innermost valid span context without cloning a `Context`.
+fn with_current_span_context<R>(f: impl Fn(&SpanContext) -> R) -> Option<R> {
+    if let Some(r) = Context::map_current(|cx| valid(cx.span().span_context()).map(&f)) {
+        return Some(r);
+    }
+    OTEL_CONTEXT.with(|cx| cx.and_then(|cx| valid(cx.cx.span().span_context()).map(&f)))
+}
