@@ -47,9 +47,26 @@ pub struct ContextFields {
 }
 
 /// The default bound on a value's length, in characters.
+///
+/// ```
+/// use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<String> = AsyncLocal::named("id");
+/// let fields = contextflow_tracing::ContextFields::new().field("id", &ID);
+/// let prefix = ID.sync_scope("x".repeat(1000), || fields.text_prefix());
+/// assert_eq!(prefix.chars().count(), "[] ".len() + contextflow_tracing::DEFAULT_MAX_LEN + 1);
+/// ```
 pub const DEFAULT_MAX_LEN: usize = 256;
 
-/// The marker appended to a value cut at the length bound.
+/// The marker appended to a value cut at the length bound (one character, U+2026).
+///
+/// ```
+/// use contextflow::AsyncLocal;
+/// use contextflow_tracing::{ContextFields, TRUNCATED_MARKER};
+/// static ID: AsyncLocal<String> = AsyncLocal::named("id");
+/// let fields = ContextFields::new().field("id", &ID).max_len(2);
+/// let prefix = ID.sync_scope("abc".into(), || fields.text_prefix());
+/// assert_eq!(prefix, format!("[ab{TRUNCATED_MARKER}] "));
+/// ```
 pub const TRUNCATED_MARKER: &str = "…";
 
 #[derive(Clone, Copy)]

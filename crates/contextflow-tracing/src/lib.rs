@@ -61,6 +61,9 @@
 //! (`timestamp`, `level`, `fields`, `target`, `span`, `spans`). `log`-crate records bridged
 //! with `tracing_log::LogTracer` are events like any other and get the same fields.
 //!
+//! For the trace id, `contextflow-otel` provides `contextflow_otel::OTEL_CONTEXT`, whose value
+//! displays as the trace id: `.field("trace_id", &contextflow_otel::OTEL_CONTEXT)`.
+//!
 //! # Security: escaping and bounding
 //!
 //! Context values often come from a request (a header, a message attribute), so they are
