@@ -252,3 +252,38 @@ fn concurrent_requests_on_one_thread_keep_their_own_fields() {
         assert_eq!(line["request_id"], format!("req-{i}"));
     }
 }
+
+#[test]
+fn works_as_a_layer_of_a_registry() {
+    use tracing_subscriber::prelude::*;
+
+    let text = Capture::default();
+    let json = Capture::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .without_time()
+                .with_target(false)
+                .map_event_format(|f| fields().text(f))
+                .with_writer(text.clone()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .map_event_format(|f| fields().json(f))
+                .with_writer(json.clone()),
+        );
+    with_default(subscriber, || {
+        TENANT.sync_scope("acme", || {
+            let _span = tracing::info_span!("checkout", cart = 3).entered();
+            info!("paid");
+        });
+    });
+    assert_eq!(
+        text.contents(),
+        "[tenant=acme]  INFO checkout{cart=3}: paid\n"
+    );
+    let line = &json_lines(&json)[0];
+    assert_eq!(line["tenant"], "acme");
+    assert_eq!(line["span"]["cart"], 3);
+}
