@@ -13,7 +13,7 @@
 
 use std::{fmt, str::FromStr};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::trace_context::trim_ows;
 
@@ -22,7 +22,7 @@ use crate::trace_context::trim_ows;
 /// ```
 /// assert_eq!(contextflow_http::BAGGAGE_HEADER, "baggage");
 /// ```
-pub const BAGGAGE_HEADER: &str = "baggage";
+pub const BAGGAGE_HEADER: HeaderName = HeaderName::from_static("baggage");
 
 /// At most this many members.
 const MAX_MEMBERS: usize = 180;

@@ -7,7 +7,7 @@
 
 use std::{fmt, str::FromStr};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::rand;
 
@@ -16,7 +16,7 @@ use crate::rand;
 /// ```
 /// assert_eq!(contextflow_http::X_REQUEST_ID, "x-request-id");
 /// ```
-pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The longest request id accepted, in bytes.
 const MAX_LEN: usize = 128;

@@ -15,7 +15,7 @@
 
 use std::{fmt, ops::BitOr, str::FromStr};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::{rand, TraceState};
 
@@ -24,7 +24,7 @@ use crate::{rand, TraceState};
 /// ```
 /// assert_eq!(contextflow_http::TRACEPARENT, "traceparent");
 /// ```
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The length of a version `00` `traceparent` value.
 const TRACEPARENT_LEN: usize = 55;

@@ -9,7 +9,7 @@
 
 use std::{fmt, str::FromStr};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::trace_context::trim_ows;
 
@@ -18,7 +18,7 @@ use crate::trace_context::trim_ows;
 /// ```
 /// assert_eq!(contextflow_http::TRACESTATE, "tracestate");
 /// ```
-pub const TRACESTATE: &str = "tracestate";
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// At most this many members.
 const MAX_MEMBERS: usize = 32;
