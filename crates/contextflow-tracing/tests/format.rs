@@ -287,3 +287,56 @@ fn works_as_a_layer_of_a_registry() {
     assert_eq!(line["tenant"], "acme");
     assert_eq!(line["span"]["cart"], 3);
 }
+
+/// Logs from its destructor.
+struct LogOnDrop;
+impl Drop for LogOnDrop {
+    fn drop(&mut self) {
+        info!("cleanup");
+    }
+}
+
+#[test]
+fn aborted_and_panicking_requests_keep_fields_and_leak_nothing() {
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Aborted: the request's destructors still log with its fields.
+            let aborted = tokio::spawn(REQUEST_ID.scope("req-abort".into(), async {
+                let _guard = LogOnDrop;
+                info!("waiting forever");
+                std::future::pending::<()>().await;
+            }));
+            tokio::task::yield_now().await;
+            aborted.abort();
+            assert!(aborted.await.unwrap_err().is_cancelled());
+
+            // Panicking: the spawned child logs with its fields, then nothing leaks.
+            let panicked = REQUEST_ID
+                .scope("req-panic".into(), async {
+                    contextflow::spawn(async {
+                        let _guard = LogOnDrop;
+                        info!("about to panic");
+                        panic!("handler bug");
+                    })
+                    .await
+                })
+                .await;
+            assert!(panicked.unwrap_err().is_panic());
+            info!("after");
+        });
+    });
+    assert_eq!(
+        capture.lines(),
+        [
+            "[req-abort] waiting forever",
+            "[req-abort] cleanup",
+            "[req-panic] about to panic",
+            "[req-panic] cleanup",
+            "after",
+        ]
+    );
+}
