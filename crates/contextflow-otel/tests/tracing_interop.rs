@@ -54,7 +54,7 @@ fn remote_parent(n: u64) -> SpanContext {
     )
 }
 
-async fn handler(n: u64) {
+async fn handler(n: u64) -> SpanId {
     let handler_span = info_span!("handler", n);
     async move {
         // The tracing span is active in OpenTelemetry's context too (context activation).
@@ -72,6 +72,7 @@ async fn handler(n: u64) {
         })
         .await
         .unwrap();
+        handler_id
     }
     .instrument(handler_span)
     .await
@@ -97,7 +98,7 @@ fn tracing_spans_join_the_request_trace() {
             tokio::runtime::Builder::new_current_thread().build()
         }
         .unwrap();
-        rt.block_on(async {
+        let seen_ids = rt.block_on(async {
             let handles: Vec<_> = (0..20u64)
                 .map(|n| {
                     contextflow::spawn(contextflow_otel::in_remote_context(
@@ -106,9 +107,11 @@ fn tracing_spans_join_the_request_trace() {
                     ))
                 })
                 .collect();
+            let mut ids = Vec::new();
             for h in handles {
-                h.await.unwrap();
+                ids.push(h.await.unwrap());
             }
+            ids
         });
 
         let spans = collect.take();
@@ -125,6 +128,8 @@ fn tracing_spans_join_the_request_trace() {
             let parent = remote_parent(n);
             assert_eq!(span.span_context.trace_id(), parent.trace_id(), "{span:?}");
             if span.name == "handler" {
+                // `current_span_id()` inside the tracing span was this span's id.
+                assert_eq!(seen_ids[n as usize], span.span_context.span_id());
                 assert_eq!(span.parent_span_id, parent.span_id());
                 assert!(span.parent_span_is_remote);
             } else {
