@@ -72,7 +72,7 @@ use contextflow::{
     AsyncLocal,
 };
 use opentelemetry::{
-    context::FutureExt as _,
+    context::{FutureExt as _, WithContext},
     trace::{SpanContext, SpanId, TraceContextExt, TraceId},
     Context,
 };
@@ -108,6 +108,24 @@ pub static OTEL_CONTEXT: AsyncLocal<OtelContext> = AsyncLocal::named("otel.conte
 pub struct OtelContext {
     cx: Context,
 }
+
+/// The future returned by [`scope`] and [`in_remote_context`]: `Send` when `F` is, and
+/// nameable, for middleware that stores it in a response future.
+///
+/// ```
+/// use contextflow_otel::OtelScope;
+/// use std::future::Ready;
+///
+/// struct ResponseFuture {
+///     inner: OtelScope<Ready<u16>>,
+/// }
+/// let f = ResponseFuture {
+///     inner: contextflow_otel::scope(opentelemetry::Context::new(), std::future::ready(200)),
+/// };
+/// fn assert_send<T: Send>(_: &T) {}
+/// assert_send(&f.inner);
+/// ```
+pub type OtelScope<F> = contextflow::Scope<OtelContext, WithContext<F>>;
 
 /// A [`Carrier`] for OpenTelemetry's current [`Context`]: contextflow spawns capture
 /// [`Context::current`] and attach it around every poll of the child. Register it with
@@ -239,7 +257,7 @@ pub fn carry_context() -> bool {
 /// assert_eq!(tenant.as_deref(), Some("acme"));
 /// # }
 /// ```
-pub fn scope<F: Future>(cx: Context, fut: F) -> impl Future<Output = F::Output> {
+pub fn scope<F: Future>(cx: Context, fut: F) -> OtelScope<F> {
     OTEL_CONTEXT.scope(OtelContext::new(cx.clone()), fut.with_context(cx))
 }
 
@@ -293,10 +311,7 @@ pub fn remote_context(parent: SpanContext) -> Context {
 /// assert_eq!(ids, (Some(5u128.into()), Some(6u64.into())));
 /// # }
 /// ```
-pub fn in_remote_context<F: Future>(
-    parent: SpanContext,
-    fut: F,
-) -> impl Future<Output = F::Output> {
+pub fn in_remote_context<F: Future>(parent: SpanContext, fut: F) -> OtelScope<F> {
     scope(remote_context(parent), fut)
 }
 

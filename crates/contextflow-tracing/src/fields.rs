@@ -22,8 +22,8 @@ use crate::{
 /// argument is needed at the call site. Variables that are not set are left out.
 ///
 /// Text output starts with `[first other=value ...] `: the first declared field shows its value
-/// alone (it is usually the request id), the others as `name=value`. JSON output gets one
-/// top-level key per field.
+/// alone (it is usually the request id; see [`name_every_field`](Self::name_every_field)), the
+/// others as `name=value`. JSON output gets one top-level key per field.
 ///
 /// ```
 /// use contextflow::AsyncLocal;
@@ -44,6 +44,7 @@ use crate::{
 pub struct ContextFields {
     fields: Arc<[Field]>,
     max_len: usize,
+    bare_first: bool,
 }
 
 /// The default bound on a value's length, in characters.
@@ -107,6 +108,7 @@ impl ContextFields {
         ContextFields {
             fields: Arc::new([]),
             max_len: DEFAULT_MAX_LEN,
+            bare_first: true,
         }
     }
 
@@ -139,7 +141,7 @@ impl ContextFields {
         fields.push(Field { name, source: var });
         ContextFields {
             fields: fields.into(),
-            max_len: self.max_len,
+            ..self
         }
     }
 
@@ -156,6 +158,25 @@ impl ContextFields {
     /// ```
     pub fn max_len(mut self, max_len: usize) -> Self {
         self.max_len = max_len;
+        self
+    }
+
+    /// Prints every field as `name=value` in text output, the first one included
+    /// (`[request_id=req-1 tenant=acme]` instead of `[req-1 tenant=acme]`).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    ///
+    /// let fields = contextflow_tracing::ContextFields::new()
+    ///     .field("request_id", &REQUEST_ID)
+    ///     .name_every_field();
+    /// REQUEST_ID.sync_scope("req-1".into(), || {
+    ///     assert_eq!(fields.text_prefix(), "[request_id=req-1] ");
+    /// });
+    /// ```
+    pub fn name_every_field(mut self) -> Self {
+        self.bare_first = false;
         self
     }
 
@@ -251,7 +272,7 @@ impl ContextFields {
                 }
                 result = (|| {
                     w.write_str(if any { " " } else { "[" })?;
-                    if i > 0 {
+                    if i > 0 || !self.bare_first {
                         w.write_str(field.name)?;
                         w.write_char('=')?;
                     }
@@ -366,6 +387,7 @@ impl fmt::Debug for ContextFields {
         f.debug_struct("ContextFields")
             .field("names", &self.names().collect::<Vec<_>>())
             .field("max_len", &self.max_len)
+            .field("bare_first", &self.bare_first)
             .finish()
     }
 }
