@@ -8,6 +8,10 @@ use tracing::Span;
 /// around every poll of the child (as `.in_current_span()` would), so the child's events and
 /// spans sit inside the parent's span.
 ///
+/// As with `.in_current_span()`, a child holds a handle to the span, so a span stays open
+/// (and, with `tracing-opentelemetry`, is exported later) until the last child that carries it
+/// ends. Start work that outlives the request with `contextflow::spawn_detached`.
+///
 /// Register it with [`carry_spans`]; [`ContextFields::text`](crate::ContextFields::text) and
 /// [`ContextFields::json`](crate::ContextFields::json) do so too.
 ///
