@@ -476,3 +476,17 @@ async fn tenant_from_an_inner_layer_current_thread() {
 async fn tenant_from_an_inner_layer_multi_thread() {
     tenant_from_an_inner_layer().await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn inner_errors_pass_through_and_see_the_context() {
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(|_req: Request<String>| async {
+            Err::<Response<String>, String>(format!("failed in {}", REQUEST_ID.get().unwrap()))
+        }));
+    let req = request()
+        .header("x-request-id", "err-1")
+        .body(String::new())
+        .unwrap();
+    assert_eq!(svc.oneshot(req).await.unwrap_err(), "failed in err-1");
+}
