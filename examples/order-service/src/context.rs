@@ -12,13 +12,19 @@
 //! job logs under the request that started it. The database transaction is *not* here: it is
 //! bound by `contextflow_sqlx::TxPool`, never inherited.
 
-use std::fmt;
+use std::{fmt, future::Future};
 
 use contextflow::AsyncLocal;
-pub use contextflow_http::{RequestId, TraceContext, REQUEST_ID, TRACE_CONTEXT};
+pub use contextflow_http::{RequestId, TraceContext, TraceId, REQUEST_ID, TRACE_CONTEXT};
 
 /// The authenticated tenant of the current request.
 pub static TENANT: AsyncLocal<TenantId> = AsyncLocal::named("order_service.tenant");
+
+/// The current trace id, as a log field.
+///
+/// A copy of [`TRACE_CONTEXT`]'s trace id, bound by [`with_trace_id`]: `contextflow-tracing`
+/// prints variables whose value is `Display`, and `contextflow_http::TraceContext` is not.
+pub static TRACE_ID: AsyncLocal<TraceId> = AsyncLocal::named("order_service.trace_id");
 
 /// A tenant id, as found in the token table.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -52,6 +58,15 @@ pub fn request_id() -> Option<RequestId> {
 /// The current trace id as 32 hex digits, if any.
 pub fn trace_id() -> Option<String> {
     contextflow_http::current_trace_id().map(|id| id.to_string())
+}
+
+/// Runs `fut` with [`TRACE_ID`] bound to the trace id of the current [`TRACE_CONTEXT`] (read
+/// when first polled, so call it inside the scope that binds the trace context).
+pub async fn with_trace_id<F: Future>(fut: F) -> F::Output {
+    match contextflow_http::current_trace_id() {
+        Some(id) => TRACE_ID.scope(id, fut).await,
+        None => fut.await,
+    }
 }
 
 /// The current tenant, if the request was authenticated.

@@ -232,7 +232,7 @@ pub async fn run(
         text.push('\n');
         std::fs::write(path, text)?;
     }
-    let parsed: Vec<Fields> = lines.iter().map(|line| parse_line(line)).collect();
+    let parsed: Vec<LogLine> = lines.iter().map(|line| LogLine::parse(line)).collect();
     let check = check_lines(&lines, &parsed, &expected);
     let first_id = format!("demo-{run_id}-00000");
     let tree = expected
@@ -305,51 +305,220 @@ struct Check {
     events: HashSet<String>,
 }
 
-/// One log line's fields, whatever the format: values as strings, `None` when absent/null.
-type Fields = HashMap<String, Option<String>>;
+/// What the check needs from one log line, read back from the text or the JSON format.
+#[derive(Debug, Default, PartialEq)]
+struct LogLine {
+    request_id: Option<String>,
+    trace_id: Option<String>,
+    tenant: Option<String>,
+    /// The span path, outermost first, each as `name{fields}`.
+    spans: Vec<String>,
+    /// The message and the event's fields, as printed.
+    event: String,
+    /// The order reference the line names (event field, or a span field), if any.
+    reference: Option<String>,
+}
 
-fn parse_line(line: &str) -> Fields {
-    if line.starts_with('{') {
-        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line) {
-            Ok(obj) => obj
-                .into_iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        serde_json::Value::Null => None,
-                        serde_json::Value::String(s) => Some(s),
-                        other => Some(other.to_string()),
-                    };
-                    (k, v)
-                })
-                .collect(),
-            Err(_) => HashMap::new(),
+impl LogLine {
+    /// Parses a line of either format; a line it cannot read has no request id (and is then
+    /// counted as outside any request).
+    fn parse(line: &str) -> LogLine {
+        if line.starts_with('{') {
+            LogLine::parse_json(line)
+        } else {
+            LogLine::parse_text(line)
         }
-    } else {
-        logging::parse_logfmt(line).into_iter().collect()
+    }
+
+    /// `[request_id trace_id=.. tenant=..] <ts>  <LEVEL> <span>{..}:<span>{..}: <target>: <message> k=v`
+    fn parse_text(line: &str) -> LogLine {
+        let mut out = LogLine::default();
+        let mut rest = line;
+        if let Some(prefix) = line.strip_prefix('[') {
+            let end = scan(prefix, |c, depth| depth == 0 && c == ']').unwrap_or(prefix.len());
+            for (i, token) in split_top(&prefix[..end], " ").into_iter().enumerate() {
+                let (key, value) = match token.split_once('=') {
+                    Some((k, v)) if i > 0 => (k, v),
+                    _ => ("request_id", token),
+                };
+                let value = Some(unquote(value));
+                match key {
+                    "request_id" => out.request_id = value,
+                    "trace_id" => out.trace_id = value,
+                    "tenant" => out.tenant = value,
+                    _ => {}
+                }
+            }
+            rest = prefix.get(end + 1..).unwrap_or("").trim_start();
+        }
+        // Timestamp and level.
+        let mut words = rest.splitn(2, ' ');
+        let _timestamp = words.next();
+        let rest = words.next().unwrap_or("").trim_start();
+        let rest = rest.split_once(' ').map_or("", |(_level, r)| r);
+        let pieces = split_top(rest, ": ");
+        let has_spans = pieces.len() >= 3 && !contains_top(pieces[0], "::");
+        let (spans, event) = if has_spans {
+            (split_top(pieces[0], ":"), pieces[2..].join(": "))
+        } else {
+            (
+                Vec::new(),
+                pieces.get(1..).map(|p| p.join(": ")).unwrap_or_default(),
+            )
+        };
+        out.spans = spans.into_iter().map(str::to_string).collect();
+        out.reference = find_value(&event, "reference=").or_else(|| {
+            out.spans
+                .iter()
+                .rev()
+                .find_map(|s| find_value(s, "reference="))
+        });
+        out.event = event;
+        out
+    }
+
+    /// `{"request_id":..,"trace_id":..,"tenant":..,"fields":{"message":..},"spans":[..]}`
+    fn parse_json(line: &str) -> LogLine {
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(line) else {
+            return LogLine::default();
+        };
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let get = |key: &str| obj.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        let mut out = LogLine {
+            request_id: get("request_id"),
+            trace_id: get("trace_id"),
+            tenant: get("tenant"),
+            ..LogLine::default()
+        };
+        if let Some(serde_json::Value::Object(fields)) = obj.get("fields") {
+            out.event = fields.get("message").map(text).unwrap_or_default();
+            for (k, v) in fields.iter().filter(|(k, _)| *k != "message") {
+                out.event.push_str(&format!(" {k}={}", text(v)));
+            }
+            out.reference = fields.get("reference").map(text);
+        }
+        if let Some(serde_json::Value::Array(spans)) = obj.get("spans") {
+            for span in spans {
+                let Some(span) = span.as_object() else {
+                    continue;
+                };
+                let name = span.get("name").map(text).unwrap_or_default();
+                let fields: Vec<String> = span
+                    .iter()
+                    .filter(|(k, _)| *k != "name")
+                    .map(|(k, v)| format!("{k}={}", text(v)))
+                    .collect();
+                out.spans.push(if fields.is_empty() {
+                    name
+                } else {
+                    format!("{name}{{{}}}", fields.join(" "))
+                });
+                if out.reference.is_none() {
+                    out.reference = span.get("reference").map(text);
+                }
+            }
+        }
+        out
     }
 }
 
-fn field<'a>(fields: &'a Fields, key: &str) -> Option<&'a str> {
-    fields.get(key).and_then(|v| v.as_deref())
+/// The byte index of the first character for which `stop(c, brace depth)` holds, outside
+/// double quotes (with backslash escapes).
+fn scan(s: &str, mut stop: impl FnMut(char, usize) -> bool) -> Option<usize> {
+    let (mut depth, mut quoted, mut escaped) = (0usize, false, false);
+    for (i, c) in s.char_indices() {
+        if quoted {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        if stop(c, depth) {
+            return Some(i);
+        }
+        match c {
+            '"' => quoted = true,
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
-/// The order reference a line carries: its own `reference` field, else the innermost span
-/// field of that name.
-fn line_reference(fields: &Fields) -> Option<String> {
-    if let Some(r) = field(fields, "reference") {
-        return Some(r.to_string());
+/// Splits `s` at `sep` where it occurs outside quotes and braces.
+fn split_top<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let (mut depth, mut quoted, mut escaped) = (0usize, false, false);
+    let mut start = 0;
+    let mut skip_until = 0;
+    for (i, c) in s.char_indices() {
+        if i < skip_until {
+            continue;
+        }
+        if quoted {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        if depth == 0 && s[i..].starts_with(sep) {
+            out.push(&s[start..i]);
+            start = i + sep.len();
+            skip_until = start;
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
-    let span = field(fields, "span")?;
-    let at = span.rfind("reference=")? + "reference=".len();
-    let rest = &span[at..];
+    out.push(&s[start..]);
+    out
+}
+
+fn contains_top(s: &str, needle: &str) -> bool {
+    split_top(s, needle).len() > 1
+}
+
+/// The value after `key` in `s` (up to a space or a closing brace), unquoted.
+fn find_value(s: &str, key: &str) -> Option<String> {
+    let at = s.find(key)? + key.len();
+    let rest = &s[at..];
+    if rest.starts_with('"') {
+        let end = scan(rest, |c, _| c == ' ' || c == '}').unwrap_or(rest.len());
+        return Some(unquote(&rest[..end]));
+    }
     let end = rest.find([' ', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim_matches('"').to_string())
+    Some(rest[..end].to_string())
 }
 
-fn check_lines(lines: &[String], parsed: &[Fields], expected: &HashMap<String, Expected>) -> Check {
+fn unquote(value: &str) -> String {
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+        None => value.to_string(),
+    }
+}
+
+fn check_lines(
+    lines: &[String],
+    parsed: &[LogLine],
+    expected: &HashMap<String, Expected>,
+) -> Check {
     let mut check = Check::default();
-    for (line, fields) in lines.iter().zip(parsed) {
-        let Some(request_id) = field(fields, "request_id") else {
+    for (line, parsed) in lines.iter().zip(parsed) {
+        let Some(request_id) = parsed.request_id.as_deref() else {
             check.without_request += 1;
             continue;
         };
@@ -357,29 +526,25 @@ fn check_lines(lines: &[String], parsed: &[Fields], expected: &HashMap<String, E
         match expected.get(request_id) {
             None => problems.push("request id was never sent"),
             Some(want) => {
-                if field(fields, "trace_id") != Some(want.trace_id.as_str()) {
+                if parsed.trace_id.as_deref() != Some(want.trace_id.as_str()) {
                     problems.push("trace id of another request");
                 }
-                if field(fields, "tenant").is_some_and(|t| t != want.tenant) {
+                if parsed.tenant.as_deref().is_some_and(|t| t != want.tenant) {
                     problems.push("tenant of another request");
                 }
-                if let Some(reference) = line_reference(fields) {
+                if let Some(reference) = &parsed.reference {
                     check.with_reference += 1;
-                    if reference != want.reference {
+                    if *reference != want.reference {
                         problems.push("order reference of another request");
                     }
                 }
-                match field(fields, "msg") {
-                    Some("confirmation sent") => {
-                        check.jobs.insert(request_id.to_string());
-                    }
-                    Some("payment authorized") => {
-                        check.payments.insert(request_id.to_string());
-                    }
-                    Some("audit: order confirmed") => {
-                        check.events.insert(request_id.to_string());
-                    }
-                    _ => {}
+                let event = parsed.event.as_str();
+                if event.starts_with("confirmation sent") {
+                    check.jobs.insert(request_id.to_string());
+                } else if event.starts_with("payment authorized") {
+                    check.payments.insert(request_id.to_string());
+                } else if event.starts_with("audit: order confirmed") {
+                    check.events.insert(request_id.to_string());
                 }
             }
         }
@@ -404,7 +569,7 @@ struct Node {
     children: Vec<Node>,
 }
 
-fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
+fn draw_tree(lines: &[LogLine], request_id: &str, want: &Expected) -> String {
     let mut root = Node {
         label: String::new(),
         is_span: true,
@@ -414,16 +579,11 @@ fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
     // the outgoing call or publish that caused them.
     let mut client_call: Vec<String> = Vec::new();
     let mut publish: Vec<String> = Vec::new();
-    for fields in lines {
-        if field(fields, "request_id") != Some(request_id) {
+    for line in lines {
+        if line.request_id.as_deref() != Some(request_id) {
             continue;
         }
-        let span = field(fields, "span").unwrap_or_default();
-        let mut path: Vec<String> = if span.is_empty() {
-            Vec::new()
-        } else {
-            span.split(" > ").map(str::to_string).collect()
-        };
+        let mut path = line.spans.clone();
         if let Some(at) = path.iter().position(|s| s.starts_with("http.client")) {
             client_call = path[..=at].to_vec();
         }
@@ -431,7 +591,9 @@ fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
             publish = path[..=at].to_vec();
         }
         let graft_under = match path.first() {
-            Some(root) if root.contains("service=payment") => Some(&client_call),
+            Some(root) if root.starts_with("http.request") && root.contains("payment") => {
+                Some(&client_call)
+            }
             Some(root) if root.starts_with("queue.consume") => Some(&publish),
             _ => None,
         };
@@ -440,28 +602,7 @@ fn draw_tree(lines: &[Fields], request_id: &str, want: &Expected) -> String {
             grafted.append(&mut path);
             path = grafted;
         }
-        let mut event = format!("• {}", field(fields, "msg").unwrap_or_default());
-        let mut extra: Vec<(&String, &str)> = fields
-            .iter()
-            .filter(|(k, _)| {
-                !matches!(
-                    k.as_str(),
-                    "ts" | "level"
-                        | "target"
-                        | "request_id"
-                        | "trace_id"
-                        | "tenant"
-                        | "span"
-                        | "msg"
-                )
-            })
-            .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
-            .collect();
-        extra.sort();
-        for (k, v) in extra {
-            event.push_str(&format!(" {k}={v}"));
-        }
-        insert(&mut root, &path, event);
+        insert(&mut root, &path, format!("• {}", line.event));
     }
     let mut out = format!(
         "POST /orders  request_id={request_id}  trace_id={}  tenant={}  reference={}\n",
@@ -656,4 +797,47 @@ impl fmt::Display for DemoReport {
 /// The tenants the demo's tokens map to.
 pub fn demo_tenants() -> Vec<TenantId> {
     TokenTable::demo().tenants()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_back_text_lines() {
+        let line = r#"[demo-1 trace_id=abc tenant=acme] 2026-11-24T18:00:00.123456Z  INFO http.request{service="orders" path="/orders/{id}"}:controller{handler="create_order" reference=ord-1}: order_service::http::orders: audit: x lines=2 error="a: b""#;
+        let parsed = LogLine::parse(line);
+        assert_eq!(parsed.request_id.as_deref(), Some("demo-1"));
+        assert_eq!(parsed.trace_id.as_deref(), Some("abc"));
+        assert_eq!(parsed.tenant.as_deref(), Some("acme"));
+        assert_eq!(
+            parsed.spans,
+            [
+                r#"http.request{service="orders" path="/orders/{id}"}"#,
+                r#"controller{handler="create_order" reference=ord-1}"#
+            ]
+        );
+        assert_eq!(parsed.event, r#"audit: x lines=2 error="a: b""#);
+        assert_eq!(parsed.reference.as_deref(), Some("ord-1"));
+
+        let bare =
+            LogLine::parse("2026-11-24T18:00:00.123456Z  INFO order_service::app: started addr=1");
+        assert_eq!(bare.request_id, None);
+        assert!(bare.spans.is_empty());
+        assert_eq!(bare.event, "started addr=1");
+
+        let quoted = LogLine::parse(r#"["a b" tenant="x\"y"] 2026  WARN t::u: m"#);
+        assert_eq!(quoted.request_id.as_deref(), Some("a b"));
+        assert_eq!(quoted.tenant.as_deref(), Some("x\"y"));
+    }
+
+    #[test]
+    fn reads_back_json_lines() {
+        let line = r#"{"request_id":"demo-1","trace_id":"abc","tenant":"acme","fields":{"message":"payment authorized","reference":"ord-1"},"spans":[{"name":"http.request","service":"payment"}]}"#;
+        let parsed = LogLine::parse(line);
+        assert_eq!(parsed.request_id.as_deref(), Some("demo-1"));
+        assert_eq!(parsed.spans, ["http.request{service=payment}"]);
+        assert_eq!(parsed.event, "payment authorized reference=ord-1");
+        assert_eq!(parsed.reference.as_deref(), Some("ord-1"));
+    }
 }

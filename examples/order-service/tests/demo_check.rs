@@ -27,6 +27,10 @@ async fn every_log_line_belongs_to_its_request() {
         report.payments_logged, 200,
         "every payment logged under the caller's trace"
     );
+    assert_eq!(
+        report.events_logged, 200,
+        "every queue event consumed under its request"
+    );
     assert!(
         report.lines_with_reference >= 200 * 10,
         "{}",
@@ -41,7 +45,9 @@ async fn every_log_line_belongs_to_its_request() {
         "db{",
         "job{",
         "http.client",
-        "service=payment",
+        "payment",
+        "queue.publish",
+        "queue.consume",
     ] {
         assert!(
             report.tree.contains(level),

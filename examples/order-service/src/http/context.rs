@@ -1,9 +1,11 @@
 //! The request span: `contextflow-http`'s `PropagateContextLayer` (outside this) has bound the
-//! request id and trace context; this middleware opens the `http.request` span every line of
-//! the request nests under, and logs the request's start and end.
+//! request id and trace context; this middleware binds the trace id log field, opens the
+//! `http.request` span every line of the request nests under, and logs its start and end.
 
 use axum::{extract::Request, middleware::Next, response::Response};
 use tracing::{info, Instrument as _};
+
+use crate::context::with_trace_id;
 
 /// Middleware for the order service's own routes.
 pub async fn orders_request_span(req: Request, next: Next) -> Response {
@@ -19,12 +21,11 @@ async fn request_span(service: &'static str, req: Request, next: Next) -> Respon
     // The path is client input: bounded here, escaped by the log layer.
     let path: String = req.uri().path().chars().take(128).collect();
     let span = tracing::info_span!("http.request", service, method = %req.method(), path);
-    async move {
+    let handle = async move {
         info!("request started");
         let response = next.run(req).await;
         info!(status = response.status().as_u16(), "request finished");
         response
-    }
-    .instrument(span)
-    .await
+    };
+    with_trace_id(handle.instrument(span)).await
 }

@@ -60,7 +60,7 @@ impl Jobs {
         contextflow::spawn(async move {
             let _guard = guard;
             // Created inside the task: its parent is the request's span, carried by the spawn.
-            let span = tracing::info_span!("job", name = "send_confirmation", order_id);
+            let span = tracing::info_span!("job", kind = "send_confirmation", order_id);
             async {
                 info!(
                     in_transaction = db.pool().in_transaction(),
