@@ -77,6 +77,8 @@ pub fn sqlite_url(path: &std::path::Path) -> String {
 /// # Errors
 /// When the database cannot be reached or prepared, or a port cannot be bound.
 pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Send + Sync>> {
+    // OpenTelemetry's own "current context" follows contextflow spawns too.
+    contextflow_otel::carry_context();
     let db = Db::connect(&config.database_url).await?;
     seed(&db, &config.tokens).await?;
 

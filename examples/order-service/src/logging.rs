@@ -2,8 +2,8 @@
 //! it was written in, as text or JSON, through `contextflow-tracing`.
 //!
 //! [`init`] installs `tracing_subscriber`'s `fmt` layer wrapped by
-//! `contextflow_tracing::ContextFields`, which reads [`REQUEST_ID`], [`TRACE_ID`] and
-//! [`TENANT`] when an event is formatted: no log statement in the service names them. It also
+//! `contextflow_tracing::ContextFields`, which reads [`REQUEST_ID`], [`OTEL_CONTEXT`] (shown as
+//! the trace id) and [`TENANT`] when an event is formatted: no log statement in the service names them. It also
 //! registers contextflow-tracing's span carrier, so a task started with
 //! [`contextflow::spawn`] opens its spans under the request's.
 //!
@@ -28,7 +28,7 @@ use tracing_subscriber::{
     Layer as _,
 };
 
-use crate::context::{REQUEST_ID, TENANT, TRACE_ID};
+use crate::context::{OTEL_CONTEXT, REQUEST_ID, TENANT};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub struct CaptureWriter {
 pub fn context_fields() -> ContextFields {
     ContextFields::new()
         .field("request_id", &REQUEST_ID)
-        .field("trace_id", &TRACE_ID)
+        .field("trace_id", &OTEL_CONTEXT)
         .field("tenant", &TENANT)
 }
 
@@ -151,7 +151,7 @@ impl io::Write for CaptureWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{RequestId, TenantId, TraceContext, TRACE_ID};
+    use crate::context::{with_otel_context, RequestId, TenantId, TraceContext, TRACE_CONTEXT};
 
     fn subscriber(
         format: LogFormat,
@@ -185,17 +185,19 @@ mod tests {
             let capture = LogCapture::new();
             let trace = TraceContext::new_trace(true);
             let id: RequestId = "req-7".parse().unwrap();
-            tracing::subscriber::with_default(subscriber(format, capture.clone()), || {
-                REQUEST_ID.sync_scope(id, || {
-                    TRACE_ID.sync_scope(trace.trace_id(), || {
-                        // A tenant name with a line break and a forged prefix.
-                        TENANT.sync_scope(TenantId::new("acme\n[req-8] x"), || {
-                            tracing::info!("hello");
-                        })
-                    })
-                });
-                tracing::info!("outside");
-            });
+            let _default = tracing::subscriber::set_default(subscriber(format, capture.clone()));
+            let request = async {
+                // A tenant name with a line break and a forged prefix.
+                TENANT.sync_scope(TenantId::new("acme\n[req-8] x"), || tracing::info!("hello"));
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(REQUEST_ID.scope(
+                id,
+                TRACE_CONTEXT.scope(trace.clone(), with_otel_context(request)),
+            ));
+            tracing::info!("outside");
             let lines = capture.lines();
             assert_eq!(lines.len(), 2, "{format:?}: {lines:?}");
             let trace_id = trace.trace_id().to_string();

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{info, warn, Instrument as _};
 
-use crate::context::with_trace_id;
+use crate::context::with_otel_context;
 
 /// The topic the confirmation job publishes to.
 pub const ORDER_CONFIRMED: &str = "order.confirmed";
@@ -77,9 +77,9 @@ impl Queue {
             while let Some(message) = receiver.recv().await {
                 let incoming = IncomingContext::from_headers(&message.headers);
                 let span = tracing::info_span!("queue.consume", topic = message.topic);
-                // `with_trace_id` reads the trace context when polled, inside `scope`.
+                // `with_otel_context` reads the trace context when polled, inside `scope`.
                 incoming
-                    .scope(with_trace_id(consume(message).instrument(span)))
+                    .scope(with_otel_context(consume(message).instrument(span)))
                     .await;
                 if consumer_pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
                     consumer_pending.idle.notify_waiters();
