@@ -126,3 +126,26 @@ pub(crate) async fn isolation_under_concurrency(svc: TestService) {
         Err(_) => unreachable!("every task has finished"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_and_baggage_never_set_the_tenant() {
+    let svc = start_sqlite().await;
+    let response = svc
+        .client
+        .post(format!("{}/orders", svc.base))
+        .header("authorization", "Bearer token-acme")
+        .header("x-tenant", "globex")
+        .header("baggage", "tenant=globex")
+        .json(&order("hdr-1", &[("sku-apple", 1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        svc.rows("acme").await,
+        (1, 1),
+        "stored for the token's tenant"
+    );
+    assert_eq!(svc.rows("globex").await, (0, 0));
+    svc.service.shutdown().await;
+}
