@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::{
     app::{self, Config},
-    context::{TenantId, TraceContext, TENANT},
+    context::{TraceContext, TENANT},
     db::{Backend, OrderRepository},
     http::{auth::DEMO_TOKENS, TokenTable},
     logging::{self, LogCapture, LogFormat},
@@ -792,11 +792,6 @@ impl fmt::Display for DemoReport {
             if self.is_correct() { "OK" } else { "FAILED" }
         )
     }
-}
-
-/// The tenants the demo's tokens map to.
-pub fn demo_tenants() -> Vec<TenantId> {
-    TokenTable::demo().tenants()
 }
 
 #[cfg(test)]
