@@ -109,9 +109,25 @@ async fn serve(config: Config, format: LogFormat) -> Result<ExitCode, BoxError> 
     println!("         -d '{{\"reference\":\"r-1\",\"items\":[{{\"sku\":\"sku-apple\",\"quantity\":2}}]}}'");
     println!("       curl -s http://{addr}/orders/1 -H 'Authorization: Bearer token-acme'");
     println!("  Ctrl-C to stop");
-    tokio::signal::ctrl_c().await?;
+    stop_signal().await?;
     service.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn stop_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
 }
 
 async fn run_demo(opts: DemoOptions) -> Result<ExitCode, BoxError> {
