@@ -4,6 +4,7 @@
 //! (`demo_check.rs`, `demo_check_json.rs`); nothing here installs one.
 
 mod bad_input;
+mod cancellation;
 mod postgres;
 mod rollback;
 mod tenant_isolation;
