@@ -143,6 +143,9 @@ pub async fn run(
     })
     .await?;
     let backend = service.state.db.backend();
+    // Every line after these belongs to some request: one of ours without a request id has
+    // lost its context.
+    let startup_lines = capture.len();
 
     // ----- the load -----
     let client = reqwest::Client::builder()
@@ -233,7 +236,7 @@ pub async fn run(
         std::fs::write(path, text)?;
     }
     let parsed: Vec<LogLine> = lines.iter().map(|line| LogLine::parse(line)).collect();
-    let check = check_lines(&lines, &parsed, &expected);
+    let check = check_lines(&lines, &parsed, &expected, startup_lines);
     let first_id = format!("demo-{run_id}-00000");
     let tree = expected
         .get(&first_id)
@@ -313,6 +316,8 @@ struct LogLine {
     tenant: Option<String>,
     /// The span path, outermost first, each as `name{fields}`.
     spans: Vec<String>,
+    /// The module that logged it.
+    target: String,
     /// The message and the event's fields, as printed.
     event: String,
     /// The order reference the line names (event field, or a span field), if any.
@@ -358,14 +363,16 @@ impl LogLine {
         let rest = rest.split_once(' ').map_or("", |(_level, r)| r);
         let pieces = split_top(rest, ": ");
         let has_spans = pieces.len() >= 3 && !contains_top(pieces[0], "::");
-        let (spans, event) = if has_spans {
-            (split_top(pieces[0], ":"), pieces[2..].join(": "))
+        let (spans, target, event) = if has_spans {
+            (split_top(pieces[0], ":"), pieces[1], pieces[2..].join(": "))
         } else {
             (
                 Vec::new(),
+                pieces[0],
                 pieces.get(1..).map(|p| p.join(": ")).unwrap_or_default(),
             )
         };
+        out.target = target.to_string();
         out.spans = spans.into_iter().map(str::to_string).collect();
         out.reference = find_value(&event, "reference=").or_else(|| {
             out.spans
@@ -391,6 +398,7 @@ impl LogLine {
             request_id: get("request_id"),
             trace_id: get("trace_id"),
             tenant: get("tenant"),
+            target: get("target").unwrap_or_default(),
             ..LogLine::default()
         };
         if let Some(serde_json::Value::Object(fields)) = obj.get("fields") {
@@ -515,11 +523,21 @@ fn check_lines(
     lines: &[String],
     parsed: &[LogLine],
     expected: &HashMap<String, Expected>,
+    startup_lines: usize,
 ) -> Check {
     let mut check = Check::default();
-    for (line, parsed) in lines.iter().zip(parsed) {
+    for (i, (line, parsed)) in lines.iter().zip(parsed).enumerate() {
         let Some(request_id) = parsed.request_id.as_deref() else {
-            check.without_request += 1;
+            if i >= startup_lines && parsed.target.starts_with("order_service") {
+                check.mismatches += 1;
+                if check.examples.len() < 5 {
+                    check
+                        .examples
+                        .push(format!("no request id during the load: {line}"));
+                }
+            } else {
+                check.without_request += 1;
+            }
             continue;
         };
         let mut problems = Vec::new();
@@ -749,7 +767,7 @@ impl fmt::Display for DemoReport {
         )?;
         writeln!(
             f,
-            "  log lines           {} ({} outside any request: start-up)",
+            "  log lines           {} ({} outside any request: start-up, other crates' background)",
             self.log_lines, self.lines_without_request
         )?;
         writeln!(
@@ -814,16 +832,51 @@ mod tests {
         );
         assert_eq!(parsed.event, r#"audit: x lines=2 error="a: b""#);
         assert_eq!(parsed.reference.as_deref(), Some("ord-1"));
+        assert_eq!(parsed.target, "order_service::http::orders");
 
         let bare =
             LogLine::parse("2026-11-24T18:00:00.123456Z  INFO order_service::app: started addr=1");
         assert_eq!(bare.request_id, None);
         assert!(bare.spans.is_empty());
         assert_eq!(bare.event, "started addr=1");
+        assert_eq!(bare.target, "order_service::app");
 
         let quoted = LogLine::parse(r#"["a b" tenant="x\"y"] 2026  WARN t::u: m"#);
         assert_eq!(quoted.request_id.as_deref(), Some("a b"));
         assert_eq!(quoted.tenant.as_deref(), Some("x\"y"));
+    }
+
+    #[test]
+    fn check_catches_leaked_context() {
+        let want = |reference: &str, trace: &str| Expected {
+            reference: reference.into(),
+            trace_id: trace.into(),
+            tenant: "acme".into(),
+        };
+        let expected = HashMap::from([
+            ("r-1".to_string(), want("ord-1", "t1")),
+            ("r-2".to_string(), want("ord-2", "t2")),
+        ]);
+        let ts = "2026-11-24T18:00:00.000000Z  INFO";
+        let lines: Vec<String> = [
+            format!("{ts} order_service::app: started"),
+            format!("[r-1 trace_id=t1 tenant=acme] {ts} controller{{reference=ord-1}}: order_service::x: ok"),
+            format!("[r-1 trace_id=t2 tenant=acme] {ts} order_service::x: wrong trace"),
+            format!("[r-2 trace_id=t2 tenant=globex] {ts} order_service::x: wrong tenant"),
+            format!("[r-2 trace_id=t2 tenant=acme] {ts} controller{{reference=ord-1}}: order_service::x: wrong order"),
+            format!("[r-9 trace_id=t2] {ts} order_service::x: never sent"),
+            format!("{ts} order_service::jobs: lost its context"),
+            format!("{ts} sqlx::pool: background"),
+        ]
+        .into();
+        let parsed: Vec<LogLine> = lines.iter().map(|l| LogLine::parse(l)).collect();
+        let check = check_lines(&lines, &parsed, &expected, 1);
+        assert_eq!(check.mismatches, 5, "{:#?}", check.examples);
+        assert_eq!(
+            check.without_request, 2,
+            "start-up and another crate's background line"
+        );
+        assert_eq!(check.with_reference, 2);
     }
 
     #[test]
