@@ -759,11 +759,12 @@ impl fmt::Display for DemoReport {
         )?;
         writeln!(
             f,
-            "  requests            {} ({} created, {} failed) in {:.2} s",
+            "  requests            {} ({} created, {} failed) in {:.2} s, {:.0} orders/s",
             self.requests,
             self.created,
             self.failed,
-            self.elapsed.as_secs_f64()
+            self.elapsed.as_secs_f64(),
+            self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
         )?;
         writeln!(
             f,
