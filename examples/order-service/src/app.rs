@@ -1,9 +1,9 @@
 //! Start-up: database (schema, seed), payment stub, HTTP server.
 
-use std::{error::Error, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{error::Error, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     context::TENANT,
@@ -113,13 +113,22 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
 }
 
 impl RunningService {
-    /// Stops accepting requests, waits for the servers, for running jobs and queued messages.
+    /// Stops accepting requests, waits for the servers, for running jobs and queued messages
+    /// (30 s at most for all of it), then stops the queue consumer.
     pub async fn shutdown(self) {
         self.shutdown.notify_waiters();
-        for server in self.servers {
-            let _ = server.await;
+        let drain = async {
+            for server in self.servers {
+                let _ = server.await;
+            }
+            self.state.jobs.wait_idle().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(30), drain)
+            .await
+            .is_err()
+        {
+            warn!("shutdown: gave up waiting for requests and jobs after 30 s");
         }
-        self.state.jobs.wait_idle().await;
         self.consumer.abort();
     }
 }
