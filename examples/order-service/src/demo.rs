@@ -664,6 +664,21 @@ fn render(node: &Node, prefix: &str, last: bool, out: &mut String) {
     out.push_str(prefix);
     out.push_str(if last { "└── " } else { "├── " });
     out.push_str(&node.label);
+    if node.is_span {
+        // How the context got there, where it crossed something.
+        let note = if node.label.starts_with("job") {
+            "   <- contextflow::spawn, after the response"
+        } else if node.label.starts_with("queue.consume") {
+            "   <- another task: context from the message headers"
+        } else if node.label.starts_with("http.request") && node.label.contains("payment") {
+            "   <- another server: context from traceparent / x-request-id"
+        } else if node.label.starts_with("transaction") {
+            "   <- bound in the context: every query below joins it"
+        } else {
+            ""
+        };
+        out.push_str(note);
+    }
     out.push('\n');
     let child_prefix = format!("{prefix}{}", if last { "    " } else { "│   " });
     let count = node.children.len();
