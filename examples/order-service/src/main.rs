@@ -14,11 +14,16 @@ use order_service::{
     logging::{self, LogFormat},
 };
 
-const USAGE: &str = "usage: order-service [--json] [--addr ADDR]
+const USAGE: &str =
+    "usage: order-service [--json] [--addr ADDR]   (DATABASE_URL: postgres://... or sqlite://...)
        order-service demo [--orders N] [--concurrency C] [--json] [--log-file PATH]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,7 +63,6 @@ fn parse_serve(args: &[String]) -> Result<(Config, LogFormat), BoxError> {
                     .parse::<SocketAddr>()
                     .map_err(|e| format!("--addr {addr}: {e}"))?;
             }
-            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
     }
@@ -86,7 +90,6 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
             "--log-file" => {
                 opts.log_file = Some(args.next().ok_or("--log-file needs a path")?.into())
             }
-            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
     }
