@@ -50,7 +50,7 @@ use std::{
     },
 };
 
-use crate::{current, node::Header, node::NodeRef, AsyncLocal};
+use crate::{current, node::Header, node::NodeRef, AsyncLocal, Inherit};
 
 /// Something with its own notion of "current" that should follow contextflow's spawns.
 ///
@@ -85,7 +85,8 @@ pub trait Carrier: Send + Sync + 'static {
 /// ```
 pub fn register<C: Carrier>(carrier: C) -> bool {
     // A poisoned lock only means another registration panicked; the list itself is intact.
-    let mut carriers = CARRIERS.write().unwrap_or_else(|e| e.into_inner());
+    let mut slot = CARRIERS.write().unwrap_or_else(|e| e.into_inner());
+    let mut carriers: Vec<_> = slot.as_deref().cloned().unwrap_or_default();
     if carriers
         .iter()
         .any(|c| c.carrier_type() == TypeId::of::<C>())
@@ -93,6 +94,7 @@ pub fn register<C: Carrier>(carrier: C) -> bool {
         return false;
     }
     carriers.push(Arc::new(carrier));
+    *slot = Some(Arc::new(carriers));
     REGISTERED.store(true, Ordering::Release);
     true
 }
@@ -110,10 +112,18 @@ pub fn is_active() -> bool {
 // ===== internals =====
 
 static REGISTERED: AtomicBool = AtomicBool::new(false);
-static CARRIERS: RwLock<Vec<Arc<dyn ErasedCarrier>>> = RwLock::new(Vec::new());
+/// Copy-on-write, so captures call the carriers outside the lock (a carrier may register
+/// another one, or take a while).
+static CARRIERS: RwLock<Option<Carriers>> = RwLock::new(None);
 
-/// The hidden binding that holds captured carrier values.
-static CARRIED: AsyncLocal<Carried> = AsyncLocal::named("contextflow.carried");
+/// The registered carriers, shared by every capture that reads them.
+type Carriers = Arc<Vec<Arc<dyn ErasedCarrier>>>;
+
+/// The hidden binding that holds captured carrier values. Not inherited: each capture for a
+/// child replaces it with freshly captured values, so a task that respawns itself does not
+/// pile up the carried values of every generation before it.
+static CARRIED: AsyncLocal<Carried> =
+    AsyncLocal::named("contextflow.carried").inherit(Inherit::Never);
 
 /// One captured value and the carrier that knows how to enter it.
 type Entry = (Arc<dyn ErasedCarrier>, Box<dyn Any + Send + Sync>);
@@ -150,13 +160,13 @@ pub(crate) fn capture_into(frame: Option<NodeRef>) -> Option<NodeRef> {
     if !REGISTERED.load(Ordering::Relaxed) {
         return frame;
     }
-    let entries: Vec<_> = {
-        let carriers = CARRIERS.read().unwrap_or_else(|e| e.into_inner());
-        carriers
-            .iter()
-            .filter_map(|c| c.capture().map(|v| (Arc::clone(c), v)))
-            .collect()
+    let Some(carriers) = CARRIERS.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return frame;
     };
+    let entries: Vec<_> = carriers
+        .iter()
+        .filter_map(|c| c.capture().map(|v| (Arc::clone(c), v)))
+        .collect();
     if entries.is_empty() {
         return frame;
     }
@@ -164,7 +174,7 @@ pub(crate) fn capture_into(frame: Option<NodeRef>) -> Option<NodeRef> {
         frame,
         CARRIED.key(),
         CARRIED.name(),
-        true,
+        false,
         Carried { entries },
     ))
 }

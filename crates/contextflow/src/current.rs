@@ -7,17 +7,17 @@
 //!   previous value before it goes away: a scope future being polled, `sync_scope`,
 //!   `Snapshot::run`. This is the hot path: entering and leaving cost one thread-local write
 //!   each and no reference count.
-//! - bit set (*owned*): the slot itself owns one reference. Only `AsyncLocal::enter` puts an
-//!   owned frame there, because its guard can outlive the stack frame that created it.
+//! - bit set (*owned*): the slot itself owns one reference. Only enter guards put an owned
+//!   frame there, because a guard can outlive the stack frame that created it. Each guard has a
+//!   node of its own, so its frame identifies it.
 //!
-//! Every change goes through [`Entered`] (borrowed, strictly nested) or the enter-guard stack
-//! (owned, tolerant of out-of-order drops); both restore on drop, so a panic, an early return or
-//! a dropped future always puts back the previous frame.
+//! Every change goes through [`Entered`] (borrowed, strictly nested) or an enter guard (owned);
+//! both restore on drop, so a panic, an early return or a dropped future always puts back the
+//! previous frame. A guard dropped when its frame is not current (out of order, or inside a
+//! construct that entered something else) parks its saved frame in its node, and the frame is
+//! unwound as soon as it would become current again.
 
-use std::{
-    cell::{Cell, RefCell},
-    marker::PhantomData,
-};
+use std::{cell::Cell, marker::PhantomData};
 
 use crate::node::{self, Header, NodeRef};
 
@@ -27,8 +27,6 @@ thread_local! {
     // A `const` initializer and no destructor: the compiler makes this a plain TLS slot, and
     // access never fails, even during thread teardown.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
-    // Enter guards in the order they were entered on this thread (see `EnterGuard`).
-    static GUARDS: RefCell<GuardStack> = const { RefCell::new(GuardStack { records: Vec::new(), next_id: 0 }) };
 }
 
 /// The current frame's innermost node, or null. Whether it is borrowed or owned, it stays alive
@@ -56,10 +54,11 @@ pub(crate) fn with_current<R>(f: impl FnOnce(*const Header) -> R) -> R {
     }
 }
 
-/// Takes an owned reference to the current frame.
+/// Takes an owned reference to the current frame (without a leading guard marker).
 #[inline]
 pub(crate) fn capture() -> Option<NodeRef> {
-    let ptr = current_ptr();
+    // SAFETY: the current frame is alive (see `current_ptr`).
+    let ptr = unsafe { node::skip_markers(current_ptr()) };
     if ptr.is_null() {
         None
     } else {
@@ -91,6 +90,11 @@ impl Drop for Entered {
     #[inline]
     fn drop(&mut self) {
         let replaced = CURRENT.with(|c| c.replace(self.prev));
+        if self.prev & OWNED != 0 {
+            // The frame we restore belongs to an enter guard, which may have been dropped while
+            // we were entered (moved into this closure or future).
+            unwind_exited();
+        }
         if replaced & OWNED != 0 {
             // An enter guard was forgotten or moved while we were entered; its frame is no
             // longer current, so release the slot's reference (after the slot is restored, in
@@ -103,112 +107,78 @@ impl Drop for Entered {
 
 // ===== enter guards =====
 
-struct GuardStack {
-    records: Vec<Record>,
-    next_id: u64,
-}
+/// Marks a guard's frame whose guard has been dropped while the frame was not current (see
+/// [`exit_owned`]); stored with the frame to restore in the node's `guard_saved` word.
+const EXITED: usize = 0b10;
 
-struct Record {
-    id: u64,
-    /// The frame this guard entered.
-    node: *const Header,
-    /// The frame that was current before, owned (bit set) or null.
-    saved: usize,
-    /// Dropped out of order; unwound when the guards entered after it are gone.
-    dead: bool,
-}
-
-/// Enters `frame` (`None`: the empty frame) with an owned reference; returns the guard id for
-/// [`exit_owned`].
-pub(crate) fn enter_owned(frame: Option<NodeRef>) -> u64 {
-    let node_ptr = frame.map_or(std::ptr::null(), NodeRef::into_raw);
-    let raw = if node_ptr.is_null() {
-        0
-    } else {
-        node_ptr as usize | OWNED
-    };
-    let saved = CURRENT.with(|c| {
+/// Enters `node`, a node made for this guard alone, with a count owned by the slot. Returns the
+/// previous frame, as an owned reference (bit set) or null, for [`exit_owned`].
+pub(crate) fn enter_owned(node: &NodeRef) -> usize {
+    let raw = node.clone().into_raw() as usize | OWNED;
+    CURRENT.with(|c| {
         let prev = c.replace(raw);
         if prev == 0 || prev & OWNED != 0 {
-            // Null, or the slot's own reference, which moves into the record.
+            // Null, or the slot's own reference, which moves into the guard.
             prev
         } else {
             // Borrowed from a construct that may be gone by the time this guard is dropped
             // (a guard held across `.await` in a `!Send` future): take a reference of our own.
-            // SAFETY: the borrowed frame is alive now (its owner is on this stack).
+            // SAFETY: the borrowed frame is this thread's current frame, alive now.
             unsafe { node::share(prev as *const Header) }.into_raw() as usize | OWNED
         }
-    });
-    // `try_with` fails only while this thread's locals are being destroyed; the frame then
-    // stays entered until the thread is gone, which is all a guard could promise there anyway.
-    GUARDS
-        .try_with(|g| {
-            // Cannot panic: no code runs while the stack is borrowed (releases happen after).
-            let mut g = g.borrow_mut();
-            let id = g.next_id;
-            g.next_id += 1;
-            g.records.push(Record {
-                id,
-                node: node_ptr,
-                saved,
-                dead: false,
-            });
-            id
-        })
-        .unwrap_or(u64::MAX)
+    })
 }
 
-/// Leaves the frame entered by guard `id`. In order, this restores the previous frame. Out of
-/// order (a guard dropped while one entered after it is still alive), the record is marked and
-/// unwound when the later guards go, so the final frame is the one before the first guard.
-pub(crate) fn exit_owned(id: u64) {
-    let mut release: Vec<usize> = Vec::new();
-    let _ = GUARDS.try_with(|g| {
-        // Cannot panic: no code runs while the stack is borrowed (releases happen after).
-        let mut g = g.borrow_mut();
-        let Some(pos) = g.records.iter().rposition(|r| r.id == id) else {
-            return;
-        };
-        if pos + 1 != g.records.len() {
-            g.records[pos].dead = true;
-            return;
-        }
-        while let Some(mut record) = g.records.pop() {
-            // Moved out, so that the record's `Drop` has nothing left to release.
-            let saved = std::mem::take(&mut record.saved);
-            CURRENT.with(|c| {
-                let cur = c.get();
-                if cur & !OWNED == record.node as usize {
-                    c.set(saved);
-                    release.push(cur);
-                } else {
-                    // The guard's frame is no longer current (it was held across a poll that
-                    // restored something else): leave the current frame alone.
-                    release.push(saved);
-                }
-            });
-            if !g.records.last().is_some_and(|r| r.dead) {
-                break;
-            }
+/// Leaves the frame of the guard that owns `node`, whose previous frame is `saved`.
+///
+/// When the guard's frame is current (guards dropped in order), the previous frame is
+/// restored. Otherwise the guard was dropped out of order, or inside a construct that entered
+/// another frame (`sync_scope`, `Snapshot::run`, a poll): `saved` is then parked in the node,
+/// and whoever later makes the node current again (the construct restoring it, or the guard
+/// entered after this one) finds it exited and restores `saved` instead ([`unwind_exited`]).
+pub(crate) fn exit_owned(node: &NodeRef, saved: usize) {
+    let ours = node.as_ptr() as usize | OWNED;
+    let released = CURRENT.with(|c| {
+        if c.get() == ours {
+            c.set(saved);
+            Some(ours)
+        } else {
+            None
         }
     });
-    for raw in release {
-        if raw & OWNED != 0 {
-            // SAFETY: each released value is a reference that the slot or a record owned and
-            // that nothing refers to any more.
+    match released {
+        Some(raw) => {
+            // SAFETY: the slot's count on our node, replaced above and no longer referenced.
             drop(unsafe { NodeRef::from_raw((raw & !OWNED) as *const Header) });
+            unwind_exited();
         }
+        None => node.header().park_guard_saved(saved | EXITED),
     }
 }
 
-impl Drop for Record {
-    fn drop(&mut self) {
-        // Reached with a reference only when the thread exits while a guard is still entered
-        // (it was forgotten): release the frame it saved rather than leak it.
-        if self.saved & OWNED != 0 {
-            // SAFETY: the record owns this count; `exit_owned` zeroes `saved` when it moves
-            // the count elsewhere.
-            drop(unsafe { NodeRef::from_raw((self.saved & !OWNED) as *const Header) });
+/// While the current frame is the node of a guard that has exited, replaces it with the frame
+/// that guard had saved. Cold: called only when an owned frame has just been restored.
+#[cold]
+fn unwind_exited() {
+    loop {
+        let released = CURRENT.with(|c| {
+            let cur = c.get();
+            if cur & OWNED == 0 {
+                return None;
+            }
+            // SAFETY: an owned slot holds a count on this node.
+            let header = unsafe { &*((cur & !OWNED) as *const Header) };
+            let saved = header.take_guard_saved();
+            if saved & EXITED == 0 {
+                return None;
+            }
+            c.set(saved & !EXITED);
+            Some(cur)
+        });
+        match released {
+            // SAFETY: the slot's count on the exited guard's node, replaced above.
+            Some(raw) => drop(unsafe { NodeRef::from_raw((raw & !OWNED) as *const Header) }),
+            None => return,
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::{
     fmt,
     future::Future,
+    marker::PhantomData,
     mem::ManuallyDrop,
     pin::Pin,
     task::{Context, Poll},
@@ -31,14 +32,15 @@ use crate::{
 /// # }
 /// ```
 pub struct Scope<T: Send + Sync + 'static, F> {
-    /// The binding: the value until the first poll, then a value node whose parent is the
-    /// frame of that first poller.
+    /// The binding: the value until the first poll, then a node whose parent is the frame of
+    /// the latest poller (reused while that frame stays the same: one allocation per scope in
+    /// the common case). Re-parenting replaces the node, so a frame that polled us once (a
+    /// transaction's, say) is not kept alive once another frame polls us.
     binding: Binding<T>,
-    /// The binding re-parented under the frame of a later poller whose frame differs from the
-    /// first one (rare: most futures are polled by one task), reused while it stays the same.
-    under: Option<NodeRef>,
     /// Structurally pinned; dropped in place by `Drop`, inside the frame.
     inner: ManuallyDrop<F>,
+    /// Invariant in `T`, like `AsyncLocal<T>`.
+    _value: PhantomData<fn(T) -> T>,
 }
 
 enum Binding<T> {
@@ -184,8 +186,8 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
                 name,
                 inherit,
             },
-            under: None,
             inner: ManuallyDrop::new(inner),
+            _value: PhantomData,
         }
     }
 
@@ -196,11 +198,6 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         if let Binding::Node(node) = &self.binding {
             if node.header().parent_ptr() == parent {
                 return node.as_ptr();
-            }
-            if let Some(under) = &self.under {
-                if under.header().parent_ptr() == parent {
-                    return under.as_ptr();
-                }
             }
         }
         self.bind_under(parent)
@@ -227,10 +224,11 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
                 ptr
             }
             Binding::Node(node) => {
+                // The alias shares the value; dropping `node` releases the old parent.
                 let under = NodeRef::new_alias(node.header(), parent);
                 let ptr = under.as_ptr();
-                self.binding = Binding::Node(node);
-                self.under = Some(under);
+                self.binding = Binding::Node(under);
+                drop(node);
                 ptr
             }
             // `binding` is `Empty` only inside this function, which does not re-enter.

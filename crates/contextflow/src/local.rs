@@ -19,6 +19,16 @@ use crate::{current, future::Scope, node::Header, node::NodeRef};
 /// `AsyncLocal::new` is `const`, so variables are usually `static`s; instances that are not
 /// `static` work too (each instance is its own variable).
 ///
+/// A variable is invariant in `T`: it can never be viewed at another type, not even a
+/// sub- or supertype (with higher-ranked function types that would let a value be read at the
+/// wrong type):
+///
+/// ```compile_fail
+/// use contextflow::AsyncLocal;
+/// static V: AsyncLocal<for<'a> fn(&'a str) -> &'static str> = AsyncLocal::new();
+/// let widened: &AsyncLocal<fn(&'static str) -> &'static str> = &V;
+/// ```
+///
 /// ```
 /// use contextflow::AsyncLocal;
 ///
@@ -39,7 +49,9 @@ pub struct AsyncLocal<T: Send + Sync + 'static> {
     id: AtomicUsize,
     name: &'static str,
     inherit: Inherit,
-    _value: PhantomData<fn() -> T>,
+    /// Invariant in `T`: a variable must never be used at a sub- or supertype of its own type
+    /// (with higher-ranked `fn` types that would let a value be read at the wrong type).
+    _value: PhantomData<fn(T) -> T>,
 }
 
 /// Whether tasks and threads spawned through `contextflow` see a variable's value.
@@ -96,10 +108,16 @@ pub enum Inherit {
 /// ```
 ///
 /// Dropping guards out of order is tolerated: the context becomes the one from before the
-/// first guard once all of them are gone.
+/// first guard once all of them are gone. So is dropping a guard inside a closure or future
+/// it was moved into: its frame is left as soon as it would become current again. Forgetting a
+/// guard (`mem::forget`) leaks its frame and leaves it current on this thread until an
+/// enclosing scope ends.
 #[must_use = "dropping the guard restores the previous context"]
 pub struct EnterGuard {
-    id: u64,
+    /// This guard's own node: its frame, and its identity.
+    node: NodeRef,
+    /// The frame to restore, owned (or null).
+    saved: usize,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -296,8 +314,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(USER.get(), None);
     /// ```
     pub fn enter(&self, value: T) -> EnterGuard {
-        let node = self.new_node(current::capture(), value);
-        EnterGuard::new(current::enter_owned(Some(node)))
+        EnterGuard::new(self.new_node(current::capture(), value))
     }
 
     fn new_node(&self, parent: Option<NodeRef>, value: T) -> NodeRef {
@@ -341,9 +358,12 @@ impl<T: Send + Sync + 'static> fmt::Debug for AsyncLocal<T> {
 // ===== impl EnterGuard =====
 
 impl EnterGuard {
-    pub(crate) fn new(id: u64) -> Self {
+    /// Enters `node`, which must be a node made for this guard alone.
+    pub(crate) fn new(node: NodeRef) -> Self {
+        let saved = current::enter_owned(&node);
         EnterGuard {
-            id,
+            node,
+            saved,
             _not_send: PhantomData,
         }
     }
@@ -351,7 +371,7 @@ impl EnterGuard {
 
 impl Drop for EnterGuard {
     fn drop(&mut self) {
-        current::exit_owned(self.id);
+        current::exit_owned(&self.node, self.saved);
     }
 }
 

@@ -35,6 +35,9 @@ const INHERIT: u8 = 0b01;
 /// capture knows in O(1) whether it can share the chain as it is.
 const CHAIN_HAS_PRIVATE: u8 = 0b10;
 
+/// The key of guard marker nodes: never a variable's key (those start at 1).
+const MARKER_KEY: usize = 0;
+
 /// Refcounts past this are treated as a leak loop and abort, as `Arc` does.
 const MAX_REFCOUNT: usize = isize::MAX as usize;
 
@@ -59,6 +62,9 @@ pub(crate) struct Header {
     /// parent then gets its count) by [`share`] before the node is ever shared. While set, the
     /// node is reachable only from the thread that made it.
     borrowed: AtomicBool,
+    /// For the node of an enter guard that was dropped while its frame was not current: the
+    /// frame to restore instead of this one (see `current::exit_owned`), owned. Otherwise 0.
+    guard_saved: AtomicUsize,
     /// The variable's name, for `Debug`.
     pub(crate) name: &'static str,
     /// Called once the link count reaches zero, depending on the node kind: releases the
@@ -121,6 +127,12 @@ impl NodeRef {
         Self::value_node(parent, false, key, name, inherit, value)
     }
 
+    /// Allocates a node that binds nothing, for an enter guard that enters an existing frame
+    /// (`Snapshot::enter`): each guard needs a node of its own to be told apart.
+    pub(crate) fn new_marker(parent: Option<NodeRef>) -> NodeRef {
+        Self::new_value(parent, MARKER_KEY, "", true, ())
+    }
+
     /// Allocates a value node under `parent` *without* taking a count on it: the fast path of
     /// `sync_scope`, which costs no atomic read-modify-write unless the node gets shared.
     ///
@@ -160,6 +172,7 @@ impl NodeRef {
                     parent,
                     flags,
                     borrowed: AtomicBool::new(borrowed),
+                    guard_saved: AtomicUsize::new(0),
                     name,
                     release_link: release_value_link,
                     vtable: &ValueNode::<T>::VTABLE,
@@ -203,6 +216,7 @@ impl NodeRef {
                 owner,
                 flags: flags_for(inherit, parent.as_ref()),
                 borrowed: AtomicBool::new(false),
+                guard_saved: AtomicUsize::new(0),
                 parent,
                 name: binding.name,
                 release_link: release_alias_link,
@@ -323,6 +337,8 @@ impl Drop for NodeRef {
                 }
                 fence(Ordering::Acquire);
             }
+            // An exited guard's node that nobody restored: release the frame it parked.
+            release_parked(header.guard_saved.load(Ordering::Relaxed));
             // SAFETY: the count reached zero, so we are the only one with access; the parent
             // slot is taken exactly once, here.
             let parent = unsafe { (*ptr.as_ptr()).parent.take() };
@@ -359,6 +375,24 @@ impl Header {
             frame = header.parent.as_ref().map_or(ptr::null(), NodeRef::as_ptr);
         }
         None
+    }
+
+    /// Parks the frame an exited guard should restore (see `current::exit_owned`).
+    pub(crate) fn park_guard_saved(&self, saved: usize) {
+        // Relaxed: read back on this thread, or by the last owner after the Release/Acquire of
+        // the link count.
+        release_parked(self.guard_saved.swap(saved, Ordering::Relaxed));
+    }
+
+    /// Takes the parked frame, 0 if none.
+    pub(crate) fn take_guard_saved(&self) -> usize {
+        self.guard_saved.swap(0, Ordering::Relaxed)
+    }
+
+    /// Whether this node is a guard marker, which binds nothing.
+    #[inline]
+    pub(crate) fn is_marker(&self) -> bool {
+        self.key == MARKER_KEY
     }
 
     /// The parent frame, null at the root.
@@ -401,6 +435,8 @@ impl Header {
 /// # Safety
 /// `frame` must be null or point to a live node of this thread's current frame.
 pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
+    // SAFETY: live by the caller's contract.
+    let frame = unsafe { skip_markers(frame) };
     if frame.is_null() {
         return None;
     }
@@ -435,6 +471,33 @@ pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
         rebuilt = Some(NodeRef::new_alias(binding, rebuilt));
     }
     rebuilt
+}
+
+/// Releases the owned frame in a parked `guard_saved` word, if any (bit 0: owned, bit 1:
+/// exited; the rest is the node pointer).
+fn release_parked(parked: usize) {
+    let frame = parked & !0b11;
+    if parked & 0b01 != 0 && frame != 0 {
+        // SAFETY: a parked frame is an owned count that nothing else refers to.
+        drop(unsafe { NodeRef::from_raw(frame as *const Header) });
+    }
+}
+
+/// `frame` without the guard markers at its top, which bind nothing and must not make a
+/// captured frame look non-empty.
+///
+/// # Safety
+/// `frame` must be null or point to a live node.
+#[inline]
+pub(crate) unsafe fn skip_markers(mut frame: *const Header) -> *const Header {
+    // SAFETY: a live chain by the caller's contract.
+    while let Some(header) = unsafe { frame.as_ref() } {
+        if !header.is_marker() {
+            break;
+        }
+        frame = header.parent_ptr();
+    }
+    frame
 }
 
 fn flags_for(inherit: bool, parent: Option<&NodeRef>) -> u8 {

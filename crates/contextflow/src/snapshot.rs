@@ -123,7 +123,7 @@ impl Snapshot {
     /// assert_eq!(ID.get(), None);
     /// ```
     pub fn enter(&self) -> EnterGuard {
-        EnterGuard::new(current::enter_owned(self.frame.clone()))
+        EnterGuard::new(NodeRef::new_marker(self.frame.clone()))
     }
 
     /// The value `var` has in this snapshot.
@@ -222,7 +222,7 @@ impl fmt::Debug for Snapshot {
         while !frame.is_null() {
             // SAFETY: `self` keeps the whole chain alive.
             let header = unsafe { &*frame };
-            if !seen.contains(&header.key) {
+            if !header.is_marker() && !seen.contains(&header.key) {
                 seen.push(header.key);
                 let unnamed;
                 let name = if header.name.is_empty() {

@@ -150,3 +150,83 @@ on_both_runtimes!(
     nothing_is_carried_when_nothing_is_current,
     the_carrier_wraps_every_poll
 );
+
+// Review finding: each inheriting capture stacked a new carried node on top of the previous
+// one, so a task that respawns itself kept every generation's carried values alive.
+#[tokio::test(flavor = "current_thread")]
+async fn carried_values_do_not_pile_up_across_generations() {
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    struct CountingCarrier;
+    impl Carrier for CountingCarrier {
+        type Value = Counted;
+        fn capture(&self) -> Option<Counted> {
+            LIVE.fetch_add(1, Ordering::SeqCst);
+            Some(Counted)
+        }
+        fn enter(&self, _: &Counted, f: &mut dyn FnMut()) {
+            f()
+        }
+    }
+    install();
+    let _ = carry::register(CountingCarrier);
+    type Done = tokio::sync::oneshot::Sender<usize>;
+    fn generation(
+        n: u32,
+        done: Done,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            if n == 0 {
+                let _ = done.send(LIVE.load(Ordering::SeqCst));
+                return;
+            }
+            // Each generation hands over to the next and finishes (a self-rescheduling job).
+            drop(contextflow::spawn(generation(n - 1, done)));
+        })
+    }
+    let (done, result) = tokio::sync::oneshot::channel();
+    drop(contextflow::spawn(generation(200, done)));
+    let alive = result.await.unwrap();
+    assert!(
+        alive <= 3,
+        "finished generations release their carried values: {alive} still alive"
+    );
+}
+
+// Review finding: a carrier's capture ran under the registry lock, so registering from it
+// deadlocked.
+#[test]
+fn a_carrier_may_register_another_while_capturing() {
+    struct Other;
+    impl Carrier for Other {
+        type Value = ();
+        fn capture(&self) -> Option<()> {
+            None
+        }
+        fn enter(&self, _: &(), f: &mut dyn FnMut()) {
+            f()
+        }
+    }
+    struct Lazy;
+    impl Carrier for Lazy {
+        type Value = ();
+        fn capture(&self) -> Option<()> {
+            let _ = carry::register(Other);
+            None
+        }
+        fn enter(&self, _: &(), f: &mut dyn FnMut()) {
+            f()
+        }
+    }
+    let _ = carry::register(Lazy);
+    let _ = Snapshot::capture_inheritable();
+    assert!(
+        !carry::register(Other),
+        "registered from inside the capture"
+    );
+}

@@ -12,8 +12,8 @@ use std::{
     ptr,
 };
 
-/// Size and alignment of a block. A node header is 88 bytes on 64-bit targets, which leaves
-/// room for values up to 168 bytes (a `String`, an id, a small struct of ids).
+/// Size and alignment of a block. A value node's head is 104 bytes on 64-bit targets, which
+/// leaves room for values up to 152 bytes (a `String`, an id, a small struct of ids).
 pub(super) const BLOCK: Layout = match Layout::from_size_align(256, 16) {
     Ok(layout) => layout,
     Err(_) => panic!("a valid layout"),

@@ -71,3 +71,134 @@ fn forgotten_guard_inside_a_poll_does_not_outlive_the_poll() {
     assert!(fut.as_mut().poll(&mut cx).is_ready());
     assert_eq!(B.get(), None, "the poll restored the frame from before it");
 }
+
+/// Counts live values, to check that frames are released.
+mod tracked {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    pub(super) static LIVE: AtomicUsize = AtomicUsize::new(0);
+    pub(super) struct Tracked;
+    impl Tracked {
+        pub(super) fn new() -> Self {
+            LIVE.fetch_add(1, Ordering::SeqCst);
+            Tracked
+        }
+    }
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `f` on a fresh thread and returns what it returns (a fresh thread keeps other tests'
+/// `Tracked` values out of the count).
+fn isolated<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    std::thread::spawn(f).join().unwrap()
+}
+
+// Review finding: a guard dropped inside a construct that entered another frame left its own
+// frame current forever, and leaked it.
+#[test]
+fn guard_dropped_inside_sync_scope_run_or_poll_is_left() {
+    use std::sync::atomic::Ordering;
+    static T: AsyncLocal<tracked::Tracked> = AsyncLocal::named("t");
+    isolated(|| {
+        let g = T.enter(tracked::Tracked::new());
+        B.sync_scope(2, move || drop(g));
+        assert!(!T.is_set(), "after sync_scope");
+
+        let g = T.enter(tracked::Tracked::new());
+        Snapshot::empty().run(move || drop(g));
+        assert!(!T.is_set(), "after Snapshot::run");
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let g = T.enter(tracked::Tracked::new());
+            B.scope(2, async move { drop(g) }).await;
+            assert!(!T.is_set(), "after a scope future");
+        });
+        assert!(
+            !rt.block_on(async { T.is_set() }),
+            "the next task on the thread"
+        );
+    });
+    assert_eq!(
+        tracked::LIVE.load(Ordering::SeqCst),
+        0,
+        "every value dropped"
+    );
+}
+
+// Review finding: a guard over the empty frame matched any empty current frame.
+#[test]
+fn empty_snapshot_guard_is_not_confused_with_another_empty_frame() {
+    A.sync_scope(1, || {
+        let g = Snapshot::empty().enter();
+        assert_eq!(A.get(), None);
+        let inside = Snapshot::empty().run(move || {
+            drop(g);
+            A.get()
+        });
+        assert_eq!(inside, None);
+        assert_eq!(A.get(), Some(1));
+    });
+    assert_eq!(A.get(), None);
+    assert!(Snapshot::empty().enter().run_probe());
+}
+
+trait Probe {
+    fn run_probe(self) -> bool;
+}
+impl Probe for contextflow::EnterGuard {
+    /// Inside an empty-snapshot guard, a capture is empty.
+    fn run_probe(self) -> bool {
+        Snapshot::capture().is_empty()
+    }
+}
+
+// Review finding: guard identity by node address was fooled by a recycled allocation.
+#[test]
+fn guard_held_across_polls_does_not_disturb_a_later_frame() {
+    use std::{cell::RefCell, future::Future, task::Poll};
+    thread_local!(static GUARD: RefCell<Option<contextflow::EnterGuard>> = const { RefCell::new(None) });
+    static R: AsyncLocal<u32> = AsyncLocal::named("r");
+    let snap = B.sync_scope(7, Snapshot::capture);
+    let mut polled = false;
+    let mut fut = Box::pin(R.scope(
+        1,
+        std::future::poll_fn(move |_| {
+            if !polled {
+                polled = true;
+                GUARD.with(|g| *g.borrow_mut() = Some(A.enter(10)));
+                return Poll::Pending;
+            }
+            let before = B.get();
+            GUARD.with(|g| drop(g.borrow_mut().take()));
+            Poll::Ready((before, B.get()))
+        }),
+    ));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    let seen = snap.run(|| fut.as_mut().poll(&mut cx));
+    assert_eq!(seen, Poll::Ready((Some(7), Some(7))));
+    assert_eq!((A.get(), B.get()), (None, None));
+}
+
+#[test]
+fn out_of_order_drop_across_three_guards() {
+    let a = A.enter(1);
+    let b = B.enter(2);
+    let a2 = A.enter(3);
+    drop(b);
+    assert_eq!(
+        (A.get(), B.get()),
+        (Some(3), Some(2)),
+        "b's frame is below a2's"
+    );
+    drop(a);
+    drop(a2);
+    assert_eq!((A.get(), B.get()), (None, None));
+}

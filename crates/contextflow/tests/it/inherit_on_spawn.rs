@@ -152,3 +152,49 @@ on_both_runtimes! {
     child_rebinding_never_reaches_parent_or_sibling => child_rebinding_never_reaches_parent_or_sibling;
     join_set_spawn_inherits => join_set_spawn_inherits;
 }
+
+// Review finding: a scope future first polled inside a transaction's scope kept the
+// transaction alive after that scope ended, and inside the child it was handed to.
+async fn scope_future_does_not_keep_a_pollers_transaction_alive() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    struct Tx(Arc<AtomicBool>);
+    impl Drop for Tx {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    static TXV: AsyncLocal<Tx> = AsyncLocal::named("tx").inherit(Inherit::Never);
+    static ID: AsyncLocal<u32> = AsyncLocal::named("id");
+    let dropped = Arc::new(AtomicBool::new(false));
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let mut work = Box::pin(ID.scope(1, async move {
+        let _ = wait.await;
+        (ID.get(), TXV.is_set())
+    }));
+    TXV.scope(Tx(dropped.clone()), async {
+        let _ = futures_util::poll!(work.as_mut());
+    })
+    .await;
+    // The child's first poll re-parents the scope under the child's frame: from then on the
+    // transaction must be gone, long before the work finishes.
+    let (ready, is_ready) = tokio::sync::oneshot::channel::<bool>();
+    let flag = dropped.clone();
+    let child = contextflow::spawn(async move {
+        assert!(futures_util::poll!(work.as_mut()).is_pending());
+        ready.send(flag.load(Ordering::SeqCst)).unwrap();
+        work.await
+    });
+    assert!(
+        is_ready.await.unwrap(),
+        "the transaction is released once another frame polls the scope"
+    );
+    go.send(()).unwrap();
+    assert_eq!(child.await.unwrap(), (Some(1), false));
+}
+
+on_both_runtimes! {
+    scope_future_does_not_keep_a_pollers_transaction_alive => scope_future_does_not_keep_a_pollers_transaction_alive;
+}
