@@ -216,6 +216,7 @@ fn main() {
     bench_spawn(quick, if smoke { 1_000 } else { 100_000 });
     bench_scope_entry_flat(&settings);
     bench_get_depth(&settings);
+    bench_log_event(&settings);
 }
 
 fn bench_get(settings: &Settings) {
@@ -562,4 +563,120 @@ fn bench_get_depth(settings: &Settings) {
         "| {:<34} | {:>8.2} | {:>8.2} | {:>8.2} |",
         "contextflow AsyncLocal::get", row[0], row[1], row[2]
     );
+}
+
+/// Cost of one log event carrying 3 request fields, written to a sink: contextflow fields
+/// (read from the context by `contextflow-tracing`'s formatter) against the usual approach
+/// (the fields recorded on an entered request span, as a tower-http `TraceLayer` span would).
+fn bench_log_event(settings: &Settings) {
+    use contextflow_tracing::ContextFields;
+    use tracing_subscriber::fmt::format;
+
+    static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+    static USER_ID: AsyncLocal<u64> = AsyncLocal::named("user_id");
+
+    fn fields() -> ContextFields {
+        ContextFields::new()
+            .field("request_id", &REQUEST_ID)
+            .field("tenant", &TENANT)
+            .field("user_id", &USER_ID)
+    }
+    fn text() -> tracing::Dispatch {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .event_format(format().without_time())
+            .finish()
+            .into()
+    }
+    fn text_ctx() -> tracing::Dispatch {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .event_format(fields().text(format().without_time()))
+            .finish()
+            .into()
+    }
+    fn json() -> tracing::Dispatch {
+        tracing_subscriber::fmt()
+            .json()
+            .without_time()
+            .with_writer(std::io::sink)
+            .finish()
+            .into()
+    }
+    fn json_ctx() -> tracing::Dispatch {
+        tracing_subscriber::fmt()
+            .json()
+            .without_time()
+            .with_writer(std::io::sink)
+            .map_event_format(|f| fields().json(f))
+            .finish()
+            .into()
+    }
+    // One event per iteration, under `dispatch`, with no request fields at all.
+    let bare = |dispatch: tracing::Dispatch| {
+        move |n: u64| {
+            tracing::dispatcher::with_default(&dispatch, || {
+                time(n, || tracing::info!(i = 1, "Order creation started"))
+            })
+        }
+    };
+    // ... inside an entered request span that holds the 3 fields.
+    let on_span = |dispatch: tracing::Dispatch| {
+        move |n: u64| {
+            tracing::dispatcher::with_default(&dispatch, || {
+                let span = tracing::info_span!(
+                    "request",
+                    request_id = "req-123456",
+                    tenant = "acme",
+                    user_id = 42
+                );
+                let _entered = span.enter();
+                time(n, || tracing::info!(i = 1, "Order creation started"))
+            })
+        }
+    };
+    // ... inside the 3 contextflow scopes, the formatter reading them.
+    let in_context = |dispatch: tracing::Dispatch| {
+        move |n: u64| {
+            tracing::dispatcher::with_default(&dispatch, || {
+                REQUEST_ID.sync_scope("req-123456".into(), || {
+                    TENANT.sync_scope("acme".into(), || {
+                        USER_ID.sync_scope(42, || {
+                            time(n, || tracing::info!(i = 1, "Order creation started"))
+                        })
+                    })
+                })
+            })
+        }
+    };
+    for (title, plain, ctx) in [
+        (
+            "text",
+            text as fn() -> tracing::Dispatch,
+            text_ctx as fn() -> tracing::Dispatch,
+        ),
+        ("JSON", json, json_ctx),
+    ] {
+        let results = measure(
+            settings,
+            &mut [
+                contender("bare: event with no request fields", bare(plain())),
+                contender("3 fields on an entered request span", on_span(plain())),
+                contender(
+                    "3 contextflow fields (contextflow-tracing)",
+                    in_context(ctx()),
+                ),
+            ],
+        );
+        report(
+            &format!("log event with 3 request fields, {title}, to a sink"),
+            &results,
+            "3 contextflow fields (contextflow-tracing)",
+        );
+        println!(
+            "(ns per event, contextflow fields / span fields: {:.2})",
+            results[2].1 / results[1].1
+        );
+    }
 }
