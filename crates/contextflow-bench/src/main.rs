@@ -202,6 +202,11 @@ fn main() {
         tracing_subscriber::registry().with(tracing_subscriber::layer::Identity::new());
     tracing::subscriber::set_global_default(subscriber).expect("no other subscriber is set");
 
+    // Warm up (CPU frequency, caches, the allocator) before the first timed row.
+    let warm = Instant::now();
+    while warm.elapsed().as_millis() < if smoke { 10 } else { 1000 } {
+        black_box(OURS.sync_scope(1, || OURS.get()));
+    }
     println!("# contextflow side-by-side benchmark");
     println!(
         "rounds: {}, batch: {:.0} ms, medians; overhead = ns/op - bare baseline",
@@ -303,62 +308,42 @@ fn bench_sync_scope(settings: &Settings) {
 
 fn bench_poll(settings: &Settings) {
     const POLLS: u32 = 1000;
-    let per_poll = |polls: u64, t: f64| t / polls as f64;
+    /// Runs about `n` polls as futures of `POLLS + 1` polls each, made by `make`, and returns
+    /// the elapsed time scaled to exactly `n` polls, so `measure` reports ns per poll.
+    fn polls<F: Future>(n: u64, mut make: impl FnMut() -> F) -> f64 {
+        let futures = n.div_ceil(u64::from(POLLS) + 1).max(1);
+        let start = Instant::now();
+        let mut polls = 0;
+        for _ in 0..futures {
+            polls += drive(make());
+        }
+        start.elapsed().as_nanos() as f64 * n as f64 / polls as f64
+    }
     let span = tracing::info_span!("request");
+    let otel_cx = OtelContext::current_with_value(OtelValue(1));
     let results = measure(
         settings,
         &mut [
             contender("bare: poll a future", |n| {
-                let start = Instant::now();
-                let mut polls = 0;
-                for _ in 0..n {
-                    polls += drive(YieldN(black_box(POLLS)));
-                }
-                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+                polls(n, || YieldN(black_box(POLLS)))
             }),
             contender("contextflow AsyncLocal::scope future", |n| {
-                let start = Instant::now();
-                let mut polls = 0;
-                for _ in 0..n {
-                    polls += drive(OURS.scope(1, YieldN(black_box(POLLS))));
-                }
-                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+                polls(n, || OURS.scope(1, YieldN(black_box(POLLS))))
             }),
             contender("contextflow WithContext (spawned task)", |n| {
                 use contextflow::FutureExt as _;
-                let start = Instant::now();
-                let mut polls = 0;
                 OURS.sync_scope(1, || {
-                    for _ in 0..n {
-                        polls += drive(YieldN(black_box(POLLS)).in_current_context());
-                    }
-                });
-                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+                    polls(n, || YieldN(black_box(POLLS)).in_current_context())
+                })
             }),
             contender("tokio task_local! scope future", |n| {
-                let start = Instant::now();
-                let mut polls = 0;
-                for _ in 0..n {
-                    polls += drive(TASK_LOCAL.scope(1, YieldN(black_box(POLLS))));
-                }
-                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+                polls(n, || TASK_LOCAL.scope(1, YieldN(black_box(POLLS))))
             }),
             contender("opentelemetry FutureExt::with_context", |n| {
-                let cx = OtelContext::current_with_value(OtelValue(1));
-                let start = Instant::now();
-                let mut polls = 0;
-                for _ in 0..n {
-                    polls += drive(YieldN(black_box(POLLS)).with_context(cx.clone()));
-                }
-                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+                polls(n, || YieldN(black_box(POLLS)).with_context(otel_cx.clone()))
             }),
             contender("tracing Instrument (Registry + no-op layer)", |n| {
-                let start = Instant::now();
-                let mut polls = 0;
-                for _ in 0..n {
-                    polls += drive(YieldN(black_box(POLLS)).instrument(span.clone()));
-                }
-                per_poll(polls, start.elapsed().as_nanos() as f64) * n as f64
+                polls(n, || YieldN(black_box(POLLS)).instrument(span.clone()))
             }),
         ],
     );

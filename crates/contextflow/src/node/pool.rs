@@ -4,7 +4,7 @@
 //! Every node whose layout fits [`BLOCK`] is allocated as a whole block with that one layout,
 //! which makes blocks interchangeable: a block freed on another thread (a snapshot dropped by a
 //! spawned task) simply joins that thread's cache. Each cache holds at most [`MAX_CACHED`]
-//! blocks (32 KiB) and returns them to the allocator when its thread exits.
+//! blocks (16 KiB) and returns them to the allocator when its thread exits.
 
 use std::{
     alloc::{alloc, dealloc, handle_alloc_error, Layout},
@@ -13,8 +13,9 @@ use std::{
 };
 
 /// Size and alignment of a block. A value node's head is 104 bytes on 64-bit targets, which
-/// leaves room for values up to 152 bytes (a `String`, an id, a small struct of ids).
-pub(super) const BLOCK: Layout = match Layout::from_size_align(256, 16) {
+/// leaves room for values up to 24 bytes (a `String`, an `Arc`, a `u64` id); larger values are
+/// allocated at their exact size. Small blocks keep the memory of many live tasks compact.
+pub(super) const BLOCK: Layout = match Layout::from_size_align(128, 16) {
     Ok(layout) => layout,
     Err(_) => panic!("a valid layout"),
 };
