@@ -5,6 +5,9 @@
 //! Run with: `cargo run --release -p contextflow-bench` (add `-- --quick` for a short run, or
 //! `-- --smoke` to only check that every row runs).
 //!
+//! Results, hardware, toolchain and date: see this crate's README.md (last full run 2026-11-24,
+//! 2 vCPU AMD EPYC, rustc 1.95.0).
+//!
 //! Every contender of a row is measured in the same run, interleaved round by round (so drift
 //! and noise hit all of them alike), and the median of the rounds is reported. "overhead" is a
 //! contender's median minus the bare baseline's; the ratio columns compare our overhead with each
