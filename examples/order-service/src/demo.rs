@@ -340,7 +340,7 @@ impl LogLine {
         let mut out = LogLine::default();
         let mut rest = line;
         if let Some(prefix) = line.strip_prefix('[') {
-            let end = scan(prefix, |c, depth| depth == 0 && c == ']').unwrap_or(prefix.len());
+            let end = scan(prefix, |_, c, depth| depth == 0 && c == ']').unwrap_or(prefix.len());
             for (i, token) in split_top(&prefix[..end], " ").into_iter().enumerate() {
                 let (key, value) = match token.split_once('=') {
                     Some((k, v)) if i > 0 => (k, v),
@@ -433,9 +433,9 @@ impl LogLine {
     }
 }
 
-/// The byte index of the first character for which `stop(c, brace depth)` holds, outside
-/// double quotes (with backslash escapes).
-fn scan(s: &str, mut stop: impl FnMut(char, usize) -> bool) -> Option<usize> {
+/// The byte index of the first character for which `stop(byte index, c, brace depth)` holds,
+/// outside double quotes (with backslash escapes).
+fn scan(s: &str, mut stop: impl FnMut(usize, char, usize) -> bool) -> Option<usize> {
     let (mut depth, mut quoted, mut escaped) = (0usize, false, false);
     for (i, c) in s.char_indices() {
         if quoted {
@@ -447,7 +447,7 @@ fn scan(s: &str, mut stop: impl FnMut(char, usize) -> bool) -> Option<usize> {
             }
             continue;
         }
-        if stop(c, depth) {
+        if stop(i, c, depth) {
             return Some(i);
         }
         match c {
@@ -460,39 +460,17 @@ fn scan(s: &str, mut stop: impl FnMut(char, usize) -> bool) -> Option<usize> {
     None
 }
 
-/// Splits `s` at `sep` where it occurs outside quotes and braces.
+/// Splits `s` at `sep` where it occurs outside quotes and braces. `sep` is not empty.
 fn split_top<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
     let mut out = Vec::new();
-    let (mut depth, mut quoted, mut escaped) = (0usize, false, false);
-    let mut start = 0;
-    let mut skip_until = 0;
-    for (i, c) in s.char_indices() {
-        if i < skip_until {
-            continue;
-        }
-        if quoted {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => quoted = false,
-                _ => {}
-            }
-            continue;
-        }
-        if depth == 0 && s[i..].starts_with(sep) {
-            out.push(&s[start..i]);
-            start = i + sep.len();
-            skip_until = start;
-            continue;
-        }
-        match c {
-            '"' => quoted = true,
-            '{' => depth += 1,
-            '}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+    let mut rest = s;
+    // A separator only matches outside quotes and braces, so scanning the rest afresh from
+    // just after it starts in the same state the scan was in.
+    while let Some(at) = scan(rest, |i, _, depth| depth == 0 && rest[i..].starts_with(sep)) {
+        out.push(&rest[..at]);
+        rest = &rest[at + sep.len()..];
     }
-    out.push(&s[start..]);
+    out.push(rest);
     out
 }
 
@@ -505,7 +483,7 @@ fn find_value(s: &str, key: &str) -> Option<String> {
     let at = s.find(key)? + key.len();
     let rest = &s[at..];
     if rest.starts_with('"') {
-        let end = scan(rest, |c, _| c == ' ' || c == '}').unwrap_or(rest.len());
+        let end = scan(rest, |_, c, _| c == ' ' || c == '}').unwrap_or(rest.len());
         return Some(unquote(&rest[..end]));
     }
     let end = rest.find([' ', '}']).unwrap_or(rest.len());
