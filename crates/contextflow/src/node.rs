@@ -18,8 +18,9 @@
 //! parent is released at once (so a database transaction bound deeper in the chain is not kept
 //! alive by an alias of an unrelated value), and the value is dropped when the last alias goes.
 //!
-//! All of this is the only `unsafe` code of the crate; it is covered by the loom models in
-//! `tests/loom_refcount.rs` (the counts) and by the whole test suite run under valgrind.
+//! With `current.rs` (the thread-local slot) and `node/pool.rs` (the block cache), this is
+//! the crate's `unsafe` code; it is covered by the loom models in `node/loom_tests.rs` (the
+//! counts) and by the whole test suite run under valgrind.
 
 use std::{
     alloc::{alloc, dealloc, handle_alloc_error, Layout},
