@@ -6,10 +6,8 @@
 //! script of each crate whose tests need a service:
 //!
 //! ```no_run
-//! // build.rs
-//! fn main() {
-//!     contextflow_testenv::build::emit();
-//! }
+//! // build.rs, with `contextflow-testenv` as a build-dependency and a dev-dependency
+//! contextflow_testenv::build::emit();
 //! ```
 //!
 //! It sets `cfg(cf_service_<name>)` for every [`Service`] whose URL variable is set (or for all
