@@ -172,7 +172,8 @@
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.85 (declared in `rust-version`; CI tests the current stable toolchain only).
+//! Rust 1.95, declared in `rust-version`. It is the only toolchain our CI machines can install,
+//! so it is the only one we can check: CI fails when its `rustc` is not the declared version.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 

@@ -275,7 +275,7 @@ fn demo_order(run_id: &str, i: usize) -> NewOrder {
         sku: "sku-apple".into(),
         quantity: 1 + (i % 3) as i64,
     }];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         items.push(NewOrderItem {
             sku: "sku-pear".into(),
             quantity: 1,
