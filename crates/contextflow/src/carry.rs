@@ -42,15 +42,15 @@
 //! ```
 
 use std::{
-    any::{Any, TypeId},
+    any::TypeId,
     fmt,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
-    },
+    sync::{atomic::Ordering, Mutex},
 };
 
-use crate::{current, node::Header, node::NodeRef, AsyncLocal, Inherit};
+use crate::{
+    current,
+    node::{Header, NodeRef},
+};
 
 /// Something with its own notion of "current" that should follow contextflow's spawns.
 ///
@@ -80,123 +80,210 @@ pub trait Carrier: Send + Sync + 'static {
 ///     fn capture(&self) -> Option<()> { None }
 ///     fn enter(&self, _: &(), f: &mut dyn FnMut()) { f() }
 /// }
+/// assert!(!carry::is_registered::<Nothing>());
 /// assert!(carry::register(Nothing));
-/// assert!(!carry::register(Nothing));
+/// assert!(carry::is_registered::<Nothing>());
+/// assert!(!carry::register(Nothing), "a second registration is refused");
 /// ```
 pub fn register<C: Carrier>(carrier: C) -> bool {
-    // A poisoned lock only means another registration panicked; the list itself is intact.
-    let mut slot = CARRIERS.write().unwrap_or_else(|e| e.into_inner());
-    let mut carriers: Vec<_> = slot.as_deref().cloned().unwrap_or_default();
-    if carriers
-        .iter()
-        .any(|c| c.carrier_type() == TypeId::of::<C>())
-    {
+    // Writers take a lock (registration is rare); readers never do. A poisoned lock only means
+    // another registration panicked; the list itself is intact.
+    let _writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    let old = registered();
+    if old.iter().any(|c| c.carrier_type() == TypeId::of::<C>()) {
         return false;
     }
-    carriers.push(Arc::new(carrier));
-    *slot = Some(Arc::new(carriers));
-    REGISTERED.store(true, Ordering::Release);
+    let mut list: Vec<&'static dyn ErasedCarrier> = old.to_vec();
+    // Leaked on purpose: carriers live for the rest of the process, and a capture on another
+    // thread may be reading the previous list at this moment, so no list is ever freed either
+    // (one per registration: a handful per process).
+    list.push(Box::leak(Box::new(carrier)));
+    publish(&CARRIERS, list);
     true
 }
 
 /// Whether any carrier is registered.
 ///
 /// ```
-/// // Integration crates register theirs at start-up (for example when installing a layer).
-/// let _ = contextflow::carry::is_active();
+/// use contextflow::carry::{self, Carrier};
+/// struct Role;
+/// impl Carrier for Role {
+///     type Value = u32;
+///     fn capture(&self) -> Option<u32> { Some(7) }
+///     fn enter(&self, _: &u32, f: &mut dyn FnMut()) { f() }
+/// }
+/// carry::register(Role);
+/// assert!(carry::is_active());
 /// ```
 pub fn is_active() -> bool {
-    REGISTERED.load(Ordering::Relaxed)
+    !CARRIERS.load(Ordering::Relaxed).is_null()
+}
+
+/// Whether a carrier of type `C` is registered.
+///
+/// ```
+/// use contextflow::carry::{self, Carrier};
+/// struct Unused;
+/// impl Carrier for Unused {
+///     type Value = ();
+///     fn capture(&self) -> Option<()> { None }
+///     fn enter(&self, _: &(), f: &mut dyn FnMut()) { f() }
+/// }
+/// assert!(!carry::is_registered::<Unused>());
+/// ```
+pub fn is_registered<C: Carrier>() -> bool {
+    registered()
+        .iter()
+        .any(|c| c.carrier_type() == TypeId::of::<C>())
 }
 
 // ===== internals =====
 
-static REGISTERED: AtomicBool = AtomicBool::new(false);
-/// Copy-on-write, so captures call the carriers outside the lock (a carrier may register
-/// another one, or take a while).
-static CARRIERS: RwLock<Option<Carriers>> = RwLock::new(None);
+/// The registered carriers: a leaked, never-freed list, replaced as a whole on registration
+/// (copy on write), so that captures read it with one atomic load and no lock.
+static CARRIERS: Registry = Registry::new(std::ptr::null_mut());
+/// Serializes registrations.
+static WRITER: Mutex<()> = Mutex::new(());
 
-/// The registered carriers, shared by every capture that reads them.
-type Carriers = Arc<Vec<Arc<dyn ErasedCarrier>>>;
+/// The registry's atomic pointer (std's, even under loom: a `static` needs a `const`
+/// constructor; the loom model drives [`publish`] and [`read`] with loom's own).
+type Registry = std::sync::atomic::AtomicPtr<Vec<&'static dyn ErasedCarrier>>;
 
-/// The hidden binding that holds captured carrier values. Not inherited: each capture for a
-/// child replaces it with freshly captured values, so a task that respawns itself does not
-/// pile up the carried values of every generation before it.
-static CARRIED: AsyncLocal<Carried> =
-    AsyncLocal::named("contextflow.carried").inherit(Inherit::Never);
+/// The one thing a list pointer needs: load and store, so the loom model checks this code.
+pub(crate) trait ListPtr<T> {
+    fn load_acquire(&self) -> *mut T;
+    fn store_release(&self, ptr: *mut T);
+}
 
-/// One captured value and the carrier that knows how to enter it.
-type Entry = (Arc<dyn ErasedCarrier>, Box<dyn Any + Send + Sync>);
+impl<T> ListPtr<T> for std::sync::atomic::AtomicPtr<T> {
+    fn load_acquire(&self) -> *mut T {
+        self.load(Ordering::Acquire)
+    }
+    fn store_release(&self, ptr: *mut T) {
+        self.store(ptr, Ordering::Release)
+    }
+}
 
-struct Carried {
-    entries: Vec<Entry>,
+#[cfg(all(test, loom))]
+impl<T> ListPtr<T> for loom::sync::atomic::AtomicPtr<T> {
+    fn load_acquire(&self) -> *mut T {
+        self.load(loom::sync::atomic::Ordering::Acquire)
+    }
+    fn store_release(&self, ptr: *mut T) {
+        self.store(ptr, loom::sync::atomic::Ordering::Release)
+    }
+}
+
+/// Publishes `list` as the registered list. The previous list is leaked (see [`register`]).
+pub(crate) fn publish<T, P: ListPtr<Vec<T>>>(slot: &P, list: Vec<T>) {
+    // Release: a reader that loads the new pointer (Acquire) sees the list fully written.
+    slot.store_release(Box::into_raw(Box::new(list)));
+}
+
+/// The published list, empty if none.
+pub(crate) fn read<T, P: ListPtr<Vec<T>>>(slot: &P) -> &'static [T] {
+    let ptr = slot.load_acquire();
+    // SAFETY: a non-null pointer was published by `publish` from a leaked `Box`, is never freed
+    // or written again, and the Acquire load pairs with its Release store.
+    unsafe { ptr.as_ref() }.map_or(&[], |list| list.as_slice())
+}
+
+fn registered() -> &'static [&'static dyn ErasedCarrier] {
+    read(&CARRIERS)
+}
+
+/// The key of every carried-value node (hidden; never a variable's key, which start at 2).
+pub(crate) const CARRIED_KEY: usize = 1;
+
+/// A captured value, stored in a hidden node on top of a captured frame. `#[repr(C)]` with the
+/// entry function first, so that [`run_in`] can enter it without knowing `C`.
+#[repr(C)]
+struct Carried<C: Carrier> {
+    enter: unsafe fn(*const (), &mut dyn FnMut()),
+    carrier: &'static C,
+    value: C::Value,
+}
+
+impl<C: Carrier> Carried<C> {
+    /// # Safety
+    /// `this` must point to a live `Carried<C>`.
+    unsafe fn enter(this: *const (), f: &mut dyn FnMut()) {
+        // SAFETY: by the caller's contract.
+        let this = unsafe { &*this.cast::<Carried<C>>() };
+        this.carrier.enter(&this.value, f)
+    }
 }
 
 trait ErasedCarrier: Send + Sync {
     fn carrier_type(&self) -> TypeId;
-    fn capture(&self) -> Option<Box<dyn Any + Send + Sync>>;
-    fn enter(&self, value: &(dyn Any + Send + Sync), f: &mut dyn FnMut());
+    /// Captures this carrier's current value, if any, as a hidden node on top of `frame`.
+    fn capture_onto(&'static self, frame: Option<NodeRef>) -> Option<NodeRef>;
 }
 
 impl<C: Carrier> ErasedCarrier for C {
     fn carrier_type(&self) -> TypeId {
         TypeId::of::<C>()
     }
-    fn capture(&self) -> Option<Box<dyn Any + Send + Sync>> {
-        Carrier::capture(self).map(|v| Box::new(v) as Box<dyn Any + Send + Sync>)
-    }
-    fn enter(&self, value: &(dyn Any + Send + Sync), f: &mut dyn FnMut()) {
-        match value.downcast_ref::<C::Value>() {
-            Some(value) => Carrier::enter(self, value, f),
-            // Cannot happen (the value was captured by this carrier); run `f` regardless.
-            None => f(),
+    fn capture_onto(&'static self, frame: Option<NodeRef>) -> Option<NodeRef> {
+        match Carrier::capture(self) {
+            Some(value) => Some(NodeRef::new_hidden(
+                frame,
+                CARRIED_KEY,
+                Carried {
+                    enter: Carried::<C>::enter,
+                    carrier: self,
+                    value,
+                },
+            )),
+            None => frame,
         }
     }
 }
 
-/// Adds the captured carrier values on top of `frame`, if any carrier is registered and has
-/// something to carry.
+/// Adds the registered carriers' current values on top of `frame`, one hidden node each.
+#[inline]
 pub(crate) fn capture_into(frame: Option<NodeRef>) -> Option<NodeRef> {
-    if !REGISTERED.load(Ordering::Relaxed) {
+    let carriers = registered();
+    if carriers.is_empty() {
         return frame;
     }
-    let Some(carriers) = CARRIERS.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-        return frame;
-    };
-    let entries: Vec<_> = carriers
+    carriers
         .iter()
-        .filter_map(|c| c.capture().map(|v| (Arc::clone(c), v)))
-        .collect();
-    if entries.is_empty() {
-        return frame;
-    }
-    Some(NodeRef::new_value(
-        frame,
-        CARRIED.key(),
-        CARRIED.name(),
-        false,
-        Carried { entries },
-    ))
+        .fold(frame, |frame, carrier| carrier.capture_onto(frame))
 }
 
-/// Enters `frame` (which its owner keeps alive for the call) and, when it starts with captured
-/// carrier values, enters those too; then calls `f`.
+/// `frame` without the carried values on top of it: the frame a snapshot makes current.
+///
+/// # Safety
+/// `frame` must be null or point to a live node.
+#[inline]
+pub(crate) unsafe fn below_carried(mut frame: *const Header) -> *const Header {
+    // SAFETY: a live chain by the caller's contract.
+    while let Some(header) = unsafe { frame.as_ref() } {
+        if !header.is_hidden() {
+            break;
+        }
+        frame = header.parent_ptr();
+    }
+    frame
+}
+
+/// Makes `frame` current (without the carried values on top of it, which are entered through
+/// their carriers instead, so they never pile up under later bindings), then calls `f`.
+/// The caller keeps `frame` alive for the call.
 #[inline]
 pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
-    let _entered = current::enter_borrowed(frame);
-    if !REGISTERED.load(Ordering::Relaxed) || frame.is_null() {
+    // SAFETY: the caller keeps `frame` alive.
+    let top = unsafe { frame.as_ref() };
+    if !top.is_some_and(Header::is_hidden) {
+        let _entered = current::enter_borrowed(frame);
         return f();
     }
-    // SAFETY: the caller keeps `frame` alive for this call.
-    let top = unsafe { &*frame };
-    if top.key != CARRIED.key() {
-        return f();
-    }
-    // SAFETY: the key is `CARRIED`'s, so the node holds a `Carried`.
-    let carried = unsafe { top.value::<Carried>() };
+    // SAFETY: as above.
+    let _entered = current::enter_borrowed(unsafe { below_carried(frame) });
     let mut f = Some(f);
     let mut out = None;
-    nest(&carried.entries, &mut || {
+    nest(frame, &mut || {
         if let Some(f) = f.take() {
             out = Some(f());
         }
@@ -211,17 +298,30 @@ pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
     }
 }
 
-fn nest(entries: &[Entry], f: &mut dyn FnMut()) {
-    match entries.split_first() {
-        None => f(),
-        Some(((carrier, value), rest)) => carrier.enter(&**value, &mut || nest(rest, f)),
+/// Enters the carried values from `node` down, outermost first, then calls `f`.
+fn nest(node: *const Header, f: &mut dyn FnMut()) {
+    // SAFETY: `run_in`'s caller keeps the chain alive.
+    match unsafe { node.as_ref() } {
+        Some(header) if header.is_hidden() => {
+            // SAFETY: hidden nodes hold a `Carried<C>`, whose first field is its entry
+            // function, and the value is alive with the node.
+            unsafe {
+                let value = header.value_ptr();
+                let enter = *value.cast::<unsafe fn(*const (), &mut dyn FnMut())>();
+                enter(value, &mut || nest(header.parent_ptr(), f))
+            }
+        }
+        _ => f(),
     }
 }
 
-impl fmt::Debug for Carried {
+impl<C: Carrier> fmt::Debug for Carried<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Carried")
-            .field("values", &self.entries.len())
-            .finish()
+            .field("carrier", &std::any::type_name::<C>())
+            .finish_non_exhaustive()
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_tests;

@@ -54,17 +54,26 @@ pub(crate) fn with_current<R>(f: impl FnOnce(*const Header) -> R) -> R {
     }
 }
 
-/// Takes an owned reference to the current frame (without a leading guard marker).
+/// Takes an owned reference to the current frame, for a capture that may outlive this
+/// thread's stack (see `node::capture`); `skip_private` leaves out the variables spawned
+/// children do not inherit.
 #[inline]
-pub(crate) fn capture() -> Option<NodeRef> {
-    // SAFETY: the current frame is alive (see `current_ptr`).
-    let ptr = unsafe { node::skip_markers(current_ptr()) };
-    if ptr.is_null() {
-        None
-    } else {
-        // SAFETY: the current frame is alive (see `current_ptr`) and this thread's.
-        Some(unsafe { node::share(ptr) })
-    }
+pub(crate) fn capture(skip_private: bool) -> Option<NodeRef> {
+    // SAFETY: `with_current` keeps the current frame alive during the call, and it is this
+    // thread's.
+    with_current(|frame| unsafe { node::capture(frame, skip_private) })
+}
+
+/// Takes an owned reference to the current frame as it is (without a leading guard marker),
+/// for a new node's parent.
+#[inline]
+pub(crate) fn share() -> Option<NodeRef> {
+    with_current(|frame| {
+        // SAFETY: `with_current` keeps the frame alive during the call.
+        let frame = unsafe { node::skip_markers(frame) };
+        // SAFETY: as above; the current frame is this thread's.
+        (!frame.is_null()).then(|| unsafe { node::share(frame) })
+    })
 }
 
 /// Makes `frame` current until the returned guard is dropped. The caller must keep `frame`

@@ -45,7 +45,8 @@ pub struct Scope<T: Send + Sync + 'static, F> {
 
 enum Binding<T> {
     Pending {
-        value: T,
+        /// `None` for [`AsyncLocal::unset`](crate::AsyncLocal::unset).
+        value: Option<T>,
         key: usize,
         name: &'static str,
         inherit: bool,
@@ -178,7 +179,13 @@ impl<S: futures_core::Stream> StreamExt for S {}
 // ===== impl Scope =====
 
 impl<T: Send + Sync + 'static, F> Scope<T, F> {
-    pub(crate) fn new(value: T, key: usize, name: &'static str, inherit: bool, inner: F) -> Self {
+    pub(crate) fn new(
+        value: Option<T>,
+        key: usize,
+        name: &'static str,
+        inherit: bool,
+        inner: F,
+    ) -> Self {
         Scope {
             binding: Binding::Pending {
                 value,
@@ -218,7 +225,10 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
                 name,
                 inherit,
             } => {
-                let node = NodeRef::new_value(parent, key, name, inherit, value);
+                let node = match value {
+                    Some(value) => NodeRef::new_value(parent, key, name, inherit, value),
+                    None => NodeRef::new_unset(parent, key, name, inherit),
+                };
                 let ptr = node.as_ptr();
                 self.binding = Binding::Node(node);
                 ptr

@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use crate::{current, future::Scope, node::Header, node::NodeRef};
+use crate::{current, future::Scope, node, node::NodeRef};
 
 /// A typed context variable: the Rust counterpart of one Node.js `AsyncLocalStorage`.
 ///
@@ -204,7 +204,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// ```
     pub fn scope<F: Future>(&self, value: T, fut: F) -> Scope<T, F> {
         Scope::new(
-            value,
+            Some(value),
             self.key(),
             self.name,
             self.inherit == Inherit::Always,
@@ -243,6 +243,64 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         f()
     }
 
+    /// Runs `f` with this variable unset, whatever is bound outside, and returns what `f`
+    /// returns: Node's `asyncLocalStorage.exit(callback)`, for one variable. Other variables
+    /// stay as they are.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<u64> = AsyncLocal::named("tenant");
+    /// static REQUEST_ID: AsyncLocal<u64> = AsyncLocal::named("request_id");
+    ///
+    /// REQUEST_ID.sync_scope(7, || {
+    ///     TENANT.sync_scope(42, || {
+    ///         let seen = TENANT.sync_unset(|| (TENANT.get(), REQUEST_ID.get()));
+    ///         assert_eq!(seen, (None, Some(7)));
+    ///         assert_eq!(TENANT.get(), Some(42), "restored afterwards");
+    ///     })
+    /// });
+    /// ```
+    pub fn sync_unset<R>(&self, f: impl FnOnce() -> R) -> R {
+        let node = NodeRef::new_unset(
+            current::share(),
+            self.key(),
+            self.name,
+            self.inherit == Inherit::Always,
+        );
+        // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
+        let _entered = current::enter_borrowed(node.as_ptr());
+        f()
+    }
+
+    /// Runs `fut` with this variable unset on every poll (and while `fut` is dropped), on top of
+    /// whatever context the poller has: the async form of [`sync_unset`](AsyncLocal::sync_unset).
+    /// Tasks spawned inside do not see the variable either.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<u64> = AsyncLocal::named("tenant");
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// TENANT
+    ///     .scope(42, async {
+    ///         // Background work that must not act for the request's tenant.
+    ///         let job = TENANT.unset(async { contextflow::spawn(async { TENANT.get() }).await });
+    ///         assert_eq!(job.await.unwrap(), None);
+    ///         assert_eq!(TENANT.get(), Some(42));
+    ///     })
+    ///     .await;
+    /// # }
+    /// ```
+    pub fn unset<F: Future>(&self, fut: F) -> Scope<T, F> {
+        Scope::new(
+            None,
+            self.key(),
+            self.name,
+            self.inherit == Inherit::Always,
+            fut,
+        )
+    }
+
     /// Calls `f` with a reference to the current value, or `None` when the variable is not set.
     ///
     /// Neither allocates nor touches a reference count.
@@ -262,7 +320,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         current::with_current(|frame| {
             // SAFETY: `with_current` keeps `frame` alive for this whole closure, and the
             // reference handed to `f` does not escape it.
-            let binding = unsafe { Header::find(frame, key) };
+            let binding = unsafe { node::lookup(frame, key) };
             // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
             f(binding.map(|b| unsafe { b.value::<T>() }))
         })
@@ -314,7 +372,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(USER.get(), None);
     /// ```
     pub fn enter(&self, value: T) -> EnterGuard {
-        EnterGuard::new(self.new_node(current::capture(), value))
+        EnterGuard::new(self.new_node(current::share(), value))
     }
 
     fn new_node(&self, parent: Option<NodeRef>, value: T) -> NodeRef {
@@ -383,8 +441,9 @@ impl fmt::Debug for EnterGuard {
 
 // ===== keys =====
 
-/// Source of variable keys; 0 means "not assigned yet".
-static NEXT_KEY: AtomicUsize = AtomicUsize::new(1);
+/// Source of variable keys; 0 means "not assigned yet" (and marks guard markers), 1 is
+/// carried values' (`carry::CARRIED_KEY`).
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(2);
 
 #[cold]
 #[inline(never)]

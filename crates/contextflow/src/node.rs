@@ -35,6 +35,15 @@ const INHERIT: u8 = 0b01;
 /// Bit set when this node or any ancestor is *not* inheritable, so that an inheritable
 /// capture knows in O(1) whether it can share the chain as it is.
 const CHAIN_HAS_PRIVATE: u8 = 0b10;
+/// Bit set when this node or an ancestor may rebind a variable already bound below it (its
+/// key's bit was already in its parent's `mask`), so that a capture knows in O(1) whether the
+/// chain may hold shadowed values that no lookup can reach.
+const MAYBE_SHADOW: u8 = 0b100;
+/// Bit set on a node that is not a binding users can see: carried values (`carry.rs`).
+const HIDDEN: u8 = 0b1000;
+/// Bit set on a node that binds its variable to *nothing* (`AsyncLocal::sync_unset`): lookups
+/// stop there and find no value.
+const UNSET: u8 = 0b1_0000;
 
 /// The key of guard marker nodes: never a variable's key (those start at 1).
 const MARKER_KEY: usize = 0;
@@ -50,13 +59,19 @@ pub(crate) struct Header {
     refs: AtomicUsize,
     /// The variable this node binds.
     pub(crate) key: usize,
+    /// Unique for the life of the process and never reused (see `cache.rs`): names this node,
+    /// and the frame it tops, in the per-thread lookup cache.
+    pub(crate) id: u64,
+    /// A 64-bit Bloom filter of the keys bound in this node's chain (bit `key % 64`), so that a
+    /// new binding knows in O(1) whether it may shadow one below it.
+    mask: u64,
     /// Points at the bound `T`, inside `owner`.
     value: NonNull<()>,
     /// The value node that owns the value: this node itself, or the aliased node.
     owner: NonNull<ValueHead>,
     /// The enclosing frame; `None` at the root. Taken when the link count reaches zero.
     parent: Option<NodeRef>,
-    /// `INHERIT` and `CHAIN_HAS_PRIVATE`.
+    /// `INHERIT`, `CHAIN_HAS_PRIVATE`, `MAYBE_SHADOW`, `HIDDEN`, `UNSET`.
     flags: u8,
     /// Set while `parent` is *borrowed*: it holds no count, because this node was made by
     /// `sync_scope` and cannot outlive its parent while nobody else refers to it. Cleared (the
@@ -125,13 +140,36 @@ impl NodeRef {
         inherit: bool,
         value: T,
     ) -> NodeRef {
-        Self::value_node(parent, false, key, name, inherit, value)
+        let flags = if inherit { INHERIT } else { 0 };
+        Self::value_node(parent, false, key, name, flags, value)
+    }
+
+    /// Allocates a node that binds `key` to nothing under `parent`: lookups of `key` stop here
+    /// and find no value, whatever is bound below.
+    pub(crate) fn new_unset(
+        parent: Option<NodeRef>,
+        key: usize,
+        name: &'static str,
+        inherit: bool,
+    ) -> NodeRef {
+        let flags = UNSET | if inherit { INHERIT } else { 0 };
+        Self::value_node(parent, false, key, name, flags, ())
+    }
+
+    /// Allocates a hidden node (not a user binding: `Debug`, `is_empty` and lookups of user
+    /// variables skip it) holding `value` under `parent`. Used for carried values.
+    pub(crate) fn new_hidden<T: Send + Sync + 'static>(
+        parent: Option<NodeRef>,
+        key: usize,
+        value: T,
+    ) -> NodeRef {
+        Self::value_node(parent, false, key, "", HIDDEN | INHERIT, value)
     }
 
     /// Allocates a node that binds nothing, for an enter guard that enters an existing frame
     /// (`Snapshot::enter`): each guard needs a node of its own to be told apart.
     pub(crate) fn new_marker(parent: Option<NodeRef>) -> NodeRef {
-        Self::new_value(parent, MARKER_KEY, "", true, ())
+        Self::value_node(parent, false, MARKER_KEY, "", INHERIT, ())
     }
 
     /// Allocates a value node under `parent` *without* taking a count on it: the fast path of
@@ -151,7 +189,8 @@ impl NodeRef {
         // SAFETY: the count is not taken: `borrowed` below tells `Drop` and `share` so.
         let parent = (!parent.is_null()).then(|| unsafe { NodeRef::from_raw(parent) });
         let borrowed = parent.is_some();
-        Self::value_node(parent, borrowed, key, name, inherit, value)
+        let flags = if inherit { INHERIT } else { 0 };
+        Self::value_node(parent, borrowed, key, name, flags, value)
     }
 
     fn value_node<T: Send + Sync + 'static>(
@@ -159,15 +198,17 @@ impl NodeRef {
         borrowed: bool,
         key: usize,
         name: &'static str,
-        inherit: bool,
+        own_flags: u8,
         value: T,
     ) -> NodeRef {
-        let flags = flags_for(inherit, parent.as_ref());
+        let (flags, mask) = chain_flags(key, own_flags, parent.as_ref());
         let node = ValueNode {
             head: ValueHead {
                 header: Header {
                     refs: AtomicUsize::new(1),
                     key,
+                    id: cache::next_id(),
+                    mask,
                     value: NonNull::dangling(),
                     owner: NonNull::dangling(),
                     parent,
@@ -208,14 +249,20 @@ impl NodeRef {
         if old > MAX_REFCOUNT {
             std::process::abort();
         }
-        let inherit = binding.flags & INHERIT != 0;
+        let (flags, mask) = chain_flags(
+            binding.key,
+            binding.flags & (INHERIT | HIDDEN | UNSET),
+            parent.as_ref(),
+        );
         let node = AliasNode {
             header: Header {
                 refs: AtomicUsize::new(1),
                 key: binding.key,
+                id: cache::next_id(),
+                mask,
                 value: binding.value,
                 owner,
-                flags: flags_for(inherit, parent.as_ref()),
+                flags,
                 borrowed: AtomicBool::new(false),
                 guard_saved: AtomicUsize::new(0),
                 parent,
@@ -371,11 +418,23 @@ impl Header {
             // frame is known to stay alive.
             let header = unsafe { &*frame };
             if header.key == key {
-                return Some(header);
+                return (!header.is_unset()).then_some(header);
             }
             frame = header.parent.as_ref().map_or(ptr::null(), NodeRef::as_ptr);
         }
         None
+    }
+
+    /// Whether this node binds its variable to nothing (see [`NodeRef::new_unset`]).
+    #[inline]
+    pub(crate) fn is_unset(&self) -> bool {
+        self.flags & UNSET != 0
+    }
+
+    /// Whether this node is hidden from users (a carried value).
+    #[inline]
+    pub(crate) fn is_hidden(&self) -> bool {
+        self.flags & HIDDEN != 0
     }
 
     /// Parks the frame an exited guard should restore (see `current::exit_owned`).
@@ -407,13 +466,14 @@ impl Header {
         self.flags & INHERIT != 0
     }
 
-    #[inline]
-    fn chain_has_private(&self) -> bool {
-        self.flags & CHAIN_HAS_PRIVATE != 0
-    }
-
     pub(crate) fn type_name(&self) -> &'static str {
         (self.vtable.type_name)()
+    }
+
+    /// A pointer to the value, whatever its type.
+    #[inline]
+    pub(crate) fn value_ptr(&self) -> *const () {
+        self.value.as_ptr()
     }
 
     /// The value, as a `T`.
@@ -429,13 +489,35 @@ impl Header {
     }
 }
 
-/// Takes an owned reference to the frame at `frame` (null gives `None`) without the
-/// bindings of variables that are not inherited. O(1) unless such a variable is set; then
-/// O(bindings above the outermost private one), each rebuilt as an alias.
+/// The binding of `key` in the frame at `frame` (null: the empty frame): O(1) when it is the
+/// innermost binding, and through the per-thread cache otherwise.
+///
+/// # Safety
+/// `frame` must be null or point to a live node that stays alive while the result is used.
+#[inline]
+pub(crate) unsafe fn lookup(frame: *const Header, key: usize) -> Option<&'static Header> {
+    // SAFETY: live by the caller's contract.
+    let top = unsafe { frame.as_ref() }?;
+    if top.key == key {
+        return (!top.is_unset()).then_some(top);
+    }
+    // SAFETY: live by the caller's contract.
+    unsafe { cache::lookup(top, key) }
+}
+
+/// Takes an owned reference to the frame at `frame` (null gives `None`) for a capture that
+/// may outlive this thread's stack: a snapshot, or (with `skip_private`) a spawned child, which
+/// does not get the bindings of variables that are not inherited.
+///
+/// A captured frame never keeps a value that no lookup can reach: bindings shadowed by a later
+/// binding of the same variable (and, with `skip_private`, non-inherited ones) are left out.
+/// O(1) when the chain's flags say there is nothing to leave out (no variable bound twice, no
+/// private binding); otherwise O(nodes down to the deepest binding left out), and only the
+/// bindings above that one are rebuilt (as aliases sharing their values).
 ///
 /// # Safety
 /// `frame` must be null or point to a live node of this thread's current frame.
-pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
+pub(crate) unsafe fn capture(frame: *const Header, skip_private: bool) -> Option<NodeRef> {
     // SAFETY: live by the caller's contract.
     let frame = unsafe { skip_markers(frame) };
     if frame.is_null() {
@@ -443,24 +525,54 @@ pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
     }
     // SAFETY: live by the caller's contract.
     let top = unsafe { &*frame };
-    if !top.chain_has_private() {
+    let flags_to_check = MAYBE_SHADOW | if skip_private { CHAIN_HAS_PRIVATE } else { 0 };
+    if top.flags & flags_to_check == 0 {
         // SAFETY: live by the caller's contract.
         return Some(unsafe { share(frame) });
     }
-    // Walk down to the part of the chain that is entirely inheritable, remembering the
-    // inheritable bindings above it (innermost first).
-    let mut above: Vec<&Header> = Vec::new();
-    let mut tail: *const Header = frame;
-    while !tail.is_null() {
+    // Walk down, keeping the visible bindings (innermost first), until the rest of the chain
+    // provably holds nothing to leave out.
+    let mut kept: Vec<&Header> = Vec::new();
+    let mut seen_keys: Vec<usize> = Vec::new();
+    let mut seen_mask = 0u64;
+    // `kept[..kept_above_drop]` are the bindings above the deepest one left out, and
+    // `tail` the node right below it: the part shared as it is.
+    let mut kept_above_drop = 0;
+    let mut tail: *const Header = ptr::null();
+    let mut dropped_any = false;
+    let mut node = frame;
+    while !node.is_null() {
         // SAFETY: every node of a live chain is live.
-        let header = unsafe { &*tail };
-        if !header.chain_has_private() {
+        let header = unsafe { &*node };
+        if header.flags & flags_to_check == 0 && header.mask & seen_mask == 0 {
+            // Nothing below is shadowed by what we saw, nor private, nor shadowed within.
             break;
         }
-        if header.inherit() {
-            above.push(header);
+        let next = header.parent_ptr();
+        if header.is_marker() || header.is_hidden() {
+            node = next;
+            continue;
         }
-        tail = header.parent_ptr();
+        let bit = key_bit(header.key);
+        let shadowed = seen_mask & bit != 0 && seen_keys.contains(&header.key);
+        let private = skip_private && !header.inherit();
+        if !shadowed {
+            seen_keys.push(header.key);
+            seen_mask |= bit;
+        }
+        if shadowed || private {
+            dropped_any = true;
+            kept_above_drop = kept.len();
+            tail = next;
+        } else {
+            // Unset bindings are kept too: one may hide a binding of the shared tail.
+            kept.push(header);
+        }
+        node = next;
+    }
+    if !dropped_any {
+        // SAFETY: live by the caller's contract.
+        return Some(unsafe { share(frame) });
     }
     let mut rebuilt = if tail.is_null() {
         None
@@ -468,10 +580,24 @@ pub(crate) unsafe fn inheritable(frame: *const Header) -> Option<NodeRef> {
         // SAFETY: a node of a live chain.
         Some(unsafe { share(tail) })
     };
-    for binding in above.into_iter().rev() {
+    for binding in kept[..kept_above_drop].iter().rev() {
+        if binding.is_unset() && rebuilt.is_none() {
+            // An unset binding with nothing below has nothing to hide.
+            continue;
+        }
         rebuilt = Some(NodeRef::new_alias(binding, rebuilt));
     }
     rebuilt
+}
+
+/// The Bloom bit of a variable key (none for markers).
+#[inline]
+fn key_bit(key: usize) -> u64 {
+    if key == MARKER_KEY {
+        0
+    } else {
+        1 << (key % 64)
+    }
 }
 
 /// Releases the owned frame in a parked `guard_saved` word, if any (bit 0: owned, bit 1:
@@ -501,16 +627,26 @@ pub(crate) unsafe fn skip_markers(mut frame: *const Header) -> *const Header {
     frame
 }
 
-fn flags_for(inherit: bool, parent: Option<&NodeRef>) -> u8 {
-    let parent_private = parent.is_some_and(|p| p.header().chain_has_private());
-    let mut flags = 0;
-    if inherit {
-        flags |= INHERIT;
-    }
-    if !inherit || parent_private {
+/// The flags and key mask of a node binding `key` with its own `own_flags` under `parent`.
+#[inline]
+fn chain_flags(key: usize, own_flags: u8, parent: Option<&NodeRef>) -> (u8, u64) {
+    let (parent_flags, parent_mask) = parent.map_or((0, 0), |p| {
+        let h = p.header();
+        (h.flags, h.mask)
+    });
+    let mut flags = own_flags | (parent_flags & (CHAIN_HAS_PRIVATE | MAYBE_SHADOW));
+    if own_flags & INHERIT == 0 {
         flags |= CHAIN_HAS_PRIVATE;
     }
-    flags
+    let bit = if own_flags & HIDDEN != 0 {
+        0
+    } else {
+        key_bit(key)
+    };
+    if parent_mask & bit != 0 {
+        flags |= MAYBE_SHADOW;
+    }
+    (flags, parent_mask | bit)
 }
 
 // ===== node kinds =====
@@ -595,6 +731,7 @@ unsafe fn release_value_count(owner: NonNull<ValueHead>, vtable: &'static VTable
     }
 }
 
+pub(crate) mod cache;
 mod pool;
 
 #[cfg(all(test, loom))]

@@ -31,7 +31,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Captures the whole current context, every variable included (even those marked
-    /// [`Inherit::Never`](crate::Inherit::Never)).
+    /// [`Inherit::Never`](crate::Inherit::Never)), and the values of the registered
+    /// [carriers](crate::carry) (the current tracing span, the current
+    /// `opentelemetry::Context`), as an inheriting spawn does: `spawn_with(Snapshot::capture(),
+    /// fut)` keeps them.
+    ///
+    /// O(1) in the number of variables set. A binding shadowed by a later binding of the same
+    /// variable is left out (it could never be read through the snapshot), so a snapshot never
+    /// keeps a value alive that no lookup can reach.
     ///
     /// ```
     /// use contextflow::{AsyncLocal, Snapshot};
@@ -42,7 +49,7 @@ impl Snapshot {
     #[inline]
     pub fn capture() -> Snapshot {
         Snapshot {
-            frame: current::capture(),
+            frame: carry::capture_into(current::capture(false)),
         }
     }
 
@@ -64,10 +71,8 @@ impl Snapshot {
     /// assert_eq!(snap.get(&TX), None);
     /// ```
     pub fn capture_inheritable() -> Snapshot {
-        // SAFETY: `with_current` keeps the frame alive during the call.
-        let frame = current::with_current(|frame| unsafe { node::inheritable(frame) });
         Snapshot {
-            frame: carry::capture_into(frame),
+            frame: carry::capture_into(current::capture(true)),
         }
     }
 
@@ -92,7 +97,7 @@ impl Snapshot {
     /// assert!(!ID.sync_scope(1, Snapshot::capture).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.frame.is_none()
+        self.variables().is_null()
     }
 
     /// Runs `f` inside this snapshot (replacing the current context, not adding to it), and
@@ -123,7 +128,12 @@ impl Snapshot {
     /// assert_eq!(ID.get(), None);
     /// ```
     pub fn enter(&self) -> EnterGuard {
-        EnterGuard::new(NodeRef::new_marker(self.frame.clone()))
+        // The guard enters the variables only: carried values need a closure to be entered
+        // (use `run`), and must not end up under later bindings.
+        let frame = self.variables();
+        // SAFETY: `self` keeps the chain alive; a snapshot's chain holds counted parents only.
+        let frame = (!frame.is_null()).then(|| unsafe { NodeRef::clone_raw(frame) });
+        EnterGuard::new(NodeRef::new_marker(frame))
     }
 
     /// The value `var` has in this snapshot.
@@ -152,7 +162,7 @@ impl Snapshot {
         f: impl FnOnce(Option<&T>) -> R,
     ) -> R {
         // SAFETY: `self` keeps the frame alive for the call; the reference does not escape `f`.
-        let binding = unsafe { Header::find(self.as_ptr(), var.key()) };
+        let binding = unsafe { node::lookup(self.as_ptr(), var.key()) };
         // SAFETY: the key is `var`'s, so the node holds a `T`.
         f(binding.map(|b| unsafe { b.value::<T>() }))
     }
@@ -192,6 +202,12 @@ impl Snapshot {
     pub(crate) fn as_ptr(&self) -> *const Header {
         self.frame.as_ref().map_or(ptr::null(), NodeRef::as_ptr)
     }
+
+    /// The innermost node of the variables, without the carried values on top; null if none.
+    fn variables(&self) -> *const Header {
+        // SAFETY: `self` keeps the chain alive.
+        unsafe { node::skip_markers(carry::below_carried(self.as_ptr())) }
+    }
 }
 
 /// Lists the variables set, innermost first, with their type (values are not printed: they need
@@ -222,7 +238,9 @@ impl fmt::Debug for Snapshot {
         while !frame.is_null() {
             // SAFETY: `self` keeps the whole chain alive.
             let header = unsafe { &*frame };
-            if !header.is_marker() && !seen.contains(&header.key) {
+            if header.is_unset() {
+                seen.push(header.key);
+            } else if !header.is_marker() && !header.is_hidden() && !seen.contains(&header.key) {
                 seen.push(header.key);
                 let unnamed;
                 let name = if header.name.is_empty() {

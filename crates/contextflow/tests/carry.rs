@@ -1,5 +1,8 @@
 //! Carriers (process-global registration, hence a test binary of its own): a registered
 //! carrier's value is captured at every contextflow spawn and entered around every poll.
+//! Every test here registers the same `OtherCarrier`, whose state is thread-local, so they may
+//! run in parallel; the test that counts live carried values has a binary of its own
+//! (`carry_generations.rs`).
 
 use std::{
     cell::Cell,
@@ -41,9 +44,12 @@ impl Carrier for OtherCarrier {
     }
 }
 
+/// Registers `OtherCarrier` once for the whole binary; the first registration must succeed.
 fn install() {
-    let _ = carry::register(OtherCarrier);
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| assert!(carry::register(OtherCarrier), "first registration"));
     assert!(carry::is_active());
+    assert!(carry::is_registered::<OtherCarrier>());
 }
 
 /// Sets `OTHER` for the duration of `f` on this thread, the way the other library would.
@@ -109,10 +115,61 @@ fn snapshot_run_and_bind_enter_the_carried_value() {
     let cb = with_other(4, || Snapshot::bind(|| OTHER.with(Cell::get)));
     assert_eq!(cb(), 4);
     assert_eq!(OTHER.with(Cell::get), 0);
-    assert!(
-        format!("{snap:?}").contains("contextflow.carried"),
-        "the Debug view names the hidden binding"
+}
+
+// Issue 8: the carried values were a hidden binding that showed in `Debug` and `is_empty`.
+#[test]
+fn carried_values_are_invisible() {
+    install();
+    let snap = with_other(9, Snapshot::capture_inheritable);
+    assert_eq!(snap.run(|| OTHER.with(Cell::get)), 9, "it does carry");
+    assert_eq!(
+        format!("{snap:?}"),
+        "Snapshot",
+        "no hidden binding in Debug"
     );
+    assert!(snap.is_empty(), "no variable is set");
+    let with_req = with_other(9, || REQ.sync_scope(3, Snapshot::capture));
+    assert_eq!(format!("{with_req:?}"), "Snapshot { req: u32 }");
+    // Entering the snapshot with a guard shows the variables only.
+    let guard = with_req.enter();
+    assert_eq!(REQ.get(), Some(3));
+    assert_eq!(
+        format!("{:?}", Snapshot::capture()),
+        "Snapshot { req: u32 }"
+    );
+    drop(guard);
+}
+
+// Issue 8: `Snapshot::capture` did not carry, so `spawn_with(Snapshot::capture(), ..)` lost
+// the tracing span.
+async fn spawn_with_a_full_capture_carries() {
+    install();
+    let snap = with_other(11, Snapshot::capture);
+    let seen = contextflow::spawn_with(snap, async {
+        tokio::task::yield_now().await;
+        OTHER.with(Cell::get)
+    });
+    assert_eq!(seen.await.unwrap(), 11);
+}
+
+// Issue 8: a capture inside a spawned task re-captured the carried values on top of the old
+// ones; the carried values of the task's own snapshot are entered, never buried in a frame.
+async fn captures_inside_a_carried_task_replace_the_carried_values() {
+    install();
+    let child = with_other(5, || {
+        contextflow::spawn(async {
+            let inner = REQ.sync_scope(1, || with_other(6, Snapshot::capture));
+            (
+                OTHER.with(Cell::get),
+                inner.run(|| OTHER.with(Cell::get)),
+                inner,
+            )
+        })
+    });
+    let (outer, inner, snap) = child.await.unwrap();
+    assert_eq!((outer, inner), (5, 6));
+    assert_eq!(format!("{snap:?}"), "Snapshot { req: u32 }");
 }
 
 #[test]
@@ -148,55 +205,10 @@ macro_rules! on_both_runtimes {
 on_both_runtimes!(
     spawned_children_see_the_carried_value,
     nothing_is_carried_when_nothing_is_current,
-    the_carrier_wraps_every_poll
+    the_carrier_wraps_every_poll,
+    spawn_with_a_full_capture_carries,
+    captures_inside_a_carried_task_replace_the_carried_values
 );
-
-// Review finding: each inheriting capture stacked a new carried node on top of the previous
-// one, so a task that respawns itself kept every generation's carried values alive.
-#[tokio::test(flavor = "current_thread")]
-async fn carried_values_do_not_pile_up_across_generations() {
-    static LIVE: AtomicUsize = AtomicUsize::new(0);
-    struct Counted;
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            LIVE.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    struct CountingCarrier;
-    impl Carrier for CountingCarrier {
-        type Value = Counted;
-        fn capture(&self) -> Option<Counted> {
-            LIVE.fetch_add(1, Ordering::SeqCst);
-            Some(Counted)
-        }
-        fn enter(&self, _: &Counted, f: &mut dyn FnMut()) {
-            f()
-        }
-    }
-    install();
-    let _ = carry::register(CountingCarrier);
-    type Done = tokio::sync::oneshot::Sender<usize>;
-    fn generation(
-        n: u32,
-        done: Done,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(async move {
-            if n == 0 {
-                let _ = done.send(LIVE.load(Ordering::SeqCst));
-                return;
-            }
-            // Each generation hands over to the next and finishes (a self-rescheduling job).
-            drop(contextflow::spawn(generation(n - 1, done)));
-        })
-    }
-    let (done, result) = tokio::sync::oneshot::channel();
-    drop(contextflow::spawn(generation(200, done)));
-    let alive = result.await.unwrap();
-    assert!(
-        alive <= 3,
-        "finished generations release their carried values: {alive} still alive"
-    );
-}
 
 // Review finding: a carrier's capture ran under the registry lock, so registering from it
 // deadlocked.
@@ -212,21 +224,25 @@ fn a_carrier_may_register_another_while_capturing() {
             f()
         }
     }
+    static FROM_CAPTURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     struct Lazy;
     impl Carrier for Lazy {
         type Value = ();
         fn capture(&self) -> Option<()> {
-            let _ = carry::register(Other);
+            if carry::register(Other) {
+                FROM_CAPTURE.store(true, Ordering::SeqCst);
+            }
             None
         }
         fn enter(&self, _: &(), f: &mut dyn FnMut()) {
             f()
         }
     }
-    let _ = carry::register(Lazy);
-    let _ = Snapshot::capture_inheritable();
+    assert!(carry::register(Lazy));
+    drop(Snapshot::capture_inheritable());
     assert!(
-        !carry::register(Other),
-        "registered from inside the capture"
+        FROM_CAPTURE.load(Ordering::SeqCst),
+        "registered from inside a capture (this one or another test's)"
     );
+    assert!(!carry::register(Other), "already registered");
 }

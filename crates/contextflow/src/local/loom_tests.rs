@@ -1,14 +1,18 @@
 //! loom model of lazy key assignment: racing first uses agree on one key, and two variables
 //! never share one.
 
+use std::sync::atomic::{AtomicUsize as StdCounter, Ordering};
+
 use loom::{sync::atomic::AtomicUsize, sync::Arc, thread};
 
 use super::keys;
 
 #[test]
 fn racing_first_use_agrees_on_one_key() {
+    static RUNS: StdCounter = StdCounter::new(0);
     loom::model(|| {
-        let next = Arc::new(AtomicUsize::new(1));
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        let next = Arc::new(AtomicUsize::new(2));
         let slot = Arc::new(AtomicUsize::new(0));
         let other = Arc::new(AtomicUsize::new(0));
         let t = {
@@ -22,4 +26,7 @@ fn racing_first_use_agrees_on_one_key() {
         let different = keys::assign(&*other, &*next);
         assert_ne!(different, mine);
     });
+    let n = RUNS.load(Ordering::SeqCst);
+    println!("loom key assignment: {n} interleavings");
+    assert!(n > 1);
 }

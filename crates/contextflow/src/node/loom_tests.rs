@@ -1,15 +1,19 @@
-//! loom models of the node reference counts: link counts, value counts and the iterative
-//! release of a chain, under every interleaving of two threads.
+//! loom models of the node protocols: link and value counts, the iterative release of a chain,
+//! `share` of a `sync_scope` node (borrowed parent) racing a release on another thread, the
+//! capture that leaves shadowed and private bindings out, the parked frame of an enter guard,
+//! and frame id reservation. Each model counts the interleavings it explores and prints them.
+
+use std::sync::atomic::{AtomicUsize as StdCounter, Ordering as StdOrdering};
 
 use loom::{
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     thread,
 };
 
-use super::{inheritable, Header, NodeRef};
+use super::{cache, capture, share, Header, NodeRef};
 
 /// A value that counts its drops.
 struct Counted(Arc<AtomicUsize>);
@@ -19,15 +23,29 @@ impl Drop for Counted {
     }
 }
 
+/// Runs `model` under loom, then prints and checks the number of interleavings explored.
+fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
+    // A std counter of this call's own (loom's types only work inside the model).
+    let runs = std::sync::Arc::new(StdCounter::new(0));
+    let counter = runs.clone();
+    loom::model(move || {
+        counter.fetch_add(1, StdOrdering::SeqCst);
+        model()
+    });
+    let n = runs.load(StdOrdering::SeqCst);
+    println!("loom {name}: {n} interleavings");
+    assert!(n > 1, "{name}: explores more than one interleaving");
+}
+
 #[test]
 fn clone_and_drop_on_two_threads_drops_the_value_once() {
-    loom::model(|| {
+    explore("clone and drop", || {
         let drops = Arc::new(AtomicUsize::new(0));
-        let node = NodeRef::new_value(None, 1, "v", true, Counted(drops.clone()));
+        let node = NodeRef::new_value(None, 2, "v", true, Counted(drops.clone()));
         let other = node.clone();
         let t = thread::spawn(move || {
-            // SAFETY: `other` is alive, and key 1 was bound to a `Counted` above.
-            let found = unsafe { Header::find(other.as_ptr(), 1) };
+            // SAFETY: `other` is alive, and key 2 was bound to a `Counted` above.
+            let found = unsafe { Header::find(other.as_ptr(), 2) };
             // SAFETY: as above.
             let seen = found.map(|h| unsafe { h.value::<Counted>() }.0.clone());
             assert!(seen.is_some());
@@ -40,53 +58,82 @@ fn clone_and_drop_on_two_threads_drops_the_value_once() {
 }
 
 #[test]
-fn alias_keeps_the_value_but_releases_the_original_parent() {
-    loom::model(|| {
+fn alias_keeps_the_value_while_both_threads_release() {
+    explore("alias and original released concurrently", || {
         let parent_drops = Arc::new(AtomicUsize::new(0));
         let value_drops = Arc::new(AtomicUsize::new(0));
-        let parent = NodeRef::new_value(None, 1, "parent", true, Counted(parent_drops.clone()));
-        let node = NodeRef::new_value(Some(parent), 2, "v", true, Counted(value_drops.clone()));
-        // Re-bind the value with no parent, on another thread, then drop the original there.
-        let t = thread::spawn(move || {
-            let alias = NodeRef::new_alias(node.header(), None);
-            drop(node);
-            alias
-        });
-        let alias = t.join().unwrap();
-        assert_eq!(
-            parent_drops.load(Ordering::SeqCst),
-            1,
-            "the original's parent is released"
-        );
-        assert_eq!(
-            value_drops.load(Ordering::SeqCst),
-            0,
-            "the alias still holds the value"
-        );
-        let t = thread::spawn(move || drop(alias));
+        let parent = NodeRef::new_value(None, 2, "parent", true, Counted(parent_drops.clone()));
+        let node = NodeRef::new_value(Some(parent), 3, "v", true, Counted(value_drops.clone()));
+        // Re-bind the value with no parent, then release the original and the alias on two
+        // threads at once: the value is dropped once, by whichever goes last.
+        let alias = NodeRef::new_alias(node.header(), None);
+        let t = thread::spawn(move || drop(node));
+        // SAFETY: `alias` is alive; key 3 holds a `Counted`.
+        assert!(unsafe { Header::find(alias.as_ptr(), 3) }.is_some());
+        drop(alias);
         t.join().unwrap();
+        assert_eq!(parent_drops.load(Ordering::SeqCst), 1);
         assert_eq!(value_drops.load(Ordering::SeqCst), 1);
     });
 }
 
 #[test]
-fn inheritable_capture_and_concurrent_release() {
-    loom::model(|| {
-        let tx_drops = Arc::new(AtomicUsize::new(0));
-        let req_drops = Arc::new(AtomicUsize::new(0));
-        let req = NodeRef::new_value(None, 1, "req", true, Counted(req_drops.clone()));
-        let tx = NodeRef::new_value(Some(req), 2, "tx", false, Counted(tx_drops.clone()));
-        let top = NodeRef::new_value(Some(tx), 3, "after", true, 3u8);
-        // SAFETY: `top` is alive for the call.
-        let child = unsafe { inheritable(top.as_ptr()) }.unwrap();
+fn share_of_a_borrowed_node_races_a_release() {
+    explore("share against a concurrent release", || {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let root = NodeRef::new_value(None, 2, "root", true, Counted(drops.clone()));
+        // A `sync_scope` node: borrows `root` (no count) while unshared.
+        // SAFETY: `root` outlives `scoped` until `share` gives it a counted parent below.
+        let scoped = unsafe {
+            NodeRef::new_value_borrowing(root.as_ptr(), 3, "scoped", true, Counted(drops.clone()))
+        };
+        // SAFETY: `scoped` is alive and was made on this thread.
+        let shared = unsafe { share(scoped.as_ptr()) };
         let t = thread::spawn(move || {
-            // SAFETY: `child` is alive; keys 1 and 3 hold a `Counted` and a `u8`.
+            // SAFETY: `shared` keeps the chain alive; keys 2 and 3 hold `Counted`s.
             unsafe {
-                assert!(Header::find(child.as_ptr(), 2).is_none());
-                assert!(Header::find(child.as_ptr(), 1).is_some());
+                assert!(Header::find(shared.as_ptr(), 2).is_some());
+                assert!(Header::find(shared.as_ptr(), 3).is_some());
+            }
+            drop(shared);
+        });
+        // The scope ends and its parent's owner goes away while the other thread still reads.
+        drop(scoped);
+        drop(root);
+        t.join().unwrap();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            2,
+            "both values dropped exactly once"
+        );
+    });
+}
+
+#[test]
+fn capture_leaves_out_shadowed_and_private_bindings_under_a_concurrent_release() {
+    explore("capture (shadow and private) and release", || {
+        let tx_drops = Arc::new(AtomicUsize::new(0));
+        let old_drops = Arc::new(AtomicUsize::new(0));
+        let req = NodeRef::new_value(None, 2, "req", true, 2u8);
+        let old = NodeRef::new_value(Some(req), 4, "gen", true, Counted(old_drops.clone()));
+        let tx = NodeRef::new_value(Some(old), 3, "tx", false, Counted(tx_drops.clone()));
+        let top = NodeRef::new_value(Some(tx), 4, "gen", true, 4u8);
+        // SAFETY: `top` is alive for the call.
+        let child = unsafe { capture(top.as_ptr(), true) }.unwrap();
+        let t = thread::spawn(move || {
+            // SAFETY: `child` is alive; keys 2 and 4 hold `u8`s in the rebuilt chain.
+            unsafe {
+                assert!(
+                    Header::find(child.as_ptr(), 3).is_none(),
+                    "private left out"
+                );
                 assert_eq!(
-                    Header::find(child.as_ptr(), 3).map(|h| *h.value::<u8>()),
-                    Some(3)
+                    Header::find(child.as_ptr(), 4).map(|h| *h.value::<u8>()),
+                    Some(4)
+                );
+                assert_eq!(
+                    Header::find(child.as_ptr(), 2).map(|h| *h.value::<u8>()),
+                    Some(2)
                 );
             }
             drop(child);
@@ -94,6 +141,53 @@ fn inheritable_capture_and_concurrent_release() {
         drop(top);
         t.join().unwrap();
         assert_eq!(tx_drops.load(Ordering::SeqCst), 1);
-        assert_eq!(req_drops.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            old_drops.load(Ordering::SeqCst),
+            1,
+            "the shadowed value is not kept"
+        );
+    });
+}
+
+#[test]
+fn a_parked_guard_frame_is_released_once_by_the_last_owner() {
+    explore("enter-guard marker parking", || {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let saved = NodeRef::new_value(None, 2, "saved", true, Counted(drops.clone()));
+        let marker = NodeRef::new_marker(None);
+        let other = marker.clone();
+        // The guard exits out of order: its saved frame (owned, bit 0) is parked in its node.
+        marker
+            .header()
+            .park_guard_saved(saved.into_raw() as usize | 0b01 | 0b10);
+        let t = thread::spawn(move || drop(other));
+        // This thread may take the parked frame back (the frame is unwound) or not.
+        let taken = marker.header().take_guard_saved();
+        if taken != 0 {
+            // SAFETY: the parked word owns one count on the frame.
+            drop(unsafe { NodeRef::from_raw((taken & !0b11) as *const Header) });
+        }
+        drop(marker);
+        t.join().unwrap();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "the parked frame is released once"
+        );
+    });
+}
+
+#[test]
+fn id_blocks_never_overlap() {
+    explore("frame id reservation", || {
+        let next = Arc::new(AtomicU64::new(1));
+        let t = {
+            let next = next.clone();
+            thread::spawn(move || cache::reserve(&*next))
+        };
+        let mine = cache::reserve(&*next);
+        let theirs = t.join().unwrap();
+        assert_ne!(mine, theirs);
+        assert!(mine.abs_diff(theirs) >= 1 << 16, "blocks are disjoint");
     });
 }

@@ -22,6 +22,7 @@ mod drop_runs_in_scope;
 mod enter_guard;
 mod inherit_on_spawn;
 mod isolation;
+mod no_leaks;
 mod panic_restores;
 mod snapshot;
 mod stress;
