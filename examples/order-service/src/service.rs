@@ -222,3 +222,66 @@ impl std::fmt::Display for ServiceError {
 }
 
 impl std::error::Error for ServiceError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(reference: &str, items: &[(&str, i64)]) -> NewOrder {
+        NewOrder {
+            reference: reference.into(),
+            items: items
+                .iter()
+                .map(|(sku, quantity)| NewOrderItem {
+                    sku: (*sku).into(),
+                    quantity: *quantity,
+                })
+                .collect(),
+        }
+    }
+
+    fn invalid(order: &NewOrder) -> String {
+        match validate(order) {
+            Err(ServiceError::Invalid(why)) => why,
+            other => panic!("{order:?} should be invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bounds_are_inclusive_and_one_past_is_refused() {
+        let max_ref = "r".repeat(64);
+        let max_sku = "s".repeat(64);
+        let max_items: Vec<(&str, i64)> = vec![("sku-apple", 1); MAX_ITEMS];
+        for ok in [
+            order("r", &[("s", 1)]),
+            order(&max_ref, &[("sku-apple", MAX_QUANTITY)]),
+            order("A-z.0_9:x", &[(&max_sku, 1)]),
+            order("r", &max_items),
+        ] {
+            assert!(validate(&ok).is_ok(), "{ok:?}");
+        }
+
+        let too_many: Vec<(&str, i64)> = vec![("sku-apple", 1); MAX_ITEMS + 1];
+        let long_ref = "r".repeat(65);
+        let long_sku = "s".repeat(65);
+        for (bad, why) in [
+            (order("", &[("s", 1)]), "reference"),
+            (order(&long_ref, &[("s", 1)]), "reference"),
+            (order("a b", &[("s", 1)]), "reference"),
+            (order("é", &[("s", 1)]), "reference"),
+            (order("r\n", &[("s", 1)]), "reference"),
+            (order("r", &[]), "items"),
+            (order("r", &too_many), "items"),
+            (order("r", &[("s", 0)]), "quantity"),
+            (order("r", &[("s", -1)]), "quantity"),
+            (order("r", &[("s", MAX_QUANTITY + 1)]), "quantity"),
+            (order("r", &[("s", i64::MAX)]), "quantity"),
+            (order("r", &[("", 1)]), "sku"),
+            (order("r", &[(&long_sku, 1)]), "sku"),
+            (order("r", &[("s", 1), ("t", 0)]), "quantity"),
+        ] {
+            let message = invalid(&bad);
+            assert!(message.contains(why), "{bad:?}: {message}");
+        }
+    }
+}

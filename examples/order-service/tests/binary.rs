@@ -20,9 +20,10 @@ fn demo_subcommand_checks_out_and_exits_zero() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("mismatched lines    0 "), "{stdout}");
-    assert!(stdout.contains("orders committed    30 "), "{stdout}");
+    assert!(stdout.contains(" 0 mismatched, 0 unattributed"), "{stdout}");
+    assert!(stdout.contains("30 orders paid, 30 confirmed"), "{stdout}");
     assert!(stdout.contains("result              OK"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
 }
 
 #[test]

@@ -1,11 +1,11 @@
-//! The demo's correctness check, smaller: every log line of 200 concurrent orders belongs to
-//! the request that caused it, and every order is committed. Its own process: it installs
-//! the global log capture.
+//! The demo's checks, smaller: every event of 200 concurrent orders belongs to the request
+//! that caused it, every stage of every order happened once, every order is committed. Its
+//! own process: it installs the global subscriber.
 
 use order_service::demo::{self, DemoOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_log_line_belongs_to_its_request() {
+async fn every_event_belongs_to_its_request() {
     let report = demo::run(DemoOptions {
         orders: 200,
         concurrency: 32,
@@ -15,27 +15,24 @@ async fn every_log_line_belongs_to_its_request() {
     .await
     .expect("demo runs");
     println!("{report}");
-    assert_eq!(report.requests, 200);
-    assert_eq!(report.created, 200);
-    assert_eq!(report.mismatches, 0, "{:#?}", report.mismatch_examples);
-    assert_eq!(report.committed, 200);
-    assert_eq!(
-        report.jobs_logged, 200,
-        "every confirmation job logged under its request"
-    );
-    assert_eq!(
-        report.payments_logged, 200,
-        "every payment logged under the caller's trace"
-    );
-    assert_eq!(
-        report.events_logged, 200,
-        "every queue event consumed under its request"
-    );
-    assert!(
-        report.lines_with_reference >= 200 * 10,
-        "{}",
-        report.lines_with_reference
-    );
+    assert!(report.is_correct(), "{report}");
+    let count = |check: &str, name: &str| {
+        report
+            .verdict(check)
+            .and_then(|v| v.count(name))
+            .unwrap_or_else(|| panic!("no count {check}/{name}"))
+    };
+    assert_eq!(count("requests", "created"), 200);
+    assert_eq!(count("log context", "mismatched"), 0);
+    assert_eq!(count("log context", "unattributed"), 0);
+    assert!(count("log context", "matched") >= 200 * 10);
+    assert!(count("log context", "with_reference") >= 200 * 5);
+    assert_eq!(count("log stream", "lines"), count("log context", "events"));
+    for milestone in ["payment calls", "confirmations", "queue events"] {
+        assert_eq!(count("milestones", milestone), 200, "{milestone}");
+    }
+    assert_eq!(count("database", "paid"), 200);
+    assert_eq!(count("database", "confirmed"), 200);
     // The tree shows the whole path, the spawned job under the request.
     for level in [
         "http.request",
@@ -45,7 +42,7 @@ async fn every_log_line_belongs_to_its_request() {
         "db{",
         "job{",
         "http.client",
-        "payment",
+        "service=payment",
         "queue.publish",
         "queue.consume",
     ] {
@@ -55,5 +52,4 @@ async fn every_log_line_belongs_to_its_request() {
             report.tree
         );
     }
-    assert!(report.is_correct());
 }

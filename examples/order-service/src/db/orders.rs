@@ -203,25 +203,30 @@ impl OrderRepository {
         .await
     }
 
-    /// How many of the current tenant's orders have a reference starting with `prefix` and
-    /// are paid.
+    /// Of the current tenant's orders whose reference starts with `prefix`: how many are paid,
+    /// and how many have their confirmation recorded.
     ///
     /// # Errors
     /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
-    pub async fn count_paid_with_prefix(&self, prefix: &str) -> Result<i64, RepoError> {
+    pub async fn count_with_prefix(&self, prefix: &str) -> Result<(i64, i64), RepoError> {
         let tenant = current_tenant()?;
         let row = self
             .pool
             .fetch_one(
                 sqlx::query(
-                    "SELECT COUNT(*) AS n FROM orders
-                     WHERE tenant_id = $1 AND status = 'paid' AND reference LIKE $2",
+                    "SELECT
+                        COUNT(CASE WHEN status = 'paid' THEN 1 END) AS paid,
+                        COUNT(CASE WHEN confirmation_sent <> 0 THEN 1 END) AS confirmed
+                     FROM orders WHERE tenant_id = $1 AND reference LIKE $2",
                 )
                 .bind(tenant.as_str().to_owned())
                 .bind(format!("{prefix}%")),
             )
             .await?;
-        Ok(row.try_get::<i64, _>("n")?)
+        Ok((
+            row.try_get::<i64, _>("paid")?,
+            row.try_get::<i64, _>("confirmed")?,
+        ))
     }
 
     /// How many rows of the current tenant's orders and order lines exist in total (the

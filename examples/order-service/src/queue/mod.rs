@@ -152,3 +152,108 @@ async fn consume(message: Message) {
         other => warn!(topic = other, "message on an unknown topic"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+    use crate::logging::{context_fields, EventCapture};
+
+    /// Runs `f` on a current-thread runtime with a capture as the thread's subscriber (the
+    /// consumer task runs on the same thread, so it logs into the capture too).
+    fn captured<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) -> EventCapture {
+        let capture = EventCapture::new(context_fields());
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        let _default = tracing::subscriber::set_default(subscriber);
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f());
+        capture
+    }
+
+    fn messages(capture: &EventCapture) -> Vec<String> {
+        capture.events().iter().map(|e| e.summary()).collect()
+    }
+
+    #[test]
+    fn malformed_and_unknown_messages_are_logged_and_skipped() {
+        let capture = captured(|| async {
+            let (queue, consumer) = Queue::start(4);
+            queue
+                .publish(
+                    ORDER_CONFIRMED,
+                    &serde_json::json!({"order_id": "not a number"}),
+                )
+                .await;
+            queue.publish("order.unknown", &serde_json::json!({})).await;
+            queue
+                .publish(
+                    ORDER_CONFIRMED,
+                    &OrderConfirmed {
+                        order_id: 7,
+                        reference: "r-7".into(),
+                        tenant: "acme".into(),
+                    },
+                )
+                .await;
+            queue.wait_idle().await;
+            assert_eq!(queue.pending(), 0);
+            consumer.abort();
+        });
+        let lines = messages(&capture);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("malformed order.confirmed event")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("message on an unknown topic topic=order.unknown")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("audit: order confirmed order_id=7")),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn unserializable_payload_and_closed_queue_drop_the_message() {
+        struct Unserializable;
+        impl Serialize for Unserializable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        let capture = captured(|| async {
+            let (queue, consumer) = Queue::start(4);
+            queue.publish(ORDER_CONFIRMED, &Unserializable).await;
+            assert_eq!(queue.pending(), 0, "nothing was queued");
+            consumer.abort();
+            // The consumer is gone: the receiver is dropped with it.
+            let _ = consumer.await;
+            queue.publish(ORDER_CONFIRMED, &serde_json::json!({})).await;
+            assert_eq!(queue.pending(), 0, "a dropped message is not pending");
+            queue.wait_idle().await;
+        });
+        let lines = messages(&capture);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("message not serializable; dropped")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("queue closed; message dropped")),
+            "{lines:#?}"
+        );
+    }
+}

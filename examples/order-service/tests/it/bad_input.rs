@@ -5,9 +5,14 @@ use serde_json::Value;
 
 use crate::{order, start_sqlite};
 
-fn assert_error(status: StatusCode, body: &Value, want: StatusCode, contains: &str) {
+/// `body` is the JSON error the README promises: `status` is `want`, `error` a string that
+/// mentions `contains` (never empty), `request_id` a non-empty string.
+pub(crate) fn assert_error(status: StatusCode, body: &Value, want: StatusCode, contains: &str) {
+    assert!(!contains.is_empty(), "name what the error must say");
     assert_eq!(status, want, "{body}");
-    let error = body["error"].as_str().unwrap_or_default();
+    let error = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message: {body}"));
     assert!(
         error.contains(contains),
         "{error:?} should mention {contains:?}"
@@ -37,7 +42,12 @@ async fn bad_requests_get_json_errors_and_write_nothing() {
     let (status, body) = svc
         .post_raw(Some("token-acme"), json, "{\"reference\":")
         .await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "");
+    assert_error(
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "parse the request body as JSON",
+    );
     let (status, body) = svc.post_raw(Some("token-acme"), None, &valid).await;
     assert_error(
         status,
@@ -48,7 +58,12 @@ async fn bad_requests_get_json_errors_and_write_nothing() {
     let (status, body) = svc
         .post_raw(Some("token-acme"), json, r#"{"reference": 5, "items": []}"#)
         .await;
-    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "");
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid type",
+    );
     let (status, body) = svc
         .post_raw(
             Some("token-acme"),
@@ -73,7 +88,7 @@ async fn bad_requests_get_json_errors_and_write_nothing() {
     }
 
     let (status, body) = svc.get_order("token-acme", "abc").await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "");
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "abc");
     let (status, body) = svc.get_order("token-acme", "999").await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "no order");
 

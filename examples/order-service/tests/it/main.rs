@@ -77,8 +77,7 @@ impl TestService {
             request = request.header("content-type", content_type);
         }
         let response = request.send().await.expect("request");
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+        json_answer(response).await
     }
 
     /// `POST /orders` with a JSON body as `token`.
@@ -96,8 +95,7 @@ impl TestService {
             .send()
             .await
             .expect("request");
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+        json_answer(response).await
     }
 
     /// Units of `sku` left for `tenant`.
@@ -119,6 +117,26 @@ impl TestService {
             .await
             .expect("query")
     }
+}
+
+/// The status and JSON body of `response`; panics, showing the body, when it is not JSON with
+/// a JSON content type: every answer of the service, errors included, is JSON.
+pub(crate) async fn json_answer(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response.text().await.expect("read the body");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{status}: content type {content_type:?}, body {body:?}"
+    );
+    let value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {body:?}"));
+    (status, value)
 }
 
 /// An order body.

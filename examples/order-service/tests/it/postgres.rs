@@ -1,24 +1,18 @@
 //! The isolation and rollback scenarios on PostgreSQL, in a schema of their own.
 //!
-//! Needs `CONTEXTFLOW_PG_URL` (CI sets it). Without it the tests print why they skip, unless
-//! `CONTEXTFLOW_REQUIRE_SERVICES=1`, where a missing service is a failure.
+//! Needs `CONTEXTFLOW_PG_URL` (CI sets it): without it the tests are reported as ignored, with
+//! the reason; with `CONTEXTFLOW_REQUIRE_SERVICES=1` they run and a missing server fails them.
 
+use contextflow_testenv::Service;
 use sqlx::Connection as _;
 
 use crate::{
     rollback::failed_orders_roll_back, start_url, tenant_isolation::isolation_under_concurrency,
 };
 
-/// The URL of a fresh schema (dropped by the returned guard's `drop_schema`), or `None` to skip.
-async fn fresh_schema(test: &str) -> Option<(String, String, String)> {
-    let Ok(base) = std::env::var("CONTEXTFLOW_PG_URL") else {
-        assert!(
-            std::env::var("CONTEXTFLOW_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "CONTEXTFLOW_PG_URL is not set but CONTEXTFLOW_REQUIRE_SERVICES=1"
-        );
-        eprintln!("skipping {test}: CONTEXTFLOW_PG_URL is not set");
-        return None;
-    };
+/// `(server URL, schema, URL of the schema)` for a fresh schema; drop it with `drop_schema`.
+pub(crate) async fn fresh_schema() -> (String, String, String) {
+    let base = contextflow_testenv::url(Service::Postgres);
     let schema = format!("order_service_{}", uuid::Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect(&base)
         .await
@@ -29,10 +23,10 @@ async fn fresh_schema(test: &str) -> Option<(String, String, String)> {
         .expect("create schema");
     let sep = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{sep}options%5Bsearch_path%5D={schema}");
-    Some((base, schema, url))
+    (base, schema, url)
 }
 
-async fn drop_schema(base: &str, schema: &str) {
+pub(crate) async fn drop_schema(base: &str, schema: &str) {
     let mut conn = sqlx::PgConnection::connect(base).await.expect("connect");
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut conn)
@@ -41,11 +35,12 @@ async fn drop_schema(base: &str, schema: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
 async fn postgres_isolation_under_concurrency() {
-    let Some((base, schema, url)) = fresh_schema("postgres_isolation_under_concurrency").await
-    else {
-        return;
-    };
+    let (base, schema, url) = fresh_schema().await;
     let svc = start_url(&url).await;
     assert_eq!(
         svc.service.state.db.backend(),
@@ -56,11 +51,12 @@ async fn postgres_isolation_under_concurrency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
 async fn postgres_failed_orders_write_nothing() {
-    let Some((base, schema, url)) = fresh_schema("postgres_failed_orders_write_nothing").await
-    else {
-        return;
-    };
+    let (base, schema, url) = fresh_schema().await;
     let svc = start_url(&url).await;
     failed_orders_roll_back(&svc).await;
     svc.service.shutdown().await;

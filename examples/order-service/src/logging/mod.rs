@@ -23,12 +23,17 @@ use std::{
 };
 
 use contextflow_tracing::ContextFields;
+use tracing::Subscriber;
 use tracing_subscriber::{
-    filter::LevelFilter, fmt::MakeWriter, layer::SubscriberExt as _, util::SubscriberInitExt as _,
-    Layer as _,
+    filter::LevelFilter, fmt::MakeWriter, layer::SubscriberExt as _, registry::LookupSpan,
+    util::SubscriberInitExt as _, Layer,
 };
 
 use crate::context::{OTEL_CONTEXT, REQUEST_ID, TENANT};
+
+mod capture;
+
+pub use self::capture::{CapturedEvent, EventCapture, EventContext, SpanRecord};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,15 +44,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// A [`MakeWriter`] that keeps every line in memory (the demo's and the tests' log capture).
+/// A [`MakeWriter`] that keeps every written line in memory (the demo's log stream).
 #[derive(Clone, Debug, Default)]
-pub struct LogCapture {
+pub struct LogSink {
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-/// The writer [`LogCapture`] hands out for one event.
+/// The writer [`LogSink`] hands out for one event.
 #[derive(Debug)]
-pub struct CaptureWriter {
+pub struct SinkWriter {
     lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -68,75 +73,105 @@ pub fn init<W>(format: LogFormat, writer: W) -> Result<(), tracing_subscriber::u
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    tracing_subscriber::registry()
+        .with(fmt_layer(format, writer))
+        .try_init()
+}
+
+/// Like [`init`], and every event is also recorded as structured data in `capture` (the
+/// demo's check reads that, never the formatted lines).
+///
+/// # Errors
+/// When a global subscriber is already installed.
+pub fn init_captured<W>(
+    format: LogFormat,
+    writer: W,
+    capture: &EventCapture,
+) -> Result<(), tracing_subscriber::util::TryInitError>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    tracing_subscriber::registry()
+        .with(capture.clone().with_filter(LevelFilter::INFO))
+        .with(fmt_layer(format, writer))
+        .try_init()
+}
+
+/// The `fmt` layer in `format`, with the context fields, at INFO and above.
+pub fn fmt_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let fields = context_fields();
-    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(writer)
-                    .map_event_format(|f| fields.text(f))
-                    .with_filter(LevelFilter::INFO),
-            )
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(true)
-                    .with_writer(writer)
-                    .map_event_format(|f| fields.json(f))
-                    .with_filter(LevelFilter::INFO),
-            )
-            .try_init(),
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer)
+                .map_event_format(|f| fields.text(f))
+                .with_filter(LevelFilter::INFO),
+        ),
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .with_writer(writer)
+                .map_event_format(|f| fields.json(f))
+                .with_filter(LevelFilter::INFO),
+        ),
     }
 }
 
-// ===== impl LogCapture =====
+// ===== impl LogSink =====
 
-impl LogCapture {
-    /// An empty capture.
+impl LogSink {
+    /// An empty sink.
     pub fn new() -> Self {
-        LogCapture::default()
+        LogSink::default()
     }
 
     /// Every line written so far (without the trailing newline).
     pub fn lines(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.lock().clone()
+    }
+
+    /// Takes every line written so far out of the sink.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lock())
     }
 
     /// How many lines were written so far.
     pub fn len(&self) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock().len()
     }
 
     /// Whether nothing was written yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A panic while holding the lock only interrupted an `extend`: the lines are intact.
+        self.lines.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
-impl<'a> MakeWriter<'a> for LogCapture {
-    type Writer = CaptureWriter;
+impl<'a> MakeWriter<'a> for LogSink {
+    type Writer = SinkWriter;
 
-    fn make_writer(&'a self) -> CaptureWriter {
-        CaptureWriter {
+    fn make_writer(&'a self) -> SinkWriter {
+        SinkWriter {
             lines: self.lines.clone(),
         }
     }
 }
 
-impl io::Write for CaptureWriter {
+impl io::Write for SinkWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // The fmt layer writes each event with one `write_all` of the whole line.
+        // The fmt layer writes each event with one `write_all` of the whole line; a line that
+        // broke in two shows up as two lines, which the demo's output check counts.
         let text = String::from_utf8_lossy(buf);
         let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
         lines.extend(text.lines().map(str::to_string));
@@ -153,36 +188,14 @@ mod tests {
     use super::*;
     use crate::context::{with_otel_context, RequestId, TenantId, TraceContext, TRACE_CONTEXT};
 
-    fn subscriber(
-        format: LogFormat,
-        capture: LogCapture,
-    ) -> Box<dyn tracing::Subscriber + Send + Sync> {
-        let fields = context_fields();
-        let registry = tracing_subscriber::registry();
-        match format {
-            LogFormat::Text => Box::new(
-                registry.with(
-                    tracing_subscriber::fmt::layer()
-                        .with_ansi(false)
-                        .with_writer(capture)
-                        .map_event_format(|f| fields.text(f)),
-                ),
-            ),
-            LogFormat::Json => Box::new(
-                registry.with(
-                    tracing_subscriber::fmt::layer()
-                        .json()
-                        .with_writer(capture)
-                        .map_event_format(|f| fields.json(f)),
-                ),
-            ),
-        }
+    fn subscriber(format: LogFormat, sink: LogSink) -> impl tracing::Subscriber + Send + Sync {
+        tracing_subscriber::registry().with(fmt_layer(format, sink))
     }
 
     #[test]
     fn lines_carry_the_context_and_escape_untrusted_values() {
         for format in [LogFormat::Text, LogFormat::Json] {
-            let capture = LogCapture::new();
+            let capture = LogSink::new();
             let trace = TraceContext::new_trace(true);
             let id: RequestId = "req-7".parse().unwrap();
             let _default = tracing::subscriber::set_default(subscriber(format, capture.clone()));

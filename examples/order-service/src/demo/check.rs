@@ -1,0 +1,181 @@
+//! The checks a demo run must pass, and the place where a new one plugs in.
+//!
+//! A check is a [`Check`]: it gets the whole [`Run`] (what the load sent and got back, every
+//! captured event, the log stream, counts from the database) and returns a [`Verdict`]. The
+//! demo passes when every verdict does. To add one, write it in a module of its own under
+//! `src/demo/` and list it in [`checks`].
+
+use std::fmt;
+
+use super::{
+    attribution::ContextCheck, load::Load, milestones::MilestoneCheck, output::OutputCheck,
+};
+use crate::logging::{CapturedEvent, LogFormat};
+
+/// Everything a run produced, for the checks.
+#[derive(Debug)]
+pub struct Run {
+    /// The run's id (request ids are `demo-<run_id>-<n>`, references `ord-<run_id>-<n>`).
+    pub run_id: String,
+    /// What the load sent and got back.
+    pub load: Load,
+    /// Every event, as structured data, in capture order.
+    pub events: Vec<CapturedEvent>,
+    /// Where the load started and the shutdown began, as event positions.
+    pub phases: Phases,
+    /// Every line written to the log stream.
+    pub output: Vec<String>,
+    /// The log stream's format.
+    pub format: LogFormat,
+    /// What the database holds afterwards.
+    pub database: DatabaseCounts,
+}
+
+/// Event positions ([`CapturedEvent::seq`]) that split a run into start-up, load, shutdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// The first event after start-up.
+    pub load_start: usize,
+    /// The first event of the shutdown.
+    pub shutdown_start: usize,
+}
+
+/// Orders of this run found in the database, over all tenants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatabaseCounts {
+    /// Orders with status `paid`.
+    pub paid: i64,
+    /// Orders whose confirmation was recorded as sent.
+    pub confirmed: i64,
+}
+
+/// One check of a run.
+pub trait Check {
+    /// A short name for the report (at most 18 characters keeps the columns aligned).
+    fn name(&self) -> &'static str;
+    /// Looks at the run.
+    fn check(&self, run: &Run) -> Verdict;
+}
+
+/// What a check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The check's name.
+    pub name: &'static str,
+    /// Whether the run passed it.
+    pub ok: bool,
+    /// One line for the report.
+    pub summary: String,
+    /// Named counts, for tests and tooling (`("mismatched", 0)`).
+    pub counts: Vec<(&'static str, usize)>,
+    /// A few failures, each with its evidence.
+    pub examples: Vec<String>,
+}
+
+/// How many failures a verdict keeps as examples.
+pub const MAX_EXAMPLES: usize = 5;
+
+/// Every check the demo runs, in report order. A new check goes here.
+pub fn checks() -> Vec<Box<dyn Check>> {
+    vec![
+        Box::new(RequestsCheck),
+        Box::new(ContextCheck::default()),
+        Box::new(OutputCheck),
+        Box::new(MilestoneCheck),
+        Box::new(DatabaseCheck),
+    ]
+}
+
+// ===== impl Verdict =====
+
+impl Verdict {
+    /// The count named `name`, if the verdict has one.
+    pub fn count(&self, name: &str) -> Option<usize> {
+        self.counts
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c)
+    }
+
+    /// Keeps `example` unless there are [`MAX_EXAMPLES`] already.
+    pub fn example(&mut self, example: impl FnOnce() -> String) {
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(example());
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.ok { "ok  " } else { "FAIL" };
+        writeln!(f, "  {mark} {:<18} {}", self.name, self.summary)?;
+        for example in &self.examples {
+            writeln!(f, "         {example}")?;
+        }
+        Ok(())
+    }
+}
+
+// ===== the small checks =====
+
+/// Every request was answered `201 Created`.
+#[derive(Debug)]
+pub struct RequestsCheck;
+
+impl Check for RequestsCheck {
+    fn name(&self) -> &'static str {
+        "requests"
+    }
+
+    fn check(&self, run: &Run) -> Verdict {
+        let sent = run.load.outcomes.len();
+        let created = run.load.created();
+        let mut verdict = Verdict {
+            name: self.name(),
+            ok: created == sent && sent == run.load.expected.len(),
+            summary: format!("{created}/{sent} answered 201 Created"),
+            counts: vec![("sent", sent), ("created", created)],
+            examples: Vec::new(),
+        };
+        for outcome in run.load.outcomes.iter().filter(|o| o.status != Some(201)) {
+            verdict.example(|| {
+                format!(
+                    "{}: {} {}",
+                    outcome.request_id,
+                    outcome
+                        .status
+                        .map_or("transport error".to_string(), |s| s.to_string()),
+                    outcome.detail
+                )
+            });
+        }
+        verdict
+    }
+}
+
+/// Every created order is in the database, paid and confirmed, and nothing more.
+#[derive(Debug)]
+pub struct DatabaseCheck;
+
+impl Check for DatabaseCheck {
+    fn name(&self) -> &'static str {
+        "database"
+    }
+
+    fn check(&self, run: &Run) -> Verdict {
+        let created = run.load.created() as i64;
+        let DatabaseCounts { paid, confirmed } = run.database;
+        Verdict {
+            name: self.name(),
+            ok: paid == created && confirmed == created,
+            summary: format!(
+                "{paid} orders paid, {confirmed} confirmed, for {created} created (counted tenant by tenant)"
+            ),
+            counts: vec![
+                ("paid", paid.max(0) as usize),
+                ("confirmed", confirmed.max(0) as usize),
+            ],
+            examples: Vec::new(),
+        }
+    }
+}
