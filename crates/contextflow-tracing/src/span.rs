@@ -10,7 +10,7 @@ use tracing::Span;
 ///
 /// As with `.in_current_span()`, a child holds a handle to the span, so a span stays open
 /// (and, with `tracing-opentelemetry`, is exported later) until the last child that carries it
-/// ends. Start work that outlives the request with `contextflow::spawn_detached`.
+/// ends. Start work that outlives the request with `contextflow::spawn_without_context`.
 ///
 /// Register it with [`carry_spans`]; [`ContextFields::text`](crate::ContextFields::text) and
 /// [`ContextFields::json`](crate::ContextFields::json) do so too.

@@ -17,9 +17,99 @@
 //! construct that entered something else) parks its saved frame in its node, and the frame is
 //! unwound as soon as it would become current again.
 
-use std::{cell::Cell, marker::PhantomData};
+use std::{cell::Cell, fmt, marker::PhantomData};
 
 use crate::node::{self, Header, NodeRef};
+
+/// Restores the previous context when dropped; returned by [`AsyncLocal::enter`](crate::AsyncLocal::enter) and [`Snapshot::enter`](crate::Snapshot::enter).
+///
+/// The guard is `!Send`: the context it entered belongs to this thread, so it cannot be held
+/// across an `.await` in a future that moves between threads.
+///
+/// ```compile_fail
+/// # use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+/// fn assert_send<T: Send>(_: T) {}
+/// assert_send(ID.enter(1));
+/// ```
+///
+/// Binding the guard to `_` drops it at once, so the value is never visible:
+///
+/// ```
+/// # use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+/// let _ = ID.enter(1); // wrong: restored immediately
+/// assert!(!ID.is_set());
+/// let _guard = ID.enter(1); // right: entered until `_guard` goes out of scope
+/// assert_eq!(ID.get(), Some(1));
+/// ```
+///
+/// Dropping guards out of order is tolerated: the context becomes the one from before the
+/// first guard once all of them are gone. So is dropping a guard inside a closure or future
+/// it was moved into: its frame is left as soon as it would become current again. Forgetting a
+/// guard (`mem::forget`) leaks its frame and leaves it current on this thread until an
+/// enclosing scope ends.
+///
+/// # Never across an `.await`
+///
+/// A guard's binding belongs to the thread, not to a task. Held across an `.await`:
+///
+/// - in a task of a `multi_thread` runtime, the future is not `Send` and does not compile;
+/// - in a task spawned with contextflow ([`spawn_local`](crate::spawn_local) on a `LocalSet`,
+///   or any future wrapped by [`in_current_context`](crate::FutureExt::in_current_context)),
+///   the binding is cut at the end of the poll: after the `.await` the task no longer sees it;
+/// - in a plain `tokio::spawn` or `spawn_local` task on a `current_thread` runtime or a
+///   `LocalSet`, or in the `block_on` future itself, the binding stays current on the thread
+///   while the task is suspended, and **every other task polled there sees it**, until the
+///   guard is dropped. Debug builds (with the `tokio` feature) catch this: the guard records the
+///   tokio task that made it and where it was made, and a read, scope or capture that sees its
+///   binding from another task panics, naming the variable and that place. Release builds do
+///   not check.
+///
+/// Use [`scope`](crate::AsyncLocal::scope) for async code; `enter` is for synchronous code. To
+/// have clippy flag a guard held across an `.await`, add `contextflow::EnterGuard` to
+/// `await-holding-invalid-types` in your `clippy.toml` (see this repository's
+/// `docs/clippy.toml`).
+#[must_use = "dropping the guard restores the previous context"]
+pub struct EnterGuard {
+    /// This guard's own node: its frame, and its identity.
+    node: NodeRef,
+    /// The frame to restore, owned (or null).
+    saved: usize,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl EnterGuard {
+    /// Enters `node`, which must be a node made for this guard alone; `name` names what it
+    /// binds, for the cross-task check.
+    #[track_caller]
+    pub(crate) fn new(node: NodeRef, name: &'static str) -> Self {
+        #[cfg(all(debug_assertions, feature = "tokio"))]
+        foreign::record(node.header().id, name, std::panic::Location::caller());
+        #[cfg(not(all(debug_assertions, feature = "tokio")))]
+        let _ = name;
+        let saved = enter_owned(&node);
+        EnterGuard {
+            node,
+            saved,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for EnterGuard {
+    fn drop(&mut self) {
+        #[cfg(all(debug_assertions, feature = "tokio"))]
+        foreign::forget(self.node.header().id);
+        exit_owned(&self.node, self.saved);
+    }
+}
+
+impl fmt::Debug for EnterGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnterGuard").finish_non_exhaustive()
+    }
+}
 
 const OWNED: usize = 1;
 
@@ -33,7 +123,12 @@ thread_local! {
 /// at least until the current frame changes.
 #[inline]
 pub(crate) fn current_ptr() -> *const Header {
-    (CURRENT.with(Cell::get) & !OWNED) as *const Header
+    let raw = CURRENT.with(Cell::get);
+    #[cfg(all(debug_assertions, feature = "tokio"))]
+    if raw & OWNED != 0 {
+        foreign::check(raw & !OWNED);
+    }
+    (raw & !OWNED) as *const Header
 }
 
 /// Runs `f` with the current frame, kept alive for the whole call even if `f` drops the
@@ -47,6 +142,8 @@ pub(crate) fn with_current<R>(f: impl FnOnce(*const Header) -> R) -> R {
     } else {
         // Owned by the slot: `f` could drop the enter guard and with it the slot's reference,
         // so hold one of our own (only under `AsyncLocal::enter`, off the hot path).
+        #[cfg(all(debug_assertions, feature = "tokio"))]
+        foreign::check(raw & !OWNED);
         let ptr = (raw & !OWNED) as *const Header;
         // SAFETY: the slot owns a count on `ptr`, so it is alive now.
         let _hold = unsafe { NodeRef::clone_raw(ptr) };
@@ -188,6 +285,86 @@ fn unwind_exited() {
             // SAFETY: the slot's count on the exited guard's node, replaced above.
             Some(raw) => drop(unsafe { NodeRef::from_raw((raw & !OWNED) as *const Header) }),
             None => return,
+        }
+    }
+}
+
+/// The debug-build check that an enter guard's binding is not seen from another task (a guard
+/// held across an `.await` on a `current_thread` runtime or a `LocalSet`).
+#[cfg(all(debug_assertions, feature = "tokio"))]
+mod foreign {
+    use std::{cell::RefCell, panic::Location};
+
+    use crate::node::Header;
+
+    struct Made {
+        node_id: u64,
+        task: Option<tokio::task::Id>,
+        name: &'static str,
+        at: &'static Location<'static>,
+    }
+
+    thread_local! {
+        /// The live guards of this thread (guards are `!Send`), oldest first.
+        static GUARDS: RefCell<Vec<Made>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn record(node_id: u64, name: &'static str, at: &'static Location<'static>) {
+        let made = Made {
+            node_id,
+            task: tokio::task::try_id(),
+            name,
+            at,
+        };
+        let _ = GUARDS.try_with(|g| g.borrow_mut().push(made));
+    }
+
+    pub(super) fn forget(node_id: u64) {
+        let _ = GUARDS.try_with(|g| {
+            let mut guards = g.borrow_mut();
+            if let Some(i) = guards.iter().rposition(|m| m.node_id == node_id) {
+                guards.remove(i);
+            }
+        });
+    }
+
+    /// Called when the current frame is an enter guard's (owned) frame.
+    #[cold]
+    pub(super) fn check(node: usize) {
+        // SAFETY: an owned slot holds a count on this node, so it is alive.
+        let id = unsafe { &*(node as *const Header) }.id;
+        let report = GUARDS
+            .try_with(|g| {
+                let guards = g.try_borrow().ok()?;
+                let made = guards.iter().rev().find(|m| m.node_id == id)?;
+                let now = tokio::task::try_id();
+                (made.task != now).then(|| {
+                    format!(
+                        "contextflow: `{}` was bound by an EnterGuard made at {} in {}, and is \
+                         visible in {}: a guard held across an `.await` (or forgotten) leaks its \
+                         binding to every task polled on this thread; use `scope` instead",
+                        made.name,
+                        made.at,
+                        task_name(made.task),
+                        task_name(now),
+                    )
+                })
+            })
+            .ok()
+            .flatten();
+        if let Some(report) = report {
+            if std::thread::panicking() {
+                eprintln!("{report}");
+            } else {
+                panic!("{report}");
+            }
+        }
+    }
+
+    fn task_name(task: Option<tokio::task::Id>) -> String {
+        match task {
+            Some(id) => format!("tokio task {id}"),
+            None => "code outside any tokio task".to_string(),
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::{
 /// assert_eq!(fut.await, Some(7));
 /// # }
 /// ```
+#[must_use = "futures do nothing unless you `.await` or poll them"]
 pub struct Scope<T: Send + Sync + 'static, F> {
     /// The binding: the value until the first poll, then a node whose parent is the frame of
     /// the latest poller (reused while that frame stays the same: one allocation per scope in
@@ -52,6 +53,8 @@ enum Binding<T> {
         inherit: bool,
     },
     Node(NodeRef),
+    /// The value was taken back out ([`Scope::take_value`]): the scope binds nothing.
+    Taken,
     /// Only while switching from `Pending` to `Node`.
     Empty,
 }
@@ -72,6 +75,7 @@ enum Binding<T> {
 /// assert_eq!(async { ID.get() }.with_snapshot(Snapshot::empty()).await, None);
 /// # }
 /// ```
+#[must_use = "futures do nothing unless you `.await` or poll them"]
 pub struct WithContext<F> {
     snapshot: Snapshot,
     /// Structurally pinned; dropped in place by `Drop`, inside the snapshot.
@@ -198,16 +202,54 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         }
     }
 
+    /// Takes the value back out of the scope, as tokio's `TaskLocalFuture::take_value`: the
+    /// scope binds nothing from then on (the inner future, if polled again, sees the poller's
+    /// context). `None` if it was taken already, if this is an [`unset`](crate::AsyncLocal::unset)
+    /// scope, or if the value is still shared: a snapshot or a spawned child captured inside
+    /// the scope holds it (values are shared, never cloned).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// use std::pin::pin;
+    /// static LOG: AsyncLocal<std::sync::Mutex<Vec<String>>> = AsyncLocal::named("log");
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut fut = pin!(LOG.scope(Default::default(), async {
+    ///     LOG.with(|log| log.unwrap().lock().unwrap().push("step 1".into()));
+    /// }));
+    /// fut.as_mut().await;
+    /// let log = fut.as_mut().take_value().unwrap().into_inner().unwrap();
+    /// assert_eq!(log, ["step 1"]);
+    /// assert!(fut.take_value().is_none(), "taken already");
+    /// # }
+    /// ```
+    pub fn take_value(self: Pin<&mut Self>) -> Option<T> {
+        // SAFETY: the binding is not structurally pinned; `inner` is not touched.
+        let this = unsafe { self.get_unchecked_mut() };
+        match std::mem::replace(&mut this.binding, Binding::Taken) {
+            Binding::Pending { value, .. } => value,
+            // SAFETY: a `Node` binding holds a value node made for a `T`, or an unset node,
+            // which `try_take` refuses.
+            Binding::Node(node) => match unsafe { node.try_take::<T>() } {
+                Ok(value) => Some(value),
+                Err(node) => {
+                    this.binding = Binding::Node(node);
+                    None
+                }
+            },
+            Binding::Taken | Binding::Empty => None,
+        }
+    }
+
     /// The frame to enter: the poller's frame plus our binding.
     #[inline]
     fn frame(&mut self) -> *const Header {
         let parent = current::current_ptr();
-        if let Binding::Node(node) = &self.binding {
-            if node.header().parent_ptr() == parent {
-                return node.as_ptr();
-            }
+        match &self.binding {
+            Binding::Node(node) if node.header().parent_ptr() == parent => node.as_ptr(),
+            Binding::Taken => parent,
+            _ => self.bind_under(parent),
         }
-        self.bind_under(parent)
     }
 
     #[cold]
@@ -241,8 +283,9 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
                 drop(node);
                 ptr
             }
-            // `binding` is `Empty` only inside this function, which does not re-enter.
-            Binding::Empty => unreachable!("Scope binding observed mid-update"),
+            // `frame` does not call us for `Taken`, and `binding` is `Empty` only inside this
+            // function, which does not re-enter.
+            Binding::Taken | Binding::Empty => unreachable!("Scope binding observed mid-update"),
         }
     }
 }
@@ -278,7 +321,7 @@ impl<T: Send + Sync + 'static, F> fmt::Debug for Scope<T, F> {
         let name = match &self.binding {
             Binding::Pending { name, .. } => *name,
             Binding::Node(node) => node.header().name,
-            Binding::Empty => "",
+            Binding::Taken | Binding::Empty => "",
         };
         f.debug_struct("Scope")
             .field("name", &name)

@@ -47,6 +47,23 @@
 //! whoever polls it; only [`spawn`] and friends, [`FutureExt::in_current_context`],
 //! [`Snapshot::capture`] and [`Snapshot::bind`] capture a frame at the call.
 //!
+//! # Replace or layer
+//!
+//! Two kinds of operation make a frame current, and they differ in what happens to the frame
+//! of whoever runs them:
+//!
+//! - **Layer** (the current frame plus bindings): [`AsyncLocal::scope`],
+//!   [`AsyncLocal::sync_scope`], [`AsyncLocal::unset`], [`AsyncLocal::enter`]. A binding made
+//!   outside stays visible inside unless the same variable is rebound. Bind a request's
+//!   variables this way (a server layer, a message consumer, `IncomingContext::scope`), so an
+//!   outer middleware's binding (`let fut = inner.call(req); X.scope(v, fut)`) reaches the
+//!   handler.
+//! - **Replace** (the captured frame instead of the current one, like TC39's `Snapshot.run`):
+//!   [`Snapshot::run`], [`Snapshot::enter`], [`FutureExt::with_snapshot`],
+//!   [`FutureExt::in_current_context`], [`spawn_with`] and the spawn helpers (a task starts
+//!   from the frame captured at the spawn). Use them to carry a context to where it does not
+//!   flow, not to add bindings.
+//!
 //! # Recipes
 //!
 //! **Request id in every log line.** Bind it in middleware (the `contextflow-http` server
@@ -109,7 +126,7 @@
 //! # }
 //! ```
 //!
-//! **A cron job** starts from nothing: `contextflow::spawn_detached` or
+//! **A cron job** starts from nothing: `contextflow::spawn_without_context` or
 //! [`Snapshot::empty`], then binds its own run id.
 //!
 //! **`spawn_blocking`** (CPU work, a blocking driver) keeps the context:
@@ -193,9 +210,14 @@ pub mod thread;
 pub use crate::future::StreamExt;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub use crate::spawn::{spawn, spawn_blocking, spawn_detached, spawn_in, spawn_local, spawn_with};
+#[allow(deprecated)]
+pub use crate::spawn::spawn_detached;
+pub use crate::spawn::{
+    spawn, spawn_blocking, spawn_in, spawn_local, spawn_with, spawn_without_context,
+};
 pub use crate::{
+    current::EnterGuard,
     future::{FutureExt, Scope, WithContext},
-    local::{AsyncLocal, EnterGuard, Inherit},
+    local::{AsyncLocal, Inherit},
     snapshot::Snapshot,
 };

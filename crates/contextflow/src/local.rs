@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use crate::{current, future::Scope, node, node::NodeRef};
+use crate::{current, current::EnterGuard, future::Scope, node, node::NodeRef};
 
 /// A typed context variable: the Rust counterpart of one Node.js `AsyncLocalStorage`.
 ///
@@ -49,6 +49,8 @@ pub struct AsyncLocal<T: Send + Sync + 'static> {
     id: AtomicUsize,
     name: &'static str,
     inherit: Inherit,
+    /// Makes the value read when nothing is bound (TC39 `defaultValue`).
+    default: Option<fn() -> T>,
     /// Invariant in `T`: a variable must never be used at a sub- or supertype of its own type
     /// (with higher-ranked `fn` types that would let a value be read at the wrong type).
     _value: PhantomData<fn(T) -> T>,
@@ -84,43 +86,6 @@ pub enum Inherit {
     Never,
 }
 
-/// Restores the previous context when dropped; returned by [`AsyncLocal::enter`].
-///
-/// The guard is `!Send`: the context it entered belongs to this thread, so it cannot be held
-/// across an `.await` in a future that moves between threads.
-///
-/// ```compile_fail
-/// # use contextflow::AsyncLocal;
-/// static ID: AsyncLocal<u32> = AsyncLocal::new();
-/// fn assert_send<T: Send>(_: T) {}
-/// assert_send(ID.enter(1));
-/// ```
-///
-/// Binding the guard to `_` drops it at once, so the value is never visible:
-///
-/// ```
-/// # use contextflow::AsyncLocal;
-/// static ID: AsyncLocal<u32> = AsyncLocal::new();
-/// let _ = ID.enter(1); // wrong: restored immediately
-/// assert!(!ID.is_set());
-/// let _guard = ID.enter(1); // right: entered until `_guard` goes out of scope
-/// assert_eq!(ID.get(), Some(1));
-/// ```
-///
-/// Dropping guards out of order is tolerated: the context becomes the one from before the
-/// first guard once all of them are gone. So is dropping a guard inside a closure or future
-/// it was moved into: its frame is left as soon as it would become current again. Forgetting a
-/// guard (`mem::forget`) leaks its frame and leaves it current on this thread until an
-/// enclosing scope ends.
-#[must_use = "dropping the guard restores the previous context"]
-pub struct EnterGuard {
-    /// This guard's own node: its frame, and its identity.
-    node: NodeRef,
-    /// The frame to restore, owned (or null).
-    saved: usize,
-    _not_send: PhantomData<*const ()>,
-}
-
 // ===== impl AsyncLocal =====
 
 impl<T: Send + Sync + 'static> AsyncLocal<T> {
@@ -148,6 +113,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
             id: AtomicUsize::new(0),
             name,
             inherit: Inherit::Always,
+            default: None,
             _value: PhantomData,
         }
     }
@@ -162,6 +128,29 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// ```
     pub const fn inherit(mut self, inherit: Inherit) -> Self {
         self.inherit = inherit;
+        self
+    }
+
+    /// Gives the variable a default: what [`get`](AsyncLocal::get) and
+    /// [`with`](AsyncLocal::with) read where no scope binds it (TC39's `defaultValue`). `make`
+    /// runs at each such read, so the default costs nothing while the variable is bound.
+    /// [`is_set`](AsyncLocal::is_set) still says whether a value is bound.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static TENANT: AsyncLocal<String> =
+    ///     AsyncLocal::named("tenant").default_value(|| "public".to_string());
+    ///
+    /// assert_eq!(TENANT.get().as_deref(), Some("public"));
+    /// assert!(!TENANT.is_set());
+    /// TENANT.sync_scope("acme".into(), || assert_eq!(TENANT.get().as_deref(), Some("acme")));
+    /// // Unset explicitly: the default shows again.
+    /// TENANT.sync_scope("acme".into(), || {
+    ///     TENANT.sync_unset(|| assert_eq!(TENANT.get().as_deref(), Some("public")))
+    /// });
+    /// ```
+    pub const fn default_value(mut self, make: fn() -> T) -> Self {
+        self.default = Some(make);
         self
     }
 
@@ -321,9 +310,21 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
             // SAFETY: `with_current` keeps `frame` alive for this whole closure, and the
             // reference handed to `f` does not escape it.
             let binding = unsafe { node::lookup(frame, key) };
-            // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
-            f(binding.map(|b| unsafe { b.value::<T>() }))
+            match binding {
+                // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
+                Some(b) => f(Some(unsafe { b.value::<T>() })),
+                None => self.with_default(f),
+            }
         })
+    }
+
+    /// Calls `f` with the default value (a fresh one), or `None` without a default.
+    #[cold]
+    pub(crate) fn with_default<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
+        match self.default {
+            Some(make) => f(Some(&make())),
+            None => f(None),
+        }
     }
 
     /// A clone of the current value, or `None` when the variable is not set.
@@ -342,7 +343,8 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         self.with(|v| v.cloned())
     }
 
-    /// Whether the variable has a value in the current context.
+    /// Whether a value is bound to the variable in the current context (a
+    /// [default value](AsyncLocal::default_value) does not count).
     ///
     /// ```
     /// use contextflow::AsyncLocal;
@@ -352,7 +354,9 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// ```
     #[inline]
     pub fn is_set(&self) -> bool {
-        self.with(|v| v.is_some())
+        let key = self.key();
+        // SAFETY: `with_current` keeps `frame` alive for the call.
+        current::with_current(|frame| unsafe { node::lookup(frame, key) }.is_some())
     }
 
     /// Binds `value` until the returned guard is dropped: for synchronous code that cannot be
@@ -371,8 +375,9 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// }
     /// assert_eq!(USER.get(), None);
     /// ```
+    #[track_caller]
     pub fn enter(&self, value: T) -> EnterGuard {
-        EnterGuard::new(self.new_node(current::share(), value))
+        EnterGuard::new(self.new_node(current::share(), value), self.name)
     }
 
     fn new_node(&self, parent: Option<NodeRef>, value: T) -> NodeRef {
@@ -410,32 +415,6 @@ impl<T: Send + Sync + 'static> fmt::Debug for AsyncLocal<T> {
             .field("inherit", &self.inherit)
             .field("is_set", &self.is_set())
             .finish()
-    }
-}
-
-// ===== impl EnterGuard =====
-
-impl EnterGuard {
-    /// Enters `node`, which must be a node made for this guard alone.
-    pub(crate) fn new(node: NodeRef) -> Self {
-        let saved = current::enter_owned(&node);
-        EnterGuard {
-            node,
-            saved,
-            _not_send: PhantomData,
-        }
-    }
-}
-
-impl Drop for EnterGuard {
-    fn drop(&mut self) {
-        current::exit_owned(&self.node, self.saved);
-    }
-}
-
-impl fmt::Debug for EnterGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EnterGuard").finish_non_exhaustive()
     }
 }
 

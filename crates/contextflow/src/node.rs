@@ -282,6 +282,44 @@ impl NodeRef {
         }
     }
 
+    /// Takes the value back out of a value node that nothing else refers to (no other
+    /// reference to the node, no alias of its value), freeing the node; otherwise gives the
+    /// node back.
+    ///
+    /// # Safety
+    /// `self` must be a value node made for a `T` (by `new_value` with a `T`, not `new_unset`).
+    pub(crate) unsafe fn try_take<T: Send + Sync + 'static>(self) -> Result<T, NodeRef> {
+        let header = self.header();
+        let owner = header.owner.as_ptr().cast::<Header>();
+        // SAFETY: our count keeps the value node alive.
+        let value_refs = unsafe { &(*header.owner.as_ptr()).value_refs };
+        // Acquire, as in `Drop`: other owners' uses of the node happen-before our taking it.
+        if owner.cast_const() != self.as_ptr()
+            || header.is_unset()
+            || header.borrowed.load(Ordering::Relaxed)
+            || header.refs.load(Ordering::Acquire) != 1
+            || value_refs.load(Ordering::Acquire) != 1
+        {
+            return Err(self);
+        }
+        let this = ManuallyDrop::new(self);
+        let raw = this.ptr.as_ptr().cast::<ValueNode<T>>();
+        // SAFETY: both counts are ours alone, so nobody else can reach the node: take its
+        // parent (released normally when dropped), move the value out, and free the block
+        // without dropping the moved value. The node type matches by the caller's contract.
+        unsafe {
+            release_parked((*raw).head.header.guard_saved.load(Ordering::Relaxed));
+            drop((*raw).head.header.parent.take());
+            let value = ptr::read(ptr::addr_of!((*raw).value));
+            if ValueNode::<T>::POOLED {
+                pool::free_block(raw.cast());
+            } else {
+                dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
+            }
+            Ok(value)
+        }
+    }
+
     /// The raw pointer, for the thread-local slot. Ownership stays with `self`.
     #[inline]
     pub(crate) fn as_ptr(&self) -> *const Header {

@@ -127,13 +127,14 @@ impl Snapshot {
     /// drop(guard);
     /// assert_eq!(ID.get(), None);
     /// ```
+    #[track_caller]
     pub fn enter(&self) -> EnterGuard {
         // The guard enters the variables only: carried values need a closure to be entered
         // (use `run`), and must not end up under later bindings.
         let frame = self.variables();
         // SAFETY: `self` keeps the chain alive; a snapshot's chain holds counted parents only.
         let frame = (!frame.is_null()).then(|| unsafe { NodeRef::clone_raw(frame) });
-        EnterGuard::new(NodeRef::new_marker(frame))
+        EnterGuard::new(NodeRef::new_marker(frame), "a Snapshot")
     }
 
     /// The value `var` has in this snapshot.
@@ -163,8 +164,11 @@ impl Snapshot {
     ) -> R {
         // SAFETY: `self` keeps the frame alive for the call; the reference does not escape `f`.
         let binding = unsafe { node::lookup(self.as_ptr(), var.key()) };
-        // SAFETY: the key is `var`'s, so the node holds a `T`.
-        f(binding.map(|b| unsafe { b.value::<T>() }))
+        match binding {
+            // SAFETY: the key is `var`'s, so the node holds a `T`.
+            Some(b) => f(Some(unsafe { b.value::<T>() })),
+            None => var.with_default(f),
+        }
     }
 
     /// Captures the current (inheritable) context now and returns a closure that runs `f`

@@ -62,8 +62,10 @@ where
     tokio::spawn(fut.with_snapshot(snapshot))
 }
 
-/// Spawns a task with *no* context at all, even if the spawner has one: for work that outlives
-/// and does not belong to the current request (a cache refresher, a connection pool reaper).
+/// Spawns a task that starts from an *empty* context, even if the spawner has one (no
+/// variable set, no carried span): for work that outlives and does not belong to the current
+/// request (a cache refresher, a connection pool reaper, a queue consumer). The same as
+/// `spawn_with(Snapshot::empty(), fut)`; the task is an ordinary tokio task otherwise.
 ///
 /// # Panics
 /// As [`tokio::spawn`]: when called outside a tokio runtime.
@@ -73,17 +75,38 @@ where
 /// static ID: AsyncLocal<u32> = AsyncLocal::new();
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let seen = ID.scope(1, async { contextflow::spawn_detached(async { ID.get() }).await }).await;
+/// let seen = ID
+///     .scope(1, async { contextflow::spawn_without_context(async { ID.get() }).await })
+///     .await;
 /// assert_eq!(seen.unwrap(), None);
 /// # }
 /// ```
+#[track_caller]
+pub fn spawn_without_context<F>(fut: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(fut.with_snapshot(Snapshot::empty()))
+}
+
+/// The former name of [`spawn_without_context`]: the task is not detached, it starts from an
+/// empty context.
+///
+/// ```
+/// # #![allow(deprecated)]
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// assert_eq!(contextflow::spawn_detached(async { 1 }).await.unwrap(), 1);
+/// # }
+/// ```
+#[deprecated(since = "0.1.1", note = "renamed to `spawn_without_context`")]
 #[track_caller]
 pub fn spawn_detached<F>(fut: F) -> JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    tokio::spawn(fut.with_snapshot(Snapshot::empty()))
+    spawn_without_context(fut)
 }
 
 /// Runs blocking code on tokio's blocking pool, inside the current context; otherwise exactly

@@ -139,7 +139,7 @@ fn serve(
     shutdown: Arc<Notify>,
 ) -> JoinHandle<std::io::Result<()>> {
     // Server tasks belong to no request: they start from an empty context.
-    contextflow::spawn_detached(async move {
+    contextflow::spawn_without_context(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.notified().await })
             .await

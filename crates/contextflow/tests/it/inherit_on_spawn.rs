@@ -90,10 +90,10 @@ async fn never_inherited_shadow_reveals_nothing_of_outer() {
     assert_eq!(seen, (false, false));
 }
 
-async fn spawn_detached_and_spawn_with() {
+async fn spawn_without_context_and_spawn_with() {
     REQ.scope("r7".into(), async {
         assert_eq!(
-            contextflow::spawn_detached(async { REQ.get() })
+            contextflow::spawn_without_context(async { REQ.get() })
                 .await
                 .unwrap(),
             None
@@ -148,7 +148,7 @@ on_both_runtimes! {
     spawn_local_inherits => spawn_local_inherits;
     never_inherited_variable_stays_behind => never_inherited_variable_stays_behind;
     never_inherited_shadow_reveals_nothing_of_outer => never_inherited_shadow_reveals_nothing_of_outer;
-    spawn_detached_and_spawn_with => spawn_detached_and_spawn_with;
+    spawn_without_context_and_spawn_with => spawn_without_context_and_spawn_with;
     child_rebinding_never_reaches_parent_or_sibling => child_rebinding_never_reaches_parent_or_sibling;
     join_set_spawn_inherits => join_set_spawn_inherits;
 }

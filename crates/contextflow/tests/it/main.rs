@@ -16,12 +16,14 @@ macro_rules! on_both_runtimes {
     )*};
 }
 
+mod api;
 mod auto_traits;
 mod basics;
 mod drop_runs_in_scope;
 mod enter_guard;
 mod inherit_on_spawn;
 mod isolation;
+mod layering;
 mod no_leaks;
 mod panic_restores;
 mod snapshot;

@@ -73,7 +73,7 @@ impl Queue {
         let consumer_pending = pending.clone();
         // The consumer serves every request and none: it starts from an empty context and
         // takes each message's context from its headers.
-        let consumer = contextflow::spawn_detached(async move {
+        let consumer = contextflow::spawn_without_context(async move {
             while let Some(message) = receiver.recv().await {
                 let incoming = IncomingContext::from_headers(&message.headers);
                 let span = tracing::info_span!("queue.consume", topic = message.topic);

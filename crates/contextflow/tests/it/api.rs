@@ -1,0 +1,146 @@
+//! What Node and TC39 users reach for (issue 8): a default value, a variable unset for a
+//! closure or a future, the value taken back out of a scope; and the handles of the spawn
+//! helpers (issue 14).
+
+use std::{
+    future::Future,
+    pin::pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use contextflow::{AsyncLocal, Snapshot};
+
+static TENANT: AsyncLocal<String> =
+    AsyncLocal::named("tenant").default_value(|| "public".to_string());
+static REQ: AsyncLocal<u32> = AsyncLocal::named("req");
+static LOG: AsyncLocal<Mutex<Vec<u32>>> = AsyncLocal::named("log");
+
+#[test]
+fn default_value_is_read_where_nothing_is_bound() {
+    assert_eq!(TENANT.get().as_deref(), Some("public"));
+    assert!(!TENANT.is_set(), "a default is not a binding");
+    let bound = TENANT.sync_scope("acme".into(), || (TENANT.get(), TENANT.is_set()));
+    assert_eq!(bound, (Some("acme".into()), true));
+    assert_eq!(Snapshot::empty().get(&TENANT).as_deref(), Some("public"));
+    assert_eq!(REQ.get(), None, "no default: None");
+}
+
+#[test]
+fn sync_unset_hides_one_variable_and_restores_it() {
+    let seen = REQ.sync_scope(1, || {
+        TENANT.sync_scope("acme".into(), || {
+            let inside = TENANT.sync_unset(|| (TENANT.is_set(), TENANT.get(), REQ.get()));
+            (inside, TENANT.get())
+        })
+    });
+    assert_eq!(
+        seen,
+        ((false, Some("public".into()), Some(1)), Some("acme".into()))
+    );
+    // A snapshot taken inside does not see it either.
+    let snap = REQ.sync_scope(2, || REQ.sync_unset(Snapshot::capture));
+    assert_eq!(snap.get(&REQ), None);
+    assert_eq!(format!("{snap:?}"), "Snapshot");
+}
+
+async fn unset_hides_one_variable_from_a_future_and_its_children() {
+    let seen = REQ
+        .scope(1, async {
+            REQ.unset(async {
+                tokio::task::yield_now().await;
+                let child = contextflow::spawn(async { REQ.get() });
+                (REQ.get(), child.await.unwrap())
+            })
+            .await
+        })
+        .await;
+    assert_eq!(seen, (None, None));
+}
+
+async fn take_value_gives_the_value_back() {
+    let mut fut = pin!(LOG.scope(Mutex::new(Vec::new()), async {
+        for i in 0..3 {
+            tokio::task::yield_now().await;
+            LOG.with(|log| log.unwrap().lock().unwrap().push(i));
+        }
+    }));
+    fut.as_mut().await;
+    let log = fut.as_mut().take_value().expect("not shared");
+    assert_eq!(log.into_inner().unwrap(), [0, 1, 2]);
+    assert!(fut.as_mut().take_value().is_none(), "taken already");
+}
+
+async fn take_value_refuses_while_a_snapshot_shares_it() {
+    let snap = Arc::new(Mutex::new(None));
+    let keep = snap.clone();
+    let mut fut = pin!(REQ.scope(5, async move {
+        *keep.lock().unwrap() = Some(Snapshot::capture());
+    }));
+    fut.as_mut().await;
+    assert_eq!(fut.as_mut().take_value(), None, "a snapshot still holds it");
+    let snapshot = snap.lock().unwrap().take().unwrap();
+    assert_eq!(
+        snapshot.get(&REQ),
+        Some(5),
+        "and the snapshot still reads it"
+    );
+    drop(snapshot);
+    assert_eq!(
+        fut.as_mut().take_value(),
+        Some(5),
+        "free once the snapshot is gone"
+    );
+}
+
+#[test]
+fn take_value_before_the_first_poll_and_polling_afterwards() {
+    let mut fut = pin!(REQ.scope(9, async { REQ.get() }));
+    assert_eq!(fut.as_mut().take_value(), Some(9));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let seen = REQ.sync_scope(1, || fut.as_mut().poll(&mut cx));
+    assert_eq!(
+        seen,
+        Poll::Ready(Some(1)),
+        "binds nothing: the poller's value"
+    );
+}
+
+// Issue 14: `spawn_in`'s abort handle had no test.
+async fn spawn_in_abort_handle_cancels_the_task_inside_its_context() {
+    struct Probe(Arc<Mutex<Option<Option<u32>>>>);
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(REQ.get());
+        }
+    }
+    let dropped_with = Arc::new(Mutex::new(None));
+    let probe = Probe(dropped_with.clone());
+    let mut set = tokio::task::JoinSet::new();
+    let (started, is_started) = tokio::sync::oneshot::channel();
+    let abort = REQ.sync_scope(8, || {
+        contextflow::spawn_in(&mut set, async move {
+            let _probe = probe;
+            started.send(()).unwrap();
+            std::future::pending::<()>().await;
+        })
+    });
+    is_started.await.unwrap();
+    assert!(!abort.is_finished());
+    abort.abort();
+    let joined = set.join_next().await.unwrap();
+    assert!(joined.unwrap_err().is_cancelled());
+    assert_eq!(
+        *dropped_with.lock().unwrap(),
+        Some(Some(8)),
+        "the aborted task's destructors ran inside its context"
+    );
+}
+
+on_both_runtimes! {
+    unset_hides_one_variable_from_a_future_and_its_children => unset_hides_one_variable_from_a_future_and_its_children;
+    take_value_gives_the_value_back => take_value_gives_the_value_back;
+    take_value_refuses_while_a_snapshot_shares_it => take_value_refuses_while_a_snapshot_shares_it;
+    spawn_in_abort_handle_cancels_the_task_inside_its_context => spawn_in_abort_handle_cancels_the_task_inside_its_context;
+}
