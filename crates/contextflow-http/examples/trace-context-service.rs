@@ -3,7 +3,9 @@
 //! `POST /test` takes a JSON array of `{"url": ..., "arguments": [...]}`. For each element, in
 //! order, the service sends `POST url` with `arguments` as the JSON body, carrying the trace
 //! context of the incoming request (through [`PropagateContextLayer`] on the way in and
-//! [`InjectContextMiddleware`] on the way out), then answers 200.
+//! [`InjectContextMiddleware`] on the way out), then answers 200. Spans are real: an
+//! OpenTelemetry SDK tracer provider (no exporter) with contextflow's secure id generator, a
+//! server span per request and a client span per callback.
 //!
 //! Run with: `cargo run -p contextflow-http --example trace-context-service -- --port 8080`
 //! (`--host` picks the address to listen on; the default is 127.0.0.1).
@@ -12,6 +14,8 @@ use std::net::SocketAddr;
 
 use axum::{extract::State, http::StatusCode, routing::post, Json, Router};
 use contextflow_http::{InjectContextMiddleware, PropagateContextLayer};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use serde::Deserialize;
 
@@ -25,18 +29,26 @@ pub(crate) struct Case {
     pub(crate) arguments: serde_json::Value,
 }
 
+/// The service's tracer: an SDK provider with no exporter and secure ids.
+pub(crate) fn tracer() -> SdkTracer {
+    SdkTracerProvider::builder()
+        .with_id_generator(contextflow_otel::SecureIdGenerator::default())
+        .build()
+        .tracer("trace-context-service")
+}
+
 /// The service's router: `POST /test` behind the server layer, calling out through `client`.
-pub(crate) fn app(client: ClientWithMiddleware) -> Router {
+pub(crate) fn app(client: ClientWithMiddleware, tracer: SdkTracer) -> Router {
     Router::new()
         .route("/test", post(run_cases))
         .with_state(client)
-        .layer(PropagateContextLayer::new())
+        .layer(PropagateContextLayer::new().with_tracer(tracer))
 }
 
-/// A client that carries the current context on every request.
-pub(crate) fn client() -> ClientWithMiddleware {
+/// A client that carries the current context on every request, with a client span each.
+pub(crate) fn client(tracer: SdkTracer) -> ClientWithMiddleware {
     ClientBuilder::new(reqwest::Client::new())
-        .with(InjectContextMiddleware::new())
+        .with(InjectContextMiddleware::new().with_tracer(tracer))
         .build()
 }
 
@@ -77,6 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = parse_args()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(client())).await?;
+    let tracer = tracer();
+    axum::serve(listener, app(client(tracer.clone()), tracer)).await?;
     Ok(())
 }

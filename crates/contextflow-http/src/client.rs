@@ -1,10 +1,15 @@
 //! Client middleware: [`InjectContextLayer`] writes the current context into outgoing requests.
 //!
-//! Each request gets `traceparent` (the current trace id and flags with a new span id),
-//! `tracestate`, `baggage` and `x-request-id`, read when the request is handed to the service
-//! (in `call`); see [`inject_headers`] for the rules. Headers the
-//! caller set are left alone. Call it from the request's task, or from a task started with
-//! `contextflow::spawn`, which inherits the context; a plain `tokio::spawn` does not.
+//! Each request gets what the configured propagation writes (the global propagator by
+//! default: `traceparent` naming the *current span* as parent, `tracestate`, `baggage`) and
+//! `x-request-id`, read when the request is handed to the service (in `call`). The current
+//! span is OpenTelemetry's current one: the server span of the request, a span the handler
+//! started, or a `tracing` span bridged by `tracing-opentelemetry`. With a tracer
+//! ([`InjectContextLayer::with_tracer`]), the layer starts a *client* span for each request
+//! and names it as the parent instead. Headers the caller set are left alone (see
+//! [`HeaderInjector`]). Call it from the request's task, or from a task
+//! started with `contextflow::spawn`, which inherits the context; a plain `tokio::spawn` does
+//! not.
 //!
 //! ```
 //! use contextflow_http::{InjectContextLayer, RequestId, REQUEST_ID};
@@ -16,7 +21,8 @@
 //! let client = ServiceBuilder::new()
 //!     .layer(InjectContextLayer::new())
 //!     .service(service_fn(|req: http::Request<()>| async move {
-//!         Ok::<_, std::convert::Infallible>(req.headers()["x-request-id"].clone())
+//!         let id = req.headers()["x-request-id"].clone();
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(id))
 //!     }));
 //!
 //! let id: RequestId = "req-9".parse()?;
@@ -26,18 +32,29 @@
 //!         contextflow::spawn(client.oneshot(http::Request::new(()))).await
 //!     })
 //!     .await??;
-//! assert_eq!(sent, "req-9");
+//! assert_eq!(sent.body(), "req-9");
 //! # Ok(())
 //! # }
 //! ```
 
-use std::task::{Context, Poll};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
 
+use contextflow_otel::Propagation;
 use http::Request;
+use opentelemetry::{propagation::TextMapPropagator, trace::SpanKind, KeyValue};
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::inject_headers;
+use crate::{
+    spans::{self, Spans},
+    HeaderInjector,
+};
 
 /// A [`Layer`] that wraps HTTP clients in [`InjectContext`].
 ///
@@ -52,45 +69,121 @@ use crate::inject_headers;
 ///     });
 /// # drop(client);
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct InjectContextLayer {
-    _private: (),
+    propagation: Propagation,
+    spans: Spans,
 }
 
 /// Middleware that writes the current context into each outgoing request's headers.
 ///
 /// ```
-/// use contextflow_http::{InjectContext, TraceContext, TRACE_CONTEXT};
+/// use contextflow_http::InjectContext;
+/// use contextflow_otel::carrier::Pairs;
 /// use tower::{service_fn, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let client = InjectContext::new(service_fn(|req: http::Request<()>| async move {
-///     Ok::<_, std::convert::Infallible>(req.headers().get("traceparent").cloned())
+///     Ok::<_, std::convert::Infallible>(http::Response::new(req.headers()["traceparent"].clone()))
 /// }));
-/// let ctx = TraceContext::new_trace(true);
-/// let sent = TRACE_CONTEXT.scope(ctx.clone(), client.oneshot(http::Request::new(()))).await?;
-/// let sent: contextflow_http::TraceParent = sent.unwrap().to_str()?.parse()?;
-/// assert_eq!(sent.trace_id(), ctx.trace_id());
+/// let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+/// let cx = contextflow_otel::extract(&Pairs::new([("traceparent", tp)]));
+/// let sent = contextflow_otel::scope(cx, client.oneshot(http::Request::new(()))).await?;
+/// assert_eq!(sent.body(), tp, "no span of ours: the current span is the parent");
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Clone, Debug)]
 pub struct InjectContext<S> {
     inner: S,
+    propagation: Propagation,
+    spans: Spans,
+}
+
+pin_project! {
+    /// The response future of [`InjectContext`]: ends the client span, if any, when the
+    /// response arrives (or the call fails or is dropped).
+    pub struct ClientFuture<F> {
+        #[pin]
+        inner: F,
+        span: Option<opentelemetry::Context>,
+    }
+
+    impl<F> PinnedDrop for ClientFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(cx) = this.project().span.take() {
+                spans::end_with_error(&cx, "cancelled");
+            }
+        }
+    }
 }
 
 // ===== impl InjectContextLayer =====
 
 impl InjectContextLayer {
-    /// A new layer.
+    /// A layer with the global propagation and no client span.
     ///
     /// ```
     /// let layer = contextflow_http::InjectContextLayer::new();
     /// # drop(layer);
     /// ```
     pub fn new() -> Self {
-        InjectContextLayer { _private: () }
+        InjectContextLayer {
+            propagation: Propagation::global(),
+            spans: Spans::Off,
+        }
+    }
+
+    /// Uses `propagator` (B3, Jaeger, Datadog, a composite...) instead of the global one; the
+    /// request id is written in any case.
+    ///
+    /// ```
+    /// let layer = contextflow_http::InjectContextLayer::new()
+    ///     .with_propagator(contextflow_otel::TraceContextPropagator::new());
+    /// # drop(layer);
+    /// ```
+    pub fn with_propagator<P>(mut self, propagator: P) -> Self
+    where
+        P: TextMapPropagator + Send + Sync + 'static,
+    {
+        self.propagation = Propagation::with_propagator(propagator);
+        self
+    }
+
+    /// Starts a client span with `tracer` for each request, a child of the current span.
+    ///
+    /// ```
+    /// use opentelemetry::trace::TracerProvider as _;
+    /// let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    /// let layer = contextflow_http::InjectContextLayer::new().with_tracer(provider.tracer("svc"));
+    /// # drop(layer);
+    /// ```
+    pub fn with_tracer<T>(mut self, tracer: T) -> Self
+    where
+        T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+        T::Span: Send + Sync + 'static,
+    {
+        self.spans = Spans::tracer(tracer);
+        self
+    }
+
+    /// Starts client spans with the global `TracerProvider`'s tracer (read at the first
+    /// request).
+    ///
+    /// ```
+    /// let layer = contextflow_http::InjectContextLayer::new().with_global_tracer();
+    /// # drop(layer);
+    /// ```
+    pub fn with_global_tracer(mut self) -> Self {
+        self.spans = Spans::global();
+        self
+    }
+}
+
+impl Default for InjectContextLayer {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -98,7 +191,11 @@ impl<S> Layer<S> for InjectContextLayer {
     type Service = InjectContext<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        InjectContext { inner }
+        InjectContext {
+            inner,
+            propagation: self.propagation.clone(),
+            spans: self.spans.clone(),
+        }
     }
 }
 
@@ -112,7 +209,7 @@ impl<S> InjectContext<S> {
     /// assert_eq!(*client.get_ref(), 7);
     /// ```
     pub fn new(inner: S) -> Self {
-        InjectContext { inner }
+        InjectContextLayer::new().layer(inner)
     }
 
     /// The inner service.
@@ -145,20 +242,67 @@ impl<S> InjectContext<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for InjectContext<S>
+impl<S, B, ResB> Service<Request<B>> for InjectContext<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = http::Response<ResB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ClientFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        inject_headers(req.headers_mut());
-        self.inner.call(req)
+        let current = contextflow_otel::current_context();
+        let span = self
+            .spans
+            .start(SpanKind::Client, req.method(), &current, |attrs| {
+                client_attributes(req.uri(), attrs)
+            });
+        let cx = span.as_ref().unwrap_or(&current);
+        self.propagation
+            .inject(cx, &mut HeaderInjector::new(req.headers_mut()));
+        ClientFuture {
+            inner: self.inner.call(req),
+            span,
+        }
     }
+}
+
+impl<F, ResB, E> Future for ClientFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let Some(span) = this.span.take() {
+            match &result {
+                Ok(res) => spans::end_with_status(&span, res.status().as_u16(), SpanKind::Client),
+                Err(_) => spans::end_with_error(&span, "_OTHER"),
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl<F> fmt::Debug for ClientFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientFuture").finish_non_exhaustive()
+    }
+}
+
+/// `server.address`, `server.port` and `url.full` of an outgoing request.
+pub(crate) fn client_attributes(uri: &http::Uri, attrs: &mut Vec<KeyValue>) {
+    if let Some(host) = uri.host() {
+        attrs.push(KeyValue::new("server.address", host.to_owned()));
+    }
+    if let Some(port) = uri.port_u16() {
+        attrs.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    attrs.push(KeyValue::new("url.full", uri.to_string()));
 }

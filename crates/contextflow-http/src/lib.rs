@@ -1,19 +1,23 @@
-//! W3C Trace Context, W3C Baggage and request ids for [`contextflow`], with tower middleware
-//! for servers and clients.
+//! Tower server and client layers that carry [`contextflow`]'s request context across HTTP
+//! (and gRPC, which runs on HTTP/2 through the same layers), with OpenTelemetry propagation and
+//! spans.
 //!
 //! Inside a process, `contextflow` carries request context through `.await`, spawned tasks and
-//! threads by itself. Across a process boundary only what a propagator writes travels: this
-//! crate reads and writes the three things that do, as HTTP headers.
+//! threads by itself. Across a process boundary only what a propagator writes travels: the
+//! trace context, baggage and the request id. This crate is the HTTP transport; the trace
+//! model, the propagators and the carriers are `contextflow-otel`'s.
 //!
-//! - **Server**: [`PropagateContextLayer`] reads `traceparent`, `tracestate`, `baggage` and
-//!   `x-request-id` from each request, makes this service's span id, and runs the handler, the
-//!   response body and their destructors with [`TRACE_CONTEXT`], [`REQUEST_ID`] and
-//!   [`BAGGAGE`] set. It echoes the request id on the response.
-//! - **Client**: [`InjectContextLayer`] (any tower HTTP client) and `InjectContextMiddleware`
-//!   (`reqwest-middleware`, feature `reqwest`) write the current context into outgoing
-//!   requests: the same trace id, a new span id per request.
-//! - **Anywhere**: [`current_trace_id`], [`current_request_id`], [`current_baggage_value`]...
-//!   read the context from any code that runs for the request, including tasks started with
+//! - **Server**: [`PropagateContextLayer`] extracts the caller's context with the configured
+//!   propagator (OpenTelemetry's global one by default, so B3, Jaeger or Datadog work by
+//!   configuration), starts a real server span whose parent is the caller's span, and runs
+//!   the handler, the response body and their destructors inside it. It echoes the request id
+//!   on the response.
+//! - **Client**: [`InjectContextLayer`] (any tower HTTP client, tonic's channel included) and
+//!   `InjectContextMiddleware` (`reqwest-middleware`, feature `reqwest`) write the current
+//!   context into outgoing requests: the current span (or a client span of their own) as
+//!   `parent-id`.
+//! - **Anywhere**: [`current_trace_id`], [`current_span_id`], [`current_request_id`] read the
+//!   context from any code that runs for the request, including tasks started with
 //!   `contextflow::spawn`.
 //!
 //! # Server setup (axum)
@@ -25,12 +29,16 @@
 //! async fn handler() -> String {
 //!     // No request object needed: the context follows the code.
 //!     let request_id = contextflow_http::current_request_id().unwrap();
-//!     let trace_id = contextflow_http::current_trace_id().unwrap();
-//!     format!("request {request_id} in trace {trace_id}")
+//!     format!("request {request_id} in trace {:?}", contextflow_http::current_trace_id())
 //! }
 //!
 //! # #[tokio::main]
 //! # async fn main() -> std::io::Result<()> {
+//! // Install an OpenTelemetry SDK tracer provider (with an exporter) for real spans.
+//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+//!     .with_id_generator(contextflow_otel::SecureIdGenerator::default())
+//!     .build();
+//! opentelemetry::global::set_tracer_provider(provider);
 //! let app = Router::new()
 //!     .route("/", get(handler))
 //!     .layer(PropagateContextLayer::new());
@@ -77,62 +85,58 @@
 //! # drop(client);
 //! ```
 //!
-//! For other transports (message metadata, a child process's environment), use
-//! [`IncomingContext::from_headers`] and [`inject_headers`] with an [`http::HeaderMap`].
+//! For other transports that carry HTTP-style headers, use [`extract_headers`] and
+//! [`inject_headers`]; for any string-keyed metadata, `contextflow_otel::carrier`.
 //!
 //! # Headers and limits
 //!
+//! With the default propagation (no global propagator installed):
+//!
 //! | header | read as | written as | bounds |
 //! |---|---|---|---|
-//! | `traceparent` | [`TraceParent`]: version `00` exactly, future versions leniently; lower-case hex; no all-zero id; one header only | version `00`, this trace id, a new span id per outgoing request, *sampled* and *random* flags | 55 characters |
-//! | `tracestate` | [`TraceState`]: dropped whole when malformed, with a repeated key, with more than 32 members, or when `traceparent` is invalid | as received, in order | 32 members, 512 characters (members over 128 characters dropped first, then from the end) |
-//! | `baggage` | [`Baggage`]: percent-decoded values, properties kept, malformed members dropped | percent-encoded | 180 members, 8,192 bytes |
-//! | `x-request-id` | [`RequestId`]: 1 to 128 bytes of visible ASCII, else a new UUID v4 | echoed on the response (unless the handler set one) and forwarded | 128 bytes |
+//! | `traceparent` | `contextflow_otel::TraceParent`: version `00` exactly, future versions leniently; lower-case hex; no all-zero id; one header only | version `00`, the current span's id, known flags only | 55 characters |
+//! | `tracestate` | `contextflow_otel::TraceState`: the current W3C key grammar; dropped whole when malformed or with more than 32 members; a repeated key keeps its first member; dropped when `traceparent` is invalid | as received, in order | 32 members, 512 characters (members over 128 characters dropped first, then from the end) |
+//! | `baggage` | `contextflow_otel::Baggage`: values and property values percent-decoded, malformed members dropped | percent-encoded | 64 members, 8,192 bytes |
+//! | `x-request-id` | `contextflow_otel::RequestId`: 1 to 128 bytes of visible ASCII, else a new UUID v4 | echoed on the response (unless the handler set one) and forwarded | 128 bytes |
 //!
 //! # Security
 //!
 //! Headers come from the client and are untrusted. Every value is validated and bounded
 //! before it enters the context; a malformed one is dropped with a `debug` log and a fresh one
-//! made. Parsing never panics (property-tested on arbitrary bytes). Log lines never show a
-//! raw value: it is ASCII-escaped and cut to 64 bytes, and errors name the rule that failed,
-//! not the value. This crate never sets a tenant or a user, and baggage must not be used for
-//! either: they come from authenticated code only.
+//! made. Parsing never panics (property-tested). Log lines never show a raw value: it is
+//! ASCII-escaped and cut to 64 bytes, and errors name the rule that failed, not the value.
+//! This crate never sets a tenant or a user, and baggage must not be used for either: they
+//! come from authenticated code only.
 //!
 //! # Features
 //!
 //! - `reqwest` (off by default): `InjectContextMiddleware` for `reqwest-middleware`.
 //!
 //! The example `trace-context-service` implements the trace-context test harness contract:
-//! `cargo run -p contextflow-http --example trace-context-service -- --port 8080`.
+//! `cargo run -p contextflow-http --example trace-context-service -- --port 8080`; the
+//! example `grpc` runs a tonic server and client through the layers.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
-pub mod baggage;
 pub mod client;
-mod context;
-mod rand;
-pub mod request_id;
+mod headers;
 #[cfg(feature = "reqwest")]
 mod reqwest;
 pub mod server;
-pub mod trace_context;
-pub mod trace_state;
+mod spans;
 
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use crate::reqwest::InjectContextMiddleware;
 pub use crate::{
-    baggage::{Baggage, BaggageMember, InvalidBaggage, BAGGAGE_HEADER},
-    client::{InjectContext, InjectContextLayer},
-    context::{
-        current_baggage_value, current_request_id, current_span_id, current_trace_id,
-        current_traceparent, inject_headers, IncomingContext, BAGGAGE, REQUEST_ID, TRACE_CONTEXT,
+    client::{ClientFuture, InjectContext, InjectContextLayer},
+    headers::{
+        extract_headers, inject_headers, HeaderExtractor, HeaderInjector, BAGGAGE_HEADER,
+        TRACEPARENT, TRACESTATE, X_REQUEST_ID,
     },
-    request_id::{InvalidRequestId, RequestId, X_REQUEST_ID},
     server::{ContextBody, PropagateContext, PropagateContextLayer, ResponseFuture},
-    trace_context::{
-        InvalidTraceParent, SpanId, TraceContext, TraceFlags, TraceId, TraceParent, TRACEPARENT,
-    },
-    trace_state::{InvalidTraceState, TraceState, TRACESTATE},
+};
+pub use contextflow_otel::{
+    current_request_id, current_span_id, current_trace_id, RequestId, REQUEST_ID,
 };

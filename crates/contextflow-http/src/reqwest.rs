@@ -1,15 +1,23 @@
 //! A `reqwest-middleware` middleware that writes the current context into outgoing requests
 //! (feature `reqwest`).
 
+use contextflow_otel::Propagation;
 use http::Extensions;
+use opentelemetry::{propagation::TextMapPropagator, trace::SpanKind};
 use reqwest_middleware::{Middleware, Next, Result};
 
-use crate::inject_headers;
+use crate::{
+    client::client_attributes,
+    spans::{self, Spans},
+    HeaderInjector,
+};
 
-/// Writes `traceparent` (new span id, same trace id), `tracestate`, `baggage` and
-/// `x-request-id` from the current context into each request sent through a
-/// [`reqwest_middleware::ClientWithMiddleware`]; headers set on the request builder are left
-/// alone (see [`inject_headers`]).
+/// Writes the current context into each request sent through a
+/// [`reqwest_middleware::ClientWithMiddleware`], as
+/// [`InjectContextLayer`](crate::InjectContextLayer) does: what the propagation writes
+/// (`traceparent` naming the current span, `tracestate`, `baggage`) and `x-request-id`;
+/// headers set on the request builder are left alone. With a tracer, a client span per
+/// request.
 ///
 /// The context is read when the `send` future is first polled, in the task that polls it:
 /// the request's own task, or one started with `contextflow::spawn`.
@@ -23,20 +31,73 @@ use crate::inject_headers;
 ///     .build();
 /// # drop(client);
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct InjectContextMiddleware {
-    _private: (),
+    propagation: Propagation,
+    spans: Spans,
 }
 
 impl InjectContextMiddleware {
-    /// A new middleware.
+    /// A middleware with the global propagation and no client span.
     ///
     /// ```
     /// let middleware = contextflow_http::InjectContextMiddleware::new();
     /// # drop(middleware);
     /// ```
     pub fn new() -> Self {
-        InjectContextMiddleware { _private: () }
+        InjectContextMiddleware {
+            propagation: Propagation::global(),
+            spans: Spans::Off,
+        }
+    }
+
+    /// Uses `propagator` instead of the global one; the request id is written in any case.
+    ///
+    /// ```
+    /// let middleware = contextflow_http::InjectContextMiddleware::new()
+    ///     .with_propagator(contextflow_otel::TraceContextPropagator::new());
+    /// # drop(middleware);
+    /// ```
+    pub fn with_propagator<P>(mut self, propagator: P) -> Self
+    where
+        P: TextMapPropagator + Send + Sync + 'static,
+    {
+        self.propagation = Propagation::with_propagator(propagator);
+        self
+    }
+
+    /// Starts a client span with `tracer` for each request, a child of the current span.
+    ///
+    /// ```
+    /// use opentelemetry::trace::TracerProvider as _;
+    /// let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    /// let middleware = contextflow_http::InjectContextMiddleware::new().with_tracer(provider.tracer("svc"));
+    /// # drop(middleware);
+    /// ```
+    pub fn with_tracer<T>(mut self, tracer: T) -> Self
+    where
+        T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+        T::Span: Send + Sync + 'static,
+    {
+        self.spans = Spans::tracer(tracer);
+        self
+    }
+
+    /// Starts client spans with the global `TracerProvider`'s tracer.
+    ///
+    /// ```
+    /// let middleware = contextflow_http::InjectContextMiddleware::new().with_global_tracer();
+    /// # drop(middleware);
+    /// ```
+    pub fn with_global_tracer(mut self) -> Self {
+        self.spans = Spans::global();
+        self
+    }
+}
+
+impl Default for InjectContextMiddleware {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -48,7 +109,27 @@ impl Middleware for InjectContextMiddleware {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> Result<::reqwest::Response> {
-        inject_headers(req.headers_mut());
-        next.run(req, extensions).await
+        let current = contextflow_otel::current_context();
+        let span = match http::Uri::try_from(req.url().as_str()) {
+            Ok(uri) => self
+                .spans
+                .start(SpanKind::Client, req.method(), &current, |attrs| {
+                    client_attributes(&uri, attrs)
+                }),
+            Err(_) => self
+                .spans
+                .start(SpanKind::Client, req.method(), &current, |_| {}),
+        };
+        let cx = span.as_ref().unwrap_or(&current);
+        self.propagation
+            .inject(cx, &mut HeaderInjector::new(req.headers_mut()));
+        let result = next.run(req, extensions).await;
+        if let Some(span) = &span {
+            match &result {
+                Ok(res) => spans::end_with_status(span, res.status().as_u16(), SpanKind::Client),
+                Err(_) => spans::end_with_error(span, "_OTHER"),
+            }
+        }
+        result
     }
 }

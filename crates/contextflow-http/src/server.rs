@@ -1,20 +1,27 @@
-//! Server middleware: [`PropagateContextLayer`] reads the caller's context from the request and
-//! runs the whole request inside it.
+//! Server middleware: [`PropagateContextLayer`] reads the caller's context from the request,
+//! starts this service's server span, and runs the whole request inside it.
 //!
 //! For each request, [`PropagateContext`]:
 //!
-//! 1. reads `traceparent`, `tracestate`, `baggage` and `x-request-id` (see
-//!    [`IncomingContext`]); a malformed value is dropped with a `debug` log and a fresh one made;
-//! 2. makes this service's span id (a child of the caller's span, or the root of a new trace);
-//! 3. puts the request id on the request (so inner layers and logs see it) and the
-//!    [`RequestId`] and [`TraceContext`] in its extensions (for axum's `Extension` extractor);
-//! 4. binds [`TRACE_CONTEXT`](crate::TRACE_CONTEXT), [`REQUEST_ID`](crate::REQUEST_ID) and
-//!    [`BAGGAGE`](crate::BAGGAGE) for the inner service's `call`, every poll of its future, the
-//!    polling of the response body while it streams, and the drop of both;
-//! 5. echoes the request id on the response, unless the handler set one.
+//! 1. extracts the caller's context with the configured propagation (OpenTelemetry's global
+//!    propagator by default, see [`contextflow_otel::Propagation::global`]): trace context,
+//!    baggage, and the request id (`x-request-id`, or a fresh one); a malformed value is
+//!    dropped with a `debug` log;
+//! 2. starts a real *server* span whose parent is the caller's span (the remote context), with
+//!    the tracer of the global `TracerProvider` (or one given to the layer): the SDK's sampler
+//!    decides whether a new trace is sampled. With no SDK installed the span is a no-op and
+//!    the caller's span context passes through unchanged; no span id is made up;
+//! 3. puts the request id on the request (so inner layers see it) and in its extensions (for
+//!    axum's `Extension` extractor);
+//! 4. runs the inner service's `call`, every poll of its future, the polling of the response
+//!    body while it streams, and the drop of both inside the request's context: OpenTelemetry's
+//!    current context (so `tracing-opentelemetry` spans and SDK spans are children of the
+//!    server span) and contextflow's [`OTEL_CONTEXT`](contextflow_otel::OTEL_CONTEXT) and
+//!    [`REQUEST_ID`](contextflow_otel::REQUEST_ID);
+//! 5. echoes the request id on the response, unless the handler set one, and ends the span when
+//!    the body ends (or is dropped), with `http.response.status_code`.
 //!
-//! A request id or trace context that an earlier layer put in the request's extensions is used
-//! as it is.
+//! A request id that an earlier layer put in the request's extensions is used as it is.
 //!
 //! # Where it goes
 //!
@@ -90,16 +97,18 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use contextflow::{FutureExt as _, Snapshot, WithContext};
+use contextflow::Snapshot;
+use contextflow_otel::{Propagation, RequestId};
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use opentelemetry::{propagation::TextMapPropagator, trace::SpanKind, KeyValue};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{
-    context::{extract_baggage, extract_request_id, extract_trace_context},
-    IncomingContext, RequestId, TraceContext, X_REQUEST_ID,
+    spans::{self, Spans},
+    HeaderExtractor, X_REQUEST_ID,
 };
 
 /// A [`Layer`] that wraps services in [`PropagateContext`].
@@ -108,7 +117,7 @@ use crate::{
 /// use contextflow_http::PropagateContextLayer;
 /// use tower::ServiceBuilder;
 ///
-/// let layer = PropagateContextLayer::new().sample_new_traces(false);
+/// let layer = PropagateContextLayer::new();
 /// let svc = ServiceBuilder::new()
 ///     .layer(layer)
 ///     .service_fn(|_req: http::Request<String>| async {
@@ -118,7 +127,8 @@ use crate::{
 /// ```
 #[derive(Clone, Debug)]
 pub struct PropagateContextLayer {
-    sample_new_traces: bool,
+    propagation: Propagation,
+    spans: Spans,
 }
 
 /// Middleware that runs each request inside the context its headers carry (see the
@@ -143,28 +153,50 @@ pub struct PropagateContextLayer {
 #[derive(Clone, Debug)]
 pub struct PropagateContext<S> {
     inner: S,
-    sample_new_traces: bool,
+    propagation: Propagation,
+    spans: Spans,
 }
 
 pin_project! {
-    /// The response future of [`PropagateContext`]: polls the inner future inside the request's
-    /// context, then echoes the request id and wraps the body in a [`ContextBody`].
+    /// The response future of [`PropagateContext`]: polls (and drops) the inner future inside
+    /// the request's context, then echoes the request id and wraps the body in a
+    /// [`ContextBody`] that ends the server span.
     ///
     /// ```
     /// use contextflow_http::{PropagateContext, ResponseFuture};
-    /// use tower::{service_fn, Service};
+    /// use tower::{service_fn, Service, ServiceExt};
     ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let mut svc = PropagateContext::new(service_fn(|_req: http::Request<()>| async {
     ///     Ok::<_, std::convert::Infallible>(http::Response::new(()))
     /// }));
-    /// let fut = svc.call(http::Request::new(()));
-    /// let _: &ResponseFuture<_> = &fut;
+    /// let fut: ResponseFuture<_> = svc.ready().await?.call(http::Request::new(()));
+    /// let res = fut.await?;
+    /// assert_eq!(res.headers()["x-request-id"].len(), 36, "a fresh request id, echoed");
+    /// # Ok(())
+    /// # }
     /// ```
     pub struct ResponseFuture<F> {
+        // `None` once done or dropped: `Drop` replaces it inside the context.
         #[pin]
-        inner: WithContext<F>,
-        snapshot: Option<Snapshot>,
+        inner: Option<F>,
+        scope: Option<RequestScope>,
         request_id: Option<HeaderValue>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let mut inner = this.inner;
+            if let Some(scope) = this.scope.take() {
+                if inner.is_some() {
+                    scope.run(|| inner.set(None));
+                    // The client went away before the response: the span ends here.
+                    scope.end_with_error("cancelled");
+                }
+            }
+        }
     }
 }
 
@@ -172,7 +204,8 @@ pin_project! {
     /// A response body polled, and dropped, inside a captured context.
     ///
     /// [`PropagateContext`] wraps every response body in one, so a streaming body (server-sent
-    /// events, a large download produced on the fly) sees the request's context.
+    /// events, a large download produced on the fly) sees the request's context; the server
+    /// span ends when the body ends or is dropped.
     ///
     /// ```
     /// use contextflow::Snapshot;
@@ -187,8 +220,9 @@ pin_project! {
     /// # }
     /// ```
     pub struct ContextBody<B> {
-        snapshot: Snapshot,
-        // `None` only once dropped: `Drop` replaces it inside the snapshot.
+        scope: RequestScope,
+        status: u16,
+        // `None` only once dropped: `Drop` replaces it inside the context.
         #[pin]
         inner: Option<B>,
     }
@@ -197,15 +231,26 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             let mut inner = this.inner;
-            this.snapshot.run(|| inner.set(None));
+            this.scope.run(|| inner.set(None));
+            this.scope.end(*this.status);
         }
     }
+}
+
+/// The context a request runs in: contextflow's frame, OpenTelemetry's context, and whether
+/// the layer owns the span in it (and so ends it).
+#[derive(Clone)]
+struct RequestScope {
+    frame: Snapshot,
+    cx: Option<opentelemetry::Context>,
+    owns_span: bool,
 }
 
 // ===== impl PropagateContextLayer =====
 
 impl PropagateContextLayer {
-    /// A layer whose new traces (when the caller sent no valid `traceparent`) are sampled.
+    /// A layer with the global propagation ([`Propagation::global`]) and server spans from the
+    /// global `TracerProvider` (read at the first request).
     ///
     /// ```
     /// let layer = contextflow_http::PropagateContextLayer::new();
@@ -213,19 +258,53 @@ impl PropagateContextLayer {
     /// ```
     pub fn new() -> Self {
         PropagateContextLayer {
-            sample_new_traces: true,
+            propagation: Propagation::global(),
+            spans: Spans::global(),
         }
     }
 
-    /// Sets the *sampled* flag of the traces this service starts (default `true`). A
-    /// continued trace keeps the caller's flags.
+    /// Uses `propagator` to read the trace context (B3, Jaeger, Datadog, a composite...)
+    /// instead of the global one; the request id is read in any case.
     ///
     /// ```
-    /// let layer = contextflow_http::PropagateContextLayer::new().sample_new_traces(false);
+    /// use contextflow_http::PropagateContextLayer;
+    /// let layer = PropagateContextLayer::new()
+    ///     .with_propagator(contextflow_otel::TraceContextPropagator::new());
     /// # drop(layer);
     /// ```
-    pub fn sample_new_traces(mut self, sampled: bool) -> Self {
-        self.sample_new_traces = sampled;
+    pub fn with_propagator<P>(mut self, propagator: P) -> Self
+    where
+        P: TextMapPropagator + Send + Sync + 'static,
+    {
+        self.propagation = Propagation::with_propagator(propagator);
+        self
+    }
+
+    /// Starts server spans with `tracer` instead of the global provider's.
+    ///
+    /// ```
+    /// use opentelemetry::trace::TracerProvider as _;
+    /// let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    /// let layer = contextflow_http::PropagateContextLayer::new().with_tracer(provider.tracer("svc"));
+    /// # drop(layer);
+    /// ```
+    pub fn with_tracer<T>(mut self, tracer: T) -> Self
+    where
+        T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+        T::Span: Send + Sync + 'static,
+    {
+        self.spans = Spans::tracer(tracer);
+        self
+    }
+
+    /// Starts no span: the handler runs in the caller's (remote) context as extracted.
+    ///
+    /// ```
+    /// let layer = contextflow_http::PropagateContextLayer::new().without_spans();
+    /// # drop(layer);
+    /// ```
+    pub fn without_spans(mut self) -> Self {
+        self.spans = Spans::Off;
         self
     }
 }
@@ -242,7 +321,8 @@ impl<S> Layer<S> for PropagateContextLayer {
     fn layer(&self, inner: S) -> Self::Service {
         PropagateContext {
             inner,
-            sample_new_traces: self.sample_new_traces,
+            propagation: self.propagation.clone(),
+            spans: self.spans.clone(),
         }
     }
 }
@@ -317,30 +397,53 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let trace_context = match req.extensions().get::<TraceContext>() {
-            Some(set_earlier) => set_earlier.clone(),
-            None => extract_trace_context(req.headers(), self.sample_new_traces),
-        };
-        let request_id = match req.extensions().get::<RequestId>() {
-            Some(set_earlier) => set_earlier.clone(),
-            None => extract_request_id(req.headers()),
-        };
-        let baggage = extract_baggage(req.headers());
-
-        let id_value = request_id.header_value().clone();
-        if req.headers().get(X_REQUEST_ID) != Some(&id_value) {
-            // Missing, malformed, repeated, or not what an earlier layer chose: one clean value.
-            req.headers_mut().insert(X_REQUEST_ID, id_value.clone());
+        let mut cx = self.propagation.extract(&HeaderExtractor(req.headers()));
+        if let Some(set_earlier) = req.extensions().get::<RequestId>() {
+            cx = cx.with_value(set_earlier.clone());
         }
-        req.extensions_mut().insert(request_id.clone());
-        req.extensions_mut().insert(trace_context.clone());
+        let request_id = cx
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(RequestId::new);
 
-        let snapshot = IncomingContext::new(trace_context, request_id, baggage).into_snapshot();
+        let incoming = req.headers().get(X_REQUEST_ID);
+        let id_value = match incoming {
+            Some(value) if value.as_bytes() == request_id.as_str().as_bytes() => value.clone(),
+            _ => {
+                // Missing, malformed, repeated, or not what an earlier layer chose: one clean
+                // value. A request id is visible ASCII, so it is a valid header value.
+                let value = HeaderValue::from_str(request_id.as_str())
+                    .unwrap_or_else(|_| HeaderValue::from_static("-"));
+                req.headers_mut().insert(X_REQUEST_ID, value.clone());
+                value
+            }
+        };
+        req.extensions_mut().insert(request_id);
+
+        let span_cx = self
+            .spans
+            .start(SpanKind::Server, req.method(), &cx, |attrs| {
+                attrs.push(KeyValue::new("url.path", req.uri().path().to_owned()));
+                if let Some(scheme) = req.uri().scheme_str() {
+                    attrs.push(KeyValue::new("url.scheme", scheme.to_owned()));
+                }
+                attrs.push(KeyValue::new(
+                    "network.protocol.version",
+                    protocol_version(req.version()),
+                ));
+            });
+        let owns_span = span_cx.is_some();
+        let cx = span_cx.unwrap_or(cx);
+        let scope = RequestScope {
+            frame: contextflow_otel::snapshot_with(&cx),
+            cx: Some(cx),
+            owns_span,
+        };
         // `call` itself runs in the context too: layers such as `TraceLayer` make their span here.
-        let inner = snapshot.run(|| self.inner.call(req));
+        let inner = scope.run(|| self.inner.call(req));
         ResponseFuture {
-            inner: inner.with_snapshot(snapshot.clone()),
-            snapshot: Some(snapshot),
+            inner: Some(inner),
+            scope: Some(scope),
             request_id: Some(id_value),
         }
     }
@@ -355,18 +458,36 @@ where
     type Output = Result<Response<ContextBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        // Taken once, when the inner future completes; a future is not polled again after that.
-        let snapshot = this.snapshot.take().unwrap_or_else(Snapshot::empty);
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            panic!("ResponseFuture polled after completion");
+        };
+        let result = match this.scope.as_ref() {
+            Some(scope) => ready!(scope.run(|| inner.poll(cx))),
+            None => ready!(inner.poll(cx)),
+        };
+        // The inner future is done: drop it now, inside the context.
+        let scope = this.scope.take().unwrap_or_else(RequestScope::empty);
+        scope.run(|| this.inner.set(None));
         let request_id = this.request_id.take();
-        Poll::Ready(result.map(|mut res| {
-            if let Some(id) = request_id {
-                // Never override a request id the handler chose.
-                res.headers_mut().entry(X_REQUEST_ID).or_insert(id);
+        Poll::Ready(match result {
+            Ok(mut res) => {
+                if let Some(id) = request_id {
+                    // Never override a request id the handler chose.
+                    res.headers_mut().entry(X_REQUEST_ID).or_insert(id);
+                }
+                let status = res.status().as_u16();
+                Ok(res.map(|body| ContextBody {
+                    scope,
+                    status,
+                    inner: Some(body),
+                }))
             }
-            res.map(|body| ContextBody::new(body, snapshot))
-        }))
+            Err(err) => {
+                scope.end_with_error("_OTHER");
+                Err(err)
+            }
+        })
     }
 }
 
@@ -383,12 +504,22 @@ impl<B> ContextBody<B> {
     ///
     /// ```
     /// use contextflow::Snapshot;
-    /// let body = contextflow_http::ContextBody::new(String::new(), Snapshot::empty());
-    /// assert_eq!(body.get_ref().map(String::len), Some(0));
+    /// use contextflow_otel::{RequestId, REQUEST_ID};
+    /// let id: RequestId = "r-1".parse()?;
+    /// let body = REQUEST_ID.sync_scope(id, || {
+    ///     contextflow_http::ContextBody::new(String::new(), Snapshot::capture())
+    /// });
+    /// assert_eq!(body.snapshot().get(&REQUEST_ID).unwrap().as_str(), "r-1");
+    /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
     /// ```
     pub fn new(body: B, snapshot: Snapshot) -> Self {
         ContextBody {
-            snapshot,
+            scope: RequestScope {
+                frame: snapshot,
+                cx: None,
+                owns_span: false,
+            },
+            status: 0,
             inner: Some(body),
         }
     }
@@ -412,7 +543,7 @@ impl<B> ContextBody<B> {
     /// assert!(body.snapshot().is_empty());
     /// ```
     pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
+        &self.scope.frame
     }
 }
 
@@ -425,22 +556,28 @@ impl<B: Body> Body for ContextBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        match this.inner.as_pin_mut() {
-            Some(inner) => this.snapshot.run(|| inner.poll_frame(cx)),
-            None => Poll::Ready(None),
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(this.scope.run(|| inner.poll_frame(cx)));
+        match &frame {
+            None => this.scope.end(*this.status),
+            Some(Err(_)) => this.scope.end_error_ref("body"),
+            Some(Ok(_)) => {}
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Some(inner) => self.snapshot.run(|| inner.is_end_stream()),
+            Some(inner) => self.scope.run(|| inner.is_end_stream()),
             None => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Some(inner) => self.snapshot.run(|| inner.size_hint()),
+            Some(inner) => self.scope.run(|| inner.size_hint()),
             None => SizeHint::with_exact(0),
         }
     }
@@ -449,7 +586,65 @@ impl<B: Body> Body for ContextBody<B> {
 impl<B> fmt::Debug for ContextBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ContextBody")
-            .field("snapshot", &self.snapshot)
+            .field("snapshot", &self.scope.frame)
             .finish_non_exhaustive()
+    }
+}
+
+// ===== impl RequestScope =====
+
+impl RequestScope {
+    fn empty() -> Self {
+        RequestScope {
+            frame: Snapshot::empty(),
+            cx: None,
+            owns_span: false,
+        }
+    }
+
+    /// Runs `f` in the request's frame with its OpenTelemetry context attached (inside the
+    /// frame, so it wins over a context that a registered carrier restores with the frame).
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.frame.run(|| match &self.cx {
+            Some(cx) => {
+                let _attached = cx.clone().attach();
+                f()
+            }
+            None => f(),
+        })
+    }
+
+    /// Ends the server span (once) with the response status.
+    fn end(&mut self, status: u16) {
+        if self.owns_span {
+            self.owns_span = false;
+            if let Some(cx) = &self.cx {
+                spans::end_with_status(cx, status, SpanKind::Server);
+            }
+        }
+    }
+
+    /// Ends the server span (once) as failed.
+    fn end_with_error(mut self, error_type: &'static str) {
+        self.end_error_ref(error_type)
+    }
+
+    fn end_error_ref(&mut self, error_type: &'static str) {
+        if self.owns_span {
+            self.owns_span = false;
+            if let Some(cx) = &self.cx {
+                spans::end_with_error(cx, error_type);
+            }
+        }
+    }
+}
+
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
     }
 }

@@ -1,42 +1,50 @@
-//! `opentelemetry::Context` carried in contextflow's frame and across contextflow spawns;
-//! trace id and span id accessors; requests that continue a remote trace.
+//! The trace model of contextflow: OpenTelemetry's [`Context`] carried in contextflow's frame
+//! and across contextflow spawns; the propagators that decide what crosses a process boundary
+//! (W3C trace context, W3C baggage, the request id); and the carrier abstraction transports
+//! use to read and write them.
 //!
-//! OpenTelemetry keeps its own thread-local "current [`Context`]", which a plain
-//! `tokio::spawn` loses and which a future only keeps when wrapped in `with_context`. This
-//! crate makes it agree with contextflow:
+//! The trace in the frame *is* OpenTelemetry's: one model, so spans of every library
+//! (the OpenTelemetry SDK, `tracing-opentelemetry`, contextflow's HTTP and gRPC layers) join
+//! one connected trace, with no glue.
 //!
+//! - [`scope`] / [`sync_scope`] run code inside a `Context`, both as OpenTelemetry's current
+//!   context (attached on every poll) and as contextflow variables ([`OTEL_CONTEXT`], and
+//!   [`REQUEST_ID`] when the context holds a [`RequestId`]), so it is visible to
+//!   [`Snapshot`]s and can be a log field.
 //! - [`carry_context`] registers [`ContextCarrier`], so that `contextflow::spawn`,
 //!   `spawn_blocking`, `contextflow::thread::spawn` and `in_current_context` capture
 //!   [`Context::current`] and attach it around every poll of the child.
-//! - [`scope`] / [`sync_scope`] run code inside a `Context`, both as OpenTelemetry's current
-//!   context (attached on every poll) and as a contextflow variable ([`OTEL_CONTEXT`]), so it is
-//!   visible to [`Snapshot`](contextflow::Snapshot)s and can be a log field.
-//! - [`in_remote_context`] runs a request under the `SpanContext` extracted from its incoming
-//!   headers (for instance by `contextflow-http` or an OpenTelemetry propagator): every span
-//!   started inside, with the OpenTelemetry API or through `tracing-opentelemetry`, is a child
-//!   of the remote parent and shares its trace id.
-//! - [`current_trace_id`] and [`current_span_id`] read the innermost context.
+//! - Propagation ([`propagation`]): [`TraceContextPropagator`], [`BaggagePropagator`] and
+//!   [`RequestIdPropagator`] are OpenTelemetry `TextMapPropagator`s, composable with B3,
+//!   Jaeger or Datadog ones; [`Propagation`] is what transports use (the global propagator by
+//!   default); [`extract`] and [`inject`] are the one-line forms.
+//! - Carriers ([`carrier`]): [`carrier::Pairs`] and [`carrier::InjectFn`] make any
+//!   string-keyed metadata (message headers, an environment) an `Extractor` or `Injector`.
+//! - [`current_trace_id`], [`current_span_id`], [`current_request_id`] read the innermost
+//!   context; ids come from a cryptographically secure generator ([`new_trace_id`],
+//!   [`RequestId::new`], and [`SecureIdGenerator`] for the SDK with feature `sdk`).
 //!
 //! ```
-//! use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+//! use contextflow_otel::carrier::Pairs;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! contextflow_otel::carry_context();
 //!
-//! // What a server middleware extracts from `traceparent`:
-//! let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
-//! let parent = SpanContext::new(
-//!     trace_id,
-//!     SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-//!     TraceFlags::SAMPLED,
-//!     true,
-//!     TraceState::default(),
-//! );
-//! contextflow_otel::in_remote_context(parent, async move {
-//!     assert_eq!(contextflow_otel::current_trace_id(), Some(trace_id));
+//! // What arrives with a message or a request:
+//! let cx = contextflow_otel::extract(&Pairs::new([
+//!     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+//!     ("x-request-id", "req-1"),
+//! ]));
+//! contextflow_otel::scope(cx, async {
+//!     let trace_id = contextflow_otel::current_trace_id().unwrap();
+//!     assert_eq!(trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
 //!     // Spawned children see it too, with no `.with_current_context()`.
-//!     let child = contextflow::spawn(async { contextflow_otel::current_trace_id() });
-//!     assert_eq!(child.await.unwrap(), Some(trace_id));
+//!     let child = contextflow::spawn(async {
+//!         (contextflow_otel::current_trace_id(), contextflow_otel::current_request_id())
+//!     });
+//!     let (child_trace, child_request) = child.await.unwrap();
+//!     assert_eq!(child_trace, Some(trace_id));
+//!     assert_eq!(child_request.unwrap().as_str(), "req-1");
 //! })
 //! .await;
 //! assert_eq!(contextflow_otel::current_trace_id(), None);
@@ -45,17 +53,17 @@
 //!
 //! # Trace id in every log line
 //!
-//! [`OTEL_CONTEXT`] holds an [`OtelContext`] whose `Display` is the trace id, so it can be
-//! declared as a log field with `contextflow-tracing`
+//! [`OTEL_CONTEXT`] holds an [`OtelContext`] whose `Display` is the trace id, and
+//! [`REQUEST_ID`] a [`RequestId`], so both can be log fields with `contextflow-tracing`
 //! (`ContextFields::new().field("trace_id", &contextflow_otel::OTEL_CONTEXT)`).
 //!
 //! # With `tracing-opentelemetry`
 //!
 //! `tracing-opentelemetry` starts a root tracing span under `Context::current()`; inside
-//! [`in_remote_context`] (and in children spawned through contextflow with the carrier
-//! registered) that is the request's context, so tracing spans join the request's trace. With
-//! its default context activation, entering a tracing span makes its OpenTelemetry context
-//! current, so [`current_span_id`] returns that span's id.
+//! [`scope`] (and in children spawned through contextflow with the carrier registered) that is
+//! the request's context, so tracing spans join the request's trace. With its default context
+//! activation, entering a tracing span makes its OpenTelemetry context current, so
+//! [`current_span_id`], and the client layers' `parent-id`, are that span's.
 //!
 //! # Cost
 //!
@@ -63,23 +71,46 @@
 //! reference counts) and each poll of the child attaches it (OpenTelemetry's own cost,
 //! as with `with_context`). Nothing is done for spawns when the carrier is not registered.
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
+
+pub mod baggage;
+pub mod carrier;
+mod ids;
+pub mod propagation;
+pub mod request_id;
+pub mod traceparent;
+pub mod tracestate;
 
 use std::{fmt, future::Future};
 
 use contextflow::{
     carry::{self, Carrier},
-    AsyncLocal,
+    AsyncLocal, FutureExt as _, Snapshot,
 };
 use opentelemetry::{
-    context::{FutureExt as _, WithContext},
+    context::WithContext,
     trace::{SpanContext, SpanId, TraceContextExt, TraceId},
     Context,
 };
 
+#[cfg(feature = "sdk")]
+pub use crate::ids::SecureIdGenerator;
+pub use crate::{
+    baggage::{Baggage, BaggageMember, InvalidBaggage, BAGGAGE},
+    ids::{new_span_id, new_trace_id},
+    propagation::{
+        default_propagator, extract, inject, BaggagePropagator, Propagation, RequestIdPropagator,
+        TraceContextPropagator,
+    },
+    request_id::{InvalidRequestId, RequestId, X_REQUEST_ID},
+    traceparent::{InvalidTraceParent, TraceParent, RANDOM_TRACE_ID, TRACEPARENT},
+    tracestate::{InvalidTraceState, TraceState, TRACESTATE},
+};
+
 /// The request's OpenTelemetry context as a contextflow variable; set by [`scope`],
-/// [`sync_scope`] and [`in_remote_context`]. Its value displays as the trace id, so it can be
-/// a log field.
+/// [`sync_scope`], [`in_remote_context`] and the server layers. Its value displays as the
+/// trace id, so it can be a log field.
 ///
 /// ```
 /// use opentelemetry::{trace::TraceContextExt, Context};
@@ -94,6 +125,20 @@ use opentelemetry::{
 /// });
 /// ```
 pub static OTEL_CONTEXT: AsyncLocal<OtelContext> = AsyncLocal::named("otel.context");
+
+/// The request id of the current request; set by [`scope`] and [`sync_scope`] from a context
+/// holding a [`RequestId`] (as [`extract`] makes), and by the server layers.
+///
+/// ```
+/// use contextflow_otel::{RequestId, REQUEST_ID};
+///
+/// let id: RequestId = "req-1".parse()?;
+/// REQUEST_ID.sync_scope(id, || {
+///     assert_eq!(contextflow_otel::current_request_id().unwrap().as_str(), "req-1");
+/// });
+/// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+/// ```
+pub static REQUEST_ID: AsyncLocal<RequestId> = AsyncLocal::named("request_id");
 
 /// An OpenTelemetry [`Context`] stored in [`OTEL_CONTEXT`]; displays as its span's trace id
 /// (32 hex digits, all zeros when the context has no span).
@@ -110,7 +155,8 @@ pub struct OtelContext {
 }
 
 /// The future returned by [`scope`] and [`in_remote_context`]: `Send` when `F` is, and
-/// nameable, for middleware that stores it in a response future.
+/// nameable, for middleware that stores it in a response future. It runs in the frame
+/// captured when it was made, plus the context's variables.
 ///
 /// ```
 /// use contextflow_otel::OtelScope;
@@ -125,7 +171,7 @@ pub struct OtelContext {
 /// fn assert_send<T: Send>(_: &T) {}
 /// assert_send(&f.inner);
 /// ```
-pub type OtelScope<F> = contextflow::Scope<OtelContext, WithContext<F>>;
+pub type OtelScope<F> = contextflow::WithContext<WithContext<F>>;
 
 /// A [`Carrier`] for OpenTelemetry's current [`Context`]: contextflow spawns capture
 /// [`Context::current`] and attach it around every poll of the child. Register it with
@@ -243,7 +289,8 @@ pub fn carry_context() -> bool {
 // ===== scopes =====
 
 /// Runs `fut` inside `cx`: attached as OpenTelemetry's current context around every poll, and
-/// bound to [`OTEL_CONTEXT`].
+/// bound to [`OTEL_CONTEXT`] (and to [`REQUEST_ID`] when `cx` holds a [`RequestId`]), on top
+/// of the frame current when `scope` is called.
 ///
 /// ```
 /// use opentelemetry::{Context, KeyValue, baggage::BaggageExt};
@@ -258,11 +305,39 @@ pub fn carry_context() -> bool {
 /// # }
 /// ```
 pub fn scope<F: Future>(cx: Context, fut: F) -> OtelScope<F> {
-    OTEL_CONTEXT.scope(OtelContext::new(cx.clone()), fut.with_context(cx))
+    let frame = bind(&cx, Snapshot::capture);
+    // `opentelemetry`'s `with_context` attaches on every poll; contextflow's restores the frame.
+    opentelemetry::context::FutureExt::with_context(fut, cx).with_snapshot(frame)
+}
+
+/// Runs `f` with [`OTEL_CONTEXT`] (and [`REQUEST_ID`], when `cx` holds one) bound to `cx`'s.
+/// The OpenTelemetry context itself is not attached.
+pub(crate) fn bind<R>(cx: &Context, f: impl FnOnce() -> R) -> R {
+    OTEL_CONTEXT.sync_scope(OtelContext::new(cx.clone()), || {
+        match cx.get::<RequestId>() {
+            Some(id) => REQUEST_ID.sync_scope(id.clone(), f),
+            None => f(),
+        }
+    })
+}
+
+/// A [`Snapshot`] of the current frame with `cx` bound as by [`scope`] (without attaching
+/// it: pair it with `cx` where OpenTelemetry's current context must follow, as the server
+/// layers do).
+///
+/// ```
+/// use contextflow_otel::{carrier::Pairs, REQUEST_ID};
+/// let cx = contextflow_otel::extract(&Pairs::new([("x-request-id", "r-5")]));
+/// let snapshot = contextflow_otel::snapshot_with(&cx);
+/// assert_eq!(snapshot.get(&REQUEST_ID).unwrap().as_str(), "r-5");
+/// ```
+pub fn snapshot_with(cx: &Context) -> Snapshot {
+    bind(cx, Snapshot::capture)
 }
 
 /// Runs `f` inside `cx`: attached as OpenTelemetry's current context and bound to
-/// [`OTEL_CONTEXT`], both restored when `f` returns or panics.
+/// [`OTEL_CONTEXT`] (and [`REQUEST_ID`] when `cx` holds one), all restored when `f` returns or
+/// panics.
 ///
 /// ```
 /// use opentelemetry::{Context, trace::TraceContextExt};
@@ -275,7 +350,7 @@ pub fn scope<F: Future>(cx: Context, fut: F) -> OtelScope<F> {
 /// assert_eq!(id, Some(2u64.into()));
 /// ```
 pub fn sync_scope<R>(cx: Context, f: impl FnOnce() -> R) -> R {
-    OTEL_CONTEXT.sync_scope(OtelContext::new(cx.clone()), || {
+    bind(&cx.clone(), || {
         let _attached = cx.attach();
         f()
     })
@@ -334,6 +409,15 @@ pub fn current_context() -> Context {
     OTEL_CONTEXT
         .with(|cx| cx.map(|cx| cx.cx.clone()))
         .unwrap_or_else(Context::current)
+}
+
+/// The current request id, if one is set.
+///
+/// ```
+/// assert!(contextflow_otel::current_request_id().is_none());
+/// ```
+pub fn current_request_id() -> Option<RequestId> {
+    REQUEST_ID.get()
 }
 
 /// The trace id of the innermost valid span (see [`current_context`]); `None` outside any

@@ -1,5 +1,7 @@
 //! End to end on loopback: a client calls service A, which calls service B through the client
-//! middleware. One trace id, a fresh span id per hop, the baggage and the request id kept.
+//! middleware. One trace id, the baggage and the request id kept. No SDK is installed in this
+//! binary, so no span id is made: each hop passes the caller's span on (tests/spans.rs checks
+//! real spans).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -8,7 +10,8 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use contextflow_http::{InjectContextMiddleware, PropagateContextLayer, BAGGAGE, TRACE_CONTEXT};
+use contextflow_http::{InjectContextMiddleware, PropagateContextLayer};
+use opentelemetry::trace::TraceContextExt as _;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use serde::{Deserialize, Serialize};
 
@@ -17,20 +20,23 @@ use serde::{Deserialize, Serialize};
 struct Seen {
     trace_id: String,
     span_id: String,
-    parent_span_id: Option<String>,
     request_id: String,
     baggage: String,
 }
 
 impl Seen {
     fn current() -> Seen {
-        let ctx = TRACE_CONTEXT.get().expect("trace context set by the layer");
+        let cx = contextflow_otel::current_context();
+        let span = cx.span();
+        let sc = span.span_context();
         Seen {
-            trace_id: ctx.trace_id().to_string(),
-            span_id: ctx.span_id().to_string(),
-            parent_span_id: ctx.parent_span_id().map(|id| id.to_string()),
+            trace_id: sc.trace_id().to_string(),
+            span_id: sc.span_id().to_string(),
             request_id: contextflow_http::current_request_id().unwrap().to_string(),
-            baggage: BAGGAGE.get().unwrap().to_string(),
+            baggage: contextflow_otel::Baggage::from_otel(
+                opentelemetry::baggage::BaggageExt::baggage(&cx),
+            )
+            .to_string(),
         }
     }
 }
@@ -118,16 +124,13 @@ fn check(hops: &Hops, trace_id: &str, request_id: &str, baggage: &str) {
     for seen in [&hops.a, &hops.b] {
         assert_eq!(seen.trace_id, trace_id, "one trace id");
         assert_eq!(seen.request_id, request_id, "request id kept");
-        assert_eq!(seen.baggage, baggage, "baggage kept");
+        let mut want: Vec<&str> = baggage.split(',').collect();
+        let mut got: Vec<&str> = seen.baggage.split(',').collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want, "baggage kept");
+        assert_eq!(seen.span_id, "00f067aa0ba902b7", "no span made up");
     }
-    assert_eq!(hops.a.parent_span_id.as_deref(), Some("00f067aa0ba902b7"));
-    let b_parent = hops.b.parent_span_id.as_deref().unwrap();
-    assert_ne!(b_parent, "00f067aa0ba902b7", "A's call has its own span id");
-    assert_ne!(
-        b_parent, hops.a.span_id,
-        "a new span id for the outgoing call"
-    );
-    assert_ne!(hops.a.span_id, hops.b.span_id, "a fresh span id per hop");
 }
 
 async fn one_request_through_two_services() {
@@ -176,12 +179,12 @@ async fn a_thousand_concurrent_requests_never_mix_contexts() {
             let baggage = format!("n={i},user=u{i}");
             let hops = call_a(&http, a_addr, &trace_id, &request_id, &baggage, i % 2 == 1).await;
             check(&hops, &trace_id, &request_id, &baggage);
-            hops.b.span_id
+            hops.b.request_id
         });
     }
-    let mut span_ids = std::collections::HashSet::new();
-    while let Some(span_id) = tasks.join_next().await {
-        span_ids.insert(span_id.unwrap());
+    let mut ids = std::collections::HashSet::new();
+    while let Some(id) = tasks.join_next().await {
+        ids.insert(id.unwrap());
     }
-    assert_eq!(span_ids.len(), REQUESTS, "every hop made its own span id");
+    assert_eq!(ids.len(), REQUESTS, "every request kept its own id");
 }

@@ -5,7 +5,6 @@ use std::sync::{
     Arc, Mutex,
 };
 
-use contextflow_http::IncomingContext;
 use http::{HeaderMap, HeaderValue};
 use tracing::{
     field::{Field, Visit},
@@ -49,7 +48,7 @@ impl Subscriber for Capture {
 fn logs_for(headers: &HeaderMap) -> Vec<(tracing::Level, String)> {
     let capture = Capture::default();
     tracing::subscriber::with_default(capture.clone(), || {
-        IncomingContext::from_headers(headers);
+        contextflow_http::extract_headers(headers);
     });
     let events = capture.events.lock().unwrap().clone();
     events
@@ -77,16 +76,14 @@ fn malformed_values_are_logged_escaped_and_cut() {
         assert!(text.is_ascii(), "no raw byte reaches the log: {text}");
     }
     let all = events.iter().map(|(_, t)| t.as_str()).collect::<String>();
-    assert!(
-        all.contains(r#"00-\xff\xfe\"injected\" level=error"#),
-        "{all}"
-    );
+    // A header value that is not visible ASCII reaches the propagators as "\0".
+    assert!(!all.contains("injected"), "{all}");
     assert!(
         all.contains("... (300 bytes)"),
         "long values are cut: {all}"
     );
     assert!(!all.contains(&"r".repeat(65)), "{all}");
-    assert!(all.contains(r"bad key=\xc3\xa9"), "{all}");
+    assert!(all.contains("dropped=1"), "{all}");
     assert!(all.contains("reason=invalid traceparent"), "{all}");
 }
 

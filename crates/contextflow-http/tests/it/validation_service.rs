@@ -6,7 +6,7 @@ use std::{
 };
 
 use axum::{extract::State, http::HeaderMap, routing::post, Json, Router};
-use contextflow_http::TraceParent;
+use contextflow_otel::TraceParent;
 
 #[allow(dead_code)] // `main` is the example's entry point, unused here.
 #[path = "../../examples/trace-context-service.rs"]
@@ -42,7 +42,8 @@ async fn serve(app: Router) -> SocketAddr {
 
 async fn drive_the_service() {
     let (harness_addr, received) = harness().await;
-    let service_addr = serve(service::app(service::client())).await;
+    let tracer = service::tracer();
+    let service_addr = serve(service::app(service::client(tracer.clone()), tracer)).await;
     let cases = serde_json::json!([
         { "url": format!("http://{harness_addr}/callback/first"), "arguments": [1, 2] },
         { "url": format!("http://{harness_addr}/callback/second"), "arguments": [] },

@@ -11,7 +11,6 @@ use tokio::task::JoinSet;
 
 use super::progress::Progress;
 use crate::{
-    context::TraceContext,
     http::auth::DEMO_TOKENS,
     service::{NewOrder, NewOrderItem},
 };
@@ -77,13 +76,14 @@ pub(crate) async fn run(
         while next < orders && set.len() < concurrency.max(1) {
             let (token, tenant) = DEMO_TOKENS[next % DEMO_TOKENS.len()];
             let request_id = request_id(run_id, next);
-            let trace = TraceContext::new_trace(true);
+            let trace_id = contextflow_otel::new_trace_id();
+            let traceparent = format!("00-{trace_id}-{}-01", contextflow_otel::new_span_id());
             let order = order(run_id, next);
             load.expected.insert(
                 request_id.clone(),
                 Expected {
                     reference: order.reference.clone(),
-                    trace_id: trace.trace_id().to_string(),
+                    trace_id: trace_id.to_string(),
                     tenant: tenant.to_string(),
                 },
             );
@@ -91,7 +91,7 @@ pub(crate) async fn run(
                 .post(&url)
                 .header("authorization", format!("Bearer {token}"))
                 .header("x-request-id", &request_id)
-                .header("traceparent", trace.traceparent().to_header_value())
+                .header("traceparent", traceparent)
                 .json(&order);
             set.spawn(async move {
                 let sent = Instant::now();

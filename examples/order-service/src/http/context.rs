@@ -1,11 +1,9 @@
 //! The request span: `contextflow-http`'s `PropagateContextLayer` (outside this) has bound the
-//! request id and trace context; this middleware binds the OpenTelemetry context (the trace id log field), opens the
+//! request id and the OpenTelemetry context (the trace id log field); this middleware opens the
 //! `http.request` span every line of the request nests under, and logs its start and end.
 
 use axum::{extract::Request, middleware::Next, response::Response};
 use tracing::{info, Instrument as _};
-
-use crate::context::with_otel_context;
 
 /// Middleware for the order service's own routes.
 pub async fn orders_request_span(req: Request, next: Next) -> Response {
@@ -27,5 +25,5 @@ async fn request_span(service: &'static str, req: Request, next: Next) -> Respon
         info!(status = response.status().as_u16(), "request finished");
         response
     };
-    with_otel_context(handle.instrument(span)).await
+    handle.instrument(span).await
 }

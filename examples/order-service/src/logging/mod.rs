@@ -186,7 +186,7 @@ impl io::Write for SinkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{with_otel_context, RequestId, TenantId, TraceContext, TRACE_CONTEXT};
+    use crate::context::TenantId;
 
     fn subscriber(format: LogFormat, sink: LogSink) -> impl tracing::Subscriber + Send + Sync {
         tracing_subscriber::registry().with(fmt_layer(format, sink))
@@ -196,8 +196,8 @@ mod tests {
     fn lines_carry_the_context_and_escape_untrusted_values() {
         for format in [LogFormat::Text, LogFormat::Json] {
             let capture = LogSink::new();
-            let trace = TraceContext::new_trace(true);
-            let id: RequestId = "req-7".parse().unwrap();
+            let trace_id = contextflow_otel::new_trace_id().to_string();
+            let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
             let _default = tracing::subscriber::set_default(subscriber(format, capture.clone()));
             let request = async {
                 // A tenant name with a line break and a forged prefix.
@@ -206,14 +206,14 @@ mod tests {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();
-            runtime.block_on(REQUEST_ID.scope(
-                id,
-                TRACE_CONTEXT.scope(trace.clone(), with_otel_context(request)),
-            ));
+            let cx = contextflow_otel::extract(&contextflow_otel::carrier::Pairs::new([
+                ("traceparent", traceparent.as_str()),
+                ("x-request-id", "req-7"),
+            ]));
+            runtime.block_on(contextflow_otel::scope(cx, request));
             tracing::info!("outside");
             let lines = capture.lines();
             assert_eq!(lines.len(), 2, "{format:?}: {lines:?}");
-            let trace_id = trace.trace_id().to_string();
             match format {
                 LogFormat::Text => {
                     let want = format!("[req-7 trace_id={trace_id} tenant=\"acme\\n[req-8] x\"] ");

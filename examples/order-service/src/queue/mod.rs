@@ -4,7 +4,7 @@
 //! `contextflow_http::inject_headers` (`traceparent` with a fresh span id, `x-request-id`,
 //! `baggage`), exactly as for an HTTP call. The consumer task, started at start-up with an
 //! empty context (it belongs to no request), runs each message's handler inside
-//! `contextflow_http::IncomingContext::from_headers(..)`: its log lines carry the publishing
+//! `contextflow_http::extract_headers(..)`: its log lines carry the publishing
 //! request's id and trace id. The tenant does *not* cross: message metadata is input, and
 //! input never sets the tenant; the handler reads the order's tenant from the payload as data.
 //!
@@ -16,15 +16,12 @@ use std::sync::{
 };
 
 use axum::http::HeaderMap;
-use contextflow_http::IncomingContext;
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc, Notify},
     task::JoinHandle,
 };
 use tracing::{info, warn, Instrument as _};
-
-use crate::context::with_otel_context;
 
 /// The topic the confirmation job publishes to.
 pub const ORDER_CONFIRMED: &str = "order.confirmed";
@@ -75,12 +72,9 @@ impl Queue {
         // takes each message's context from its headers.
         let consumer = contextflow::spawn_without_context(async move {
             while let Some(message) = receiver.recv().await {
-                let incoming = IncomingContext::from_headers(&message.headers);
+                let incoming = contextflow_http::extract_headers(&message.headers);
                 let span = tracing::info_span!("queue.consume", topic = message.topic);
-                // `with_otel_context` reads the trace context when polled, inside `scope`.
-                incoming
-                    .scope(with_otel_context(consume(message).instrument(span)))
-                    .await;
+                contextflow_otel::scope(incoming, consume(message).instrument(span)).await;
                 if consumer_pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
                     consumer_pending.idle.notify_waiters();
                 }

@@ -1,24 +1,29 @@
 //! W3C Trace Context: the `tracestate` header, vendor data that travels with a trace.
 //!
 //! A `tracestate` is a list of `key=value` members, such as `rojo=00f067aa0ba902b7,congo=t61rcWkgMzE`.
-//! Keys are simple (`vendor`) or multi-tenant (`tenant@system`); values are printable ASCII
-//! without `,` and `=`. Parsing rejects the whole header when a member breaks the grammar, a
-//! key appears twice or there are more than 32 members, as the W3C test suite expects.
-//! Order is kept, an updated member moves to the front, and the list is kept within 512
-//! characters: members longer than 128 characters go first, then members from the end.
+//! The grammar is the current W3C text's: `key = ( lcalpha / DIGIT ) 0*255 ( keychar )` with
+//! `keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@"` (so `tenant@system`, `foo@` and
+//! `foo@@bar` are all keys), values are printable ASCII without `,` and `=`. Parsing rejects
+//! the whole list when a member breaks the grammar or there are more than 32 members; a
+//! repeated key keeps its first member and the later ones are discarded (vendors MAY discard
+//! duplicates). Order is kept, an updated member moves to the front, and the list is kept
+//! within 512 characters: members longer than 128 characters go first, then members from the
+//! end.
+//!
+//! OpenTelemetry's own `TraceState` still checks the older `tenant@vendor` key grammar, so
+//! [`TraceState::to_otel`] keeps only the members it accepts; the propagator carries the
+//! full list next to it (see [`TraceContextPropagator`](crate::TraceContextPropagator)).
 
 use std::{fmt, str::FromStr};
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use crate::traceparent::trim_ows;
 
-use crate::trace_context::trim_ows;
-
-/// The name of the `tracestate` header.
+/// The name of the `tracestate` field.
 ///
 /// ```
-/// assert_eq!(contextflow_http::TRACESTATE, "tracestate");
+/// assert_eq!(contextflow_otel::TRACESTATE, "tracestate");
 /// ```
-pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub const TRACESTATE: &str = "tracestate";
 
 /// At most this many members.
 const MAX_MEMBERS: usize = 32;
@@ -33,14 +38,15 @@ const MAX_RAW_LEN: usize = 32 * 1024;
 /// A parsed `tracestate`: an ordered list of vendor members (at most 32, at most 512 characters).
 ///
 /// ```
-/// use contextflow_http::TraceState;
+/// use contextflow_otel::TraceState;
 ///
 /// let mut state: TraceState = "rojo=00f067aa0ba902b7, congo=t61rcWkgMzE".parse()?;
 /// assert_eq!(state.get("congo"), Some("t61rcWkgMzE"));
 /// state.insert("congo", "ucfJifl5GOE")?;
 /// assert_eq!(state.to_string(), "congo=ucfJifl5GOE,rojo=00f067aa0ba902b7");
-/// assert!("a=1,a=2".parse::<TraceState>().is_err(), "duplicate keys are invalid");
-/// # Ok::<(), contextflow_http::InvalidTraceState>(())
+/// let deduplicated: TraceState = "a=1,a=2".parse()?;
+/// assert_eq!(deduplicated.to_string(), "a=1", "a repeated key keeps its first member");
+/// # Ok::<(), contextflow_otel::InvalidTraceState>(())
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct TraceState {
@@ -52,7 +58,7 @@ pub struct TraceState {
 /// The message names the rule that failed, never the rejected value, so it is safe to log.
 ///
 /// ```
-/// use contextflow_http::TraceState;
+/// use contextflow_otel::TraceState;
 /// let err = "Upper=1".parse::<TraceState>().unwrap_err();
 /// assert_eq!(err.to_string(), "invalid tracestate: invalid key");
 /// ```
@@ -67,7 +73,7 @@ impl TraceState {
     /// An empty `tracestate`.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// assert!(TraceState::new().is_empty());
     /// ```
     pub const fn new() -> Self {
@@ -81,14 +87,14 @@ impl TraceState {
     ///
     /// # Errors
     ///
-    /// When a member breaks the grammar, a key is repeated or there are more than 32 members.
+    /// When a member breaks the grammar or there are more than 32 members.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// let state = TraceState::parse_bytes(b"a=1 ,, \tb@sys=2")?;
     /// assert_eq!(state.len(), 2);
     /// assert!(TraceState::parse_bytes(b"a=1,b").is_err());
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn parse_bytes(value: &[u8]) -> Result<Self, InvalidTraceState> {
         let mut state = TraceState::new();
@@ -97,45 +103,81 @@ impl TraceState {
         Ok(state)
     }
 
-    /// Reads all the `tracestate` headers of a request as one list (HTTP allows a list header
-    /// to be split over several lines). No header gives an empty `tracestate`.
+    /// Reads several `tracestate` values as one list (HTTP allows a list header to be split
+    /// over several lines). No value gives an empty `tracestate`.
     ///
     /// # Errors
     ///
-    /// As [`parse_bytes`](TraceState::parse_bytes), for the combined list.
+    /// As [`parse_bytes`](TraceState::parse_bytes), for the combined list, and when the values
+    /// add up to more than 32 KiB.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
-    /// use http::HeaderMap;
-    ///
-    /// let mut headers = HeaderMap::new();
-    /// headers.append("tracestate", "a=1".parse()?);
-    /// headers.append("tracestate", "b=2".parse()?);
-    /// assert_eq!(TraceState::from_headers(&headers)?.to_string(), "a=1,b=2");
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// use contextflow_otel::TraceState;
+    /// let state = TraceState::from_values([&b"a=1"[..], b"b=2"])?;
+    /// assert_eq!(state.to_string(), "a=1,b=2");
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
-    pub fn from_headers(headers: &HeaderMap) -> Result<Self, InvalidTraceState> {
+    pub fn from_values<'a>(
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, InvalidTraceState> {
         let mut state = TraceState::new();
         let mut raw_len = 0;
-        for value in headers.get_all(TRACESTATE) {
+        for value in values {
             raw_len += value.len();
             if raw_len > MAX_RAW_LEN {
                 return Err(InvalidTraceState::new("header too long"));
             }
-            state.append_bytes(value.as_bytes())?;
+            state.append_bytes(value)?;
         }
         state.enforce_len(0);
         Ok(state)
     }
 
+    /// The members OpenTelemetry's `TraceState` accepts (its key check is the older
+    /// `tenant@vendor` grammar), in order.
+    ///
+    /// ```
+    /// use contextflow_otel::TraceState;
+    /// let state: TraceState = "a=1,foo@@bar=2,t@v=3".parse()?;
+    /// assert_eq!(state.to_otel().header(), "a=1,t@v=3");
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
+    /// ```
+    pub fn to_otel(&self) -> opentelemetry::trace::TraceState {
+        let mut out = opentelemetry::trace::TraceState::default();
+        // `insert` puts each member in front, so go from the back to keep the order.
+        for (k, v) in self.members.iter().rev() {
+            if let Ok(next) = out.insert(k.as_str(), v.as_str()) {
+                out = next;
+            }
+        }
+        out
+    }
+
+    /// The members of an OpenTelemetry `TraceState` that pass this grammar, in order.
+    ///
+    /// ```
+    /// use contextflow_otel::TraceState;
+    /// let otel = opentelemetry::trace::TraceState::from_key_value([("a", "1"), ("b", "2")]).unwrap();
+    /// assert_eq!(TraceState::from_otel(&otel).to_string(), "a=1,b=2");
+    /// ```
+    pub fn from_otel(state: &opentelemetry::trace::TraceState) -> Self {
+        let header = state.header();
+        let mut out = TraceState::new();
+        for member in header.split(',') {
+            let _ = out.append_bytes(member.as_bytes());
+        }
+        out.enforce_len(0);
+        out
+    }
+
     /// The value of member `key`.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// let state: TraceState = "t@sys=v".parse()?;
     /// assert_eq!(state.get("t@sys"), Some("v"));
     /// assert_eq!(state.get("t"), None);
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn get(&self, key: &str) -> Option<&str> {
         self.members
@@ -153,13 +195,13 @@ impl TraceState {
     /// When `key` or `value` breaks the grammar; the list is then unchanged.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// let mut state: TraceState = "a=1,b=2".parse()?;
     /// state.insert("b", "3")?;
     /// state.insert("c", "4")?;
     /// assert_eq!(state.to_string(), "c=4,b=3,a=1");
     /// assert!(state.insert("c", "no,commas").is_err());
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn insert(&mut self, key: &str, value: &str) -> Result<(), InvalidTraceState> {
         validate_key(key.as_bytes())?;
@@ -174,11 +216,11 @@ impl TraceState {
     /// Removes member `key` and returns its value.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// let mut state: TraceState = "a=1,b=2".parse()?;
     /// assert_eq!(state.remove("a").as_deref(), Some("1"));
     /// assert_eq!(state.to_string(), "b=2");
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let index = self.members.iter().position(|(k, _)| k == key)?;
@@ -188,11 +230,11 @@ impl TraceState {
     /// The members, in order.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// let state: TraceState = "a=1,b=2".parse()?;
     /// let keys: Vec<&str> = state.iter().map(|(k, _)| k).collect();
     /// assert_eq!(keys, ["a", "b"]);
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
         self.members.iter().map(|(k, v)| (k.as_str(), v.as_str()))
@@ -201,9 +243,9 @@ impl TraceState {
     /// The number of members.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// assert_eq!("a=1,b=2".parse::<TraceState>()?.len(), 2);
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn len(&self) -> usize {
         self.members.len()
@@ -212,33 +254,16 @@ impl TraceState {
     /// Whether there is no member.
     ///
     /// ```
-    /// use contextflow_http::TraceState;
+    /// use contextflow_otel::TraceState;
     /// assert!(" , ".parse::<TraceState>()?.is_empty());
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
+    /// # Ok::<(), contextflow_otel::InvalidTraceState>(())
     /// ```
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }
 
-    /// The list as a header value, or `None` when it is empty (an empty `tracestate` is not sent).
-    ///
-    /// ```
-    /// use contextflow_http::TraceState;
-    /// assert!(TraceState::new().to_header_value().is_none());
-    /// let state: TraceState = "a=1".parse()?;
-    /// assert_eq!(state.to_header_value().unwrap(), "a=1");
-    /// # Ok::<(), contextflow_http::InvalidTraceState>(())
-    /// ```
-    pub fn to_header_value(&self) -> Option<HeaderValue> {
-        if self.is_empty() {
-            return None;
-        }
-        // Keys and values are printable ASCII (checked on the way in), so this cannot fail.
-        HeaderValue::try_from(self.to_string()).ok()
-    }
-
-    /// Appends the members of `value` to the list, checking the grammar, duplicate keys and
-    /// the member limit.
+    /// Appends the members of `value` to the list, checking the grammar and the member limit;
+    /// a key already in the list keeps its first member.
     fn append_bytes(&mut self, value: &[u8]) -> Result<(), InvalidTraceState> {
         if value.len() > MAX_RAW_LEN {
             return Err(InvalidTraceState::new("header too long"));
@@ -248,9 +273,6 @@ impl TraceState {
             if member.is_empty() {
                 continue;
             }
-            if self.members.len() == MAX_MEMBERS {
-                return Err(InvalidTraceState::new("more than 32 list members"));
-            }
             let eq = member
                 .iter()
                 .position(|&b| b == b'=')
@@ -259,7 +281,11 @@ impl TraceState {
             validate_key(key)?;
             validate_value(value)?;
             if self.members.iter().any(|(k, _)| k.as_bytes() == key) {
-                return Err(InvalidTraceState::new("duplicate key"));
+                // A duplicate: the first member wins (the spec lets vendors discard it).
+                continue;
+            }
+            if self.members.len() == MAX_MEMBERS {
+                return Err(InvalidTraceState::new("more than 32 list members"));
             }
             // Validated as ASCII above, so the lossy conversion never replaces anything.
             self.members.push((
@@ -331,38 +357,19 @@ impl std::error::Error for InvalidTraceState {}
 
 // ===== grammar =====
 
-fn is_lcalpha(b: u8) -> bool {
-    b.is_ascii_lowercase()
-}
-
 fn is_key_char(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'*' | b'/')
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'*' | b'/' | b'@')
 }
 
-/// `simple-key = lcalpha 0*255(keychar)`, or `tenant-id "@" system-id` where
-/// `tenant-id = (lcalpha / DIGIT) 0*240(keychar)` and `system-id = lcalpha 0*13(keychar)`.
+/// `key = ( lcalpha / DIGIT ) 0*255 ( keychar )`.
 fn validate_key(key: &[u8]) -> Result<(), InvalidTraceState> {
-    const INVALID: InvalidTraceState = InvalidTraceState::new("invalid key");
-    let ok = match key.iter().position(|&b| b == b'@') {
-        None => {
-            (1..=256).contains(&key.len())
-                && is_lcalpha(key[0])
-                && key[1..].iter().all(|&b| is_key_char(b))
-        }
-        Some(at) => {
-            let (tenant, system) = (&key[..at], &key[at + 1..]);
-            (1..=241).contains(&tenant.len())
-                && (is_lcalpha(tenant[0]) || tenant[0].is_ascii_digit())
-                && tenant[1..].iter().all(|&b| is_key_char(b))
-                && (1..=14).contains(&system.len())
-                && is_lcalpha(system[0])
-                && system[1..].iter().all(|&b| is_key_char(b))
-        }
-    };
+    let ok = (1..=256).contains(&key.len())
+        && (key[0].is_ascii_lowercase() || key[0].is_ascii_digit())
+        && key[1..].iter().all(|&b| is_key_char(b));
     if ok {
         Ok(())
     } else {
-        Err(INVALID)
+        Err(InvalidTraceState::new("invalid key"))
     }
 }
 

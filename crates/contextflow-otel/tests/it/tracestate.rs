@@ -1,7 +1,6 @@
 //! `tracestate`: grammar, limits, order and updates.
 
-use contextflow_http::TraceState;
-use http::HeaderMap;
+use contextflow_otel::TraceState;
 
 fn all_value_chars() -> String {
     // Every allowed value character: printable ASCII but ',' and '=', the space inside only.
@@ -35,6 +34,28 @@ fn valid_vectors() {
         ("a=1,,b=2".into(), 2, "an empty member in between"),
         ("fw529a3039@dt=ZmFyZWdyb3VuZA".into(), 1, "multi-tenant key"),
         ("0tenant@sys=1".into(), 1, "tenant may start with a digit"),
+        ("1a=1".into(), 1, "a key may start with a digit"),
+        ("foo@=1".into(), 1, "'@' at the end of a key"),
+        ("foo@@bar=1".into(), 1, "two '@' in a row"),
+        ("foo@bar@baz=1".into(), 1, "two '@'"),
+        ("t@1sys=1".into(), 1, "a digit after '@'"),
+        (
+            format!("{}@v=1", "t".repeat(242)),
+            1,
+            "242 characters before '@'",
+        ),
+        (
+            format!("t@{}=1", "v".repeat(15)),
+            1,
+            "15 characters after '@'",
+        ),
+        (
+            format!("{}@{}=1", "a".repeat(200), "b".repeat(55)),
+            1,
+            "256-character key with '@'",
+        ),
+        ("a=1,a=2".into(), 1, "a repeated key keeps its first member"),
+        ("a=1 , a=1".into(), 1, "a repeated member is kept once"),
         (format!("{all_key_chars}=1"), 1, "every key character"),
         (
             format!("k={}", all_value_chars()),
@@ -74,25 +95,18 @@ fn valid_vectors() {
 fn invalid_vectors() {
     let cases: Vec<(String, &str)> = vec![
         ("Foo=1".into(), "upper-case key"),
-        ("1a=1".into(), "simple key starting with a digit"),
         ("_a=1".into(), "simple key starting with '_'"),
         ("a=".into(), "empty value"),
         ("=1".into(), "empty key"),
         ("a".into(), "member without '='"),
         ("a=1,b".into(), "second member without '='"),
-        ("a=1,a=2".into(), "duplicate key"),
-        ("a=1 , a=2".into(), "duplicate key with white space"),
-        ("a@=1".into(), "empty system id"),
-        ("@sys=1".into(), "empty tenant id"),
-        ("t@1sys=1".into(), "system id starting with a digit"),
-        ("t@sys@x=1".into(), "two '@'"),
-        ("t@Sys=1".into(), "upper-case system id"),
+        ("@sys=1".into(), "a key starting with '@'"),
+        ("t@Sys=1".into(), "upper-case letter after '@'"),
         (format!("a{}=1", "b".repeat(256)), "257-character key"),
         (
-            format!("{}@s=1", "t".repeat(242)),
-            "242-character tenant id",
+            format!("{}@s=1", "t".repeat(255)),
+            "257-character key with '@'",
         ),
-        (format!("t@{}=1", "s".repeat(15)), "15-character system id"),
         (format!("k={}", "v".repeat(257)), "257-character value"),
         ("a=b=c".into(), "'=' in value"),
         ("a=b\tc".into(), "tab in value"),
@@ -134,26 +148,44 @@ fn order_is_kept_and_formatting_round_trips() {
 }
 
 #[test]
-fn multiple_headers_are_one_list() {
-    let mut headers = HeaderMap::new();
-    headers.append("tracestate", "a=1,b=2".parse().unwrap());
-    headers.append("tracestate", "c=3".parse().unwrap());
+fn multiple_values_are_one_list() {
+    let state = TraceState::from_values([&b"a=1,b=2"[..], b"c=3"]).unwrap();
+    assert_eq!(state.to_string(), "a=1,b=2,c=3");
+    let state = TraceState::from_values([&b"a=1,b=2"[..], b"c=3", b"a=4"]).unwrap();
     assert_eq!(
-        TraceState::from_headers(&headers).unwrap().to_string(),
-        "a=1,b=2,c=3"
+        state.to_string(),
+        "a=1,b=2,c=3",
+        "a key repeated across values keeps its first member"
     );
-    headers.append("tracestate", "a=4".parse().unwrap());
+    let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
     assert!(
-        TraceState::from_headers(&headers).is_err(),
-        "a key repeated across headers is a duplicate"
+        TraceState::from_values(many.iter().map(|m| m.as_bytes())).is_err(),
+        "33 members over many values"
     );
-    let mut headers = HeaderMap::new();
-    for i in 0..33 {
-        headers.append("tracestate", format!("k{i}=v").parse().unwrap());
+}
+
+#[test]
+fn duplicates_keep_the_first_member() {
+    for (raw, want) in [
+        ("foo=1,foo=1", "foo=1"),
+        ("foo=1,foo=2", "foo=1"),
+        ("foo=2,bar=3,foo=1", "foo=2,bar=3"),
+    ] {
+        assert_eq!(
+            TraceState::parse_bytes(raw.as_bytes()).unwrap().to_string(),
+            want,
+            "{raw}"
+        );
     }
-    assert!(
-        TraceState::from_headers(&headers).is_err(),
-        "33 members over many headers"
+}
+
+#[test]
+fn otel_projection_keeps_what_otel_accepts() {
+    let state: TraceState = "a=1,foo@@bar=2,t@v=3".parse().unwrap();
+    assert_eq!(state.to_otel().header(), "a=1,t@v=3");
+    assert_eq!(
+        TraceState::from_otel(&state.to_otel()).to_string(),
+        "a=1,t@v=3"
     );
 }
 
@@ -211,6 +243,6 @@ fn long_lists_drop_large_members_first_then_from_the_end() {
 
 #[test]
 fn empty_state_is_not_sent() {
-    assert!(TraceState::new().to_header_value().is_none());
+    assert_eq!(TraceState::new().to_string(), "");
     assert!(TraceState::new().is_empty());
 }

@@ -3,9 +3,11 @@
 //! A `baggage` header looks like `userId=alice,serverNode=DF%2028;region=eu`: a list of
 //! members, each a token key, a percent-encoded value and optional `;`-separated properties.
 //! Parsing is lenient, as the [W3C Baggage](https://www.w3.org/TR/baggage/) spec allows: a
-//! member that breaks the grammar is dropped and the others are kept; nothing panics. At most
-//! 180 members and 8,192 bytes (formatted) are kept; a member that does not fit is dropped
-//! whole, never cut. A repeated key keeps its first position and its last value.
+//! member that breaks the grammar is dropped and the others are kept; nothing panics. Values
+//! and property values are percent-decoded (invalid UTF-8 becomes U+FFFD) and encoded again
+//! when written. At most 64 members and 8,192 bytes (formatted) are kept, the spec's minimum
+//! and OpenTelemetry's limits; a member that does not fit is dropped whole, never cut. A
+//! repeated key keeps its first position and its last value.
 //!
 //! Baggage is for infrastructure metadata (a deployment, a test run, a feature flag name).
 //! It is sent by the client, so it is untrusted: never put a tenant or a user in it, and never
@@ -13,26 +15,24 @@
 
 use std::{fmt, str::FromStr};
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use crate::traceparent::trim_ows;
 
-use crate::trace_context::trim_ows;
-
-/// The name of the `baggage` header.
+/// The name of the `baggage` field.
 ///
 /// ```
-/// assert_eq!(contextflow_http::BAGGAGE_HEADER, "baggage");
+/// assert_eq!(contextflow_otel::BAGGAGE, "baggage");
 /// ```
-pub const BAGGAGE_HEADER: HeaderName = HeaderName::from_static("baggage");
+pub const BAGGAGE: &str = "baggage";
 
 /// At most this many members.
-const MAX_MEMBERS: usize = 180;
+const MAX_MEMBERS: usize = 64;
 /// At most this many bytes in the formatted list.
 const MAX_BYTES: usize = 8192;
 
-/// A parsed `baggage` list (at most 180 members, at most 8,192 bytes once formatted).
+/// A parsed `baggage` list (at most 64 members, at most 8,192 bytes once formatted).
 ///
 /// ```
-/// use contextflow_http::Baggage;
+/// use contextflow_otel::Baggage;
 ///
 /// let mut baggage = Baggage::parse("userId=alice, serverNode=DF%2028;region=eu, bad key=1");
 /// assert_eq!(baggage.get("serverNode"), Some("DF 28"));
@@ -42,7 +42,7 @@ const MAX_BYTES: usize = 8192;
 ///     baggage.to_string(),
 ///     "userId=alice,serverNode=DF%2028;region=eu,deploy=blue%20green"
 /// );
-/// # Ok::<(), contextflow_http::InvalidBaggage>(())
+/// # Ok::<(), contextflow_otel::InvalidBaggage>(())
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Baggage {
@@ -54,7 +54,7 @@ pub struct Baggage {
 /// One member of a [`Baggage`]: a key, a decoded value, and properties.
 ///
 /// ```
-/// use contextflow_http::Baggage;
+/// use contextflow_otel::Baggage;
 ///
 /// let baggage = Baggage::parse("k=v%21;ttl=60;hidden");
 /// let member = baggage.iter().next().unwrap();
@@ -66,14 +66,14 @@ pub struct Baggage {
 pub struct BaggageMember {
     key: String,
     value: String,
-    /// Normalized raw properties (`a=1;b`), without the leading `;`; empty when none.
-    properties: String,
+    /// Properties: keys and decoded values, in order.
+    properties: Vec<(String, Option<String>)>,
 }
 
 /// Why a baggage member could not be added.
 ///
 /// ```
-/// use contextflow_http::Baggage;
+/// use contextflow_otel::Baggage;
 /// let err = Baggage::new().insert("no spaces", "x").unwrap_err();
 /// assert_eq!(err.to_string(), "invalid baggage: key is not a token");
 /// ```
@@ -88,7 +88,7 @@ impl Baggage {
     /// An empty baggage.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert!(Baggage::new().is_empty());
     /// ```
     pub const fn new() -> Self {
@@ -101,7 +101,7 @@ impl Baggage {
     /// Parses a `baggage` value, dropping invalid members.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert_eq!(Baggage::parse("a=1,=2,b=%ZZ").to_string(), "a=1,b=%25ZZ");
     /// ```
     pub fn parse(value: &str) -> Self {
@@ -112,7 +112,7 @@ impl Baggage {
     /// invalid members.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert_eq!(Baggage::parse_bytes(b"a=1,b=\xff").len(), 1);
     /// ```
     pub fn parse_bytes(value: &[u8]) -> Self {
@@ -121,36 +121,76 @@ impl Baggage {
         baggage
     }
 
-    /// Reads all the `baggage` headers of a request as one list, dropping invalid members.
+    /// Reads several `baggage` values as one list, dropping invalid members; also returns how
+    /// many were dropped.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
-    /// use http::HeaderMap;
-    ///
-    /// let mut headers = HeaderMap::new();
-    /// headers.append("baggage", "a=1".parse()?);
-    /// headers.append("baggage", "b=2".parse()?);
-    /// assert_eq!(Baggage::from_headers(&headers).to_string(), "a=1,b=2");
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// use contextflow_otel::Baggage;
+    /// let (baggage, dropped) = Baggage::from_values([&b"a=1"[..], b"b=2,c"]);
+    /// assert_eq!((baggage.to_string().as_str(), dropped), ("a=1,b=2", 1));
     /// ```
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        Baggage::from_headers_counting(headers).0
-    }
-
-    /// As [`from_headers`](Baggage::from_headers), also returning how many members were dropped.
-    pub(crate) fn from_headers_counting(headers: &HeaderMap) -> (Self, usize) {
+    pub fn from_values<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> (Self, usize) {
         let mut baggage = Baggage::new();
         let mut dropped = 0;
-        for value in headers.get_all(BAGGAGE_HEADER) {
-            dropped += baggage.append_bytes(value.as_bytes());
+        for value in values {
+            dropped += baggage.append_bytes(value);
         }
         (baggage, dropped)
+    }
+
+    /// The baggage as OpenTelemetry's: values decoded, properties as metadata in their
+    /// written (encoded) form.
+    ///
+    /// ```
+    /// use contextflow_otel::Baggage;
+    /// let otel = Baggage::parse("k=a%20b;p=x%3By").to_otel();
+    /// let (value, metadata) = otel.get_with_metadata("k").unwrap();
+    /// assert_eq!((value.as_str(), metadata.as_str()), ("a b", "p=x%3By"));
+    /// ```
+    pub fn to_otel(&self) -> opentelemetry::baggage::Baggage {
+        let mut out = opentelemetry::baggage::Baggage::new();
+        for member in &self.members {
+            let mut metadata = String::new();
+            member.write_properties(&mut metadata);
+            out.insert_with_metadata(member.key.clone(), member.value.clone(), metadata);
+        }
+        out
+    }
+
+    /// The members of OpenTelemetry's baggage that pass this grammar; metadata is read as
+    /// properties (percent-decoded).
+    ///
+    /// ```
+    /// use contextflow_otel::Baggage;
+    /// use opentelemetry::baggage::Baggage as OtelBaggage;
+    /// let mut otel = OtelBaggage::new();
+    /// otel.insert_with_metadata("k", "a,b", "p=1");
+    /// assert_eq!(Baggage::from_otel(&otel).to_string(), "k=a%2Cb;p=1");
+    /// ```
+    pub fn from_otel(baggage: &opentelemetry::baggage::Baggage) -> Self {
+        let mut out = Baggage::new();
+        for (key, (value, metadata)) in baggage {
+            if !is_token(key.as_str().as_bytes()) {
+                continue;
+            }
+            let Some(properties) =
+                parse_properties(metadata.as_str().as_bytes().split(|&b| b == b';'))
+            else {
+                continue;
+            };
+            let _ = out.push(BaggageMember {
+                key: key.as_str().to_owned(),
+                value: value.as_str().to_owned(),
+                properties,
+            });
+        }
+        out
     }
 
     /// The value of member `key`.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert_eq!(Baggage::parse("a=%F0%9F%A6%80").get("a"), Some("🦀"));
     /// ```
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -160,7 +200,7 @@ impl Baggage {
     /// Member `key`, with its properties.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// let baggage = Baggage::parse("a=1;p");
     /// assert_eq!(baggage.member("a").unwrap().properties().count(), 1);
     /// ```
@@ -173,16 +213,16 @@ impl Baggage {
     ///
     /// # Errors
     ///
-    /// When `key` is not an HTTP token, or when the member would break the 180-member or
+    /// When `key` is not an HTTP token, or when the member would break the 64-member or
     /// 8,192-byte limit; the baggage is then unchanged.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// let mut baggage = Baggage::new();
     /// baggage.insert("env", "staging; eu")?;
     /// assert_eq!(baggage.to_string(), "env=staging%3B%20eu");
     /// assert!(baggage.insert("big", &"x".repeat(9000)).is_err());
-    /// # Ok::<(), contextflow_http::InvalidBaggage>(())
+    /// # Ok::<(), contextflow_otel::InvalidBaggage>(())
     /// ```
     pub fn insert(&mut self, key: &str, value: &str) -> Result<(), InvalidBaggage> {
         if !is_token(key.as_bytes()) {
@@ -191,14 +231,14 @@ impl Baggage {
         self.push(BaggageMember {
             key: key.to_owned(),
             value: value.to_owned(),
-            properties: String::new(),
+            properties: Vec::new(),
         })
     }
 
     /// Removes member `key` and returns its value.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// let mut baggage = Baggage::parse("a=1,b=2");
     /// assert_eq!(baggage.remove("a").as_deref(), Some("1"));
     /// assert_eq!(baggage.to_string(), "b=2");
@@ -213,7 +253,7 @@ impl Baggage {
     /// The members, in order.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// let baggage = Baggage::parse("a=1,b=2");
     /// let keys: Vec<_> = baggage.iter().map(|m| m.key()).collect();
     /// assert_eq!(keys, ["a", "b"]);
@@ -225,7 +265,7 @@ impl Baggage {
     /// The number of members.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert_eq!(Baggage::parse("a=1,a=2").len(), 1);
     /// ```
     pub fn len(&self) -> usize {
@@ -235,26 +275,11 @@ impl Baggage {
     /// Whether there is no member.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert!(Baggage::parse(" , ").is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
-    }
-
-    /// The list as a header value, or `None` when it is empty.
-    ///
-    /// ```
-    /// use contextflow_http::Baggage;
-    /// assert!(Baggage::new().to_header_value().is_none());
-    /// assert_eq!(Baggage::parse("a=1").to_header_value().unwrap(), "a=1");
-    /// ```
-    pub fn to_header_value(&self) -> Option<HeaderValue> {
-        if self.is_empty() {
-            return None;
-        }
-        // Formatting percent-encodes everything but visible ASCII, so this cannot fail.
-        HeaderValue::try_from(self.to_string()).ok()
     }
 
     /// Appends the valid members of `value`; returns how many were dropped.
@@ -287,7 +312,7 @@ impl Baggage {
             return Ok(());
         }
         if self.members.len() == MAX_MEMBERS {
-            return Err(InvalidBaggage::new("more than 180 members"));
+            return Err(InvalidBaggage::new("more than 64 members"));
         }
         let new_len = self.len + added + usize::from(!self.members.is_empty());
         if new_len > MAX_BYTES {
@@ -339,7 +364,7 @@ impl BaggageMember {
     /// The key.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert_eq!(Baggage::parse("k=v").iter().next().unwrap().key(), "k");
     /// ```
     pub fn key(&self) -> &str {
@@ -349,58 +374,56 @@ impl BaggageMember {
     /// The value, percent-decoded (invalid UTF-8 replaced by U+FFFD, as the spec says).
     ///
     /// ```
-    /// use contextflow_http::Baggage;
+    /// use contextflow_otel::Baggage;
     /// assert_eq!(Baggage::parse("k=%FF").get("k"), Some("\u{fffd}"));
     /// ```
     pub fn value(&self) -> &str {
         &self.value
     }
 
-    /// The properties, as `(key, value)` pairs in order (values as sent, not decoded).
+    /// The properties, as `(key, value)` pairs in order, values percent-decoded.
     ///
     /// ```
-    /// use contextflow_http::Baggage;
-    /// let baggage = Baggage::parse("k=v ; a = 1 ;b");
+    /// use contextflow_otel::Baggage;
+    /// let baggage = Baggage::parse("k=v ; a = 1%2C2 ;b");
     /// let member = baggage.member("k").unwrap();
-    /// assert_eq!(member.properties().collect::<Vec<_>>(), [("a", Some("1")), ("b", None)]);
+    /// assert_eq!(member.properties().collect::<Vec<_>>(), [("a", Some("1,2")), ("b", None)]);
     /// ```
     pub fn properties(&self) -> impl Iterator<Item = (&str, Option<&str>)> + '_ {
         self.properties
-            .split(';')
-            .filter(|p| !p.is_empty())
-            .map(|p| match p.split_once('=') {
-                Some((k, v)) => (k, Some(v)),
-                None => (p, None),
-            })
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+    }
+
+    /// Writes the properties as sent (`a=1;b`, values encoded), without a leading `;`.
+    fn write_properties(&self, out: &mut impl fmt::Write) {
+        for (i, (key, value)) in self.properties.iter().enumerate() {
+            let _ = out.write_str(if i > 0 { ";" } else { "" });
+            let _ = out.write_str(key);
+            if let Some(value) = value {
+                let _ = out.write_char('=');
+                let _ = write_encoded(out, value);
+            }
+        }
     }
 
     fn formatted_len(&self) -> usize {
-        let value: usize = self
-            .value
-            .bytes()
-            .map(|b| if is_plain_octet(b) { 1 } else { 3 })
+        let properties: usize = self
+            .properties
+            .iter()
+            .map(|(k, v)| 1 + k.len() + v.as_deref().map_or(0, |v| 1 + encoded_len(v)))
             .sum();
-        let properties = if self.properties.is_empty() {
-            0
-        } else {
-            1 + self.properties.len()
-        };
-        self.key.len() + 1 + value + properties
+        self.key.len() + 1 + encoded_len(&self.value) + properties
     }
 }
 
 impl fmt::Display for BaggageMember {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}=", self.key)?;
-        for b in self.value.bytes() {
-            if is_plain_octet(b) {
-                write!(f, "{}", char::from(b))?;
-            } else {
-                write!(f, "%{b:02X}")?;
-            }
-        }
+        write_encoded(f, &self.value)?;
         if !self.properties.is_empty() {
-            write!(f, ";{}", self.properties)?;
+            f.write_str(";")?;
+            self.write_properties(f);
         }
         Ok(())
     }
@@ -440,41 +463,41 @@ fn parse_member(raw: &[u8]) -> Option<BaggageMember> {
     if !is_token(key) || !value.iter().all(|&b| is_baggage_octet(b)) {
         return None;
     }
-    let mut properties = String::new();
+    Some(BaggageMember {
+        key: String::from_utf8_lossy(key).into_owned(),
+        value: percent_decode(value),
+        properties: parse_properties(parts)?,
+    })
+}
+
+/// `property = key OWS "=" OWS value / key OWS`, values percent-decoded; empty properties are
+/// skipped; `None` when one is invalid.
+fn parse_properties<'a>(
+    parts: impl Iterator<Item = &'a [u8]>,
+) -> Option<Vec<(String, Option<String>)>> {
+    let mut properties = Vec::new();
     for property in parts {
         let property = trim_ows(property);
         if property.is_empty() {
             continue;
         }
-        let (pkey, pvalue) = match property.iter().position(|&b| b == b'=') {
+        let (key, value) = match property.iter().position(|&b| b == b'=') {
             Some(eq) => (
                 trim_ows(&property[..eq]),
                 Some(trim_ows(&property[eq + 1..])),
             ),
             None => (property, None),
         };
-        let pvalue_ok = match pvalue {
-            Some(v) => v.iter().all(|&b| is_baggage_octet(b)),
-            None => true,
-        };
-        if !is_token(pkey) || !pvalue_ok {
+        if !is_token(key) || !value.is_none_or(|v| v.iter().all(|&b| is_baggage_octet(b))) {
             return None;
         }
-        if !properties.is_empty() {
-            properties.push(';');
-        }
-        // Tokens and baggage octets are ASCII, so these conversions keep every byte.
-        properties.push_str(&String::from_utf8_lossy(pkey));
-        if let Some(pvalue) = pvalue {
-            properties.push('=');
-            properties.push_str(&String::from_utf8_lossy(pvalue));
-        }
+        // Tokens are ASCII, so the conversion keeps every byte.
+        properties.push((
+            String::from_utf8_lossy(key).into_owned(),
+            value.map(percent_decode),
+        ));
     }
-    Some(BaggageMember {
-        key: String::from_utf8_lossy(key).into_owned(),
-        value: percent_decode(value),
-        properties,
-    })
+    Some(properties)
 }
 
 /// `token` of RFC 9110: one or more of `!#$%&'*+-.^_`|~`, digits and letters.
@@ -510,6 +533,29 @@ fn is_baggage_octet(b: u8) -> bool {
 /// A byte written as is when formatting a value: a baggage octet other than `%`.
 fn is_plain_octet(b: u8) -> bool {
     b != b'%' && is_baggage_octet(b)
+}
+
+/// The length of `value` once percent-encoded.
+fn encoded_len(value: &str) -> usize {
+    value
+        .bytes()
+        .map(|b| if is_plain_octet(b) { 1 } else { 3 })
+        .sum()
+}
+
+/// Writes `value` percent-encoded: every byte but the plain baggage octets as `%XX`.
+fn write_encoded(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in value.bytes() {
+        if is_plain_octet(b) {
+            out.write_char(char::from(b))?;
+        } else {
+            out.write_char('%')?;
+            out.write_char(char::from(HEX[usize::from(b >> 4)]))?;
+            out.write_char(char::from(HEX[usize::from(b & 0x0f)]))?;
+        }
+    }
+    Ok(())
 }
 
 /// Percent-decodes `value`; a `%` not followed by two hex digits stays as it is.

@@ -1,0 +1,173 @@
+//! HTTP headers as propagation carriers: [`HeaderExtractor`] and [`HeaderInjector`], and the
+//! one-line forms [`extract_headers`] and [`inject_headers`].
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector};
+
+/// The name of the `traceparent` header.
+///
+/// ```
+/// assert_eq!(contextflow_http::TRACEPARENT, "traceparent");
+/// ```
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The name of the `tracestate` header.
+///
+/// ```
+/// assert_eq!(contextflow_http::TRACESTATE, "tracestate");
+/// ```
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The name of the `baggage` header.
+///
+/// ```
+/// assert_eq!(contextflow_http::BAGGAGE_HEADER, "baggage");
+/// ```
+pub const BAGGAGE_HEADER: HeaderName = HeaderName::from_static("baggage");
+
+/// The name of the request id header.
+///
+/// ```
+/// assert_eq!(contextflow_http::X_REQUEST_ID, "x-request-id");
+/// ```
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// An [`Extractor`] over an [`http::HeaderMap`] that sees every value of a repeated header (so
+/// a propagator can tell two `traceparent` headers from one). A value that is not visible
+/// ASCII is seen as `"\0"`, which no propagator accepts.
+///
+/// ```
+/// use contextflow_http::HeaderExtractor;
+/// use opentelemetry::propagation::Extractor;
+///
+/// let mut headers = http::HeaderMap::new();
+/// headers.append("tracestate", "a=1".parse()?);
+/// headers.append("tracestate", "b=2".parse()?);
+/// assert_eq!(HeaderExtractor(&headers).get_all("tracestate"), Some(vec!["a=1", "b=2"]));
+/// # Ok::<(), http::header::InvalidHeaderValue>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
+
+/// An [`Injector`] into an [`http::HeaderMap`] that leaves alone the headers already there
+/// (and `tracestate` when the caller set `traceparent`: the two go together).
+///
+/// ```
+/// use contextflow_http::HeaderInjector;
+/// use opentelemetry::propagation::Injector;
+///
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("x-request-id", "mine".parse()?);
+/// let mut injector = HeaderInjector::new(&mut headers);
+/// injector.set("x-request-id", "theirs".into());
+/// injector.set("baggage", "a=1".into());
+/// assert_eq!(headers["x-request-id"], "mine");
+/// assert_eq!(headers["baggage"], "a=1");
+/// # Ok::<(), http::header::InvalidHeaderValue>(())
+/// ```
+#[derive(Debug)]
+pub struct HeaderInjector<'a> {
+    headers: &'a mut HeaderMap,
+    caller_set_traceparent: bool,
+}
+
+/// Reads the context an incoming request's headers carry, with the global propagation
+/// (`contextflow_otel::Propagation::global`): trace context, baggage and a request id (the
+/// caller's when valid, else a fresh one). Use it for transports that carry HTTP-style headers.
+///
+/// ```
+/// use http::HeaderMap;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?);
+/// headers.insert("x-request-id", "bad id".parse()?);
+/// let cx = contextflow_http::extract_headers(&headers);
+/// let (trace_id, request_id) = contextflow_otel::sync_scope(cx, || {
+///     (contextflow_http::current_trace_id(), contextflow_http::current_request_id())
+/// });
+/// assert_eq!(trace_id.unwrap().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+/// assert_ne!(request_id.unwrap().as_str(), "bad id", "an invalid id is replaced");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn extract_headers(headers: &HeaderMap) -> opentelemetry::Context {
+    contextflow_otel::extract(&HeaderExtractor(headers))
+}
+
+/// Writes the current context into outgoing request headers with the global propagation:
+/// `traceparent` naming the current span as parent, `tracestate`, `baggage` and
+/// `x-request-id`. Headers the caller set are left alone (see [`HeaderInjector`]).
+///
+/// ```
+/// use contextflow_otel::carrier::Pairs;
+/// use http::HeaderMap;
+///
+/// let cx = contextflow_otel::extract(&Pairs::new([
+///     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+///     ("x-request-id", "r-1"),
+/// ]));
+/// let mut headers = HeaderMap::new();
+/// contextflow_otel::sync_scope(cx, || contextflow_http::inject_headers(&mut headers));
+/// assert_eq!(headers["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+/// assert_eq!(headers["x-request-id"], "r-1");
+/// ```
+pub fn inject_headers(headers: &mut HeaderMap) {
+    contextflow_otel::inject(&mut HeaderInjector::new(headers))
+}
+
+// ===== impl HeaderExtractor =====
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let mut values = self.0.get_all(key).iter().peekable();
+        values.peek()?;
+        Some(values.map(as_str).collect())
+    }
+}
+
+fn as_str(value: &HeaderValue) -> &str {
+    value.to_str().unwrap_or("\0")
+}
+
+// ===== impl HeaderInjector =====
+
+impl<'a> HeaderInjector<'a> {
+    /// An injector into `headers`.
+    ///
+    /// ```
+    /// let mut headers = http::HeaderMap::new();
+    /// let _injector = contextflow_http::HeaderInjector::new(&mut headers);
+    /// ```
+    pub fn new(headers: &'a mut HeaderMap) -> Self {
+        let caller_set_traceparent = headers.contains_key(TRACEPARENT);
+        HeaderInjector {
+            headers,
+            caller_set_traceparent,
+        }
+    }
+}
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
+            tracing::debug!(key, "propagator wrote an invalid header name; skipped");
+            return;
+        };
+        if self.headers.contains_key(&name) || (self.caller_set_traceparent && name == TRACESTATE) {
+            return;
+        }
+        match HeaderValue::try_from(value) {
+            Ok(value) => {
+                self.headers.insert(name, value);
+            }
+            Err(_) => tracing::debug!(key, "propagator wrote an invalid header value; skipped"),
+        }
+    }
+}

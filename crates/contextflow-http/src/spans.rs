@@ -1,0 +1,127 @@
+//! Which tracer the layers start their spans with, and the spans' cheap attributes.
+
+use std::{
+    borrow::Cow,
+    fmt,
+    sync::{Arc, OnceLock},
+};
+
+use http::Method;
+use opentelemetry::{
+    global::BoxedTracer,
+    trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _},
+    Context, KeyValue,
+};
+
+/// Where a layer's tracer comes from.
+#[derive(Clone)]
+pub(crate) enum Spans {
+    /// The global tracer provider's, resolved at the first request.
+    Global(Arc<OnceLock<BoxedTracer>>),
+    /// A tracer given to the layer.
+    Tracer(Arc<BoxedTracer>),
+    /// No span: the extracted (server) or current (client) context is used as it is.
+    Off,
+}
+
+/// The instrumentation scope name of the spans the layers start.
+pub(crate) const SCOPE: &str = "contextflow-http";
+
+impl Spans {
+    pub(crate) fn global() -> Self {
+        Spans::Global(Arc::new(OnceLock::new()))
+    }
+
+    pub(crate) fn tracer<T>(tracer: T) -> Self
+    where
+        T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+        T::Span: Send + Sync + 'static,
+    {
+        Spans::Tracer(Arc::new(BoxedTracer::new(Box::new(tracer))))
+    }
+
+    fn get(&self) -> Option<&BoxedTracer> {
+        match self {
+            Spans::Global(cell) => Some(cell.get_or_init(|| opentelemetry::global::tracer(SCOPE))),
+            Spans::Tracer(tracer) => Some(tracer),
+            Spans::Off => None,
+        }
+    }
+
+    /// Starts a span of `kind` named after `method` under `parent`; `None` when spans are off.
+    /// `attributes` is called only when the span records.
+    pub(crate) fn start(
+        &self,
+        kind: SpanKind,
+        method: &Method,
+        parent: &Context,
+        attributes: impl FnOnce(&mut Vec<KeyValue>),
+    ) -> Option<Context> {
+        let tracer = self.get()?;
+        let builder = tracer.span_builder(method_name(method)).with_kind(kind);
+        let mut span = tracer.build_with_context(builder, parent);
+        if span.is_recording() {
+            let mut attrs = Vec::with_capacity(6);
+            attrs.push(KeyValue::new("http.request.method", method_name(method)));
+            attributes(&mut attrs);
+            span.set_attributes(attrs);
+        }
+        Some(parent.with_span(span))
+    }
+}
+
+impl fmt::Debug for Spans {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Spans::Global(_) => "Spans::Global",
+            Spans::Tracer(_) => "Spans::Tracer",
+            Spans::Off => "Spans::Off",
+        })
+    }
+}
+
+/// The semantic conventions' method name: the method, or `_OTHER` for one outside RFC 9110.
+pub(crate) fn method_name(method: &Method) -> Cow<'static, str> {
+    Cow::Borrowed(match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    })
+}
+
+/// Ends the span of `cx` with the response status: an error status for 5xx on a server span,
+/// for 4xx and 5xx on a client span.
+pub(crate) fn end_with_status(cx: &Context, status: u16, kind: SpanKind) {
+    let span = cx.span();
+    if span.is_recording() {
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        let failed = match kind {
+            SpanKind::Client => status >= 400,
+            _ => status >= 500,
+        };
+        if failed {
+            span.set_status(opentelemetry::trace::Status::error(""));
+        }
+    }
+    span.end();
+}
+
+/// Ends the span of `cx` as failed (`error.type` set to `kind`).
+pub(crate) fn end_with_error(cx: &Context, error_type: &'static str) {
+    let span = cx.span();
+    if span.is_recording() {
+        span.set_attribute(KeyValue::new("error.type", error_type));
+        span.set_status(opentelemetry::trace::Status::error(error_type));
+    }
+    span.end();
+}

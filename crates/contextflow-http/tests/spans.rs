@@ -1,0 +1,253 @@
+//! Real spans at the edges, with the OpenTelemetry SDK and its in-memory exporter, on both
+//! runtimes: service A (server layer) calls service B (server layer) through the reqwest
+//! middleware with client spans, directly, under a `tracing` span bridged by
+//! `tracing-opentelemetry`, under an SDK span, and from a task spawned with contextflow. Every
+//! request is one trace with one root, and every span's parent is present.
+//! Installs a global tracer provider and subscriber, hence its own test binary.
+
+use std::{collections::HashMap, net::SocketAddr, sync::OnceLock};
+
+use axum::{extract::State, routing::get, Router};
+use contextflow_http::{InjectContextMiddleware, PropagateContextLayer};
+use opentelemetry::{
+    global,
+    trace::{SpanId, SpanKind, TraceContextExt as _, TraceId, Tracer as _, TracerProvider as _},
+    Context,
+};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider, SpanData};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use tracing::Instrument as _;
+use tracing_subscriber::prelude::*;
+
+/// The process-wide provider and exporter.
+fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
+    static TELEMETRY: OnceLock<(SdkTracerProvider, InMemorySpanExporter)> = OnceLock::new();
+    TELEMETRY.get_or_init(|| {
+        contextflow_otel::carry_context();
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .with_id_generator(contextflow_otel::SecureIdGenerator::default())
+            .build();
+        global::set_tracer_provider(provider.clone());
+        tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("tracing")))
+            .init();
+        (provider, exporter)
+    })
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn client() -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new())
+        .with(InjectContextMiddleware::new().with_global_tracer())
+        .build()
+}
+
+/// B answers with the traceparent it received; A calls B four ways and returns A's trace id.
+async fn start() -> SocketAddr {
+    let b = Router::new()
+        .route("/b", get(|| async { "b" }))
+        .layer(PropagateContextLayer::new());
+    let b_addr = serve(b).await;
+    let a = Router::new()
+        .route(
+            "/a",
+            get(
+                move |State(client): State<ClientWithMiddleware>| async move {
+                    let url = format!("http://{b_addr}/b");
+                    let call = |client: ClientWithMiddleware, url: String| async move {
+                        client.get(url).send().await.unwrap().text().await.unwrap()
+                    };
+                    // 1. Directly under the server span.
+                    call(client.clone(), url.clone()).await;
+                    // 2. Under a tracing span bridged to OpenTelemetry.
+                    call(client.clone(), url.clone())
+                        .instrument(tracing::info_span!("tracing-work"))
+                        .await;
+                    // 3. Under a span of the SDK's own API.
+                    let span = global::tracer("sdk").start("sdk-work");
+                    let cx = Context::current_with_span(span);
+                    contextflow_otel::scope(cx.clone(), call(client.clone(), url.clone())).await;
+                    cx.span().end();
+                    // 4. From a spawned task, with no `.with_current_context()`.
+                    contextflow::spawn(call(client, url)).await.unwrap();
+                    contextflow_otel::current_trace_id().unwrap().to_string()
+                },
+            ),
+        )
+        .with_state(client())
+        .layer(PropagateContextLayer::new());
+    serve(a).await
+}
+
+/// Checks one trace: one root, every parent present; returns the spans by name.
+fn check_trace(trace_id: TraceId, spans: &[SpanData]) -> HashMap<String, Vec<SpanData>> {
+    let trace: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.span_context.trace_id() == trace_id)
+        .collect();
+    let ids: Vec<SpanId> = trace.iter().map(|s| s.span_context.span_id()).collect();
+    let roots: Vec<_> = trace
+        .iter()
+        .filter(|s| s.parent_span_id == SpanId::INVALID)
+        .collect();
+    assert_eq!(roots.len(), 1, "one root: {roots:#?}");
+    for span in &trace {
+        if span.parent_span_id != SpanId::INVALID {
+            assert!(
+                ids.contains(&span.parent_span_id),
+                "parent of {} missing: {span:#?}",
+                span.name
+            );
+        }
+    }
+    let mut by_name: HashMap<String, Vec<SpanData>> = HashMap::new();
+    for span in trace {
+        by_name
+            .entry(span.name.to_string())
+            .or_default()
+            .push(span.clone());
+    }
+    by_name
+}
+
+async fn one_trace_per_request() {
+    let (provider, exporter) = telemetry();
+    let a = start().await;
+    let http = reqwest::Client::new();
+    let mut trace_ids = Vec::new();
+    for _ in 0..3 {
+        let res = http.get(format!("http://{a}/a")).send().await.unwrap();
+        let trace_id = TraceId::from_hex(&res.text().await.unwrap()).unwrap();
+        trace_ids.push(trace_id);
+    }
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    exporter.reset();
+    for trace_id in trace_ids {
+        let by_name = check_trace(trace_id, &spans);
+        // A's server span (root), 4 client spans, 4 B server spans, the two work spans.
+        let servers: Vec<_> = by_name["GET"]
+            .iter()
+            .filter(|s| s.span_kind == SpanKind::Server)
+            .collect();
+        let clients: Vec<_> = by_name["GET"]
+            .iter()
+            .filter(|s| s.span_kind == SpanKind::Client)
+            .collect();
+        assert_eq!(servers.len(), 5, "{by_name:#?}");
+        assert_eq!(clients.len(), 4, "{by_name:#?}");
+        let root = servers
+            .iter()
+            .find(|s| s.parent_span_id == SpanId::INVALID)
+            .unwrap();
+        // Each B server span's parent is one of A's client spans.
+        for server in servers
+            .iter()
+            .filter(|s| s.parent_span_id != SpanId::INVALID)
+        {
+            assert!(server.parent_span_is_remote);
+            assert!(clients
+                .iter()
+                .any(|c| c.span_context.span_id() == server.parent_span_id));
+        }
+        // The client spans' parents: the root, the tracing span, the SDK span, the root.
+        let tracing_work = &by_name["tracing-work"][0];
+        let sdk_work = &by_name["sdk-work"][0];
+        assert_eq!(tracing_work.parent_span_id, root.span_context.span_id());
+        assert_eq!(sdk_work.parent_span_id, root.span_context.span_id());
+        let mut parents: Vec<SpanId> = clients.iter().map(|c| c.parent_span_id).collect();
+        parents.sort_by_key(|id| id.to_string());
+        let mut want = vec![
+            root.span_context.span_id(),
+            root.span_context.span_id(),
+            tracing_work.span_context.span_id(),
+            sdk_work.span_context.span_id(),
+        ];
+        want.sort_by_key(|id| id.to_string());
+        assert_eq!(parents, want);
+        let status = root
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "http.response.status_code")
+            .map(|kv| kv.value.to_string());
+        assert_eq!(status.as_deref(), Some("200"));
+    }
+}
+
+#[test]
+fn one_trace_per_request_on_both_runtimes() {
+    telemetry();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(one_trace_per_request());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(one_trace_per_request());
+}
+
+/// New traces are sampled by the SDK's sampler, never forced; a caller's decision is kept.
+#[test]
+fn the_sdk_sampler_decides_new_traces() {
+    use tower::{service_fn, ServiceExt};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
+        .build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let seen = |headers: Vec<(&'static str, &'static str)>| {
+        let svc = PropagateContextLayer::new()
+            .with_tracer(provider.tracer("t"))
+            .layer_service(service_fn(|_req: http::Request<()>| async {
+                let cx = contextflow_otel::current_context();
+                let sc = cx.span().span_context().clone();
+                Ok::<_, std::convert::Infallible>(http::Response::new(sc))
+            }));
+        let mut req = http::Request::new(());
+        for (k, v) in headers {
+            req.headers_mut().insert(k, v.parse().unwrap());
+        }
+        let body = rt.block_on(svc.oneshot(req)).unwrap().into_body();
+        body.get_ref().cloned().unwrap()
+    };
+    let new = seen(vec![]);
+    assert!(new.is_valid(), "a trace is started");
+    assert!(!new.is_sampled(), "the sampler said no");
+    let continued = seen(vec![(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )]);
+    assert!(continued.is_sampled(), "the caller sampled it");
+    assert_ne!(continued.span_id().to_string(), "00f067aa0ba902b7");
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 1, "only the sampled request is exported");
+    assert!(spans[0].parent_span_is_remote);
+}
+
+/// Lets a test build a service from the layer without a `ServiceBuilder`.
+trait LayerService {
+    fn layer_service<S>(self, inner: S) -> contextflow_http::PropagateContext<S>;
+}
+
+impl LayerService for PropagateContextLayer {
+    fn layer_service<S>(self, inner: S) -> contextflow_http::PropagateContext<S> {
+        tower::Layer::layer(&self, inner)
+    }
+}

@@ -1,0 +1,218 @@
+//! Carriers: string-keyed metadata that propagators read and write.
+//!
+//! A carrier is anything with string keys and string values that crosses a process boundary:
+//! HTTP headers, gRPC metadata, AMQP or Kafka message headers, NATS headers, MQTT user
+//! properties, a child process's environment. Propagators see them through OpenTelemetry's
+//! [`Extractor`] and [`Injector`] traits, so every configured propagator (W3C trace context,
+//! baggage, request id, B3, Datadog...) works on every transport. Two adapters make any
+//! transport a one-liner:
+//!
+//! - [`Pairs`] reads any list of `(key, value)` string pairs (keys compared without regard to
+//!   ASCII case; several values per key allowed);
+//! - [`InjectFn`] writes through a closure.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use contextflow_otel::carrier::{InjectFn, Pairs};
+//!
+//! // A message broker's header map, here a plain map.
+//! let mut headers: BTreeMap<String, String> = BTreeMap::new();
+//! headers.insert("traceparent".into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+//! headers.insert("x-request-id".into(), "job-7".into());
+//!
+//! // Consume: one line to read the context, one to run the handler in it.
+//! let cx = contextflow_otel::extract(&Pairs::new(headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+//! let seen = contextflow_otel::sync_scope(cx, || {
+//!     (contextflow_otel::current_trace_id().unwrap().to_string(), contextflow_otel::current_request_id().unwrap())
+//! });
+//! assert_eq!(seen.0, "4bf92f3577b34da6a3ce929d0e0e4736");
+//! assert_eq!(seen.1.as_str(), "job-7");
+//!
+//! // Publish: the current context into the next message's headers.
+//! let mut out = BTreeMap::new();
+//! contextflow_otel::inject(&mut InjectFn(|k: &str, v: String| { out.insert(k.to_owned(), v); }));
+//! # drop(out);
+//! ```
+//!
+//! Everything read is untrusted: [`extract`](crate::extract) ignores values longer than
+//! [`MAX_VALUE_LEN`] and keys beyond [`MAX_PAIRS`] (with a `debug` log), and each
+//! propagator validates its own fields, dropping a malformed one with a `debug` log that shows
+//! the value escaped and cut to 64 bytes.
+
+use std::fmt;
+
+use opentelemetry::propagation::{Extractor, Injector};
+
+/// Values longer than this many bytes are ignored by [`extract`](crate::extract).
+pub const MAX_VALUE_LEN: usize = 8192;
+
+/// [`Pairs`] keeps at most this many pairs; [`extract`](crate::extract) reads at most this
+/// many values of one key.
+pub const MAX_PAIRS: usize = 64;
+
+/// An [`Extractor`] over `(key, value)` string pairs, keys compared without regard to ASCII
+/// case. Keeps the first [`MAX_PAIRS`] pairs.
+///
+/// ```
+/// use contextflow_otel::carrier::Pairs;
+/// use opentelemetry::propagation::Extractor;
+///
+/// let pairs = Pairs::new([("Baggage", "a=1"), ("baggage", "b=2")]);
+/// assert_eq!(pairs.get("baggage"), Some("a=1"));
+/// assert_eq!(pairs.get_all("BAGGAGE"), Some(vec!["a=1", "b=2"]));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Pairs<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+/// An [`Injector`] that hands each `(key, value)` to a closure.
+///
+/// ```
+/// use contextflow_otel::carrier::InjectFn;
+/// use opentelemetry::propagation::Injector;
+///
+/// let mut seen = Vec::new();
+/// InjectFn(|k: &str, v: String| seen.push(format!("{k}={v}"))).set("x-request-id", "r-1".into());
+/// assert_eq!(seen, ["x-request-id=r-1"]);
+/// ```
+#[derive(Clone, Copy)]
+pub struct InjectFn<F>(pub F);
+
+/// An [`Extractor`] that enforces the bounds of [`extract`](crate::extract) on another one.
+pub(crate) struct Bounded<'a>(pub(crate) &'a dyn Extractor);
+
+/// An untrusted value made safe for a log line: escaped as ASCII (no control characters, no
+/// newlines, no non-ASCII bytes) and cut to 64 bytes.
+pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
+
+// ===== impl Pairs =====
+
+impl<'a> Pairs<'a> {
+    /// Collects up to [`MAX_PAIRS`] pairs.
+    ///
+    /// ```
+    /// let env = [("TRACEPARENT", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")];
+    /// let cx = contextflow_otel::extract(&contextflow_otel::carrier::Pairs::new(env));
+    /// assert!(opentelemetry::trace::TraceContextExt::has_active_span(&cx));
+    /// ```
+    pub fn new(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Pairs {
+            pairs: pairs.into_iter().take(MAX_PAIRS).collect(),
+        }
+    }
+}
+
+impl Extractor for Pairs<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|&(_, v)| v)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.pairs.iter().map(|&(k, _)| k).collect()
+    }
+
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let all: Vec<&str> = self
+            .pairs
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|&(_, v)| v)
+            .collect();
+        (!all.is_empty()).then_some(all)
+    }
+}
+
+// ===== impl InjectFn =====
+
+impl<F: FnMut(&str, String)> Injector for InjectFn<F> {
+    fn set(&mut self, key: &str, value: String) {
+        (self.0)(key, value)
+    }
+}
+
+impl<F> fmt::Debug for InjectFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("InjectFn")
+    }
+}
+
+// ===== impl Bounded =====
+
+impl Bounded<'_> {
+    fn check<'v>(&self, key: &str, value: &'v str) -> Option<&'v str> {
+        if value.len() > MAX_VALUE_LEN {
+            tracing::debug!(
+                key = %Escaped(key.as_bytes()),
+                value = %Escaped(value.as_bytes()),
+                "ignored an over-long propagation field"
+            );
+            return None;
+        }
+        Some(value)
+    }
+}
+
+impl Extractor for Bounded<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| self.check(key, v))
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = self.0.keys();
+        keys.truncate(MAX_PAIRS);
+        keys
+    }
+
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let mut all = self.0.get_all(key)?;
+        if all.len() > MAX_PAIRS {
+            tracing::debug!(key = %Escaped(key.as_bytes()), count = all.len(), "ignored values past 64");
+            all.truncate(MAX_PAIRS);
+        }
+        let all: Vec<&str> = all.into_iter().filter_map(|v| self.check(key, v)).collect();
+        (!all.is_empty()).then_some(all)
+    }
+}
+
+// ===== impl Escaped =====
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX: usize = 64;
+        let bytes = self.0;
+        write!(f, "\"{}\"", bytes[..bytes.len().min(MAX)].escape_ascii())?;
+        if bytes.len() > MAX {
+            write!(f, "... ({} bytes)", bytes.len())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_hides_control_characters() {
+        let shown = Escaped(b"a\t\"b\xff\\\n").to_string();
+        assert_eq!(shown, r#""a\t\"b\xff\\\n""#);
+        assert!(Escaped(&[b'x'; 100])
+            .to_string()
+            .ends_with("... (100 bytes)"));
+    }
+
+    #[test]
+    fn bounded_drops_long_values_and_many_values() {
+        let long = "x".repeat(MAX_VALUE_LEN + 1);
+        let many: Vec<(&str, &str)> = (0..100).map(|_| ("k", "v")).collect();
+        let pairs = Pairs::new([("long", long.as_str())]);
+        assert_eq!(Bounded(&pairs).get("long"), None);
+        assert_eq!(Bounded(&pairs).get_all("long"), None);
+        let pairs = Pairs::new(many);
+        assert_eq!(Bounded(&pairs).get_all("k").unwrap().len(), MAX_PAIRS);
+    }
+}

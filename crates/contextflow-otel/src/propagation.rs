@@ -1,0 +1,508 @@
+//! Propagators: what crosses a process boundary, as OpenTelemetry `TextMapPropagator`s.
+//!
+//! - [`TraceContextPropagator`]: W3C `traceparent` and `tracestate`, strict (it passes the
+//!   W3C test suite's strictest level); the extracted span context is a remote parent.
+//! - [`BaggagePropagator`]: W3C `baggage` into OpenTelemetry's `Baggage`.
+//! - [`RequestIdPropagator`]: `x-request-id`, validated, or a fresh id when missing or
+//!   malformed.
+//!
+//! They compose with the ecosystem's (B3 from `opentelemetry-zipkin`, Jaeger, Datadog...)
+//! through `TextMapCompositePropagator`. [`Propagation`] is what transports use: the trace
+//! propagator (by default OpenTelemetry's global one, see [`Propagation::global`]) plus the
+//! request id, with the bounds of [`carrier`](crate::carrier) on what is read.
+//!
+//! ```
+//! use contextflow_otel::{default_propagator, carrier::Pairs};
+//! use opentelemetry::{propagation::TextMapPropagator, trace::TraceContextExt};
+//!
+//! let propagator = default_propagator();
+//! let cx = propagator.extract(&Pairs::new([
+//!     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+//!     ("baggage", "env=staging"),
+//! ]));
+//! assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+//! ```
+
+use std::sync::{Arc, LazyLock};
+
+use opentelemetry::{
+    baggage::BaggageExt as _,
+    propagation::{
+        text_map_propagator::FieldIter, Extractor, Injector, TextMapCompositePropagator,
+        TextMapPropagator,
+    },
+    trace::TraceContextExt as _,
+    Context,
+};
+
+use crate::{
+    carrier::{Bounded, Escaped},
+    traceparent::format_traceparent,
+    Baggage, RequestId, TraceParent, TraceState, BAGGAGE, REQUEST_ID, TRACEPARENT, TRACESTATE,
+    X_REQUEST_ID,
+};
+
+/// W3C Trace Context (`traceparent`, `tracestate`) as a `TextMapPropagator`.
+///
+/// Extraction makes the caller's span the remote parent; a missing, malformed or repeated
+/// `traceparent` leaves the context as it was (and drops `tracestate`). Injection writes the
+/// context's span (the current span: a server span, a client span, a `tracing` span bridged
+/// by `tracing-opentelemetry`) as `parent-id`, with the known flags only.
+///
+/// ```
+/// use contextflow_otel::{carrier::Pairs, TraceContextPropagator};
+/// use opentelemetry::propagation::TextMapPropagator;
+/// use std::collections::HashMap;
+///
+/// let cx = TraceContextPropagator::new().extract(&Pairs::new([
+///     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+///     ("tracestate", "foo@@bar=1,congo=t61rcWkgMzE"),
+/// ]));
+/// let mut out = HashMap::new();
+/// TraceContextPropagator::new().inject_context(&cx, &mut out);
+/// assert_eq!(out["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+/// assert_eq!(out["tracestate"], "foo@@bar=1,congo=t61rcWkgMzE");
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceContextPropagator {
+    _private: (),
+}
+
+/// W3C Baggage as a `TextMapPropagator`: `baggage` into OpenTelemetry's `Baggage` (values and
+/// property values percent-decoded, invalid members dropped) and back.
+///
+/// ```
+/// use contextflow_otel::{carrier::Pairs, BaggagePropagator};
+/// use opentelemetry::{baggage::BaggageExt, propagation::TextMapPropagator};
+///
+/// let cx = BaggagePropagator::new().extract(&Pairs::new([("baggage", "user=al%20ice,bad key=1")]));
+/// assert_eq!(cx.baggage().get("user").map(|v| v.as_str()), Some("al ice"));
+/// assert_eq!(cx.baggage().len(), 1);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BaggagePropagator {
+    _private: (),
+}
+
+/// The request id (`x-request-id`) as a `TextMapPropagator`.
+///
+/// Extraction always leaves a [`RequestId`] in the context: the caller's when valid, else a
+/// fresh one (a malformed or repeated value is dropped with a `debug` log). Injection writes
+/// the context's request id, or the current one ([`REQUEST_ID`]).
+///
+/// ```
+/// use contextflow_otel::{carrier::Pairs, RequestId, RequestIdPropagator};
+/// use opentelemetry::propagation::TextMapPropagator;
+///
+/// let cx = RequestIdPropagator::new().extract(&Pairs::new([("x-request-id", "two words")]));
+/// let id = cx.get::<RequestId>().unwrap();
+/// assert_ne!(id.as_str(), "two words", "an invalid id is replaced");
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestIdPropagator {
+    _private: (),
+}
+
+/// Where a transport's trace propagator comes from, plus the request id: what the HTTP and
+/// gRPC layers (and message carriers) use to extract and inject.
+///
+/// ```
+/// use contextflow_otel::{carrier::Pairs, Propagation, RequestId};
+/// use opentelemetry::trace::TraceContextExt;
+///
+/// let cx = Propagation::global().extract(&Pairs::new([
+///     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+///     ("x-request-id", "r-1"),
+/// ]));
+/// assert!(cx.span().span_context().is_remote());
+/// assert_eq!(cx.get::<RequestId>().unwrap().as_str(), "r-1");
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Propagation {
+    /// `None`: the global propagator (or the default when none is installed).
+    trace: Option<Arc<dyn TextMapPropagator + Send + Sync>>,
+}
+
+/// The full `tracestate` next to the span context whose OpenTelemetry `TraceState` kept only
+/// the members that OpenTelemetry's older key grammar accepts.
+#[derive(Debug)]
+struct FullTraceState {
+    full: TraceState,
+    projected: opentelemetry::trace::TraceState,
+}
+
+static TRACE_CONTEXT_FIELDS: LazyLock<[String; 2]> =
+    LazyLock::new(|| [TRACEPARENT.to_owned(), TRACESTATE.to_owned()]);
+static BAGGAGE_FIELDS: LazyLock<[String; 1]> = LazyLock::new(|| [BAGGAGE.to_owned()]);
+static REQUEST_ID_FIELDS: LazyLock<[String; 1]> = LazyLock::new(|| [X_REQUEST_ID.to_owned()]);
+
+/// The W3C trace context and baggage: what [`Propagation::global`] uses when no global
+/// propagator is installed.
+static FALLBACK: LazyLock<TextMapCompositePropagator> = LazyLock::new(|| {
+    TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ])
+});
+
+/// contextflow's propagators composed: W3C trace context, W3C baggage and the request id.
+/// Install it as the global propagator, or compose it further with other formats.
+///
+/// ```
+/// opentelemetry::global::set_text_map_propagator(contextflow_otel::default_propagator());
+/// ```
+pub fn default_propagator() -> TextMapCompositePropagator {
+    TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+        Box::new(RequestIdPropagator::new()),
+    ])
+}
+
+/// Reads the context that `extractor` carries with the global propagation (see
+/// [`Propagation::global`]), on top of the current context. Never fails: malformed values
+/// are dropped with a `debug` log; the result always holds a [`RequestId`].
+///
+/// ```
+/// use contextflow_otel::carrier::Pairs;
+/// let cx = contextflow_otel::extract(&Pairs::new([("x-request-id", "r-2")]));
+/// assert_eq!(contextflow_otel::sync_scope(cx, contextflow_otel::current_request_id).unwrap().as_str(), "r-2");
+/// ```
+pub fn extract(extractor: &dyn Extractor) -> Context {
+    Propagation::global().extract(extractor)
+}
+
+/// Writes the current context ([`current_context`](crate::current_context) and the current
+/// request id) into `injector` with the global propagation.
+///
+/// ```
+/// use std::collections::HashMap;
+/// let cx = contextflow_otel::extract(&contextflow_otel::carrier::Pairs::new([("x-request-id", "r-3")]));
+/// let mut out = HashMap::new();
+/// contextflow_otel::sync_scope(cx, || contextflow_otel::inject(&mut out));
+/// assert_eq!(out["x-request-id"], "r-3");
+/// ```
+pub fn inject(injector: &mut dyn Injector) {
+    Propagation::global().inject(&crate::current_context(), injector)
+}
+
+// ===== impl TraceContextPropagator =====
+
+impl TraceContextPropagator {
+    /// The propagator.
+    ///
+    /// ```
+    /// use opentelemetry::propagation::TextMapPropagator;
+    /// let propagator = contextflow_otel::TraceContextPropagator::new();
+    /// let fields: Vec<_> = propagator.fields().collect();
+    /// assert_eq!(fields, ["traceparent", "tracestate"]);
+    /// ```
+    pub const fn new() -> Self {
+        TraceContextPropagator { _private: () }
+    }
+}
+
+impl TextMapPropagator for TraceContextPropagator {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return;
+        }
+        injector.set(
+            TRACEPARENT,
+            format_traceparent(sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8() & 0x03),
+        );
+        let state = match cx.get::<FullTraceState>() {
+            Some(full) if full.projected == *sc.trace_state() => full.full.to_string(),
+            _ => sc.trace_state().header(),
+        };
+        if !state.is_empty() {
+            injector.set(TRACESTATE, state);
+        }
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        let Some(parent) = extract_traceparent(extractor) else {
+            return cx.clone();
+        };
+        let values = extractor.get_all(TRACESTATE).unwrap_or_default();
+        let full = match TraceState::from_values(values.iter().map(|v| v.as_bytes())) {
+            Ok(state) => state,
+            Err(err) => {
+                tracing::debug!(
+                    reason = %err,
+                    value = %Escaped(values.first().map_or(&b""[..], |v| v.as_bytes())),
+                    "dropped malformed tracestate"
+                );
+                TraceState::new()
+            }
+        };
+        let projected = full.to_otel();
+        let complete = projected.header().len() == full.to_string().len();
+        let cx = cx.with_remote_span_context(parent.to_remote_span_context(projected.clone()));
+        if complete {
+            cx
+        } else {
+            cx.with_value(FullTraceState { full, projected })
+        }
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        FieldIter::new(&*TRACE_CONTEXT_FIELDS)
+    }
+}
+
+/// The one valid `traceparent`, or `None` (with a `debug` log when one was there).
+fn extract_traceparent(extractor: &dyn Extractor) -> Option<TraceParent> {
+    let values = extractor.get_all(TRACEPARENT)?;
+    let parsed = match values.as_slice() {
+        [one] => TraceParent::parse_bytes(one.as_bytes()),
+        _ => Err(crate::InvalidTraceParent::new(
+            "more than one traceparent value",
+        )),
+    };
+    match parsed {
+        Ok(parent) => Some(parent),
+        Err(err) => {
+            tracing::debug!(
+                reason = %err,
+                value = %Escaped(values[0].as_bytes()),
+                "dropped malformed traceparent"
+            );
+            None
+        }
+    }
+}
+
+// ===== impl BaggagePropagator =====
+
+impl BaggagePropagator {
+    /// The propagator.
+    ///
+    /// ```
+    /// use opentelemetry::propagation::TextMapPropagator;
+    /// let propagator = contextflow_otel::BaggagePropagator::new();
+    /// let fields: Vec<_> = propagator.fields().collect();
+    /// assert_eq!(fields, ["baggage"]);
+    /// ```
+    pub const fn new() -> Self {
+        BaggagePropagator { _private: () }
+    }
+}
+
+impl TextMapPropagator for BaggagePropagator {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        let otel = cx.baggage();
+        if otel.is_empty() {
+            return;
+        }
+        let baggage = Baggage::from_otel(otel);
+        if !baggage.is_empty() {
+            injector.set(BAGGAGE, baggage.to_string());
+        }
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        let Some(values) = extractor.get_all(BAGGAGE) else {
+            return cx.clone();
+        };
+        let (baggage, dropped) = Baggage::from_values(values.iter().map(|v| v.as_bytes()));
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                value = %Escaped(values[0].as_bytes()),
+                "dropped malformed or excess baggage members"
+            );
+        }
+        if baggage.is_empty() {
+            return cx.clone();
+        }
+        cx.with_baggage(baggage.to_otel())
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        FieldIter::new(&*BAGGAGE_FIELDS)
+    }
+}
+
+// ===== impl RequestIdPropagator =====
+
+impl RequestIdPropagator {
+    /// The propagator.
+    ///
+    /// ```
+    /// use opentelemetry::propagation::TextMapPropagator;
+    /// let propagator = contextflow_otel::RequestIdPropagator::new();
+    /// let fields: Vec<_> = propagator.fields().collect();
+    /// assert_eq!(fields, ["x-request-id"]);
+    /// ```
+    pub const fn new() -> Self {
+        RequestIdPropagator { _private: () }
+    }
+
+    /// The request id `extractor` carries: the caller's when valid, else a fresh one.
+    ///
+    /// ```
+    /// use contextflow_otel::{carrier::Pairs, RequestIdPropagator};
+    /// let id = RequestIdPropagator::extract_id(&Pairs::new([("X-Request-Id", "r-9")]));
+    /// assert_eq!(id.as_str(), "r-9");
+    /// ```
+    pub fn extract_id(extractor: &dyn Extractor) -> RequestId {
+        let Some(values) = extractor.get_all(X_REQUEST_ID) else {
+            return RequestId::new();
+        };
+        let parsed = match values.as_slice() {
+            [one] => RequestId::parse_bytes(one.as_bytes()),
+            _ => Err(crate::InvalidRequestId::new("more than one value")),
+        };
+        parsed.unwrap_or_else(|err| {
+            tracing::debug!(
+                reason = %err,
+                value = %Escaped(values[0].as_bytes()),
+                "dropped malformed request id; made a new one"
+            );
+            RequestId::new()
+        })
+    }
+}
+
+impl TextMapPropagator for RequestIdPropagator {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        let id = match cx.get::<RequestId>() {
+            Some(id) => Some(id.as_str().to_owned()),
+            None => REQUEST_ID.with(|id| id.map(|id| id.as_str().to_owned())),
+        };
+        if let Some(id) = id {
+            injector.set(X_REQUEST_ID, id);
+        }
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        cx.with_value(RequestIdPropagator::extract_id(extractor))
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        FieldIter::new(&*REQUEST_ID_FIELDS)
+    }
+}
+
+// ===== impl Propagation =====
+
+impl Propagation {
+    /// OpenTelemetry's global propagator (`opentelemetry::global::set_text_map_propagator`),
+    /// read at each use; when none is installed (OpenTelemetry's default is a no-op),
+    /// contextflow's W3C trace context and baggage. The request id is always propagated too.
+    ///
+    /// ```
+    /// let propagation = contextflow_otel::Propagation::global();
+    /// # drop(propagation);
+    /// ```
+    pub fn global() -> Self {
+        Propagation { trace: None }
+    }
+
+    /// `propagator` for the trace context (and whatever else it carries), plus the request id.
+    ///
+    /// ```
+    /// use contextflow_otel::{Propagation, TraceContextPropagator};
+    /// let propagation = Propagation::with_propagator(TraceContextPropagator::new());
+    /// # drop(propagation);
+    /// ```
+    pub fn with_propagator<P: TextMapPropagator + Send + Sync + 'static>(propagator: P) -> Self {
+        Propagation {
+            trace: Some(Arc::new(propagator)),
+        }
+    }
+
+    /// Reads what `extractor` carries on top of the current context; the result always holds
+    /// a [`RequestId`].
+    ///
+    /// ```
+    /// use contextflow_otel::{carrier::Pairs, Propagation, RequestId};
+    /// let cx = Propagation::global().extract(&Pairs::default());
+    /// assert_eq!(cx.get::<RequestId>().unwrap().as_str().len(), 36, "a fresh id");
+    /// ```
+    pub fn extract(&self, extractor: &dyn Extractor) -> Context {
+        self.extract_with_context(&Context::current(), extractor)
+    }
+
+    /// Reads what `extractor` carries on top of `cx`.
+    ///
+    /// ```
+    /// use contextflow_otel::{carrier::Pairs, Propagation};
+    /// use opentelemetry::{trace::TraceContextExt, Context};
+    /// let cx = Propagation::global().extract_with_context(&Context::new(), &Pairs::default());
+    /// assert!(!cx.has_active_span());
+    /// ```
+    pub fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        let bounded = Bounded(extractor);
+        let cx = self.extract_trace(cx, &bounded);
+        cx.with_value(RequestIdPropagator::extract_id(&bounded))
+    }
+
+    /// Reads only what the trace propagator carries (no request id).
+    pub(crate) fn extract_trace(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        match &self.trace {
+            Some(p) => p.extract_with_context(cx, extractor),
+            None => opentelemetry::global::get_text_map_propagator(|p| {
+                if p.fields().next().is_none() {
+                    FALLBACK.extract_with_context(cx, extractor)
+                } else {
+                    p.extract_with_context(cx, extractor)
+                }
+            }),
+        }
+    }
+
+    /// Writes `cx` and the request id into `injector`.
+    ///
+    /// ```
+    /// use contextflow_otel::{Propagation, RequestId};
+    /// use opentelemetry::Context;
+    /// use std::collections::HashMap;
+    ///
+    /// let cx = Context::new().with_value("r-4".parse::<RequestId>()?);
+    /// let mut out = HashMap::new();
+    /// Propagation::global().inject(&cx, &mut out);
+    /// assert_eq!(out["x-request-id"], "r-4");
+    /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+    /// ```
+    pub fn inject(&self, cx: &Context, injector: &mut dyn Injector) {
+        match &self.trace {
+            Some(p) => p.inject_context(cx, injector),
+            None => opentelemetry::global::get_text_map_propagator(|p| {
+                if p.fields().next().is_none() {
+                    FALLBACK.inject_context(cx, injector)
+                } else {
+                    p.inject_context(cx, injector)
+                }
+            }),
+        }
+        RequestIdPropagator::new().inject_context(cx, injector);
+    }
+
+    /// The fields the trace propagator writes, plus `x-request-id`.
+    ///
+    /// ```
+    /// let fields = contextflow_otel::Propagation::global().fields();
+    /// assert!(fields.iter().any(|f| f == "x-request-id"));
+    /// ```
+    pub fn fields(&self) -> Vec<String> {
+        let mut fields: Vec<String> = match &self.trace {
+            Some(p) => p.fields().map(str::to_owned).collect(),
+            None => opentelemetry::global::get_text_map_propagator(|p| {
+                let fields: Vec<String> = p.fields().map(str::to_owned).collect();
+                if fields.is_empty() {
+                    FALLBACK.fields().map(str::to_owned).collect()
+                } else {
+                    fields
+                }
+            }),
+        };
+        if !fields.iter().any(|f| f == X_REQUEST_ID) {
+            fields.push(X_REQUEST_ID.to_owned());
+        }
+        fields
+    }
+}

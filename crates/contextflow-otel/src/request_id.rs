@@ -1,0 +1,155 @@
+//! The request id: one opaque id per request, echoed back and forwarded to other services.
+//!
+//! An incoming `x-request-id` is honoured only when it is 1 to 128 bytes of visible ASCII
+//! (`0x21..=0x7e`): anything longer, empty, or holding spaces, control characters or non-ASCII
+//! bytes is replaced by a new UUID v4, so a client cannot push megabytes, terminal escapes or
+//! log-forging newlines through it.
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use crate::ids;
+
+/// The name of the request id field.
+///
+/// ```
+/// assert_eq!(contextflow_otel::X_REQUEST_ID, "x-request-id");
+/// ```
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// The longest request id accepted, in bytes.
+const MAX_LEN: usize = 128;
+
+/// A validated request id: 1 to 128 bytes of visible ASCII. Cheap to clone.
+///
+/// ```
+/// use contextflow_otel::RequestId;
+///
+/// let id: RequestId = "req-42".parse()?;
+/// assert_eq!(id.as_str(), "req-42");
+/// assert!("two words".parse::<RequestId>().is_err());
+/// assert_eq!(RequestId::new().as_str().len(), 36, "a hyphenated UUID v4");
+/// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(Arc<str>);
+
+/// Why a request id was rejected.
+///
+/// The message names the rule that failed, never the rejected value, so it is safe to log.
+///
+/// ```
+/// use contextflow_otel::RequestId;
+/// let err = "".parse::<RequestId>().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid request id: empty");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidRequestId {
+    reason: &'static str,
+}
+
+// ===== impl RequestId =====
+
+impl RequestId {
+    /// A new random request id: a lower-case hyphenated UUID v4, from a cryptographically
+    /// secure generator.
+    ///
+    /// ```
+    /// use contextflow_otel::RequestId;
+    /// let id = RequestId::new();
+    /// assert_eq!(id.as_str().len(), 36);
+    /// assert_eq!(&id.as_str()[14..15], "4", "version 4");
+    /// assert_ne!(id, RequestId::new());
+    /// ```
+    #[allow(clippy::new_without_default)] // a `Default` that is random each time would surprise
+    pub fn new() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut bytes = ids::random_bytes();
+        bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+        bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
+        let mut text = String::with_capacity(36);
+        for (i, b) in bytes.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                text.push('-');
+            }
+            text.push(char::from(HEX[usize::from(b >> 4)]));
+            text.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+        RequestId(text.into())
+    }
+
+    /// Checks a value given as bytes: 1 to 128 bytes, each visible ASCII (`0x21..=0x7e`).
+    ///
+    /// # Errors
+    ///
+    /// When the value is empty, too long, or holds any other byte.
+    ///
+    /// ```
+    /// use contextflow_otel::RequestId;
+    /// assert!(RequestId::parse_bytes(b"abc").is_ok());
+    /// assert!(RequestId::parse_bytes(b"caf\xc3\xa9").is_err());
+    /// ```
+    pub fn parse_bytes(value: &[u8]) -> Result<Self, InvalidRequestId> {
+        validate(value)?;
+        // Validated as visible ASCII, so the lossy conversion never replaces anything.
+        Ok(RequestId(String::from_utf8_lossy(value).into()))
+    }
+
+    /// The id as text.
+    ///
+    /// ```
+    /// use contextflow_otel::RequestId;
+    /// assert_eq!("abc".parse::<RequestId>()?.as_str(), "abc");
+    /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+    /// ```
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = InvalidRequestId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RequestId::parse_bytes(s.as_bytes())
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({})", self.as_str())
+    }
+}
+
+// ===== impl InvalidRequestId =====
+
+impl InvalidRequestId {
+    pub(crate) const fn new(reason: &'static str) -> Self {
+        InvalidRequestId { reason }
+    }
+}
+
+impl fmt::Display for InvalidRequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid request id: {}", self.reason)
+    }
+}
+
+impl std::error::Error for InvalidRequestId {}
+
+fn validate(bytes: &[u8]) -> Result<(), InvalidRequestId> {
+    if bytes.is_empty() {
+        Err(InvalidRequestId::new("empty"))
+    } else if bytes.len() > MAX_LEN {
+        Err(InvalidRequestId::new("longer than 128 bytes"))
+    } else if !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        Err(InvalidRequestId::new("not visible ASCII"))
+    } else {
+        Ok(())
+    }
+}
