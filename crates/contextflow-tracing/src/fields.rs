@@ -10,7 +10,9 @@ use contextflow::AsyncLocal;
 
 use crate::{
     escape::{self, Bounded},
-    format::{ContextFormat, Mode},
+    format::Mode,
+    layer::ContextLayer,
+    ContextFormat, EscapedFields,
 };
 
 /// Which contextflow variables appear in every log event, and under which names.
@@ -44,6 +46,8 @@ use crate::{
 pub struct ContextFields {
     fields: Arc<[Field]>,
     max_len: usize,
+    max_value_len: usize,
+    max_line_len: usize,
     bare_first: bool,
 }
 
@@ -70,10 +74,60 @@ pub const DEFAULT_MAX_LEN: usize = 256;
 /// ```
 pub const TRUNCATED_MARKER: &str = "…";
 
-#[derive(Clone, Copy)]
-struct Field {
-    name: &'static str,
-    source: &'static dyn Source,
+/// The default bound on each event or span field value (the message included), in characters
+/// of output, escapes included: 2048.
+///
+/// ```
+/// assert_eq!(contextflow_tracing::DEFAULT_MAX_VALUE_LEN, 2048);
+/// ```
+pub const DEFAULT_MAX_VALUE_LEN: usize = 2048;
+
+/// The default bound on a whole log line, in bytes, the final newline included: 8192 (below
+/// the 16 KiB at which container runtimes split a line into two records).
+///
+/// ```
+/// assert_eq!(contextflow_tracing::DEFAULT_MAX_LINE_LEN, 8192);
+/// ```
+pub const DEFAULT_MAX_LINE_LEN: usize = 8192;
+
+#[derive(Clone)]
+pub(crate) struct Field {
+    pub(crate) name: &'static str,
+    source: SourceRef,
+}
+
+#[derive(Clone)]
+enum SourceRef {
+    Var(&'static dyn Source),
+    Fn(Arc<dyn Source>),
+}
+
+impl SourceRef {
+    fn get(&self) -> &dyn Source {
+        match self {
+            SourceRef::Var(var) => *var,
+            SourceRef::Fn(f) => &**f,
+        }
+    }
+}
+
+/// A closure field: called for each event, `None` leaves the field out.
+struct FnSource<F>(F);
+
+impl<T, F> Source for FnSource<F>
+where
+    T: fmt::Display,
+    F: Fn() -> Option<T> + Send + Sync,
+{
+    fn with_value(&self, f: &mut dyn FnMut(&dyn fmt::Display)) -> bool {
+        match (self.0)() {
+            Some(value) => {
+                f(&value);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A variable whose current value can be displayed. Implemented for every `AsyncLocal<T>` with
@@ -108,6 +162,8 @@ impl ContextFields {
         ContextFields {
             fields: Arc::new([]),
             max_len: DEFAULT_MAX_LEN,
+            max_value_len: DEFAULT_MAX_VALUE_LEN,
+            max_line_len: DEFAULT_MAX_LINE_LEN,
             bare_first: true,
         }
     }
@@ -130,15 +186,47 @@ impl ContextFields {
     where
         T: fmt::Display + Send + Sync + 'static,
     {
+        self.push(name, SourceRef::Var(var))
+    }
+
+    /// Adds a field whose value `value` computes for each event (`None` leaves it out): for
+    /// what does not live in a contextflow variable, such as the trace and span ids of
+    /// OpenTelemetry's current context. `value` runs on the thread that logs, must be cheap and
+    /// must not log itself.
+    ///
+    /// # Panics
+    /// When `name` is invalid, as [`field`](Self::field).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// static ATTEMPT: AtomicU32 = AtomicU32::new(0);
+    ///
+    /// let fields = contextflow_tracing::ContextFields::new()
+    ///     .field_fn("attempt", || match ATTEMPT.load(Ordering::Relaxed) {
+    ///         0 => None,
+    ///         n => Some(n),
+    ///     });
+    /// assert_eq!(fields.text_prefix(), "");
+    /// ATTEMPT.store(3, Ordering::Relaxed);
+    /// assert_eq!(fields.text_prefix(), "[3] ");
+    /// ```
+    #[track_caller]
+    pub fn field_fn<T, F>(self, name: &'static str, value: F) -> Self
+    where
+        T: fmt::Display,
+        F: Fn() -> Option<T> + Send + Sync + 'static,
+    {
+        self.push(name, SourceRef::Fn(Arc::new(FnSource(value))))
+    }
+
+    #[track_caller]
+    fn push(self, name: &'static str, source: SourceRef) -> Self {
         assert!(
-            !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')),
+            is_valid_name(name),
             "contextflow-tracing: invalid field name {name:?} (use ASCII letters, digits, `_`, `-`, `.`)"
         );
         let mut fields = self.fields.to_vec();
-        fields.push(Field { name, source: var });
+        fields.push(Field { name, source });
         ContextFields {
             fields: fields.into(),
             ..self
@@ -159,6 +247,106 @@ impl ContextFields {
     pub fn max_len(mut self, max_len: usize) -> Self {
         self.max_len = max_len;
         self
+    }
+
+    /// Sets the bound on each event and span field value, the message included, in characters
+    /// of output, escapes included (default [`DEFAULT_MAX_VALUE_LEN`]). It applies to JSON
+    /// output through [`json`](Self::json) and to text output through
+    /// [`escaped_fields`](Self::escaped_fields).
+    ///
+    /// ```
+    /// use contextflow_tracing::{ContextFields, MemoryWriter};
+    /// let fields = ContextFields::new().max_value_len(5);
+    /// let log = MemoryWriter::new();
+    /// let subscriber = tracing_subscriber::fmt()
+    ///     .json()
+    ///     .without_time()
+    ///     .with_writer(log.clone())
+    ///     .map_event_format(|f| fields.json(f))
+    ///     .finish();
+    /// tracing::subscriber::with_default(subscriber, || tracing::info!(reference = "R1234567", "hi"));
+    /// let line: serde_json::Value = serde_json::from_str(&log.contents()).unwrap();
+    /// assert_eq!(line["fields"]["reference"], "R1234…");
+    /// ```
+    pub fn max_value_len(mut self, max_value_len: usize) -> Self {
+        self.max_value_len = max_value_len;
+        self
+    }
+
+    /// Sets the bound on a whole line, in bytes, the final newline included (default
+    /// [`DEFAULT_MAX_LINE_LEN`]). A longer text line is cut and ends with
+    /// [`TRUNCATED_MARKER`]; a longer JSON line is replaced by a short valid object with the
+    /// context fields, `timestamp`, `level`, the message (cut), `target` and
+    /// `"truncated":true`.
+    ///
+    /// ```
+    /// use contextflow_tracing::{ContextFields, MemoryWriter};
+    /// let fields = ContextFields::new().max_line_len(40);
+    /// let log = MemoryWriter::new();
+    /// let subscriber = tracing_subscriber::fmt()
+    ///     .without_time()
+    ///     .with_ansi(false)
+    ///     .with_writer(log.clone())
+    ///     .event_format(fields.text(tracing_subscriber::fmt::format().without_time()))
+    ///     .finish();
+    /// tracing::subscriber::with_default(subscriber, || tracing::info!(reference = "R1".repeat(50)));
+    /// let line = log.contents();
+    /// assert_eq!(line.len(), 40);
+    /// assert!(line.ends_with("…\n"));
+    /// ```
+    pub fn max_line_len(mut self, max_line_len: usize) -> Self {
+        self.max_line_len = max_line_len;
+        self
+    }
+
+    /// The field formatter for text output that escapes and bounds every event and span field
+    /// value with this list's [`max_value_len`](Self::max_value_len); see [`EscapedFields`].
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// use contextflow_tracing::{ContextFields, MemoryWriter};
+    /// static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+    ///
+    /// let fields = ContextFields::new().field("tenant", &TENANT).name_every_field();
+    /// let log = MemoryWriter::new();
+    /// let subscriber = tracing_subscriber::fmt()
+    ///     .with_ansi(false)
+    ///     .with_writer(log.clone())
+    ///     .fmt_fields(fields.escaped_fields())
+    ///     .event_format(fields.text(tracing_subscriber::fmt::format().without_time().with_target(false)))
+    ///     .finish();
+    /// tracing::subscriber::with_default(subscriber, || {
+    ///     TENANT.sync_scope("acme".into(), || tracing::info!(note = %"a\nb", "saved"));
+    /// });
+    /// assert_eq!(log.contents(), "[tenant=acme]  INFO saved note=a\\nb\n");
+    /// ```
+    pub fn escaped_fields(&self) -> EscapedFields {
+        EscapedFields::new().max_value_len(self.max_value_len)
+    }
+
+    /// Wraps any [`Layer`](tracing_subscriber::Layer) so that every event it sees carries the
+    /// context fields as ordinary event fields: OpenTelemetry's log appender, a JSON layer, an
+    /// error tracker's layer. See [`ContextLayer`].
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// use contextflow_tracing::{ContextFields, MemoryWriter};
+    /// use tracing_subscriber::prelude::*;
+    /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+    ///
+    /// let fields = ContextFields::new().field("request_id", &REQUEST_ID);
+    /// let log = MemoryWriter::new();
+    /// let json = tracing_subscriber::fmt::layer().json().without_time().with_writer(log.clone());
+    /// let subscriber = tracing_subscriber::registry().with(fields.layer(json));
+    /// tracing::subscriber::with_default(subscriber, || {
+    ///     REQUEST_ID.sync_scope("req-1".into(), || tracing::info!(order = 7, "placed"));
+    /// });
+    /// let line: serde_json::Value = serde_json::from_str(&log.contents()).unwrap();
+    /// assert_eq!(line["fields"]["request_id"], "req-1");
+    /// assert_eq!(line["fields"]["order"], 7);
+    /// ```
+    pub fn layer<L>(&self, inner: L) -> ContextLayer<L> {
+        ContextLayer::new(self.clone(), inner)
     }
 
     /// Prints every field as `name=value` in text output, the first one included
@@ -203,20 +391,27 @@ impl ContextFields {
     }
 
     /// Wraps a text event format (such as `tracing_subscriber::fmt::format()`) so that each
-    /// line starts with the context prefix (see [`write_text_prefix`](Self::write_text_prefix)).
+    /// line starts with the context prefix (see [`write_text_prefix`](Self::write_text_prefix))
+    /// and the whole line is escaped and bounded (see [`ContextFormat`]).
     ///
     /// Also registers [`SpanCarrier`](crate::SpanCarrier), so that spawned tasks log inside
     /// their parent's span.
     ///
     /// ```
     /// use contextflow::AsyncLocal;
+    /// use contextflow_tracing::MemoryWriter;
     /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
     ///
     /// let fields = contextflow_tracing::ContextFields::new().field("request_id", &REQUEST_ID);
+    /// let log = MemoryWriter::new();
     /// let subscriber = tracing_subscriber::fmt()
-    ///     .event_format(fields.text(tracing_subscriber::fmt::format()))
+    ///     .event_format(fields.text(tracing_subscriber::fmt::format().without_time()))
+    ///     .with_writer(log.clone())
     ///     .finish();
-    /// # drop(subscriber);
+    /// tracing::subscriber::with_default(subscriber, || {
+    ///     REQUEST_ID.sync_scope("req-9".into(), || tracing::warn!("low stock"));
+    /// });
+    /// assert_eq!(log.lines(), ["[req-9]  WARN rust_out: low stock"]);
     /// ```
     pub fn text<F>(&self, inner: F) -> ContextFormat<F> {
         crate::carry_spans();
@@ -224,21 +419,32 @@ impl ContextFields {
     }
 
     /// Wraps a JSON event format (such as `tracing_subscriber::fmt::format().json()`) so that
-    /// each object gets one top-level key per field that is set.
+    /// each object gets one top-level key per field that is set, and every string of the line
+    /// is escaped and bounded (see [`ContextFormat`]).
     ///
     /// Also registers [`SpanCarrier`](crate::SpanCarrier), so that spawned tasks log inside
     /// their parent's span.
     ///
     /// ```
     /// use contextflow::AsyncLocal;
+    /// use contextflow_tracing::MemoryWriter;
     /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
     ///
     /// let fields = contextflow_tracing::ContextFields::new().field("request_id", &REQUEST_ID);
+    /// let log = MemoryWriter::new();
     /// let subscriber = tracing_subscriber::fmt()
     ///     .json()
+    ///     .without_time()
     ///     .map_event_format(|json| fields.json(json))
+    ///     .with_writer(log.clone())
     ///     .finish();
-    /// # drop(subscriber);
+    /// tracing::subscriber::with_default(subscriber, || {
+    ///     REQUEST_ID.sync_scope("req-9".into(), || tracing::warn!("low\u{2028}stock"));
+    /// });
+    /// assert_eq!(
+    ///     log.contents(),
+    ///     "{\"request_id\":\"req-9\",\"level\":\"WARN\",\"fields\":{\"message\":\"low\\u2028stock\"},\"target\":\"rust_out\"}\n"
+    /// );
     /// ```
     pub fn json<F>(&self, inner: F) -> ContextFormat<F> {
         crate::carry_spans();
@@ -357,14 +563,14 @@ impl ContextFields {
     }
 
     /// Renders `field`'s current value, bounded, into `scratch`; `false` when it is not set.
-    fn render(&self, field: &Field, scratch: &mut String) -> bool {
+    pub(crate) fn render(&self, field: &Field, scratch: &mut String) -> bool {
         scratch.clear();
         let mut bounded = Bounded {
             buf: scratch,
             remaining: self.max_len,
             truncated: false,
         };
-        let set = field.source.with_value(&mut |value| {
+        let set = field.source.get().with_value(&mut |value| {
             // An error is either our own stop at the bound (recorded in `truncated`) or a
             // failing `Display` impl, whose partial output is still worth logging.
             let _ = write!(bounded, "{value}");
@@ -374,6 +580,39 @@ impl ContextFields {
         }
         set
     }
+}
+
+// ===== crate-internal accessors =====
+
+impl ContextFields {
+    pub(crate) fn list(&self) -> &[Field] {
+        &self.fields
+    }
+
+    pub(crate) fn value_cap(&self) -> usize {
+        self.max_value_len
+    }
+
+    pub(crate) fn line_cap(&self) -> usize {
+        self.max_line_len
+    }
+}
+
+/// Field names are code, not input: ASCII letters, digits, `_`, `-`, `.`, not empty.
+const fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !(b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 impl Default for ContextFields {
@@ -387,6 +626,8 @@ impl fmt::Debug for ContextFields {
         f.debug_struct("ContextFields")
             .field("names", &self.names().collect::<Vec<_>>())
             .field("max_len", &self.max_len)
+            .field("max_value_len", &self.max_value_len)
+            .field("max_line_len", &self.max_line_len)
             .field("bare_first", &self.bare_first)
             .finish()
     }
@@ -401,7 +642,7 @@ thread_local! {
 
 /// Calls `f` with this thread's scratch buffer, or with a fresh one when the buffer is in use
 /// (a value's `Display` impl that itself logs) or the thread is being torn down.
-fn with_scratch(f: impl FnOnce(&mut String)) {
+pub(crate) fn with_scratch(f: impl FnOnce(&mut String)) {
     let mut f = Some(f);
     let _ = SCRATCH.try_with(|cell| {
         if let Ok(mut buf) = cell.try_borrow_mut() {

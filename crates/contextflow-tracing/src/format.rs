@@ -1,8 +1,15 @@
 //! `ContextFormat`: an event format that adds the context fields to another one.
 
-use std::{cell::RefCell, fmt};
+use std::{
+    any::TypeId,
+    cell::RefCell,
+    fmt::{self, Write},
+};
 
-use tracing::{Event, Subscriber};
+use tracing::{
+    field::{Field, Visit},
+    Event, Subscriber,
+};
 use tracing_subscriber::{
     fmt::{
         format::{FormatEvent, FormatFields, Writer},
@@ -11,36 +18,46 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-use crate::ContextFields;
+use crate::{
+    escape::{self, Bounded, JsonLine, TextLine},
+    ContextFields, EscapedFields,
+};
 
 /// A [`FormatEvent`] that adds the current context's fields to every event formatted by
-/// `F`; made by [`ContextFields::text`] or [`ContextFields::json`].
+/// `F`, and escapes and bounds the whole line; made by [`ContextFields::text`] or
+/// [`ContextFields::json`].
 ///
 /// - Text: the line starts with the prefix from [`ContextFields::write_text_prefix`], then
-///   `F`'s output follows unchanged: `[req-123 tenant=acme] 2026-01-01T00:00:00Z  INFO app: Order
-///   creation started`.
+///   `F`'s output follows through the line escaper: `[req-123 tenant=acme] 2026-01-01T00:00:00Z
+///   INFO app: Order creation started`. Only the final newline stays a newline; the line is cut
+///   at [`ContextFields::max_line_len`] bytes (see the [crate docs](crate#security-escaping-and-bounding)).
 /// - JSON: `F` must write one JSON object per event (as `tracing_subscriber`'s `Json` format
 ///   does); the fields become its first keys: `{"request_id":"req-123","tenant":"acme",
-///   "timestamp":...}`. Output that is not an object is passed through unchanged.
+///   "timestamp":...}`, and every string of the line is escaped and cut at
+///   [`ContextFields::max_value_len`] characters. Output that is not an object is passed
+///   through (escaped and bounded the same way).
 ///
-/// With no field set, `F`'s output is passed through unchanged (no empty brackets).
+/// With no field set there is no prefix (no empty brackets) and no extra key.
 ///
 /// ```
 /// use contextflow::AsyncLocal;
-/// use contextflow_tracing::ContextFields;
+/// use contextflow_tracing::{ContextFields, MemoryWriter};
 ///
 /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
 ///
 /// let fields = ContextFields::new().field("request_id", &REQUEST_ID);
 /// let format = tracing_subscriber::fmt::format().without_time().with_target(false);
+/// let log = MemoryWriter::new();
 /// let subscriber = tracing_subscriber::fmt()
 ///     .event_format(fields.text(format))
-///     .with_writer(std::io::stdout)
+///     .with_writer(log.clone())
 ///     .finish();
 /// tracing::subscriber::with_default(subscriber, || {
-///     REQUEST_ID.sync_scope("req-123".into(), || tracing::info!("Order creation started"));
-///     // prints: [req-123]  INFO Order creation started
+///     REQUEST_ID.sync_scope("req-123".into(), || {
+///         tracing::info!(note = %"two\nlines", "Order creation started")
+///     });
 /// });
+/// assert_eq!(log.lines(), ["[req-123]  INFO Order creation started note=two\\nlines"]);
 /// ```
 #[derive(Debug, Clone)]
 pub struct ContextFormat<F> {
@@ -101,8 +118,19 @@ where
     ) -> fmt::Result {
         match self.mode {
             Mode::Text => {
-                self.fields.write_text_prefix(&mut writer)?;
-                self.inner.format_event(ctx, writer, event)
+                if writer.has_ansi_escapes() && TypeId::of::<N>() == TypeId::of::<EscapedFields>() {
+                    // Colours wanted, and every value is already escaped and bounded by the
+                    // field formatter: the wrapped format writes straight to the line.
+                    self.fields.write_text_prefix(&mut writer)?;
+                    return self.inner.format_event(ctx, writer, event);
+                }
+                // Everything the wrapped format writes goes through the line escaper. Its
+                // `Writer` has colours off: a colour code would be escaped like a value's.
+                let mut line = TextLine::new(&mut writer, self.fields.line_cap());
+                self.fields.write_text_prefix(&mut line)?;
+                self.inner
+                    .format_event(ctx, Writer::new(&mut line), event)?;
+                line.finish()
             }
             Mode::Json => {
                 let mut result = None;
@@ -135,13 +163,20 @@ impl<F> ContextFormat<F> {
     {
         line.clear();
         line.push('{');
-        if !self.fields.write_json_members(line)? {
-            return self.inner.format_event(ctx, writer.by_ref(), event);
-        }
+        let any = self.fields.write_json_members(line)?;
         let inner_start = line.len();
+        let mut rewriter = JsonLine::new(line, self.fields.line_cap(), self.fields.value_cap());
         // `Writer::new` has ANSI colours off, which is what JSON wants.
-        self.inner.format_event(ctx, Writer::new(line), event)?;
+        self.inner
+            .format_event(ctx, Writer::new(&mut rewriter), event)?;
+        if rewriter.overflowed() {
+            let (members, partial) = line.split_at(inner_start);
+            return self.write_cut_json(writer, members, partial, event);
+        }
         let (members, inner) = line.split_at(inner_start);
+        if !any {
+            return writer.write_str(inner);
+        }
         match inner.strip_prefix('{') {
             Some(rest) => {
                 writer.write_str(members)?;
@@ -152,6 +187,89 @@ impl<F> ContextFormat<F> {
             }
             // Not a JSON object: leave it alone rather than corrupt it.
             None => writer.write_str(inner),
+        }
+    }
+
+    /// Writes the short object that replaces a JSON line longer than the cap: `members` (the
+    /// opening brace and the context members), the timestamp found at the start of the cut
+    /// line, the level, the message (cut), the target and `"truncated":true`.
+    fn write_cut_json(
+        &self,
+        writer: &mut Writer<'_>,
+        members: &str,
+        partial: &str,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let cap = self.fields.line_cap();
+        let meta = event.metadata();
+        let mut message = String::new();
+        event.record(&mut MessageVisitor {
+            out: Bounded {
+                buf: &mut message,
+                remaining: self.fields.value_cap().min(cap / 16),
+                truncated: false,
+            },
+        });
+        let timestamp = partial
+            .strip_prefix("{\"timestamp\":\"")
+            .and_then(|rest| rest.split_once('"'))
+            .map(|(ts, _)| ts)
+            .filter(|ts| ts.len() <= 64 && !ts.contains('\\'));
+
+        let mut out = String::with_capacity(cap.min(4096));
+        out.push_str(members);
+        let member = |out: &mut String, key: &str| {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(key);
+            out.push_str("\":");
+        };
+        if let Some(ts) = timestamp {
+            member(&mut out, "timestamp");
+            escape::write_json(&mut out, ts)?;
+        }
+        member(&mut out, "level");
+        escape::write_json(&mut out, meta.level().as_str())?;
+        member(&mut out, "fields");
+        out.push_str("{\"message\":");
+        escape::write_json(&mut out, &message)?;
+        out.push('}');
+        member(&mut out, "target");
+        escape::write_json(&mut out, meta.target())?;
+        out.push_str(",\"truncated\":true}\n");
+        if out.len() <= cap {
+            return writer.write_str(&out);
+        }
+        // Still too long (huge context values or a tiny cap): the bare minimum.
+        out.clear();
+        out.push_str("{\"level\":");
+        escape::write_json(&mut out, meta.level().as_str())?;
+        out.push_str(",\"target\":");
+        let target: String = meta.target().chars().take(64).collect();
+        escape::write_json(&mut out, &target)?;
+        out.push_str(",\"truncated\":true}\n");
+        writer.write_str(&out)
+    }
+}
+
+/// Collects the `message` field of an event, bounded.
+struct MessageVisitor<'a> {
+    out: Bounded<'a>,
+}
+
+impl Visit for MessageVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            let _ = self.out.write_str(value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            // An error is our own stop at the bound.
+            let _ = write!(self.out, "{value:?}");
         }
     }
 }

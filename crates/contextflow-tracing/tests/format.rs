@@ -262,6 +262,7 @@ fn works_as_a_layer_of_a_registry() {
     let subscriber = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
+                .with_ansi(false)
                 .without_time()
                 .with_target(false)
                 .map_event_format(|f| fields().text(f))

@@ -1,0 +1,226 @@
+//! `EscapedFields`: tracing-subscriber's default field layout, every value escaped and bounded.
+
+use std::fmt::{self, Write};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::{
+    field::{RecordFields, VisitFmt, VisitOutput},
+    fmt::format::{FormatFields, Writer},
+};
+
+use crate::{escape::TextValue, fields::DEFAULT_MAX_VALUE_LEN};
+
+/// A [`FormatFields`] for text output that writes event and span fields exactly as
+/// `tracing_subscriber`'s default (`message` first as it is, then `name=value` with the value's
+/// `Debug` form, `error.sources=[..]` for errors), except that every value, the message
+/// included, goes through the escaper and is bounded.
+///
+/// - Escaped: every control character (newline, carriage return, tab, ESC, DEL, C1), U+2028,
+///   U+2029, the bidirectional controls and the invisible format characters listed in the
+///   [crate docs](crate#security-escaping-and-bounding), written as `\n`, `\r`, `\t`, `\x1b`,
+///   `\u{202e}`. A value without any of them is written byte for byte as the default would.
+/// - Bounded: each value writes at most `max_value_len` characters, escapes included (an escape
+///   is never split), then [`TRUNCATED_MARKER`](crate::TRUNCATED_MARKER); formatting of the
+///   value stops there, so a huge value costs no more than a short one.
+///
+/// Install it with `.fmt_fields(..)` next to [`ContextFields::text`](crate::ContextFields::text)
+/// (use [`ContextFields::escaped_fields`](crate::ContextFields::escaped_fields) to share the
+/// bound). With ANSI colours on, `ContextFields::text` keeps the colours only when this is the
+/// field formatter.
+///
+/// ```
+/// use contextflow_tracing::{EscapedFields, MemoryWriter};
+///
+/// let log = MemoryWriter::new();
+/// let subscriber = tracing_subscriber::fmt()
+///     .fmt_fields(EscapedFields::new().max_value_len(24))
+///     .without_time()
+///     .with_ansi(false)
+///     .with_writer(log.clone())
+///     .finish();
+/// tracing::subscriber::with_default(subscriber, || {
+///     let reference = "R1\n[FORGED] INFO forged line";
+///     tracing::info!(%reference, count = 2, "order\u{202E} placed");
+/// });
+/// assert_eq!(
+///     log.contents(),
+///     " INFO rust_out: order\\u{202e} placed reference=R1\\n[FORGED] INFO forged… count=2\n"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct EscapedFields {
+    max_value_len: usize,
+}
+
+// ===== impl EscapedFields =====
+
+impl EscapedFields {
+    /// Escaping with the default bound, [`DEFAULT_MAX_VALUE_LEN`](crate::DEFAULT_MAX_VALUE_LEN)
+    /// characters per value.
+    ///
+    /// ```
+    /// # use contextflow_tracing::MemoryWriter;
+    /// # let log = MemoryWriter::new();
+    /// # let subscriber = tracing_subscriber::fmt().without_time().with_ansi(false).with_target(false)
+    /// #     .with_writer(log.clone())
+    /// .fmt_fields(contextflow_tracing::EscapedFields::new())
+    /// # .finish();
+    /// # tracing::subscriber::with_default(subscriber, || {
+    /// tracing::info!(id = %"a".repeat(5000), "big");
+    /// # });
+    /// let line = log.contents();
+    /// assert!(line.ends_with(&format!("id={}…\n", "a".repeat(contextflow_tracing::DEFAULT_MAX_VALUE_LEN))));
+    /// ```
+    pub const fn new() -> Self {
+        EscapedFields {
+            max_value_len: DEFAULT_MAX_VALUE_LEN,
+        }
+    }
+
+    /// Sets the bound on each value, in characters of output (escapes included).
+    ///
+    /// ```
+    /// # use contextflow_tracing::MemoryWriter;
+    /// # let log = MemoryWriter::new();
+    /// # let subscriber = tracing_subscriber::fmt().without_time().with_ansi(false).with_target(false)
+    /// #     .with_writer(log.clone())
+    /// .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(4))
+    /// # .finish();
+    /// # tracing::subscriber::with_default(subscriber, || {
+    /// tracing::info!(id = "abcdefgh", "hi");
+    /// # });
+    /// assert_eq!(log.contents(), " INFO hi id=\"abc…\n");
+    /// ```
+    pub const fn max_value_len(mut self, max_value_len: usize) -> Self {
+        self.max_value_len = max_value_len;
+        self
+    }
+}
+
+impl Default for EscapedFields {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = EscapedVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+            max_value_len: self.max_value_len,
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+/// The visitor behind [`EscapedFields`], laid out as `tracing_subscriber`'s `DefaultVisitor`.
+struct EscapedVisitor<'a> {
+    writer: Writer<'a>,
+    is_empty: bool,
+    result: fmt::Result,
+    max_value_len: usize,
+}
+
+impl EscapedVisitor<'_> {
+    fn pad(&mut self) {
+        if self.is_empty {
+            self.is_empty = false;
+        } else {
+            self.result = self.writer.write_char(' ');
+        }
+    }
+
+    /// Writes `name=` (italic name, dimmed `=` with ANSI colours, as the default does).
+    fn name(&mut self, name: &str) -> fmt::Result {
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        if self.writer.has_ansi_escapes() {
+            write!(self.writer, "\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m")
+        } else {
+            write!(self.writer, "{name}=")
+        }
+    }
+
+    /// Writes `args` through the escaper, bounded.
+    fn value(&mut self, args: fmt::Arguments<'_>) -> fmt::Result {
+        let mut value = TextValue::new(&mut self.writer, self.max_value_len);
+        match value.write_fmt(args) {
+            // Our own cut: the marker is written and the rest of the value is not wanted.
+            Err(_) if value.truncated() => Ok(()),
+            result => result,
+        }
+    }
+}
+
+impl Visit for EscapedVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"))
+        } else {
+            self.record_debug(field, &value)
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        match value.source() {
+            Some(source) => {
+                let name = field.name();
+                self.record_debug(
+                    field,
+                    &format_args!("{} {name}.sources={}", value, SourceList(source)),
+                )
+            }
+            None => self.record_debug(field, &format_args!("{value}")),
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        // `log` metadata fields are shown by the event format itself.
+        if name.starts_with("log.") {
+            return;
+        }
+        self.pad();
+        if self.result.is_err() {
+            return;
+        }
+        self.result = (|| {
+            if name != "message" {
+                self.name(name)?;
+            }
+            self.value(format_args!("{value:?}"))
+        })();
+    }
+}
+
+impl VisitOutput<fmt::Result> for EscapedVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for EscapedVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// An error and its sources as `[a, b]`, each by its `Display`.
+struct SourceList<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for SourceList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut next = Some(self.0);
+        while let Some(error) = next {
+            list.entry(&format_args!("{error}"));
+            next = error.source();
+        }
+        list.finish()
+    }
+}

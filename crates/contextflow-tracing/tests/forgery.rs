@@ -1,0 +1,356 @@
+//! Unforgeable logs (issue 13, item 6): every value of every event, the message included, is
+//! escaped and bounded in text and JSON output, not only the context fields.
+
+use contextflow::AsyncLocal;
+use contextflow_tracing::{
+    ContextFields, MemoryWriter, DEFAULT_MAX_LINE_LEN, DEFAULT_MAX_VALUE_LEN, TRUNCATED_MARKER,
+};
+use tracing::{info, info_span, subscriber::with_default, Dispatch};
+use tracing_subscriber::fmt::format;
+
+static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+
+/// The order reference of issue 13: a newline, then a whole forged line for another tenant.
+const FORGED: &str = "R1\n[FORGED-ID trace_id=0af7651916cd43dd8448eb211c80319c tenant=globex] 2026-11-26T00:00:00Z INFO forged line";
+
+/// Every character that must never reach a line raw.
+const RAW_FORBIDDEN: &[char] = &[
+    '\r',
+    '\x1b',
+    '\x07',
+    '\x08',
+    '\x0c',
+    '\x7f',
+    '\0',
+    '\u{85}',
+    '\u{9b}',
+    '\u{2028}',
+    '\u{2029}',
+    '\u{202A}',
+    '\u{202B}',
+    '\u{202C}',
+    '\u{202D}',
+    '\u{202E}',
+    '\u{2066}',
+    '\u{2067}',
+    '\u{2068}',
+    '\u{2069}',
+    '\u{200B}',
+    '\u{200E}',
+    '\u{FEFF}',
+    '\u{E0041}',
+];
+
+fn fields() -> ContextFields {
+    ContextFields::new()
+        .field("request_id", &REQUEST_ID)
+        .field("tenant", &TENANT)
+}
+
+/// Text as most applications set it up: `fmt`'s full format, default field formatter.
+fn text(log: &MemoryWriter) -> Dispatch {
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(log.clone())
+        .event_format(fields().text(format().without_time()))
+        .finish()
+        .into()
+}
+
+/// Text with the escaping field formatter too (per-value bounds).
+fn text_escaped(log: &MemoryWriter) -> Dispatch {
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(log.clone())
+        .fmt_fields(fields().escaped_fields())
+        .event_format(fields().text(format().without_time()))
+        .finish()
+        .into()
+}
+
+fn json(log: &MemoryWriter) -> Dispatch {
+    tracing_subscriber::fmt()
+        .json()
+        .without_time()
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_writer(log.clone())
+        .map_event_format(|f| fields().json(f))
+        .finish()
+        .into()
+}
+
+/// Logs the forged reference every way a value reaches a line, inside a request.
+fn log_forged_reference_every_way() {
+    REQUEST_ID.sync_scope("req-1".into(), || {
+        TENANT.sync_scope("acme".into(), || {
+            let reference = FORGED;
+            info!(%reference, "display field");
+            info!(?reference, "debug field");
+            info!(reference, "str field");
+            info!("in the message: {reference}");
+            let span = info_span!("controller", %reference);
+            span.in_scope(|| info!("in a span field"));
+        })
+    });
+}
+
+fn assert_clean(out: &str) {
+    for c in RAW_FORBIDDEN {
+        assert!(!out.contains(*c), "raw {c:?} in {out:?}");
+    }
+}
+
+#[test]
+fn forged_reference_stays_on_one_line_in_text() {
+    for (name, make) in [
+        ("default fields", text as fn(&MemoryWriter) -> Dispatch),
+        ("escaped fields", text_escaped),
+    ] {
+        let log = MemoryWriter::new();
+        tracing::dispatcher::with_default(&make(&log), log_forged_reference_every_way);
+        let lines = log.lines();
+        assert_eq!(lines.len(), 5, "{name}: {lines:#?}");
+        let forged_prefix = "\\n[FORGED-ID trace_id=0af7651916cd43dd8448eb211c80319c tenant=globex] 2026-11-26T00:00:00Z INFO forged line";
+        for line in &lines {
+            assert!(
+                line.starts_with("[req-1 tenant=acme]  INFO "),
+                "{name}: {line}"
+            );
+            assert!(line.contains(forged_prefix), "{name}: {line}");
+            assert!(!line.contains("tenant=globex]  INFO"), "{name}: {line}");
+        }
+        assert_eq!(
+            lines[0],
+            format!("[req-1 tenant=acme]  INFO forgery: display field reference=R1{forged_prefix}"),
+            "{name}"
+        );
+        assert_eq!(
+            lines[1],
+            format!(
+                "[req-1 tenant=acme]  INFO forgery: debug field reference=\"R1{forged_prefix}\""
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            lines[3],
+            format!("[req-1 tenant=acme]  INFO forgery: in the message: R1{forged_prefix}"),
+            "{name}"
+        );
+        assert_eq!(
+            lines[4],
+            format!(
+                "[req-1 tenant=acme]  INFO controller{{reference=R1{forged_prefix}}}: forgery: in a span field"
+            ),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn forged_reference_stays_one_valid_json_object() {
+    let log = MemoryWriter::new();
+    tracing::dispatcher::with_default(&json(&log), log_forged_reference_every_way);
+    let contents = log.contents();
+    assert_eq!(contents.matches('\n').count(), 5, "{contents}");
+    for line in &log.lines()[..4] {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("invalid JSON {line}: {e}"));
+        assert_eq!(v["request_id"], "req-1");
+        assert_eq!(v["tenant"], "acme");
+        let shown = v["fields"]["reference"]
+            .as_str()
+            .or(v["fields"]["message"].as_str())
+            .unwrap();
+        assert!(
+            shown.contains(FORGED) || shown.contains(&format!("{FORGED:?}")),
+            "{line}"
+        );
+    }
+    let span_line: serde_json::Value = serde_json::from_str(&log.lines()[4]).unwrap();
+    assert_eq!(span_line["span"]["reference"], FORGED);
+}
+
+const HOSTILE: &str = "\x1b[2J\x1b[31mred\x1b[0m \u{202E}txt.exe\u{202C} \u{2066}iso\u{2069} a\u{2028}b\u{2029}c\r\u{85}\u{9b}31m\x07\x08\x0c\x7f\0\u{200B}\u{200E}\u{FEFF}\u{E0041}tag";
+
+#[test]
+fn ansi_escapes_and_bidi_controls_are_escaped_everywhere() {
+    for (name, make) in [
+        ("text", text as fn(&MemoryWriter) -> Dispatch),
+        ("text escaped", text_escaped),
+        ("json", json),
+    ] {
+        let log = MemoryWriter::new();
+        tracing::dispatcher::with_default(&make(&log), || {
+            TENANT.sync_scope(HOSTILE.into(), || {
+                let span = info_span!("s", v = %HOSTILE);
+                span.in_scope(|| info!(display = %HOSTILE, debug = ?HOSTILE, "{HOSTILE}"));
+            });
+        });
+        let out = log.contents();
+        assert_eq!(out.matches('\n').count(), 1, "{name}: {out:?}");
+        assert_clean(&out);
+        if name == "json" {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["tenant"], HOSTILE, "round-trips");
+            assert_eq!(v["fields"]["display"], HOSTILE, "round-trips");
+            assert_eq!(v["fields"]["message"], HOSTILE, "round-trips");
+            assert_eq!(v["span"]["v"], HOSTILE, "round-trips");
+        } else {
+            assert!(out.contains("\\x1b[2J\\x1b[31mred"), "{name}: {out}");
+            assert!(out.contains("\\u{202e}txt.exe\\u{202c}"), "{name}: {out}");
+        }
+    }
+}
+
+#[test]
+fn huge_value_gives_a_bounded_line() {
+    let huge = "x".repeat(1_900_000);
+    let event = || {
+        REQUEST_ID.sync_scope("req-big".into(), || {
+            info!(reference = %huge, "order {huge}");
+        })
+    };
+
+    // Text, default field formatter: the line is cut at the line bound.
+    let log = MemoryWriter::new();
+    tracing::dispatcher::with_default(&text(&log), event);
+    let out = log.contents();
+    assert_eq!(out.len(), DEFAULT_MAX_LINE_LEN, "bytes, newline included");
+    assert!(out.starts_with("[req-big]  INFO forgery: order xxx"));
+    assert!(out.ends_with(&format!("x{TRUNCATED_MARKER}\n")));
+
+    // Text, escaping field formatter: each value is cut at the value bound.
+    let log = MemoryWriter::new();
+    tracing::dispatcher::with_default(&text_escaped(&log), event);
+    let out = log.contents();
+    let value = format!("{}{TRUNCATED_MARKER}", "x".repeat(DEFAULT_MAX_VALUE_LEN));
+    let message = format!(
+        "order {}{TRUNCATED_MARKER}",
+        "x".repeat(DEFAULT_MAX_VALUE_LEN - 6)
+    );
+    let expected = format!("[req-big]  INFO forgery: {message} reference={value}\n");
+    assert!(
+        out == expected,
+        "{} bytes, want {}",
+        out.len(),
+        expected.len()
+    );
+
+    // JSON: each string is cut at the value bound; the line stays valid JSON.
+    let log = MemoryWriter::new();
+    tracing::dispatcher::with_default(&json(&log), event);
+    let out = log.contents();
+    assert!(out.len() < DEFAULT_MAX_LINE_LEN, "{}", out.len());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["request_id"], "req-big");
+    assert!(v["fields"]["reference"] == value.as_str());
+    assert!(v["fields"]["message"] == message.as_str());
+}
+
+#[test]
+fn json_line_over_the_line_bound_is_replaced_by_a_valid_short_object() {
+    let log = MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(log.clone())
+        .map_event_format(|f| fields().max_line_len(1024).json(f))
+        .finish();
+    let big = "y".repeat(600);
+    with_default(subscriber, || {
+        REQUEST_ID.sync_scope(
+            "req-2".into(),
+            || info!(a = %big, b = %big, c = %big, "three big \u{202E} values"),
+        );
+    });
+    let out = log.contents();
+    assert!(out.len() <= 1024, "{}", out.len());
+    assert_clean(&out);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["request_id"], "req-2");
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["target"], "forgery");
+    assert_eq!(v["truncated"], true);
+    assert_eq!(v["fields"]["message"], "three big \u{202E} values");
+    assert!(v["timestamp"].as_str().unwrap().starts_with("20"), "{v}");
+}
+
+/// The order service's demo and other readers parse `fmt`'s layout: for ordinary values the
+/// escaping leaves every byte as `fmt` writes it.
+#[test]
+fn harmless_lines_are_byte_identical_to_fmt() {
+    let events = || {
+        info!(id = %"ord-1", lines = 2, "order received");
+        info!(
+            reference = "ord-2",
+            total = 1.5,
+            ok = true,
+            "placing order: ünïcødé 日本 😀"
+        );
+        let err = std::io::Error::other("connection refused");
+        info!(
+            error = &err as &(dyn std::error::Error + 'static),
+            "query failed"
+        );
+        let span = info_span!("http.request", method = "POST", path = "/orders");
+        span.in_scope(|| info!(r#type = "x", status = 201u16, "request finished"));
+        tracing::warn!(statement = "SELECT * FROM t WHERE a = $1", "slow query");
+    };
+    let plain = MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .without_time()
+        .with_writer(plain.clone())
+        .finish();
+    with_default(subscriber, events);
+    for make in [text as fn(&MemoryWriter) -> Dispatch, text_escaped] {
+        let ours = MemoryWriter::new();
+        tracing::dispatcher::with_default(&make(&ours), events);
+        assert_eq!(ours.contents(), plain.contents());
+    }
+}
+
+#[test]
+fn colours_are_kept_with_the_escaping_field_formatter_only() {
+    let log = MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(true)
+        .with_writer(log.clone())
+        .fmt_fields(fields().escaped_fields())
+        .event_format(fields().text(format().without_time()))
+        .finish();
+    with_default(subscriber, || info!(v = %"a\x1b[31mb\nc", "hi"));
+    let out = log.contents();
+    assert!(
+        out.contains("\x1b[32m INFO\x1b[0m"),
+        "level colour kept: {out:?}"
+    );
+    assert!(out.contains("a\\x1b[31mb\\nc"), "{out:?}");
+    assert_eq!(out.matches('\n').count(), 1);
+
+    // With the default field formatter a value's colour code cannot be told from the
+    // format's own: the wrapped format writes without colours.
+    let log = MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(true)
+        .with_writer(log.clone())
+        .event_format(fields().text(format().without_time()))
+        .finish();
+    with_default(subscriber, || info!(v = %"a\x1b[31mb\nc", "hi"));
+    let out = log.contents();
+    assert!(!out.contains('\x1b'), "{out:?}");
+    assert!(out.contains("a\\x1b[31mb\\nc"), "{out:?}");
+}
+
+#[test]
+#[should_panic(expected = "contextflow-tracing: invalid field name \"tenant id\"")]
+fn invalid_field_name_panics_with_a_clear_message() {
+    let _ = ContextFields::new().field("tenant id", &TENANT);
+}
+
+#[test]
+#[should_panic(expected = "contextflow-tracing: invalid field name \"\"")]
+fn empty_field_name_panics() {
+    let _ = ContextFields::new().field_fn("", || Some(1));
+}
