@@ -1,14 +1,18 @@
 //! Start-up: database (schema, seed), payment stub, HTTP server.
 
-use std::{error::Error, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{error::Error, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
-use tracing::{info, warn};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::info;
 
 use crate::{
     context::TENANT,
     db::{Db, InventoryRepository},
-    http::{router, AppState, TokenTable},
+    http::{
+        router,
+        server::{self, Limits, Shutdown},
+        AppState, TokenTable,
+    },
     jobs::Jobs,
     payment::{stub_router, PaymentClient},
     queue::Queue,
@@ -24,6 +28,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Bearer tokens and their tenants.
     pub tokens: TokenTable,
+    /// What clients may send, and how slowly.
+    pub limits: Limits,
+    /// How long each step of the shutdown may take before it is reported as failed.
+    pub shutdown_step_timeout: Duration,
+    /// The payment provider's base URL; `None` starts the in-process stub.
+    pub payment_url: Option<String>,
 }
 
 /// A running service.
@@ -31,13 +41,27 @@ pub struct Config {
 pub struct RunningService {
     /// The order service's address.
     pub addr: SocketAddr,
-    /// The payment stub's address.
+    /// The payment stub's address (started even when [`Config::payment_url`] names another
+    /// provider).
     pub payment_addr: SocketAddr,
     /// The shared state (database, jobs).
     pub state: AppState,
-    shutdown: Arc<Notify>,
-    servers: Vec<JoinHandle<std::io::Result<()>>>,
+    orders_shutdown: Shutdown,
+    payment_shutdown: Shutdown,
+    orders_server: JoinHandle<()>,
+    payment_server: JoinHandle<()>,
     consumer: JoinHandle<()>,
+    step_timeout: Duration,
+}
+
+/// A shutdown step that did not finish in time (or whose task failed): nothing was left
+/// waiting silently.
+#[derive(Debug)]
+pub struct ShutdownError {
+    /// The step.
+    pub step: &'static str,
+    /// What went wrong.
+    pub reason: String,
 }
 
 /// The seeded catalogue, per tenant: `(sku, name, stock, price in cents)`.
@@ -50,12 +74,32 @@ pub const CATALOGUE: [(&str, &str, i64, i64); 3] = [
 // ===== impl Config =====
 
 impl Config {
-    /// `DATABASE_URL` if set, else the embedded SQLite file; 127.0.0.1:3000; the demo tokens.
+    /// [`Config::from_vars`] over the process environment.
     pub fn from_env() -> Config {
+        Config::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// `DATABASE_URL` if set and not empty, else the embedded SQLite file; 127.0.0.1:3000;
+    /// the demo tokens; the default [`Limits`]; 30 s per shutdown step.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Config {
         Config {
-            database_url: std::env::var("DATABASE_URL").unwrap_or_else(|_| default_sqlite_url()),
+            database_url: var("DATABASE_URL")
+                .filter(|url| !url.is_empty())
+                .unwrap_or_else(default_sqlite_url),
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
             tokens: TokenTable::demo(),
+            limits: Limits::default(),
+            shutdown_step_timeout: Duration::from_secs(30),
+            payment_url: None,
+        }
+    }
+
+    /// The same configuration listening on any free port of 127.0.0.1 (tests, the demo).
+    pub fn local(database_url: &str) -> Config {
+        Config {
+            database_url: database_url.to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Config::from_vars(|_| None)
         }
     }
 }
@@ -72,6 +116,48 @@ pub fn sqlite_url(path: &std::path::Path) -> String {
     format!("sqlite://{}?mode=rwc", PathBuf::from(path).display())
 }
 
+/// `url` with its password, if any, replaced by `***`: in the user info
+/// (`postgres://user:secret@host`) and in `password=` / `sslpassword=` query parameters. Safe
+/// to log.
+pub fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _password)) => format!("{user}:***@{host}"),
+                    None => format!("{userinfo}@{host}"),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _))
+                    if key.eq_ignore_ascii_case("password")
+                        || key.eq_ignore_ascii_case("sslpassword") =>
+                {
+                    format!("{key}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
 /// Connects to the database, creates and seeds it, starts the payment stub and the service.
 ///
 /// # Errors
@@ -82,69 +168,129 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
     let db = Db::connect(&config.database_url).await?;
     seed(&db, &config.tokens).await?;
 
-    let shutdown = Arc::new(Notify::new());
+    let payment_shutdown = Shutdown::new();
     let payment_listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let payment_addr = payment_listener.local_addr()?;
-    let payment_server = serve(payment_listener, stub_router(), shutdown.clone());
+    let payment_server = server::serve(
+        "payment",
+        payment_listener,
+        stub_router(),
+        config.limits,
+        payment_shutdown.clone(),
+    );
 
-    let payments = PaymentClient::new(&format!("http://{payment_addr}"));
+    let payment_url = config
+        .payment_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{payment_addr}"));
+    let payments = PaymentClient::new(&payment_url);
     let (queue, consumer) = Queue::start(1024);
     let state = AppState {
         service: OrderService::new(&db, payments),
         jobs: Jobs::new(&db, queue),
         db,
     };
+    let orders_shutdown = Shutdown::new();
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let server = serve(
+    let orders_server = server::serve(
+        "orders",
         listener,
-        router(state.clone(), config.tokens.clone()),
-        shutdown.clone(),
+        router(state.clone(), config.tokens.clone(), config.limits),
+        config.limits,
+        orders_shutdown.clone(),
     );
     info!(%addr, %payment_addr, backend = ?state.db.backend(), "order service started");
     Ok(RunningService {
         addr,
         payment_addr,
         state,
-        shutdown,
-        servers: vec![payment_server, server],
+        orders_shutdown,
+        payment_shutdown,
+        orders_server,
+        payment_server,
         consumer,
+        step_timeout: config.shutdown_step_timeout,
     })
 }
 
 impl RunningService {
-    /// Stops accepting requests, waits for the servers, for running jobs and queued messages
-    /// (30 s at most for all of it), then stops the queue consumer.
-    pub async fn shutdown(self) {
-        self.shutdown.notify_waiters();
+    /// Shuts down in dependency order, logging each step: stop accepting orders and finish
+    /// the requests in flight; drain the background jobs and the queue; then stop the payment
+    /// stub (in-flight orders still needed it) and the queue consumer.
+    ///
+    /// # Errors
+    /// A step that does not finish within the configured time, or whose task failed: the
+    /// remaining steps still run, and the first failure is returned.
+    pub async fn shutdown(self) -> Result<(), ShutdownError> {
+        let limit = self.step_timeout;
+        let mut first_error = None;
+        info!("shutdown: stop accepting orders, finish the requests in flight");
+        self.orders_shutdown.begin();
+        record(
+            &mut first_error,
+            step("order server", limit, self.orders_server).await,
+        );
+        info!("shutdown: draining background jobs and queued messages");
         let drain = async {
-            for server in self.servers {
-                let _ = server.await;
-            }
             self.state.jobs.wait_idle().await;
+            Ok::<(), tokio::task::JoinError>(())
         };
-        if tokio::time::timeout(Duration::from_secs(30), drain)
-            .await
-            .is_err()
-        {
-            warn!("shutdown: gave up waiting for requests and jobs after 30 s");
-        }
+        record(
+            &mut first_error,
+            step("background jobs", limit, drain).await,
+        );
+        info!("shutdown: stopping the payment stub");
+        self.payment_shutdown.begin();
+        record(
+            &mut first_error,
+            step("payment stub", limit, self.payment_server).await,
+        );
         self.consumer.abort();
+        match first_error {
+            None => {
+                info!("shutdown: complete");
+                Ok(())
+            }
+            Some(err) => {
+                tracing::error!(step = err.step, reason = %err.reason, "shutdown: step failed");
+                Err(err)
+            }
+        }
     }
 }
 
-fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    shutdown: Arc<Notify>,
-) -> JoinHandle<std::io::Result<()>> {
-    // Server tasks belong to no request: they start from an empty context.
-    contextflow::spawn_without_context(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.notified().await })
-            .await
-    })
+/// Waits for one shutdown step, at most `limit`.
+async fn step<F>(name: &'static str, limit: Duration, fut: F) -> Result<(), ShutdownError>
+where
+    F: std::future::Future<Output = Result<(), tokio::task::JoinError>>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(ShutdownError {
+            step: name,
+            reason: format!("task failed: {err}"),
+        }),
+        Err(_) => Err(ShutdownError {
+            step: name,
+            reason: format!("not finished after {} ms", limit.as_millis()),
+        }),
+    }
 }
+
+fn record(first: &mut Option<ShutdownError>, result: Result<(), ShutdownError>) {
+    if let Err(err) = result {
+        first.get_or_insert(err);
+    }
+}
+
+impl fmt::Display for ShutdownError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shutdown step {:?} failed: {}", self.step, self.reason)
+    }
+}
+
+impl Error for ShutdownError {}
 
 /// Seeds every tenant's catalogue, as that tenant (the repository takes it from the context).
 async fn seed(db: &Db, tokens: &TokenTable) -> Result<(), crate::db::RepoError> {
@@ -160,4 +306,73 @@ async fn seed(db: &Db, tokens: &TokenTable) -> Result<(), crate::db::RepoError> 
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn config_reads_database_url_and_falls_back_to_sqlite() {
+        let pg = "postgres://u:p@h/db";
+        let config = Config::from_vars(|name| (name == "DATABASE_URL").then(|| pg.to_owned()));
+        assert_eq!(config.database_url, pg);
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 3000)));
+        assert_eq!(config.limits, Limits::default());
+        for unset in [None, Some(String::new())] {
+            let config = Config::from_vars(|_| unset.clone());
+            assert!(config.database_url.starts_with("sqlite://"), "{config:?}");
+            assert!(config.database_url.ends_with("order-service.db?mode=rwc"));
+        }
+    }
+
+    #[test]
+    fn redaction_examples() {
+        for (url, want) in [
+            (
+                "postgres://postgres@127.0.0.1:5432/test",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
+            (
+                "postgres://app:s3cr3t@db:5432/orders",
+                "postgres://app:***@db:5432/orders",
+            ),
+            ("postgres://app:p@ss@db/x", "postgres://app:***@db/x"),
+            (
+                "postgres://db/x?user=a&password=hunter2&sslmode=require",
+                "postgres://db/x?user=a&password=***&sslmode=require",
+            ),
+            (
+                "postgres://db/x?sslpassword=k",
+                "postgres://db/x?sslpassword=***",
+            ),
+            ("sqlite:///tmp/o.db?mode=rwc", "sqlite:///tmp/o.db?mode=rwc"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    proptest! {
+        /// A password, in the user info or a query parameter, never survives redaction.
+        #[test]
+        fn password_never_survives(
+            user in "[a-z]{1,8}",
+            password in "[A-Za-z0-9@:!%*]{1,16}",
+            host in "[a-z]{1,8}(:[0-9]{2,5})?",
+            in_query in any::<bool>(),
+        ) {
+            let secret = format!("SECRET{password}");
+            let url = if in_query {
+                format!("postgres://{user}@{host}/db?password={secret}&sslmode=disable")
+            } else {
+                format!("postgres://{user}:{secret}@{host}/db?sslmode=disable")
+            };
+            let redacted = redact_url(&url);
+            prop_assert!(!redacted.contains(&secret), "{} -> {}", url, redacted);
+            prop_assert!(redacted.contains(&host) && redacted.contains(&user), "{}", redacted);
+        }
+    }
 }

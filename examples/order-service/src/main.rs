@@ -99,21 +99,31 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
 
 async fn serve(config: Config, format: LogFormat) -> Result<ExitCode, BoxError> {
     logging::init(format, std::io::stdout)?;
-    let database = config.database_url.clone();
+    let database = app::redact_url(&config.database_url);
     let service = app::start(config).await?;
     let addr = service.addr;
-    println!("order-service listening on http://{addr}");
-    println!("  database: {database}");
-    println!("  payment stub: http://{}", service.payment_addr);
-    println!(
-        "  try: curl -s -X POST http://{addr}/orders -H 'Authorization: Bearer token-acme' \\"
+    // The banner is part of the log stream: with `--json` it is JSON records like every line.
+    tracing::info!(
+        url = %format!("http://{addr}"),
+        %database,
+        payment_stub = %format!("http://{}", service.payment_addr),
+        "order-service listening"
     );
-    println!("         -H 'Content-Type: application/json' \\");
-    println!("         -d '{{\"reference\":\"r-1\",\"items\":[{{\"sku\":\"sku-apple\",\"quantity\":2}}]}}'");
-    println!("       curl -s http://{addr}/orders/1 -H 'Authorization: Bearer token-acme'");
-    println!("  Ctrl-C to stop");
+    if format == LogFormat::Text {
+        println!("order-service listening on http://{addr}");
+        println!("  database: {database}");
+        println!("  payment stub: http://{}", service.payment_addr);
+        println!(
+            "  try: curl -s -X POST http://{addr}/orders -H 'Authorization: Bearer token-acme' \\"
+        );
+        println!("         -H 'Content-Type: application/json' \\");
+        println!("         -d '{{\"reference\":\"r-1\",\"items\":[{{\"sku\":\"sku-apple\",\"quantity\":2}}]}}'");
+        println!("       curl -s http://{addr}/orders/1 -H 'Authorization: Bearer token-acme'");
+        println!("  Ctrl-C to stop");
+    }
     stop_signal().await?;
-    service.shutdown().await;
+    tracing::info!("shutdown: signal received");
+    service.shutdown().await?;
     Ok(ExitCode::SUCCESS)
 }
 

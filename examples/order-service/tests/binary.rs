@@ -91,3 +91,229 @@ async fn serves_orders_and_prints_its_address() {
     child.kill().expect("stop the service");
     let _ = child.wait();
 }
+
+/// The service binary, its stdout lines as they come, and its pid.
+struct Served {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Served {
+    fn start(args: &[&str], database_url: &str) -> Served {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .env("DATABASE_URL", database_url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the service");
+        let (send, lines) = tokio::sync::mpsc::unbounded_channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let send = send.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = send.send(line);
+                }
+            });
+        }
+        Served {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line for which `f` returns something; fails after 60 s or when output ends.
+    async fn find<T>(&mut self, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        loop {
+            let line = tokio::time::timeout(std::time::Duration::from_secs(60), self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no matching line within 60 s: {:#?}", self.seen))
+                .unwrap_or_else(|| panic!("output ended: {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if let Some(found) = f(&line) {
+                return found;
+            }
+        }
+    }
+
+    /// Every remaining line, once the process has ended.
+    async fn rest(&mut self) -> Vec<String> {
+        while let Some(line) = self.lines.recv().await {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+}
+
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// With `--json`, every line the service writes is a JSON record, the start-up banner
+/// included, and the database password appears nowhere.
+async fn json_stream_has_no_plain_line_and_no_secret(database_url: &str, secret: Option<&str>) {
+    let mut served = Served::start(&["--json"], database_url);
+    let url = served
+        .find(|line| {
+            let record: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON record ({e}): {line}"));
+            (record["fields"]["message"] == "order-service listening")
+                .then(|| record["fields"]["url"].as_str().expect("url").to_owned())
+        })
+        .await;
+    let response = reqwest::Client::new()
+        .get(format!("{url}/orders/1"))
+        .header("authorization", "Bearer token-acme")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
+    sigterm(&served.child);
+    let status = served.child.wait().expect("wait");
+    let lines = served.rest().await;
+    assert!(status.success(), "{lines:#?}");
+    for line in &lines {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON record ({e}): {line}"));
+        assert!(record.is_object(), "{line}");
+        if let Some(secret) = secret {
+            assert!(!line.contains(secret), "the password leaked: {line}");
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("shutdown: complete")),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_stream_is_json_from_the_banner_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = order_service::app::sqlite_url(&dir.path().join("json.db"));
+    json_stream_has_no_plain_line_and_no_secret(&url, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
+async fn database_password_never_reaches_the_log() {
+    let base = contextflow_testenv::url(contextflow_testenv::Service::Postgres);
+    // The local server trusts its clients, so any password connects: it must still be hidden.
+    let secret = "s3cr3t-order-service";
+    let with_password = base.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{secret}@"),
+        1,
+    );
+    assert_ne!(
+        with_password, base,
+        "CONTEXTFLOW_PG_URL names the user postgres"
+    );
+    json_stream_has_no_plain_line_and_no_secret(&with_password, Some(secret)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_in_flight_orders_without_5xx() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("term.db");
+    let url = order_service::app::sqlite_url(&db_path);
+    let mut served = Served::start(&[], &url);
+    let base = served
+        .find(|line| {
+            line.strip_prefix("order-service listening on ")
+                .map(str::to_owned)
+        })
+        .await;
+
+    // 16 clients post orders until the service stops answering.
+    let client = reqwest::Client::new();
+    let (progress, mut answered) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..16 {
+        let (client, base, progress) = (client.clone(), base.clone(), progress.clone());
+        clients.spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0.. {
+                let order = serde_json::json!({
+                    "reference": format!("term-{c}-{i}"),
+                    "items": [{"sku": "sku-apple", "quantity": 1}],
+                });
+                match client
+                    .post(format!("{base}/orders"))
+                    .header("authorization", "Bearer token-acme")
+                    .json(&order)
+                    .send()
+                    .await
+                {
+                    Ok(response) => statuses.push(response.status().as_u16()),
+                    // Refused or closed: the service stopped accepting.
+                    Err(_) => break,
+                }
+                let _ = progress.send(());
+            }
+            statuses
+        });
+    }
+    drop(progress);
+    for _ in 0..100 {
+        answered.recv().await.expect("orders are being answered");
+    }
+    sigterm(&served.child);
+    let mut statuses = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        statuses.extend(done.expect("client task"));
+    }
+    let exit = served.child.wait().expect("wait");
+    let lines = served.rest().await;
+    assert!(exit.success(), "{lines:#?}");
+    let server_errors: Vec<_> = statuses.iter().filter(|s| **s >= 500).collect();
+    assert!(server_errors.is_empty(), "{server_errors:?}");
+    let created = statuses.iter().filter(|s| **s == 201).count();
+    assert_eq!(created, statuses.len(), "{statuses:?}");
+    assert!(created >= 100);
+
+    // Each step logged, in order.
+    let position = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {lines:#?}"))
+    };
+    let steps = [
+        "shutdown: signal received",
+        "shutdown: stop accepting orders",
+        "shutdown: stopped accepting connections",
+        "shutdown: draining background jobs",
+        "shutdown: stopping the payment stub",
+        "shutdown: complete",
+    ];
+    let at: Vec<usize> = steps.iter().map(|s| position(s)).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{steps:?} at {at:?}");
+
+    // Every answered order is in the database, and only those: none was cut half-way.
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("open");
+    let (paid, confirmed): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(CASE WHEN status = 'paid' THEN 1 END), SUM(confirmation_sent) FROM orders",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(paid as usize, created);
+    assert_eq!(
+        confirmed as usize, created,
+        "every confirmation sent before exit"
+    );
+}

@@ -61,7 +61,11 @@ impl Db {
             Backend::Postgres
         } else {
             return Err(sqlx::Error::Configuration(
-                format!("unsupported database url (sqlite:// or postgres://): {url:?}").into(),
+                format!(
+                    "unsupported database url scheme {:?} (sqlite:// or postgres://)",
+                    url.split(':').next().unwrap_or_default()
+                )
+                .into(),
             ));
         };
         // SQLite has one writer at a time, and `TxPool` begins transactions with a plain

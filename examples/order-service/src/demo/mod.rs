@@ -28,7 +28,7 @@ mod progress;
 mod report;
 mod tree;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 pub use self::{
     check::{checks, Check, DatabaseCounts, Phases, Run, Verdict},
@@ -123,12 +123,7 @@ async fn run_on(
     database_url: &str,
     capture: &EventCapture,
 ) -> Result<(Load, Phases, DatabaseCounts, crate::db::Backend), BoxError> {
-    let service = app::start(Config {
-        database_url: database_url.to_owned(),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tokens: TokenTable::demo(),
-    })
-    .await?;
+    let service = app::start(Config::local(database_url)).await?;
     let backend = service.state.db.backend();
     let mut phases = Phases {
         load_start: capture.len(),
@@ -160,6 +155,6 @@ async fn run_on(
         database.confirmed += confirmed;
     }
     phases.shutdown_start = capture.len();
-    service.shutdown().await;
+    service.shutdown().await?;
     Ok((load, phases, database, backend))
 }

@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     extract::{Request, State},
-    http::header::AUTHORIZATION,
+    http::{header::AUTHORIZATION, HeaderMap, StatusCode},
     middleware::Next,
     response::Response,
 };
@@ -60,33 +60,108 @@ impl TokenTable {
 /// Checks `Authorization: Bearer <token>` and runs the rest of the request as its tenant.
 ///
 /// # Errors
-/// `401` JSON error when the header is missing, malformed or names no tenant.
+/// `401` JSON error when the header is missing, malformed or names no tenant; `400` when it is
+/// repeated (which one would count is ambiguous, so neither does).
 pub async fn authenticate(
     State(tokens): State<TokenTable>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let span = tracing::info_span!("auth");
-    let tenant = span.in_scope(|| {
-        let header = req
-            .headers()
-            .get(AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::unauthorized("malformed authorization header"))?;
-        tokens
-            .tenant(token)
-            .cloned()
-            .ok_or_else(|| ApiError::unauthorized("unknown token"))
-    })?;
+    let tenant = span.in_scope(|| tenant_of(&tokens, req.headers()))?;
     let handle = async move {
         // Logged inside the scope: the line's own tenant field shows who was authenticated.
         span.in_scope(|| info!("authenticated"));
         next.run(req).await
     };
     Ok(TENANT.scope(tenant, handle).await)
+}
+
+/// The tenant of the request's one `Authorization: Bearer <token>` header. The scheme is
+/// case-insensitive (RFC 7235); the token is what follows the spaces after it.
+fn tenant_of(tokens: &TokenTable, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let header = values
+        .next()
+        .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "more than one authorization header",
+        ));
+    }
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_matches(' '))
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("malformed authorization header"))?;
+    tokens
+        .tenant(token)
+        .cloned()
+        .ok_or_else(|| ApiError::unauthorized("unknown token"))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn tenant(values: &[&[u8]]) -> Result<String, (StatusCode, String)> {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(AUTHORIZATION, HeaderValue::from_bytes(value).unwrap());
+        }
+        tenant_of(&TokenTable::demo(), &headers)
+            .map(|t| t.to_string())
+            .map_err(|e| (e.status(), e.message().to_owned()))
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for value in [
+            &b"Bearer token-acme"[..],
+            b"bearer token-acme",
+            b"BEARER token-acme",
+            b"bEaReR   token-acme  ",
+        ] {
+            assert_eq!(tenant(&[value]).as_deref(), Ok("acme"), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_missing_unknown_and_repeated_headers_are_refused() {
+        let unauthorized = |why: &str| Err((StatusCode::UNAUTHORIZED, why.to_owned()));
+        assert_eq!(tenant(&[]), unauthorized("missing bearer token"));
+        for value in [
+            &b"Basic dG9rZW4tYWNtZQ=="[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Bearertoken-acme",
+            b"token-acme",
+            b"Bearer \xfftoken",
+            b"Bearer\ttoken-acme",
+        ] {
+            assert_eq!(
+                tenant(&[value]),
+                unauthorized("malformed authorization header"),
+                "{value:?}"
+            );
+        }
+        assert_eq!(
+            tenant(&[b"Bearer token-nobody"]),
+            unauthorized("unknown token")
+        );
+        assert_eq!(
+            tenant(&[b"Bearer token-acme", b"Bearer token-globex"]),
+            Err((
+                StatusCode::BAD_REQUEST,
+                "more than one authorization header".to_owned()
+            )),
+            "a repeated header is refused, even when one of them is valid"
+        );
+    }
 }

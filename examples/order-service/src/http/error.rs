@@ -6,10 +6,13 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use std::time::Duration;
+
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{error, warn};
 
+use super::limits::BodyTimeout;
 use crate::{context, payment::PaymentError, service::ServiceError};
 
 /// An error answer: a status and a message safe to show the client.
@@ -40,6 +43,11 @@ impl ApiError {
     /// Its status.
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// The message the client gets.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -86,9 +94,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(AppJson(value)),
-            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        let deadline = req
+            .extensions()
+            .get::<BodyTimeout>()
+            .map_or(Duration::MAX, |t| t.0);
+        match tokio::time::timeout(deadline, Json::<T>::from_request(req, state)).await {
+            Ok(Ok(Json(value))) => Ok(AppJson(value)),
+            Ok(Err(rejection)) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms",
+                    deadline.as_millis()
+                ),
+            )),
         }
     }
 }

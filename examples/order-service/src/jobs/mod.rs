@@ -7,12 +7,9 @@
 //! runs on the pool. It then publishes an `order.confirmed` event to the [`Queue`], which
 //! carries the context to its consumer the way an HTTP call would.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
+use std::sync::Arc;
 
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn, Instrument as _};
 
 use crate::{
@@ -30,10 +27,15 @@ pub struct Jobs {
     inflight: Arc<Inflight>,
 }
 
-#[derive(Debug, Default)]
-struct Inflight {
-    count: AtomicUsize,
-    idle: Notify,
+/// How many jobs are running, in a `watch` channel: a waiter sees the current count whenever
+/// it looks, so no wake-up can be missed.
+#[derive(Debug)]
+struct Inflight(watch::Sender<usize>);
+
+impl Default for Inflight {
+    fn default() -> Self {
+        Inflight(watch::channel(0).0)
+    }
 }
 
 /// Decrements the in-flight count when a job ends, however it ends.
@@ -53,7 +55,7 @@ impl Jobs {
     /// Sends the confirmation of order `order_id` (client reference `reference`) in the
     /// background, in the current context, then publishes [`ORDER_CONFIRMED`].
     pub fn send_confirmation(&self, order_id: i64, reference: &str) -> JoinHandle<()> {
-        self.inflight.count.fetch_add(1, Ordering::SeqCst);
+        self.inflight.0.send_modify(|n| *n += 1);
         let guard = InflightGuard(self.inflight.clone());
         let (db, orders, queue) = (self.db.clone(), self.orders.clone(), self.queue.clone());
         let reference = reference.to_owned();
@@ -96,27 +98,20 @@ impl Jobs {
 
     /// How many jobs are still running.
     pub fn in_flight(&self) -> usize {
-        self.inflight.count.load(Ordering::SeqCst)
+        *self.inflight.0.borrow()
     }
 
     /// Waits until no job is running and every message they published has been handled.
     pub async fn wait_idle(&self) {
-        loop {
-            // Registered before the check, so a job ending in between still wakes us.
-            let idle = self.inflight.idle.notified();
-            if self.in_flight() == 0 {
-                break;
-            }
-            idle.await;
-        }
+        let mut count = self.inflight.0.subscribe();
+        // The sender lives in `self.inflight`: `wait_for` cannot fail while we hold it.
+        let _ = count.wait_for(|n| *n == 0).await;
         self.queue.wait_idle().await;
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0 .0.send_modify(|n| *n -= 1);
     }
 }

@@ -10,15 +10,12 @@
 //!
 //! A real deployment swaps the channel for AMQP, Kafka or NATS; the two calls stay the same.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
+use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    sync::{mpsc, Notify},
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{info, warn, Instrument as _};
@@ -55,10 +52,14 @@ pub struct Queue {
     pending: Arc<Pending>,
 }
 
-#[derive(Debug, Default)]
-struct Pending {
-    count: AtomicUsize,
-    idle: Notify,
+/// Published messages not yet handled, in a `watch` channel so no wake-up can be missed.
+#[derive(Debug)]
+struct Pending(watch::Sender<usize>);
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending(watch::channel(0).0)
+    }
 }
 
 impl Queue {
@@ -75,9 +76,7 @@ impl Queue {
                 let incoming = contextflow_http::extract_headers(&message.headers);
                 let span = tracing::info_span!("queue.consume", topic = message.topic);
                 contextflow_otel::scope(incoming, consume(message).instrument(span)).await;
-                if consumer_pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    consumer_pending.idle.notify_waiters();
-                }
+                consumer_pending.0.send_modify(|n| *n -= 1);
             }
         });
         (Queue { sender, pending }, consumer)
@@ -97,7 +96,7 @@ impl Queue {
                     return;
                 }
             };
-            self.pending.count.fetch_add(1, Ordering::SeqCst);
+            self.pending.0.send_modify(|n| *n += 1);
             let message = Message {
                 topic,
                 headers,
@@ -106,7 +105,7 @@ impl Queue {
             match self.sender.send(message).await {
                 Ok(()) => info!("message published"),
                 Err(_) => {
-                    self.pending.count.fetch_sub(1, Ordering::SeqCst);
+                    self.pending.0.send_modify(|n| *n -= 1);
                     warn!("queue closed; message dropped");
                 }
             }
@@ -117,18 +116,14 @@ impl Queue {
 
     /// How many published messages are not yet handled.
     pub fn pending(&self) -> usize {
-        self.pending.count.load(Ordering::SeqCst)
+        *self.pending.0.borrow()
     }
 
     /// Waits until every published message has been handled.
     pub async fn wait_idle(&self) {
-        loop {
-            let idle = self.pending.idle.notified();
-            if self.pending() == 0 {
-                return;
-            }
-            idle.await;
-        }
+        let mut count = self.pending.0.subscribe();
+        // The sender lives in `self.pending`: `wait_for` cannot fail while we hold it.
+        let _ = count.wait_for(|n| *n == 0).await;
     }
 }
 

@@ -94,7 +94,7 @@ async fn bad_requests_get_json_errors_and_write_nothing() {
 
     assert_eq!(svc.rows("acme").await, (0, 0), "nothing written");
     assert_eq!(svc.stock("acme", "sku-apple").await, 1_000_000);
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +110,7 @@ async fn authorization_header_must_be_bearer() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "malformed authorization header");
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,5 +149,68 @@ async fn request_id_is_echoed_or_replaced_when_malformed() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "no such route");
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status_has_a_json_body() {
+    let svc = start_sqlite().await;
+    let url = |path: &str| format!("{}{path}", svc.base);
+    for (method, path) in [
+        (reqwest::Method::PUT, "/orders"),
+        (reqwest::Method::DELETE, "/orders/1"),
+        (reqwest::Method::PATCH, "/orders/1"),
+    ] {
+        let response = svc
+            .client
+            .request(method.clone(), url(path))
+            .header("authorization", "Bearer token-acme")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = crate::json_answer(response).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+        );
+    }
+    let response = svc.client.get(url("/nope")).send().await.unwrap();
+    let (status, body) = crate::json_answer(response).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "no such route");
+    svc.service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_is_case_insensitive_and_a_repeated_header_is_refused() {
+    let svc = start_sqlite().await;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let response = svc
+            .client
+            .post(format!("{}/orders", svc.base))
+            .header("authorization", format!("{scheme} token-acme"))
+            .json(&order(&format!("case-{scheme}"), &[("sku-apple", 1)]))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = crate::json_answer(response).await;
+        assert_eq!(status, StatusCode::CREATED, "{scheme}: {body}");
+    }
+    let response = svc
+        .client
+        .get(format!("{}/orders/1", svc.base))
+        .header("authorization", "Bearer token-globex")
+        .header("authorization", "Bearer token-acme")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = crate::json_answer(response).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "more than one authorization header",
+    );
+    svc.service.shutdown().await.expect("clean shutdown");
 }

@@ -9,13 +9,10 @@ mod postgres;
 mod rollback;
 mod tenant_isolation;
 
-use std::net::SocketAddr;
-
 use order_service::{
     app::{self, Config, RunningService},
     context::{TenantId, TENANT},
     db::{InventoryRepository, OrderRepository},
-    http::TokenTable,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -40,13 +37,9 @@ pub(crate) async fn start_sqlite() -> TestService {
 
 /// A service on the database at `url`.
 pub(crate) async fn start_url(url: &str) -> TestService {
-    let service = app::start(Config {
-        database_url: url.to_string(),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tokens: TokenTable::demo(),
-    })
-    .await
-    .expect("service starts");
+    let service = app::start(Config::local(url))
+        .await
+        .expect("service starts");
     TestService {
         base: format!("http://{}", service.addr),
         service,

@@ -59,6 +59,6 @@ async fn postgres_failed_orders_write_nothing() {
     let (base, schema, url) = fresh_schema().await;
     let svc = start_url(&url).await;
     failed_orders_roll_back(&svc).await;
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
     drop_schema(&base, &schema).await;
 }

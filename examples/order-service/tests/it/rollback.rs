@@ -8,7 +8,7 @@ use crate::{order, start_sqlite, TestService};
 async fn failed_orders_write_nothing() {
     let svc = start_sqlite().await;
     failed_orders_roll_back(&svc).await;
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
 }
 
 /// Insufficient stock on the second line, an unknown product, a declined payment (after every

@@ -38,7 +38,7 @@ async fn tenant_reads_only_its_own_orders() {
     // Stock is per tenant too: acme's order did not touch globex's apples.
     assert_eq!(svc.stock("acme", "sku-apple").await, 1_000_000 - 2);
     assert_eq!(svc.stock("globex", "sku-apple").await, 1_000_000);
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +49,7 @@ async fn repository_refuses_to_run_without_a_tenant() {
     assert!(matches!(orders.insert("x").await, Err(RepoError::NoTenant)));
     let as_acme = TENANT.scope(TenantId::new("acme"), orders.find(1)).await;
     assert!(matches!(as_acme, Ok(None)));
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +122,7 @@ pub(crate) async fn isolation_under_concurrency(svc: TestService) {
         assert_eq!(svc.stock(tenant, "sku-pear").await, 1_000_000 - 20);
     }
     match Arc::try_unwrap(svc) {
-        Ok(svc) => svc.service.shutdown().await,
+        Ok(svc) => svc.service.shutdown().await.expect("clean shutdown"),
         Err(_) => unreachable!("every task has finished"),
     }
 }
@@ -147,5 +147,5 @@ async fn headers_and_baggage_never_set_the_tenant() {
         "stored for the token's tenant"
     );
     assert_eq!(svc.rows("globex").await, (0, 0));
-    svc.service.shutdown().await;
+    svc.service.shutdown().await.expect("clean shutdown");
 }

@@ -1,0 +1,48 @@
+//! Per-request limits, inside the request span so each refusal is logged with the request's
+//! context: more than [`Limits::max_headers`] header fields (`431`), a request not answered
+//! within [`Limits::request_timeout`] (`503`), and the body deadline the JSON extractor
+//! enforces ([`Limits::body_timeout`], `408`). The body size limit is axum's
+//! `DefaultBodyLimit`, whose refusal (`413`) the extractor turns into a JSON error too.
+
+use std::time::Duration;
+
+use axum::{
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::Next,
+    response::{IntoResponse as _, Response},
+};
+
+use super::{server::Limits, ApiError};
+
+/// The time left to receive the body, put in the request's extensions for [`super::AppJson`].
+#[derive(Clone, Copy, Debug)]
+pub struct BodyTimeout(pub Duration);
+
+/// Enforces `limits` on one request.
+pub async fn enforce(State(limits): State<Limits>, mut req: Request, next: Next) -> Response {
+    let headers = req.headers().len();
+    if headers > limits.max_headers {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "{headers} header fields; at most {} accepted",
+                limits.max_headers
+            ),
+        )
+        .into_response();
+    }
+    req.extensions_mut()
+        .insert(BodyTimeout(limits.body_timeout));
+    match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "request not completed within {} ms",
+                limits.request_timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    }
+}

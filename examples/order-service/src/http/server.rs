@@ -1,0 +1,294 @@
+//! The HTTP server loop: hyper's HTTP/1 connections with bounded heads, timeouts that answer
+//! with a JSON error and a log line, and a shutdown that cannot miss its signal.
+//!
+//! Limits (see [`Limits`]):
+//!
+//! - **request head**: at most [`Limits::head_timeout`] to receive it. When it expires with
+//!   part of a request received, the client gets `408` with a JSON error and the service logs
+//!   a line; an idle keep-alive connection is closed quietly. At most [`HARD_MAX_HEADERS`]
+//!   header fields and 64 KiB: beyond those hyper answers `400`/`431` itself, with no body
+//!   (the HTTP stack does not let an application write that answer), and the service logs a
+//!   line naming the peer and the reason. Below that, [`super::limits`] answers more than
+//!   [`Limits::max_headers`] fields with a JSON `431`.
+//! - **body** and **whole request**: enforced per request by [`super::limits`].
+//!
+//! Shutdown: [`Shutdown::begin`] stores the signal in a `watch` channel, so a server that
+//! checks it later still sees it. The accept loop stops at once; open connections finish the
+//! request in flight and close.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::{JoinHandle, JoinSet},
+};
+use tracing::{debug, info, warn};
+
+/// The most header fields hyper parses; requests with more get hyper's bare `431`.
+pub const HARD_MAX_HEADERS: usize = 256;
+/// The most bytes of a request head hyper buffers; more gets hyper's bare `431`.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Bounds on what a client may send, and how slowly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Time to receive a request's head (request line and headers).
+    pub head_timeout: Duration,
+    /// Time to receive a request's body.
+    pub body_timeout: Duration,
+    /// Time for the whole request, from its head to its answer.
+    pub request_timeout: Duration,
+    /// The largest body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// The most header fields accepted (up to [`HARD_MAX_HEADERS`]).
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    /// 10 s for the head, 10 s for the body, 30 s for the request, 64 KiB of body, 100 headers.
+    fn default() -> Self {
+        Limits {
+            head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 64 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// The shutdown signal shared by the servers; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    sender: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            sender: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl Shutdown {
+    /// A signal not yet given.
+    pub fn new() -> Self {
+        Shutdown::default()
+    }
+
+    /// Gives the signal; every server, even one that looks later, sees it.
+    pub fn begin(&self) {
+        self.sender.send_replace(true);
+    }
+
+    /// Waits until the signal is given (at once if it was).
+    pub async fn wait(&self) {
+        let mut receiver = self.sender.subscribe();
+        // The sender lives in `self`, so `wait_for` only fails if it was dropped: never here.
+        let _ = receiver.wait_for(|stopped| *stopped).await;
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets open connections finish their
+/// request. The task ends when every connection is closed.
+pub fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    limits: Limits,
+    shutdown: Shutdown,
+) -> JoinHandle<()> {
+    // The server belongs to no request: it starts from an empty context.
+    contextflow::spawn_without_context(async move {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        connections.spawn(connection(
+                            stream,
+                            peer,
+                            router.clone(),
+                            limits,
+                            shutdown.clone(),
+                        ));
+                    }
+                    // Out of file descriptors and the like: the next accept may succeed.
+                    Err(err) => warn!(server = name, error = %err, "accept failed"),
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(listener);
+        info!(
+            server = name,
+            open_connections = connections.len(),
+            "shutdown: stopped accepting connections"
+        );
+        while connections.join_next().await.is_some() {}
+        info!(server = name, "shutdown: every connection closed");
+    })
+}
+
+/// One connection, until it closes or the shutdown lets its last request finish.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: axum::Router,
+    limits: Limits,
+    shutdown: Shutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let stream = SharedStream::new(stream);
+    let raw = stream.clone();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_headers(HARD_MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.wait() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    let Err(err) = result else { return };
+    if err.is_timeout() {
+        if raw.head_started() {
+            warn!(%peer, timeout_ms = limits.head_timeout.as_millis() as u64,
+                "request head not received in time: answered 408");
+            raw.try_write_all(&timeout_answer());
+        } else {
+            debug!(%peer, "idle connection closed");
+        }
+    } else if err.is_parse_too_large() {
+        warn!(%peer, error = %err, "request head too large (header count or size): hyper answered 431");
+    } else if err.is_parse() {
+        warn!(%peer, error = %err, "malformed request head: hyper answered 400");
+    } else if err.is_incomplete_message() {
+        debug!(%peer, error = %err, "client closed the connection mid-request");
+    } else {
+        debug!(%peer, error = %err, "connection error");
+    }
+}
+
+/// The answer to a request head that did not arrive in time.
+fn timeout_answer() -> Vec<u8> {
+    let body = r#"{"error":"request head not received in time","request_id":null}"#;
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+// ===== SharedStream =====
+
+/// A TCP stream hyper reads and writes while the connection task keeps a handle, to answer a
+/// head timeout itself. It knows whether part of a request head arrived since the last answer.
+#[derive(Clone, Debug)]
+struct SharedStream {
+    stream: Arc<TcpStream>,
+    head_started: Arc<AtomicBool>,
+}
+
+impl SharedStream {
+    fn new(stream: TcpStream) -> Self {
+        SharedStream {
+            stream: Arc::new(stream),
+            head_started: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether bytes of a request arrived after the last answer was written.
+    fn head_started(&self) -> bool {
+        self.head_started.load(Ordering::Relaxed)
+    }
+
+    /// Writes `bytes` without waiting; gives up on a full socket (the client is not reading).
+    fn try_write_all(&self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.stream.try_write(bytes) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => bytes = &bytes[n..],
+            }
+        }
+    }
+}
+
+impl AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.head_started.store(true, Ordering::Relaxed);
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(buf) {
+                Ok(n) => {
+                    // An answer is going out: the request it answers was received whole.
+                    self.head_started.store(false, Ordering::Relaxed);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the socket.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The socket closes when the last handle drops, right after hyper is done with it.
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,212 @@
+//! Limits on what a client sends, and how slowly: each refusal is a JSON error where the HTTP
+//! stack lets the service write one, and always a log line. Its own process: it installs the
+//! global subscriber to read those lines.
+
+use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+
+use order_service::{
+    app::{self, Config, RunningService},
+    context::{TenantId, TENANT},
+    db::OrderRepository,
+    http::server::{Limits, HARD_MAX_HEADERS},
+    logging::{self, EventCapture, LogFormat, LogSink},
+};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+fn capture() -> &'static EventCapture {
+    static CAPTURE: OnceLock<EventCapture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = EventCapture::new(logging::context_fields());
+        logging::init_captured(LogFormat::Text, LogSink::new(), &capture)
+            .expect("the only subscriber of this process");
+        capture
+    })
+}
+
+const SHORT: Limits = Limits {
+    head_timeout: Duration::from_millis(300),
+    body_timeout: Duration::from_millis(300),
+    request_timeout: Duration::from_millis(800),
+    max_body_bytes: 4096,
+    max_headers: 100,
+};
+
+async fn start(payment_url: Option<String>) -> (RunningService, tempfile::TempDir) {
+    capture();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::local(&app::sqlite_url(&dir.path().join("limits.db")));
+    config.limits = SHORT;
+    config.payment_url = payment_url;
+    (app::start(config).await.expect("start"), dir)
+}
+
+/// Sends `raw` bytes and reads until the server closes: `(status line, body)`.
+async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The captured event whose summary contains `needle`. The service logs a refusal before the
+/// answer is written or, for hyper's own answers, before the socket is closed, so the line is
+/// there once the client has read the answer.
+async fn logged(needle: &str) -> String {
+    capture()
+        .events()
+        .iter()
+        .find(|e| e.summary().contains(needle))
+        .map(|e| e.summary())
+        .unwrap_or_else(|| panic!("no log line containing {needle:?}"))
+}
+
+fn json_error(body: &str, contains: &str) -> Value {
+    let value: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    let error = value["error"].as_str().unwrap_or_else(|| panic!("{value}"));
+    assert!(
+        error.contains(contains),
+        "{error:?} should mention {contains:?}"
+    );
+    value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_head_gets_408_json_and_a_log_line() {
+    let (service, _dir) = start(None).await;
+    // Half a request head, then nothing.
+    let (status, body) = raw_exchange(
+        service.addr,
+        b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-ty",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    json_error(&body, "request head not received in time");
+    logged("request head not received in time: answered 408").await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_body_gets_408_json() {
+    let (service, _dir) = start(None).await;
+    let (status, body) = raw_exchange(
+        service.addr,
+        b"POST /orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer token-acme\r\ncontent-type: application/json\r\nx-request-id: slow-body-1\r\ncontent-length: 100\r\nconnection: close\r\n\r\n{\"refer",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    let value = json_error(&body, "request body not received within 300 ms");
+    assert_eq!(value["request_id"], "slow-body-1");
+    logged("request rejected status=408").await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_body_gets_413_json() {
+    let (service, _dir) = start(None).await;
+    let big = format!(r#"{{"reference":"{}","items":[]}}"#, "x".repeat(8192));
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/orders", service.addr))
+        .header("authorization", "Bearer token-acme")
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 413);
+    json_error(&response.text().await.unwrap(), "length limit exceeded");
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_gets_503_json_and_writes_nothing() {
+    // A payment provider that accepts and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let provider = listener.local_addr().unwrap();
+    let hang = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let (service, _dir) = start(Some(format!("http://{provider}"))).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/orders", service.addr))
+        .header("authorization", "Bearer token-acme")
+        .header("x-request-id", "slow-request-1")
+        .json(&serde_json::json!({"reference": "slow-1", "items": [{"sku": "sku-apple", "quantity": 1}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 503);
+    let value = json_error(
+        &response.text().await.unwrap(),
+        "not completed within 800 ms",
+    );
+    assert_eq!(value["request_id"], "slow-request-1");
+    let line = logged("request failed status=503").await;
+    assert!(line.contains("800 ms"), "{line}");
+    let orders = OrderRepository::new(&service.state.db);
+    let rows = TENANT
+        .scope(TenantId::new("acme"), orders.count_rows())
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        (0, 0),
+        "the dropped request's transaction rolled back"
+    );
+    hang.abort();
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_get_431_json_then_hyper_431_with_a_log_line() {
+    let (service, _dir) = start(None).await;
+    let request = |count: usize| {
+        let mut raw = String::from("GET /orders/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+        for i in 0..count {
+            raw.push_str(&format!("x-filler-{i}: {i}\r\n"));
+        }
+        raw.push_str("\r\n");
+        raw
+    };
+    // 150 fields: above our limit, below hyper's: a JSON answer.
+    let (status, body) = raw_exchange(service.addr, request(150).as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    json_error(&body, "at most 100 accepted");
+    logged("request rejected status=431").await;
+    // Above hyper's own limit: hyper answers, without a body; the service logs it.
+    let (status, body) =
+        raw_exchange(service.addr, request(HARD_MAX_HEADERS + 10).as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    assert_eq!(body, "");
+    logged("request head too large").await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_head_gets_400_and_a_log_line() {
+    let (service, _dir) = start(None).await;
+    let (status, _) = raw_exchange(
+        service.addr,
+        b"GET /orders/1 HTTP/1.1\r\nhost: x\r\nbad header name: v\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    logged("malformed request head: hyper answered 400").await;
+    service.shutdown().await.expect("clean shutdown");
+}
