@@ -21,16 +21,26 @@ use std::{cell::Cell, fmt, marker::PhantomData};
 
 use crate::node::{self, Header, NodeRef};
 
-/// Restores the previous context when dropped; returned by [`AsyncLocal::enter`](crate::AsyncLocal::enter) and [`Snapshot::enter`](crate::Snapshot::enter).
+/// Restores the previous context when dropped; returned by
+/// [`AsyncLocal::enter`](crate::AsyncLocal::enter) and [`Snapshot::enter`](crate::Snapshot::enter).
 ///
 /// The guard is `!Send`: the context it entered belongs to this thread, so it cannot be held
 /// across an `.await` in a future that moves between threads.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// # use contextflow::AsyncLocal;
 /// static ID: AsyncLocal<u32> = AsyncLocal::new();
 /// fn assert_send<T: Send>(_: T) {}
-/// assert_send(ID.enter(1));
+/// assert_send(ID.enter(1)); // E0277: `*const ()` cannot be sent between threads
+/// ```
+///
+/// The same check on the future of a scope, the way to bind a value in async code, compiles:
+///
+/// ```
+/// # use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+/// fn assert_send<T: Send>(_: T) {}
+/// assert_send(ID.scope(1, async {}));
 /// ```
 ///
 /// Binding the guard to `_` drops it at once, so the value is never visible:

@@ -111,11 +111,13 @@
 //! database transaction, marked [`Inherit::Never`], stays with the request:
 //!
 //! ```
+//! # #![allow(dead_code)] // without the `tokio` feature
 //! # use contextflow::{AsyncLocal, Inherit};
 //! static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
 //! struct Tx;
 //! static TX: AsyncLocal<Tx> = AsyncLocal::named("tx").inherit(Inherit::Never);
 //!
+//! # #[cfg(feature = "tokio")]
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let job = REQUEST_ID
 //!     .scope("req-9".into(), TX.scope(Tx, async {
@@ -124,6 +126,7 @@
 //!     .await;
 //! assert_eq!(job.await.unwrap(), (Some("req-9".to_string()), false));
 //! # }
+//! # #[cfg(not(feature = "tokio"))] fn main() {}
 //! ```
 //!
 //! **A cron job** starts from nothing: `contextflow::spawn_without_context` or
@@ -132,8 +135,10 @@
 //! **`spawn_blocking`** (CPU work, a blocking driver) keeps the context:
 //!
 //! ```
+//! # #![allow(dead_code)] // without the `tokio` feature
 //! # use contextflow::AsyncLocal;
 //! static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
+//! # #[cfg(feature = "tokio")]
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let id = REQUEST_ID
 //!     .scope("req-3".into(), async {
@@ -142,6 +147,7 @@
 //!     .await;
 //! assert_eq!(id.as_deref(), Some("req-3"));
 //! # }
+//! # #[cfg(not(feature = "tokio"))] fn main() {}
 //! ```
 //!
 //! **Other executors and thread pools** (rayon, a callback API): carry a [`Snapshot`] and
@@ -164,8 +170,9 @@
 //! | destructors of a scoped future (cancelled, aborted) | yes |
 //! | another process (HTTP, a queue, a child process) | only what a propagator writes (see `contextflow-http`) |
 //!
-//! To forbid plain `tokio::spawn` in your code base, copy this repository's `clippy.toml`
-//! (`disallowed-methods`).
+//! To forbid plain `tokio::spawn` (and an [`EnterGuard`] held across an `.await`) in your code
+//! base, copy this repository's `docs/clippy.toml` (`disallowed-methods`,
+//! `await-holding-invalid-types`).
 //!
 //! # Compared with the alternatives
 //!
@@ -212,6 +219,8 @@ pub use crate::future::StreamExt;
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[allow(deprecated)]
 pub use crate::spawn::spawn_detached;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use crate::spawn::{
     spawn, spawn_blocking, spawn_in, spawn_local, spawn_with, spawn_without_context,
 };

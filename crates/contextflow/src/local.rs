@@ -23,10 +23,18 @@ use crate::{current, current::EnterGuard, future::Scope, node, node::NodeRef};
 /// sub- or supertype (with higher-ranked function types that would let a value be read at the
 /// wrong type):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0308
 /// use contextflow::AsyncLocal;
 /// static V: AsyncLocal<for<'a> fn(&'a str) -> &'static str> = AsyncLocal::new();
-/// let widened: &AsyncLocal<fn(&'static str) -> &'static str> = &V;
+/// let _widened: &AsyncLocal<fn(&'static str) -> &'static str> = &V; // E0308: invariant
+/// ```
+///
+/// The same code at the variable's own type compiles (so the error above is the variance):
+///
+/// ```
+/// use contextflow::AsyncLocal;
+/// static V: AsyncLocal<for<'a> fn(&'a str) -> &'static str> = AsyncLocal::new();
+/// let _same: &AsyncLocal<for<'a> fn(&'a str) -> &'static str> = &V;
 /// ```
 ///
 /// ```
@@ -68,14 +76,11 @@ pub struct AsyncLocal<T: Send + Sync + 'static> {
 /// struct Tx;
 /// static TX: AsyncLocal<Tx> = AsyncLocal::named("tx").inherit(Inherit::Never);
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// TX.scope(Tx, async {
+/// TX.sync_scope(Tx, || {
 ///     assert!(TX.is_set());
-///     let child = contextflow::spawn(async { TX.is_set() });
-///     assert!(!child.await.unwrap());
-/// })
-/// .await;
-/// # }
+///     let child = contextflow::thread::spawn(|| TX.is_set());
+///     assert!(!child.join().unwrap());
+/// });
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Inherit {
@@ -273,8 +278,10 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// TENANT
     ///     .scope(42, async {
     ///         // Background work that must not act for the request's tenant.
-    ///         let job = TENANT.unset(async { contextflow::spawn(async { TENANT.get() }).await });
-    ///         assert_eq!(job.await.unwrap(), None);
+    ///         let job = TENANT.unset(async {
+    ///             contextflow::thread::spawn(|| TENANT.get()).join().unwrap()
+    ///         });
+    ///         assert_eq!(job.await, None);
     ///         assert_eq!(TENANT.get(), Some(42));
     ///     })
     ///     .await;

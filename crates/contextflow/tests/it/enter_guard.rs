@@ -213,6 +213,7 @@ fn out_of_order_drop_across_three_guards() {
 static LEAKY: AsyncLocal<u32> = AsyncLocal::named("leaky");
 
 /// The message of a task's panic.
+#[cfg(all(debug_assertions, feature = "tokio"))]
 fn panic_message(err: tokio::task::JoinError) -> String {
     let payload = err.into_panic();
     payload
@@ -222,7 +223,7 @@ fn panic_message(err: tokio::task::JoinError) -> String {
         .unwrap_or_default()
 }
 
-#[cfg(debug_assertions)]
+#[cfg(all(debug_assertions, feature = "tokio"))]
 #[test]
 fn guard_held_across_await_is_reported_in_another_task_on_current_thread() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -245,7 +246,7 @@ fn guard_held_across_await_is_reported_in_another_task_on_current_thread() {
     assert!(!LEAKY.is_set());
 }
 
-#[cfg(debug_assertions)]
+#[cfg(all(debug_assertions, feature = "tokio"))]
 #[test]
 fn guard_held_across_await_is_reported_in_another_task_on_a_local_set() {
     let rt = tokio::runtime::Builder::new_current_thread()

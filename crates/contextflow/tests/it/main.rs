@@ -1,4 +1,6 @@
-//! Behaviour of the core crate, through its public API only.
+//! Behaviour of the core crate, through its public API only. Modules that need the spawn
+//! helpers are compiled with the `tokio` feature (on by default); the rest also runs with
+//! `cargo test -p contextflow --no-default-features`.
 
 /// Runs an `async fn` test body on a `current_thread` and on a 2-worker `multi_thread` runtime.
 macro_rules! on_both_runtimes {
@@ -16,15 +18,22 @@ macro_rules! on_both_runtimes {
     )*};
 }
 
+#[cfg(feature = "tokio")]
 mod api;
 mod auto_traits;
 mod basics;
+#[cfg(feature = "tokio")]
 mod drop_runs_in_scope;
 mod enter_guard;
+#[cfg(feature = "tokio")]
 mod inherit_on_spawn;
 mod isolation;
 mod layering;
+#[cfg(feature = "tokio")]
 mod no_leaks;
 mod panic_restores;
 mod snapshot;
+#[cfg(all(feature = "tokio", feature = "futures"))]
+mod streams;
+#[cfg(feature = "tokio")]
 mod stress;

@@ -49,8 +49,11 @@ async fn panicking_task_does_not_leak_into_next_task() {
             ID.get()
         }));
     }
-    for p in panics {
-        let _ = p.await;
+    for (i, p) in panics.into_iter().enumerate() {
+        match p.await {
+            Err(err) => assert!(err.is_panic() && i % 2 == 0, "task {i}: {err}"),
+            Ok(()) => assert!(i % 2 == 1, "task {i} was meant to panic"),
+        }
     }
     for p in probes {
         assert_eq!(p.await.unwrap(), None);
