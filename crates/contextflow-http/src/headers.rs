@@ -116,9 +116,27 @@ pub fn inject_headers(headers: &mut HeaderMap) {
 
 // ===== impl HeaderExtractor =====
 
+impl HeaderExtractor<'_> {
+    /// The values of `key`: a known propagation header by its constant name (no parsing of
+    /// the name), any other by `key`.
+    fn values(&self, key: &str) -> http::header::GetAll<'_, HeaderValue> {
+        let known = match key {
+            "traceparent" => Some(&TRACEPARENT),
+            "tracestate" => Some(&TRACESTATE),
+            "baggage" => Some(&BAGGAGE_HEADER),
+            "x-request-id" => Some(&X_REQUEST_ID),
+            _ => None,
+        };
+        match known {
+            Some(name) => self.0.get_all(name),
+            None => self.0.get_all(key),
+        }
+    }
+}
+
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(as_str)
+        self.values(key).iter().next().map(as_str)
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -126,7 +144,7 @@ impl Extractor for HeaderExtractor<'_> {
     }
 
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
-        let mut values = self.0.get_all(key).iter().peekable();
+        let mut values = self.values(key).iter().peekable();
         values.peek()?;
         Some(values.map(as_str).collect())
     }

@@ -418,7 +418,7 @@ where
                 value
             }
         };
-        req.extensions_mut().insert(request_id);
+        req.extensions_mut().insert(request_id.clone());
 
         let span_cx = self
             .spans
@@ -435,7 +435,7 @@ where
         let owns_span = span_cx.is_some();
         let cx = span_cx.unwrap_or(cx);
         let scope = RequestScope {
-            frame: contextflow_otel::snapshot_with(&cx),
+            frame: contextflow_otel::snapshot_with_request(&cx, request_id),
             cx: Some(cx),
             owns_span,
         };
@@ -458,17 +458,27 @@ where
     type Output = Result<Response<ContextBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+        let this = self.project();
+        if this.inner.is_none() {
             panic!("ResponseFuture polled after completion");
+        }
+        let mut inner = this.inner;
+        let mut poll = |inner: &mut Pin<&mut Option<F>>| {
+            let result = inner.as_mut().as_pin_mut().map(|f| f.poll(cx));
+            if matches!(result, Some(Poll::Ready(_))) {
+                // Done: drop the inner future now, inside the context.
+                inner.set(None);
+            }
+            result
         };
         let result = match this.scope.as_ref() {
-            Some(scope) => ready!(scope.run(|| inner.poll(cx))),
-            None => ready!(inner.poll(cx)),
+            Some(scope) => scope.run(|| poll(&mut inner)),
+            None => poll(&mut inner),
         };
-        // The inner future is done: drop it now, inside the context.
+        let Some(Poll::Ready(result)) = result else {
+            return Poll::Pending;
+        };
         let scope = this.scope.take().unwrap_or_else(RequestScope::empty);
-        scope.run(|| this.inner.set(None));
         let request_id = this.request_id.take();
         Poll::Ready(match result {
             Ok(mut res) => {
@@ -570,14 +580,15 @@ impl<B: Body> Body for ContextBody<B> {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Some(inner) => self.scope.run(|| inner.is_end_stream()),
+            // A plain accessor: no need to enter the request's context.
+            Some(inner) => inner.is_end_stream(),
             None => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Some(inner) => self.scope.run(|| inner.size_hint()),
+            Some(inner) => inner.size_hint(),
             None => SizeHint::with_exact(0),
         }
     }

@@ -60,6 +60,10 @@ impl Spans {
         let tracer = self.get()?;
         let builder = tracer.span_builder(method_name(method)).with_kind(kind);
         let mut span = tracer.build_with_context(builder, parent);
+        if !span.is_recording() && span.span_context() == parent.span().span_context() {
+            // A no-op tracer (no SDK installed) passes the parent through: nothing to own.
+            return None;
+        }
         if span.is_recording() {
             let mut attrs = Vec::with_capacity(6);
             attrs.push(KeyValue::new("http.request.method", method_name(method)));

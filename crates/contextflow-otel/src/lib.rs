@@ -335,6 +335,22 @@ pub fn snapshot_with(cx: &Context) -> Snapshot {
     bind(cx, Snapshot::capture)
 }
 
+/// A [`Snapshot`] of the current frame with [`OTEL_CONTEXT`] bound to `cx` and [`REQUEST_ID`]
+/// to `request_id` (what a server layer binds for a request).
+///
+/// ```
+/// use contextflow_otel::{RequestId, REQUEST_ID};
+/// let id: RequestId = "r-7".parse()?;
+/// let snapshot = contextflow_otel::snapshot_with_request(&opentelemetry::Context::new(), id);
+/// assert_eq!(snapshot.get(&REQUEST_ID).unwrap().as_str(), "r-7");
+/// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+/// ```
+pub fn snapshot_with_request(cx: &Context, request_id: RequestId) -> Snapshot {
+    OTEL_CONTEXT.sync_scope(OtelContext::new(cx.clone()), || {
+        REQUEST_ID.sync_scope(request_id, Snapshot::capture)
+    })
+}
+
 /// Runs `f` inside `cx`: attached as OpenTelemetry's current context and bound to
 /// [`OTEL_CONTEXT`] (and [`REQUEST_ID`] when `cx` holds one), all restored when `f` returns or
 /// panics.

@@ -226,6 +226,11 @@ impl TextMapPropagator for TraceContextPropagator {
         let Some(parent) = extract_traceparent(extractor) else {
             return cx.clone();
         };
+        if extractor.get(TRACESTATE).is_none() {
+            return cx.with_remote_span_context(
+                parent.to_remote_span_context(opentelemetry::trace::TraceState::default()),
+            );
+        }
         let values = extractor.get_all(TRACESTATE).unwrap_or_default();
         let full = match TraceState::from_values(values.iter().map(|v| v.as_bytes())) {
             Ok(state) => state,
@@ -304,6 +309,9 @@ impl TextMapPropagator for BaggagePropagator {
     }
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        if extractor.get(BAGGAGE).is_none() {
+            return cx.clone();
+        }
         let Some(values) = extractor.get_all(BAGGAGE) else {
             return cx.clone();
         };
@@ -349,6 +357,9 @@ impl RequestIdPropagator {
     /// assert_eq!(id.as_str(), "r-9");
     /// ```
     pub fn extract_id(extractor: &dyn Extractor) -> RequestId {
+        if extractor.get(X_REQUEST_ID).is_none() {
+            return RequestId::new();
+        }
         let Some(values) = extractor.get_all(X_REQUEST_ID) else {
             return RequestId::new();
         };
@@ -436,18 +447,35 @@ impl Propagation {
     /// assert!(!cx.has_active_span());
     /// ```
     pub fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        let (cx, id) = self.extract_parts(cx, extractor);
+        cx.with_value(id)
+    }
+
+    /// Reads what `extractor` carries on top of `cx`, the request id apart (so a server can
+    /// bind it without adding a value to the context).
+    ///
+    /// ```
+    /// use contextflow_otel::{carrier::Pairs, Propagation, RequestId};
+    /// use opentelemetry::Context;
+    /// let (cx, id) = Propagation::global().extract_parts(&Context::new(), &Pairs::new([("x-request-id", "r-6")]));
+    /// assert_eq!(id.as_str(), "r-6");
+    /// assert!(cx.get::<RequestId>().is_none());
+    /// ```
+    pub fn extract_parts(&self, cx: &Context, extractor: &dyn Extractor) -> (Context, RequestId) {
         let bounded = Bounded(extractor);
         let cx = self.extract_trace(cx, &bounded);
-        cx.with_value(RequestIdPropagator::extract_id(&bounded))
+        (cx, RequestIdPropagator::extract_id(&bounded))
     }
 
     /// Reads only what the trace propagator carries (no request id).
-    pub(crate) fn extract_trace(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+    fn extract_trace(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
         match &self.trace {
             Some(p) => p.extract_with_context(cx, extractor),
             None => opentelemetry::global::get_text_map_propagator(|p| {
                 if p.fields().next().is_none() {
-                    FALLBACK.extract_with_context(cx, extractor)
+                    // The fallback's two propagators, called directly.
+                    let cx = TraceContextPropagator::new().extract_with_context(cx, extractor);
+                    BaggagePropagator::new().extract_with_context(&cx, extractor)
                 } else {
                     p.extract_with_context(cx, extractor)
                 }

@@ -66,15 +66,18 @@ impl RequestId {
         let mut bytes = ids::random_bytes();
         bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
         bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
-        let mut text = String::with_capacity(36);
+        let mut text = [b'-'; 36];
+        let mut at = 0;
         for (i, b) in bytes.iter().enumerate() {
             if matches!(i, 4 | 6 | 8 | 10) {
-                text.push('-');
+                at += 1;
             }
-            text.push(char::from(HEX[usize::from(b >> 4)]));
-            text.push(char::from(HEX[usize::from(b & 0x0f)]));
+            text[at] = HEX[usize::from(b >> 4)];
+            text[at + 1] = HEX[usize::from(b & 0x0f)];
+            at += 2;
         }
-        RequestId(text.into())
+        // Hex digits and dashes are ASCII, so this is valid UTF-8.
+        RequestId(std::str::from_utf8(&text).unwrap_or("-").into())
     }
 
     /// Checks a value given as bytes: 1 to 128 bytes, each visible ASCII (`0x21..=0x7e`).

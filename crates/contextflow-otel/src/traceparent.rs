@@ -335,11 +335,23 @@ fn decode_hex<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
 }
 
 fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
+    // A table lookup: 0xff marks a byte that is not a lower-case hex digit.
+    const TABLE: [u8; 256] = {
+        let mut t = [0xffu8; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    };
+    let v = TABLE[usize::from(c)];
+    (v != 0xff).then_some(v)
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

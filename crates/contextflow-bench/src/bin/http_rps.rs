@@ -8,10 +8,19 @@
 //!
 //! Each server runs in its own child process (this binary with `--serve VARIANT`) on a
 //! one-worker runtime, so that the server and the load generator get a core each.
+//!
+//! `--instructions` measures instructions per request instead, which is deterministic where
+//! requests per second vary by 15% from one round to the next: each server runs under
+//! `valgrind --tool=callgrind`, gets 2,000 warm-up requests, then `callgrind_control --zero`,
+//! `--requests N` requests (default 10,000) over one keep-alive connection, and
+//! `callgrind_control --dump`; the dump's total instruction count divided by N is the cost of
+//! a request, server side (needs `valgrind`).
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use axum::{routing::get, Router};
@@ -37,6 +46,10 @@ const VARIANTS: &[(&str, &str)] = &[
         "contextflow+trace",
         "contextflow-http PropagateContextLayer + TraceLayer",
     ),
+    (
+        "contextflow+span",
+        "contextflow-http PropagateContextLayer + a recorded SDK server span",
+    ),
 ];
 
 fn main() {
@@ -52,6 +65,10 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .map_or(default, |v| v.parse().expect("a number"))
     };
+    if args.iter().any(|a| a == "--instructions") {
+        instructions(opt("--requests", 10_000));
+        return;
+    }
     let rounds = opt("--rounds", 5);
     let duration = opt("--duration", 5);
     let connections = opt("--connections", 64);
@@ -90,11 +107,7 @@ fn measure(variant: &str, duration: u64, connections: u64) -> f64 {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the server process");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("piped stdout"))
-        .read_line(&mut line)
-        .expect("the server prints its address");
-    let addr = line.trim().to_string();
+    let addr = read_addr(&mut server);
     let out = Command::new("wrk")
         .args([
             "-t1",
@@ -113,6 +126,138 @@ fn measure(variant: &str, duration: u64, connections: u64) -> f64 {
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"))
+}
+
+/// Instructions per request of each variant under callgrind (see the module docs).
+fn instructions(requests: u64) {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("valgrind is not installed (apt-get install valgrind): skipping");
+        return;
+    }
+    println!("# HTTP server instructions per request (callgrind, {requests} requests after 2000 warm-up, one keep-alive connection)");
+    let mut counts = Vec::new();
+    for (variant, _) in VARIANTS {
+        let per_request = callgrind(variant, requests);
+        eprintln!("{variant}: {per_request:.0} instructions/request");
+        counts.push(per_request);
+    }
+    println!(
+        "| {:<62} | {:>12} | {:>10} |",
+        "stack", "instr/req", "over bare"
+    );
+    println!("|{:-<64}|{:->14}|{:->12}|", "", "", "");
+    for ((_, desc), n) in VARIANTS.iter().zip(&counts) {
+        println!("| {desc:<62} | {n:>12.0} | {:>+10.0} |", n - counts[0]);
+    }
+}
+
+/// Runs `variant` under callgrind and returns its instructions per request.
+fn callgrind(variant: &str, requests: u64) -> f64 {
+    let out_file = std::env::temp_dir().join(format!("http-rps-{variant}.callgrind"));
+    let _ = std::fs::remove_file(&out_file);
+    let mut server = Command::new("valgrind")
+        .args([
+            "--tool=callgrind",
+            &format!("--callgrind-out-file={}", out_file.display()),
+        ])
+        .arg(std::env::current_exe().expect("own path"))
+        .args(["--serve", variant])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start valgrind");
+    let addr = read_addr(&mut server);
+    let mut conn = Connection::open(&addr);
+    for _ in 0..2000 {
+        conn.get();
+    }
+    let pid = server.id().to_string();
+    control(&["--zero", &pid]);
+    for _ in 0..requests {
+        conn.get();
+    }
+    control(&["--dump", &pid]);
+    let _ = server.kill();
+    let _ = server.wait();
+    // The requested dump is `<out file>.1`; its `totals:` line is the instruction count since
+    // the counters were zeroed (the final dump at exit, `<out file>`, is ignored).
+    let dump = out_file.with_extension("callgrind.1");
+    let text = std::fs::read_to_string(&dump).expect("read the dump");
+    let total = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("a totals line");
+    let _ = std::fs::remove_file(&dump);
+    let _ = std::fs::remove_file(&out_file);
+    total as f64 / requests as f64
+}
+
+fn control(args: &[&str]) {
+    let status = Command::new("callgrind_control")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run callgrind_control");
+    assert!(status.success(), "callgrind_control {args:?} failed");
+}
+
+fn read_addr(server: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("the server prints its address");
+    line.trim().to_string()
+}
+
+/// A minimal HTTP/1.1 keep-alive client: one request at a time, the same headers as wrk's.
+struct Connection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    fn open(addr: &str) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect to the server");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        Connection {
+            stream,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    fn get(&mut self) {
+        self.stream
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: bench\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+            )
+            .expect("send");
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.stream.read(&mut chunk).expect("receive");
+            assert!(n > 0, "the server closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if self.buf.len() >= end + 4 + len {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The hello-world handler, reading the ids from the context as real handlers would.
@@ -154,6 +299,17 @@ fn serve(variant: &str) {
                     .layer(contextflow_http::PropagateContextLayer::new())
                     .layer(TraceLayer::new_for_http()),
             ),
+            "contextflow+span" => {
+                // A real SDK provider: spans are recorded (attributes, events), then dropped
+                // by the absence of an exporter, so only the cost of making them is measured.
+                let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_id_generator(contextflow_otel::SecureIdGenerator::default())
+                    .build();
+                opentelemetry::global::set_tracer_provider(provider);
+                Router::new()
+                    .route("/", get(contextflow_handler))
+                    .layer(contextflow_http::PropagateContextLayer::new())
+            }
             other => panic!("unknown variant {other}"),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -145,3 +145,88 @@ fn otel_round_trip_keeps_values_and_properties() {
     assert_eq!(props, [("p", Some("x,y"))]);
     assert_eq!(back.len(), 2);
 }
+
+/// The vectors of the W3C baggage repository's tests (`test/test_baggage.py`, which checks
+/// its Python reference implementation; the repository has no service harness yet).
+#[test]
+fn w3c_baggage_test_vectors() {
+    type Props<'a> = Vec<(&'a str, Option<&'a str>)>;
+    type Member<'a> = (&'a str, &'a str, Props<'a>);
+    let cases: Vec<(&str, Vec<Member<'_>>)> = vec![
+        ("SomeKey=SomeValue", vec![("SomeKey", "SomeValue", vec![])]),
+        (
+            "SomeKey=SomeValue;SomeProp,SomeKey2=SomeValue2;ValueProp=PropVal",
+            vec![
+                ("SomeKey", "SomeValue", vec![("SomeProp", None)]),
+                ("SomeKey2", "SomeValue2", vec![("ValueProp", Some("PropVal"))]),
+            ],
+        ),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomeProp \t , \t SomeKey2 \t = \t SomeValue2 \t ; \t ValueProp \t = \t PropVal",
+            vec![
+                ("SomeKey", "SomeValue", vec![("SomeProp", None)]),
+                ("SomeKey2", "SomeValue2", vec![("ValueProp", Some("PropVal"))]),
+            ],
+        ),
+        (
+            "SomeKey=SomeValue;SomePropKey=SomePropValue,SomeKey2=SomeValue2;SomePropKey2=SomePropValue2",
+            vec![
+                ("SomeKey", "SomeValue", vec![("SomePropKey", Some("SomePropValue"))]),
+                ("SomeKey2", "SomeValue2", vec![("SomePropKey2", Some("SomePropValue2"))]),
+            ],
+        ),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomePropKey=SomePropValue \t , \t SomeKey2 \t = \t SomeValue2 \t ; \t SomePropKey2 \t = \t SomePropValue2",
+            vec![
+                ("SomeKey", "SomeValue", vec![("SomePropKey", Some("SomePropValue"))]),
+                ("SomeKey2", "SomeValue2", vec![("SomePropKey2", Some("SomePropValue2"))]),
+            ],
+        ),
+        ("SomeKey=SomeValue=equals", vec![("SomeKey", "SomeValue=equals", vec![])]),
+        (
+            "SomeKey=SomeValue;SomeProp;SecondProp=PropValue",
+            vec![("SomeKey", "SomeValue", vec![("SomeProp", None), ("SecondProp", Some("PropValue"))])],
+        ),
+        ("SomeKey \t = \t SomeValue \t ", vec![("SomeKey", "SomeValue", vec![])]),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomeProp \t ; \t SecondProp \t = \t PropValue",
+            vec![("SomeKey", "SomeValue", vec![("SomeProp", None), ("SecondProp", Some("PropValue"))])],
+        ),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomePropKey \t = \t SomePropValue",
+            vec![("SomeKey", "SomeValue", vec![("SomePropKey", Some("SomePropValue"))])],
+        ),
+    ];
+    for (raw, want) in cases {
+        let baggage = Baggage::parse(raw);
+        let got: Vec<_> = baggage
+            .iter()
+            .map(|m| (m.key(), m.value(), m.properties().collect::<Vec<_>>()))
+            .collect();
+        assert_eq!(got, want, "{raw:?}");
+    }
+    // Percent-encoded values (Python's `urllib.parse.quote` of the value), with and without OWS.
+    let value = "\t \"';=asdf!@#$%^&*()";
+    let quoted = "%09%20%22%27%3B%3Dasdf%21%40%23%24%25%5E%26%2A%28%29";
+    for raw in [
+        format!("SomeKey={quoted}"),
+        format!("SomeKey \t = \t {quoted} \t "),
+    ] {
+        let baggage = Baggage::parse(&raw);
+        assert_eq!(baggage.get("SomeKey"), Some(value), "{raw:?}");
+        // Written again, every byte outside the baggage octets is encoded (the reference
+        // implementation also encodes some octets that may go raw); it reads back the same.
+        let written = baggage.to_string();
+        assert_eq!(written, "SomeKey=%09%20%22'%3B=asdf!@#$%25^&*()");
+        assert_eq!(Baggage::parse(&written).get("SomeKey"), Some(value));
+    }
+    // Limits: 64 members, and one member of 8,192 bytes, are propagated whole.
+    let mut baggage = Baggage::new();
+    for i in 0..64 {
+        baggage.insert(&format!("key{i}"), "value").unwrap();
+    }
+    assert_eq!(baggage.to_string().split(',').count(), 64);
+    let mut long = Baggage::new();
+    long.insert("a", &"0123456789".repeat(819)).unwrap();
+    assert_eq!(long.to_string().len(), 8192);
+}
