@@ -88,7 +88,7 @@ pub trait Carrier: Send + Sync + 'static {
 pub fn register<C: Carrier>(carrier: C) -> bool {
     // Writers take a lock (registration is rare); readers never do. A poisoned lock only means
     // another registration panicked; the list itself is intact.
-    let _writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut retired = WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let old = registered();
     if old.iter().any(|c| c.carrier_type() == TypeId::of::<C>()) {
         return false;
@@ -98,6 +98,9 @@ pub fn register<C: Carrier>(carrier: C) -> bool {
     // thread may be reading the previous list at this moment, so no list is ever freed either
     // (one per registration: a handful per process).
     list.push(Box::leak(Box::new(carrier)));
+    // Kept reachable (not freed: a capture may still read it), so leak checkers see a list
+    // that is still referenced rather than a lost one.
+    retired.push(CARRIERS.load(Ordering::Relaxed) as usize);
     publish(&CARRIERS, list);
     true
 }
@@ -142,8 +145,9 @@ pub fn is_registered<C: Carrier>() -> bool {
 /// The registered carriers: a leaked, never-freed list, replaced as a whole on registration
 /// (copy on write), so that captures read it with one atomic load and no lock.
 static CARRIERS: Registry = Registry::new(std::ptr::null_mut());
-/// Serializes registrations.
-static WRITER: Mutex<()> = Mutex::new(());
+/// Serializes registrations, and keeps the lists that registrations replaced (their addresses),
+/// which are never freed.
+static WRITER: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
 /// The registry's atomic pointer (std's, even under loom: a `static` needs a `const`
 /// constructor; the loom model drives [`publish`] and [`read`] with loom's own).
