@@ -253,8 +253,20 @@ impl PropagateContextLayer {
     /// global `TracerProvider` (read at the first request).
     ///
     /// ```
-    /// let layer = contextflow_http::PropagateContextLayer::new();
-    /// # drop(layer);
+    /// use tower::{service_fn, Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let svc = contextflow_http::PropagateContextLayer::new().layer(service_fn(|_req: http::Request<()>| async {
+    ///     let id = contextflow_http::current_request_id().unwrap();
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(id.to_string()))
+    /// }));
+    /// let req = http::Request::builder().header("x-request-id", "r-1").body(())?;
+    /// let res = svc.oneshot(req).await?;
+    /// assert_eq!(res.headers()["x-request-id"], "r-1");
+    /// assert_eq!(res.body().get_ref().map(String::as_str), Some("r-1"));
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn new() -> Self {
         PropagateContextLayer {
@@ -300,8 +312,22 @@ impl PropagateContextLayer {
     /// Starts no span: the handler runs in the caller's (remote) context as extracted.
     ///
     /// ```
+    /// use tower::{service_fn, Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let layer = contextflow_http::PropagateContextLayer::new().without_spans();
-    /// # drop(layer);
+    /// let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+    ///     let span = contextflow_http::current_span_id().map(|id| id.to_string());
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(span))
+    /// }));
+    /// let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    /// let req = http::Request::builder().header("traceparent", tp).body(())?;
+    /// let res = svc.oneshot(req).await?;
+    /// let span = res.body().get_ref().cloned().flatten();
+    /// assert_eq!(span.as_deref(), Some("00f067aa0ba902b7"), "the caller's span");
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn without_spans(mut self) -> Self {
         self.spans = Spans::Off;
@@ -346,8 +372,9 @@ impl<S> PropagateContext<S> {
     /// A [`PropagateContextLayer`] (the same as [`PropagateContextLayer::new`]).
     ///
     /// ```
+    /// use tower::Layer;
     /// let layer = contextflow_http::PropagateContext::<()>::layer();
-    /// # drop(layer);
+    /// assert_eq!(layer.layer(7).into_inner(), 7);
     /// ```
     pub fn layer() -> PropagateContextLayer {
         PropagateContextLayer::new()

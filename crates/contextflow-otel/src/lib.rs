@@ -179,8 +179,19 @@ pub type OtelScope<F> = contextflow::WithContext<WithContext<F>>;
 ///
 /// ```
 /// use contextflow::carry::Carrier;
-/// let captured = contextflow_otel::ContextCarrier.capture();
-/// assert!(captured.is_some());
+/// use opentelemetry::{trace::TraceContextExt as _, Context};
+/// # use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+/// # let remote = SpanContext::new(TraceId::from(3u128), SpanId::from(4u64),
+/// #     TraceFlags::SAMPLED, true, TraceState::default());
+/// let carrier = contextflow_otel::ContextCarrier;
+/// // What a spawn inside a request captures, and what the child then sees.
+/// let captured = contextflow_otel::sync_scope(Context::new().with_remote_span_context(remote), || {
+///     carrier.capture().unwrap()
+/// });
+/// let mut seen = None;
+/// carrier.enter(&captured, &mut || seen = Some(contextflow_otel::current_trace_id()));
+/// assert_eq!(seen, Some(Some(TraceId::from(3u128))));
+/// assert_eq!(contextflow_otel::current_trace_id(), None, "restored afterwards");
 /// ```
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ContextCarrier;
@@ -191,7 +202,13 @@ impl OtelContext {
     /// Wraps `cx`.
     ///
     /// ```
-    /// let _cx = contextflow_otel::OtelContext::new(opentelemetry::Context::current());
+    /// use opentelemetry::{trace::{SpanContext, TraceContextExt as _}, Context};
+    /// # use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+    /// # let remote = SpanContext::new(TraceId::from(3u128), SpanId::from(4u64),
+    /// #     TraceFlags::SAMPLED, true, TraceState::default());
+    /// let cx = contextflow_otel::OtelContext::new(Context::new().with_remote_span_context(remote));
+    /// assert_eq!(cx.trace_id(), Some(TraceId::from(3u128)));
+    /// assert_eq!(cx.span_id(), Some(SpanId::from(4u64)));
     /// ```
     pub fn new(cx: Context) -> Self {
         OtelContext { cx }
@@ -231,8 +248,10 @@ impl OtelContext {
     /// Unwraps the context.
     ///
     /// ```
-    /// let cx = contextflow_otel::OtelContext::new(opentelemetry::Context::new());
-    /// let _cx: opentelemetry::Context = cx.into_context();
+    /// use opentelemetry::{baggage::BaggageExt as _, Context, KeyValue};
+    /// let cx = Context::new().with_baggage([KeyValue::new("k", "v")]);
+    /// let back = contextflow_otel::OtelContext::new(cx).into_context();
+    /// assert_eq!(back.baggage().get("k").map(|v| v.as_str()), Some("v"));
     /// ```
     pub fn into_context(self) -> Context {
         self.cx

@@ -497,3 +497,118 @@ async fn inner_errors_pass_through_and_see_the_context() {
         .unwrap();
     assert_eq!(svc.oneshot(req).await.unwrap_err(), "failed in err-1");
 }
+
+/// A client that goes away in the middle of a streamed body: the body is dropped inside the
+/// request's context, and the thread's context is clean afterwards.
+async fn body_dropped_mid_stream() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(move |_req: Request<String>| {
+            let log = log2.clone();
+            async move {
+                Ok::<_, Infallible>(Response::new(ProbeBody {
+                    chunks: vec!["c", "b", "a"],
+                    log,
+                }))
+            }
+        }));
+    let req = request()
+        .header("x-request-id", "half-read")
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    let mut body = res.into_body();
+    // Read one frame, then drop the body (the connection closed).
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "a");
+    drop(body);
+    assert!(!REQUEST_ID.is_set());
+    assert!(!OtelContext::current().has_active_span());
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log, ["poll:half-read", "drop:half-read"]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn body_dropped_mid_stream_current_thread() {
+    body_dropped_mid_stream().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_dropped_mid_stream_multi_thread() {
+    body_dropped_mid_stream().await;
+}
+
+/// A handler that panics: the panic propagates (the task fails), the context is restored,
+/// and the next request on the same thread sees only its own context.
+async fn handler_panic_restores_the_context() {
+    let svc = ServiceBuilder::new()
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(|req: Request<String>| async move {
+            if req.headers()["x-request-id"] == "boom" {
+                panic!("handler failed");
+            }
+            Ok::<_, Infallible>(Response::new(
+                REQUEST_ID
+                    .get()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
+            ))
+        }));
+    let boom = request()
+        .header("x-request-id", "boom")
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .body(String::new())
+        .unwrap();
+    let failed = tokio::spawn(svc.clone().oneshot(boom)).await;
+    assert!(
+        failed.unwrap_err().is_panic(),
+        "the handler's panic reached the task"
+    );
+    // Inline too, caught here: nothing of the request stays current.
+    let caught = std::panic::AssertUnwindSafe(
+        svc.clone().oneshot(
+            request()
+                .header("x-request-id", "boom")
+                .body(String::new())
+                .unwrap(),
+        ),
+    );
+    let caught = futures_catch(caught).await;
+    assert!(caught.is_err());
+    assert!(!REQUEST_ID.is_set());
+    assert!(!contextflow_otel::OTEL_CONTEXT.is_set());
+    assert!(!OtelContext::current().has_active_span());
+    let ok = request()
+        .header("x-request-id", "fine")
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(ok).await.unwrap();
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "fine");
+}
+
+/// Polls `fut`, catching a panic of any poll.
+async fn futures_catch<F: std::future::Future>(
+    fut: std::panic::AssertUnwindSafe<F>,
+) -> std::thread::Result<F::Output> {
+    let mut fut = Box::pin(fut.0);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn handler_panic_restores_the_context_current_thread() {
+    handler_panic_restores_the_context().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_panic_restores_the_context_multi_thread() {
+    handler_panic_restores_the_context().await;
+}
