@@ -93,7 +93,9 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
     }
-    opts.database_url = std::env::var("DATABASE_URL").ok();
+    opts.database_url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty());
     Ok(opts)
 }
 
