@@ -13,8 +13,8 @@ use crate::{
         server::{self, Limits, Shutdown},
         AppState, TokenTable,
     },
-    jobs::Jobs,
-    payment::{stub_router, PaymentClient},
+    outbox::{OutboxSignal, Worker},
+    payment::{PaymentClient, Stub},
     queue::Queue,
     service::OrderService,
 };
@@ -34,6 +34,11 @@ pub struct Config {
     pub shutdown_step_timeout: Duration,
     /// The payment provider's base URL; `None` starts the in-process stub.
     pub payment_url: Option<String>,
+    /// How old a `pending` order must be before the resolver decides it (longer than a
+    /// request may take).
+    pub resolve_after: Duration,
+    /// Whether to run the outbox worker (off only in tests of a restart before delivery).
+    pub deliver_outbox: bool,
 }
 
 /// A running service.
@@ -44,11 +49,15 @@ pub struct RunningService {
     /// The payment stub's address (started even when [`Config::payment_url`] names another
     /// provider).
     pub payment_addr: SocketAddr,
-    /// The shared state (database, jobs).
+    /// The shared state (database, service, outbox signal, queue).
     pub state: AppState,
+    /// The in-process payment stub (its charges, for tests).
+    pub payment_stub: Stub,
     orders_shutdown: Shutdown,
     payment_shutdown: Shutdown,
+    worker_shutdown: Shutdown,
     orders_server: JoinHandle<()>,
+    worker: JoinHandle<()>,
     payment_server: JoinHandle<()>,
     consumer: JoinHandle<()>,
     step_timeout: Duration,
@@ -91,6 +100,8 @@ impl Config {
             limits: Limits::default(),
             shutdown_step_timeout: Duration::from_secs(30),
             payment_url: None,
+            resolve_after: Duration::from_secs(60),
+            deliver_outbox: true,
         }
     }
 
@@ -169,12 +180,13 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
     seed(&db, &config.tokens).await?;
 
     let payment_shutdown = Shutdown::new();
+    let payment_stub = Stub::new();
     let payment_listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let payment_addr = payment_listener.local_addr()?;
     let payment_server = server::serve(
         "payment",
         payment_listener,
-        stub_router(),
+        payment_stub.router(),
         config.limits,
         payment_shutdown.clone(),
     );
@@ -185,9 +197,25 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         .unwrap_or_else(|| format!("http://{payment_addr}"));
     let payments = PaymentClient::new(&payment_url);
     let (queue, consumer) = Queue::start(1024);
+    let signal = OutboxSignal::new();
+    let service = OrderService::new(&db, payments, signal.clone());
+    let worker_shutdown = Shutdown::new();
+    let worker = if config.deliver_outbox {
+        Worker {
+            db: db.clone(),
+            queue: queue.clone(),
+            service: service.clone(),
+            resolve_after: config.resolve_after,
+            shutdown: worker_shutdown.clone(),
+        }
+        .start(signal.clone())
+    } else {
+        contextflow::spawn_without_context(async {})
+    };
     let state = AppState {
-        service: OrderService::new(&db, payments),
-        jobs: Jobs::new(&db, queue),
+        service,
+        outbox: signal,
+        queue,
         db,
     };
     let orders_shutdown = Shutdown::new();
@@ -205,9 +233,12 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         addr,
         payment_addr,
         state,
+        payment_stub,
         orders_shutdown,
         payment_shutdown,
+        worker_shutdown,
         orders_server,
+        worker,
         payment_server,
         consumer,
         step_timeout: config.shutdown_step_timeout,
@@ -216,8 +247,9 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
 
 impl RunningService {
     /// Shuts down in dependency order, logging each step: stop accepting orders and finish
-    /// the requests in flight; drain the background jobs and the queue; then stop the payment
-    /// stub (in-flight orders still needed it) and the queue consumer.
+    /// the requests in flight; let the outbox worker deliver what is left and stop; drain the
+    /// queue; then stop the payment stub (in-flight orders and the resolver still needed it)
+    /// and the queue consumer.
     ///
     /// # Errors
     /// A step that does not finish within the configured time, or whose task failed: the
@@ -231,15 +263,18 @@ impl RunningService {
             &mut first_error,
             step("order server", limit, self.orders_server).await,
         );
-        info!("shutdown: draining background jobs and queued messages");
-        let drain = async {
-            self.state.jobs.wait_idle().await;
-            Ok::<(), tokio::task::JoinError>(())
-        };
+        info!("shutdown: draining the outbox and queued messages");
+        self.worker_shutdown.begin();
         record(
             &mut first_error,
-            step("background jobs", limit, drain).await,
+            step("outbox worker", limit, self.worker).await,
         );
+        let queue = self.state.queue.clone();
+        let drain = async move {
+            queue.wait_idle().await;
+            Ok::<(), tokio::task::JoinError>(())
+        };
+        record(&mut first_error, step("queue", limit, drain).await);
         info!("shutdown: stopping the payment stub");
         self.payment_shutdown.begin();
         record(
@@ -256,6 +291,22 @@ impl RunningService {
                 tracing::error!(step = err.step, reason = %err.reason, "shutdown: step failed");
                 Err(err)
             }
+        }
+    }
+}
+
+impl RunningService {
+    /// Stops everything at once, delivering nothing more: what a crash leaves behind (tests of
+    /// recovery after a restart).
+    pub async fn crash(self) {
+        for task in [
+            self.orders_server,
+            self.worker,
+            self.payment_server,
+            self.consumer,
+        ] {
+            task.abort();
+            let _ = task.await;
         }
     }
 }

@@ -62,3 +62,28 @@ pub fn trace_id() -> Option<String> {
 pub fn tenant() -> Option<TenantId> {
     TENANT.get()
 }
+
+/// The `traceparent` that continues the current trace, as the propagator writes it: what an
+/// outbox row or a pending order stores so later work joins the request's trace.
+pub fn traceparent() -> Option<String> {
+    let mut carrier = std::collections::HashMap::new();
+    contextflow_otel::inject(&mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// The context stored with an order or an outbox row, rebuilt: its request id and trace, read
+/// with the same validation as incoming headers (a malformed value is replaced, never
+/// trusted). The tenant is not in it: the caller binds the row's own tenant.
+pub fn stored_context(
+    request_id: Option<&str>,
+    traceparent: Option<&str>,
+) -> opentelemetry::Context {
+    let mut pairs = Vec::new();
+    if let Some(id) = request_id {
+        pairs.push(("x-request-id", id));
+    }
+    if let Some(tp) = traceparent {
+        pairs.push(("traceparent", tp));
+    }
+    contextflow_otel::extract(&contextflow_otel::carrier::Pairs::new(pairs))
+}

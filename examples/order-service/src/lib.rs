@@ -4,10 +4,11 @@
 //! one transaction that no function receives as a parameter; the tenant, taken from an
 //! authenticated bearer token, restricts every query, also without a parameter; every log line
 //! carries the request id, trace id and tenant; the call to the payment provider carries the
-//! trace; the confirmation job spawned by the request keeps its context.
+//! trace; the confirmation and the `order.confirmed` event, written to a transactional outbox
+//! with the payment's decision, are delivered in the context of the request that paid.
 //!
 //! Module map: [`http`] (routes, middleware, controllers), [`service`], [`db`] (repositories),
-//! [`jobs`], [`queue`] (in-process message queue), [`payment`] (client and in-process stub), [`context`] (the request context),
+//! [`outbox`] (the outbox worker and resolver), [`queue`] (in-process message queue), [`payment`] (client and in-process stub), [`context`] (the request context),
 //! [`logging`], [`app`] (start-up) and [`demo`] (the load run with its correctness check).
 #![forbid(unsafe_code)]
 
@@ -16,8 +17,8 @@ pub mod context;
 pub mod db;
 pub mod demo;
 pub mod http;
-pub mod jobs;
 pub mod logging;
+pub mod outbox;
 pub mod payment;
 pub mod queue;
 pub mod service;

@@ -6,7 +6,17 @@
 //! trace id, fresh span id) and the `x-request-id`. Nothing else crosses: the tenant stays
 //! home, and the stub does not learn it.
 
-use axum::{http::StatusCode, routing::post, Json, Router};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+    Json, Router,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn, Instrument as _};
 
@@ -61,22 +71,31 @@ impl PaymentClient {
     }
 
     /// Authorizes `amount_cents` for the order `reference`; returns the provider's payment id.
+    /// `key` (the `idempotency-key` header) names the charge: the provider charges a key at
+    /// most once and answers a repeated key with the same payment, so a retry after a lost
+    /// answer or a crash never charges twice.
     ///
     /// # Errors
     /// [`PaymentError::Declined`] when refused; [`PaymentError::Unavailable`] when the
-    /// provider cannot be reached or fails.
+    /// provider cannot be reached or fails (the charge may or may not have happened: retry
+    /// with the same key to find out).
     pub async fn authorize(
         &self,
+        key: &str,
         reference: &str,
         amount_cents: i64,
     ) -> Result<String, PaymentError> {
         let span = tracing::info_span!("http.client", peer = "payment", method = "POST");
         async {
             // No header set by hand: the middleware writes `traceparent` and `x-request-id`.
-            let request = self.http.post(&self.url).json(&PaymentRequest {
-                reference: reference.to_owned(),
-                amount_cents,
-            });
+            let request =
+                self.http
+                    .post(&self.url)
+                    .header(IDEMPOTENCY_KEY, key)
+                    .json(&PaymentRequest {
+                        reference: reference.to_owned(),
+                        amount_cents,
+                    });
             info!(amount_cents, "calling payment provider");
             let response = request
                 .send()
@@ -110,21 +129,88 @@ impl std::fmt::Display for PaymentError {
 
 impl std::error::Error for PaymentError {}
 
-/// The stub provider: `POST /payments` authorizes everything except references starting with
-/// `decline`, which get `402 Payment Required`.
-pub fn stub_router() -> Router {
-    Router::new()
-        .route("/payments", post(authorize))
-        .layer(axum::middleware::from_fn(payment_request_span))
-        .layer(PropagateContextLayer::new())
+/// The header that names a charge.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The stub's state: which keys it charged. Clones share it, so a test can keep a stub alive
+/// across a restart of the service.
+#[derive(Clone, Debug, Default)]
+pub struct Stub {
+    charges: Arc<Mutex<HashMap<String, String>>>,
 }
 
-async fn authorize(Json(req): Json<PaymentRequest>) -> Result<Json<PaymentResponse>, StatusCode> {
+impl Stub {
+    /// A stub that has charged nothing.
+    pub fn new() -> Self {
+        Stub::default()
+    }
+
+    /// The router: `POST /payments` authorizes everything except references starting with
+    /// `decline` (`402 Payment Required`); a request without an `idempotency-key` is a `400`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/payments", post(authorize))
+            .with_state(self.clone())
+            .layer(axum::middleware::from_fn(payment_request_span))
+            .layer(PropagateContextLayer::new())
+    }
+
+    /// Charges `key` once: the payment made for it before, or a new one.
+    pub fn charge(&self, key: &str) -> String {
+        self.lock()
+            .entry(key.to_owned())
+            .or_insert_with(|| format!("pay_{}", uuid::Uuid::new_v4().simple()))
+            .clone()
+    }
+
+    /// How many distinct charges were made.
+    pub fn charges(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The payment made for `key`, if any.
+    pub fn payment(&self, key: &str) -> Option<String> {
+        self.lock().get(key).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // Only `insert` and `get` run under the lock: a panic cannot leave it half-changed.
+        self.charges.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A stub with no charges yet, as a router (the service's default provider).
+pub fn stub_router() -> Router {
+    Stub::new().router()
+}
+
+async fn authorize(
+    State(stub): State<Stub>,
+    headers: HeaderMap,
+    Json(req): Json<PaymentRequest>,
+) -> Result<Json<PaymentResponse>, StatusCode> {
+    let Some(key) = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 128)
+    else {
+        warn!("payment request without an idempotency key");
+        return Err(StatusCode::BAD_REQUEST);
+    };
     if req.reference.starts_with("decline") {
         warn!(reference = %req.reference, amount_cents = req.amount_cents, "payment declined");
         return Err(StatusCode::PAYMENT_REQUIRED);
     }
+    let mut charges = stub.lock();
+    if let Some(payment_id) = charges.get(key) {
+        info!(reference = %req.reference, payment_id, "payment already authorized for this key");
+        return Ok(Json(PaymentResponse {
+            payment_id: payment_id.clone(),
+        }));
+    }
     let payment_id = format!("pay_{}", uuid::Uuid::new_v4().simple());
+    charges.insert(key.to_owned(), payment_id.clone());
+    drop(charges);
     info!(reference = %req.reference, amount_cents = req.amount_cents, payment_id, "payment authorized");
     Ok(Json(PaymentResponse { payment_id }))
 }

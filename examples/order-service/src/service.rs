@@ -1,16 +1,32 @@
 //! The order service: business rules between the controllers and the repositories.
 //!
-//! [`OrderService::place_order`] validates the order, then for each line validates the
-//! inventory and reserves it, records the order, and has the payment authorized. It runs
-//! inside the transaction the controller opened, without knowing it: if anything fails, the
-//! controller's transaction rolls every write back.
+//! [`OrderService::place_order`] runs in three steps, and the payment call is in none of the
+//! transactions:
+//!
+//! 1. **reserve**: one transaction validates the inventory, takes the stock and records the
+//!    order as `pending`, with the request's context (request id, trace). A reference the
+//!    tenant used before violates a unique index: the first order is the answer (a retry);
+//! 2. **charge**: the payment provider is called with the order's idempotency key, so asking
+//!    again (a retry, the resolver after a crash) never charges twice;
+//! 3. **decide**: one transaction marks the order `paid` and writes its outbox rows (the
+//!    confirmation and the `order.confirmed` event), or, when declined, marks it `cancelled`
+//!    and puts the stock back. When the provider cannot be reached, the order stays `pending`
+//!    and the resolver ([`OrderService::resolve_pending`]) finishes it later, in the context
+//!    of the request that placed it.
+//!
+//! So no charge exists without an order (the order row commits before the call, and a charge
+//! is keyed by it), and no order stays without a decision (the resolver decides every
+//! `pending` order older than the request deadline).
 
 use serde::Deserialize;
 use tracing::{info, warn, Instrument as _};
 
 use crate::{
-    db::{Db, InventoryRepository, Order, OrderItem, OrderRepository, RepoError},
+    context::{self, TenantId, TENANT},
+    db::{Db, InventoryRepository, Order, OrderItem, OrderRepository, OutboxRepository, RepoError},
+    outbox::{OutboxSignal, CONFIRMATION},
     payment::{PaymentClient, PaymentError},
+    queue::{OrderConfirmed, ORDER_CONFIRMED},
 };
 
 /// The most lines one order may have.
@@ -22,7 +38,7 @@ pub const MAX_QUANTITY: i64 = 1_000;
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
-    /// The client's own reference: 1 to 64 characters of `[A-Za-z0-9._:-]`.
+    /// The client's own reference: 1 to 64 characters of `[A-Za-z0-9._:-]`, unique per tenant.
     pub reference: String,
     /// The lines: 1 to [`MAX_ITEMS`].
     pub items: Vec<NewOrderItem>,
@@ -36,6 +52,15 @@ pub struct NewOrderItem {
     pub sku: String,
     /// Units: 1 to [`MAX_QUANTITY`].
     pub quantity: i64,
+}
+
+/// What [`OrderService::place_order`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placed {
+    /// A new order, paid.
+    Created(Order),
+    /// The tenant placed an order with this reference before: that order, as it stands.
+    Existing(Order),
 }
 
 /// Why an order was not placed.
@@ -54,8 +79,16 @@ pub enum ServiceError {
         /// Units left.
         available: i64,
     },
-    /// The payment did not go through.
+    /// The payment was declined: the order is cancelled and its stock released.
     Payment(PaymentError),
+    /// The provider could not be reached: the order is recorded, `pending`, and will be
+    /// decided by the resolver.
+    PaymentPending {
+        /// The pending order.
+        order_id: i64,
+        /// Why the provider did not answer.
+        why: String,
+    },
     /// The database failed, or a repository ran without a tenant.
     Repo(RepoError),
 }
@@ -63,81 +96,229 @@ pub enum ServiceError {
 /// Places and reads orders.
 #[derive(Clone, Debug)]
 pub struct OrderService {
+    db: Db,
     orders: OrderRepository,
     inventory: InventoryRepository,
+    outbox: OutboxRepository,
     payments: PaymentClient,
+    signal: OutboxSignal,
 }
 
 // ===== impl OrderService =====
 
 impl OrderService {
-    /// A service over `db`, charging through `payments`.
-    pub fn new(db: &Db, payments: PaymentClient) -> Self {
+    /// A service over `db`, charging through `payments`, waking the outbox worker through
+    /// `signal` when it wrote outbox rows.
+    pub fn new(db: &Db, payments: PaymentClient, signal: OutboxSignal) -> Self {
         OrderService {
+            db: db.clone(),
             orders: OrderRepository::new(db),
             inventory: InventoryRepository::new(db),
+            outbox: OutboxRepository::new(db),
             payments,
+            signal,
         }
     }
 
-    /// Validates and places `order` for the current tenant. Call it inside a transaction: it
-    /// writes several rows that must commit or roll back together.
+    /// Validates and places `order` for the current tenant: reserve, charge, decide (see the
+    /// module docs). Call it outside any transaction: it runs its own two.
     ///
     /// # Errors
-    /// See [`ServiceError`]; every write made before the error belongs to the caller's
-    /// transaction and is rolled back with it.
-    pub async fn place_order(&self, order: &NewOrder) -> Result<Order, ServiceError> {
+    /// See [`ServiceError`]. Before the order is recorded nothing is written; after, the order
+    /// is `cancelled` (declined) or `pending` (provider unreachable), never half-written.
+    pub async fn place_order(&self, order: &NewOrder) -> Result<Placed, ServiceError> {
         async {
             validate(order)?;
             info!(reference = %order.reference, lines = order.items.len(), "placing order");
-            // The order row first: on SQLite, a transaction whose first statement writes
-            // takes the write lock at once instead of upgrading a read lock later.
-            let order_id = self.orders.insert(&order.reference).await?;
-            let mut total_cents = 0;
-            let mut items = Vec::with_capacity(order.items.len());
-            for line in &order.items {
-                let Some(product) = self.inventory.find(&line.sku).await? else {
-                    warn!(sku = %line.sku, "unknown product");
-                    return Err(ServiceError::UnknownProduct(line.sku.clone()));
-                };
-                if product.stock < line.quantity || !self.inventory.take(&line.sku, line.quantity).await? {
-                    warn!(sku = %line.sku, requested = line.quantity, available = product.stock, "insufficient stock");
-                    return Err(ServiceError::InsufficientStock {
-                        sku: line.sku.clone(),
-                        requested: line.quantity,
-                        available: product.stock,
-                    });
+            let reserved = self.db.transaction(|| self.reserve(order)).await;
+            let (order_id, total_cents) = match reserved {
+                Ok(reserved) => reserved,
+                Err(ServiceError::Repo(err)) if err.is_unique_violation() => {
+                    return self.existing(&order.reference).await;
                 }
-                let item = OrderItem {
-                    sku: line.sku.clone(),
-                    quantity: line.quantity,
-                    price_cents: product.price_cents,
-                };
-                self.orders.add_item(order_id, &item).await?;
-                total_cents += item.quantity * item.price_cents;
-                items.push(item);
-            }
-            info!(reference = %order.reference, total_cents, "inventory validated and reserved");
-            let payment_id = self
+                Err(err) => return Err(err),
+            };
+            let decision = self
                 .payments
-                .authorize(&order.reference, total_cents)
-                .await
-                .map_err(ServiceError::Payment)?;
-            self.orders.mark_paid(order_id, total_cents, &payment_id).await?;
-            info!(reference = %order.reference, order_id, "order placed");
-            items.sort_by(|a, b| a.sku.cmp(&b.sku));
-            Ok(Order {
-                id: order_id,
-                reference: order.reference.clone(),
-                status: "paid".into(),
-                total_cents,
-                payment_id: Some(payment_id),
-                confirmation_sent: false,
-                items,
-            })
+                .authorize(&payment_key(order_id), &order.reference, total_cents)
+                .await;
+            let placed = self
+                .decide(order_id, &order.reference, total_cents, decision)
+                .await?;
+            info!(reference = %order.reference, order_id, status = %placed.status, "order placed");
+            Ok(Placed::Created(placed))
         }
         .instrument(tracing::info_span!("service", op = "place_order"))
         .await
+    }
+
+    /// Step 1, inside a transaction: the order row, then each line's stock.
+    async fn reserve(&self, order: &NewOrder) -> Result<(i64, i64), ServiceError> {
+        // The order row first: on SQLite, a transaction whose first statement writes takes the
+        // write lock at once; on both, a repeated reference fails here, before any stock moves.
+        let order_id = self.orders.insert(&order.reference).await?;
+        let mut total_cents = 0;
+        for line in &order.items {
+            let Some(product) = self.inventory.find(&line.sku).await? else {
+                warn!(sku = %line.sku, "unknown product");
+                return Err(ServiceError::UnknownProduct(line.sku.clone()));
+            };
+            if product.stock < line.quantity
+                || !self.inventory.take(&line.sku, line.quantity).await?
+            {
+                warn!(sku = %line.sku, requested = line.quantity, available = product.stock, "insufficient stock");
+                return Err(ServiceError::InsufficientStock {
+                    sku: line.sku.clone(),
+                    requested: line.quantity,
+                    available: product.stock,
+                });
+            }
+            let item = OrderItem {
+                sku: line.sku.clone(),
+                quantity: line.quantity,
+                price_cents: product.price_cents,
+            };
+            self.orders.add_item(order_id, &item).await?;
+            total_cents += item.quantity * item.price_cents;
+        }
+        info!(reference = %order.reference, total_cents, "inventory validated and reserved");
+        Ok((order_id, total_cents))
+    }
+
+    /// Step 3: records the provider's answer.
+    async fn decide(
+        &self,
+        order_id: i64,
+        reference: &str,
+        total_cents: i64,
+        decision: Result<String, PaymentError>,
+    ) -> Result<Order, ServiceError> {
+        match decision {
+            Ok(payment_id) => {
+                let paid = self
+                    .db
+                    .transaction(|| async {
+                        if !self
+                            .orders
+                            .mark_paid(order_id, total_cents, &payment_id)
+                            .await?
+                        {
+                            // Decided already (by the resolver): its outbox rows exist.
+                            return Ok::<_, ServiceError>(false);
+                        }
+                        let event = OrderConfirmed {
+                            order_id,
+                            reference: reference.to_owned(),
+                            tenant: context::tenant().map(|t| t.to_string()).unwrap_or_default(),
+                        };
+                        let payload = serde_json::to_string(&event)
+                            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+                        self.outbox.add(order_id, CONFIRMATION, &payload).await?;
+                        self.outbox.add(order_id, ORDER_CONFIRMED, &payload).await?;
+                        Ok(true)
+                    })
+                    .await?;
+                if paid {
+                    self.signal.wake();
+                }
+                self.current(order_id).await
+            }
+            Err(PaymentError::Declined) => {
+                self.db
+                    .transaction(|| async {
+                        if self.orders.cancel(order_id).await? {
+                            let order = self.current(order_id).await?;
+                            for item in &order.items {
+                                self.inventory.release(&item.sku, item.quantity).await?;
+                            }
+                        }
+                        Ok::<_, ServiceError>(())
+                    })
+                    .await?;
+                warn!(
+                    order_id,
+                    "payment declined: order cancelled, stock released"
+                );
+                Err(ServiceError::Payment(PaymentError::Declined))
+            }
+            Err(PaymentError::Unavailable(why)) => {
+                warn!(order_id, error = %why, "payment undecided: the order stays pending for the resolver");
+                Err(ServiceError::PaymentPending { order_id, why })
+            }
+        }
+    }
+
+    /// The first order placed with `reference`.
+    async fn existing(&self, reference: &str) -> Result<Placed, ServiceError> {
+        let order = self
+            .orders
+            .find_by_reference(reference)
+            .await?
+            .ok_or_else(|| ServiceError::Repo(RepoError::Sqlx(sqlx::Error::RowNotFound)))?;
+        info!(order_id = order.id, status = %order.status, "order already placed with this reference");
+        Ok(Placed::Existing(order))
+    }
+
+    async fn current(&self, order_id: i64) -> Result<Order, ServiceError> {
+        self.orders
+            .find(order_id)
+            .await?
+            .ok_or_else(|| ServiceError::Repo(RepoError::Sqlx(sqlx::Error::RowNotFound)))
+    }
+
+    /// Decides every `pending` order created more than `min_age` ago (its request is over:
+    /// answered, timed out or lost in a crash): asks the provider again with the order's key
+    /// and records the answer, each in the context of the request that placed the order and
+    /// as its tenant. Returns how many orders were decided.
+    ///
+    /// # Errors
+    /// When the work list cannot be read; an order that cannot be decided yet stays pending.
+    pub async fn resolve_pending(
+        &self,
+        min_age: std::time::Duration,
+    ) -> Result<usize, ServiceError> {
+        let before = crate::db::now_ms() - min_age.as_millis() as i64;
+        let pending = self.orders.pending_before(before, 100).await?;
+        let mut decided = 0;
+        for order in pending {
+            let cx =
+                context::stored_context(order.request_id.as_deref(), order.traceparent.as_deref());
+            let span =
+                tracing::info_span!("resolver", order_id = order.id, reference = %order.reference);
+            let work = TENANT.scope(TenantId::new(order.tenant.clone()), async {
+                let current = self.current(order.id).await?;
+                let total_cents = current
+                    .items
+                    .iter()
+                    .map(|i| i.quantity * i.price_cents)
+                    .sum();
+                info!(total_cents, "resolving a pending order");
+                let decision = self
+                    .payments
+                    .authorize(&payment_key(order.id), &order.reference, total_cents)
+                    .await;
+                match self
+                    .decide(order.id, &order.reference, total_cents, decision)
+                    .await
+                {
+                    Ok(order) => {
+                        info!(status = %order.status, "pending order resolved");
+                        Ok(true)
+                    }
+                    Err(ServiceError::Payment(PaymentError::Declined)) => Ok(true),
+                    Err(ServiceError::PaymentPending { .. }) => Ok(false),
+                    Err(err) => Err(err),
+                }
+            });
+            match contextflow_otel::scope(cx, work.instrument(span)).await {
+                Ok(true) => decided += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(order_id = order.id, error = %err, "resolving failed; will retry")
+                }
+            }
+        }
+        Ok(decided)
     }
 
     /// The current tenant's order `id`; `None` if it does not exist *for this tenant*.
@@ -153,6 +334,11 @@ impl OrderService {
         .instrument(tracing::info_span!("service", op = "get_order"))
         .await
     }
+}
+
+/// The idempotency key of order `id`'s charge.
+pub fn payment_key(order_id: i64) -> String {
+    format!("order-{order_id}")
 }
 
 /// The shape rules: reference, number of lines, quantities.
@@ -216,6 +402,10 @@ impl std::fmt::Display for ServiceError {
                 "insufficient stock for {sku:?}: {requested} requested, {available} available"
             ),
             ServiceError::Payment(err) => write!(f, "{err}"),
+            ServiceError::PaymentPending { order_id, why } => write!(
+                f,
+                "payment provider unavailable ({why}); order {order_id} is pending and will be completed or cancelled"
+            ),
             ServiceError::Repo(err) => write!(f, "{err}"),
         }
     }

@@ -21,7 +21,10 @@ fn demo_subcommand_checks_out_and_exits_zero() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains(" 0 mismatched, 0 unattributed"), "{stdout}");
-    assert!(stdout.contains("30 orders paid, 30 confirmed"), "{stdout}");
+    assert!(
+        stdout.contains("30 orders paid, 30 confirmed exactly once, 0 more than once"),
+        "{stdout}"
+    );
     assert!(stdout.contains("result              OK"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }
@@ -295,7 +298,7 @@ async fn sigterm_under_load_finishes_in_flight_orders_without_5xx() {
         "shutdown: signal received",
         "shutdown: stop accepting orders",
         "shutdown: stopped accepting connections",
-        "shutdown: draining background jobs",
+        "shutdown: draining the outbox",
         "shutdown: stopping the payment stub",
         "shutdown: complete",
     ];
@@ -306,7 +309,8 @@ async fn sigterm_under_load_finishes_in_flight_orders_without_5xx() {
     use sqlx::Connection as _;
     let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("open");
     let (paid, confirmed): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(CASE WHEN status = 'paid' THEN 1 END), SUM(confirmation_sent) FROM orders",
+        "SELECT COUNT(CASE WHEN status = 'paid' THEN 1 END),
+                COUNT(CASE WHEN confirmation_sent = 1 THEN 1 END) FROM orders",
     )
     .fetch_one(&mut conn)
     .await

@@ -33,6 +33,7 @@ async fn every_event_belongs_to_its_request() {
     }
     assert_eq!(count("database", "paid"), 200);
     assert_eq!(count("database", "confirmed"), 200);
+    assert_eq!(count("database", "repeated"), 0);
     // The tree shows the whole path, the spawned job under the request.
     for level in [
         "http.request",
@@ -40,7 +41,7 @@ async fn every_event_belongs_to_its_request() {
         "service",
         "repository",
         "db{",
-        "job{",
+        "outbox.deliver",
         "http.client",
         "service=payment",
         "queue.publish",

@@ -30,7 +30,7 @@ async fn json_log_lines_belong_to_their_request() {
     );
     assert_eq!(stream.count("lines"), context.count("events"));
     assert!(
-        report.tree.contains("job{") && report.tree.contains("send_confirmation"),
+        report.tree.contains("outbox.deliver") && report.tree.contains("order.confirmation"),
         "{}",
         report.tree
     );

@@ -103,6 +103,36 @@ impl InventoryRepository {
         .await
     }
 
+    /// Puts `quantity` units of `sku` back into the current tenant's stock (a cancelled order).
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn release(&self, sku: &str, quantity: i64) -> Result<(), RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            statement(
+                "UPDATE inventory",
+                self.pool.execute(
+                    sqlx::query(
+                        "UPDATE inventory SET stock = stock + $1 WHERE tenant_id = $2 AND sku = $3",
+                    )
+                    .bind(quantity)
+                    .bind(tenant.as_str().to_owned())
+                    .bind(sku.to_owned()),
+                ),
+            )
+            .await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!(
+            "repository",
+            op = "inventory.release",
+            sku,
+            quantity
+        ))
+        .await
+    }
+
     /// Adds a product to the current tenant's catalogue unless it is already there.
     ///
     /// # Errors

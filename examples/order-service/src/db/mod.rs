@@ -7,6 +7,7 @@
 
 mod inventory;
 mod orders;
+mod outbox;
 
 use std::future::Future;
 
@@ -16,7 +17,8 @@ use tracing::{info, warn, Instrument as _};
 
 pub use self::{
     inventory::{InventoryRepository, StockItem},
-    orders::{Order, OrderItem, OrderRepository},
+    orders::{Order, OrderItem, OrderRepository, PendingOrder},
+    outbox::{OutboxRepository, OutboxRow},
 };
 use crate::context::{self, TenantId};
 
@@ -160,11 +162,29 @@ impl Db {
                     status TEXT NOT NULL,
                     total_cents BIGINT NOT NULL,
                     payment_id TEXT,
-                    confirmation_sent BIGINT NOT NULL DEFAULT 0
+                    confirmation_sent BIGINT NOT NULL DEFAULT 0,
+                    request_id TEXT,
+                    traceparent TEXT,
+                    created_ms BIGINT NOT NULL DEFAULT 0
                 )"
             ),
-            "CREATE INDEX IF NOT EXISTS orders_by_tenant ON orders (tenant_id, reference)"
+            // A client's reference names one order per tenant: a retry finds the first one.
+            "CREATE UNIQUE INDEX IF NOT EXISTS orders_reference ON orders (tenant_id, reference)"
                 .to_string(),
+            "CREATE INDEX IF NOT EXISTS orders_pending ON orders (status, created_ms)".to_string(),
+            format!(
+                "CREATE TABLE IF NOT EXISTS outbox (
+                    {id_column},
+                    tenant_id TEXT NOT NULL,
+                    order_id BIGINT NOT NULL REFERENCES orders (id),
+                    topic TEXT NOT NULL,
+                    payload TEXT NOT NULL,
+                    request_id TEXT,
+                    traceparent TEXT,
+                    delivered BIGINT NOT NULL DEFAULT 0
+                )"
+            ),
+            "CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox (delivered, id)".to_string(),
             "CREATE TABLE IF NOT EXISTS order_items (
                 order_id BIGINT NOT NULL REFERENCES orders (id),
                 tenant_id TEXT NOT NULL,
@@ -201,6 +221,25 @@ impl std::fmt::Display for RepoError {
 }
 
 impl std::error::Error for RepoError {}
+
+impl RepoError {
+    /// Whether this is a unique-constraint violation (a second order with the same reference).
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            RepoError::Sqlx(err) => err
+                .as_database_error()
+                .is_some_and(|db| db.is_unique_violation()),
+            RepoError::NoTenant => false,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (order ages for the resolver).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// The tenant every query is restricted to.
 fn current_tenant() -> Result<TenantId, RepoError> {

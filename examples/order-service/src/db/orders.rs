@@ -20,16 +20,31 @@ pub struct Order {
     pub id: i64,
     /// The client's reference for it.
     pub reference: String,
-    /// `pending` while being placed, `paid` once committed.
+    /// `pending` while its payment is undecided, then `paid` or `cancelled`.
     pub status: String,
     /// The total, in cents.
     pub total_cents: i64,
     /// The payment provider's id, once paid.
     pub payment_id: Option<String>,
-    /// Whether the confirmation job has run.
-    pub confirmation_sent: bool,
+    /// How many times its confirmation was sent (exactly once, eventually, when paid).
+    pub confirmation_sent: i64,
     /// Its lines.
     pub items: Vec<OrderItem>,
+}
+
+/// A `pending` order for the resolver, with the context of the request that placed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingOrder {
+    /// Its id.
+    pub id: i64,
+    /// Its tenant (trusted: written by authenticated code).
+    pub tenant: String,
+    /// Its client reference.
+    pub reference: String,
+    /// The request id of the request that placed it.
+    pub request_id: Option<String>,
+    /// The `traceparent` of that request's span.
+    pub traceparent: Option<String>,
 }
 
 /// One line of an order.
@@ -51,22 +66,31 @@ impl OrderRepository {
         }
     }
 
-    /// Inserts a `pending` order for the current tenant and returns its id.
+    /// Inserts a `pending` order for the current tenant and returns its id, with the request
+    /// context that placed it (so the resolver can finish it in that context).
     ///
     /// # Errors
-    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors, a unique
+    /// violation ([`RepoError::is_unique_violation`]) when the tenant has an order with this
+    /// reference already.
     pub async fn insert(&self, reference: &str) -> Result<i64, RepoError> {
         let tenant = current_tenant()?;
+        let request_id = crate::context::request_id().map(|id| id.as_str().to_owned());
+        let traceparent = crate::context::traceparent();
         async {
             let row = statement(
                 "INSERT orders",
                 self.pool.fetch_one(
                     sqlx::query(
-                        "INSERT INTO orders (tenant_id, reference, status, total_cents)
-                         VALUES ($1, $2, 'pending', 0) RETURNING id",
+                        "INSERT INTO orders
+                            (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms)
+                         VALUES ($1, $2, 'pending', 0, $3, $4, $5) RETURNING id",
                     )
                     .bind(tenant.as_str().to_owned())
-                    .bind(reference.to_owned()),
+                    .bind(reference.to_owned())
+                    .bind(request_id)
+                    .bind(traceparent)
+                    .bind(super::now_ms()),
                 ),
             )
             .await?;
@@ -74,6 +98,87 @@ impl OrderRepository {
         }
         .instrument(tracing::info_span!("repository", op = "orders.insert"))
         .await
+    }
+
+    /// The current tenant's order with client reference `reference`, if any.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Order>, RepoError> {
+        let tenant = current_tenant()?;
+        let row = self
+            .pool
+            .fetch_optional(
+                sqlx::query("SELECT id FROM orders WHERE tenant_id = $1 AND reference = $2")
+                    .bind(tenant.as_str().to_owned())
+                    .bind(reference.to_owned()),
+            )
+            .await?;
+        match row {
+            Some(row) => self.find(row.try_get::<i64, _>("id")?).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Marks one of the current tenant's orders `cancelled`, if it is still `pending`.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn cancel(&self, order_id: i64) -> Result<bool, RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            let done = statement(
+                "UPDATE orders",
+                self.pool.execute(
+                    sqlx::query(
+                        "UPDATE orders SET status = 'cancelled'
+                         WHERE tenant_id = $1 AND id = $2 AND status = 'pending'",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind(order_id),
+                ),
+            )
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+        .instrument(tracing::info_span!("repository", op = "orders.cancel"))
+        .await
+    }
+
+    /// Every tenant's `pending` orders created before `before_ms`, oldest first, at most
+    /// `limit`: the resolver's work list. This reads across tenants on purpose (an
+    /// administrative query); the resolver binds each order's own tenant before acting on it.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn pending_before(
+        &self,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<PendingOrder>, RepoError> {
+        let rows = self
+            .pool
+            .fetch_all(
+                sqlx::query(
+                    "SELECT id, tenant_id, reference, request_id, traceparent FROM orders
+                     WHERE status = 'pending' AND created_ms < $1 ORDER BY id LIMIT $2",
+                )
+                .bind(before_ms)
+                .bind(limit),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PendingOrder {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant_id")?,
+                    reference: row.try_get("reference")?,
+                    request_id: row.try_get("request_id")?,
+                    traceparent: row.try_get("traceparent")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(RepoError::Sqlx)
     }
 
     /// Adds a line to one of the current tenant's orders.
@@ -104,7 +209,7 @@ impl OrderRepository {
         .await
     }
 
-    /// Marks one of the current tenant's orders paid.
+    /// Marks one of the current tenant's orders paid, if it is still `pending`.
     ///
     /// # Errors
     /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
@@ -113,15 +218,15 @@ impl OrderRepository {
         order_id: i64,
         total_cents: i64,
         payment_id: &str,
-    ) -> Result<(), RepoError> {
+    ) -> Result<bool, RepoError> {
         let tenant = current_tenant()?;
         async {
-            statement(
+            let done = statement(
                 "UPDATE orders",
                 self.pool.execute(
                     sqlx::query(
                         "UPDATE orders SET status = 'paid', total_cents = $1, payment_id = $2
-                         WHERE tenant_id = $3 AND id = $4",
+                         WHERE tenant_id = $3 AND id = $4 AND status = 'pending'",
                     )
                     .bind(total_cents)
                     .bind(payment_id.to_owned())
@@ -130,13 +235,14 @@ impl OrderRepository {
                 ),
             )
             .await?;
-            Ok(())
+            Ok(done.rows_affected() == 1)
         }
         .instrument(tracing::info_span!("repository", op = "orders.mark_paid"))
         .await
     }
 
-    /// Records that the confirmation of one of the current tenant's orders went out.
+    /// Records that the confirmation of one of the current tenant's orders went out (a count,
+    /// so a second confirmation would show).
     ///
     /// # Errors
     /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
@@ -147,7 +253,8 @@ impl OrderRepository {
                 "UPDATE orders",
                 self.pool.execute(
                     sqlx::query(
-                        "UPDATE orders SET confirmation_sent = 1 WHERE tenant_id = $1 AND id = $2",
+                        "UPDATE orders SET confirmation_sent = confirmation_sent + 1
+                         WHERE tenant_id = $1 AND id = $2",
                     )
                     .bind(tenant.as_str().to_owned())
                     .bind(order_id),
@@ -204,11 +311,11 @@ impl OrderRepository {
     }
 
     /// Of the current tenant's orders whose reference starts with `prefix`: how many are paid,
-    /// and how many have their confirmation recorded.
+    /// how many were confirmed exactly once, and how many more than once.
     ///
     /// # Errors
     /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
-    pub async fn count_with_prefix(&self, prefix: &str) -> Result<(i64, i64), RepoError> {
+    pub async fn count_with_prefix(&self, prefix: &str) -> Result<(i64, i64, i64), RepoError> {
         let tenant = current_tenant()?;
         let row = self
             .pool
@@ -216,7 +323,8 @@ impl OrderRepository {
                 sqlx::query(
                     "SELECT
                         COUNT(CASE WHEN status = 'paid' THEN 1 END) AS paid,
-                        COUNT(CASE WHEN confirmation_sent <> 0 THEN 1 END) AS confirmed
+                        COUNT(CASE WHEN confirmation_sent = 1 THEN 1 END) AS confirmed,
+                        COUNT(CASE WHEN confirmation_sent > 1 THEN 1 END) AS repeated
                      FROM orders WHERE tenant_id = $1 AND reference LIKE $2",
                 )
                 .bind(tenant.as_str().to_owned())
@@ -226,6 +334,7 @@ impl OrderRepository {
         Ok((
             row.try_get::<i64, _>("paid")?,
             row.try_get::<i64, _>("confirmed")?,
+            row.try_get::<i64, _>("repeated")?,
         ))
     }
 
@@ -263,7 +372,7 @@ fn order_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Order, sqlx::Error>
         status: row.try_get("status")?,
         total_cents: row.try_get("total_cents")?,
         payment_id: row.try_get("payment_id")?,
-        confirmation_sent: row.try_get::<i64, _>("confirmation_sent")? != 0,
+        confirmation_sent: row.try_get::<i64, _>("confirmation_sent")?,
         items: items
             .iter()
             .map(|r| {

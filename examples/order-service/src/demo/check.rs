@@ -45,8 +45,10 @@ pub struct Phases {
 pub struct DatabaseCounts {
     /// Orders with status `paid`.
     pub paid: i64,
-    /// Orders whose confirmation was recorded as sent.
+    /// Orders whose confirmation was sent exactly once.
     pub confirmed: i64,
+    /// Orders whose confirmation was sent more than once (must be 0).
+    pub repeated: i64,
 }
 
 /// One check of a run.
@@ -153,7 +155,7 @@ impl Check for RequestsCheck {
     }
 }
 
-/// Every created order is in the database, paid and confirmed, and nothing more.
+/// Every created order is in the database, paid and confirmed exactly once, and nothing more.
 #[derive(Debug)]
 pub struct DatabaseCheck;
 
@@ -164,16 +166,21 @@ impl Check for DatabaseCheck {
 
     fn check(&self, run: &Run) -> Verdict {
         let created = run.load.created() as i64;
-        let DatabaseCounts { paid, confirmed } = run.database;
+        let DatabaseCounts {
+            paid,
+            confirmed,
+            repeated,
+        } = run.database;
         Verdict {
             name: self.name(),
-            ok: paid == created && confirmed == created,
+            ok: paid == created && confirmed == created && repeated == 0,
             summary: format!(
-                "{paid} orders paid, {confirmed} confirmed, for {created} created (counted tenant by tenant)"
+                "{paid} orders paid, {confirmed} confirmed exactly once, {repeated} more than once, for {created} created (counted tenant by tenant)"
             ),
             counts: vec![
                 ("paid", paid.max(0) as usize),
                 ("confirmed", confirmed.max(0) as usize),
+                ("repeated", repeated.max(0) as usize),
             ],
             examples: Vec::new(),
         }

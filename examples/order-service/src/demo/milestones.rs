@@ -1,7 +1,7 @@
 //! Each created order passed through every stage of its life exactly once, and each stage
 //! logged it under the order's own request: the payment stub (another server, reached over
-//! HTTP), the confirmation sender (background work) and the queue consumer (another task,
-//! reached through message headers).
+//! HTTP), the outbox worker (another task, context stored in the outbox row) and the queue
+//! consumer (another task, reached through message headers).
 
 use std::collections::HashMap;
 
@@ -29,7 +29,7 @@ pub const MILESTONES: [Milestone; 3] = [
     Milestone {
         message: "confirmation sent",
         label: "confirmations",
-        how: "logged by the background sender under the request (contextflow::spawn)",
+        how: "delivered by the outbox worker in the request's context, read from the outbox row",
     },
     Milestone {
         message: "audit: order confirmed",

@@ -138,21 +138,26 @@ async fn run_on(
     )
     .await?;
 
-    // Background work logs after the responses went out.
-    if tokio::time::timeout(Duration::from_secs(60), service.state.jobs.wait_idle())
+    // The outbox worker and the queue consumer log after the responses went out.
+    let delivered = async {
+        service.state.outbox.wait_delivered().await;
+        service.state.queue.wait_idle().await;
+    };
+    if tokio::time::timeout(Duration::from_secs(60), delivered)
         .await
         .is_err()
     {
-        return Err("background jobs still running 60 s after the load".into());
+        return Err("outbox or queue not drained 60 s after the load".into());
     }
     let orders = OrderRepository::new(&service.state.db);
     let mut database = DatabaseCounts::default();
     for tenant in TokenTable::demo().tenants() {
-        let (paid, confirmed) = TENANT
+        let (paid, confirmed, repeated) = TENANT
             .scope(tenant, orders.count_with_prefix(&format!("ord-{run_id}-")))
             .await?;
         database.paid += paid;
         database.confirmed += confirmed;
+        database.repeated += repeated;
     }
     phases.shutdown_start = capture.len();
     service.shutdown().await?;

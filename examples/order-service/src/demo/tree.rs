@@ -109,7 +109,8 @@ fn render(node: &Node, prefix: &str, last: bool, out: &mut String) {
 /// How the context got there, where it crossed something.
 fn note(span: &SpanRecord) -> &'static str {
     match span.name {
-        "job" => "   <- contextflow::spawn, after the response",
+        "outbox.deliver" => "   <- outbox worker: context from the outbox row",
+        "resolver" => "   <- resolver: context from the pending order's row",
         "queue.consume" => "   <- another task: context from the message headers",
         "transaction" => "   <- bound in the context: every query below joins it",
         _ if is_payment_server(span) => {

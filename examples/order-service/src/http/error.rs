@@ -73,9 +73,14 @@ impl From<ServiceError> for ApiError {
             ServiceError::InsufficientStock { .. } => StatusCode::CONFLICT,
             ServiceError::Payment(PaymentError::Declined) => StatusCode::PAYMENT_REQUIRED,
             ServiceError::Payment(PaymentError::Unavailable(_)) => StatusCode::BAD_GATEWAY,
+            ServiceError::PaymentPending { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::Repo(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = if status.is_server_error() && !matches!(err, ServiceError::Payment(_)) {
+        let message = if status.is_server_error()
+            && !matches!(
+                err,
+                ServiceError::Payment(_) | ServiceError::PaymentPending { .. }
+            ) {
             // Database details stay in the log.
             error!(error = %err, "internal error");
             "internal error".to_string()

@@ -27,7 +27,7 @@ pub use self::{
     error::{ApiError, AppJson},
     server::Limits,
 };
-use crate::{db::Db, jobs::Jobs, service::OrderService};
+use crate::{db::Db, outbox::OutboxSignal, queue::Queue, service::OrderService};
 
 /// What the controllers share.
 #[derive(Clone, Debug)]
@@ -36,8 +36,10 @@ pub struct AppState {
     pub db: Db,
     /// The business rules.
     pub service: OrderService,
-    /// Background jobs.
-    pub jobs: Jobs,
+    /// Wakes the outbox worker; tells when the outbox is delivered.
+    pub outbox: OutboxSignal,
+    /// The message queue the outbox publishes to.
+    pub queue: Queue,
 }
 
 /// The service's routes: `POST /orders`, `GET /orders/{id}`, both authenticated.

@@ -8,14 +8,20 @@ use axum::{
 use tracing::{info, Instrument as _};
 
 use super::{ApiError, AppJson, AppState};
-use crate::{db::Order, service::NewOrder};
+use crate::{
+    db::Order,
+    service::{NewOrder, Placed},
+};
 
-/// `POST /orders`: places an order in one transaction, then sends its confirmation in the
-/// background.
+/// `POST /orders`: places an order (reserve, charge, decide: see [`crate::service`]).
+///
+/// `201 Created` with the new order, paid; `200 OK` with the first order when the tenant used
+/// this reference before (a retry), as it stands (`pending`, `paid` or `cancelled`).
 ///
 /// # Errors
 /// `400`/`415`/`422` for a malformed body or order, `409` for insufficient stock, `402` when
-/// the payment is declined, `5xx` when a dependency fails. Nothing is written on error.
+/// the payment is declined (the order is cancelled), `503` when the provider cannot be reached
+/// (the order stays pending and is decided later), `5xx` when a dependency fails.
 pub async fn create_order(
     State(app): State<AppState>,
     AppJson(order): AppJson<NewOrder>,
@@ -24,13 +30,13 @@ pub async fn create_order(
         tracing::info_span!("controller", handler = "create_order", reference = %order.reference);
     async move {
         info!(lines = order.items.len(), "order received");
-        let placed = app
-            .db
-            .transaction(|| app.service.place_order(&order))
-            .await?;
-        app.jobs.send_confirmation(placed.id, &placed.reference);
-        info!(order_id = placed.id, "order accepted");
-        Ok((StatusCode::CREATED, Json(placed)))
+        match app.service.place_order(&order).await? {
+            Placed::Created(placed) => {
+                info!(order_id = placed.id, "order accepted");
+                Ok((StatusCode::CREATED, Json(placed)))
+            }
+            Placed::Existing(existing) => Ok((StatusCode::OK, Json(existing))),
+        }
     }
     .instrument(span)
     .await

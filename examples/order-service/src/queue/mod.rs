@@ -23,9 +23,11 @@ use tracing::{info, warn, Instrument as _};
 /// The topic the confirmation job publishes to.
 pub const ORDER_CONFIRMED: &str = "order.confirmed";
 
-/// A message: a topic, propagation headers and a JSON payload.
+/// A message: an id, a topic, propagation headers and a JSON payload.
 #[derive(Debug)]
 pub struct Message {
+    /// Unique per event (the outbox row's id): a message delivered twice is handled once.
+    pub id: i64,
     /// Where it goes.
     pub topic: &'static str,
     /// What the propagator wrote: trace context, request id, baggage.
@@ -72,7 +74,14 @@ impl Queue {
         // The consumer serves every request and none: it starts from an empty context and
         // takes each message's context from its headers.
         let consumer = contextflow::spawn_without_context(async move {
+            // Delivery is at least once (the outbox republishes what it could not mark
+            // delivered); the consumer makes the effect exactly once.
+            let mut seen = std::collections::HashSet::new();
             while let Some(message) = receiver.recv().await {
+                if !seen.insert(message.id) {
+                    consumer_pending.0.send_modify(|n| *n -= 1);
+                    continue;
+                }
                 let incoming = contextflow_http::extract_headers(&message.headers);
                 let span = tracing::info_span!("queue.consume", topic = message.topic);
                 contextflow_otel::scope(incoming, consume(message).instrument(span)).await;
@@ -82,9 +91,9 @@ impl Queue {
         (Queue { sender, pending }, consumer)
     }
 
-    /// Publishes `payload` on `topic`, with the current context in the headers. Waits while
-    /// the queue is full.
-    pub async fn publish<T: Serialize>(&self, topic: &'static str, payload: &T) {
+    /// Publishes `payload` on `topic` as message `id`, with the current context in the
+    /// headers. Waits while the queue is full; returns whether the message was queued.
+    pub async fn publish<T: Serialize>(&self, topic: &'static str, id: i64, payload: &T) -> bool {
         let span = tracing::info_span!("queue.publish", topic);
         async {
             let mut headers = HeaderMap::new();
@@ -93,20 +102,25 @@ impl Queue {
                 Ok(payload) => payload,
                 Err(err) => {
                     warn!(error = %err, "message not serializable; dropped");
-                    return;
+                    return false;
                 }
             };
             self.pending.0.send_modify(|n| *n += 1);
             let message = Message {
+                id,
                 topic,
                 headers,
                 payload,
             };
             match self.sender.send(message).await {
-                Ok(()) => info!("message published"),
+                Ok(()) => {
+                    info!("message published");
+                    true
+                }
                 Err(_) => {
                     self.pending.0.send_modify(|n| *n -= 1);
                     warn!("queue closed; message dropped");
+                    false
                 }
             }
         }
@@ -173,20 +187,21 @@ mod tests {
             queue
                 .publish(
                     ORDER_CONFIRMED,
+                    1,
                     &serde_json::json!({"order_id": "not a number"}),
                 )
                 .await;
-            queue.publish("order.unknown", &serde_json::json!({})).await;
             queue
-                .publish(
-                    ORDER_CONFIRMED,
-                    &OrderConfirmed {
-                        order_id: 7,
-                        reference: "r-7".into(),
-                        tenant: "acme".into(),
-                    },
-                )
+                .publish("order.unknown", 2, &serde_json::json!({}))
                 .await;
+            let event = OrderConfirmed {
+                order_id: 7,
+                reference: "r-7".into(),
+                tenant: "acme".into(),
+            };
+            assert!(queue.publish(ORDER_CONFIRMED, 3, &event).await);
+            // The same message again: handled once.
+            assert!(queue.publish(ORDER_CONFIRMED, 3, &event).await);
             queue.wait_idle().await;
             assert_eq!(queue.pending(), 0);
             consumer.abort();
@@ -222,12 +237,16 @@ mod tests {
         }
         let capture = captured(|| async {
             let (queue, consumer) = Queue::start(4);
-            queue.publish(ORDER_CONFIRMED, &Unserializable).await;
+            assert!(!queue.publish(ORDER_CONFIRMED, 1, &Unserializable).await);
             assert_eq!(queue.pending(), 0, "nothing was queued");
             consumer.abort();
             // The consumer is gone: the receiver is dropped with it.
             let _ = consumer.await;
-            queue.publish(ORDER_CONFIRMED, &serde_json::json!({})).await;
+            assert!(
+                !queue
+                    .publish(ORDER_CONFIRMED, 2, &serde_json::json!({}))
+                    .await
+            );
             assert_eq!(queue.pending(), 0, "a dropped message is not pending");
             queue.wait_idle().await;
         });

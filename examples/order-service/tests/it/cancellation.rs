@@ -1,86 +1,300 @@
-//! A request dropped half-way (the client went away, a timeout fired) commits nothing: the
-//! transaction the service was running in rolls back when its future is dropped.
+//! Payment failures and crashes, step by step: whatever happens around the provider call, no
+//! charge exists without an order, every order gets a decision, and every paid order is
+//! confirmed exactly once, also across a restart of the service.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use axum::{routing::post, Router};
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing, Json, Router,
+};
 use order_service::{
+    app::{self, Config, RunningService},
     context::{TenantId, TENANT},
-    db::{Db, InventoryRepository, OrderRepository},
-    payment::PaymentClient,
-    service::{NewOrder, NewOrderItem, OrderService},
+    db::{Order, OrderRepository, OutboxRepository},
+    payment::{PaymentResponse, Stub, IDEMPOTENCY_KEY},
+    service::payment_key,
 };
 use tokio::sync::mpsc;
 
-/// A payment provider that reports each call on `calls`, then never answers.
-async fn hanging_provider(calls: mpsc::UnboundedSender<()>) -> SocketAddr {
-    let router = Router::new().route(
-        "/payments",
-        post(move || {
-            let calls = calls.clone();
-            async move {
-                let _ = calls.send(());
-                std::future::pending::<()>().await;
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+use crate::{json_answer, order};
+
+/// How the test provider answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Charges the key (once) and answers.
+    Answer,
+    /// `500` without charging.
+    Fail,
+    /// Charges, reports it, and never answers (the caller crashes before it learns).
+    ChargeThenHang,
+}
+
+/// A payment provider the test steers, charging through a [`Stub`] that outlives services.
+#[derive(Clone)]
+struct Provider {
+    stub: Stub,
+    mode: Arc<Mutex<Mode>>,
+    charged: mpsc::UnboundedSender<String>,
+}
+
+impl Provider {
+    async fn start(mode: Mode) -> (Provider, SocketAddr, mpsc::UnboundedReceiver<String>) {
+        let (charged, reports) = mpsc::unbounded_channel();
+        let provider = Provider {
+            stub: Stub::new(),
+            mode: Arc::new(Mutex::new(mode)),
+            charged,
+        };
+        let router = Router::new()
+            .route("/payments", routing::post(answer))
+            .with_state(provider.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (provider, addr, reports)
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+async fn answer(State(p): State<Provider>, headers: HeaderMap) -> Response {
+    let key = headers[IDEMPOTENCY_KEY].to_str().unwrap().to_owned();
+    let mode = *p.mode.lock().unwrap();
+    match mode {
+        Mode::Answer => Json(PaymentResponse {
+            payment_id: p.stub.charge(&key),
+        })
+        .into_response(),
+        Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Mode::ChargeThenHang => {
+            p.stub.charge(&key);
+            let _ = p.charged.send(key);
+            std::future::pending().await
+        }
+    }
+}
+
+async fn start(url: &str, provider: &str, deliver_outbox: bool) -> RunningService {
+    let mut config = Config::local(url);
+    config.payment_url = Some(provider.to_owned());
+    config.deliver_outbox = deliver_outbox;
+    app::start(config).await.expect("service starts")
+}
+
+async fn post_order(service: &RunningService, reference: &str) -> (StatusCode, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/orders", service.addr))
+        .header("authorization", "Bearer token-acme")
+        .json(&order(reference, &[("sku-apple", 3)]))
+        .send()
         .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    addr
+        .expect("send");
+    json_answer(response).await
+}
+
+async fn as_acme<T>(fut: impl std::future::Future<Output = T>) -> T {
+    TENANT.scope(TenantId::new("acme"), fut).await
+}
+
+async fn by_reference(service: &RunningService, reference: &str) -> Order {
+    let orders = OrderRepository::new(&service.state.db);
+    as_acme(orders.find_by_reference(reference))
+        .await
+        .unwrap()
+        .expect("the order is recorded")
+}
+
+async fn apples(service: &RunningService) -> i64 {
+    let inventory = order_service::db::InventoryRepository::new(&service.state.db);
+    as_acme(inventory.find("sku-apple"))
+        .await
+        .unwrap()
+        .unwrap()
+        .stock
+}
+
+fn sqlite() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = app::sqlite_url(&dir.path().join("pay.db"));
+    (dir, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_request_rolls_back_everything() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = Db::connect(&order_service::app::sqlite_url(&dir.path().join("c.db")))
-        .await
-        .expect("db");
-    let acme = TenantId::new("acme");
-    let inventory = InventoryRepository::new(&db);
-    let orders = OrderRepository::new(&db);
-    TENANT
-        .scope(acme.clone(), inventory.seed("sku-apple", "Apple", 100, 120))
-        .await
-        .expect("seed");
+async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_decides_it() {
+    let (_dir, url) = sqlite();
+    // A port nobody listens on: connections are refused.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let first = start(&url, &refused, true).await;
+    let stock = apples(&first).await;
+    let (status, body) = post_order(&first, "down-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("is pending"),
+        "{body}"
+    );
+    let pending = by_reference(&first, "down-1").await;
+    assert_eq!(pending.status, "pending");
+    assert_eq!(
+        apples(&first).await,
+        stock - 3,
+        "stock stays reserved while undecided"
+    );
+    first.shutdown().await.expect("clean shutdown");
 
-    let (calls, mut called) = mpsc::unbounded_channel();
-    let provider = hanging_provider(calls).await;
-    let service = OrderService::new(&db, PaymentClient::new(&format!("http://{provider}")));
-    let order = NewOrder {
-        reference: "cancel-1".into(),
-        items: vec![NewOrderItem {
-            sku: "sku-apple".into(),
-            quantity: 7,
-        }],
-    };
-
-    // The whole request, as the controller runs it: tenant, transaction, service.
-    let mut request = {
-        let (db, service, order, acme) = (db.clone(), service.clone(), order.clone(), acme.clone());
-        tokio::spawn(TENANT.scope(acme, async move {
-            db.transaction(|| service.place_order(&order)).await
-        }))
-    };
-    // The order row, the line and the stock reservation are written; the payment hangs.
-    tokio::select! {
-        call = called.recv() => call.expect("the provider is alive"),
-        done = &mut request => panic!("the request ended before the payment call: {done:?}"),
-    }
-    request.abort();
-    assert!(request.await.expect_err("aborted").is_cancelled());
-
-    let stock = TENANT
-        .scope(acme.clone(), inventory.find("sku-apple"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stock.stock, 100, "reservation rolled back");
-    let rows = TENANT
-        .scope(acme.clone(), orders.count_rows())
+    // The provider is back; after a restart the resolver decides the order.
+    let (provider, addr, _) = Provider::start(Mode::Answer).await;
+    let second = start(&url, &format!("http://{addr}"), true).await;
+    second
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(rows, (0, 0), "no order rows");
+    second.state.outbox.wait_delivered().await;
+    let order = by_reference(&second, "down-1").await;
+    assert_eq!(order.status, "paid");
+    assert_eq!(provider.stub.charges(), 1);
+    assert_eq!(
+        order.payment_id,
+        provider.stub.payment(&payment_key(order.id))
+    );
+    assert_eq!(order.confirmation_sent, 1);
+    second.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_answering_5xx_leaves_the_order_pending_then_the_resolver_pays_it_once() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::Fail).await;
+    let service = start(&url, &format!("http://{addr}"), true).await;
+    let (status, body) = post_order(&service, "fail-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(by_reference(&service, "fail-1").await.status, "pending");
+    assert_eq!(provider.stub.charges(), 0, "no charge was made");
+
+    // A retry of the same reference returns the order as it stands.
+    let (status, body) = post_order(&service, "fail-1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "pending");
+
+    provider.set(Mode::Answer);
+    service
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+    // Resolving again changes nothing: the order is decided.
+    service
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+    service.state.outbox.wait_delivered().await;
+    let order = by_reference(&service, "fail-1").await;
+    assert_eq!(order.status, "paid");
+    assert_eq!(provider.stub.charges(), 1);
+    assert_eq!(order.confirmation_sent, 1);
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_charge_and_decision_is_paid_after_restart_without_a_second_charge() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, mut charged) = Provider::start(Mode::ChargeThenHang).await;
+    let provider_url = format!("http://{addr}");
+    let first = start(&url, &provider_url, true).await;
+    let stock = apples(&first).await;
+    let base = format!("http://{}", first.addr);
+    let request = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/orders"))
+            .header("authorization", "Bearer token-acme")
+            .json(&order("crash-1", &[("sku-apple", 3)]))
+            .send()
+            .await
+    });
+    let key = charged.recv().await.expect("the provider charged");
+    // The service dies after the charge, before it could record the decision.
+    first.crash().await;
+    assert!(
+        request.await.unwrap().is_err(),
+        "the client never got an answer"
+    );
+    assert_eq!(provider.stub.charges(), 1);
+
+    provider.set(Mode::Answer);
+    let second = start(&url, &provider_url, true).await;
+    let pending = by_reference(&second, "crash-1").await;
+    assert_eq!(pending.status, "pending", "the crash left it undecided");
+    assert_eq!(payment_key(pending.id), key);
+    second
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+    second.state.outbox.wait_delivered().await;
+    let order = by_reference(&second, "crash-1").await;
+    assert_eq!(order.status, "paid");
+    assert_eq!(
+        provider.stub.charges(),
+        1,
+        "asking again with the key did not charge again"
+    );
+    assert_eq!(order.payment_id, provider.stub.payment(&key));
+    assert_eq!(order.confirmation_sent, 1);
+    assert_eq!(apples(&second).await, stock - 3);
+    second.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_between_commit_and_delivery_confirms_exactly_once() {
+    // The outbox rows commit with the payment's decision, so once that transaction is done
+    // nothing depends on the request any more: dropping it, or the whole process, changes
+    // nothing. Here the first service never delivers, and crashes.
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::Answer).await;
+    let provider_url = format!("http://{addr}");
+    let first = start(&url, &provider_url, false).await;
+    let (status, body) = post_order(&first, "restart-1").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let outbox = OutboxRepository::new(&first.state.db);
+    assert_eq!(
+        outbox.backlog().await.unwrap(),
+        2,
+        "confirmation and event wait in the outbox"
+    );
+    assert_eq!(by_reference(&first, "restart-1").await.confirmation_sent, 0);
+    first.crash().await;
+
+    let second = start(&url, &provider_url, true).await;
+    second.state.outbox.wait_delivered().await;
+    second.state.queue.wait_idle().await;
+    let outbox = OutboxRepository::new(&second.state.db);
+    assert_eq!(outbox.backlog().await.unwrap(), 0);
+    assert_eq!(
+        by_reference(&second, "restart-1").await.confirmation_sent,
+        1
+    );
+    // Delivering again finds nothing to do.
+    second.state.outbox.wait_delivered().await;
+    assert_eq!(
+        by_reference(&second, "restart-1").await.confirmation_sent,
+        1
+    );
+    assert_eq!(provider.stub.charges(), 1);
+    second.shutdown().await.expect("clean shutdown");
 }

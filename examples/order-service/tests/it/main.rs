@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod cancellation;
+mod idempotency;
 mod postgres;
 mod rollback;
 mod tenant_isolation;

@@ -55,13 +55,29 @@ pub(crate) async fn failed_orders_roll_back(svc: &TestService) {
     assert_eq!(svc.stock("acme", "sku-apple").await, apples);
     assert_eq!(svc.rows("acme").await, rows);
 
-    // The stub declines references starting with "decline": every write had been made.
+    // The stub declines references starting with "decline": the order was recorded and its
+    // stock reserved before the call; the decline cancels it and puts the stock back.
     let (status, body) = svc
         .post_order("token-acme", order("decline-1", &[("sku-apple", 3)]))
         .await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
-    assert_eq!(svc.stock("acme", "sku-apple").await, apples);
-    assert_eq!(svc.rows("acme").await, rows);
+    assert_eq!(
+        svc.stock("acme", "sku-apple").await,
+        apples,
+        "stock released"
+    );
+    let rows = (rows.0 + 1, rows.1 + 1);
+    assert_eq!(svc.rows("acme").await, rows, "the cancelled order is kept");
+    let (status, cancelled) = svc
+        .post_order("token-acme", order("decline-1", &[("sku-apple", 3)]))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a retry sees the decision: {cancelled}"
+    );
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(svc.service.payment_stub.charges(), 0, "nothing was charged");
 
     // The limited edition sells out, exactly.
     let (status, body) = svc

@@ -1,0 +1,143 @@
+//! The transactional outbox: what must happen after an order is paid (its confirmation, its
+//! `order.confirmed` event), written in the same transaction that marks it paid, and delivered
+//! later by the outbox worker ([`crate::outbox`]). A committed payment therefore always has
+//! its rows, whatever happens to the request afterwards.
+
+use contextflow_sqlx::TxPool;
+use sqlx::{Any, Row as _};
+use tracing::Instrument as _;
+
+use super::{current_tenant, statement, RepoError};
+
+/// Writes and claims outbox rows.
+#[derive(Clone, Debug)]
+pub struct OutboxRepository {
+    pool: TxPool<Any>,
+}
+
+/// An undelivered outbox row, with the context of the request that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Its id (also the delivered message's id).
+    pub id: i64,
+    /// The order's tenant (trusted: written by authenticated code).
+    pub tenant: String,
+    /// The order.
+    pub order_id: i64,
+    /// What to do: [`crate::outbox::CONFIRMATION`] or [`crate::queue::ORDER_CONFIRMED`].
+    pub topic: String,
+    /// The JSON payload.
+    pub payload: String,
+    /// The request id of the request that paid the order.
+    pub request_id: Option<String>,
+    /// The `traceparent` of that request's span.
+    pub traceparent: Option<String>,
+}
+
+impl OutboxRepository {
+    /// A repository over `db`'s pool.
+    pub fn new(db: &super::Db) -> Self {
+        OutboxRepository {
+            pool: db.pool().clone(),
+        }
+    }
+
+    /// Adds a row for one of the current tenant's orders, with the current request's context.
+    /// Call it inside the transaction that changes the order.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn add(&self, order_id: i64, topic: &str, payload: &str) -> Result<(), RepoError> {
+        let tenant = current_tenant()?;
+        let request_id = crate::context::request_id().map(|id| id.as_str().to_owned());
+        async {
+            statement(
+                "INSERT outbox",
+                self.pool.execute(
+                    sqlx::query(
+                        "INSERT INTO outbox (tenant_id, order_id, topic, payload, request_id, traceparent)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind(order_id)
+                    .bind(topic.to_owned())
+                    .bind(payload.to_owned())
+                    .bind(request_id)
+                    .bind(crate::context::traceparent()),
+                ),
+            )
+            .await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("repository", op = "outbox.add", topic))
+        .await
+    }
+
+    /// Up to `limit` undelivered rows of every tenant, oldest first: the worker's batch. This
+    /// reads across tenants on purpose; the worker binds each row's own tenant to deliver it.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn undelivered(&self, limit: i64) -> Result<Vec<OutboxRow>, RepoError> {
+        let rows = self
+            .pool
+            .fetch_all(
+                sqlx::query(
+                    "SELECT id, tenant_id, order_id, topic, payload, request_id, traceparent
+                     FROM outbox WHERE delivered = 0 ORDER BY id LIMIT $1",
+                )
+                .bind(limit),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant_id")?,
+                    order_id: row.try_get("order_id")?,
+                    topic: row.try_get("topic")?,
+                    payload: row.try_get("payload")?,
+                    request_id: row.try_get("request_id")?,
+                    traceparent: row.try_get("traceparent")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(RepoError::Sqlx)
+    }
+
+    /// Marks one of the current tenant's rows delivered; `false` when it already was (someone
+    /// else delivered it). Call it in the transaction of the delivery's own effect, so the
+    /// effect happens exactly once.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn claim(&self, id: i64) -> Result<bool, RepoError> {
+        let tenant = current_tenant()?;
+        let done = statement(
+            "UPDATE outbox",
+            self.pool.execute(
+                sqlx::query(
+                    "UPDATE outbox SET delivered = 1 WHERE tenant_id = $1 AND id = $2 AND delivered = 0",
+                )
+                .bind(tenant.as_str().to_owned())
+                .bind(id),
+            ),
+        )
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// How many rows are not delivered yet, over all tenants.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn backlog(&self) -> Result<i64, RepoError> {
+        let row = self
+            .pool
+            .fetch_one(sqlx::query(
+                "SELECT COUNT(*) AS n FROM outbox WHERE delivered = 0",
+            ))
+            .await?;
+        Ok(row.try_get::<i64, _>("n")?)
+    }
+}

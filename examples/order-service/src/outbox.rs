@@ -1,0 +1,260 @@
+//! The outbox worker: delivers what paid orders left in the outbox, each row in the context of
+//! the request that paid the order, and has the resolver decide orders left `pending`.
+//!
+//! A row's context is rebuilt from the row: its request id and `traceparent` (validated like
+//! incoming headers) and its tenant column (written by authenticated code, never taken from
+//! input). So the worker's log lines, its queries and the events it publishes belong to the
+//! order's request, even after a restart.
+//!
+//! Delivery is exactly once for the confirmation (the row is claimed in the same transaction
+//! as the order's `confirmation_sent` count is raised) and at least once for the
+//! `order.confirmed` event (claimed in the transaction that publishes it; the consumer handles
+//! a repeated message id once).
+//!
+//! The worker wakes when a request signals new rows ([`OutboxSignal::wake`]) and every
+//! [`POLL`] otherwise; on shutdown it delivers what is left, then stops.
+
+use std::time::Duration;
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn, Instrument as _};
+
+use crate::{
+    context::{self, TenantId, TENANT},
+    db::{Db, OrderRepository, OutboxRepository, OutboxRow, RepoError},
+    http::server::Shutdown,
+    queue::{OrderConfirmed, Queue, ORDER_CONFIRMED},
+    service::OrderService,
+};
+
+/// The topic of the confirmation an order's customer gets.
+pub const CONFIRMATION: &str = "order.confirmation";
+/// How often the worker looks for rows nobody signalled (rows of a previous run).
+pub const POLL: Duration = Duration::from_millis(500);
+/// How many rows one batch delivers.
+const BATCH: i64 = 256;
+
+/// Wakes the worker; counts the worker's passes so a waiter can tell when the outbox was
+/// empty after a given moment. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct OutboxSignal {
+    wake: watch::Sender<u64>,
+    passes: watch::Sender<Pass>,
+}
+
+/// One pass of the worker over the outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Pass {
+    /// Which wake-up it served.
+    served: u64,
+    /// Whether the outbox was empty at its end.
+    empty: bool,
+}
+
+/// What the worker needs.
+#[derive(Debug)]
+pub struct Worker {
+    /// Where the rows are.
+    pub db: Db,
+    /// Where `order.confirmed` goes.
+    pub queue: Queue,
+    /// The resolver of pending orders.
+    pub service: OrderService,
+    /// How old a `pending` order must be before the resolver decides it.
+    pub resolve_after: Duration,
+    /// When to stop.
+    pub shutdown: Shutdown,
+}
+
+impl Default for OutboxSignal {
+    fn default() -> Self {
+        OutboxSignal {
+            wake: watch::channel(0).0,
+            passes: watch::channel(Pass::default()).0,
+        }
+    }
+}
+
+impl OutboxSignal {
+    /// A signal nobody listens to yet.
+    pub fn new() -> Self {
+        OutboxSignal::default()
+    }
+
+    /// Tells the worker new rows were committed.
+    pub fn wake(&self) {
+        self.wake.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until the worker, after this call, found the outbox empty.
+    pub async fn wait_delivered(&self) {
+        let mut asked = 0;
+        self.wake.send_modify(|n| {
+            *n += 1;
+            asked = *n;
+        });
+        let mut passes = self.passes.subscribe();
+        // The sender lives in `self`: `wait_for` cannot fail while we hold it.
+        let _ = passes.wait_for(|p| p.served >= asked && p.empty).await;
+    }
+}
+
+impl Worker {
+    /// Starts the worker on `signal`; the task ends after the shutdown's last delivery.
+    pub fn start(self, signal: OutboxSignal) -> JoinHandle<()> {
+        // The worker serves every order and none: it starts from an empty context and takes
+        // each row's context from the row.
+        contextflow::spawn_without_context(async move {
+            let deliverer = Deliverer {
+                db: &self.db,
+                outbox: OutboxRepository::new(&self.db),
+                orders: OrderRepository::new(&self.db),
+                queue: &self.queue,
+            };
+            let mut wake = signal.wake.subscribe();
+            let mut last_resolve = tokio::time::Instant::now();
+            loop {
+                let stopping = tokio::select! {
+                    _ = wake.changed() => false,
+                    () = tokio::time::sleep(POLL) => false,
+                    () = self.shutdown.wait() => true,
+                };
+                let served = *wake.borrow_and_update();
+                if last_resolve.elapsed() >= POLL || stopping {
+                    last_resolve = tokio::time::Instant::now();
+                    if let Err(err) = self.service.resolve_pending(self.resolve_after).await {
+                        warn!(error = %err, "resolver pass failed");
+                    }
+                }
+                let empty = deliverer.deliver_all().await;
+                signal.passes.send_replace(Pass { served, empty });
+                if stopping {
+                    info!(empty, "shutdown: outbox worker delivered what was left");
+                    break;
+                }
+            }
+        })
+    }
+}
+
+/// Why a row was not delivered this time.
+#[derive(Debug)]
+enum DeliveryError {
+    Repo(RepoError),
+    Payload(serde_json::Error),
+    QueueClosed,
+}
+
+impl From<sqlx::Error> for DeliveryError {
+    fn from(err: sqlx::Error) -> Self {
+        DeliveryError::Repo(RepoError::Sqlx(err))
+    }
+}
+
+impl From<RepoError> for DeliveryError {
+    fn from(err: RepoError) -> Self {
+        DeliveryError::Repo(err)
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliveryError::Repo(err) => write!(f, "{err}"),
+            DeliveryError::Payload(err) => write!(f, "malformed payload: {err}"),
+            DeliveryError::QueueClosed => f.write_str("the queue is closed"),
+        }
+    }
+}
+
+/// What delivering needs.
+struct Deliverer<'a> {
+    db: &'a Db,
+    outbox: OutboxRepository,
+    orders: OrderRepository,
+    queue: &'a Queue,
+}
+
+impl Deliverer<'_> {
+    /// Delivers batches until the outbox is empty or a row fails; whether it is empty.
+    async fn deliver_all(&self) -> bool {
+        loop {
+            let batch = match self.outbox.undelivered(BATCH).await {
+                Ok(batch) => batch,
+                Err(err) => {
+                    warn!(error = %err, "outbox read failed; will retry");
+                    return false;
+                }
+            };
+            if batch.is_empty() {
+                return true;
+            }
+            let mut failed = false;
+            for row in batch {
+                failed |= !self.deliver(row).await;
+            }
+            if failed {
+                return false;
+            }
+        }
+    }
+
+    /// Delivers one row in its own context; whether it is done (now or before).
+    async fn deliver(&self, row: OutboxRow) -> bool {
+        let cx = context::stored_context(row.request_id.as_deref(), row.traceparent.as_deref());
+        let span =
+            tracing::info_span!("outbox.deliver", topic = %row.topic, order_id = row.order_id);
+        let tenant = TenantId::new(row.tenant.clone());
+        let work = TENANT.scope(tenant, async {
+            let result = match row.topic.as_str() {
+                CONFIRMATION => self.send_confirmation(&row).await,
+                ORDER_CONFIRMED => self.publish_event(&row).await,
+                other => {
+                    warn!(
+                        topic = other,
+                        "outbox row with an unknown topic; left undelivered"
+                    );
+                    return false;
+                }
+            };
+            match result {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(error = %err, "delivery failed; will retry");
+                    false
+                }
+            }
+        });
+        contextflow_otel::scope(cx, work.instrument(span)).await
+    }
+
+    /// The confirmation, exactly once: claimed and counted in one transaction.
+    async fn send_confirmation(&self, row: &OutboxRow) -> Result<(), DeliveryError> {
+        self.db
+            .transaction(|| async {
+                if self.outbox.claim(row.id).await? {
+                    self.orders.mark_confirmed(row.order_id).await?;
+                    info!("confirmation sent");
+                }
+                Ok::<_, DeliveryError>(())
+            })
+            .await
+    }
+
+    /// The event, claimed in the transaction that publishes it: if the claim does not
+    /// commit, the row is published again later, and the consumer skips the repeat.
+    async fn publish_event(&self, row: &OutboxRow) -> Result<(), DeliveryError> {
+        let event: OrderConfirmed =
+            serde_json::from_str(&row.payload).map_err(DeliveryError::Payload)?;
+        self.db
+            .transaction(|| async {
+                if self.outbox.claim(row.id).await?
+                    && !self.queue.publish(ORDER_CONFIRMED, row.id, &event).await
+                {
+                    return Err(DeliveryError::QueueClosed);
+                }
+                Ok(())
+            })
+            .await
+    }
+}
