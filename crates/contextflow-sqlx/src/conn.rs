@@ -5,22 +5,27 @@ use std::{
     ops::{Deref, DerefMut},
 };
 
-use sqlx::{pool::PoolConnection, Database};
-use tokio::sync::{OwnedMappedMutexGuard, OwnedMutexGuard};
+use sqlx::Database;
 
-use crate::{error::TransactionClosed, state::TxConn};
+use crate::{
+    state::{ParkTicket, Parker, TxGuard},
+    tracked::Tracked,
+};
 
 /// A connection for the queries at hand: the current transaction's, or one from the pool.
 ///
 /// Returned by [`TxPool::acquire`](crate::TxPool::acquire). It dereferences to the driver's
-/// connection (`PgConnection`, `SqliteConnection`), so any sqlx query runs on `&mut *conn`.
+/// connection (`PgConnection`, `SqliteConnection`, `MySqlConnection`), so any sqlx query runs
+/// on `&mut *conn`. Most code does not need one: sqlx's query API runs on `&TxPool` directly.
 ///
-/// Inside a transaction it holds the transaction's connection exclusively: other queries of the
-/// same transaction wait until it is dropped. Drop it before starting a nested
-/// [`transaction`](crate::TxPool::transaction) or another query through the [`TxPool`](crate::TxPool)
-/// in the same task, which would otherwise wait for it forever.
+/// Inside a transaction it holds the transaction's connection exclusively: while it is alive,
+/// another query, a row stream or a nested [`transaction`](crate::TxPool::transaction) of the
+/// same task fails at once with [`ConnectionBusy`](crate::ConnectionBusy) (waiting would
+/// never end), and those of other tasks sharing the context wait. Outside a transaction it is
+/// a pool connection, checked with the server when it is given back.
 ///
 /// ```
+/// # #[cfg(feature = "sqlite")]
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
 /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
 /// let db = contextflow_sqlx::TxPool::new(pool);
@@ -29,44 +34,49 @@ use crate::{error::TransactionClosed, state::TxConn};
 /// let (n,): (i64,) = sqlx::query_as("SELECT 41 + 1").fetch_one(&mut *conn).await?;
 /// assert_eq!(n, 42);
 /// # Ok(()) }
+/// # #[cfg(not(feature = "sqlite"))] fn main() {}
 /// ```
 pub struct Conn<DB: Database> {
     inner: Inner<DB>,
 }
 
 enum Inner<DB: Database> {
-    Pool(PoolConnection<DB>),
+    Pool {
+        tracked: Tracked<DB>,
+        _ticket: ParkTicket,
+    },
     Tx {
-        conn: OwnedMappedMutexGuard<TxConn<DB>, DB::Connection>,
-        /// The level's `busy` lock; declared after `conn`, so released after it.
-        _busy: OwnedMutexGuard<()>,
+        /// Declared before `guard`, so the record is cleared before the connection is released.
+        _parker: Parker<DB>,
+        guard: TxGuard<DB>,
     },
 }
 
 // ===== impl Conn =====
 
 impl<DB: Database> Conn<DB> {
-    pub(crate) fn from_pool(conn: PoolConnection<DB>) -> Self {
+    pub(crate) fn from_pool(tracked: Tracked<DB>, ticket: ParkTicket) -> Self {
         Conn {
-            inner: Inner::Pool(conn),
+            inner: Inner::Pool {
+                tracked,
+                _ticket: ticket,
+            },
         }
     }
 
-    pub(crate) fn from_tx(
-        guard: OwnedMutexGuard<TxConn<DB>>,
-        busy: OwnedMutexGuard<()>,
-    ) -> Result<Self, sqlx::Error> {
-        match OwnedMutexGuard::try_map(guard, |c| c.tx.as_deref_mut()) {
-            Ok(conn) => Ok(Conn {
-                inner: Inner::Tx { conn, _busy: busy },
-            }),
-            Err(_) => Err(TransactionClosed::ended()),
+    pub(crate) fn from_tx(guard: TxGuard<DB>, parker: Parker<DB>) -> Self {
+        Conn {
+            inner: Inner::Tx {
+                _parker: parker,
+                guard,
+            },
         }
     }
 
     /// Whether this is the current transaction's connection (rather than one from the pool).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// let db = contextflow_sqlx::TxPool::new(pool);
@@ -75,6 +85,7 @@ impl<DB: Database> Conn<DB> {
     ///     .await?;
     /// assert!(inside);
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
     pub fn in_transaction(&self) -> bool {
         matches!(self.inner, Inner::Tx { .. })
@@ -86,8 +97,8 @@ impl<DB: Database> Deref for Conn<DB> {
 
     fn deref(&self) -> &DB::Connection {
         match &self.inner {
-            Inner::Pool(conn) => conn,
-            Inner::Tx { conn, .. } => conn,
+            Inner::Pool { tracked, .. } => tracked.raw_ref(),
+            Inner::Tx { guard, .. } => guard.conn_ref(),
         }
     }
 }
@@ -95,8 +106,8 @@ impl<DB: Database> Deref for Conn<DB> {
 impl<DB: Database> DerefMut for Conn<DB> {
     fn deref_mut(&mut self) -> &mut DB::Connection {
         match &mut self.inner {
-            Inner::Pool(conn) => conn,
-            Inner::Tx { conn, .. } => conn,
+            Inner::Pool { tracked, .. } => tracked.raw(),
+            Inner::Tx { guard, .. } => guard.conn(),
         }
     }
 }

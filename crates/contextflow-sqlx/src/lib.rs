@@ -1,23 +1,26 @@
-//! Database transactions that follow the request, for [sqlx] 0.8 (PostgreSQL, SQLite).
+//! Database transactions that follow the request, for [sqlx] 0.8 (PostgreSQL, SQLite,
+//! MySQL/MariaDB), and tenant isolation that PostgreSQL itself enforces.
 //!
 //! Run a block in a transaction with [`TxPool::transaction`], and every repository call inside
 //! it, however deep, joins that transaction without receiving it as a parameter. Outside a
-//! block the same calls use the pool. The transaction travels in the
-//! [`contextflow`] context, like a request id, so it follows `.await` through the whole call
-//! tree of the request, and stops at spawned tasks.
+//! block the same calls use the pool. The transaction travels in the [`contextflow`] context,
+//! like a request id, so it follows `.await` through the whole call tree of the request, and
+//! stops at spawned tasks.
 //!
 //! # Tour
 //!
 //! The usual layering: the controller handles the request, the service runs the use case in
 //! one transaction, and the repositories issue queries through a [`TxPool`] they were given at
-//! start-up. No function takes a `&mut Transaction`.
+//! start-up, with sqlx's own query API (`&TxPool` is an [`sqlx::Executor`]). No function takes
+//! a `&mut Transaction`.
 //!
 //! ```
+//! # #[cfg(feature = "sqlite")] mod example {
 //! use contextflow_sqlx::TxPool;
-//! use sqlx::{Row, Sqlite};
+//! use sqlx::Sqlite;
 //!
 //! #[derive(Debug)]
-//! enum AppError {
+//! pub enum AppError {
 //!     OutOfStock,
 //!     Db(sqlx::Error),
 //! }
@@ -32,47 +35,48 @@
 //! // ----- repositories: no transaction parameter -----
 //!
 //! #[derive(Clone)]
-//! struct Orders {
-//!     db: TxPool<Sqlite>,
+//! pub struct Orders {
+//!     pub db: TxPool<Sqlite>,
 //! }
 //!
 //! impl Orders {
-//!     async fn insert(&self, item: &str, qty: i64) -> Result<i64, sqlx::Error> {
-//!         let sql = "INSERT INTO orders (item, qty) VALUES ($1, $2) RETURNING id";
-//!         let row = self.db.fetch_one(sqlx::query(sql).bind(item).bind(qty)).await?;
-//!         Ok(row.get(0))
+//!     pub async fn insert(&self, item: &str, qty: i64) -> Result<i64, sqlx::Error> {
+//!         sqlx::query_scalar("INSERT INTO orders (item, qty) VALUES ($1, $2) RETURNING id")
+//!             .bind(item)
+//!             .bind(qty)
+//!             .fetch_one(&self.db)
+//!             .await
 //!     }
 //!
-//!     async fn count(&self) -> Result<i64, sqlx::Error> {
-//!         let mut conn = self.db.acquire().await?;
-//!         sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&mut *conn).await
+//!     pub async fn count(&self) -> Result<i64, sqlx::Error> {
+//!         sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&self.db).await
 //!     }
 //! }
 //!
 //! #[derive(Clone)]
-//! struct Inventory {
-//!     db: TxPool<Sqlite>,
+//! pub struct Inventory {
+//!     pub db: TxPool<Sqlite>,
 //! }
 //!
 //! impl Inventory {
 //!     /// Takes `qty` items from stock; `false` when there are not enough.
-//!     async fn take(&self, item: &str, qty: i64) -> Result<bool, sqlx::Error> {
+//!     pub async fn take(&self, item: &str, qty: i64) -> Result<bool, sqlx::Error> {
 //!         let sql = "UPDATE stock SET qty = qty - $2 WHERE item = $1 AND qty >= $2";
-//!         let done = self.db.execute(sqlx::query(sql).bind(item).bind(qty)).await?;
+//!         let done = sqlx::query(sql).bind(item).bind(qty).execute(&self.db).await?;
 //!         Ok(done.rows_affected() == 1)
 //!     }
 //! }
 //!
 //! // ----- service: one transaction around the use case -----
 //!
-//! struct OrderService {
-//!     db: TxPool<Sqlite>,
-//!     orders: Orders,
-//!     inventory: Inventory,
+//! pub struct OrderService {
+//!     pub db: TxPool<Sqlite>,
+//!     pub orders: Orders,
+//!     pub inventory: Inventory,
 //! }
 //!
 //! impl OrderService {
-//!     async fn place(&self, item: &str, qty: i64) -> Result<i64, AppError> {
+//!     pub async fn place(&self, item: &str, qty: i64) -> Result<i64, AppError> {
 //!         self.db
 //!             .transaction(|| async {
 //!                 let id = self.orders.insert(item, qty).await?;
@@ -87,16 +91,19 @@
 //!
 //! // ----- controller -----
 //!
-//! async fn post_order(service: &OrderService, item: &str, qty: i64) -> (u16, String) {
+//! pub async fn post_order(service: &OrderService, item: &str, qty: i64) -> (u16, String) {
 //!     match service.place(item, qty).await {
 //!         Ok(id) => (201, format!("order {id}")),
 //!         Err(AppError::OutOfStock) => (409, "out of stock".to_string()),
 //!         Err(AppError::Db(err)) => (500, format!("database error: {err}")),
 //!     }
 //! }
-//!
+//! # }
+//! # #[cfg(feature = "sqlite")]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), sqlx::Error> {
+//! # use example::*;
+//! # use contextflow_sqlx::TxPool;
 //! // Start-up: one `TxPool` per database, cloned into the repositories.
 //! let pool = sqlx::sqlite::SqlitePoolOptions::new()
 //!     .max_connections(1) // every connection to `sqlite::memory:` is its own database
@@ -120,37 +127,241 @@
 //! assert_eq!(orders.count().await?, 1); // the refused order left nothing behind
 //! # Ok(())
 //! # }
+//! # #[cfg(not(feature = "sqlite"))] fn main() {}
 //! ```
 //!
 //! # The rules
 //!
 //! | What happens | Result |
 //! |---|---|
-//! | the block returns `Ok` | committed |
+//! | the block returns `Ok` | committed, then the [after-commit hooks](TxPool::after_commit) run |
 //! | the block returns `Err` | rolled back, the error returned |
 //! | the block panics | rolled back, then the panic continues |
-//! | the block's future is dropped (client disconnect, timeout, aborted task) | rolled back: no partial work is ever committed |
-//! | `transaction` (or `transaction_with`) inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only |
+//! | the block's future is dropped (client disconnect, timeout, aborted task), at any point: `BEGIN`, a query, `SAVEPOINT`, `COMMIT`, `ROLLBACK` | rolled back, and the connection returns to the pool only once the server confirmed no transaction is open on it; otherwise it is closed |
+//! | dropped while `COMMIT` is in flight | outcome unknown: logged at `warn` in the dropping code's context, then resolved (committed / rolled back) in a second log line |
+//! | the connection breaks during `COMMIT` | [`CommitUnknown`] error, logged at `error`; after-commit hooks do not run |
+//! | `transaction` inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only |
+//! | [`transaction_with`](TxPool::transaction_with) and a [`Propagation`] | join, require, refuse, or begin an independent transaction |
 //! | a query outside any block | runs on the pool, committed on its own |
 //! | a task started with [`contextflow::spawn`] (or `tokio::spawn`) inside a block | gets the pool, not the transaction |
 //! | concurrent queries inside one block (`join!`) | run one at a time on the transaction's connection |
+//! | a [`Conn`] or a row stream held while the same task runs another query of the block | that query fails at once with [`ConnectionBusy`] (it would wait forever) |
 //! | concurrent requests | each its own transaction, on its own connection |
 //!
-//! When the commit itself fails, the block's value is dropped and the error returned (through
-//! `E: From<sqlx::Error>`); nothing was committed.
+//! When the commit itself fails (the server refuses it), the block's value is dropped and the
+//! error returned (through `E: From<sqlx::Error>`); nothing was committed.
 //!
-//! **Drop.** A future cannot wait in its destructor, so a dropped block hands the rollback to
-//! sqlx: dropping an open sqlx `Transaction` queues a `ROLLBACK` that runs before the
-//! connection's next use, and sqlx uses (pings) every connection as it comes back to the
-//! pool. The connection is therefore rolled back before anyone else gets it. A dropped
-//! savepoint is rolled back the same way, before the enclosing block's next query.
+//! # Recipe: cancellation safety, and what it costs
 //!
-//! **Savepoints.** While a nested block is open, queries of the enclosing block (from a
-//! `join!` next to it) wait until it ends, so they cannot be undone by its rollback; two nested
-//! blocks of the same level run one after the other. Do not hold a [`Conn`] across a nested
-//! `transaction` or another query of the same block: each waits for the other.
+//! contextflow-sqlx runs `BEGIN`, `COMMIT`, `ROLLBACK` and the savepoint commands itself and
+//! records what it has sent on each connection (idle, `BEGIN` sent, in a transaction, `COMMIT`
+//! sent, ...). It never trusts a rollback queued by a destructor (sqlx 0.8 can leave a
+//! PostgreSQL connection inside a transaction when a future is dropped during `BEGIN`): a
+//! connection dropped in any state but "idle" goes to a background task that drains what was
+//! in flight, rolls back and asks the server whether a transaction is still open; it is given
+//! back to the pool only when the server says no, and is closed otherwise (or when there is no
+//! runtime left to run the task). Closing a connection ends its transaction on the server.
 //!
-//! ## Why a spawned task gets the pool
+//! Every connection taken from the pool is also checked with the server before use
+//! ([`TxPoolBuilder::check_on_acquire`]), so a connection left inside a transaction by code
+//! that used the sqlx pool directly is closed, never used. The check costs one round trip
+//! (PostgreSQL: `SELECT 1 WHERE now() <> statement_timestamp()`; MySQL: the "in transaction"
+//! flag of the protocol; SQLite: a `ROLLBACK`); it also finds broken connections, so turning off
+//! sqlx's own ping makes its net cost zero:
+//!
+//! ```no_run
+//! # #[cfg(feature = "postgres")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+//! let pool = sqlx::postgres::PgPoolOptions::new()
+//!     .max_connections(16)
+//!     .test_before_acquire(false) // contextflow-sqlx's check replaces the ping
+//!     .connect("postgres://postgres@127.0.0.1:5432/app")
+//!     .await?;
+//! let db = contextflow_sqlx::TxPool::new(pool);
+//! # let _ = db;
+//! # Ok(()) }
+//! # #[cfg(not(feature = "postgres"))] fn main() {}
+//! ```
+//!
+//! # Recipe: typed queries, `query!`, streams
+//!
+//! `&TxPool` (and `&TenantPool`, `&AdminPool`) is an [`sqlx::Executor`]: `query`, `query_as`,
+//! `query_scalar`, what the `query!`/`query_as!` macros expand to (a `Map` over the row, the
+//! same as `query(..).try_map(..)`) and `fetch` streams run on the context's transaction, or
+//! on the pool outside one.
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+//! use futures_util::TryStreamExt as _;
+//!
+//! # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+//! let db = contextflow_sqlx::TxPool::new(pool);
+//! sqlx::query("CREATE TABLE t (id INTEGER, name TEXT)").execute(&db).await?;
+//!
+//! db.transaction(|| async {
+//!     sqlx::query("INSERT INTO t VALUES (1, 'one'), (2, 'two')").execute(&db).await?;
+//!     let items: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM t").fetch_all(&db).await?;
+//!     assert_eq!(items[1], (2, "two".to_string()));
+//!     // What `query!` produces: a `Map` from the row to the record.
+//!     let names: Vec<String> = sqlx::query("SELECT name FROM t ORDER BY id")
+//!         .try_map(|row: sqlx::sqlite::SqliteRow| sqlx::Row::try_get(&row, 0))
+//!         .fetch_all(&db)
+//!         .await?;
+//!     assert_eq!(names, ["one", "two"]);
+//!     // A stream holds the transaction's connection until it ends: drain it first.
+//!     let ids: Vec<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM t").fetch(&db).try_collect().await?;
+//!     assert_eq!(ids, [1, 2]);
+//!     Ok::<_, sqlx::Error>(())
+//! })
+//! .await?;
+//! # Ok(()) }
+//! # #[cfg(not(feature = "sqlite"))] fn main() {}
+//! ```
+//!
+//! # Recipe: propagation modes and after-commit events
+//!
+//! [`transaction`](TxPool::transaction) opens a transaction, or a savepoint inside one
+//! ([`Propagation::Nested`]). [`transaction_with`](TxPool::transaction_with) takes the modes
+//! Spring and @nestjs-cls/transactional users know: [`Required`](Propagation::Required) (join),
+//! [`RequiresNew`](Propagation::RequiresNew), [`Mandatory`](Propagation::Mandatory),
+//! [`Never`](Propagation::Never). [`after_commit`](TxPool::after_commit) registers work that
+//! runs only once the top-level transaction committed: the place to publish events.
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+//! use contextflow_sqlx::{Propagation, TxPool};
+//! use sqlx::Sqlite;
+//! use std::sync::{Arc, Mutex};
+//!
+//! type Outbox = Arc<Mutex<Vec<&'static str>>>;
+//!
+//! /// A repository method that must run inside its caller's transaction.
+//! async fn record(db: &TxPool<Sqlite>, outbox: &Outbox, what: &'static str) -> Result<(), sqlx::Error> {
+//!     let outbox = outbox.clone();
+//!     db.transaction_with(Propagation::Mandatory, move || async move {
+//!         db.after_commit(async move { outbox.lock().unwrap().push(what) }).await;
+//!         Ok(())
+//!     })
+//!     .await
+//! }
+//!
+//! # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+//! let db = TxPool::new(pool);
+//! let outbox = Outbox::default();
+//! let record = |what| record(&db, &outbox, what);
+//!
+//! assert!(record("refused").await.is_err()); // no transaction: refused, nothing registered
+//! let _ = db
+//!     .transaction(|| async {
+//!         record("rolled back").await?;
+//!         Err::<(), _>(sqlx::Error::RowNotFound) // rollback: the hook is dropped
+//!     })
+//!     .await;
+//! db.transaction(|| async { record("order.placed").await }).await?;
+//! assert_eq!(*outbox.lock().unwrap(), ["order.placed"]);
+//! # Ok(()) }
+//! # #[cfg(not(feature = "sqlite"))] fn main() {}
+//! ```
+//!
+//! # Recipe: tenants kept apart by PostgreSQL row-level security
+//!
+//! A [`TenantPool`] sets the tenant of the current context for every transaction (`SELECT
+//! set_config('app.tenant_id', $1, true)`, transaction-local, right after `BEGIN`) and gives
+//! every statement outside a transaction a transaction of its own; the database's policies then
+//! filter every query, including one that forgets its `WHERE`. No statement runs without a
+//! tenant; a transaction keeps the tenant it began with. Its start-up check refuses a role that
+//! would bypass the policies. Cross-tenant work (migrations, reports) goes through the separate
+//! [`AdminPool`] type.
+//!
+//! A service started from a superuser `DATABASE_URL` migrates as an owner role and serves as
+//! an application role that is subject to the policies:
+//!
+//! ```no_run
+//! # #[cfg(feature = "postgres")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use contextflow::AsyncLocal;
+//! use contextflow_sqlx::{AdminPool, TenantPool, DEFAULT_COLUMN, DEFAULT_SETTING};
+//! use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+//!
+//! /// Bound by the authentication middleware, from a verified token only.
+//! static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+//!
+//! let url: PgConnectOptions = "postgres://postgres@127.0.0.1:5432/app".parse()?;
+//!
+//! // 1. As the superuser: the two roles, created idempotently.
+//! let superuser = PgPoolOptions::new().max_connections(1).connect_with(url.clone()).await?;
+//! sqlx::raw_sql(
+//!     "DO $$ BEGIN
+//!        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_owner') THEN
+//!          CREATE ROLE app_owner LOGIN; END IF;
+//!        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_user') THEN
+//!          CREATE ROLE app_user LOGIN NOSUPERUSER NOBYPASSRLS; END IF;
+//!      END $$;
+//!      GRANT CREATE, USAGE ON SCHEMA public TO app_owner;",
+//! )
+//! .execute(&superuser)
+//! .await?;
+//!
+//! // 2. As the owner: the schema, row-level security, and the application role's grants.
+//! let owner = AdminPool::new(
+//!     PgPoolOptions::new().connect_with(url.clone().username("app_owner")).await?,
+//! );
+//! owner
+//!     .execute(sqlx::query(
+//!         "CREATE TABLE IF NOT EXISTS orders (id BIGSERIAL PRIMARY KEY, tenant_id TEXT NOT NULL)",
+//!     ))
+//!     .await?;
+//! owner.enable_row_level_security("orders", DEFAULT_COLUMN, DEFAULT_SETTING).await?;
+//! owner.execute(sqlx::query("GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO app_user")).await?;
+//! owner.execute(sqlx::query("GRANT USAGE ON SEQUENCE orders_id_seq TO app_user")).await?;
+//!
+//! // 3. Serve as the application role: the check refuses anything unsafe.
+//! let pool = PgPoolOptions::new().connect_with(url.username("app_user")).await?;
+//! let db = TenantPool::new(pool, &TENANT).await?;
+//!
+//! TENANT
+//!     .scope("acme".to_string(), async {
+//!         sqlx::query("INSERT INTO orders (tenant_id) VALUES (current_setting('app.tenant_id'))")
+//!             .execute(&*db)
+//!             .await?;
+//!         // No WHERE clause: the policy shows acme's rows only.
+//!         let mine: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&*db).await?;
+//!         # let _ = mine;
+//!         Ok::<_, sqlx::Error>(())
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! # #[cfg(not(feature = "postgres"))] fn main() {}
+//! ```
+//!
+//! With a password, give the application role one (`ALTER ROLE app_user PASSWORD ..`) and
+//! `.password(..)` in its connect options. Do not serve through the superuser connection with
+//! `SET ROLE app_user`: `RESET ROLE` undoes it, and the start-up check refuses such a session.
+//!
+//! **Pitfalls of row-level security through a pool**, and what contextflow-sqlx does:
+//!
+//! - *Session-level `SET app.tenant_id` (or `set_config(.., false)`) through a pool* stays on
+//!   the connection after the request and leaks into the next request that gets it. The tenant
+//!   pool only ever sets it transaction-locally.
+//! - *`current_setting('app.tenant_id', true)` returns `''`, not `NULL`, on a connection where
+//!   it was ever set* (even locally, in an earlier transaction). Policies must treat `''` as "no
+//!   tenant": `NULLIF(current_setting('app.tenant_id', true), '')`, as the policy that
+//!   [`AdminPool::enable_row_level_security`] creates does, so such a connection sees nothing.
+//! - *Views run with their owner's rights*: a view owned by a superuser or by the tables' owner
+//!   shows every tenant's rows, whatever the caller. Create views with `WITH
+//!   (security_invoker = true)` (PostgreSQL 15+); the start-up check refuses a view with a
+//!   tenant column without it, and any materialized view with one.
+//! - *The tables' owner bypasses its own policies* unless `FORCE ROW LEVEL SECURITY` is set, and
+//!   can always turn them off: serve as a role that owns nothing (the check refuses an owner).
+//! - *Poolers in transaction mode* (PgBouncer `pool_mode = transaction`) hand each transaction a
+//!   different server connection: transaction-local settings are exactly right there, while
+//!   session settings, `SET ROLE`, advisory locks and prepared statements are not; the tenant
+//!   pool's one-transaction-per-statement rule keeps every statement in a transaction that
+//!   carries its tenant.
+//!
+//! # Why a spawned task gets the pool
 //!
 //! The transaction belongs to the request that opened it: the request commits or rolls it back
 //! when its block ends. A spawned task runs concurrently with the request and may outlive it,
@@ -161,10 +372,10 @@
 //! context), runs its queries on the pool, each committed on its own.
 //!
 //! ```
+//! # #[cfg(feature = "sqlite")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use contextflow_sqlx::TxPool;
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
 //! # let url = format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display());
 //! # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(2).connect(&url).await?;
@@ -189,6 +400,7 @@
 //! assert_eq!(rows, 1);
 //! # Ok(())
 //! # }
+//! # #[cfg(not(feature = "sqlite"))] fn main() {}
 //! ```
 //!
 //! A full [`Snapshot::capture`](contextflow::Snapshot::capture), unlike a spawn, carries every
@@ -196,70 +408,70 @@
 //! while the block lasts, and gets a [`TransactionClosed`] error after it ended, never a
 //! silent fall-back to the pool.
 //!
-//! # PostgreSQL and SQLite
+//! # PostgreSQL, MySQL/MariaDB and SQLite
 //!
 //! **PostgreSQL.** A failed statement aborts the whole transaction: every later statement
 //! fails, and PostgreSQL turns a `COMMIT` into a silent `ROLLBACK`. To recover from an expected
 //! error (a unique violation, say), run that statement in a nested `transaction`: rolling back
 //! the savepoint makes the transaction usable again. A nested block that swallows such an error
 //! and returns `Ok` gets the `RELEASE SAVEPOINT` error instead; a top-level block that does so
-//! gets an error instead of a commit (checked with one `SELECT 1` before each `COMMIT`), so the
-//! block never reports success for work that was thrown away. To choose the isolation level,
-//! open the block with [`TxPool::transaction_with`] and `BEGIN ISOLATION LEVEL SERIALIZABLE`;
-//! a serialization failure (`40001`) comes back as the block's error, and retrying means
-//! running the block again.
+//! (or that ran statements on a raw [`Conn`], which contextflow-sqlx cannot see) gets an error
+//! instead of a commit, because contextflow-sqlx asks the server before such a `COMMIT`
+//! whether the transaction is still healthy. A serialization failure (`40001`) comes back as
+//! the block's error, and retrying means running the block again.
+//!
+//! **MySQL/MariaDB.** A deadlock (1213) makes the server roll the whole transaction back and
+//! run the statements that follow in autocommit mode: contextflow-sqlx marks the transaction
+//! poisoned on that error, so nothing after it runs and the block ends in
+//! [`TransactionClosed`]. DDL (`CREATE TABLE`, ...) commits implicitly: keep it out of blocks.
 //!
 //! **SQLite.** One writer at a time: a block holds the database's write lock from its first
 //! write until it ends, and other writers wait up to the connection's busy timeout (sqlx's
-//! default: 5 s). Keep blocks short, and do not wait inside a block, after its first write,
-//! for another connection's write (an awaited spawned task): it waits for the block, which
-//! waits for it, until the busy timeout. `BEGIN` is deferred, so a block that reads and then
-//! writes can fail with "database is locked" when another connection wrote in between: open
-//! such blocks with [`TxPool::transaction_with`] and `BEGIN IMMEDIATE`, which takes the write
-//! lock at once (other writers then queue, up to the busy timeout). WAL mode (`journal_mode(SqliteJournalMode::Wal)`) lets readers run while a block
-//! writes. Every connection to `sqlite::memory:` is a separate database: use one connection
-//! (then anything that needs a second connection while a block runs waits for it), or a file.
-//!
-//! ```no_run
-//! use contextflow_sqlx::TxPool;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), sqlx::Error> {
-//! let pool = sqlx::postgres::PgPoolOptions::new()
-//!     .max_connections(20)
-//!     .connect("postgres://postgres@127.0.0.1:5432/app")
-//!     .await?;
-//! let db: TxPool<sqlx::Postgres> = TxPool::new(pool);
-//! db.transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE", || async {
-//!     db.execute(sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = $1").bind(1))
-//!         .await?;
-//!     Ok::<_, sqlx::Error>(())
-//! })
-//! .await?;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! Any other sqlx driver works too: [`TxPool`] is generic over [`sqlx::Database`] and only
-//! issues `SAVEPOINT`, `RELEASE SAVEPOINT` and `ROLLBACK TO SAVEPOINT` besides sqlx's own
-//! `BEGIN`, `COMMIT` and `ROLLBACK`.
+//! default: 5 s). In WAL mode (`SqliteConnectOptions::journal_mode(SqliteJournalMode::Wal)`),
+//! reads outside the writer's transaction, on the pool's other connections, proceed while it is
+//! open and see the last committed state: give the pool more than one connection. Keep blocks
+//! short, and do not wait inside a block, after its first write, for another connection's
+//! write (an awaited spawned task, a [`Propagation::RequiresNew`] block): it waits for the
+//! block, which waits for it, until the busy timeout. `BEGIN` is deferred, so a block that
+//! reads and then writes can fail with "database is locked" when another connection wrote in
+//! between: open such blocks with `transaction_with("BEGIN IMMEDIATE", ..)`. Every connection
+//! to `sqlite::memory:` is a separate database: use one connection, or a file.
 //!
 //! # Feature flags
 //!
-//! - `postgres`: enables sqlx's PostgreSQL driver and the [`PgTxPool`] alias.
-//! - `sqlite`: enables sqlx's SQLite driver and the [`SqliteTxPool`] alias.
+//! - `postgres`: sqlx's PostgreSQL driver, the [`PgTxPool`] alias, [`TenantPool`] over
+//!   `sqlx::Postgres`.
+//! - `sqlite`: sqlx's SQLite driver and the [`SqliteTxPool`] alias.
+//! - `mysql`: sqlx's MySQL/MariaDB driver and the [`MySqlTxPool`] alias.
 //!
-//! With neither, bring your own driver through your `sqlx` dependency.
+//! Each works on its own. sqlx's `Any` driver is always supported (`TxPool<Any>`,
+//! `TenantPool<Any>` over PostgreSQL); bring its drivers through your `sqlx` dependency.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
 mod conn;
+mod dialect;
 mod error;
+mod executor;
 mod pool;
+mod propagation;
 mod state;
+mod tenant;
+mod tracked;
 
-pub use crate::{conn::Conn, error::TransactionClosed, pool::TxPool};
+pub use crate::{
+    conn::Conn,
+    error::{
+        CommitUnknown, ConnectionBusy, PropagationError, Refusal, SetupError, TenantError,
+        TenantErrorKind, TransactionClosed,
+    },
+    pool::{TxPool, TxPoolBuilder},
+    propagation::{Propagation, TxOptions},
+    tenant::{
+        AdminPool, RlsDatabase, TenantPool, TenantPoolBuilder, DEFAULT_COLUMN, DEFAULT_SETTING,
+    },
+};
 
 /// A [`TxPool`] over PostgreSQL (feature `postgres`).
 ///
@@ -292,3 +504,18 @@ pub type PgTxPool = TxPool<sqlx::Postgres>;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub type SqliteTxPool = TxPool<sqlx::Sqlite>;
+
+/// A [`TxPool`] over MySQL or MariaDB (feature `mysql`).
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), sqlx::Error> {
+/// let pool = sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await?;
+/// let db = contextflow_sqlx::MySqlTxPool::new(pool);
+/// # let _ = db;
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub type MySqlTxPool = TxPool<sqlx::MySql>;

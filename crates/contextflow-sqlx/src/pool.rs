@@ -1,10 +1,9 @@
 //! [`TxPool`]: a pool whose queries join the transaction of the current context.
 
 use std::{
-    borrow::Cow,
     fmt,
     future::Future,
-    panic::{resume_unwind, AssertUnwindSafe},
+    panic::{resume_unwind, AssertUnwindSafe, Location},
     sync::Arc,
 };
 
@@ -14,45 +13,87 @@ use sqlx::{Database, Execute, Executor, Pool};
 
 use crate::{
     conn::Conn,
-    state::{Level, RootGuard, Shared},
+    dialect::{Dialect, TxStatus},
+    error::{ClosedReason, PropagationError, TransactionClosed},
+    propagation::{Propagation, TxOptions},
+    state::{Failure, Hook, Level, PoolParking, RootGuard, Shared, TxGuard},
+    tenant::TenantMode,
+    tracked::{Phase, Tracked},
 };
 
 /// A sqlx [`Pool`] whose queries use the transaction of the current context, if there is one.
 ///
 /// [`transaction`](TxPool::transaction) runs a block in a transaction bound to the context;
-/// [`execute`](TxPool::execute), the `fetch_*` methods and [`acquire`](TxPool::acquire) run
-/// on that transaction inside such a block, and on the pool outside it. Repository code
-/// therefore never takes a transaction parameter.
+/// [`execute`](TxPool::execute), the `fetch_*` methods, [`acquire`](TxPool::acquire) and
+/// sqlx's own query API through `&TxPool` (it is an [`Executor`]) run on that transaction
+/// inside such a block, and on the pool outside it. Repository code therefore never takes a
+/// transaction parameter.
 ///
 /// Cloning is cheap and clones share the transaction: build one `TxPool` per database at
 /// start-up and hand clones to the repositories. Two `TxPool`s built separately are
 /// independent, even over the same sqlx pool: neither sees the other's transaction.
 ///
+/// Every connection taken from the pool is first checked with the server: one that is inside a
+/// transaction (left so by code that used the sqlx pool directly) is closed, never used (see
+/// [`TxPoolBuilder::check_on_acquire`]).
+///
 /// ```
+/// # #[cfg(feature = "sqlite")]
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
 /// use contextflow_sqlx::TxPool;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
 /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
 /// let db = TxPool::new(pool);
 /// db.execute(sqlx::query("CREATE TABLE t (x INTEGER)")).await?;
 ///
 /// db.transaction(|| async {
 ///     db.execute(sqlx::query("INSERT INTO t VALUES (1)")).await?; // joins the transaction
+///     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&db).await?; // too
+///     assert_eq!(n, 1);
 ///     Ok::<_, sqlx::Error>(())
 /// })
 /// .await?;
 /// # Ok(()) }
+/// # #[cfg(not(feature = "sqlite"))] fn main() {}
 /// ```
 pub struct TxPool<DB: Database> {
     inner: Arc<Inner<DB>>,
 }
 
-struct Inner<DB: Database> {
+/// Builds a [`TxPool`] with options; from [`TxPool::builder`].
+///
+/// ```
+/// # #[cfg(feature = "sqlite")]
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+/// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+/// let db = contextflow_sqlx::TxPool::builder(pool).check_on_acquire(false).build();
+/// # let _ = db;
+/// # Ok(()) }
+/// # #[cfg(not(feature = "sqlite"))] fn main() {}
+/// ```
+#[derive(Debug)]
+pub struct TxPoolBuilder<DB: Database> {
+    pool: Pool<DB>,
+    check_on_acquire: bool,
+}
+
+pub(crate) struct Inner<DB: Database> {
     pool: Pool<DB>,
     /// The innermost level (transaction or savepoint) of this pool in the current context.
     /// Never inherited: a transaction belongs to the request that opened it, so a spawned
     /// task, which may run concurrently with it or outlive it, uses the pool.
     current: AsyncLocal<Arc<Level<DB>>>,
+    check_on_acquire: bool,
+    /// Set for a [`TenantPool`](crate::TenantPool).
+    tenant: Option<TenantMode<DB>>,
+    parking: Arc<PoolParking>,
+}
+
+/// Where a statement runs: the transaction's connection, or one from the pool (in a
+/// transaction of its own for a tenant pool).
+pub(crate) enum Target<DB: Database> {
+    Tx(TxGuard<DB>),
+    Pool { tracked: Tracked<DB>, wrapped: bool },
 }
 
 // ===== impl TxPool =====
@@ -61,9 +102,10 @@ impl<DB: Database> TxPool<DB>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    /// Wraps `pool`.
+    /// Wraps `pool`, with the default options.
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// let pool = sqlx::sqlite::SqlitePoolOptions::new()
     ///     .max_connections(1)
@@ -72,77 +114,59 @@ where
     /// let db = contextflow_sqlx::TxPool::new(pool);
     /// assert!(!db.in_transaction());
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
     pub fn new(pool: Pool<DB>) -> Self {
+        Self::builder(pool).build()
+    }
+
+    /// A builder, to set options before wrapping `pool`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::builder(pool).check_on_acquire(true).build();
+    /// # let _ = db;
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub fn builder(pool: Pool<DB>) -> TxPoolBuilder<DB> {
+        TxPoolBuilder {
+            pool,
+            check_on_acquire: true,
+        }
+    }
+
+    pub(crate) fn with_tenant(
+        pool: Pool<DB>,
+        check_on_acquire: bool,
+        tenant: TenantMode<DB>,
+    ) -> Self {
+        Self::from_parts(pool, check_on_acquire, Some(tenant))
+    }
+
+    fn from_parts(pool: Pool<DB>, check_on_acquire: bool, tenant: Option<TenantMode<DB>>) -> Self {
         TxPool {
             inner: Arc::new(Inner {
                 pool,
-                current: AsyncLocal::named("contextflow_sqlx::transaction").inherit(Inherit::Never),
+                current: AsyncLocal::named("contextflow_sqlx.transaction").inherit(Inherit::Never),
+                check_on_acquire,
+                tenant,
+                parking: Arc::default(),
             }),
         }
     }
 
-    /// The wrapped pool. Queries run on it directly never join a transaction.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
-    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
-    /// let db = contextflow_sqlx::TxPool::new(pool);
-    /// let (one,): (i64,) = sqlx::query_as("SELECT 1").fetch_one(db.pool()).await?;
-    /// assert_eq!(one, 1);
-    /// # Ok(()) }
-    /// ```
-    pub fn pool(&self) -> &Pool<DB> {
-        &self.inner.pool
-    }
-
-    /// Whether a transaction of this pool is bound to the current context.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
-    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
-    /// let db = contextflow_sqlx::TxPool::new(pool);
-    /// assert!(!db.in_transaction());
-    /// db.transaction(|| async {
-    ///     assert!(db.in_transaction());
-    ///     Ok::<_, sqlx::Error>(())
-    /// })
-    /// .await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn in_transaction(&self) -> bool {
-        self.inner.current.is_set()
-    }
-
-    /// How deep the current context is nested: 0 outside a transaction, 1 inside one, 2 inside
-    /// a savepoint within it, and so on.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
-    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
-    /// let db = contextflow_sqlx::TxPool::new(pool);
-    /// let depths = db
-    ///     .transaction(|| async {
-    ///         let inner = db.transaction(|| async { Ok::<_, sqlx::Error>(db.transaction_depth()) });
-    ///         Ok::<_, sqlx::Error>((db.transaction_depth(), inner.await?))
-    ///     })
-    ///     .await?;
-    /// assert_eq!((db.transaction_depth(), depths), (0, (1, 2)));
-    /// # Ok(()) }
-    /// ```
-    pub fn transaction_depth(&self) -> usize {
-        self.inner
-            .current
-            .with(|level| level.map_or(0, |l| l.depth))
-    }
-
     /// Runs the future `f` returns inside a transaction that every query through this
-    /// `TxPool` in it joins.
+    /// `TxPool` in it joins ([`Propagation::Nested`]).
     ///
     /// - Outside a transaction it begins one on a connection from the pool, and **commits**
     ///   when the block returns `Ok`; it **rolls back** when the block returns `Err`, panics
     ///   (the panic then continues), or is dropped before finishing (a client disconnect, a
-    ///   timeout, an aborted task): no partial work is ever committed.
+    ///   timeout, an aborted task): no partial work is ever committed, and the connection
+    ///   goes back to the pool only once the server confirmed that no transaction is open on
+    ///   it (otherwise it is closed).
     /// - Inside a transaction it opens a **savepoint** instead: `Ok` releases it (its work
     ///   commits or rolls back with the enclosing transaction), `Err`, a panic or a drop roll
     ///   back the savepoint's work only. While a savepoint is open, queries of the enclosing
@@ -154,14 +178,17 @@ where
     /// `join!`) are serialized on the transaction's single connection.
     ///
     /// # Errors
-    /// The block's own error; or, converted with `E: From<sqlx::Error>`, an error from
-    /// `BEGIN`, `SAVEPOINT`, `COMMIT` or `RELEASE SAVEPOINT`. When the commit (or release)
-    /// fails, nothing was committed (or the savepoint was rolled back).
+    /// The block's own error; or, converted with `E: From<sqlx::Error>`: an error from
+    /// `BEGIN`, `SAVEPOINT`, `COMMIT` or `RELEASE SAVEPOINT` (nothing was committed, or the
+    /// savepoint was rolled back); [`CommitUnknown`](crate::CommitUnknown) when the connection
+    /// broke during `COMMIT`; [`TransactionClosed`] when the transaction may only be rolled back;
+    /// for a [`TenantPool`](crate::TenantPool), [`TenantError`](crate::TenantError).
     ///
     /// # Panics
     /// Resumes the block's panic after rolling back.
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// let db = contextflow_sqlx::TxPool::new(pool);
@@ -188,39 +215,39 @@ where
     /// })
     /// .await?;
     ///
-    /// let rows: Vec<(i64,)> = sqlx::query_as("SELECT x FROM t").fetch_all(db.pool()).await?;
+    /// let rows: Vec<(i64,)> = sqlx::query_as("SELECT x FROM t").fetch_all(&db).await?;
     /// assert_eq!(rows, vec![(2,)]);
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn transaction<F, Fut, T, E>(&self, f: F) -> Result<T, E>
+    #[track_caller]
+    pub fn transaction<'a, F, Fut, T, E>(
+        &'a self,
+        f: F,
+    ) -> impl Future<Output = Result<T, E>> + use<'a, DB, F, Fut, T, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: From<sqlx::Error>,
     {
-        match self.inner.current.get() {
-            None => self.root_transaction(None, f).await,
-            Some(parent) => self.savepoint(&parent, f).await,
-        }
+        let called_at = Location::caller();
+        self.run_block(TxOptions::new(), f, called_at)
     }
 
-    /// As [`transaction`](TxPool::transaction), but a top-level transaction is opened with
-    /// `statement` instead of `BEGIN`: `BEGIN ISOLATION LEVEL SERIALIZABLE` or
-    /// `BEGIN READ ONLY` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite (take the write lock at
-    /// once, so a block that reads before it writes cannot fail to upgrade its lock).
-    ///
-    /// Inside a transaction, `statement` does not apply (the enclosing transaction's mode
-    /// holds) and a savepoint is opened exactly as with [`transaction`](TxPool::transaction),
-    /// so a service that asks for a mode still composes into a larger unit of work.
+    /// As [`transaction`](TxPool::transaction), with [`TxOptions`]: a [`Propagation`] mode
+    /// and the statement that begins a top-level transaction. A [`Propagation`], a
+    /// `&'static str` or a `String` (the begin statement) convert into options.
     ///
     /// # Errors
-    /// As [`transaction`](TxPool::transaction); also [`sqlx::Error::BeginFailed`] when
-    /// `statement` does not open a transaction.
+    /// As [`transaction`](TxPool::transaction); also [`sqlx::Error::BeginFailed`] when the
+    /// begin statement is not one, and a [`PropagationError`] when the propagation refuses
+    /// to run the block here.
     ///
     /// # Panics
     /// Resumes the block's panic after rolling back.
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// let db = contextflow_sqlx::TxPool::new(pool);
@@ -229,44 +256,91 @@ where
     ///
     /// // Read, then write: with `BEGIN IMMEDIATE` no other writer can slip in between.
     /// db.transaction_with("BEGIN IMMEDIATE", || async {
-    ///     let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
-    ///         .fetch_one(&mut *db.acquire().await?)
-    ///         .await?;
+    ///     let n: i64 = sqlx::query_scalar("SELECT n FROM counter").fetch_one(&db).await?;
     ///     db.execute(sqlx::query("UPDATE counter SET n = $1").bind(n + 1)).await?;
     ///     Ok::<_, sqlx::Error>(())
     /// })
     /// .await?;
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn transaction_with<F, Fut, T, E>(
-        &self,
-        statement: impl Into<Cow<'static, str>>,
+    #[track_caller]
+    pub fn transaction_with<'a, O, F, Fut, T, E>(
+        &'a self,
+        options: O,
         f: F,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>> + use<'a, DB, O, F, Fut, T, E>
     where
+        O: Into<TxOptions>,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: From<sqlx::Error>,
     {
+        let called_at = Location::caller();
+        self.run_block(options.into(), f, called_at)
+    }
+
+    /// Runs `hook` after the current top-level transaction commits, in the context of the
+    /// code that opened the transaction (with the transaction itself no longer bound, so
+    /// queries in it run on the pool); outside a transaction, runs it now. The place to
+    /// publish events about the block's work.
+    ///
+    /// - Registered inside a savepoint that is later rolled back, the hook is dropped with
+    ///   the savepoint's work; released, it moves to the enclosing level.
+    /// - On rollback (an `Err`, a panic, a dropped block) hooks are dropped, never run.
+    /// - On a commit whose outcome is unknown ([`CommitUnknown`](crate::CommitUnknown)) they
+    ///   are dropped too: the caller gets the error and decides.
+    /// - They run one after the other before `transaction` returns; a panicking hook does
+    ///   not stop the others, and its panic resumes once they have run.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::new(pool);
+    /// let published = Arc::new(Mutex::new(Vec::new()));
+    ///
+    /// let events = published.clone();
+    /// db.transaction(|| async {
+    ///     db.after_commit(async move { events.lock().unwrap().push("order.placed") }).await;
+    ///     assert!(published.lock().unwrap().is_empty()); // not yet: nothing committed
+    ///     Ok::<_, sqlx::Error>(())
+    /// })
+    /// .await?;
+    /// assert_eq!(*published.lock().unwrap(), ["order.placed"]);
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub async fn after_commit<Fut>(&self, hook: Fut)
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         match self.inner.current.get() {
-            None => self.root_transaction(Some(statement.into()), f).await,
-            Some(parent) => self.savepoint(&parent, f).await,
+            Some(level) => level.push_hook(Box::pin(hook)),
+            None => hook.await,
         }
     }
 
     /// A connection for the queries at hand: the current transaction's, or one from the pool.
     ///
-    /// Use it for what the shortcut methods do not cover (`query_as`, `query_scalar`,
-    /// streams). Inside a transaction, the [`Conn`] holds the transaction's connection until
-    /// dropped; keep it for the queries at hand only (see [`Conn`]).
+    /// Rarely needed: sqlx's query API runs on `&TxPool` directly
+    /// (`sqlx::query_as(..).fetch_all(&db)`). Inside a transaction the [`Conn`] holds the
+    /// transaction's only connection until dropped: a query or a nested block of the same task
+    /// meanwhile fails at once with [`ConnectionBusy`](crate::ConnectionBusy) (it would wait
+    /// forever). Statements run on a `Conn` are invisible to contextflow-sqlx, so before
+    /// committing a transaction in which one was used, it checks with the server that the
+    /// transaction is still open and healthy (one extra round trip).
     ///
     /// # Errors
-    /// The pool's error when it cannot hand out a connection; [`TransactionClosed`]
-    /// (as a [`sqlx::Error::Io`]) when the context's transaction has already ended.
-    ///
-    /// [`TransactionClosed`]: crate::TransactionClosed
+    /// The pool's error when it cannot hand out a connection; [`TransactionClosed`] when the
+    /// context's transaction has already ended; [`ConnectionBusy`](crate::ConnectionBusy) (see
+    /// above); for a [`TenantPool`](crate::TenantPool) outside a transaction, a
+    /// [`PropagationError`] (a tenant's queries need one).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// let db = contextflow_sqlx::TxPool::new(pool);
@@ -274,20 +348,43 @@ where
     /// let answer: i64 = sqlx::query_scalar("SELECT 42").fetch_one(&mut *conn).await?;
     /// assert_eq!(answer, 42);
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn acquire(&self) -> Result<Conn<DB>, sqlx::Error> {
-        match self.inner.current.get() {
-            Some(level) => level.acquire().await,
-            None => Ok(Conn::from_pool(self.inner.pool.acquire().await?)),
+    #[track_caller]
+    pub fn acquire(&self) -> impl Future<Output = Result<Conn<DB>, sqlx::Error>> + use<'_, DB> {
+        let called_at = Location::caller();
+        async move {
+            match self.inner.current.get() {
+                Some(level) => {
+                    self.check_tenant_in(&level, called_at)?;
+                    let mut guard = level.lock(called_at).await?;
+                    guard.mark_raw();
+                    let mut parker = guard.parker();
+                    parker.park(called_at);
+                    Ok(Conn::from_tx(guard, parker))
+                }
+                None if self.inner.tenant.is_some() => {
+                    Err(PropagationError::error(Propagation::Mandatory, called_at))
+                }
+                None => {
+                    let mut tracked = self.acquire_tracked(called_at).await?;
+                    // The caller may leave anything behind: check before the next user.
+                    tracked.set_phase(Phase::Unverified);
+                    Ok(Conn::from_pool(tracked, self.inner.parking.ticket()))
+                }
+            }
         }
     }
 
     /// Executes `query` on the current transaction, or on the pool outside one.
     ///
     /// # Errors
-    /// The query's error, or [`acquire`](TxPool::acquire)'s.
+    /// The query's error, or [`acquire`](TxPool::acquire)'s (for a
+    /// [`TenantPool`](crate::TenantPool) outside a transaction, a
+    /// [`TenantError`](crate::TenantError) when no tenant is bound instead).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// # let db = contextflow_sqlx::TxPool::new(pool);
@@ -296,22 +393,32 @@ where
     /// let done: SqliteQueryResult = db.execute(sqlx::query("INSERT INTO t VALUES (?)").bind(7)).await?;
     /// assert_eq!(done.rows_affected(), 1);
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn execute<'q, Q>(&self, query: Q) -> Result<DB::QueryResult, sqlx::Error>
+    #[track_caller]
+    pub fn execute<'a, 'q, Q>(
+        &'a self,
+        query: Q,
+    ) -> impl Future<Output = Result<DB::QueryResult, sqlx::Error>> + use<'a, 'q, DB, Q>
     where
         Q: Execute<'q, DB> + 'q,
     {
-        let mut conn = self.acquire().await?;
-        conn.execute(query).await
+        let called_at = Location::caller();
+        async move {
+            let mut target = self.target(called_at).await?;
+            let result = target.conn().execute(query).await;
+            target.complete(result).await
+        }
     }
 
     /// Runs `query` on the current transaction (or the pool) and returns its one row.
     ///
     /// # Errors
-    /// [`sqlx::Error::RowNotFound`] when there is no row; the query's error, or
-    /// [`acquire`](TxPool::acquire)'s.
+    /// [`sqlx::Error::RowNotFound`] when there is no row; otherwise as
+    /// [`execute`](TxPool::execute).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// # let db = contextflow_sqlx::TxPool::new(pool);
@@ -319,83 +426,278 @@ where
     /// let row = db.fetch_one(sqlx::query("SELECT 6 * 7 AS n")).await?;
     /// assert_eq!(row.get::<i64, _>("n"), 42);
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn fetch_one<'q, Q>(&self, query: Q) -> Result<DB::Row, sqlx::Error>
+    #[track_caller]
+    pub fn fetch_one<'a, 'q, Q>(
+        &'a self,
+        query: Q,
+    ) -> impl Future<Output = Result<DB::Row, sqlx::Error>> + use<'a, 'q, DB, Q>
     where
         Q: Execute<'q, DB> + 'q,
     {
-        let mut conn = self.acquire().await?;
-        conn.fetch_one(query).await
+        let called_at = Location::caller();
+        async move {
+            let mut target = self.target(called_at).await?;
+            let result = target.conn().fetch_one(query).await;
+            // No row is an answer, not a failure of the transaction.
+            match result {
+                Err(sqlx::Error::RowNotFound) => {
+                    target.complete(Ok(())).await?;
+                    Err(sqlx::Error::RowNotFound)
+                }
+                result => target.complete(result).await,
+            }
+        }
     }
 
     /// Runs `query` on the current transaction (or the pool) and returns its first row, if any.
     ///
     /// # Errors
-    /// The query's error, or [`acquire`](TxPool::acquire)'s.
+    /// As [`execute`](TxPool::execute).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// # let db = contextflow_sqlx::TxPool::new(pool);
     /// let none = db.fetch_optional(sqlx::query("SELECT 1 WHERE 1 = 0")).await?;
     /// assert!(none.is_none());
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn fetch_optional<'q, Q>(&self, query: Q) -> Result<Option<DB::Row>, sqlx::Error>
+    #[track_caller]
+    pub fn fetch_optional<'a, 'q, Q>(
+        &'a self,
+        query: Q,
+    ) -> impl Future<Output = Result<Option<DB::Row>, sqlx::Error>> + use<'a, 'q, DB, Q>
     where
         Q: Execute<'q, DB> + 'q,
     {
-        let mut conn = self.acquire().await?;
-        conn.fetch_optional(query).await
+        let called_at = Location::caller();
+        self.fetch_optional_at(query, called_at)
     }
 
     /// Runs `query` on the current transaction (or the pool) and returns all its rows.
     ///
     /// # Errors
-    /// The query's error, or [`acquire`](TxPool::acquire)'s.
+    /// As [`execute`](TxPool::execute).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
     /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// # let db = contextflow_sqlx::TxPool::new(pool);
     /// let rows = db.fetch_all(sqlx::query("SELECT 1 UNION ALL SELECT 2")).await?;
     /// assert_eq!(rows.len(), 2);
     /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn fetch_all<'q, Q>(&self, query: Q) -> Result<Vec<DB::Row>, sqlx::Error>
+    #[track_caller]
+    pub fn fetch_all<'a, 'q, Q>(
+        &'a self,
+        query: Q,
+    ) -> impl Future<Output = Result<Vec<DB::Row>, sqlx::Error>> + use<'a, 'q, DB, Q>
     where
         Q: Execute<'q, DB> + 'q,
     {
-        let mut conn = self.acquire().await?;
-        conn.fetch_all(query).await
+        let called_at = Location::caller();
+        async move {
+            let mut target = self.target(called_at).await?;
+            let result = target.conn().fetch_all(query).await;
+            target.complete(result).await
+        }
     }
 
-    async fn root_transaction<F, Fut, T, E>(
+    pub(crate) async fn fetch_optional_at<'q, Q>(
         &self,
-        begin: Option<Cow<'static, str>>,
+        query: Q,
+        called_at: &'static Location<'static>,
+    ) -> Result<Option<DB::Row>, sqlx::Error>
+    where
+        Q: Execute<'q, DB> + 'q,
+    {
+        let mut target = self.target(called_at).await?;
+        let result = target.conn().fetch_optional(query).await;
+        target.complete(result).await
+    }
+
+    /// Where a statement of the current context runs.
+    pub(crate) async fn target(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<Target<DB>, sqlx::Error> {
+        if let Some(level) = self.inner.current.get() {
+            self.check_tenant_in(&level, called_at)?;
+            return Ok(Target::Tx(level.lock(called_at).await?));
+        }
+        match &self.inner.tenant {
+            None => {
+                let mut tracked = self.acquire_tracked(called_at).await?;
+                // If this statement's future is dropped half-way, check the connection.
+                tracked.set_phase(Phase::Unverified);
+                Ok(Target::Pool {
+                    tracked,
+                    wrapped: false,
+                })
+            }
+            Some(mode) => {
+                // Row-level security needs the tenant set, and a transaction-local setting
+                // needs a transaction: the statement gets one of its own.
+                let tenant = mode.require(called_at)?;
+                let mut tracked = self.acquire_tracked(called_at).await?;
+                tracked.begin("BEGIN").await?;
+                mode.set(&mut tracked, &tenant).await?;
+                Ok(Target::Pool {
+                    tracked,
+                    wrapped: true,
+                })
+            }
+        }
+    }
+
+    /// A connection from the pool, checked with the server unless the check is off.
+    async fn acquire_tracked(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<Tracked<DB>, sqlx::Error> {
+        let max = self.inner.pool.options().get_max_connections();
+        if self.inner.parking.count(crate::state::Owner::current()) >= max as usize {
+            return Err(crate::error::ConnectionBusy::pool_exhausted(called_at));
+        }
+        // Each refused connection is closed, so the pool opens fresh ones: a few attempts
+        // always get through unless the server itself is unusable.
+        let attempts = max.saturating_add(1);
+        let mut last_error = None;
+        for _ in 0..attempts {
+            let mut tracked = Tracked::new(self.inner.pool.acquire().await?);
+            if !self.inner.check_on_acquire || !tracked.dialect().can_check() {
+                return Ok(tracked);
+            }
+            match tracked.check_idle().await {
+                Ok(TxStatus::Idle) => return Ok(tracked),
+                Ok(TxStatus::RolledBack) => {
+                    // SQLite: the check's ROLLBACK ended the leftover transaction, and SQLite
+                    // keeps no other session state worth distrusting.
+                    tracing::warn!(
+                        target: "contextflow_sqlx",
+                        "the pool handed out a SQLite connection inside a transaction: rolled back"
+                    );
+                    return Ok(tracked);
+                }
+                Ok(TxStatus::Open) => {
+                    tracing::warn!(
+                        target: "contextflow_sqlx",
+                        database = tracked.dialect().name(),
+                        "the pool handed out a connection inside a transaction: closed it"
+                    );
+                    tracked.close();
+                }
+                Err(err) => {
+                    tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
+                    tracked.close();
+                    last_error = Some(err);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            sqlx::Error::Protocol(
+                "every connection the pool handed out was inside a transaction".into(),
+            )
+        }))
+    }
+
+    async fn run_block<F, Fut, T, E>(
+        &self,
+        options: TxOptions,
         f: F,
+        called_at: &'static Location<'static>,
     ) -> Result<T, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: From<sqlx::Error>,
     {
-        let tx = match begin {
-            None => self.inner.pool.begin().await?,
-            Some(statement) => self.inner.pool.begin_with(statement).await?,
+        let begin = options.checked_begin().map_err(E::from)?;
+        let current = self.inner.current.get();
+        match (options.get_propagation(), current) {
+            (Propagation::Never, Some(_)) | (Propagation::Mandatory, None) => Err(E::from(
+                PropagationError::error(options.get_propagation(), called_at),
+            )),
+            (Propagation::Never, None) => f().await,
+            (Propagation::RequiresNew, Some(_)) => {
+                // The suspended transaction keeps its connection meanwhile.
+                let _suspended = self.inner.parking.ticket();
+                self.root(begin, f, called_at).await
+            }
+            (Propagation::Required | Propagation::Mandatory, Some(level)) => {
+                self.check_tenant_in(&level, called_at).map_err(E::from)?;
+                join(&level, f).await
+            }
+            (Propagation::Nested, Some(level)) => self.savepoint(&level, f, called_at).await,
+            (_, None) => self.root(begin, f, called_at).await,
+        }
+    }
+
+    async fn root<F, Fut, T, E>(
+        &self,
+        begin: &str,
+        f: F,
+        called_at: &'static Location<'static>,
+    ) -> Result<T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<sqlx::Error>,
+    {
+        let tenant = match &self.inner.tenant {
+            Some(mode) => Some(mode.require(called_at).map_err(E::from)?),
+            None => None,
         };
-        let shared = Arc::new(Shared::new(tx));
-        // From here until `disarm`, dropping this future rolls the transaction back.
+        let mut tracked = self.acquire_tracked(called_at).await?;
+        tracked.begin(begin).await?;
+        if let (Some(mode), Some(tenant)) = (&self.inner.tenant, &tenant) {
+            mode.set(&mut tracked, tenant).await?;
+        }
+        let shared = Arc::new(Shared::new(tracked, tenant));
+        // From here until `disarm`, dropping this future ends the transaction at once.
         let mut guard = RootGuard::new(shared.clone());
         let level = Arc::new(Level::root(shared.clone()));
-        let body = self.inner.current.scope(level, async move { f().await });
+        let body = self
+            .inner
+            .current
+            .scope(level.clone(), async move { f().await });
         // The block's state is dropped before the rollback and not used after it, so
         // observing it half-updated after a panic is impossible.
         let outcome = AssertUnwindSafe(body).catch_unwind().await;
-        let taken = shared.take().await;
+        let taken = shared.take(called_at).await;
         guard.disarm();
+        let taken = match taken {
+            Ok(taken) => taken,
+            // A `Conn` of this task escaped the block and holds the connection: nothing is
+            // committed; the transaction is rolled back when the `Conn` is dropped.
+            Err(err) => {
+                return match outcome {
+                    Ok(Ok(_)) => Err(E::from(err)),
+                    Ok(Err(block_err)) => Err(block_err),
+                    Err(panic) => resume_unwind(panic),
+                }
+            }
+        };
         match outcome {
-            Ok(Ok(value)) => taken.commit().await.map(|()| value).map_err(E::from),
+            Ok(Ok(_)) if level.is_rollback_only() => {
+                taken.rollback().await;
+                Err(E::from(TransactionClosed::error(
+                    ClosedReason::RollbackOnly,
+                )))
+            }
+            Ok(Ok(value)) => match taken.commit().await {
+                Ok(()) => {
+                    run_hooks(level.take_hooks()).await;
+                    Ok(value)
+                }
+                Err(err) => Err(E::from(err.into_error())),
+            },
             Ok(Err(err)) => {
                 taken.rollback().await;
                 Err(err)
@@ -407,31 +709,124 @@ where
         }
     }
 
-    async fn savepoint<F, Fut, T, E>(&self, parent: &Level<DB>, f: F) -> Result<T, E>
+    async fn savepoint<F, Fut, T, E>(
+        &self,
+        parent: &Arc<Level<DB>>,
+        f: F,
+        called_at: &'static Location<'static>,
+    ) -> Result<T, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: From<sqlx::Error>,
     {
+        self.check_tenant_in(parent, called_at).map_err(E::from)?;
         // `guard` rolls the savepoint back if this future is dropped before it ends.
-        let (level, guard) = parent.savepoint().await?;
+        let (level, guard) = parent.savepoint(called_at).await?;
+        let level = Arc::new(level);
         let body = self
             .inner
             .current
-            .scope(Arc::new(level), async move { f().await });
-        // As in `root_transaction`: the block's state is gone before anything else runs.
+            .scope(level.clone(), async move { f().await });
+        // As in `root`: the block's state is gone before anything else runs.
         let outcome = AssertUnwindSafe(body).catch_unwind().await;
         match outcome {
-            Ok(Ok(value)) => guard.release().await.map(|()| value).map_err(E::from),
+            Ok(Ok(_)) if level.is_rollback_only() => {
+                guard.rollback(called_at).await;
+                Err(E::from(TransactionClosed::error(
+                    ClosedReason::RollbackOnly,
+                )))
+            }
+            Ok(Ok(value)) => {
+                guard.release(called_at).await?;
+                for hook in level.take_hooks() {
+                    parent.push_hook(hook);
+                }
+                Ok(value)
+            }
             Ok(Err(err)) => {
-                guard.rollback().await;
+                guard.rollback(called_at).await;
                 Err(err)
             }
             Err(panic) => {
-                guard.rollback().await;
+                guard.rollback(called_at).await;
                 resume_unwind(panic)
             }
         }
+    }
+
+    /// Inside a tenant pool's transaction, the context's tenant must be the transaction's.
+    fn check_tenant_in(
+        &self,
+        level: &Level<DB>,
+        called_at: &'static Location<'static>,
+    ) -> Result<(), sqlx::Error> {
+        match (&self.inner.tenant, level.shared.tenant()) {
+            (Some(mode), Some(tenant)) => mode.check_same(tenant, called_at),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<DB: Database> TxPool<DB> {
+    /// The sqlx pool underneath, for what must bypass the context's transaction: queries
+    /// on it never join the transaction, and are not checked or tracked by contextflow-sqlx.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::new(pool);
+    /// assert_eq!(db.pool().options().get_max_connections(), 1);
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.inner.pool
+    }
+
+    /// Whether the current context is inside a transaction of this `TxPool`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::new(pool);
+    /// assert!(!db.in_transaction());
+    /// db.transaction(|| async {
+    ///     assert!(db.in_transaction());
+    ///     Ok::<_, sqlx::Error>(())
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub fn in_transaction(&self) -> bool {
+        self.inner.current.is_set()
+    }
+
+    /// How deep the current context is nested: 0 outside a transaction, 1 inside one, 2 inside
+    /// a savepoint within it, and so on.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::new(pool);
+    /// let depths = db
+    ///     .transaction(|| async {
+    ///         let inner = db.transaction(|| async { Ok::<_, sqlx::Error>(db.transaction_depth()) });
+    ///         Ok::<_, sqlx::Error>((db.transaction_depth(), inner.await?))
+    ///     })
+    ///     .await?;
+    /// assert_eq!((db.transaction_depth(), depths), (0, (1, 2)));
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub fn transaction_depth(&self) -> usize {
+        self.inner
+            .current
+            .with(|level| level.map_or(0, |l| l.depth))
     }
 }
 
@@ -454,13 +849,176 @@ where
 
 impl<DB: Database> fmt::Debug for TxPool<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let depth = self
-            .inner
-            .current
-            .with(|level| level.map_or(0, |l| l.depth));
         f.debug_struct("TxPool")
             .field("pool", &self.inner.pool)
-            .field("transaction_depth", &depth)
+            .field("transaction_depth", &self.transaction_depth())
+            .field("check_on_acquire", &self.inner.check_on_acquire)
+            .field("tenant_scoped", &self.inner.tenant.is_some())
             .finish()
+    }
+}
+
+// ===== impl TxPoolBuilder =====
+
+impl<DB: Database> TxPoolBuilder<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    /// Whether to check each connection taken from the pool with the server (default: on).
+    ///
+    /// A connection inside a transaction is closed and another taken, so no request's work
+    /// ever joins a transaction left open by someone else. The check costs one round trip per
+    /// acquire (on SQLite, a call to its worker thread); it also finds broken connections, so
+    /// with it on, sqlx's own ping (`PoolOptions::test_before_acquire`) can be turned off,
+    /// which makes the net cost zero. Connections that contextflow-sqlx itself releases never
+    /// need it: it only returns connections to the pool that the server confirmed idle. Turn
+    /// it off when nothing else uses the sqlx pool.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// let pool = sqlx::sqlite::SqlitePoolOptions::new()
+    ///     .max_connections(1)
+    ///     .test_before_acquire(false) // the check also finds broken connections
+    ///     .connect("sqlite::memory:")
+    ///     .await?;
+    /// let db = contextflow_sqlx::TxPool::builder(pool).check_on_acquire(true).build();
+    /// # let _ = db;
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub fn check_on_acquire(mut self, check: bool) -> Self {
+        self.check_on_acquire = check;
+        self
+    }
+
+    /// The [`TxPool`].
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), sqlx::Error> {
+    /// # let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// let db = contextflow_sqlx::TxPool::builder(pool).build();
+    /// assert_eq!(db.transaction_depth(), 0);
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "sqlite"))] fn main() {}
+    /// ```
+    pub fn build(self) -> TxPool<DB> {
+        TxPool::from_parts(self.pool, self.check_on_acquire, None)
+    }
+}
+
+// ===== impl Target =====
+
+impl<DB: Database> Target<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    /// The connection to run the statement on.
+    pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+        match self {
+            Target::Tx(guard) => guard.conn(),
+            Target::Pool { tracked, .. } => tracked.raw(),
+        }
+    }
+
+    pub(crate) fn dialect(&mut self) -> Dialect {
+        match self {
+            Target::Tx(guard) => guard.dialect(),
+            Target::Pool { tracked, .. } => tracked.dialect(),
+        }
+    }
+
+    /// Ends the statement: records a failure in the transaction, or commits (rolls back) the
+    /// statement's own transaction.
+    pub(crate) async fn complete<T>(
+        mut self,
+        result: Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let failure = match &result {
+            Ok(_) => None,
+            Err(err) => Some(Failure::of(self.dialect(), err)),
+        };
+        self.end(failure).await?;
+        result
+    }
+
+    /// As [`complete`](Target::complete), when the error went elsewhere (a stream).
+    pub(crate) async fn end(self, failure: Option<Failure>) -> Result<(), sqlx::Error> {
+        match self {
+            Target::Tx(mut guard) => {
+                if let Some(failure) = failure {
+                    guard.note_failure(failure);
+                }
+                Ok(())
+            }
+            Target::Pool {
+                mut tracked,
+                wrapped: false,
+            } => {
+                // The statement has run (or the server refused it): nothing is in flight. A
+                // broken connection stays unverified, so it is checked (and closed).
+                if failure.is_none_or(|f| f.from_server) {
+                    tracked.set_phase(Phase::Idle);
+                }
+                Ok(())
+            }
+            Target::Pool {
+                mut tracked,
+                wrapped: true,
+            } => {
+                if failure.is_some() {
+                    // The statement's error is the one to report.
+                    let _ = tracked.rollback().await;
+                    return Ok(());
+                }
+                match tracked.commit(false).await {
+                    Ok(()) => Ok(()),
+                    Err(err) => {
+                        let _ = tracked.rollback().await;
+                        Err(err.into_error())
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A block joined to `level` (`REQUIRED`, `MANDATORY` inside a transaction): its failure
+/// marks the level rollback-only.
+async fn join<DB, F, Fut, T, E>(level: &Level<DB>, f: F) -> Result<T, E>
+where
+    DB: Database,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    /// Marks the level unless disarmed: covers `Err`, panics and a dropped future alike.
+    struct Mark<'a, DB: Database>(Option<&'a Level<DB>>);
+    impl<DB: Database> Drop for Mark<'_, DB> {
+        fn drop(&mut self) {
+            if let Some(level) = self.0 {
+                level.set_rollback_only();
+            }
+        }
+    }
+    let mut mark = Mark(Some(level));
+    let result = f().await;
+    if result.is_ok() {
+        mark.0 = None;
+    }
+    result
+}
+
+/// Runs after-commit hooks in order; resumes the first panic once all have run.
+async fn run_hooks(hooks: Vec<Hook>) {
+    let mut first_panic = None;
+    for hook in hooks {
+        if let Err(panic) = AssertUnwindSafe(hook).catch_unwind().await {
+            tracing::error!(target: "contextflow_sqlx", "an after-commit hook panicked");
+            first_panic.get_or_insert(panic);
+        }
+    }
+    if let Some(panic) = first_panic {
+        resume_unwind(panic);
     }
 }

@@ -1,39 +1,77 @@
 //! The value bound in the context while a transaction runs, and the guards that end it.
 //!
-//! One top-level transaction owns one [`Shared`]: the sqlx `Transaction` behind an async mutex,
-//! plus the rollback that dropped savepoints still owe the connection. Each nesting level
-//! (the transaction itself, then one per savepoint) is a [`Level`] bound in the context; its
-//! `busy` mutex is what keeps a level's queries out of a savepoint opened beneath it.
+//! One top-level transaction owns one [`Shared`]: its [`Tracked`] connection behind an async
+//! mutex, plus the rollback that dropped savepoints still owe the connection. Each nesting
+//! level (the transaction itself, then one per savepoint) is a [`Level`] bound in the
+//! context; its `busy` mutex is what keeps a level's queries out of a savepoint opened
+//! beneath it. Nothing here knows about [`Conn`](crate::Conn): it hands out [`TxGuard`]s.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc, Mutex as StdMutex, PoisonError,
+use std::{
+    collections::HashMap,
+    future::Future,
+    panic::Location,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex as StdMutex, MutexGuard as StdMutexGuard, PoisonError,
+    },
 };
 
-use sqlx::{Database, Executor, Transaction};
+use sqlx::{Database, Executor};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::{conn::Conn, error::TransactionClosed};
+use crate::{
+    dialect::{self, Dialect},
+    error::{ClosedReason, ConnectionBusy, TransactionClosed},
+    tracked::{CommitError, Tracked},
+};
+
+/// Work to run after the top-level transaction commits.
+pub(crate) type Hook = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// The connection of one top-level transaction, shared by all its levels.
 pub(crate) struct Shared<DB: Database> {
-    pub(crate) conn: Arc<Mutex<TxConn<DB>>>,
-    /// The outermost savepoint whose future was dropped before it ended, if any: rolled back
-    /// before anything else uses the connection. A std mutex, because `Drop` records it and
-    /// cannot await. Only the outermost matters: dropped savepoints that pile up between two
-    /// uses of the connection are nested in one another (siblings never coexist, see
-    /// `Level::busy`), and rolling back to the outermost one undoes the others too.
-    pending: StdMutex<Option<u64>>,
+    slot: Arc<Mutex<Slot<DB>>>,
+    /// The outermost savepoint whose future was dropped before it ended, if any, with the
+    /// `errored` flag from when it was opened: rolled back before anything else uses the
+    /// connection. A std mutex, because `Drop` records it and cannot await. Only the outermost
+    /// matters: dropped savepoints that pile up between two uses of the connection are nested
+    /// in one another (siblings never coexist, see `Level::busy`), and rolling back to the
+    /// outermost one undoes the others too.
+    pending: StdMutex<Option<(u64, bool)>>,
     next_savepoint: AtomicU64,
+    /// A guard on the connection that sits in user code (a `Conn`, a stream between two rows),
+    /// and which task holds it: a query of that same task would wait for it forever.
+    parked: StdMutex<Option<Parked>>,
+    /// The tenant the transaction was opened for (tenant pools only).
+    tenant: Option<Box<str>>,
 }
 
 /// What the async mutex guards.
-pub(crate) struct TxConn<DB: Database> {
+pub(crate) struct Slot<DB: Database> {
     /// `None` once the top-level transaction has ended (committed, rolled back or dropped).
-    pub(crate) tx: Option<Transaction<'static, DB>>,
-    /// Set when a savepoint could not be rolled back: the transaction's content is unknown, so
-    /// it may only be rolled back.
-    pub(crate) poisoned: bool,
+    tracked: Option<Tracked<DB>>,
+    /// Set when the transaction may only be rolled back.
+    poisoned: Option<ClosedReason>,
+    /// A statement failed since the transaction was last known healthy (PostgreSQL aborts the
+    /// transaction then); a savepoint's rollback restores it.
+    errored: bool,
+    /// User code had the raw connection: anything may have been run on it.
+    raw: bool,
+}
+
+/// A guard parked in user code, and where it came from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Parked {
+    owner: Owner,
+    at: &'static Location<'static>,
+}
+
+/// Who runs the current code: a tokio task, or a thread's `block_on` future.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Owner {
+    Task(tokio::task::Id),
+    Thread(std::thread::ThreadId),
 }
 
 /// One nesting level: what a `TxPool`'s context variable holds.
@@ -41,12 +79,57 @@ pub(crate) struct Level<DB: Database> {
     pub(crate) shared: Arc<Shared<DB>>,
     /// Held by each query of this level while it runs, and by a savepoint opened beneath this
     /// level for the savepoint's whole life.
-    pub(crate) busy: Arc<Mutex<()>>,
+    busy: Arc<Mutex<()>>,
     /// 1 for the top-level transaction, 2 for a savepoint inside it, and so on.
     pub(crate) depth: usize,
+    /// After-commit hooks registered at this level; a savepoint's move to its parent when it
+    /// is released, and are dropped when it is rolled back.
+    hooks: StdMutex<Vec<Hook>>,
+    /// A block joined to this level failed: it may only be rolled back.
+    rollback_only: AtomicBool,
 }
 
-/// Rolls the top-level transaction back if its future is dropped before it finished.
+/// Exclusive use of the transaction's connection, for one query or a `Conn`.
+pub(crate) struct TxGuard<DB: Database> {
+    slot: OwnedMutexGuard<Slot<DB>>,
+    /// The level's `busy` lock; declared after `slot`, so released after it.
+    _busy: OwnedMutexGuard<()>,
+    shared: Arc<Shared<DB>>,
+}
+
+/// Records that a [`TxGuard`] sits in user code (a `Conn`, a stream between two rows), so that
+/// a query of the same task fails instead of waiting for it. Clears the record when dropped.
+pub(crate) struct Parker<DB: Database> {
+    shared: Arc<Shared<DB>>,
+    parked: bool,
+}
+
+/// How many connections of a pool each task holds parked (in `Conn`s, or in transactions
+/// suspended by `REQUIRES_NEW`): a task that holds all of them and asks for another would
+/// wait forever.
+#[derive(Debug, Default)]
+pub(crate) struct PoolParking {
+    by_owner: StdMutex<HashMap<Owner, usize>>,
+}
+
+/// One connection counted in [`PoolParking`] until dropped.
+#[derive(Debug)]
+pub(crate) struct ParkTicket {
+    parking: Arc<PoolParking>,
+    owner: Owner,
+}
+
+/// What a failed statement means for the transaction it ran in, taken from the error before
+/// the error goes to the caller.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Failure {
+    /// The database rolled the whole transaction back (a MySQL deadlock).
+    pub(crate) rolled_back_by_server: bool,
+    /// The server answered with an error (as opposed to a broken connection).
+    pub(crate) from_server: bool,
+}
+
+/// Ends the top-level transaction if its future is dropped before it finished.
 pub(crate) struct RootGuard<DB: Database> {
     shared: Option<Arc<Shared<DB>>>,
 }
@@ -56,9 +139,43 @@ pub(crate) struct SavepointGuard<DB: Database> {
     shared: Arc<Shared<DB>>,
     /// The savepoint's number; `None` once released or rolled back.
     number: Option<u64>,
+    /// `Slot::errored` when the savepoint was opened.
+    errored_before: bool,
     /// Keeps the parent level's queries out until the savepoint has ended. Declared last, so
-    /// it is released after `Drop::drop` has queued the rollback.
+    /// it is released after `Drop::drop` has recorded the rollback.
     _parent_busy: OwnedMutexGuard<()>,
+}
+
+/// The transaction taken out of [`Shared`] when the top-level block ends.
+pub(crate) struct Taken<DB: Database> {
+    tracked: Option<Tracked<DB>>,
+    poisoned: Option<ClosedReason>,
+    suspect: bool,
+    pending: Option<(u64, bool)>,
+}
+
+// ===== impl Failure =====
+
+impl Failure {
+    pub(crate) fn of(dialect: Dialect, err: &sqlx::Error) -> Failure {
+        Failure {
+            rolled_back_by_server: dialect::rolled_back_by_server(dialect, err),
+            from_server: matches!(err, sqlx::Error::Database(_)),
+        }
+    }
+}
+
+// ===== impl Owner =====
+
+impl Owner {
+    /// The current task, or, in a `block_on` future (no task), the current thread: a
+    /// `block_on` future never leaves the thread that runs it.
+    pub(crate) fn current() -> Owner {
+        match tokio::task::try_id() {
+            Some(id) => Owner::Task(id),
+            None => Owner::Thread(std::thread::current().id()),
+        }
+    }
 }
 
 // ===== impl Shared =====
@@ -67,60 +184,102 @@ impl<DB: Database> Shared<DB>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    pub(crate) fn new(tx: Transaction<'static, DB>) -> Self {
+    pub(crate) fn new(tracked: Tracked<DB>, tenant: Option<Box<str>>) -> Self {
         Shared {
-            conn: Arc::new(Mutex::new(TxConn {
-                tx: Some(tx),
-                poisoned: false,
+            slot: Arc::new(Mutex::new(Slot {
+                tracked: Some(tracked),
+                poisoned: None,
+                errored: false,
+                raw: false,
             })),
             pending: StdMutex::new(None),
             next_savepoint: AtomicU64::new(1),
+            parked: StdMutex::new(None),
+            tenant,
         }
     }
 
-    /// Locks the connection for one query (or a few) and settles what dropped savepoints owe.
-    pub(crate) async fn lock(&self) -> Result<OwnedMutexGuard<TxConn<DB>>, sqlx::Error> {
-        let mut guard = self.conn.clone().lock_owned().await;
-        if guard.poisoned {
-            return Err(TransactionClosed::poisoned());
+    /// Locks the connection and settles what dropped savepoints owe.
+    async fn lock_slot(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<OwnedMutexGuard<Slot<DB>>, sqlx::Error> {
+        let mut slot = self.lock_checked(&self.slot, called_at).await?;
+        if let Some(reason) = slot.poisoned {
+            return Err(TransactionClosed::error(reason));
         }
-        let Some(tx) = guard.tx.as_mut() else {
+        if slot.tracked.is_none() {
             return Err(TransactionClosed::ended());
-        };
-        if let Some(number) = self.take_pending() {
-            if let Err(err) = rollback_to(tx, number).await {
-                guard.poisoned = true;
-                return Err(err);
-            }
         }
-        Ok(guard)
+        if let Some((number, errored_before)) = self.take_pending() {
+            slot.rollback_to(number, errored_before).await?;
+        }
+        Ok(slot)
     }
 
     /// Takes the transaction out at the end of the top-level block; later users get
     /// [`TransactionClosed`].
-    pub(crate) async fn take(&self) -> Taken<DB> {
-        let mut guard = self.conn.lock().await;
-        Taken {
-            tx: guard.tx.take(),
-            poisoned: guard.poisoned,
+    ///
+    /// # Errors
+    /// [`ConnectionBusy`] when a `Conn` of this task escaped the block and still holds the
+    /// connection: nothing is committed, and the transaction is rolled back when it is dropped.
+    pub(crate) async fn take(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<Taken<DB>, sqlx::Error> {
+        let mut slot = self.lock_checked(&self.slot, called_at).await?;
+        Ok(Taken {
+            tracked: slot.tracked.take(),
+            poisoned: slot.poisoned,
+            suspect: slot.errored || slot.raw,
             pending: self.take_pending(),
+        })
+    }
+
+    /// Locks `mutex`, unless it is held by a guard parked in the current task's own code:
+    /// waiting for it would wait forever.
+    async fn lock_checked<T>(
+        &self,
+        mutex: &Arc<Mutex<T>>,
+        called_at: &'static Location<'static>,
+    ) -> Result<OwnedMutexGuard<T>, sqlx::Error> {
+        if let Ok(guard) = mutex.clone().try_lock_owned() {
+            return Ok(guard);
         }
+        if let Some(parked) = *self.parked() {
+            if parked.owner == Owner::current() {
+                return Err(ConnectionBusy::in_transaction(Some(parked.at), called_at));
+            }
+        }
+        Ok(mutex.clone().lock_owned().await)
     }
 }
 
 impl<DB: Database> Shared<DB> {
-    fn take_pending(&self) -> Option<u64> {
-        // Nothing can panic while the std mutex is held, so poisoning carries no meaning.
+    /// The tenant the transaction was opened for.
+    pub(crate) fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    fn parked(&self) -> StdMutexGuard<'_, Option<Parked>> {
+        // Nothing panics while this std mutex is held, so poisoning carries no meaning.
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take_pending(&self) -> Option<(u64, bool)> {
+        // As above: no panic while held.
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
     }
 
-    fn push_pending(&self, number: u64) {
+    fn push_pending(&self, number: u64, errored_before: bool) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         // Savepoints are numbered in creation order, so an enclosing one has a smaller number.
-        *pending = Some(pending.map_or(number, |n| n.min(number)));
+        if pending.is_none_or(|(n, _)| number < n) {
+            *pending = Some((number, errored_before));
+        }
     }
 
     fn next_savepoint(&self) -> u64 {
@@ -130,12 +289,173 @@ impl<DB: Database> Shared<DB> {
     }
 }
 
-/// The transaction and its state, taken out of [`Shared`] when the top-level block ends.
-pub(crate) struct Taken<DB: Database> {
-    tx: Option<Transaction<'static, DB>>,
-    poisoned: bool,
-    pending: Option<u64>,
+// ===== impl Slot =====
+
+impl<DB: Database> Slot<DB> {
+    fn tracked(&mut self) -> &mut Tracked<DB> {
+        match self.tracked.as_mut() {
+            Some(tracked) => tracked,
+            // Every path to a `Slot` goes through `Shared::lock_slot`, which refuses an ended
+            // transaction, and holds the lock, so nobody can end it meanwhile; `Taken` owns the
+            // connection after `Shared::take`.
+            None => unreachable!("transaction slot used after the transaction ended"),
+        }
+    }
+
+    fn tracked_ref(&self) -> &Tracked<DB> {
+        match self.tracked.as_ref() {
+            Some(tracked) => tracked,
+            // As in `tracked`.
+            None => unreachable!("transaction slot used after the transaction ended"),
+        }
+    }
 }
+
+impl<DB: Database> Slot<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    /// Rolls back to savepoint `number` and releases it; poisons the transaction on failure.
+    async fn rollback_to(&mut self, number: u64, errored_before: bool) -> Result<(), sqlx::Error> {
+        let name = name(number);
+        let tracked = self.tracked();
+        let mut result = tracked.exec(&format!("ROLLBACK TO SAVEPOINT {name}")).await;
+        if result.is_ok() {
+            result = tracked.exec(&format!("RELEASE SAVEPOINT {name}")).await;
+        }
+        match result {
+            Ok(()) => {
+                self.errored = errored_before;
+                Ok(())
+            }
+            Err(err) => {
+                self.poisoned = Some(ClosedReason::SavepointRollbackFailed);
+                Err(err)
+            }
+        }
+    }
+
+    /// Records the outcome of a statement of ours run inside the transaction.
+    fn note<T>(&mut self, dialect: Dialect, result: &Result<T, sqlx::Error>) {
+        if let Err(err) = result {
+            self.errored = true;
+            if dialect::rolled_back_by_server(dialect, err) {
+                self.poisoned = Some(ClosedReason::RolledBackByServer);
+            }
+        }
+    }
+}
+
+// ===== impl TxGuard =====
+
+impl<DB: Database> TxGuard<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    /// Records that a statement run on [`conn`](TxGuard::conn) failed.
+    pub(crate) fn note_failure(&mut self, failure: Failure) {
+        self.slot.errored = true;
+        if failure.rolled_back_by_server {
+            self.slot.poisoned = Some(ClosedReason::RolledBackByServer);
+        }
+    }
+
+    /// User code gets the raw connection: anything may be run on it, so the transaction is
+    /// checked with the server before it commits.
+    pub(crate) fn mark_raw(&mut self) {
+        self.slot.raw = true;
+    }
+
+    /// The dialect of the connection.
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.slot.tracked_ref().dialect()
+    }
+}
+
+impl<DB: Database> TxGuard<DB> {
+    /// The transaction's connection.
+    pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+        self.slot.tracked().raw()
+    }
+
+    /// The transaction's connection, shared.
+    pub(crate) fn conn_ref(&self) -> &DB::Connection {
+        self.slot.tracked_ref().raw_ref()
+    }
+
+    /// A [`Parker`] for this guard's transaction.
+    pub(crate) fn parker(&self) -> Parker<DB> {
+        Parker {
+            shared: self.shared.clone(),
+            parked: false,
+        }
+    }
+}
+
+// ===== impl Parker =====
+
+impl<DB: Database> Parker<DB> {
+    /// The guard now sits in the current task's code.
+    pub(crate) fn park(&mut self, at: &'static Location<'static>) {
+        *self.shared.parked() = Some(Parked {
+            owner: Owner::current(),
+            at,
+        });
+        self.parked = true;
+    }
+
+    /// The guard is back in contextflow-sqlx's hands (a stream being polled).
+    pub(crate) fn unpark(&mut self) {
+        if self.parked {
+            *self.shared.parked() = None;
+            self.parked = false;
+        }
+    }
+}
+
+impl<DB: Database> Drop for Parker<DB> {
+    fn drop(&mut self) {
+        self.unpark();
+    }
+}
+
+// ===== impl PoolParking =====
+
+impl PoolParking {
+    /// How many connections `owner` holds parked.
+    pub(crate) fn count(&self, owner: Owner) -> usize {
+        self.by_owner().get(&owner).copied().unwrap_or(0)
+    }
+
+    /// Counts one more connection parked by the current task, until the ticket is dropped.
+    pub(crate) fn ticket(self: &Arc<Self>) -> ParkTicket {
+        let owner = Owner::current();
+        *self.by_owner().entry(owner).or_insert(0) += 1;
+        ParkTicket {
+            parking: self.clone(),
+            owner,
+        }
+    }
+
+    fn by_owner(&self) -> StdMutexGuard<'_, HashMap<Owner, usize>> {
+        // Only map operations run while it is held: no panic, no poisoning.
+        self.by_owner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for ParkTicket {
+    fn drop(&mut self) {
+        let mut by_owner = self.parking.by_owner();
+        if let Some(count) = by_owner.get_mut(&self.owner) {
+            *count -= 1;
+            if *count == 0 {
+                by_owner.remove(&self.owner);
+            }
+        }
+    }
+}
+
+// ===== impl Taken =====
 
 impl<DB: Database> Taken<DB>
 where
@@ -143,39 +463,38 @@ where
 {
     /// Commits, after settling what dropped savepoints owe; rolls back instead if anything
     /// went wrong on the way.
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        let Some(mut tx) = self.tx else {
-            return Err(TransactionClosed::ended());
+    pub(crate) async fn commit(mut self) -> Result<(), CommitError> {
+        let Some(mut tracked) = self.tracked.take() else {
+            return Err(CommitError::Closed(ClosedReason::Ended));
         };
-        if self.poisoned {
+        if let Some(reason) = self.poisoned {
             // The rollback's own error is less useful than the reason we roll back.
-            let _ = tx.rollback().await;
-            return Err(TransactionClosed::poisoned());
+            let _ = tracked.rollback().await;
+            return Err(CommitError::Closed(reason));
         }
-        if let Some(number) = self.pending {
-            if let Err(err) = rollback_to(&mut tx, number).await {
-                let _ = tx.rollback().await;
-                return Err(err);
+        if let Some((number, _)) = self.pending {
+            let name = name(number);
+            let mut result = tracked.exec(&format!("ROLLBACK TO SAVEPOINT {name}")).await;
+            if result.is_ok() {
+                result = tracked.exec(&format!("RELEASE SAVEPOINT {name}")).await;
+            }
+            if let Err(err) = result {
+                let _ = tracked.rollback().await;
+                return Err(CommitError::Refused(err));
             }
         }
-        if DB::NAME == "PostgreSQL" {
-            // PostgreSQL silently turns the COMMIT of a transaction in which a statement failed
-            // into a ROLLBACK, and sqlx cannot tell: a statement run now fails in exactly that
-            // case, which turns a silent loss of the block's work into an error.
-            if let Err(err) = exec(&mut tx, "SELECT 1").await {
-                let _ = tx.rollback().await;
-                return Err(err);
-            }
+        let result = tracked.commit(self.suspect).await;
+        if matches!(result, Err(CommitError::Refused(_))) {
+            let _ = tracked.rollback().await;
         }
-        tx.commit().await
+        result
     }
 
-    /// Rolls back. A failure here means the connection is broken; the pool closes it when it
-    /// comes back (sqlx pings a connection on release), so the error is not reported over the
-    /// one that caused the rollback.
-    pub(crate) async fn rollback(self) {
-        if let Some(tx) = self.tx {
-            let _ = tx.rollback().await;
+    /// Rolls back. A failure here leaves the connection to its `Drop`, which cleans it up or
+    /// closes it; the error is not reported over the one that caused the rollback.
+    pub(crate) async fn rollback(mut self) {
+        if let Some(mut tracked) = self.tracked.take() {
+            let _ = tracked.rollback().await;
         }
     }
 }
@@ -191,43 +510,91 @@ where
             shared,
             busy: Arc::new(Mutex::new(())),
             depth: 1,
+            hooks: StdMutex::new(Vec::new()),
+            rollback_only: AtomicBool::new(false),
         }
     }
 
-    /// A connection for a query of this level: waits for this level's earlier queries and for
-    /// any savepoint open beneath it.
-    pub(crate) async fn acquire(&self) -> Result<Conn<DB>, sqlx::Error> {
-        let busy = self.busy.clone().lock_owned().await;
-        let guard = self.shared.lock().await?;
-        Conn::from_tx(guard, busy)
+    /// The connection, for a query of this level: waits for this level's earlier queries and
+    /// for any savepoint open beneath it.
+    pub(crate) async fn lock(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<TxGuard<DB>, sqlx::Error> {
+        let busy = self.shared.lock_checked(&self.busy, called_at).await?;
+        let slot = self.shared.lock_slot(called_at).await?;
+        Ok(TxGuard {
+            slot,
+            _busy: busy,
+            shared: self.shared.clone(),
+        })
     }
 
     /// Opens a savepoint beneath this level: returns the new level and the guard that ends it.
-    pub(crate) async fn savepoint(&self) -> Result<(Level<DB>, SavepointGuard<DB>), sqlx::Error> {
-        let parent_busy = self.busy.clone().lock_owned().await;
+    pub(crate) async fn savepoint(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<(Level<DB>, SavepointGuard<DB>), sqlx::Error> {
+        let parent_busy = self.shared.lock_checked(&self.busy, called_at).await?;
         let number;
+        let errored_before;
         {
-            let mut guard = self.shared.lock().await?;
+            let mut slot = self.shared.lock_slot(called_at).await?;
             number = self.shared.next_savepoint();
-            let Some(tx) = guard.tx.as_mut() else {
-                return Err(TransactionClosed::ended());
-            };
+            errored_before = slot.errored;
             // If this future is dropped mid-statement, a savepoint may exist with no guard:
             // harmless, since nothing runs inside it and the enclosing transaction's end
             // (commit or rollback) ends it too.
-            exec(tx, &format!("SAVEPOINT {}", name(number))).await?;
+            let result = slot
+                .tracked()
+                .exec(&format!("SAVEPOINT {}", name(number)))
+                .await;
+            let dialect = slot.tracked().dialect();
+            slot.note(dialect, &result);
+            result?;
         }
         let level = Level {
             shared: self.shared.clone(),
             busy: Arc::new(Mutex::new(())),
             depth: self.depth + 1,
+            hooks: StdMutex::new(Vec::new()),
+            rollback_only: AtomicBool::new(false),
         };
         let guard = SavepointGuard {
             shared: self.shared.clone(),
             number: Some(number),
+            errored_before,
             _parent_busy: parent_busy,
         };
         Ok((level, guard))
+    }
+}
+
+impl<DB: Database> Level<DB> {
+    /// Registers work to run after the top-level commit.
+    pub(crate) fn push_hook(&self, hook: Hook) {
+        self.hooks().push(hook);
+    }
+
+    /// Takes this level's after-commit hooks.
+    pub(crate) fn take_hooks(&self) -> Vec<Hook> {
+        std::mem::take(&mut *self.hooks())
+    }
+
+    /// Marks this level as only fit for rolling back (a joined block failed).
+    pub(crate) fn set_rollback_only(&self) {
+        // Relaxed: read by the code that ends this level, which runs after the joined block
+        // on the same task (or after awaiting it), so the store happens-before the load.
+        self.rollback_only.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_rollback_only(&self) -> bool {
+        self.rollback_only.load(Ordering::Relaxed)
+    }
+
+    fn hooks(&self) -> StdMutexGuard<'_, Vec<Hook>> {
+        // Only `Vec` operations run while it is held: no panic, no poisoning.
+        self.hooks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -251,15 +618,14 @@ impl<DB: Database> Drop for RootGuard<DB> {
         let Some(shared) = self.shared.take() else {
             return;
         };
-        // Dropping a sqlx `Transaction` queues a ROLLBACK that runs on the connection's next
-        // use; a pooled connection is used (pinged) as soon as it is back in the pool. If a
-        // query still holds the lock (a task that kept this context alive), the transaction is
-        // dropped, and so rolled back, with the last reference to `shared` instead.
-        let tx = match shared.conn.try_lock() {
-            Ok(mut guard) => guard.tx.take(),
+        // Take the connection out now, so that it is cleaned up (or closed) at once by
+        // `Tracked`'s drop. If a query still holds the lock (a task that kept this context
+        // alive), the connection goes with the last reference to `shared` instead.
+        let tracked = match shared.slot.try_lock() {
+            Ok(mut slot) => slot.tracked.take(),
             Err(_) => None,
         };
-        drop(tx);
+        drop(tracked);
     }
 }
 
@@ -271,42 +637,40 @@ where
 {
     /// Releases the savepoint (its work becomes part of the enclosing level). If that fails
     /// (PostgreSQL refuses when a statement inside failed), rolls it back and returns the error.
-    pub(crate) async fn release(mut self) -> Result<(), sqlx::Error> {
+    pub(crate) async fn release(
+        mut self,
+        called_at: &'static Location<'static>,
+    ) -> Result<(), sqlx::Error> {
         let Some(number) = self.number else {
             return Ok(());
         };
-        let mut guard = self.shared.lock().await?;
-        let result = match guard.tx.as_mut() {
-            Some(tx) => exec(tx, &format!("RELEASE SAVEPOINT {}", name(number))).await,
-            None => Err(TransactionClosed::ended()),
-        };
+        // On error (the transaction is poisoned, or a `Conn` escaped the block), `number` stays
+        // set and `Drop` records the rollback.
+        let mut slot = self.shared.lock_slot(called_at).await?;
+        self.number = None;
+        let result = slot
+            .tracked()
+            .exec(&format!("RELEASE SAVEPOINT {}", name(number)))
+            .await;
         if let Err(err) = result {
-            if let Some(tx) = guard.tx.as_mut() {
-                if rollback_to(tx, number).await.is_err() {
-                    guard.poisoned = true;
-                }
-            }
-            self.number = None;
+            slot.rollback_to(number, self.errored_before).await.ok();
             return Err(err);
         }
-        self.number = None;
         Ok(())
     }
 
     /// Rolls the savepoint back (undoing its work only) and releases it.
-    pub(crate) async fn rollback(mut self) {
+    pub(crate) async fn rollback(mut self, called_at: &'static Location<'static>) {
         let Some(number) = self.number else {
             return;
         };
-        // When `lock` fails the transaction has ended or may only be rolled back as a whole.
-        if let Ok(mut guard) = self.shared.lock().await {
-            if let Some(tx) = guard.tx.as_mut() {
-                if rollback_to(tx, number).await.is_err() {
-                    guard.poisoned = true;
-                }
-            }
+        // When `lock_slot` fails, `number` stays set and `Drop` records the rollback (or the
+        // transaction may only be rolled back as a whole anyway); `rollback_to` poisons the
+        // transaction when it fails.
+        if let Ok(mut slot) = self.shared.lock_slot(called_at).await {
+            self.number = None;
+            slot.rollback_to(number, self.errored_before).await.ok();
         }
-        self.number = None;
     }
 }
 
@@ -315,7 +679,7 @@ impl<DB: Database> Drop for SavepointGuard<DB> {
         if let Some(number) = self.number.take() {
             // Cannot await here: record the rollback; it runs before the connection's next
             // use, and the parent level's queries wait for `_parent_busy`, released after this.
-            self.shared.push_pending(number);
+            self.shared.push_pending(number, self.errored_before);
         }
     }
 }
@@ -323,25 +687,4 @@ impl<DB: Database> Drop for SavepointGuard<DB> {
 /// The SQL name of savepoint `number`.
 fn name(number: u64) -> String {
     format!("contextflow_sp_{number}")
-}
-
-/// Rolls back to savepoint `number` and releases it.
-async fn rollback_to<DB: Database>(
-    tx: &mut Transaction<'static, DB>,
-    number: u64,
-) -> Result<(), sqlx::Error>
-where
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-{
-    let name = name(number);
-    exec(tx, &format!("ROLLBACK TO SAVEPOINT {name}")).await?;
-    exec(tx, &format!("RELEASE SAVEPOINT {name}")).await
-}
-
-/// Runs one statement of our own (no parameters) on the transaction's connection.
-async fn exec<DB: Database>(tx: &mut Transaction<'static, DB>, sql: &str) -> Result<(), sqlx::Error>
-where
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-{
-    (&mut **tx).execute(sql).await.map(drop)
 }

@@ -1,11 +1,20 @@
-// Included by each backend module of `main.rs`, which defines `Db` and `setup`.
+// Included by each backend module of `main.rs`, which defines `Db`, `BACKEND`, `setup`, `sql`,
+// `oracle_in_transaction`, `idle_in_transaction` and the `tests!` macro.
 
-use std::{future::pending, panic::AssertUnwindSafe};
+use std::{
+    future::pending,
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex},
+};
 
 use contextflow::{FutureExt as _, Snapshot};
-use contextflow_sqlx::{TransactionClosed, TxPool};
-use futures_util::FutureExt as _;
+use contextflow_sqlx::{
+    ConnectionBusy, Propagation, PropagationError, TransactionClosed, TxPool,
+};
+use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use tokio::sync::oneshot;
+
+use crate::support::{captured, next_id, DropAfter, Rng, BLOCK};
 
 #[derive(Debug)]
 enum TestError {
@@ -25,12 +34,12 @@ static REQUEST_ID: contextflow::AsyncLocal<u64> = contextflow::AsyncLocal::named
 
 /// Inserts a row through the `TxPool`: the current transaction's connection, or the pool.
 async fn insert(ctx: &Ctx, id: i64, tag: i64) -> Result<(), sqlx::Error> {
-    let sql = format!("INSERT INTO {} (id, tag) VALUES ($1, $2)", ctx.table);
+    let sql = sql(&format!("INSERT INTO {} (id, tag) VALUES ($1, $2)", ctx.table));
     ctx.db.execute(sqlx::query(&sql).bind(id).bind(tag)).await?;
     Ok(())
 }
 
-/// Committed ids, read on the pool (outside any transaction).
+/// Committed ids, read on the sqlx pool (outside any transaction).
 async fn ids(ctx: &Ctx) -> Vec<i64> {
     let sql = format!("SELECT id FROM {} ORDER BY id", ctx.table);
     sqlx::query_scalar(&sql).fetch_all(ctx.db.pool()).await.unwrap()
@@ -38,23 +47,40 @@ async fn ids(ctx: &Ctx) -> Vec<i64> {
 
 /// Rows matching `condition` (with `$1` = `tag`) as seen through the `TxPool`.
 async fn count_where(db: &TxPool<Db>, table: &str, condition: &str, tag: i64) -> i64 {
-    let sql = format!("SELECT count(*) FROM {table} WHERE {condition}");
-    let mut conn = db.acquire().await.unwrap();
-    sqlx::query_scalar(&sql).bind(tag).fetch_one(&mut *conn).await.unwrap()
+    let sql = sql(&format!("SELECT count(*) FROM {table} WHERE {condition}"));
+    sqlx::query_scalar(&sql).bind(tag).fetch_one(db).await.unwrap()
 }
 
-/// After a rollback the single pooled connection must be clean: a new transaction on it
-/// commits only its own row.
+/// Committed rows with `tag`, read on the sqlx pool.
+async fn committed_with_tag(ctx: &Ctx, tag: i64) -> i64 {
+    let sql = sql(&format!("SELECT count(*) FROM {} WHERE tag = $1", ctx.table));
+    sqlx::query_scalar(&sql).bind(tag).fetch_one(ctx.db.pool()).await.unwrap()
+}
+
+/// After a rollback the pooled connection must be clean: a new transaction on it commits
+/// only its own row.
 async fn assert_connection_clean(ctx: &Ctx, id: i64) {
-    ctx.db
-        .transaction(|| insert(ctx, id, 0))
-        .await
-        .unwrap();
+    ctx.db.transaction(|| insert(ctx, id, 0)).await.unwrap();
     assert_eq!(ids(ctx).await, vec![id]);
 }
 
+/// Takes every connection of the pool at once, straight from sqlx (past contextflow-sqlx's
+/// own check), and asks the server whether any is inside a transaction.
+async fn assert_pool_clean(ctx: &Ctx, size: u32) {
+    let mut conns = Vec::new();
+    for _ in 0..size {
+        conns.push(ctx.db.pool().acquire().await.unwrap());
+    }
+    for conn in &mut conns {
+        assert!(
+            !oracle_in_transaction(conn).await,
+            "{BACKEND}: a pooled connection is inside a transaction"
+        );
+    }
+}
+
 async fn commit() {
-    let Some(ctx) = setup(2).await else { return };
+    let ctx = setup(2).await;
     let db = &ctx.db;
     let value = db
         .transaction(|| async {
@@ -76,7 +102,7 @@ async fn commit() {
 }
 
 async fn rollback_on_error() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let result = ctx
         .db
         .transaction(|| async {
@@ -92,7 +118,7 @@ async fn rollback_on_error() {
 }
 
 async fn rollback_on_panic() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let caught = AssertUnwindSafe(ctx.db.transaction(|| async {
         insert(&ctx, 1, 0).await?;
         if ctx.db.in_transaction() {
@@ -111,7 +137,7 @@ async fn rollback_on_panic() {
 
 /// The request's future is dropped after its first insert (a client disconnect).
 async fn rollback_on_drop() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let (inserted, wait) = oneshot::channel();
     let request = ctx.db.transaction(|| async {
         insert(&ctx, 1, 0).await?;
@@ -126,13 +152,14 @@ async fn rollback_on_drop() {
     }
     // The only connection comes back from the pool rolled back.
     assert_eq!(ids(&ctx).await, Vec::<i64>::new());
+    assert_pool_clean(&ctx, 1).await;
     assert_connection_clean(&ctx, 3).await;
     ctx.finish().await;
 }
 
 /// The request's task is aborted after its first insert.
 async fn rollback_on_abort() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let db = ctx.db.clone();
     let table = ctx.table.clone();
     let (inserted, wait) = oneshot::channel();
@@ -150,13 +177,14 @@ async fn rollback_on_abort() {
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     assert_eq!(ids(&ctx).await, Vec::<i64>::new());
+    assert_pool_clean(&ctx, 1).await;
     assert_connection_clean(&ctx, 2).await;
     ctx.finish().await;
 }
 
 /// A failing nested block rolls back its own work only.
 async fn savepoint_error() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let db = &ctx.db;
     db.transaction(|| async {
         insert(&ctx, 1, 0).await?;
@@ -182,7 +210,7 @@ async fn savepoint_error() {
 
 /// A released savepoint still rolls back with its enclosing transaction.
 async fn savepoint_rolled_back_with_outer() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let db = &ctx.db;
     let result = db
         .transaction(|| async {
@@ -201,7 +229,7 @@ async fn savepoint_rolled_back_with_outer() {
 }
 
 async fn savepoint_panic() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let db = &ctx.db;
     db.transaction(|| async {
         insert(&ctx, 1, 0).await?;
@@ -227,7 +255,7 @@ async fn savepoint_panic() {
 /// A nested block dropped half-way (a timeout inside the request) is rolled back before the
 /// enclosing block's next query.
 async fn savepoint_drop() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     let db = &ctx.db;
     db.transaction(|| async {
         insert(&ctx, 1, 0).await?;
@@ -257,9 +285,41 @@ async fn savepoint_drop() {
     ctx.finish().await;
 }
 
+/// A savepoint that cannot be rolled back (user code released it behind contextflow-sqlx's
+/// back) poisons the transaction: it may only be rolled back, and says so.
+async fn poisoned_savepoint() {
+    let ctx = setup(1).await;
+    let db = &ctx.db;
+    let result = db
+        .transaction(|| async {
+            insert(&ctx, 1, 0).await?;
+            let inner = db
+                .transaction(|| async {
+                    insert(&ctx, 2, 0).await?;
+                    let mut conn = db.acquire().await?;
+                    sqlx::raw_sql("RELEASE SAVEPOINT contextflow_sp_1")
+                        .execute(&mut *conn)
+                        .await?;
+                    Err::<(), _>(TestError::Refused)
+                })
+                .await;
+            assert!(matches!(inner, Err(TestError::Refused)), "{inner:?}");
+            let err = insert(&ctx, 3, 0).await.unwrap_err();
+            let closed = TransactionClosed::find(&err).expect("a TransactionClosed");
+            assert!(closed.is_poisoned(), "{err}");
+            Ok::<_, TestError>(())
+        })
+        .await;
+    let Err(TestError::Sql(err)) = result else { panic!("{result:?}") };
+    assert!(TransactionClosed::find(&err).unwrap().is_poisoned());
+    assert_eq!(ids(&ctx).await, Vec::<i64>::new());
+    assert_pool_clean(&ctx, 1).await;
+    ctx.finish().await;
+}
+
 /// Outside a block, queries autocommit on the pool.
 async fn pool_outside_a_block() {
-    let Some(ctx) = setup(2).await else { return };
+    let ctx = setup(2).await;
     assert!(!ctx.db.in_transaction());
     assert_eq!(ctx.db.transaction_depth(), 0);
     assert!(!ctx.db.acquire().await.unwrap().in_transaction());
@@ -271,7 +331,7 @@ async fn pool_outside_a_block() {
 /// A task spawned inside a block (even with `contextflow::spawn`) gets the pool: its write
 /// commits on its own, and survives the block's rollback.
 async fn spawned_task_gets_the_pool() {
-    let Some(ctx) = setup(2).await else { return };
+    let ctx = setup(2).await;
     let db = &ctx.db;
     let result = db
         .transaction(|| async {
@@ -284,9 +344,9 @@ async fn spawned_task_gets_the_pool() {
                     // The rest of the context travels; the transaction does not.
                     assert_eq!(REQUEST_ID.get(), Some(42));
                     assert!(!child_db.in_transaction());
-                let mut conn = child_db.acquire().await?;
-                assert!(!conn.in_transaction());
-                let sql = format!("INSERT INTO {table} (id, tag) VALUES (1, 0)");
+                    let mut conn = child_db.acquire().await?;
+                    assert!(!conn.in_transaction());
+                    let sql = format!("INSERT INTO {table} (id, tag) VALUES (1, 0)");
                     sqlx::query(&sql).execute(&mut *conn).await?;
                     Ok::<_, sqlx::Error>(())
                 })
@@ -306,7 +366,7 @@ async fn spawned_task_gets_the_pool() {
 
 /// Two `TxPool`s built separately are independent, even over the same sqlx pool.
 async fn separate_tx_pools_are_independent() {
-    let Some(ctx) = setup(2).await else { return };
+    let ctx = setup(2).await;
     let other = TxPool::new(ctx.db.pool().clone());
     ctx.db
         .transaction(|| async {
@@ -323,7 +383,7 @@ async fn separate_tx_pools_are_independent() {
 /// A full snapshot (not what `contextflow::spawn` carries) keeps the transaction, but using it
 /// after the block ended is an error, never a silent fall-back to the pool.
 async fn snapshot_after_block_is_closed() {
-    let Some(ctx) = setup(2).await else { return };
+    let ctx = setup(2).await;
     let db = &ctx.db;
     let snapshot = db
         .transaction(|| async { Ok::<_, TestError>(Snapshot::capture()) })
@@ -340,7 +400,7 @@ async fn snapshot_after_block_is_closed() {
 
 /// Concurrent queries inside one transaction are serialized on its connection.
 async fn concurrent_queries_in_one_transaction() {
-    let Some(ctx) = setup(1).await else { return };
+    let ctx = setup(1).await;
     ctx.db
         .transaction(|| async {
             let (a, b, c) = tokio::join!(insert(&ctx, 1, 0), insert(&ctx, 2, 0), async {
@@ -362,7 +422,7 @@ async fn concurrent_queries_in_one_transaction() {
 async fn concurrent_transactions_no_cross_talk() {
     const REQUESTS: i64 = 500;
     const ROWS: i64 = 3;
-    let Some(ctx) = setup(8).await else { return };
+    let ctx = setup(8).await;
     let mut handles = Vec::new();
     for tag in 0..REQUESTS {
         let db = ctx.db.clone();
@@ -371,14 +431,15 @@ async fn concurrent_transactions_no_cross_talk() {
             let result = db
                 .transaction(|| async {
                     for row in 0..ROWS {
-                        let sql = format!("INSERT INTO {table} (id, tag) VALUES ($1, $2)");
-                        db.execute(sqlx::query(&sql).bind(tag * ROWS + row).bind(tag))
+                        let q = sql(&format!("INSERT INTO {table} (id, tag) VALUES ($1, $2)"));
+                        db.execute(sqlx::query(&q).bind(tag * ROWS + row).bind(tag))
                             .await?;
                         tokio::task::yield_now().await;
                     }
                     assert_eq!(count_where(&db, &table, "tag = $1", tag).await, ROWS);
                     // Odd requests roll back, so no request may ever see their rows.
-                    let doomed = count_where(&db, &table, "tag % 2 = 1 AND tag <> $1", tag).await;
+                    let doomed =
+                        count_where(&db, &table, "tag % 2 = 1 AND tag <> $1", tag).await;
                     assert_eq!(doomed, 0);
                     if tag % 2 == 0 {
                         Ok(())
@@ -396,10 +457,370 @@ async fn concurrent_transactions_no_cross_talk() {
     assert!(!ctx.db.in_transaction());
     for tag in 0..REQUESTS {
         let expected = if tag % 2 == 0 { ROWS } else { 0 };
-        assert_eq!(count_where(&ctx.db, &ctx.table, "tag = $1", tag).await, expected);
+        assert_eq!(committed_with_tag(&ctx, tag).await, expected);
     }
     assert_eq!(ids(&ctx).await.len() as i64, REQUESTS / 2 * ROWS);
     ctx.finish().await;
+}
+
+/// The block every drop test runs: rows `tag*10 + 1..=4` (3 is rolled back by its savepoint),
+/// an after-commit hook, and `fail` decides between commit and rollback.
+async fn protocol_block(ctx: &Ctx, tag: i64, fail: bool, hooks: Arc<Mutex<Vec<i64>>>) -> Result<(), TestError> {
+    let db = &ctx.db;
+    db.transaction(|| async {
+        insert(ctx, tag * 10 + 1, tag).await?;
+        db.transaction(|| insert(ctx, tag * 10 + 2, tag)).await?;
+        let _ = db
+            .transaction(|| async {
+                insert(ctx, tag * 10 + 3, tag).await?;
+                Err::<(), _>(TestError::Refused)
+            })
+            .await;
+        db.after_commit(async move { hooks.lock().unwrap().push(tag) })
+            .await;
+        insert(ctx, tag * 10 + 4, tag).await?;
+        if fail {
+            Err(TestError::Refused)
+        } else {
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Issue 9: the transaction future is dropped at every one of its suspension points in turn
+/// (BEGIN, each statement, SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT or ROLLBACK, the pool's
+/// check): afterwards no pooled connection is inside a transaction, the dropped block's work
+/// is absent (or, when dropped during COMMIT, complete and reported), and after-commit hooks
+/// ran only for committed blocks.
+async fn issue_9_drop_at_every_await_point() {
+    for fail in [false, true] {
+        let ctx = setup(1).await;
+        let hooks = Arc::new(Mutex::new(Vec::new()));
+        let mut polls = 0;
+        loop {
+            let block = next_id();
+            let tag = block as i64;
+            let fut = BLOCK.scope(block, protocol_block(&ctx, tag, fail, hooks.clone()));
+            let outcome = DropAfter::new(fut, polls).await;
+            assert_pool_clean(&ctx, 1).await;
+            let rows = committed_with_tag(&ctx, tag).await;
+            let lines = captured(block);
+            let unknown = lines.iter().any(|line| line.contains("COMMIT"));
+            let hooked = hooks.lock().unwrap().contains(&tag);
+            match &outcome {
+                Some(Ok(())) => assert!(rows == 3 && hooked && !fail, "{BACKEND} poll {polls}: {rows} rows"),
+                Some(Err(_)) => assert!(rows == 0 && !hooked && fail, "{BACKEND} poll {polls}: {rows} rows"),
+                None if unknown => {
+                    assert!(rows == 0 || rows == 3, "{BACKEND} poll {polls}: partial commit, {rows} rows");
+                    assert!(!hooked);
+                }
+                None => assert!(rows == 0 && !hooked, "{BACKEND} poll {polls}: {rows} rows of a dropped block: {lines:?}"),
+            }
+            if outcome.is_some() {
+                break;
+            }
+            polls += 1;
+        }
+        eprintln!(
+            "{BACKEND}: {} block dropped at each of its {polls} await points",
+            if fail { "failing" } else { "committing" }
+        );
+        assert!(polls >= 1, "{BACKEND}: no suspension point");
+        ctx.finish().await;
+    }
+}
+
+/// A statement outside any block, dropped at each suspension point: the connection still
+/// comes back clean.
+async fn drop_pool_statement_at_every_await_point() {
+    let ctx = setup(1).await;
+    let mut polls = 0;
+    loop {
+        let outcome = DropAfter::new(insert(&ctx, polls as i64, 0), polls).await;
+        assert_pool_clean(&ctx, 1).await;
+        if outcome.is_some() {
+            break;
+        }
+        polls += 1;
+    }
+    ctx.finish().await;
+}
+
+/// 500 concurrent transactions on a 3-connection pool, a random share of them dropped at a
+/// random point or aborted: no session is left idle in a transaction, every committed block's
+/// rows are complete and every dropped block's rows absent (or complete when its COMMIT was
+/// in flight, which is then reported).
+async fn load_with_random_drops() {
+    const BLOCKS: u64 = 500;
+    const POOL: u32 = 3;
+    let ctx = Arc::new(setup(POOL).await);
+    let hooks = Arc::new(Mutex::new(Vec::new()));
+    let mut rng = Rng::new();
+    let mut handles = Vec::new();
+    for _ in 0..BLOCKS {
+        let block = next_id();
+        let ctx = ctx.clone();
+        let hooks = hooks.clone();
+        let drop_after = match rng.below(3) {
+            0 => Some(rng.below(12) as usize),
+            _ => None,
+        };
+        let abort = rng.below(10) == 0;
+        let handle = tokio::spawn(async move {
+            let fut = BLOCK.scope(block, protocol_block(&ctx, block as i64, false, hooks));
+            match drop_after {
+                Some(polls) => DropAfter::new(fut, polls).await,
+                None => Some(fut.await),
+            }
+        });
+        if abort {
+            handle.abort();
+        }
+        handles.push((block, handle));
+    }
+    let mut committed = 0;
+    let mut dropped = 0;
+    for (block, handle) in handles {
+        let outcome = handle.await.ok().flatten();
+        let rows = committed_with_tag(&ctx, block as i64).await;
+        match outcome {
+            Some(result) => {
+                result.unwrap();
+                assert_eq!(rows, 3);
+                committed += 1;
+            }
+            None => {
+                dropped += 1;
+                if captured(block).iter().any(|line| line.contains("COMMIT")) {
+                    assert!(rows == 0 || rows == 3, "block {block}: {rows} rows");
+                } else {
+                    assert_eq!(rows, 0, "block {block} was dropped: {:?}", captured(block));
+                }
+            }
+        }
+    }
+    assert_pool_clean(&ctx, POOL).await;
+    assert_eq!(idle_in_transaction(&ctx).await, 0);
+    eprintln!("{BACKEND}: {committed} committed, {dropped} dropped or aborted, pool clean");
+    assert!(committed > 0 && dropped > 0);
+    let ctx = Arc::into_inner(ctx).unwrap();
+    ctx.finish().await;
+}
+
+/// sqlx's typed API runs on `&TxPool` inside and outside a transaction: `query_as`,
+/// `query_scalar`, `Map` (what `query!`/`query_as!` produce), `fetch` streams,
+/// `fetch_optional` and `fetch_all`.
+async fn typed_queries_and_streams() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    insert(&ctx, 1, 10).await.unwrap();
+    db.transaction(|| async {
+        insert(&ctx, 2, 20).await?;
+        let all = sql(&format!("SELECT id, tag FROM {} ORDER BY id", ctx.table));
+        let rows: Vec<(i64, i64)> = sqlx::query_as(&all).fetch_all(db).await?;
+        assert_eq!(rows, vec![(1, 10), (2, 20)]);
+        let one = sql(&format!("SELECT tag FROM {} WHERE id = $1", ctx.table));
+        let tag: i64 = sqlx::query_scalar(&one).bind(2_i64).fetch_one(db).await?;
+        assert_eq!(tag, 20);
+        let none: Option<i64> = sqlx::query_scalar(&one).bind(9_i64).fetch_optional(db).await?;
+        assert_eq!(none, None);
+        // What the `query!` family expands to: a `Map` over the row.
+        let mapped: Vec<i64> = sqlx::query(&all)
+            .try_map(|row: <Db as sqlx::Database>::Row| sqlx::Row::try_get::<i64, _>(&row, 1))
+            .fetch_all(db)
+            .await?;
+        assert_eq!(mapped, vec![10, 20]);
+        // A stream, consumed row by row, on the transaction (it sees row 2).
+        let mut stream = sqlx::query_as::<_, (i64, i64)>(&all).fetch(db);
+        let mut seen = Vec::new();
+        while let Some(row) = stream.try_next().await? {
+            seen.push(row.0);
+        }
+        drop(stream);
+        assert_eq!(seen, vec![1, 2]);
+        // The shortcuts, inside the transaction.
+        assert_eq!(db.fetch_all(sqlx::query(&all)).await?.len(), 2);
+        assert!(db.fetch_optional(sqlx::query(&one).bind(9_i64)).await?.is_none());
+        assert!(db.fetch_optional(sqlx::query(&one).bind(2_i64)).await?.is_some());
+        Ok::<_, TestError>(())
+    })
+    .await
+    .unwrap();
+    // Outside: the pool, committed rows only.
+    let all = sql(&format!("SELECT id FROM {} ORDER BY id", ctx.table));
+    let streamed: Vec<i64> = sqlx::query_scalar::<_, i64>(&all).fetch(db).try_collect().await.unwrap();
+    assert_eq!(streamed, vec![1, 2]);
+    ctx.finish().await;
+}
+
+/// Holding the transaction's connection (a `Conn`, a stream between rows) across another call
+/// of the same task fails at once, naming both places, instead of waiting forever.
+async fn held_connection_fails_fast() {
+    let ctx = setup(1).await;
+    let db = &ctx.db;
+    db.transaction(|| async {
+        let conn = db.acquire().await?;
+        let err = insert(&ctx, 1, 0).await.unwrap_err();
+        let busy = ConnectionBusy::find(&err).expect("a ConnectionBusy");
+        assert!(busy.held_at().unwrap().file().ends_with("cases.rs"), "{err}");
+        let nested = db.transaction(|| async { Ok::<_, sqlx::Error>(()) }).await;
+        assert!(ConnectionBusy::find(&nested.unwrap_err()).is_some());
+        drop(conn);
+        insert(&ctx, 1, 0).await?;
+
+        let all = format!("SELECT id FROM {}", ctx.table);
+        let mut stream = sqlx::query_scalar::<_, i64>(&all).fetch(db);
+        assert_eq!(stream.next().await.transpose()?, Some(1));
+        let err = insert(&ctx, 2, 0).await.unwrap_err();
+        assert!(ConnectionBusy::find(&err).is_some(), "{err}");
+        drop(stream);
+        insert(&ctx, 2, 0).await?;
+        Ok::<_, TestError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&ctx).await, vec![1, 2]);
+
+    // Outside a transaction: the task holds the pool's only connection.
+    let conn = db.acquire().await.unwrap();
+    let err = insert(&ctx, 3, 0).await.unwrap_err();
+    assert!(ConnectionBusy::find(&err).is_some(), "{err}");
+    drop(conn);
+    insert(&ctx, 3, 0).await.unwrap();
+    ctx.finish().await;
+}
+
+/// REQUIRED and MANDATORY join; REQUIRES_NEW commits on its own; NEVER and MANDATORY refuse
+/// where they do not apply.
+async fn propagation_modes() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    // MANDATORY outside, NEVER inside: refused, the block does not run.
+    let ran = AtomicBoolCell::default();
+    let err = db
+        .transaction_with(Propagation::Mandatory, || async {
+            ran.set();
+            Ok::<_, sqlx::Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(PropagationError::find(&err).unwrap().propagation(), Propagation::Mandatory);
+    db.transaction_with(Propagation::Never, || async {
+        assert!(!db.in_transaction());
+        insert(&ctx, 1, 0).await // autocommits
+    })
+    .await
+    .unwrap();
+    let result = db
+        .transaction(|| async {
+            let err = db
+                .transaction_with(Propagation::Never, || async {
+                    ran.set();
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+                .unwrap_err();
+            assert!(PropagationError::find(&err).is_some());
+            // REQUIRES_NEW: its own transaction, committed whatever happens here. (Before
+            // this transaction's first write: on SQLite the new one would wait for its lock.)
+            db.transaction_with(Propagation::RequiresNew, || async {
+                assert_eq!(db.transaction_depth(), 1);
+                insert(&ctx, 3, 0).await
+            })
+            .await?;
+            // REQUIRED joins: same depth, same transaction.
+            db.transaction_with(Propagation::Required, || async {
+                assert_eq!(db.transaction_depth(), 1);
+                insert(&ctx, 2, 0).await
+            })
+            .await?;
+            Err::<(), _>(TestError::Refused)
+        })
+        .await;
+    assert!(matches!(result, Err(TestError::Refused)));
+    assert!(!ran.get());
+    assert_eq!(ids(&ctx).await, vec![1, 3]);
+
+    // A failed REQUIRED block marks the transaction rollback-only, even if swallowed.
+    let result = db
+        .transaction(|| async {
+            insert(&ctx, 4, 0).await?;
+            let joined = db
+                .transaction_with(Propagation::Mandatory, || async {
+                    insert(&ctx, 5, 0).await?;
+                    Err::<(), _>(TestError::Refused)
+                })
+                .await;
+            assert!(joined.is_err());
+            Ok::<_, TestError>(())
+        })
+        .await;
+    let Err(TestError::Sql(err)) = result else { panic!("{result:?}") };
+    assert!(TransactionClosed::find(&err).unwrap().is_poisoned());
+    assert_eq!(ids(&ctx).await, vec![1, 3]);
+    ctx.finish().await;
+}
+
+/// After-commit hooks run after a successful top-level commit only, in the caller's context;
+/// a rolled-back savepoint takes its hooks with it.
+async fn after_commit_hooks() {
+    let ctx = setup(1).await;
+    let db = &ctx.db;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let push = |what: &'static str| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push((what, REQUEST_ID.get()));
+        }
+    };
+    REQUEST_ID
+        .scope(7, async {
+            db.transaction(|| async {
+                db.after_commit(push("outer")).await;
+                db.transaction(|| async {
+                    db.after_commit(push("released")).await;
+                    Ok::<_, TestError>(())
+                })
+                .await?;
+                let _ = db
+                    .transaction(|| async {
+                        db.after_commit(push("rolled back")).await;
+                        Err::<(), _>(TestError::Refused)
+                    })
+                    .await;
+                assert!(log.lock().unwrap().is_empty());
+                Ok::<_, TestError>(())
+            })
+            .await
+            .unwrap();
+            let _ = db
+                .transaction(|| async {
+                    db.after_commit(push("failed")).await;
+                    Err::<(), _>(TestError::Refused)
+                })
+                .await;
+            db.after_commit(push("no transaction")).await;
+        })
+        .await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [("outer", Some(7)), ("released", Some(7)), ("no transaction", Some(7))]
+    );
+    ctx.finish().await;
+}
+
+#[derive(Default)]
+struct AtomicBoolCell(std::sync::atomic::AtomicBool);
+
+impl AtomicBoolCell {
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[test]
@@ -409,11 +830,12 @@ fn futures_are_send() {
         assert_send(&db.transaction(|| async { Ok::<_, sqlx::Error>(()) }));
         assert_send(&db.acquire());
         assert_send(&db.execute(sqlx::query("SELECT 1")));
+        assert_send(&sqlx::query("SELECT 1").fetch_all(db));
     }
     let _ = check;
 }
 
-flavors!(
+tests!(
     commit,
     rollback_on_error,
     rollback_on_panic,
@@ -423,10 +845,18 @@ flavors!(
     savepoint_rolled_back_with_outer,
     savepoint_panic,
     savepoint_drop,
+    poisoned_savepoint,
     pool_outside_a_block,
     separate_tx_pools_are_independent,
     spawned_task_gets_the_pool,
     snapshot_after_block_is_closed,
     concurrent_queries_in_one_transaction,
     concurrent_transactions_no_cross_talk,
+    issue_9_drop_at_every_await_point,
+    drop_pool_statement_at_every_await_point,
+    load_with_random_drops,
+    typed_queries_and_streams,
+    held_connection_fails_fast,
+    propagation_modes,
+    after_commit_hooks,
 );

@@ -1,31 +1,84 @@
-//! Behaviour of `contextflow-sqlx` against real databases: PostgreSQL (URL from
-//! `CONTEXTFLOW_PG_URL`) and SQLite in a temporary file. The same cases, in `cases.rs`, run on
-//! both backends.
+//! Behaviour of `contextflow-sqlx` against real databases: PostgreSQL (`CONTEXTFLOW_PG_URL`),
+//! MariaDB/MySQL (`CONTEXTFLOW_MYSQL_URL`) and SQLite in a temporary file. The same cases, in
+//! `cases.rs`, run on every backend whose feature is on; a backend whose service is missing
+//! shows its tests as ignored, with the reason.
 
 mod support;
 
-/// Runs `super::$case` once on a `current_thread` and once on a `multi_thread` runtime.
+#[cfg(feature = "postgres")]
+mod tenant;
+
+/// Runs `super::$case` once on a `current_thread` and once on a `multi_thread` runtime, with
+/// the given attributes (the backend's "ignored without its service").
+#[allow(unused_macros)] // with no database feature on, no backend module uses it
 macro_rules! flavors {
-    ($($case:ident),* $(,)?) => {$(
+    ($attrs:tt ; $($case:ident),* $(,)?) => {$(
+        flavors!(@one $attrs $case);
+    )*};
+    (@one [$($attr:tt)*] $case:ident) => {
         mod $case {
             #[tokio::test(flavor = "current_thread")]
+            $($attr)*
             async fn current_thread() {
                 super::$case().await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $($attr)*
             async fn multi_thread() {
                 super::$case().await
             }
         }
-    )*};
+    };
 }
 
+#[cfg(feature = "postgres")]
 mod postgres {
     type Db = sqlx::Postgres;
+    const BACKEND: &str = "PostgreSQL";
 
-    async fn setup(max_connections: u32) -> Option<crate::support::Ctx<Db>> {
+    macro_rules! tests {
+        ($($case:ident),* $(,)?) => {
+            flavors!(
+                [#[cfg_attr(not(cf_service_postgres), ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL")]];
+                $($case),*
+            );
+        };
+    }
+
+    async fn setup(max_connections: u32) -> crate::support::Ctx<Db> {
         crate::support::postgres(max_connections).await
+    }
+
+    fn sql(s: &str) -> String {
+        s.to_owned()
+    }
+
+    /// Independent of the library: PostgreSQL's own view of the session.
+    async fn oracle_in_transaction(conn: &mut sqlx::PgConnection) -> bool {
+        let row = sqlx::raw_sql(
+            "SELECT (CASE WHEN xact_start <> query_start THEN 1 ELSE 0 END)::int8 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(conn)
+        .await
+        .unwrap();
+        sqlx::Row::get::<i64, _>(&row, 0) == 1
+    }
+
+    /// Sessions of this pool that sit idle inside a transaction (from another connection).
+    async fn idle_in_transaction(ctx: &crate::support::Ctx<Db>) -> i64 {
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Postgres);
+        let mut monitor = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND state LIKE 'idle in transaction%'",
+        )
+        .bind(ctx.app_name.as_deref().unwrap())
+        .fetch_one(&mut monitor)
+        .await
+        .unwrap()
     }
 
     include!("cases.rs");
@@ -34,7 +87,7 @@ mod postgres {
     /// swallows such an error and returns `Ok` cannot be released. The release error is
     /// reported, the savepoint rolled back, and the enclosing transaction goes on.
     async fn savepoint_release_fails_after_swallowed_error() {
-        let Some(ctx) = setup(2).await else { return };
+        let ctx = setup(2).await;
         let db = &ctx.db;
         db.transaction(|| async {
             insert(&ctx, 1, 1).await?;
@@ -58,17 +111,16 @@ mod postgres {
 
     /// Each transaction is its own server-side transaction, stable across its queries.
     async fn transactions_have_distinct_server_ids() {
-        let Some(ctx) = setup(8).await else { return };
+        let ctx = setup(8).await;
         let mut handles = Vec::new();
         for _ in 0..50 {
             let db = ctx.db.clone();
             handles.push(tokio::spawn(async move {
                 db.transaction(|| async {
                     let txid = || async {
-                        let row = db
-                            .fetch_one(sqlx::query("SELECT txid_current()::BIGINT"))
-                            .await?;
-                        Ok::<i64, sqlx::Error>(sqlx::Row::get(&row, 0))
+                        sqlx::query_scalar::<_, i64>("SELECT txid_current()::BIGINT")
+                            .fetch_one(&db)
+                            .await
                     };
                     let first = txid().await?;
                     tokio::task::yield_now().await;
@@ -87,9 +139,10 @@ mod postgres {
     }
 
     /// PostgreSQL would turn the COMMIT of a transaction aborted by a failed statement into a
-    /// silent ROLLBACK; the block must report an error instead of `Ok`.
+    /// silent ROLLBACK; the block must report an error instead of `Ok`, also when the failed
+    /// statement ran on a raw `Conn` that contextflow-sqlx cannot see.
     async fn commit_after_swallowed_error_is_an_error() {
-        let Some(ctx) = setup(1).await else { return };
+        let ctx = setup(1).await;
         let db = &ctx.db;
         let result = db
             .transaction(|| async {
@@ -100,21 +153,55 @@ mod postgres {
             })
             .await;
         assert!(matches!(result, Err(TestError::Sql(_))), "{result:?}");
+        let result = db
+            .transaction(|| async {
+                insert(&ctx, 2, 1).await?;
+                let mut conn = db.acquire().await?;
+                let failed = sqlx::query("SELECT * FROM no_such_table")
+                    .execute(&mut *conn)
+                    .await;
+                assert!(failed.is_err());
+                Ok::<_, TestError>(())
+            })
+            .await;
+        assert!(matches!(result, Err(TestError::Sql(_))), "{result:?}");
         assert_eq!(ids(&ctx).await, Vec::<i64>::new());
-        assert_connection_clean(&ctx, 2).await;
+        assert_connection_clean(&ctx, 3).await;
+        ctx.finish().await;
+    }
+
+    /// A raw `COMMIT` run by user code on the transaction's connection ends it behind
+    /// contextflow-sqlx's back: the block's end reports it instead of claiming a commit.
+    async fn transaction_ended_outside_is_reported() {
+        let ctx = setup(1).await;
+        let db = &ctx.db;
+        let result = db
+            .transaction(|| async {
+                let mut conn = db.acquire().await?;
+                sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+                Ok::<_, TestError>(())
+            })
+            .await;
+        let Err(TestError::Sql(err)) = result else {
+            panic!("{result:?}")
+        };
+        assert!(
+            TransactionClosed::find(&err).unwrap().is_poisoned(),
+            "{err}"
+        );
+        assert_connection_clean(&ctx, 1).await;
         ctx.finish().await;
     }
 
     /// `transaction_with` opens the top-level transaction with its statement, and is a plain
     /// savepoint when nested.
     async fn transaction_with_isolation_level() {
-        let Some(ctx) = setup(1).await else { return };
+        let ctx = setup(1).await;
         let db = &ctx.db;
         let isolation = || async {
-            let row = db
-                .fetch_one(sqlx::query("SHOW transaction_isolation"))
-                .await?;
-            Ok::<String, sqlx::Error>(sqlx::Row::get(&row, 0))
+            sqlx::query_scalar::<_, String>("SHOW transaction_isolation")
+                .fetch_one(db)
+                .await
         };
         let (outer, nested) = db
             .transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE", || async {
@@ -138,19 +225,187 @@ mod postgres {
         ctx.finish().await;
     }
 
-    flavors!(
+    /// Regression test for issue 9: sqlx 0.8 leaves a PostgreSQL connection inside a
+    /// transaction when the future is dropped while `BEGIN` is in flight; the next user of the
+    /// pool then runs in that stale transaction ("there is already a transaction in
+    /// progress"). Here a connection left dirty by plain sqlx is refused on acquire.
+    async fn issue_9_dirty_connection_refused_on_acquire() {
+        let ctx = setup(1).await;
+        {
+            let mut conn = ctx.db.pool().acquire().await.unwrap();
+            sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+            // Dropped inside the transaction: back to the pool, dirty.
+        }
+        insert(&ctx, 1, 0).await.unwrap(); // on a fresh connection: autocommitted
+        let mut conn = ctx.db.pool().acquire().await.unwrap();
+        assert!(!oracle_in_transaction(&mut conn).await);
+        drop(conn);
+        assert_eq!(ids(&ctx).await, vec![1]);
+        ctx.finish().await;
+    }
+
+    tests!(
         transaction_with_isolation_level,
         commit_after_swallowed_error_is_an_error,
+        transaction_ended_outside_is_reported,
         savepoint_release_fails_after_swallowed_error,
-        transactions_have_distinct_server_ids
+        transactions_have_distinct_server_ids,
+        issue_9_dirty_connection_refused_on_acquire,
     );
 }
 
+#[cfg(feature = "mysql")]
+mod mysql {
+    type Db = sqlx::MySql;
+    const BACKEND: &str = "MariaDB";
+
+    macro_rules! tests {
+        ($($case:ident),* $(,)?) => {
+            flavors!(
+                [#[cfg_attr(not(cf_service_mysql), ignore = "needs MySQL/MariaDB: set CONTEXTFLOW_MYSQL_URL")]];
+                $($case),*
+            );
+        };
+    }
+
+    async fn setup(max_connections: u32) -> crate::support::Ctx<Db> {
+        crate::support::mysql(max_connections).await
+    }
+
+    /// MySQL's placeholders are `?`; the cases write `$1`, `$2` in order.
+    fn sql(s: &str) -> String {
+        let mut out = String::with_capacity(s.len());
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+                while chars.peek().is_some_and(char::is_ascii_digit) {
+                    chars.next();
+                }
+                out.push('?');
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Independent of the library: MariaDB's own flag.
+    async fn oracle_in_transaction(conn: &mut sqlx::MySqlConnection) -> bool {
+        let row = sqlx::raw_sql("SELECT CAST(@@in_transaction AS SIGNED)")
+            .fetch_one(conn)
+            .await
+            .unwrap();
+        sqlx::Row::get::<i64, _>(&row, 0) == 1
+    }
+
+    /// Checked per connection by `assert_pool_clean` instead.
+    async fn idle_in_transaction(_: &crate::support::Ctx<Db>) -> i64 {
+        0
+    }
+
+    include!("cases.rs");
+
+    /// A deadlock makes MySQL roll the whole transaction back and run what follows in
+    /// autocommit mode; the transaction is poisoned at once, so nothing after it runs.
+    async fn deadlock_poisons_the_transaction() {
+        let ctx = setup(3).await;
+        insert(&ctx, 1, 0).await.unwrap();
+        insert(&ctx, 2, 0).await.unwrap();
+        let (a_locked, wait_a) = tokio::sync::oneshot::channel();
+        let (b_locked, wait_b) = tokio::sync::oneshot::channel();
+        let update = |id: i64| {
+            sql(&format!(
+                "UPDATE {} SET tag = tag + 1 WHERE id = {id}",
+                ctx.table
+            ))
+        };
+        // After the deadlock error, the victim's next statement is refused: the server has
+        // rolled its transaction back and would have run the statement in autocommit mode.
+        let after_deadlock = |result: Result<_, sqlx::Error>, id: i64| {
+            let ctx = &ctx;
+            async move {
+                if result.is_err() {
+                    let err = insert(ctx, id, 0).await.unwrap_err();
+                    assert!(
+                        TransactionClosed::find(&err).unwrap().is_poisoned(),
+                        "{err}"
+                    );
+                }
+                Ok::<_, TestError>(())
+            }
+        };
+        let first = async {
+            ctx.db
+                .transaction(|| async {
+                    ctx.db.execute(sqlx::query(&update(1))).await?;
+                    a_locked.send(()).unwrap();
+                    wait_b.await.unwrap();
+                    let second = ctx.db.execute(sqlx::query(&update(2))).await;
+                    after_deadlock(second, 3).await
+                })
+                .await
+        };
+        let second = async {
+            ctx.db
+                .transaction(|| async {
+                    ctx.db.execute(sqlx::query(&update(2))).await?;
+                    wait_a.await.unwrap();
+                    b_locked.send(()).unwrap();
+                    let first = ctx.db.execute(sqlx::query(&update(1))).await;
+                    after_deadlock(first, 4).await
+                })
+                .await
+        };
+        let (a, b) = tokio::join!(first, second);
+        // Exactly one is the victim: its block ends in a poisoned-transaction error.
+        let victim = match (&a, &b) {
+            (Ok(()), Err(TestError::Sql(err))) | (Err(TestError::Sql(err)), Ok(())) => err,
+            _ => panic!("expected one deadlock victim: {a:?} {b:?}"),
+        };
+        assert!(
+            TransactionClosed::find(victim).unwrap().is_poisoned(),
+            "{victim}"
+        );
+        // No row of the victim's was autocommitted after the deadlock.
+        assert_eq!(ids(&ctx).await, vec![1, 2]);
+        ctx.finish().await;
+    }
+
+    tests!(deadlock_poisons_the_transaction);
+}
+
+#[cfg(feature = "sqlite")]
 mod sqlite {
     type Db = sqlx::Sqlite;
+    const BACKEND: &str = "SQLite";
 
-    async fn setup(max_connections: u32) -> Option<crate::support::Ctx<Db>> {
-        Some(crate::support::sqlite(max_connections).await)
+    macro_rules! tests {
+        ($($case:ident),* $(,)?) => {
+            flavors!([]; $($case),*);
+        };
+    }
+
+    async fn setup(max_connections: u32) -> crate::support::Ctx<Db> {
+        crate::support::sqlite(max_connections).await
+    }
+
+    fn sql(s: &str) -> String {
+        s.to_owned()
+    }
+
+    /// Independent of the library: `BEGIN` fails inside a transaction.
+    async fn oracle_in_transaction(conn: &mut sqlx::SqliteConnection) -> bool {
+        match sqlx::raw_sql("BEGIN").execute(&mut *conn).await {
+            Ok(_) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    async fn idle_in_transaction(_: &crate::support::Ctx<Db>) -> i64 {
+        0
     }
 
     include!("cases.rs");
@@ -159,7 +414,7 @@ mod sqlite {
     /// instead of failing to upgrade a read lock: no increment is lost or refused.
     async fn begin_immediate_serializes_writers() {
         const WRITERS: i64 = 50;
-        let ctx = setup(4).await.unwrap();
+        let ctx = setup(4).await;
         insert(&ctx, 0, 0).await.unwrap();
         let mut handles = Vec::new();
         for _ in 0..WRITERS {
@@ -167,10 +422,8 @@ mod sqlite {
             let table = ctx.table.clone();
             handles.push(tokio::spawn(async move {
                 db.transaction_with("BEGIN IMMEDIATE", || async {
-                    let mut conn = db.acquire().await?;
                     let sql = format!("SELECT tag FROM {table} WHERE id = 0");
-                    let tag: i64 = sqlx::query_scalar(&sql).fetch_one(&mut *conn).await?;
-                    drop(conn);
+                    let tag: i64 = sqlx::query_scalar(&sql).fetch_one(&db).await?;
                     tokio::task::yield_now().await;
                     let sql = format!("UPDATE {table} SET tag = $1 WHERE id = 0");
                     db.execute(sqlx::query(&sql).bind(tag + 1)).await?;
@@ -189,5 +442,44 @@ mod sqlite {
         ctx.finish().await;
     }
 
-    flavors!(begin_immediate_serializes_writers);
+    /// WAL: reads outside the writer's transaction proceed while it is open (and see the last
+    /// committed state), on other connections of the pool.
+    async fn readers_proceed_beside_the_writer() {
+        let ctx = setup(4).await;
+        insert(&ctx, 1, 0).await.unwrap();
+        let (written, wait_written) = tokio::sync::oneshot::channel();
+        let (read, wait_read) = tokio::sync::oneshot::channel::<Vec<i64>>();
+        let writer = ctx.db.transaction(|| async {
+            insert(&ctx, 2, 0).await?;
+            written.send(()).unwrap();
+            // Still open, holding the write lock, until the readers are done.
+            let seen = wait_read.await.unwrap();
+            Ok::<_, TestError>(seen)
+        });
+        let readers = async {
+            wait_written.await.unwrap();
+            let db = ctx.db.clone();
+            let table = ctx.table.clone();
+            // Another task: outside the writer's transaction.
+            let seen = tokio::spawn(async move {
+                let sql = format!("SELECT id FROM {table} ORDER BY id");
+                let a: Vec<i64> = sqlx::query_scalar(&sql).fetch_all(&db).await.unwrap();
+                let b: Vec<i64> = sqlx::query_scalar(&sql).fetch_all(db.pool()).await.unwrap();
+                assert_eq!(a, b);
+                a
+            })
+            .await
+            .unwrap();
+            read.send(seen).unwrap();
+        };
+        let (seen, ()) = tokio::join!(writer, readers);
+        assert_eq!(seen.unwrap(), vec![1]);
+        assert_eq!(ids(&ctx).await, vec![1, 2]);
+        ctx.finish().await;
+    }
+
+    tests!(
+        begin_immediate_serializes_writers,
+        readers_proceed_beside_the_writer
+    );
 }

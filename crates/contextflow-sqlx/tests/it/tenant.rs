@@ -1,0 +1,1 @@
+//! Tenant isolation by row-level security (PostgreSQL).
