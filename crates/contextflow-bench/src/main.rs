@@ -584,6 +584,14 @@ fn bench_log_event(settings: &Settings) {
             .finish()
             .into()
     }
+    fn text_ctx_escaped() -> tracing::Dispatch {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .fmt_fields(fields().escaped_fields())
+            .event_format(fields().text(format().without_time()))
+            .finish()
+            .into()
+    }
     fn json() -> tracing::Dispatch {
         tracing_subscriber::fmt()
             .json()
@@ -638,13 +646,34 @@ fn bench_log_event(settings: &Settings) {
             })
         }
     };
-    for (title, plain, ctx) in [
+    // The other sinks' way: `ContextFields::layer` re-issues each event with the fields added
+    // (here around fmt's JSON layer, which then prints them under "fields").
+    fn json_layer() -> tracing::Dispatch {
+        use tracing_subscriber::prelude::*;
+        let json = tracing_subscriber::fmt::layer()
+            .json()
+            .without_time()
+            .with_writer(std::io::sink);
+        tracing_subscriber::registry()
+            .with(fields().layer(json))
+            .into()
+    }
+    for (title, plain, ctx, extra) in [
         (
             "text",
             text as fn() -> tracing::Dispatch,
             text_ctx as fn() -> tracing::Dispatch,
+            (
+                "3 contextflow fields + EscapedFields",
+                text_ctx_escaped as fn() -> tracing::Dispatch,
+            ),
         ),
-        ("JSON", json, json_ctx),
+        (
+            "JSON",
+            json,
+            json_ctx,
+            ("3 contextflow fields via ContextLayer", json_layer),
+        ),
     ] {
         let results = measure(
             settings,
@@ -655,6 +684,7 @@ fn bench_log_event(settings: &Settings) {
                     "3 contextflow fields (contextflow-tracing)",
                     in_context(ctx()),
                 ),
+                contender(extra.0, in_context(extra.1())),
             ],
         );
         report(

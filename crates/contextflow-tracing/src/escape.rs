@@ -292,7 +292,7 @@ impl Write for TextValue<'_> {
 /// `cap` bytes (marker and newline included). Identity on a line with nothing to escape that
 /// fits.
 pub(crate) struct TextLine<'a> {
-    out: &'a mut dyn Write,
+    out: &'a mut String,
     written: usize,
     cap: usize,
     pending_newline: bool,
@@ -300,7 +300,7 @@ pub(crate) struct TextLine<'a> {
 }
 
 impl<'a> TextLine<'a> {
-    pub(crate) fn new(out: &'a mut dyn Write, cap: usize) -> Self {
+    pub(crate) fn new(out: &'a mut String, cap: usize) -> Self {
         TextLine {
             out,
             written: 0,
@@ -312,11 +312,10 @@ impl<'a> TextLine<'a> {
     }
 
     /// Ends the line: the held-back final newline, or the marker and a newline after a cut.
-    pub(crate) fn finish(self) -> fmt::Result {
+    pub(crate) fn finish(self) {
         if self.truncated || self.pending_newline {
-            self.out.write_char('\n')?;
+            self.out.push('\n');
         }
-        Ok(())
     }
 
     /// Room left before the cut, keeping space for the marker and the newline.
@@ -329,22 +328,49 @@ impl<'a> TextLine<'a> {
         let room = self.room();
         if s.len() <= room {
             self.written += s.len();
-            return self.out.write_str(s);
+            self.out.push_str(s);
+            return Ok(());
         }
         if !atomic {
             let mut end = room;
             while !s.is_char_boundary(end) {
                 end -= 1;
             }
-            self.out.write_str(&s[..end])?;
+            self.out.push_str(&s[..end]);
         }
         self.truncated = true;
-        self.out.write_str(TRUNCATED_MARKER)
+        self.out.push_str(TRUNCATED_MARKER);
+        Ok(())
     }
 }
 
 impl Write for TextLine<'_> {
+    fn write_char(&mut self, c: char) -> fmt::Result {
+        // Hot path of tracing-subscriber's message sanitizer, which writes one char at a time.
+        if (' '..='~').contains(&c)
+            && !self.pending_newline
+            && !self.truncated
+            && self.written + 1 < self.cap - TRUNCATED_MARKER.len()
+        {
+            self.written += 1;
+            self.out.push(c);
+            return Ok(());
+        }
+        self.write_str(c.encode_utf8(&mut [0; 4]))
+    }
+
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Hot path: formatters write many short pieces (tracing-subscriber's sanitizer writes
+        // messages one character at a time).
+        if !self.pending_newline
+            && !self.truncated
+            && self.written + s.len() < self.cap - TRUNCATED_MARKER.len()
+            && is_plain_ascii(s.as_bytes())
+        {
+            self.written += s.len();
+            self.out.push_str(s);
+            return Ok(());
+        }
         if self.truncated || s.is_empty() {
             return Ok(());
         }
@@ -390,8 +416,8 @@ impl Write for TextLine<'_> {
 /// keeps at most `max_value` characters of its escaped form (an escape is never split), then
 /// [`TRUNCATED_MARKER`] and the closing quote. The result is valid JSON whenever the input is.
 /// Past `cap` bytes it stops writing and records the overflow (the caller replaces the line).
-pub(crate) struct JsonLine<'a> {
-    out: &'a mut String,
+pub(crate) struct JsonLine {
+    out: String,
     cap: usize,
     max_value: usize,
     overflow: bool,
@@ -410,10 +436,10 @@ pub(crate) struct JsonLine<'a> {
     expect_key: bool,
 }
 
-impl<'a> JsonLine<'a> {
-    pub(crate) fn new(out: &'a mut String, cap: usize, max_value: usize) -> Self {
+impl JsonLine {
+    pub(crate) fn new(cap: usize, max_value: usize) -> Self {
         JsonLine {
-            out,
+            out: String::new(),
             cap,
             max_value,
             overflow: false,
@@ -454,6 +480,11 @@ impl<'a> JsonLine<'a> {
     /// Whether the line went past the cap (and is incomplete).
     pub(crate) fn overflowed(&self) -> bool {
         self.overflow
+    }
+
+    /// The rewritten text.
+    pub(crate) fn into_inner(self) -> String {
+        self.out
     }
 
     fn push(&mut self, s: &str) {
@@ -582,8 +613,29 @@ impl<'a> JsonLine<'a> {
     }
 }
 
-impl Write for JsonLine<'_> {
+/// Whether `s` is printable ASCII without `"` and `\`: string content to copy as it is.
+#[inline]
+fn is_plain_json_content(s: &[u8]) -> bool {
+    !s.iter().fold(false, |any, &b| {
+        any | (b == b'"') | (b == b'\\') | !(0x20..0x7f).contains(&b)
+    })
+}
+
+impl Write for JsonLine {
     fn write_str(&mut self, mut s: &str) -> fmt::Result {
+        // Hot path: a JSON serializer writes a string's plain content in one piece, apart
+        // from its quotes and escapes.
+        if self.in_string
+            && self.escape_left == 0
+            && !self.skipping
+            && s.len() <= self.remaining
+            && self.out.len() + s.len() <= self.cap
+            && is_plain_json_content(s.as_bytes())
+        {
+            self.remaining -= s.len();
+            self.out.push_str(s);
+            return Ok(());
+        }
         while !s.is_empty() {
             if self.overflow {
                 return Ok(());
@@ -636,6 +688,81 @@ impl Write for JsonLine<'_> {
     }
 }
 
+/// The JSON line writer: the wrapped format writes straight into the line buffer while the
+/// line is plain printable ASCII and its inner part is no longer than one value's bound (then
+/// no string can need escaping or cutting: the common line costs a check per write). Past
+/// that length it switches to the streaming [`JsonLine`] rewriter, replaying what was written,
+/// so memory stays bounded; a short line with other characters is rewritten at the end.
+pub(crate) struct JsonWatch<'a> {
+    line: &'a mut String,
+    start: usize,
+    cap: usize,
+    max_value: usize,
+    slow: Option<JsonLine>,
+}
+
+impl<'a> JsonWatch<'a> {
+    /// Watches what is appended to `line` from its current length on; the whole line (what is
+    /// already there included) is bounded by `cap` bytes.
+    pub(crate) fn new(line: &'a mut String, cap: usize, max_value: usize) -> Self {
+        let start = line.len();
+        JsonWatch {
+            line,
+            start,
+            cap,
+            max_value,
+            slow: None,
+        }
+    }
+
+    fn go_slow(&mut self) -> &mut JsonLine {
+        let mut slow = JsonLine::new(self.cap.saturating_sub(self.start), self.max_value);
+        // Writing into a `JsonLine` cannot fail.
+        let _ = slow.write_str(&self.line[self.start..]);
+        self.line.truncate(self.start);
+        self.slow.insert(slow)
+    }
+
+    /// Finishes the line: rewritten in place when needed; `false` when it went past the cap
+    /// (the line then holds an incomplete inner part).
+    pub(crate) fn finish(mut self) -> bool {
+        if self.slow.is_none() {
+            // One vectorized check of the whole inner part, its final newline aside.
+            let inner = &self.line.as_bytes()[self.start..];
+            let body = inner.strip_suffix(b"\n").unwrap_or(inner);
+            if is_plain_ascii(body) {
+                return true;
+            }
+        }
+        let slow = match self.slow.take() {
+            Some(slow) => slow,
+            None => {
+                self.go_slow();
+                self.slow.take().unwrap_or_else(|| JsonLine::new(0, 0))
+            }
+        };
+        let overflow = slow.overflowed();
+        self.line.truncate(self.start);
+        self.line.push_str(&slow.into_inner());
+        !overflow
+    }
+}
+
+impl Write for JsonWatch<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if let Some(slow) = &mut self.slow {
+            return slow.write_str(s);
+        }
+        if self.line.len() - self.start + s.len() > self.max_value
+            || self.line.len() + s.len() > self.cap
+        {
+            return self.go_slow().write_str(s);
+        }
+        self.line.push_str(s);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -666,18 +793,17 @@ mod tests {
         for c in chunks {
             w.write_str(c).unwrap();
         }
-        w.finish().unwrap();
+        w.finish();
         s
     }
 
     fn json_line(chunks: &[&str], cap: usize, max: usize) -> (String, bool) {
-        let mut s = String::new();
-        let mut w = JsonLine::new(&mut s, cap, max);
+        let mut w = JsonLine::new(cap, max);
         for c in chunks {
             w.write_str(c).unwrap();
         }
         let overflow = w.overflowed();
-        (s, overflow)
+        (w.into_inner(), overflow)
     }
 
     #[test]

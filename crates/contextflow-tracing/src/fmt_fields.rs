@@ -181,7 +181,8 @@ impl Visit for EscapedVisitor<'_> {
             return;
         }
         let name = field.name();
-        // `log` metadata fields are shown by the event format itself.
+        // `log` metadata fields are shown by the event format itself (this crate turns on
+        // tracing-subscriber's `tracing-log` feature, under which the default skips them too).
         if name.starts_with("log.") {
             return;
         }

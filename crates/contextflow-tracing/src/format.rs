@@ -19,7 +19,7 @@ use tracing_subscriber::{
 };
 
 use crate::{
-    escape::{self, Bounded, JsonLine, TextLine},
+    escape::{self, Bounded, JsonWatch, TextLine},
     ContextFields, EscapedFields,
 };
 
@@ -124,13 +124,16 @@ where
                     self.fields.write_text_prefix(&mut writer)?;
                     return self.inner.format_event(ctx, writer, event);
                 }
-                // Everything the wrapped format writes goes through the line escaper. Its
-                // `Writer` has colours off: a colour code would be escaped like a value's.
-                let mut line = TextLine::new(&mut writer, self.fields.line_cap());
-                self.fields.write_text_prefix(&mut line)?;
-                self.inner
-                    .format_event(ctx, Writer::new(&mut line), event)?;
-                line.finish()
+                let mut result = None;
+                with_line(|line| {
+                    result = Some(self.format_text(ctx, &mut writer, event, line));
+                });
+                match result {
+                    Some(result) => result,
+                    // The line buffer is busy (an event logged while formatting an event) or
+                    // gone (thread teardown): use a fresh one.
+                    None => self.format_text(ctx, &mut writer, event, &mut String::new()),
+                }
             }
             Mode::Json => {
                 let mut result = None;
@@ -149,6 +152,30 @@ where
 }
 
 impl<F> ContextFormat<F> {
+    /// Formats a text line into `line` through the line escaper, then writes it out whole.
+    fn format_text<S, N>(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        writer: &mut Writer<'_>,
+        event: &Event<'_>,
+        line: &mut String,
+    ) -> fmt::Result
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+        F: FormatEvent<S, N>,
+    {
+        line.clear();
+        // Everything the wrapped format writes goes through the line escaper. Its `Writer` has
+        // colours off: a colour code would be escaped like a value's.
+        let mut escaper = TextLine::new(line, self.fields.line_cap());
+        self.fields.write_text_prefix(&mut escaper)?;
+        self.inner
+            .format_event(ctx, Writer::new(&mut escaper), event)?;
+        escaper.finish();
+        writer.write_str(line)
+    }
+
     fn format_json<S, N>(
         &self,
         ctx: &FmtContext<'_, S, N>,
@@ -165,11 +192,11 @@ impl<F> ContextFormat<F> {
         line.push('{');
         let any = self.fields.write_json_members(line)?;
         let inner_start = line.len();
-        let mut rewriter = JsonLine::new(line, self.fields.line_cap(), self.fields.value_cap());
+        let mut watch = JsonWatch::new(line, self.fields.line_cap(), self.fields.value_cap());
         // `Writer::new` has ANSI colours off, which is what JSON wants.
         self.inner
-            .format_event(ctx, Writer::new(&mut rewriter), event)?;
-        if rewriter.overflowed() {
+            .format_event(ctx, Writer::new(&mut watch), event)?;
+        if !watch.finish() {
             let (members, partial) = line.split_at(inner_start);
             return self.write_cut_json(writer, members, partial, event);
         }
