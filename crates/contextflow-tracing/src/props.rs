@@ -337,7 +337,7 @@ fn field_value_escaper_is_bounded_idempotent_and_untouched_when_clean() {
     share.check("text field value", 0.1, true);
 }
 
-const LINE_CAP: usize = 200;
+const LINE_CAP: usize = 100;
 
 fn text_line(line: &str, cap: usize, cuts: &[usize]) -> String {
     let mut out = String::new();
