@@ -95,7 +95,7 @@ impl EnterGuard {
     #[track_caller]
     pub(crate) fn new(node: NodeRef, name: &'static str) -> Self {
         #[cfg(all(debug_assertions, feature = "tokio"))]
-        foreign::record(node.header().id, name, std::panic::Location::caller());
+        foreign::record(node.header().id(), name, std::panic::Location::caller());
         #[cfg(not(all(debug_assertions, feature = "tokio")))]
         let _ = name;
         let saved = enter_owned(&node);
@@ -110,7 +110,7 @@ impl EnterGuard {
 impl Drop for EnterGuard {
     fn drop(&mut self) {
         #[cfg(all(debug_assertions, feature = "tokio"))]
-        foreign::forget(self.node.header().id);
+        foreign::forget(self.node.header().id());
         exit_owned(&self.node, self.saved);
     }
 }
@@ -342,7 +342,7 @@ mod foreign {
     #[cold]
     pub(super) fn check(node: usize) {
         // SAFETY: an owned slot holds a count on this node, so it is alive.
-        let id = unsafe { &*(node as *const Header) }.id;
+        let id = unsafe { &*(node as *const Header) }.id();
         let report = GUARDS
             .try_with(|g| {
                 let guards = g.try_borrow().ok()?;

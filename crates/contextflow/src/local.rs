@@ -4,6 +4,7 @@ use std::{
     fmt,
     future::Future,
     marker::PhantomData,
+    mem::ManuallyDrop,
     sync::atomic::{AtomicUsize, Ordering},
 };
 
@@ -232,8 +233,9 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
                 value,
             )
         };
+        let node = ScopedNode::<T>(ManuallyDrop::new(node), PhantomData);
         // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
-        let _entered = current::enter_borrowed(node.as_ptr());
+        let _entered = current::enter_borrowed(node.0.as_ptr());
         f()
     }
 
@@ -327,6 +329,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
 
     /// Calls `f` with the default value (a fresh one), or `None` without a default.
     #[cold]
+    #[inline(never)]
     pub(crate) fn with_default<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
         match self.default {
             Some(make) => f(Some(&make())),
@@ -342,12 +345,21 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(USER.get(), None);
     /// USER.sync_scope("ada".into(), || assert_eq!(USER.get().as_deref(), Some("ada")));
     /// ```
-    #[inline]
+    #[inline(always)]
     pub fn get(&self) -> Option<T>
     where
         T: Clone,
     {
-        self.with(|v| v.cloned())
+        let key = self.key();
+        let found = current::with_current(|frame| {
+            // SAFETY: `with_current` keeps `frame` alive for this closure; the value is cloned
+            // before it returns. `key` is this variable's, so the node holds a `T`.
+            unsafe { node::lookup(frame, key) }.map(|b| unsafe { b.value::<T>() }.clone())
+        });
+        match found {
+            Some(value) => Some(value),
+            None => self.default.map(|make| make()),
+        }
     }
 
     /// Whether a value is bound to the variable in the current context (a
@@ -422,6 +434,18 @@ impl<T: Send + Sync + 'static> fmt::Debug for AsyncLocal<T> {
             .field("inherit", &self.inherit)
             .field("is_set", &self.is_set())
             .finish()
+    }
+}
+
+/// The node of a `sync_scope`, released through the typed fast path when the scope ends
+/// (returns or unwinds).
+struct ScopedNode<T: Send + Sync + 'static>(ManuallyDrop<NodeRef>, PhantomData<fn(T) -> T>);
+
+impl<T: Send + Sync + 'static> Drop for ScopedNode<T> {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `sync_scope` made the node with a `T`.
+        unsafe { ManuallyDrop::take(&mut self.0).release_value_node::<T>() }
     }
 }
 

@@ -28,7 +28,7 @@ use std::{
     ptr::{self, NonNull},
 };
 
-use crate::loom::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use crate::loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// Bit set on an inheritable binding.
 const INHERIT: u8 = 0b01;
@@ -60,8 +60,9 @@ pub(crate) struct Header {
     /// The variable this node binds.
     pub(crate) key: usize,
     /// Unique for the life of the process and never reused (see `cache.rs`): names this node,
-    /// and the frame it tops, in the per-thread lookup cache.
-    pub(crate) id: u64,
+    /// and the frame it tops, in the per-thread lookup cache. 0 until first asked for
+    /// ([`Header::id`]), so that making a node costs nothing for it.
+    id: AtomicU64,
     /// A 64-bit Bloom filter of the keys bound in this node's chain (bit `key % 64`), so that a
     /// new binding knows in O(1) whether it may shadow one below it.
     mask: u64,
@@ -207,7 +208,7 @@ impl NodeRef {
                 header: Header {
                     refs: AtomicUsize::new(1),
                     key,
-                    id: cache::next_id(),
+                    id: AtomicU64::new(0),
                     mask,
                     value: NonNull::dangling(),
                     owner: NonNull::dangling(),
@@ -258,7 +259,7 @@ impl NodeRef {
             header: Header {
                 refs: AtomicUsize::new(1),
                 key: binding.key,
-                id: cache::next_id(),
+                id: AtomicU64::new(0),
                 mask,
                 value: binding.value,
                 owner,
@@ -317,6 +318,45 @@ impl NodeRef {
                 dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
             }
             Ok(value)
+        }
+    }
+
+    /// Releases a value node made for a `T` by `sync_scope`: when nothing else refers to it
+    /// (the common case: nothing captured it), drops the value and frees the block directly,
+    /// with no indirect call; otherwise releases it as `Drop` does.
+    ///
+    /// # Safety
+    /// `self` must be a value node made for a `T` (by `new_value_borrowing` with a `T`).
+    #[inline]
+    pub(crate) unsafe fn release_value_node<T: Send + Sync + 'static>(self) {
+        let header = self.header();
+        // SAFETY: our count keeps the value node (this node) alive.
+        let value_refs = unsafe { &(*header.owner.as_ptr()).value_refs };
+        // Acquire, as in `Drop`: other owners' uses of the node happen-before we free it.
+        if header.refs.load(Ordering::Acquire) != 1
+            || value_refs.load(Ordering::Acquire) != 1
+            || header.guard_saved.load(Ordering::Relaxed) != 0
+        {
+            return drop(self);
+        }
+        let this = ManuallyDrop::new(self);
+        let raw = this.ptr.as_ptr().cast::<ValueNode<T>>();
+        // SAFETY: both counts are ours alone, so nobody else can reach the node. A borrowed
+        // parent holds no count; a counted one (the node was shared, then released by the
+        // sharers) is released normally. The node type matches by the caller's contract.
+        unsafe {
+            let parent = (*raw).head.header.parent.take();
+            if (*raw).head.header.borrowed.load(Ordering::Relaxed) {
+                mem::forget(parent);
+            } else {
+                drop(parent);
+            }
+            ptr::drop_in_place(ptr::addr_of_mut!((*raw).value));
+            if ValueNode::<T>::POOLED {
+                pool::free_block(raw.cast());
+            } else {
+                dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
+            }
         }
     }
 
@@ -461,6 +501,16 @@ impl Header {
             frame = header.parent.as_ref().map_or(ptr::null(), NodeRef::as_ptr);
         }
         None
+    }
+
+    /// This node's id, unique for the life of the process; assigned on first use.
+    #[inline]
+    pub(crate) fn id(&self) -> u64 {
+        // Relaxed: the id is a plain label; agreement only needs the compare-exchange.
+        match self.id.load(Ordering::Relaxed) {
+            0 => cache::assign_id(&self.id),
+            id => id,
+        }
     }
 
     /// Whether this node binds its variable to nothing (see [`NodeRef::new_unset`]).

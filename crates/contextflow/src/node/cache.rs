@@ -1,8 +1,9 @@
 //! Frame ids and the per-thread lookup cache that makes reads O(1) at any depth.
 //!
-//! Every node gets an id that is unique for the life of the process and never reused: each
-//! thread takes ids from a block of [`ID_BLOCK`] reserved with one atomic `fetch_add`, so
-//! making a node costs no atomic operation. A frame is named by the id of its innermost node,
+//! Every node gets an id that is unique for the life of the process and never reused, the
+//! first time one is needed (a lookup past the innermost binding): each thread takes ids from a
+//! block of [`ID_BLOCK`] reserved with one atomic `fetch_add`, and a compare-exchange settles
+//! two threads naming the same shared node at once. Making a node costs nothing for its id. A frame is named by the id of its innermost node,
 //! and a frame never changes after it is made, so "variable `key` in frame `id`" always has the
 //! same answer: the cache remembers it. An entry is used only while the frame it names is
 //! current (or otherwise known to be alive, such as a snapshot being read), so the binding it
@@ -57,6 +58,37 @@ pub(crate) fn next_id() -> u64 {
     })
 }
 
+/// Gives the node whose id slot is `slot` a fresh id unless another thread got there first, in
+/// which case everyone uses the winner's. Called on first use only.
+#[cold]
+pub(crate) fn assign_id<A: IdSlot>(slot: &A) -> u64 {
+    let fresh = next_id();
+    match slot.cas_relaxed(0, fresh) {
+        Ok(_) => fresh,
+        Err(existing) => existing,
+    }
+}
+
+/// The compare-exchange of a node's id slot, so that the loom model checks this code.
+pub(crate) trait IdSlot {
+    fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64>;
+}
+
+impl IdSlot for AtomicU64 {
+    fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.compare_exchange(current, new, Relaxed, Relaxed)
+    }
+}
+
+#[cfg(all(test, loom))]
+impl IdSlot for loom::sync::atomic::AtomicU64 {
+    fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64> {
+        use loom::sync::atomic::Ordering::Relaxed;
+        self.compare_exchange(current, new, Relaxed, Relaxed)
+    }
+}
+
 /// The one atomic operation id reservation needs, so that the loom model checks this code.
 pub(crate) trait FetchAdd {
     fn fetch_add_relaxed(&self, n: u64) -> u64;
@@ -93,7 +125,7 @@ pub(crate) fn reserve<A: FetchAdd>(next: &A) -> u64 {
 /// `top` must be a live node, and stay alive while the returned reference is used.
 #[inline]
 pub(crate) unsafe fn lookup(top: &Header, key: usize) -> Option<&'static Header> {
-    let id = top.id;
+    let id = top.id();
     let slot = slot(id, key);
     let hit = LOCAL.with(|l| {
         let entry = l.entries[slot].get();

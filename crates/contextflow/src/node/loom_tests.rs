@@ -97,8 +97,10 @@ fn share_of_a_borrowed_node_races_a_release() {
             }
             drop(shared);
         });
-        // The scope ends and its parent's owner goes away while the other thread still reads.
-        drop(scoped);
+        // The scope ends (through `sync_scope`'s typed release) and its parent's owner goes
+        // away while the other thread still reads.
+        // SAFETY: `scoped` was made with a `Counted`.
+        unsafe { scoped.release_value_node::<Counted>() };
         drop(root);
         t.join().unwrap();
         assert_eq!(
@@ -189,5 +191,19 @@ fn id_blocks_never_overlap() {
         let theirs = t.join().unwrap();
         assert_ne!(mine, theirs);
         assert!(mine.abs_diff(theirs) >= 1 << 16, "blocks are disjoint");
+    });
+}
+
+#[test]
+fn racing_first_lookups_agree_on_a_nodes_id() {
+    explore("lazy node id", || {
+        let node = NodeRef::new_value(None, 2, "v", true, 1u8);
+        let other = node.clone();
+        let t = thread::spawn(move || other.header().id());
+        let mine = node.header().id();
+        let theirs = t.join().unwrap();
+        assert_eq!(mine, theirs, "one id per node");
+        assert_ne!(mine, 0);
+        assert_eq!(node.header().id(), mine, "stable");
     });
 }
