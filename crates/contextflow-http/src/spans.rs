@@ -16,8 +16,9 @@ use opentelemetry::{
 /// Where a layer's tracer comes from.
 #[derive(Clone)]
 pub(crate) enum Spans {
-    /// The global tracer provider's, resolved at the first request.
-    Global(Arc<OnceLock<BoxedTracer>>),
+    /// The global tracer provider's, resolved at the first request (`None`: a no-op tracer,
+    /// no SDK installed then).
+    Global(Arc<OnceLock<Option<BoxedTracer>>>),
     /// A tracer given to the layer.
     Tracer(Arc<BoxedTracer>),
     /// No span: the extracted (server) or current (client) context is used as it is.
@@ -42,7 +43,12 @@ impl Spans {
 
     fn get(&self) -> Option<&BoxedTracer> {
         match self {
-            Spans::Global(cell) => Some(cell.get_or_init(|| opentelemetry::global::tracer(SCOPE))),
+            Spans::Global(cell) => cell
+                .get_or_init(|| {
+                    let tracer = opentelemetry::global::tracer(SCOPE);
+                    (!is_no_op(&tracer)).then_some(tracer)
+                })
+                .as_ref(),
             Spans::Tracer(tracer) => Some(tracer),
             Spans::Off => None,
         }
@@ -72,6 +78,25 @@ impl Spans {
         }
         Some(parent.with_span(span))
     }
+}
+
+/// Whether `tracer` is a no-op (OpenTelemetry's default when no SDK is installed): asked for
+/// a span under a valid parent with telemetry suppressed, a no-op tracer hands back the parent's
+/// span context, where the SDK (and any tracer that honours suppression) records nothing and
+/// returns an invalid one. Nothing is exported either way.
+fn is_no_op(tracer: &BoxedTracer) -> bool {
+    let parent = opentelemetry::trace::SpanContext::new(
+        opentelemetry::trace::TraceId::from(1u128),
+        opentelemetry::trace::SpanId::from(1u64),
+        opentelemetry::trace::TraceFlags::default(),
+        true,
+        opentelemetry::trace::TraceState::default(),
+    );
+    let cx = Context::new()
+        .with_remote_span_context(parent.clone())
+        .with_telemetry_suppressed();
+    let probe = tracer.build_with_context(tracer.span_builder("probe"), &cx);
+    !probe.is_recording() && *probe.span_context() == parent
 }
 
 impl fmt::Debug for Spans {
