@@ -5,9 +5,6 @@
 
 mod support;
 
-#[cfg(feature = "postgres")]
-mod tenant;
-
 /// Runs `super::$case` once on a `current_thread` and once on a `multi_thread` runtime, with
 /// the given attributes (the backend's "ignored without its service").
 #[allow(unused_macros)] // with no database feature on, no backend module uses it
@@ -31,6 +28,9 @@ macro_rules! flavors {
         }
     };
 }
+
+#[cfg(feature = "postgres")]
+mod tenant;
 
 #[cfg(feature = "postgres")]
 mod postgres {

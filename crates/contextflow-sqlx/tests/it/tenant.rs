@@ -1,1 +1,529 @@
-//! Tenant isolation by row-level security (PostgreSQL).
+//! Tenant isolation by PostgreSQL row-level security: a tables' owner role, an application role
+//! (`NOBYPASSRLS`) serving through a `TenantPool`, and the start-up check's refusals.
+//!
+//! Roles are cluster-wide: their names start with `cf_sqlx_` and they are created idempotently
+//! (under an advisory lock, since tests run concurrently). Each test works in a schema of its
+//! own, dropped at the end.
+
+use std::sync::Arc;
+
+use contextflow::AsyncLocal;
+use contextflow_sqlx::{
+    AdminPool, PropagationError, Refusal, SetupError, TenantError, TenantErrorKind, TenantPool,
+    DEFAULT_COLUMN, DEFAULT_SETTING,
+};
+use futures_util::TryStreamExt as _;
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool,
+};
+
+use crate::support::{captured, unique, DropAfter, ACQUIRE_TIMEOUT, BLOCK};
+
+/// The tenant, bound by "authenticated code" (the tests).
+static TENANT: AsyncLocal<String> = AsyncLocal::named("cf_sqlx_test.tenant");
+
+const OWNER: &str = "cf_sqlx_owner";
+const APP: &str = "cf_sqlx_app";
+const APP_BAD: &str = "cf_sqlx_app_bad";
+const BYPASS: &str = "cf_sqlx_bypass";
+
+/// Runs `super::$case` on both runtimes, ignored without PostgreSQL.
+macro_rules! rls_tests {
+    ($($case:ident),* $(,)?) => {
+        flavors!(
+            [#[cfg_attr(not(cf_service_postgres), ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL")]];
+            $($case),*
+        );
+    };
+}
+
+struct Rls {
+    schema: String,
+    superuser: PgPool,
+    options: PgConnectOptions,
+}
+
+impl Rls {
+    /// The roles, a schema owned by the owner role with `items (id, tenant_id, v)` under
+    /// row-level security, granted to the application role.
+    async fn setup() -> Rls {
+        crate::support::init_tracing();
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Postgres);
+        let options: PgConnectOptions = url.parse().unwrap();
+        let superuser = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(options.clone())
+            .await
+            .unwrap();
+        let mut tx = superuser.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(724300901)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{OWNER}') THEN
+                 CREATE ROLE {OWNER} LOGIN NOSUPERUSER NOBYPASSRLS; END IF;
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP}') THEN
+                 CREATE ROLE {APP} LOGIN NOSUPERUSER NOBYPASSRLS; END IF;
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_BAD}') THEN
+                 CREATE ROLE {APP_BAD} LOGIN NOSUPERUSER NOBYPASSRLS; END IF;
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{BYPASS}') THEN
+                 CREATE ROLE {BYPASS} LOGIN NOSUPERUSER BYPASSRLS; END IF;
+             END $$"
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let schema = unique("cf_sqlx_rls");
+        sqlx::raw_sql(&format!(
+            "CREATE SCHEMA {schema} AUTHORIZATION {OWNER};
+             GRANT USAGE ON SCHEMA {schema} TO {APP}, {APP_BAD}, {BYPASS};"
+        ))
+        .execute(&superuser)
+        .await
+        .unwrap();
+        let rls = Rls {
+            schema,
+            superuser,
+            options,
+        };
+        // Migrations as the owner, through the explicit cross-tenant type.
+        let owner = AdminPool::new(rls.pool_as(OWNER, 1).await);
+        let schema = &rls.schema;
+        owner
+            .execute(sqlx::query(&format!(
+                "CREATE TABLE {schema}.items (id BIGSERIAL PRIMARY KEY, tenant_id TEXT NOT NULL, v BIGINT NOT NULL)"
+            )))
+            .await
+            .unwrap();
+        owner
+            .enable_row_level_security(&format!("{schema}.items"), DEFAULT_COLUMN, DEFAULT_SETTING)
+            .await
+            .unwrap();
+        // Idempotent.
+        owner
+            .enable_row_level_security(&format!("{schema}.items"), DEFAULT_COLUMN, DEFAULT_SETTING)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.items TO {APP}, {BYPASS};
+             GRANT USAGE ON SEQUENCE {schema}.items_id_seq TO {APP}, {BYPASS};"
+        ))
+        .execute(owner.pool())
+        .await
+        .unwrap();
+        owner.pool().close().await;
+        rls
+    }
+
+    async fn pool_as(&self, role: &str, max_connections: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(self.options.clone().username(role))
+            .await
+            .unwrap()
+    }
+
+    async fn tenant_pool(&self, max_connections: u32) -> TenantPool<sqlx::Postgres> {
+        TenantPool::new(self.pool_as(APP, max_connections).await, &TENANT)
+            .await
+            .unwrap()
+    }
+
+    async fn finish(self) {
+        sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .execute(&self.superuser)
+            .await
+            .unwrap();
+        self.superuser.close().await;
+    }
+}
+
+/// A repository that forgets its `WHERE tenant_id = ..`: the policy filters anyway.
+struct Items {
+    db: TenantPool<sqlx::Postgres>,
+    schema: String,
+}
+
+impl Items {
+    async fn add(&self, v: i64) -> Result<(), sqlx::Error> {
+        let sql = format!(
+            "INSERT INTO {}.items (tenant_id, v) VALUES (current_setting('app.tenant_id'), $1)",
+            self.schema
+        );
+        sqlx::query(&sql).bind(v).execute(&*self.db).await.map(drop)
+    }
+
+    /// Every row's tenant: deliberately no `WHERE`.
+    async fn all_tenants(&self) -> Result<Vec<String>, sqlx::Error> {
+        let sql = format!("SELECT tenant_id FROM {}.items", self.schema);
+        sqlx::query_scalar(&sql).fetch_all(&*self.db).await
+    }
+
+    async fn all_tenants_streamed(&self) -> Result<Vec<String>, sqlx::Error> {
+        let sql = format!("SELECT tenant_id FROM {}.items", self.schema);
+        sqlx::query_scalar(&sql)
+            .fetch(&*self.db)
+            .try_collect()
+            .await
+    }
+}
+
+/// Asks every connection of `pool` (as the application role, past contextflow-sqlx) whether a
+/// transaction or a tenant setting is left on it.
+async fn assert_connections_clean(pool: &PgPool, size: u32) {
+    let mut conns = Vec::new();
+    for _ in 0..size {
+        conns.push(pool.acquire().await.unwrap());
+    }
+    for conn in &mut conns {
+        let row = sqlx::raw_sql(
+            "SELECT (CASE WHEN xact_start <> query_start THEN 1 ELSE 0 END)::int8, \
+             COALESCE(current_setting('app.tenant_id', true), '') \
+             FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap();
+        let in_tx: i64 = sqlx::Row::get(&row, 0);
+        let setting: String = sqlx::Row::get(&row, 1);
+        assert_eq!(
+            (in_tx, setting.as_str()),
+            (0, ""),
+            "a pooled connection kept state"
+        );
+    }
+}
+
+/// 500 concurrent requests over 8 tenants on a 3-connection pool, through a repository that
+/// omits its `WHERE`: zero foreign rows, and no tenant setting left on any connection.
+async fn isolation_under_load() {
+    const REQUESTS: usize = 500;
+    const TENANTS: usize = 8;
+    let rls = Rls::setup().await;
+    let items = Arc::new(Items {
+        db: rls.tenant_pool(3).await,
+        schema: rls.schema.clone(),
+    });
+    for t in 0..TENANTS {
+        TENANT
+            .scope(format!("tenant-{t}"), async {
+                for v in 0..3 {
+                    items.add(v).await.unwrap();
+                }
+            })
+            .await;
+    }
+    let mut handles = Vec::new();
+    for i in 0..REQUESTS {
+        let items = items.clone();
+        let tenant = format!("tenant-{}", i % TENANTS);
+        handles.push(tokio::spawn(TENANT.scope(tenant.clone(), async move {
+            let seen = match i % 3 {
+                // A statement outside a transaction: one of its own.
+                0 => items.all_tenants().await.unwrap(),
+                // A transaction that writes then reads.
+                1 => items
+                    .db
+                    .transaction(|| async {
+                        items.add(i as i64).await?;
+                        items.all_tenants().await
+                    })
+                    .await
+                    .unwrap(),
+                _ => items.all_tenants_streamed().await.unwrap(),
+            };
+            assert!(seen.len() >= 3);
+            seen.iter().filter(|t| **t != tenant).count()
+        })));
+    }
+    let mut foreign = 0;
+    for handle in handles {
+        foreign += handle.await.unwrap();
+    }
+    assert_eq!(foreign, 0, "rows of other tenants were visible");
+    // Nothing is left on the connections, and without a tenant the database shows nothing.
+    assert_connections_clean(items.db.pool(), 3).await;
+    let sql = format!("SELECT count(*) FROM {}.items", rls.schema);
+    let unfiltered: i64 = sqlx::query_scalar(&sql)
+        .fetch_one(items.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(unfiltered, 0);
+    let total: i64 = sqlx::query_scalar(&sql)
+        .fetch_one(&rls.superuser)
+        .await
+        .unwrap();
+    assert_eq!(total as usize, TENANTS * 3 + REQUESTS / 3 + 1);
+    items.db.pool().close().await;
+    rls.finish().await;
+}
+
+/// No statement without a tenant; the error names the caller's line.
+async fn fail_closed_without_tenant() {
+    let rls = Rls::setup().await;
+    let db = rls.tenant_pool(2).await;
+    let sql = format!("SELECT count(*) FROM {}.items", rls.schema);
+    let line = line!() + 1;
+    let err = db.fetch_one(sqlx::query(&sql)).await.unwrap_err();
+    let tenant = TenantError::find(&err).expect("a TenantError");
+    assert_eq!(tenant.kind(), TenantErrorKind::Missing);
+    assert!(tenant.location().file().ends_with("tenant.rs"), "{err}");
+    assert_eq!(tenant.location().line(), line, "{err}");
+    let err = db
+        .transaction(|| async { Ok::<_, sqlx::Error>(()) })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        TenantError::find(&err).unwrap().kind(),
+        TenantErrorKind::Missing
+    );
+    let err = sqlx::query(&sql).fetch_one(&*db).await.unwrap_err();
+    assert!(TenantError::find(&err).is_some(), "{err}");
+    let err = TENANT
+        .scope(String::new(), db.execute(sqlx::query(&sql)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        TenantError::find(&err).unwrap().kind(),
+        TenantErrorKind::Invalid
+    );
+    // A raw connection needs a transaction to carry the tenant.
+    let err = TENANT.scope("acme".into(), db.acquire()).await.unwrap_err();
+    assert!(PropagationError::find(&err).is_some(), "{err}");
+    db.pool().close().await;
+    rls.finish().await;
+}
+
+/// Changing the tenant inside an open transaction is an error; so is writing another
+/// tenant's row (the policy's `WITH CHECK`).
+async fn tenant_is_fixed_per_transaction() {
+    let rls = Rls::setup().await;
+    let items = Items {
+        db: rls.tenant_pool(2).await,
+        schema: rls.schema.clone(),
+    };
+    let result = TENANT
+        .scope("acme".into(), async {
+            items
+                .db
+                .transaction(|| async {
+                    items.add(1).await?;
+                    let err = TENANT
+                        .scope("globex".into(), items.add(2))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(
+                        TenantError::find(&err).unwrap().kind(),
+                        TenantErrorKind::Changed
+                    );
+                    let nested = TENANT
+                        .scope("globex".into(), items.db.transaction(|| items.add(3)))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(
+                        TenantError::find(&nested).unwrap().kind(),
+                        TenantErrorKind::Changed
+                    );
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+        })
+        .await;
+    result.unwrap();
+    let sql = format!(
+        "INSERT INTO {}.items (tenant_id, v) VALUES ('globex', 1)",
+        rls.schema
+    );
+    let refused = TENANT
+        .scope("acme".into(), items.db.execute(sqlx::query(&sql)))
+        .await;
+    assert!(
+        matches!(refused, Err(sqlx::Error::Database(_))),
+        "{refused:?}"
+    );
+    let seen = TENANT
+        .scope("acme".into(), items.all_tenants())
+        .await
+        .unwrap();
+    assert_eq!(seen, ["acme"]);
+    items.db.pool().close().await;
+    rls.finish().await;
+}
+
+/// A tenant transaction dropped at each of its suspension points (including the
+/// `set_config`): no connection keeps a transaction or a tenant, no row of it is committed.
+async fn tenant_drop_at_every_await_point() {
+    let rls = Rls::setup().await;
+    let items = Items {
+        db: rls.tenant_pool(1).await,
+        schema: rls.schema.clone(),
+    };
+    let mut polls = 0;
+    let values = format!("SELECT v FROM {}.items", rls.schema);
+    loop {
+        let block = crate::support::next_id();
+        let fut = BLOCK.scope(
+            block,
+            TENANT.scope(
+                "acme".into(),
+                items.db.transaction(|| async {
+                    items.add(polls as i64).await?;
+                    items.all_tenants().await
+                }),
+            ),
+        );
+        let outcome = DropAfter::new(fut, polls).await;
+        assert_connections_clean(items.db.pool(), 1).await;
+        let committed: Vec<i64> = TENANT
+            .scope(
+                "acme".into(),
+                sqlx::query_scalar(&values).fetch_all(&*items.db),
+            )
+            .await
+            .unwrap();
+        let present = committed.contains(&(polls as i64));
+        let unknown = captured(block).iter().any(|line| line.contains("COMMIT"));
+        // Present exactly when it committed; a drop during COMMIT may go either way, and says so.
+        assert!(
+            present == outcome.is_some() || unknown,
+            "poll {polls}: {committed:?}"
+        );
+        if outcome.is_some() {
+            break;
+        }
+        polls += 1;
+    }
+    eprintln!("PostgreSQL: tenant transaction dropped at each of its {polls} await points");
+    items.db.pool().close().await;
+    rls.finish().await;
+}
+
+fn has(refusals: &SetupError, wanted: impl Fn(&Refusal) -> bool) -> bool {
+    match refusals {
+        SetupError::Refused(list) => list.iter().any(wanted),
+        _ => false,
+    }
+}
+
+/// The start-up check refuses a superuser, a `BYPASSRLS` role, the tables' owner, and tables
+/// or views that are not set up for row-level security; it accepts the application role.
+async fn startup_check_refusals() {
+    let rls = Rls::setup().await;
+    let table = format!("{}.items", rls.schema);
+    let quoted = |name: &str| name.to_owned();
+
+    let err = TenantPool::new(rls.pool_as("postgres", 1).await, &TENANT)
+        .await
+        .unwrap_err();
+    assert!(
+        has(&err, |r| matches!(r, Refusal::Superuser { .. })),
+        "{err}"
+    );
+    let err = TenantPool::new(rls.pool_as(BYPASS, 1).await, &TENANT)
+        .await
+        .unwrap_err();
+    assert!(
+        has(&err, |r| matches!(r, Refusal::BypassRls { .. })),
+        "{err}"
+    );
+    let err = TenantPool::new(rls.pool_as(OWNER, 1).await, &TENANT)
+        .await
+        .unwrap_err();
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::OwnsTable { table: t } if *t == quoted(&table))
+        ),
+        "{err}"
+    );
+
+    // Objects that only the "bad" application role can reach.
+    let schema = &rls.schema;
+    let owner = AdminPool::new(rls.pool_as(OWNER, 1).await);
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {schema}.plain (tenant_id TEXT);
+         CREATE TABLE {schema}.unforced (tenant_id TEXT);
+         ALTER TABLE {schema}.unforced ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON {schema}.unforced USING (true);
+         CREATE TABLE {schema}.no_policy (tenant_id TEXT);
+         ALTER TABLE {schema}.no_policy ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE {schema}.no_policy FORCE ROW LEVEL SECURITY;
+         CREATE VIEW {schema}.owner_view AS SELECT * FROM {schema}.items;
+         CREATE VIEW {schema}.invoker_view WITH (security_invoker = true) AS SELECT * FROM {schema}.items;
+         GRANT SELECT ON {schema}.plain, {schema}.unforced, {schema}.no_policy,
+               {schema}.owner_view, {schema}.invoker_view, {schema}.items TO {APP_BAD};"
+    ))
+    .execute(owner.pool())
+    .await
+    .unwrap();
+    owner.pool().close().await;
+    let err = TenantPool::new(rls.pool_as(APP_BAD, 1).await, &TENANT)
+        .await
+        .unwrap_err();
+    let named = |name: &str| format!("{schema}.{name}");
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::NotEnabled { table } if *table == named("plain"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::NotForced { table } if *table == named("plain"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::NoPolicy { table } if *table == named("plain"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::NotForced { table } if *table == named("unforced"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::NoPolicy { table } if *table == named("no_policy"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::ViewWithoutSecurityInvoker { view } if *view == named("owner_view"))
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("invoker_view"), "{err}");
+    assert!(!has(
+        &err,
+        |r| matches!(r, Refusal::NotEnabled { table } if *table == named("items"))
+    ));
+
+    // The application role passes.
+    let ok = TenantPool::new(rls.pool_as(APP, 1).await, &TENANT).await;
+    assert!(ok.is_ok(), "{:?}", ok.err().map(|e| e.to_string()));
+    rls.finish().await;
+}
+
+rls_tests!(
+    isolation_under_load,
+    fail_closed_without_tenant,
+    tenant_is_fixed_per_transaction,
+    tenant_drop_at_every_await_point,
+    startup_check_refusals,
+);
