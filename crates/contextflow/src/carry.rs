@@ -118,6 +118,7 @@ pub fn register<C: Carrier>(carrier: C) -> bool {
 /// carry::register(Role);
 /// assert!(carry::is_active());
 /// ```
+#[inline]
 pub fn is_active() -> bool {
     !CARRIERS.load(Ordering::Relaxed).is_null()
 }
@@ -277,6 +278,11 @@ pub(crate) unsafe fn below_carried(mut frame: *const Header) -> *const Header {
 /// The caller keeps `frame` alive for the call.
 #[inline]
 pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
+    // With no carrier registered, no frame has carried values: skip looking at the node.
+    if !is_active() {
+        let _entered = current::enter_borrowed(frame);
+        return f();
+    }
     // SAFETY: the caller keeps `frame` alive.
     let top = unsafe { frame.as_ref() };
     if !top.is_some_and(Header::is_hidden) {

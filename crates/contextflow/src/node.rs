@@ -824,3 +824,19 @@ mod pool;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{pool, AliasNode, ValueHead, ValueNode};
+    use std::{alloc::Layout, mem::size_of};
+
+    /// Keeps the sizes quoted in `pool.rs` true (64-bit targets).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn node_sizes() {
+        assert_eq!(size_of::<ValueHead>(), 112, "value node head");
+        assert!(pool::fits(Layout::new::<AliasNode>()));
+        assert!(pool::fits(Layout::new::<ValueNode<[u64; 2]>>()));
+        assert!(!pool::fits(Layout::new::<ValueNode<String>>()));
+    }
+}
