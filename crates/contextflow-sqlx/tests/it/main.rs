@@ -244,7 +244,51 @@ mod postgres {
         ctx.finish().await;
     }
 
+    async fn pid(conn: &mut sqlx::AnyConnection) -> i64 {
+        let query = sqlx::raw_sql("SELECT pg_backend_pid()::int8");
+        sqlx::Row::get::<i64, _>(&query.fetch_one(conn).await.unwrap(), 0)
+    }
+
+    /// sqlx's `Any` driver (what the order service uses): contextflow-sqlx finds the database
+    /// behind it, so a dirty connection is refused and a dropped transaction cleaned up.
+    async fn any_driver_is_checked_too() {
+        sqlx::any::install_default_drivers();
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Postgres);
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        let db = contextflow_sqlx::TxPool::new(pool);
+        let dirty = {
+            let mut conn = db.pool().acquire().await.unwrap();
+            sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+            pid(&mut conn).await
+        };
+        // The check closed the dirty connection: the pool's connection is another session.
+        db.execute(sqlx::query("SELECT 1")).await.unwrap();
+        let now = pid(&mut *db.pool().acquire().await.unwrap()).await;
+        assert_ne!(dirty, now);
+        let fut = db.transaction(|| async {
+            sqlx::query("SELECT 1").execute(&db).await?;
+            std::future::pending::<()>().await;
+            Ok::<_, sqlx::Error>(())
+        });
+        assert!(crate::support::DropAfter::new(fut, 4).await.is_none());
+        let mut conn = db.pool().acquire().await.unwrap();
+        let row = sqlx::raw_sql(
+            "SELECT (CASE WHEN xact_start <> query_start THEN 1 ELSE 0 END)::int8 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(sqlx::Row::get::<i64, _>(&row, 0), 0);
+        drop(conn);
+        db.pool().close().await;
+    }
+
     tests!(
+        any_driver_is_checked_too,
         transaction_with_isolation_level,
         commit_after_swallowed_error_is_an_error,
         transaction_ended_outside_is_reported,
