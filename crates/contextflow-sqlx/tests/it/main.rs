@@ -267,7 +267,7 @@ mod postgres {
         };
         // The check closed the dirty connection: the pool's connection is another session.
         db.execute(sqlx::query("SELECT 1")).await.unwrap();
-        let now = pid(&mut *db.pool().acquire().await.unwrap()).await;
+        let now = pid(&mut db.pool().acquire().await.unwrap()).await;
         assert_ne!(dirty, now);
         let fut = db.transaction(|| async {
             sqlx::query("SELECT 1").execute(&db).await?;
