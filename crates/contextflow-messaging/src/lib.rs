@@ -1,0 +1,74 @@
+//! Request context across message brokers and child processes: the publish side writes the
+//! current context into a message's metadata, the consume side runs each message's handler in
+//! a scope of its own made from that metadata, and a child process gets the context in its
+//! environment.
+//!
+//! Inside a process, `contextflow` carries the context by itself. Across a boundary only what
+//! a propagator writes travels (`contextflow-otel` owns them: W3C trace context, baggage, the
+//! request id, or what the application configures as OpenTelemetry's global propagator):
+//!
+//! | boundary | carrier | what crosses | what never crosses |
+//! |---|---|---|---|
+//! | any broker | [`Consumer`], [`Publisher`] over an `Extractor`/`Injector` | trace context, baggage, request id | tenant, user (unless [`Consumer::trust`]), a DB transaction |
+//! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same |
+//! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | trace context, baggage, request id | the same |
+//!
+//! - [`Consumer`]: one per queue; [`Consumer::scope`] runs a handler in the message's
+//!   context, with a consumer span that is a child of the producer's (a batch's span links to
+//!   each message's context instead), and a fresh request id when the message has none.
+//! - [`Publisher`]: writes the current context into an outgoing message.
+//! - [`process`]: the OpenTelemetry environment-variable carrier for child processes.
+//!
+//! Any transport's metadata becomes a carrier with `contextflow_otel::carrier::Pairs` (read)
+//! and `InjectFn` (write):
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use contextflow_messaging::{Consumer, Publisher};
+//! use contextflow_otel::carrier::{InjectFn, Pairs};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Producer, inside a request:
+//! let request = contextflow_otel::extract(&Pairs::new([
+//!     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+//!     ("x-request-id", "order-17"),
+//! ]));
+//! let mut headers = BTreeMap::new();
+//! contextflow_otel::sync_scope(request, || {
+//!     Publisher::new().inject(&mut InjectFn(|k: &str, v: String| {
+//!         headers.insert(k.to_owned(), v);
+//!     }))
+//! });
+//!
+//! // Consumer, in a task with no context of its own:
+//! let consumer = Consumer::new().destination("orders");
+//! let metadata = Pairs::new(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+//! let (request_id, trace_id) = consumer
+//!     .scope(&metadata, async {
+//!         (contextflow_otel::current_request_id(), contextflow_otel::current_trace_id())
+//!     })
+//!     .await;
+//! assert_eq!(request_id.unwrap().as_str(), "order-17");
+//! assert_eq!(trace_id.unwrap().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+//! # Ok(()) }
+//! ```
+//!
+//! The tenant and the user never come from a message unless a consumer opts in: see
+//! [`consume`](crate::consume#tenant-and-user).
+//!
+//! # Feature flags
+//!
+//! - `tokio`: [`process::CommandExt`] for `tokio::process::Command`.
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings))))]
+
+pub mod consume;
+pub mod process;
+pub mod publish;
+mod spans;
+
+pub use crate::{
+    consume::{Bindings, Consumed, Consumer, MessageContext},
+    publish::Publisher,
+};

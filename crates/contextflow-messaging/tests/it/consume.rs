@@ -1,0 +1,348 @@
+//! The consume side: each message's handler runs in its own context, made from its metadata.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use contextflow::AsyncLocal;
+use contextflow_messaging::{Bindings, Consumer};
+use contextflow_otel::{carrier::Pairs, RequestId};
+use opentelemetry::{
+    baggage::BaggageExt as _,
+    propagation::Extractor,
+    trace::{SpanId, SpanKind, TraceId, TracerProvider as _},
+    Context, KeyValue,
+};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use proptest::prelude::*;
+
+const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+
+fn rt(multi: bool) -> tokio::runtime::Runtime {
+    if multi {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+}
+
+/// The request id and trace id the code runs under.
+type Ids = (Option<String>, Option<String>);
+
+fn ids() -> Ids {
+    (
+        contextflow_otel::current_request_id().map(|id| id.to_string()),
+        contextflow_otel::current_trace_id().map(|id| id.to_string()),
+    )
+}
+
+#[test]
+fn handler_runs_in_the_message_context_on_both_runtimes() {
+    for multi in [false, true] {
+        rt(multi).block_on(async {
+            let consumer = Consumer::new().without_spans();
+            let metadata = Pairs::new([("traceparent", PARENT), ("x-request-id", "m-1")]);
+            let seen = consumer
+                .scope(&metadata, async {
+                    let before = ids();
+                    tokio::task::yield_now().await;
+                    let spawned = contextflow::spawn(async { ids() }).await.unwrap();
+                    (before, ids(), spawned)
+                })
+                .await;
+            let want = (Some("m-1".to_owned()), Some(TRACE.to_owned()));
+            assert_eq!(seen.0, want, "multi={multi}");
+            assert_eq!(seen.1, want, "after an await, multi={multi}");
+            assert_eq!(seen.2, want, "in a spawned child, multi={multi}");
+            assert_eq!(ids(), (None, None), "restored after the handler");
+        });
+    }
+}
+
+#[test]
+fn missing_or_malformed_metadata_gives_a_fresh_request_id_and_no_trace() {
+    let consumer = Consumer::new().without_spans();
+    let long = "a".repeat(200);
+    let cases: [(&str, Vec<(&str, &str)>); 5] = [
+        ("no metadata", vec![]),
+        ("request id with a newline", vec![("x-request-id", "a\nb")]),
+        ("request id too long", vec![("x-request-id", &long)]),
+        (
+            "two request ids",
+            vec![("x-request-id", "a"), ("x-request-id", "b")],
+        ),
+        (
+            "malformed traceparent",
+            vec![("traceparent", "00-zz-00f067aa0ba902b7-01")],
+        ),
+    ];
+    for (reason, pairs) in cases {
+        let (id, trace) = consumer.run(&Pairs::new(pairs), ids);
+        let id = id.unwrap_or_else(|| panic!("{reason}: no request id"));
+        assert_eq!(id.len(), 36, "{reason}: a fresh UUID, got {id:?}");
+        assert_eq!(trace, None, "{reason}");
+    }
+}
+
+#[test]
+fn the_consumer_loops_own_context_does_not_leak_into_a_message() {
+    let loop_cx = contextflow_otel::extract(&Pairs::new([
+        (
+            "traceparent",
+            "00-11111111111111111111111111111111-2222222222222222-01",
+        ),
+        ("x-request-id", "loop"),
+        ("baggage", "leak=yes"),
+    ]));
+    let seen = contextflow_otel::sync_scope(loop_cx, || {
+        Consumer::new().without_spans().run(&Pairs::default(), || {
+            (ids(), Context::current().baggage().len())
+        })
+    });
+    assert_ne!(seen.0 .0.as_deref(), Some("loop"));
+    assert_eq!(seen.0 .1, None, "no trace from the loop");
+    assert_eq!(seen.1, 0, "no baggage from the loop");
+}
+
+#[test]
+fn a_panicking_handler_restores_the_consumer_context() {
+    rt(false).block_on(async {
+        let consumer = Consumer::new().without_spans();
+        let metadata = Pairs::new([("x-request-id", "boom")]);
+        let fut = consumer.scope(&metadata, async { panic!("handler failed") });
+        let result = futures_catch(fut).await;
+        assert!(result.is_err());
+        assert_eq!(ids(), (None, None));
+    });
+}
+
+async fn futures_catch<F: std::future::Future>(fut: F) -> std::thread::Result<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    })
+    .await
+}
+
+struct Probe(Arc<Mutex<Option<Ids>>>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = Some(ids());
+    }
+}
+
+#[test]
+fn a_cancelled_handler_is_dropped_inside_the_message_context() {
+    for multi in [false, true] {
+        rt(multi).block_on(async {
+            let seen = Arc::new(Mutex::new(None));
+            let probe = Probe(seen.clone());
+            let metadata = Pairs::new([("traceparent", PARENT), ("x-request-id", "gone")]);
+            let fut = Consumer::new()
+                .without_spans()
+                .scope(&metadata, async move {
+                    let _probe = probe;
+                    std::future::pending::<()>().await
+                });
+            let task = tokio::spawn(fut);
+            tokio::task::yield_now().await;
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+            let seen = seen.lock().unwrap().take();
+            assert_eq!(
+                seen,
+                Some((Some("gone".to_owned()), Some(TRACE.to_owned()))),
+                "multi={multi}"
+            );
+        });
+    }
+}
+
+#[test]
+fn tenant_comes_only_from_a_trusting_consumer() {
+    let metadata = Pairs::new([("x-tenant", "acme"), ("x-sig", "ok:acme")]);
+    let forged = Pairs::new([("x-tenant", "acme"), ("x-sig", "bad")]);
+    assert_eq!(Consumer::new().run(&metadata, || TENANT.get()), None);
+    let trusting = Consumer::new().trust(|m: &dyn Extractor| {
+        let tenant = m.get("x-tenant")?;
+        // The verifier runs in the message's context already.
+        assert!(contextflow_otel::current_request_id().is_some());
+        (m.get("x-sig")? == format!("ok:{tenant}"))
+            .then(|| Bindings::new().bind(&TENANT, tenant.to_owned()))
+    });
+    assert_eq!(
+        trusting.run(&metadata, || (TENANT.get(), ids().0.is_some())),
+        (Some("acme".to_owned()), true)
+    );
+    assert_eq!(trusting.run(&forged, || TENANT.get()), None);
+    assert_eq!(TENANT.get(), None);
+}
+
+#[test]
+fn an_outer_binding_of_the_consumer_stays_visible() {
+    static WORKER: AsyncLocal<&'static str> = AsyncLocal::named("worker");
+    let seen = WORKER.sync_scope("w1", || {
+        Consumer::new()
+            .without_spans()
+            .run(&Pairs::default(), || WORKER.get())
+    });
+    assert_eq!(seen, Some("w1"));
+}
+
+fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
+    static TELEMETRY: OnceLock<(SdkTracerProvider, InMemorySpanExporter)> = OnceLock::new();
+    TELEMETRY.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        (provider, exporter)
+    })
+}
+
+#[test]
+fn consumer_span_is_a_child_of_the_producer_span() {
+    let (provider, exporter) = telemetry();
+    let consumer = Consumer::new()
+        .with_tracer(provider.tracer("test-child"))
+        .system("rabbitmq")
+        .destination("orders-child");
+    let metadata = Pairs::new([("traceparent", PARENT), ("x-request-id", "m-span")]);
+    let inside = consumer.run(&metadata, || {
+        (ids(), contextflow_otel::current_span_id().unwrap())
+    });
+    let spans = exporter.get_finished_spans().unwrap();
+    let span = spans
+        .iter()
+        .find(|s| s.name == "process orders-child")
+        .expect("a consumer span");
+    assert_eq!(span.span_kind, SpanKind::Consumer);
+    assert_eq!(
+        span.span_context.trace_id(),
+        TraceId::from_hex(TRACE).unwrap()
+    );
+    assert_eq!(
+        span.parent_span_id,
+        SpanId::from_hex("00f067aa0ba902b7").unwrap()
+    );
+    assert!(span.parent_span_is_remote);
+    assert_eq!(
+        inside.1,
+        span.span_context.span_id(),
+        "handler runs in the span"
+    );
+    assert_eq!(inside.0 .1.as_deref(), Some(TRACE));
+    for (key, value) in [
+        ("messaging.system", "rabbitmq"),
+        ("messaging.operation.type", "process"),
+        ("messaging.destination.name", "orders-child"),
+    ] {
+        assert!(
+            span.attributes.contains(&KeyValue::new(key, value)),
+            "{key}: {:?}",
+            span.attributes
+        );
+    }
+}
+
+#[test]
+fn batch_span_links_each_message_context() {
+    let (provider, exporter) = telemetry();
+    let consumer = Consumer::new()
+        .with_tracer(provider.tracer("test-batch"))
+        .destination("orders-batch");
+    let a = Pairs::new([("traceparent", PARENT)]);
+    let b = Pairs::new([(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )]);
+    let c = Pairs::new([("traceparent", "garbage")]);
+    let id = consumer.run_batch(&[&a, &b, &c]);
+    let spans = exporter.get_finished_spans().unwrap();
+    let span = spans
+        .iter()
+        .find(|s| s.name == "process orders-batch")
+        .expect("a batch span");
+    assert_eq!(span.parent_span_id, SpanId::INVALID, "a new root");
+    let linked: Vec<String> = span
+        .links
+        .iter()
+        .map(|l| l.span_context.span_id().to_string())
+        .collect();
+    assert_eq!(linked, ["00f067aa0ba902b7", "b7ad6b7169203331"]);
+    assert!(span
+        .attributes
+        .contains(&KeyValue::new("messaging.batch.message_count", 3)));
+    assert_eq!(id.len(), 36);
+}
+
+trait RunBatch {
+    fn run_batch(&self, metadata: &[&Pairs<'_>]) -> String;
+}
+
+impl RunBatch for Consumer {
+    fn run_batch(&self, metadata: &[&Pairs<'_>]) -> String {
+        let batch = self.batch_context(metadata.iter().map(|m| *m as &dyn Extractor));
+        let id = batch.run(|| contextflow_otel::current_request_id().unwrap());
+        batch.finish();
+        id.to_string()
+    }
+}
+
+#[test]
+fn cancelled_handler_span_is_marked() {
+    let (provider, exporter) = telemetry();
+    let consumer = Consumer::new()
+        .with_tracer(provider.tracer("test-cancel"))
+        .destination("orders-cancel");
+    drop(consumer.scope(&Pairs::default(), std::future::pending::<()>()));
+    let spans = exporter.get_finished_spans().unwrap();
+    let span = spans
+        .iter()
+        .find(|s| s.name == "process orders-cancel")
+        .expect("the span ends when the handler is dropped");
+    assert!(span
+        .attributes
+        .contains(&KeyValue::new("error.type", "cancelled")));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_metadata_never_panics_and_gives_a_valid_request_id(
+        pairs in proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("traceparent".to_owned()),
+                    Just("tracestate".to_owned()),
+                    Just("baggage".to_owned()),
+                    Just("x-request-id".to_owned()),
+                    ".{0,12}",
+                ],
+                prop_oneof![".{0,80}", "[ -~]{0,300}", Just(PARENT.to_owned())],
+            ),
+            0..12,
+        )
+    ) {
+        let metadata = Pairs::new(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let id: RequestId = Consumer::new()
+            .without_spans()
+            .run(&metadata, || contextflow_otel::current_request_id().unwrap());
+        let id = id.as_str();
+        prop_assert!(!id.is_empty() && id.len() <= 128);
+        prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+    }
+}

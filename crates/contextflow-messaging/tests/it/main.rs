@@ -1,0 +1,5 @@
+//! Behaviour of contextflow-messaging through its public API.
+
+mod consume;
+mod process;
+mod publish;
