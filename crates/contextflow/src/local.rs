@@ -345,7 +345,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(USER.get(), None);
     /// USER.sync_scope("ada".into(), || assert_eq!(USER.get().as_deref(), Some("ada")));
     /// ```
-    #[inline(always)]
+    #[inline]
     pub fn get(&self) -> Option<T>
     where
         T: Clone,

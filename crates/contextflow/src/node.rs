@@ -203,35 +203,30 @@ impl NodeRef {
         value: T,
     ) -> NodeRef {
         let (flags, mask) = chain_flags(key, own_flags, parent.as_ref());
-        let node = ValueNode {
-            head: ValueHead {
-                header: Header {
-                    refs: AtomicUsize::new(1),
-                    key,
-                    id: AtomicU64::new(0),
-                    mask,
-                    value: NonNull::dangling(),
-                    owner: NonNull::dangling(),
-                    parent,
-                    flags,
-                    borrowed: AtomicBool::new(borrowed),
-                    guard_saved: AtomicUsize::new(0),
-                    name,
-                    release_link: release_value_link,
-                    vtable: &ValueNode::<T>::VTABLE,
-                },
-                value_refs: AtomicUsize::new(1),
-            },
-            value,
-        };
         let raw = ValueNode::<T>::alloc();
-        // SAFETY: `raw` is a fresh allocation with the layout of `ValueNode<T>` (see `alloc`);
-        // we write the node, then patch the two self-pointers before anyone else can see it.
+        // SAFETY: `raw` is a fresh allocation with the layout of `ValueNode<T>` (see `alloc`).
+        // Every field is written in place, before anyone else can see the node (building the
+        // node on the stack and copying it costs store-forwarding stalls on the hot path).
         unsafe {
-            raw.write(node);
-            (*raw).head.header.value =
-                NonNull::new_unchecked(ptr::addr_of_mut!((*raw).value)).cast();
-            (*raw).head.header.owner = NonNull::new_unchecked(ptr::addr_of_mut!((*raw).head));
+            let head = ptr::addr_of_mut!((*raw).head);
+            let header = ptr::addr_of_mut!((*head).header);
+            ptr::addr_of_mut!((*raw).value).write(value);
+            header.write(Header {
+                refs: AtomicUsize::new(1),
+                key,
+                id: AtomicU64::new(0),
+                mask,
+                value: NonNull::new_unchecked(ptr::addr_of_mut!((*raw).value)).cast(),
+                owner: NonNull::new_unchecked(head),
+                parent,
+                flags,
+                borrowed: AtomicBool::new(borrowed),
+                guard_saved: AtomicUsize::new(0),
+                name,
+                release_link: release_value_link,
+                vtable: &ValueNode::<T>::VTABLE,
+            });
+            ptr::addr_of_mut!((*head).value_refs).write(AtomicUsize::new(1));
             NodeRef {
                 ptr: NonNull::new_unchecked(raw.cast()),
             }
@@ -255,28 +250,27 @@ impl NodeRef {
             binding.flags & (INHERIT | HIDDEN | UNSET),
             parent.as_ref(),
         );
-        let node = AliasNode {
-            header: Header {
-                refs: AtomicUsize::new(1),
-                key: binding.key,
-                id: AtomicU64::new(0),
-                mask,
-                value: binding.value,
-                owner,
-                flags,
-                borrowed: AtomicBool::new(false),
-                guard_saved: AtomicUsize::new(0),
-                parent,
-                name: binding.name,
-                release_link: release_alias_link,
-                vtable: binding.vtable,
-            },
-        };
         const { assert!(pool::fits(Layout::new::<AliasNode>())) };
         let raw = pool::alloc_block().cast::<AliasNode>();
         // SAFETY: a fresh block, large and aligned enough for an `AliasNode` (asserted above).
         unsafe {
-            raw.write(node);
+            raw.write(AliasNode {
+                header: Header {
+                    refs: AtomicUsize::new(1),
+                    key: binding.key,
+                    id: AtomicU64::new(0),
+                    mask,
+                    value: binding.value,
+                    owner,
+                    flags,
+                    borrowed: AtomicBool::new(false),
+                    guard_saved: AtomicUsize::new(0),
+                    parent,
+                    name: binding.name,
+                    release_link: release_alias_link,
+                    vtable: binding.vtable,
+                },
+            });
             NodeRef {
                 ptr: NonNull::new_unchecked(raw.cast()),
             }
