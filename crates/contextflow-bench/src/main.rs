@@ -1,11 +1,11 @@
-//! Side-by-side benchmark of contextflow against the anchors named in DESIGN.md:
+//! Side-by-side benchmark of contextflow against the anchors of the project's performance targets:
 //! a bare baseline, `tokio::task_local!`, `opentelemetry::Context` and a tracing span
 //! (a `Registry` plus a no-op layer).
 //!
 //! Run with: `cargo run --release -p contextflow-bench` (add `-- --quick` for a short run, or
 //! `-- --smoke` to only check that every row runs).
 //!
-//! Results, hardware, toolchain and date: see this crate's README.md (last full run 2026-11-24,
+//! Results, hardware, toolchain and date: see this crate's README.md (last full run 2026-11-26,
 //! 2 vCPU AMD EPYC, rustc 1.95.0).
 //!
 //! Every contender of a row is measured in the same run, interleaved round by round (so drift
