@@ -6,10 +6,11 @@
 //! input). So the worker's log lines, its queries and the events it publishes belong to the
 //! order's request, even after a restart.
 //!
-//! Delivery is exactly once for the confirmation (the row is claimed in the same transaction
-//! as the order's `confirmation_sent` count is raised) and at least once for the
-//! `order.confirmed` event (claimed in the transaction that publishes it; the consumer handles
-//! a repeated message id once).
+//! Rows are delivered in batches, one transaction per batch. Delivery is exactly once for the
+//! confirmation (the row is claimed in the same transaction as the order's
+//! `confirmation_sent` count is raised) and at least once for the `order.confirmed` event
+//! (claimed in the transaction that publishes it; if that transaction does not commit, the
+//! event is published again, and the consumer handles a repeated message id once).
 //!
 //! The worker wakes when a request signals new rows ([`OutboxSignal::wake`]) and every
 //! [`POLL`] otherwise; on shutdown it delivers what is left, then stops.
@@ -143,6 +144,7 @@ enum DeliveryError {
     Repo(RepoError),
     Payload(serde_json::Error),
     QueueClosed,
+    UnknownTopic(String),
 }
 
 impl From<sqlx::Error> for DeliveryError {
@@ -163,6 +165,7 @@ impl std::fmt::Display for DeliveryError {
             DeliveryError::Repo(err) => write!(f, "{err}"),
             DeliveryError::Payload(err) => write!(f, "malformed payload: {err}"),
             DeliveryError::QueueClosed => f.write_str("the queue is closed"),
+            DeliveryError::UnknownTopic(topic) => write!(f, "unknown topic {topic:?}"),
         }
     }
 }
@@ -176,7 +179,7 @@ struct Deliverer<'a> {
 }
 
 impl Deliverer<'_> {
-    /// Delivers batches until the outbox is empty or a row fails; whether it is empty.
+    /// Delivers batches until the outbox is empty or a batch fails; whether it is empty.
     async fn deliver_all(&self) -> bool {
         loop {
             let batch = match self.outbox.undelivered(BATCH).await {
@@ -189,72 +192,61 @@ impl Deliverer<'_> {
             if batch.is_empty() {
                 return true;
             }
-            let mut failed = false;
-            for row in batch {
-                failed |= !self.deliver(row).await;
-            }
-            if failed {
+            if let Err(err) = self.deliver_batch(&batch).await {
+                warn!(error = %err, rows = batch.len(), "outbox delivery failed; will retry");
                 return false;
             }
         }
     }
 
-    /// Delivers one row in its own context; whether it is done (now or before).
-    async fn deliver(&self, row: OutboxRow) -> bool {
-        let cx = context::stored_context(row.request_id.as_deref(), row.traceparent.as_deref());
-        let span =
-            tracing::info_span!("outbox.deliver", topic = %row.topic, order_id = row.order_id);
-        let tenant = TenantId::new(row.tenant.clone());
-        let work = TENANT.scope(tenant, async {
-            let result = match row.topic.as_str() {
-                CONFIRMATION => self.send_confirmation(&row).await,
-                ORDER_CONFIRMED => self.publish_event(&row).await,
-                other => {
-                    warn!(
-                        topic = other,
-                        "outbox row with an unknown topic; left undelivered"
-                    );
-                    return false;
-                }
-            };
-            match result {
-                Ok(()) => true,
-                Err(err) => {
-                    warn!(error = %err, "delivery failed; will retry");
-                    false
-                }
-            }
-        });
-        contextflow_otel::scope(cx, work.instrument(span)).await
-    }
-
-    /// The confirmation, exactly once: claimed and counted in one transaction.
-    async fn send_confirmation(&self, row: &OutboxRow) -> Result<(), DeliveryError> {
-        self.db
+    /// One transaction for a batch: claim the rows not delivered yet, raise the confirmed
+    /// orders' `confirmation_sent`, publish the events; each row's lines in its own context.
+    /// The batch transaction itself belongs to no request: it logs nothing at INFO.
+    async fn deliver_batch(&self, rows: &[OutboxRow]) -> Result<(), DeliveryError> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let claimed = self
+            .db
+            .pool()
             .transaction(|| async {
-                if self.outbox.claim(row.id).await? {
-                    self.orders.mark_confirmed(row.order_id).await?;
-                    info!("confirmation sent");
+                let claimed: std::collections::HashSet<i64> =
+                    self.outbox.claim_batch(&ids).await?.into_iter().collect();
+                let mut confirmed = Vec::new();
+                for row in rows.iter().filter(|r| claimed.contains(&r.id)) {
+                    match row.topic.as_str() {
+                        CONFIRMATION => confirmed.push(row.order_id),
+                        ORDER_CONFIRMED => {
+                            let event: OrderConfirmed = serde_json::from_str(&row.payload)
+                                .map_err(DeliveryError::Payload)?;
+                            let publish = self.queue.publish(ORDER_CONFIRMED, row.id, &event);
+                            if !in_row_context(row, publish).await {
+                                return Err(DeliveryError::QueueClosed);
+                            }
+                        }
+                        other => {
+                            return Err(DeliveryError::UnknownTopic(other.to_owned()));
+                        }
+                    }
                 }
-                Ok::<_, DeliveryError>(())
+                self.orders.mark_confirmed_batch(&confirmed).await?;
+                Ok::<_, DeliveryError>(claimed)
             })
-            .await
+            .await?;
+        // Committed: now the confirmations are sent, exactly once.
+        for row in rows
+            .iter()
+            .filter(|r| claimed.contains(&r.id) && r.topic == CONFIRMATION)
+        {
+            in_row_context(row, async { info!("confirmation sent") }).await;
+        }
+        Ok(())
     }
+}
 
-    /// The event, claimed in the transaction that publishes it: if the claim does not
-    /// commit, the row is published again later, and the consumer skips the repeat.
-    async fn publish_event(&self, row: &OutboxRow) -> Result<(), DeliveryError> {
-        let event: OrderConfirmed =
-            serde_json::from_str(&row.payload).map_err(DeliveryError::Payload)?;
-        self.db
-            .transaction(|| async {
-                if self.outbox.claim(row.id).await?
-                    && !self.queue.publish(ORDER_CONFIRMED, row.id, &event).await
-                {
-                    return Err(DeliveryError::QueueClosed);
-                }
-                Ok(())
-            })
-            .await
-    }
+/// Runs `fut` in `row`'s context: its request id and trace, its tenant, an `outbox.deliver`
+/// span.
+async fn in_row_context<F: std::future::Future>(row: &OutboxRow, fut: F) -> F::Output {
+    let cx = context::stored_context(row.request_id.as_deref(), row.traceparent.as_deref());
+    let span = tracing::info_span!("outbox.deliver", topic = %row.topic, order_id = row.order_id);
+    let tenant = TenantId::new(row.tenant.clone());
+    contextflow_otel::scope(cx, TENANT.scope(tenant, fut.instrument(span))).await
 }

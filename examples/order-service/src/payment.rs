@@ -18,7 +18,7 @@ use axum::{
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, info, warn, Instrument as _};
 
 use contextflow_http::{InjectContextMiddleware, PropagateContextLayer};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
@@ -96,7 +96,7 @@ impl PaymentClient {
                         reference: reference.to_owned(),
                         amount_cents,
                     });
-            info!(amount_cents, "calling payment provider");
+            debug!(amount_cents, "calling payment provider");
             let response = request
                 .send()
                 .await

@@ -19,7 +19,7 @@
 //! `pending` order older than the request deadline).
 
 use serde::Deserialize;
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, info, warn, Instrument as _};
 
 use crate::{
     context::{self, TenantId, TENANT},
@@ -129,9 +129,9 @@ impl OrderService {
     pub async fn place_order(&self, order: &NewOrder) -> Result<Placed, ServiceError> {
         async {
             validate(order)?;
-            info!(reference = %order.reference, lines = order.items.len(), "placing order");
+            debug!(reference = %order.reference, lines = order.items.len(), "placing order");
             let reserved = self.db.transaction(|| self.reserve(order)).await;
-            let (order_id, total_cents) = match reserved {
+            let (order_id, total_cents, items) = match reserved {
                 Ok(reserved) => reserved,
                 Err(ServiceError::Repo(err)) if err.is_unique_violation() => {
                     return self.existing(&order.reference).await;
@@ -143,7 +143,7 @@ impl OrderService {
                 .authorize(&payment_key(order_id), &order.reference, total_cents)
                 .await;
             let placed = self
-                .decide(order_id, &order.reference, total_cents, decision)
+                .decide(order_id, &order.reference, total_cents, items, decision)
                 .await?;
             info!(reference = %order.reference, order_id, status = %placed.status, "order placed");
             Ok(Placed::Created(placed))
@@ -152,45 +152,51 @@ impl OrderService {
         .await
     }
 
-    /// Step 1, inside a transaction: the order row, then each line's stock.
-    async fn reserve(&self, order: &NewOrder) -> Result<(i64, i64), ServiceError> {
+    /// Step 1, inside a transaction: the order row, each line's stock, the lines.
+    async fn reserve(&self, order: &NewOrder) -> Result<(i64, i64, Vec<OrderItem>), ServiceError> {
         // The order row first: on SQLite, a transaction whose first statement writes takes the
         // write lock at once; on both, a repeated reference fails here, before any stock moves.
         let order_id = self.orders.insert(&order.reference).await?;
         let mut total_cents = 0;
+        let mut items = Vec::with_capacity(order.items.len());
         for line in &order.items {
-            let Some(product) = self.inventory.find(&line.sku).await? else {
-                warn!(sku = %line.sku, "unknown product");
-                return Err(ServiceError::UnknownProduct(line.sku.clone()));
-            };
-            if product.stock < line.quantity
-                || !self.inventory.take(&line.sku, line.quantity).await?
-            {
-                warn!(sku = %line.sku, requested = line.quantity, available = product.stock, "insufficient stock");
-                return Err(ServiceError::InsufficientStock {
-                    sku: line.sku.clone(),
-                    requested: line.quantity,
-                    available: product.stock,
+            let Some(price_cents) = self.inventory.take_priced(&line.sku, line.quantity).await?
+            else {
+                // Only on this (rare) path: tell an unknown product from too little stock.
+                return Err(match self.inventory.find(&line.sku).await? {
+                    None => {
+                        warn!(sku = %line.sku, "unknown product");
+                        ServiceError::UnknownProduct(line.sku.clone())
+                    }
+                    Some(product) => {
+                        warn!(sku = %line.sku, requested = line.quantity, available = product.stock, "insufficient stock");
+                        ServiceError::InsufficientStock {
+                            sku: line.sku.clone(),
+                            requested: line.quantity,
+                            available: product.stock,
+                        }
+                    }
                 });
-            }
-            let item = OrderItem {
+            };
+            total_cents += line.quantity * price_cents;
+            items.push(OrderItem {
                 sku: line.sku.clone(),
                 quantity: line.quantity,
-                price_cents: product.price_cents,
-            };
-            self.orders.add_item(order_id, &item).await?;
-            total_cents += item.quantity * item.price_cents;
+                price_cents,
+            });
         }
+        self.orders.add_items(order_id, &items).await?;
         info!(reference = %order.reference, total_cents, "inventory validated and reserved");
-        Ok((order_id, total_cents))
+        Ok((order_id, total_cents, items))
     }
 
-    /// Step 3: records the provider's answer.
+    /// Step 3: records the provider's answer; `items` are the order's lines.
     async fn decide(
         &self,
         order_id: i64,
         reference: &str,
         total_cents: i64,
+        mut items: Vec<OrderItem>,
         decision: Result<String, PaymentError>,
     ) -> Result<Order, ServiceError> {
         match decision {
@@ -213,22 +219,35 @@ impl OrderService {
                         };
                         let payload = serde_json::to_string(&event)
                             .map_err(|e| ServiceError::Invalid(e.to_string()))?;
-                        self.outbox.add(order_id, CONFIRMATION, &payload).await?;
-                        self.outbox.add(order_id, ORDER_CONFIRMED, &payload).await?;
+                        self.outbox
+                            .add(
+                                order_id,
+                                &[(CONFIRMATION, &payload), (ORDER_CONFIRMED, &payload)],
+                            )
+                            .await?;
                         Ok(true)
                     })
                     .await?;
-                if paid {
-                    self.signal.wake();
+                if !paid {
+                    return self.current(order_id).await;
                 }
-                self.current(order_id).await
+                self.signal.wake();
+                items.sort_by(|a, b| a.sku.cmp(&b.sku));
+                Ok(Order {
+                    id: order_id,
+                    reference: reference.to_owned(),
+                    status: "paid".into(),
+                    total_cents,
+                    payment_id: Some(payment_id),
+                    confirmation_sent: 0,
+                    items,
+                })
             }
             Err(PaymentError::Declined) => {
                 self.db
                     .transaction(|| async {
                         if self.orders.cancel(order_id).await? {
-                            let order = self.current(order_id).await?;
-                            for item in &order.items {
+                            for item in &items {
                                 self.inventory.release(&item.sku, item.quantity).await?;
                             }
                         }
@@ -298,7 +317,13 @@ impl OrderService {
                     .authorize(&payment_key(order.id), &order.reference, total_cents)
                     .await;
                 match self
-                    .decide(order.id, &order.reference, total_cents, decision)
+                    .decide(
+                        order.id,
+                        &order.reference,
+                        total_cents,
+                        current.items,
+                        decision,
+                    )
                     .await
                 {
                     Ok(order) => {

@@ -103,6 +103,42 @@ impl InventoryRepository {
         .await
     }
 
+    /// Takes `quantity` units of `sku` from the current tenant's stock and returns its unit
+    /// price, in one statement; `None` (and nothing changed) when the product is unknown or
+    /// has fewer units left, so concurrent orders can never oversell.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn take_priced(&self, sku: &str, quantity: i64) -> Result<Option<i64>, RepoError> {
+        let tenant = current_tenant()?;
+        async {
+            let row = statement(
+                "UPDATE inventory",
+                self.pool.fetch_optional(
+                    sqlx::query(
+                        "UPDATE inventory SET stock = stock - $1
+                         WHERE tenant_id = $2 AND sku = $3 AND stock >= $1
+                         RETURNING price_cents",
+                    )
+                    .bind(quantity)
+                    .bind(tenant.as_str().to_owned())
+                    .bind(sku.to_owned()),
+                ),
+            )
+            .await?;
+            row.map(|row| row.try_get::<i64, _>("price_cents"))
+                .transpose()
+                .map_err(RepoError::Sqlx)
+        }
+        .instrument(tracing::info_span!(
+            "repository",
+            op = "inventory.take",
+            sku,
+            quantity
+        ))
+        .await
+    }
+
     /// Puts `quantity` units of `sku` back into the current tenant's stock (a cancelled order).
     ///
     /// # Errors

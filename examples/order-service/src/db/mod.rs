@@ -13,7 +13,7 @@ use std::future::Future;
 
 use contextflow_sqlx::TxPool;
 use sqlx::{any::AnyPoolOptions, Any};
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, info, warn, Instrument as _};
 
 pub use self::{
     inventory::{InventoryRepository, StockItem},
@@ -79,8 +79,9 @@ impl Db {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
-            // The pool hands out local connections that rarely break; skip the ping.
-            .test_before_acquire(backend == Backend::Postgres)
+            // No ping before each use: it is a round trip per transaction (two per order), and a
+            // connection that broke fails its first statement, which fails the request.
+            .test_before_acquire(false)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -126,7 +127,7 @@ impl Db {
     {
         let span = tracing::info_span!("transaction");
         async {
-            info!("transaction begin");
+            debug!("transaction begin");
             let result = self.pool.transaction(f).await;
             match &result {
                 Ok(_) => info!("transaction committed"),
@@ -255,7 +256,7 @@ where
     async {
         let result = fut.await;
         match &result {
-            Ok(_) => info!("query ok"),
+            Ok(_) => debug!("query ok"),
             Err(err) => warn!(error = %err, "query failed"),
         }
         result

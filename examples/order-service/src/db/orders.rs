@@ -209,6 +209,74 @@ impl OrderRepository {
         .await
     }
 
+    /// Adds lines to one of the current tenant's orders, in one statement.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn add_items(&self, order_id: i64, items: &[OrderItem]) -> Result<(), RepoError> {
+        let tenant = current_tenant()?;
+        if items.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<String> = (0..items.len())
+            .map(|i| {
+                let p = i * 5;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO order_items (order_id, tenant_id, sku, quantity, price_cents) VALUES {}",
+            values.join(", ")
+        );
+        async {
+            let mut query = sqlx::query(&sql);
+            for item in items {
+                query = query
+                    .bind(order_id)
+                    .bind(tenant.as_str().to_owned())
+                    .bind(item.sku.clone())
+                    .bind(item.quantity)
+                    .bind(item.price_cents);
+            }
+            statement("INSERT order_items", self.pool.execute(query)).await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!(
+            "repository",
+            op = "orders.add_items",
+            lines = items.len()
+        ))
+        .await
+    }
+
+    /// Raises `confirmation_sent` of the orders `ids`, of any tenant: the outbox worker's
+    /// batch, in the transaction that claims the batch's rows.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn mark_confirmed_batch(&self, ids: &[i64]) -> Result<(), RepoError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE orders SET confirmation_sent = confirmation_sent + 1 WHERE id IN ({})",
+            placeholders(ids.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        self.pool.execute(query).await?;
+        Ok(())
+    }
+
     /// Marks one of the current tenant's orders paid, if it is still `pending`.
     ///
     /// # Errors
@@ -363,6 +431,14 @@ impl OrderRepository {
             .try_get::<i64, _>("n")?;
         Ok((orders, items))
     }
+}
+
+/// `$1, $2, ..., $n`.
+pub(crate) fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn order_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Order, sqlx::Error> {

@@ -42,35 +42,79 @@ impl OutboxRepository {
         }
     }
 
-    /// Adds a row for one of the current tenant's orders, with the current request's context.
-    /// Call it inside the transaction that changes the order.
+    /// Adds rows `(topic, payload)` for one of the current tenant's orders, with the current
+    /// request's context, in one statement. Call it inside the transaction that changes the
+    /// order.
     ///
     /// # Errors
     /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
-    pub async fn add(&self, order_id: i64, topic: &str, payload: &str) -> Result<(), RepoError> {
+    pub async fn add(&self, order_id: i64, rows: &[(&str, &str)]) -> Result<(), RepoError> {
         let tenant = current_tenant()?;
         let request_id = crate::context::request_id().map(|id| id.as_str().to_owned());
+        let traceparent = crate::context::traceparent();
+        let values: Vec<String> = (0..rows.len())
+            .map(|i| {
+                let p = i * 6;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO outbox (tenant_id, order_id, topic, payload, request_id, traceparent) VALUES {}",
+            values.join(", ")
+        );
         async {
-            statement(
-                "INSERT outbox",
-                self.pool.execute(
-                    sqlx::query(
-                        "INSERT INTO outbox (tenant_id, order_id, topic, payload, request_id, traceparent)
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
+            let mut query = sqlx::query(&sql);
+            for (topic, payload) in rows {
+                query = query
                     .bind(tenant.as_str().to_owned())
                     .bind(order_id)
-                    .bind(topic.to_owned())
-                    .bind(payload.to_owned())
-                    .bind(request_id)
-                    .bind(crate::context::traceparent()),
-                ),
-            )
-            .await?;
+                    .bind((*topic).to_owned())
+                    .bind((*payload).to_owned())
+                    .bind(request_id.clone())
+                    .bind(traceparent.clone());
+            }
+            statement("INSERT outbox", self.pool.execute(query)).await?;
             Ok(())
         }
-        .instrument(tracing::info_span!("repository", op = "outbox.add", topic))
+        .instrument(tracing::info_span!(
+            "repository",
+            op = "outbox.add",
+            rows = rows.len()
+        ))
         .await
+    }
+
+    /// Marks the rows `ids`, of any tenant, delivered, and returns those that were not yet:
+    /// the outbox worker's batch claim. Call it in the transaction of the deliveries' effects,
+    /// so each effect happens once.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn claim_batch(&self, ids: &[i64]) -> Result<Vec<i64>, RepoError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE outbox SET delivered = 1 WHERE delivered = 0 AND id IN ({}) RETURNING id",
+            super::orders::placeholders(ids.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        let rows = self.pool.fetch_all(query).await?;
+        rows.iter()
+            .map(|row| row.try_get::<i64, _>("id"))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(RepoError::Sqlx)
     }
 
     /// Up to `limit` undelivered rows of every tenant, oldest first: the worker's batch. This

@@ -10,7 +10,7 @@ use std::fmt;
 use super::{
     attribution::ContextCheck, load::Load, milestones::MilestoneCheck, output::OutputCheck,
 };
-use crate::logging::{CapturedEvent, LogFormat};
+use crate::logging::{CapturedEvent, LogFormat, SpanOpened};
 
 /// Everything a run produced, for the checks.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct Run {
     pub load: Load,
     /// Every event, as structured data, in capture order.
     pub events: Vec<CapturedEvent>,
+    /// Every span opening, in order (for the tree).
+    pub spans: Vec<SpanOpened>,
     /// Where the load started and the shutdown began, as event positions.
     pub phases: Phases,
     /// Every line written to the log stream.

@@ -107,6 +107,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, BoxError> {
         run_id,
         load,
         events: capture.take(),
+        spans: capture.take_spans(),
         phases,
         output,
         format: opts.format,

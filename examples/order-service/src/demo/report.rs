@@ -48,7 +48,7 @@ impl DemoReport {
             .load
             .expected
             .get(&first)
-            .map(|want| tree::draw(&run.events, &first, want))
+            .map(|want| tree::draw(&run.events, &run.spans, &first, want))
             .unwrap_or_default();
         DemoReport {
             requests: run.load.outcomes.len(),

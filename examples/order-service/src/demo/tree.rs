@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::load::Expected;
-use crate::logging::{CapturedEvent, SpanRecord};
+use crate::logging::{CapturedEvent, SpanOpened, SpanRecord};
 
 /// A span (with children) or an event (a leaf).
 #[derive(Debug)]
@@ -20,17 +20,35 @@ enum Node {
     Event(String),
 }
 
-/// Draws the events of `request_id`.
-pub(crate) fn draw(events: &[CapturedEvent], request_id: &str, want: &Expected) -> String {
+/// Draws the events of `request_id`, and the spans opened under the spans they happened in
+/// (a query that logged nothing at INFO still shows).
+pub(crate) fn draw(
+    events: &[CapturedEvent],
+    spans: &[SpanOpened],
+    request_id: &str,
+    want: &Expected,
+) -> String {
+    // The request's items in order: span openings (path only) and events (path and a leaf).
+    let mut items: Vec<(Vec<Arc<SpanRecord>>, Option<String>)> = Vec::new();
+    let mut opened = spans
+        .iter()
+        .filter(|s| s.request_id.as_deref() == Some(request_id))
+        .peekable();
+    for event in events {
+        while let Some(span) = opened.next_if(|s| s.after_events <= event.seq) {
+            items.push((span.path.clone(), None));
+        }
+        if event.context.request_id.as_deref() == Some(request_id) {
+            items.push((event.spans.clone(), Some(format!("• {}", event.summary()))));
+        }
+    }
+    items.extend(opened.map(|s| (s.path.clone(), None)));
+
     let mut roots: Vec<Node> = Vec::new();
     // Where the spans of another process (the payment stub) or task (the queue consumer) hang.
     let mut client_call: Vec<Arc<SpanRecord>> = Vec::new();
     let mut publish: Vec<Arc<SpanRecord>> = Vec::new();
-    for event in events {
-        if event.context.request_id.as_deref() != Some(request_id) {
-            continue;
-        }
-        let mut path = event.spans.clone();
+    for (mut path, event) in items {
         if let Some(at) = path.iter().position(|s| s.name == "http.client") {
             client_call = path[..=at].to_vec();
         }
@@ -47,7 +65,10 @@ pub(crate) fn draw(events: &[CapturedEvent], request_id: &str, want: &Expected) 
             grafted.append(&mut path);
             path = grafted;
         }
-        insert(&mut roots, &path, format!("• {}", event.summary()));
+        match event {
+            Some(event) => insert(&mut roots, &path, event),
+            None => insert_path(&mut roots, &path),
+        }
     }
     let mut out = format!(
         "POST /orders  request_id={request_id}  trace_id={}  tenant={}  reference={}\n",
@@ -64,21 +85,37 @@ fn is_payment_server(span: &SpanRecord) -> bool {
     span.name == "http.request" && span.field("service") == Some("payment")
 }
 
+/// Adds the spans of `path` that are not there yet, with no event.
+fn insert_path(nodes: &mut Vec<Node>, path: &[Arc<SpanRecord>]) {
+    let Some((head, rest)) = path.split_first() else {
+        return;
+    };
+    let at = span_node(nodes, head);
+    if let Node::Span { children, .. } = &mut nodes[at] {
+        insert_path(children, rest);
+    }
+}
+
+/// The index of `span`'s node among `nodes`, added if missing.
+fn span_node(nodes: &mut Vec<Node>, span: &Arc<SpanRecord>) -> usize {
+    nodes
+        .iter()
+        .position(|n| matches!(n, Node::Span { span: s, .. } if s.uid == span.uid))
+        .unwrap_or_else(|| {
+            nodes.push(Node::Span {
+                span: span.clone(),
+                children: Vec::new(),
+            });
+            nodes.len() - 1
+        })
+}
+
 fn insert(nodes: &mut Vec<Node>, path: &[Arc<SpanRecord>], event: String) {
     let Some((head, rest)) = path.split_first() else {
         nodes.push(Node::Event(event));
         return;
     };
-    let at = nodes
-        .iter()
-        .position(|n| matches!(n, Node::Span { span, .. } if span.uid == head.uid));
-    let at = at.unwrap_or_else(|| {
-        nodes.push(Node::Span {
-            span: head.clone(),
-            children: Vec::new(),
-        });
-        nodes.len() - 1
-    });
+    let at = span_node(nodes, head);
     if let Node::Span { children, .. } = &mut nodes[at] {
         insert(children, rest, event);
     }
@@ -160,7 +197,7 @@ mod tests {
         let db2 = span(3, "db", &[("statement", "SELECT")]);
         let client = span(4, "http.client", &[]);
         let stub = span(5, "http.request", &[("service", "payment")]);
-        let events = [
+        let mut events = [
             event(&[&request], "started", "r"),
             event(&[&request, &db1], "query ok", "r"),
             event(&[&request, &db2], "query ok", "r"),
@@ -169,12 +206,22 @@ mod tests {
             event(&[&request], "someone else", "other"),
             event(&[&request], "finished", "r"),
         ];
+        for (i, event) in events.iter_mut().enumerate() {
+            event.seq = i;
+        }
         let want = Expected {
             reference: "ord".into(),
             trace_id: "t".into(),
             tenant: "acme".into(),
         };
-        let tree = draw(&events, "r", &want);
+        // A span opened under the request with no event of its own still shows.
+        let quiet = span(6, "db", &[("statement", "UPDATE")]);
+        let spans = [SpanOpened {
+            after_events: 6,
+            request_id: Some("r".into()),
+            path: vec![request.clone(), quiet],
+        }];
+        let tree = draw(&events, &spans, "r", &want);
         let expected = "\
 POST /orders  request_id=r  trace_id=t  tenant=acme  reference=ord
 └── http.request{service=orders}
@@ -187,6 +234,7 @@ POST /orders  request_id=r  trace_id=t  tenant=acme  reference=ord
     │   ├── • calling
     │   └── http.request{service=payment}   <- another server: context from traceparent / x-request-id
     │       └── • authorized
+    ├── db{statement=UPDATE}
     └── • finished
 ";
         assert_eq!(tree, expected);

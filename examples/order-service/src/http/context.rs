@@ -3,7 +3,7 @@
 //! `http.request` span every line of the request nests under, and logs its start and end.
 
 use axum::{extract::Request, middleware::Next, response::Response};
-use tracing::{info, Instrument as _};
+use tracing::{debug, info, Instrument as _};
 
 /// Middleware for the order service's own routes.
 pub async fn orders_request_span(req: Request, next: Next) -> Response {
@@ -20,7 +20,7 @@ async fn request_span(service: &'static str, req: Request, next: Next) -> Respon
     let path: String = req.uri().path().chars().take(128).collect();
     let span = tracing::info_span!("http.request", service, method = %req.method(), path);
     let handle = async move {
-        info!("request started");
+        debug!("request started");
         let response = next.run(req).await;
         info!(status = response.status().as_u16(), "request finished");
         response

@@ -5,7 +5,7 @@ use axum::{
     http::StatusCode,
     Json,
 };
-use tracing::{info, Instrument as _};
+use tracing::{debug, info, Instrument as _};
 
 use super::{ApiError, AppJson, AppState};
 use crate::{
@@ -29,7 +29,7 @@ pub async fn create_order(
     let span =
         tracing::info_span!("controller", handler = "create_order", reference = %order.reference);
     async move {
-        info!(lines = order.items.len(), "order received");
+        debug!(lines = order.items.len(), "order received");
         match app.service.place_order(&order).await? {
             Placed::Created(placed) => {
                 info!(order_id = placed.id, "order accepted");

@@ -31,7 +31,20 @@ pub struct EventCapture {
 struct Inner {
     fields: ContextFields,
     events: Mutex<Vec<CapturedEvent>>,
+    spans: Mutex<Vec<SpanOpened>>,
     next_span: AtomicU64,
+}
+
+/// A span was opened: its path, outermost first and itself last. Spans with no event of their
+/// own (a query that logged nothing at INFO) still show in the request's tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanOpened {
+    /// How many events had been captured when it opened.
+    pub after_events: usize,
+    /// The request id current when it opened.
+    pub request_id: Option<String>,
+    /// The span and its parents.
+    pub path: Vec<Arc<SpanRecord>>,
 }
 
 /// One event, as structured data.
@@ -84,6 +97,7 @@ impl EventCapture {
             inner: Arc::new(Inner {
                 fields,
                 events: Mutex::new(Vec::new()),
+                spans: Mutex::new(Vec::new()),
                 next_span: AtomicU64::new(1),
             }),
         }
@@ -102,6 +116,17 @@ impl EventCapture {
     /// Every event captured so far.
     pub fn events(&self) -> Vec<CapturedEvent> {
         self.lock().clone()
+    }
+
+    /// Takes every span opening recorded so far out of the capture.
+    pub fn take_spans(&self) -> Vec<SpanOpened> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .spans
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Takes every event captured so far out of the capture.
@@ -170,9 +195,26 @@ where
             name: attrs.metadata().name(),
             fields: fields.0,
         };
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(Arc::new(record));
-        }
+        let Some(span) = ctx.span(id) else { return };
+        let record = Arc::new(record);
+        span.extensions_mut().insert(record.clone());
+        let mut path: Vec<Arc<SpanRecord>> = span
+            .scope()
+            .skip(1)
+            .filter_map(|parent| parent.extensions().get::<Arc<SpanRecord>>().cloned())
+            .collect();
+        path.reverse();
+        path.push(record);
+        let after_events = self.len();
+        self.inner
+            .spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(SpanOpened {
+                after_events,
+                request_id: crate::context::request_id().map(|id| id.as_str().to_owned()),
+                path,
+            });
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {

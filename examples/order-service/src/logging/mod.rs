@@ -33,7 +33,7 @@ use crate::context::{OTEL_CONTEXT, REQUEST_ID, TENANT};
 
 mod capture;
 
-pub use self::capture::{CapturedEvent, EventCapture, EventContext, SpanRecord};
+pub use self::capture::{CapturedEvent, EventCapture, EventContext, SpanOpened, SpanRecord};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

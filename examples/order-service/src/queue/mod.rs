@@ -18,7 +18,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, info, warn, Instrument as _};
 
 /// The topic the confirmation job publishes to.
 pub const ORDER_CONFIRMED: &str = "order.confirmed";
@@ -114,7 +114,7 @@ impl Queue {
             };
             match self.sender.send(message).await {
                 Ok(()) => {
-                    info!("message published");
+                    debug!("message published");
                     true
                 }
                 Err(_) => {
