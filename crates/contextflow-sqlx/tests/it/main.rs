@@ -269,12 +269,21 @@ mod postgres {
         db.execute(sqlx::query("SELECT 1")).await.unwrap();
         let now = pid(&mut db.pool().acquire().await.unwrap()).await;
         assert_ne!(dirty, now);
+        // Drop the transaction once its block is open and has run a statement. The block says
+        // so itself: with a fixed poll budget, a block that reached `pending()` in fewer polls
+        // would never be woken again, and the test would hang (it did, about 1 run in 10).
+        let (opened, is_open) = tokio::sync::oneshot::channel();
         let fut = db.transaction(|| async {
             sqlx::query("SELECT 1").execute(&db).await?;
+            let _ = opened.send(());
             std::future::pending::<()>().await;
             Ok::<_, sqlx::Error>(())
         });
-        assert!(crate::support::DropAfter::new(fut, 4).await.is_none());
+        tokio::select! {
+            biased;
+            result = fut => panic!("the block never ends, yet it returned {result:?}"),
+            signal = is_open => signal.expect("the block was dropped before it ran its statement"),
+        }
         let mut conn = db.pool().acquire().await.unwrap();
         let row = sqlx::raw_sql(
             "SELECT (CASE WHEN xact_start <> query_start THEN 1 ELSE 0 END)::int8 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
