@@ -59,11 +59,15 @@
 //! # Feature flags
 //!
 //! - `tokio`: [`process::CommandExt`] for `tokio::process::Command`.
+//! - `lapin`: RabbitMQ, `lapin` module (AMQP headers as carriers, publish and consume helpers).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
 pub mod consume;
+#[cfg(feature = "lapin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "lapin")))]
+pub mod lapin;
 pub mod process;
 pub mod publish;
 mod spans;

@@ -1,5 +1,7 @@
 //! Behaviour of contextflow-messaging through its public API.
 
+#[cfg(feature = "lapin")]
+mod amqp;
 mod consume;
 mod process;
 mod publish;

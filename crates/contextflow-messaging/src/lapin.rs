@@ -1,0 +1,276 @@
+//! RabbitMQ through [`lapin`]: AMQP message headers as carriers, a publish helper that writes
+//! the current context into a message's headers, and a consume helper that runs a delivery's
+//! handler in the context its headers carry.
+//!
+//! Propagation fields travel as long-string entries of the message's `headers` table
+//! (`traceparent`, `tracestate`, `baggage`, `x-request-id`); on consume, an entry that is not
+//! a UTF-8 string is ignored, and everything else is validated as for any carrier.
+//!
+//! ```no_run
+//! use contextflow_messaging::lapin as amqp;
+//! use futures_util::StreamExt as _;
+//! use lapin::{options::*, types::FieldTable, BasicProperties, Connection};
+//!
+//! # #[allow(dead_code)]
+//! # async fn run(connection: Connection) -> lapin::Result<()> {
+//! let channel = connection.create_channel().await?;
+//! // Publish, inside a request: the request's context goes into the headers.
+//! amqp::publish(&channel, "", "orders", BasicPublishOptions::default(), b"{}", BasicProperties::default())
+//!     .await?
+//!     .await?;
+//!
+//! // Consume, in a task of its own: each delivery's handler runs in the delivery's context.
+//! let consumer = amqp::consumer("orders");
+//! let mut deliveries = channel
+//!     .basic_consume("orders", "worker", BasicConsumeOptions::default(), FieldTable::default())
+//!     .await?;
+//! while let Some(delivery) = deliveries.next().await {
+//!     let delivery = delivery?;
+//!     let message = amqp::context(&consumer, &delivery);
+//!     contextflow::spawn(message.scope(async move {
+//!         tracing::info!("order received"); // with the producer's request id and trace id
+//!         delivery.ack(BasicAckOptions::default()).await
+//!     }));
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! `lapin` is used without its default features: enable the runtime (`default-runtime`, or
+//! an executor and reactor such as `tokio-executor-trait` and `tokio-reactor-trait` passed to
+//! `ConnectionProperties`) and TLS features in the application.
+
+use lapin::{
+    message::Delivery,
+    options::BasicPublishOptions,
+    publisher_confirm::PublisherConfirm,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    BasicProperties, Channel,
+};
+use opentelemetry::propagation::{Extractor, Injector};
+
+use crate::{Consumed, Consumer, MessageContext, Publisher};
+
+/// The `messaging.system` of RabbitMQ consumer spans.
+pub const SYSTEM: &str = "rabbitmq";
+
+/// Reads propagation fields from an AMQP headers table (keys compared without regard to
+/// ASCII case; long-string and short-string values that are UTF-8).
+///
+/// ```
+/// use contextflow_messaging::lapin::HeaderExtractor;
+/// use lapin::types::{AMQPValue, FieldTable};
+/// use opentelemetry::propagation::Extractor as _;
+///
+/// let mut headers = FieldTable::default();
+/// headers.insert("x-request-id".into(), AMQPValue::LongString("r-1".into()));
+/// headers.insert("x-count".into(), AMQPValue::LongInt(3));
+/// let extractor = HeaderExtractor::new(Some(&headers));
+/// assert_eq!(extractor.get("X-Request-Id"), Some("r-1"));
+/// assert_eq!(extractor.get("x-count"), None, "not a string");
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderExtractor<'a> {
+    headers: Option<&'a FieldTable>,
+}
+
+/// Writes propagation fields into an AMQP headers table, as long strings.
+///
+/// ```
+/// use contextflow_messaging::lapin::HeaderInjector;
+/// use lapin::types::{AMQPValue, FieldTable};
+/// use opentelemetry::propagation::Injector as _;
+///
+/// let mut headers = FieldTable::default();
+/// HeaderInjector::new(&mut headers).set("x-request-id", "r-2".to_owned());
+/// assert_eq!(headers.inner().get("x-request-id"), Some(&AMQPValue::LongString("r-2".into())));
+/// ```
+#[derive(Debug)]
+pub struct HeaderInjector<'a> {
+    headers: &'a mut FieldTable,
+}
+
+// ===== impl HeaderExtractor =====
+
+impl<'a> HeaderExtractor<'a> {
+    /// Reads `headers` (a message without headers has `None`).
+    ///
+    /// ```
+    /// use opentelemetry::propagation::Extractor as _;
+    /// let extractor = contextflow_messaging::lapin::HeaderExtractor::new(None);
+    /// assert!(extractor.keys().is_empty());
+    /// ```
+    pub fn new(headers: Option<&'a FieldTable>) -> Self {
+        HeaderExtractor { headers }
+    }
+
+    /// Reads the headers of `properties`.
+    ///
+    /// ```
+    /// use opentelemetry::propagation::Extractor as _;
+    /// let properties = lapin::BasicProperties::default();
+    /// let extractor = contextflow_messaging::lapin::HeaderExtractor::from_properties(&properties);
+    /// assert_eq!(extractor.get("traceparent"), None);
+    /// ```
+    pub fn from_properties(properties: &'a BasicProperties) -> Self {
+        HeaderExtractor::new(properties.headers().as_ref())
+    }
+}
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let headers = self.headers?;
+        // Exact match first (the common case, a B-tree lookup), then without regard to case.
+        let value = match headers.inner().get(key) {
+            Some(value) => value,
+            None => {
+                headers
+                    .inner()
+                    .iter()
+                    .find(|(k, _)| k.as_str().eq_ignore_ascii_case(key))?
+                    .1
+            }
+        };
+        as_str(value)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.headers.map_or_else(Vec::new, |headers| {
+            headers.inner().keys().map(ShortString::as_str).collect()
+        })
+    }
+}
+
+fn as_str(value: &AMQPValue) -> Option<&str> {
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+// ===== impl HeaderInjector =====
+
+impl<'a> HeaderInjector<'a> {
+    /// Writes into `headers`.
+    ///
+    /// ```
+    /// let mut headers = lapin::types::FieldTable::default();
+    /// let injector = contextflow_messaging::lapin::HeaderInjector::new(&mut headers);
+    /// # drop(injector);
+    /// ```
+    pub fn new(headers: &'a mut FieldTable) -> Self {
+        HeaderInjector { headers }
+    }
+}
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.headers.insert(
+            ShortString::from(key),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+}
+
+// ===== publish =====
+
+/// `properties` with the current context written into its headers by `publisher` (other
+/// headers kept).
+///
+/// ```
+/// use contextflow_messaging::{lapin::inject, Publisher};
+/// use contextflow_otel::{RequestId, REQUEST_ID};
+///
+/// let properties = REQUEST_ID.sync_scope("r-3".parse::<RequestId>()?, || {
+///     inject(&Publisher::new(), lapin::BasicProperties::default())
+/// });
+/// let headers = properties.headers().as_ref().unwrap();
+/// assert_eq!(headers.inner()["x-request-id"], lapin::types::AMQPValue::LongString("r-3".into()));
+/// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+/// ```
+pub fn inject(publisher: &Publisher, properties: BasicProperties) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    publisher.inject(&mut HeaderInjector::new(&mut headers));
+    properties.with_headers(headers)
+}
+
+/// Publishes `payload` with the current context in its headers (OpenTelemetry's global
+/// propagator plus the request id); otherwise `Channel::basic_publish`.
+///
+/// # Errors
+///
+/// Those of `Channel::basic_publish`.
+///
+/// ```no_run
+/// # #[allow(dead_code)]
+/// # async fn run(channel: lapin::Channel) -> lapin::Result<()> {
+/// use lapin::{options::BasicPublishOptions, BasicProperties};
+/// contextflow_messaging::lapin::publish(&channel, "", "orders", BasicPublishOptions::default(), b"{}", BasicProperties::default())
+///     .await?
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    options: BasicPublishOptions,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<PublisherConfirm> {
+    let properties = inject(&Publisher::new(), properties);
+    channel
+        .basic_publish(exchange, routing_key, options, payload, properties)
+        .await
+}
+
+// ===== consume =====
+
+/// A [`Consumer`] for the RabbitMQ queue `queue` (`messaging.system = "rabbitmq"`).
+///
+/// ```
+/// let consumer = contextflow_messaging::lapin::consumer("orders");
+/// # drop(consumer);
+/// ```
+pub fn consumer(queue: &str) -> Consumer {
+    Consumer::new().system(SYSTEM).destination(queue)
+}
+
+/// The context of `delivery`, made by `consumer` from its headers.
+///
+/// ```no_run
+/// # #[allow(dead_code)]
+/// # fn run(delivery: lapin::message::Delivery) {
+/// let message = contextflow_messaging::lapin::context(&contextflow_messaging::lapin::consumer("orders"), &delivery);
+/// message.run(|| tracing::info!("in the producer's context"));
+/// message.finish();
+/// # }
+/// ```
+pub fn context(consumer: &Consumer, delivery: &Delivery) -> MessageContext {
+    consumer.context(&HeaderExtractor::from_properties(&delivery.properties))
+}
+
+/// Runs `handler` for `delivery` in the context its headers carry; see [`Consumer::scope`].
+///
+/// ```no_run
+/// # #[allow(dead_code)]
+/// # async fn run(delivery: lapin::message::Delivery) -> lapin::Result<()> {
+/// use contextflow_messaging::lapin as amqp;
+/// let consumer = amqp::consumer("orders");
+/// amqp::scope(&consumer, &delivery, async {
+///     // ... handle the message; logs carry the producer's request id
+///     delivery.ack(lapin::options::BasicAckOptions::default()).await
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub fn scope<F: std::future::Future>(
+    consumer: &Consumer,
+    delivery: &Delivery,
+    handler: F,
+) -> Consumed<F> {
+    consumer.scope(
+        &HeaderExtractor::from_properties(&delivery.properties),
+        handler,
+    )
+}
