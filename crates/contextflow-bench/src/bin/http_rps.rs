@@ -14,7 +14,9 @@
 //! `valgrind --tool=callgrind`, gets 2,000 warm-up requests, then `callgrind_control --zero`,
 //! `--requests N` requests (default 10,000) over one keep-alive connection, and
 //! `callgrind_control --dump`; the dump's total instruction count divided by N is the cost of
-//! a request, server side (needs `valgrind`).
+//! a request, server side (needs `valgrind`). `--only VARIANT` measures one stack (and the
+//! bare baseline); `--keep` keeps the dumps (`$TMPDIR/http-rps-VARIANT.callgrind.1`) for
+//! `callgrind_annotate`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -66,7 +68,13 @@ fn main() {
             .map_or(default, |v| v.parse().expect("a number"))
     };
     if args.iter().any(|a| a == "--instructions") {
-        instructions(opt("--requests", 10_000));
+        let only = args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .cloned();
+        let keep = args.iter().any(|a| a == "--keep");
+        instructions(opt("--requests", 10_000), only.as_deref(), keep);
         return;
     }
     let rounds = opt("--rounds", 5);
@@ -129,15 +137,21 @@ fn measure(variant: &str, duration: u64, connections: u64) -> f64 {
 }
 
 /// Instructions per request of each variant under callgrind (see the module docs).
-fn instructions(requests: u64) {
+fn instructions(requests: u64, only: Option<&str>, keep: bool) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         eprintln!("valgrind is not installed (apt-get install valgrind): skipping");
         return;
     }
     println!("# HTTP server instructions per request (callgrind, {requests} requests after 2000 warm-up, one keep-alive connection)");
+    let variants: Vec<(&str, &str)> = VARIANTS
+        .iter()
+        .enumerate()
+        .filter(|(i, (v, _))| *i == 0 || only.is_none_or(|o| o == *v))
+        .map(|(_, &pair)| pair)
+        .collect();
     let mut counts = Vec::new();
-    for (variant, _) in VARIANTS {
-        let per_request = callgrind(variant, requests);
+    for (variant, _) in &variants {
+        let per_request = callgrind(variant, requests, keep);
         eprintln!("{variant}: {per_request:.0} instructions/request");
         counts.push(per_request);
     }
@@ -146,13 +160,13 @@ fn instructions(requests: u64) {
         "stack", "instr/req", "over bare"
     );
     println!("|{:-<64}|{:->14}|{:->12}|", "", "", "");
-    for ((_, desc), n) in VARIANTS.iter().zip(&counts) {
+    for ((_, desc), n) in variants.iter().zip(&counts) {
         println!("| {desc:<62} | {n:>12.0} | {:>+10.0} |", n - counts[0]);
     }
 }
 
 /// Runs `variant` under callgrind and returns its instructions per request.
-fn callgrind(variant: &str, requests: u64) -> f64 {
+fn callgrind(variant: &str, requests: u64, keep: bool) -> f64 {
     let out_file = std::env::temp_dir().join(format!("http-rps-{variant}.callgrind"));
     let _ = std::fs::remove_file(&out_file);
     let mut server = Command::new("valgrind")
@@ -191,7 +205,11 @@ fn callgrind(variant: &str, requests: u64) -> f64 {
         })
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .expect("a totals line");
-    let _ = std::fs::remove_file(&dump);
+    if keep {
+        eprintln!("kept {}", dump.display());
+    } else {
+        let _ = std::fs::remove_file(&dump);
+    }
     let _ = std::fs::remove_file(&out_file);
     total as f64 / requests as f64
 }
