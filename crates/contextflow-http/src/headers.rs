@@ -150,6 +150,12 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+impl contextflow_otel::carrier::FieldValues for HeaderExtractor<'_> {
+    fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+        self.values(key).into_iter().map(|v| as_str(v).as_bytes())
+    }
+}
+
 fn as_str(value: &HeaderValue) -> &str {
     value.to_str().unwrap_or("\0")
 }

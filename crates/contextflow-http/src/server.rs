@@ -97,6 +97,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
+use bytes::Bytes;
 use contextflow::Snapshot;
 use contextflow_otel::{Propagation, RequestId};
 use http::{HeaderValue, Request, Response};
@@ -424,14 +425,16 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let mut cx = self.propagation.extract(&HeaderExtractor(req.headers()));
-        if let Some(set_earlier) = req.extensions().get::<RequestId>() {
-            cx = cx.with_value(set_earlier.clone());
-        }
-        let request_id = cx
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(RequestId::new);
+        // Straight from the header map (no `Vec` per lookup) with the default propagators.
+        let (cx, extracted_id) = self.propagation.extract_parts_from(
+            &opentelemetry::Context::current(),
+            &HeaderExtractor(req.headers()),
+        );
+        let request_id = match req.extensions().get::<RequestId>() {
+            Some(set_earlier) => set_earlier.clone(),
+            None => extracted_id,
+        };
+        let cx = cx.with_value(request_id.clone());
 
         let incoming = req.headers().get(X_REQUEST_ID);
         let id_value = match incoming {
@@ -439,8 +442,10 @@ where
             _ => {
                 // Missing, malformed, repeated, or not what an earlier layer chose: one clean
                 // value. A request id is visible ASCII, so it is a valid header value.
-                let value = HeaderValue::from_str(request_id.as_str())
-                    .unwrap_or_else(|_| HeaderValue::from_static("-"));
+                // It shares the id's bytes: echoing it on the response is a reference count.
+                let value =
+                    HeaderValue::from_maybe_shared(Bytes::from_owner(IdBytes(request_id.clone())))
+                        .unwrap_or_else(|_| HeaderValue::from_static("-"));
                 req.headers_mut().insert(X_REQUEST_ID, value.clone());
                 value
             }
@@ -674,6 +679,15 @@ impl RequestScope {
                 spans::end_with_error(cx, error_type);
             }
         }
+    }
+}
+
+/// A request id as the bytes of a header value.
+struct IdBytes(RequestId);
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_str().as_bytes()
     }
 }
 

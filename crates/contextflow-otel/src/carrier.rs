@@ -82,6 +82,55 @@ pub struct InjectFn<F>(pub F);
 /// An [`Extractor`] that enforces the bounds of [`extract`](crate::extract) on another one.
 pub(crate) struct Bounded<'a>(pub(crate) &'a dyn Extractor);
 
+/// A carrier that hands out the raw values of a field without allocating: what
+/// [`Propagation::extract_parts_from`](crate::Propagation::extract_parts_from) reads on its fast
+/// path (contextflow's own W3C propagators), with the same bounds and results as through
+/// [`Extractor`].
+///
+/// `field_values(key)` must yield exactly what `get_all(key)` returns, in the same order, as
+/// bytes (and nothing when `get_all` returns `None`).
+///
+/// ```
+/// use contextflow_otel::carrier::{FieldValues, Pairs};
+/// use opentelemetry::propagation::Extractor;
+///
+/// struct One<'a>(Pairs<'a>);
+/// impl Extractor for One<'_> {
+///     fn get(&self, key: &str) -> Option<&str> { self.0.get(key) }
+///     fn keys(&self) -> Vec<&str> { self.0.keys() }
+///     fn get_all(&self, key: &str) -> Option<Vec<&str>> { self.0.get_all(key) }
+/// }
+/// impl FieldValues for One<'_> {
+///     fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+///         self.0.get_all(key).unwrap_or_default().into_iter().map(str::as_bytes)
+///     }
+/// }
+/// let carrier = One(Pairs::new([("x-request-id", "r-1")]));
+/// let (_, id) = contextflow_otel::Propagation::global()
+///     .extract_parts_from(&opentelemetry::Context::new(), &carrier);
+/// assert_eq!(id.as_str(), "r-1");
+/// ```
+pub trait FieldValues: Extractor {
+    /// Every value of the field `key` (a lower-case name), in order, as bytes.
+    fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]>;
+}
+
+/// The values of the fields the built-in propagators read, through [`Bounded`]'s bounds: the
+/// one abstraction their extraction logic is written against, so the `dyn Extractor` path and
+/// the allocation-free [`FieldValues`] path give the same results.
+pub(crate) trait Source {
+    /// `Extractor::get` through the bounds.
+    fn first(&self, key: &str) -> Option<&[u8]>;
+    /// `Extractor::get_all` through the bounds when it holds exactly one value: `Ok(value)`;
+    /// more than one: `Err(first)`; none: `None`.
+    fn single(&self, key: &str) -> Option<Result<&[u8], &[u8]>>;
+    /// `Extractor::get_all` through the bounds.
+    fn all(&self, key: &str) -> Option<Vec<&[u8]>>;
+}
+
+/// [`Bounded`]'s bounds over a [`FieldValues`] carrier, allocating only for `all`.
+pub(crate) struct BoundedFields<'a, E>(pub(crate) &'a E);
+
 /// An untrusted value made safe for a log line: escaped as ASCII (no control characters, no
 /// newlines, no non-ASCII bytes) and cut to 64 bytes.
 pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
@@ -176,6 +225,66 @@ impl Extractor for Bounded<'_> {
         let all: Vec<&str> = all.into_iter().filter_map(|v| self.check(key, v)).collect();
         (!all.is_empty()).then_some(all)
     }
+}
+
+// ===== impl BoundedFields =====
+
+impl<E: FieldValues> BoundedFields<'_, E> {
+    /// Calls `f` with each value `Bounded::get_all` keeps: among the first 64, each within
+    /// the length bound.
+    fn kept<'s>(&'s self, key: &str, mut f: impl FnMut(&'s [u8])) {
+        let mut count = 0usize;
+        for value in self.0.field_values(key) {
+            count += 1;
+            if count <= MAX_PAIRS {
+                if let Some(value) = check_bytes(key, value) {
+                    f(value);
+                }
+            }
+        }
+        if count > MAX_PAIRS {
+            tracing::debug!(key = %Escaped(key.as_bytes()), count, "ignored values past 64");
+        }
+    }
+}
+
+impl<E: FieldValues> Source for BoundedFields<'_, E> {
+    fn first(&self, key: &str) -> Option<&[u8]> {
+        self.0
+            .field_values(key)
+            .next()
+            .and_then(|v| check_bytes(key, v))
+    }
+
+    fn single(&self, key: &str) -> Option<Result<&[u8], &[u8]>> {
+        let mut first = None;
+        let mut many = false;
+        self.kept(key, |value| match first {
+            None => first = Some(value),
+            Some(_) => many = true,
+        });
+        let first = first?;
+        Some(if many { Err(first) } else { Ok(first) })
+    }
+
+    fn all(&self, key: &str) -> Option<Vec<&[u8]>> {
+        let mut all = Vec::new();
+        self.kept(key, |value| all.push(value));
+        (!all.is_empty()).then_some(all)
+    }
+}
+
+/// `Bounded::check` for bytes.
+fn check_bytes<'v>(key: &str, value: &'v [u8]) -> Option<&'v [u8]> {
+    if value.len() > MAX_VALUE_LEN {
+        tracing::debug!(
+            key = %Escaped(key.as_bytes()),
+            value = %Escaped(value),
+            "ignored an over-long propagation field"
+        );
+        return None;
+    }
+    Some(value)
 }
 
 // ===== impl Escaped =====

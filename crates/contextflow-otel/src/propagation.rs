@@ -23,7 +23,10 @@
 //! assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
 //! ```
 
-use std::sync::{Arc, LazyLock};
+use std::{
+    any::TypeId,
+    sync::{Arc, LazyLock},
+};
 
 use opentelemetry::{
     baggage::BaggageExt as _,
@@ -36,7 +39,7 @@ use opentelemetry::{
 };
 
 use crate::{
-    carrier::{Bounded, Escaped},
+    carrier::{Bounded, BoundedFields, Escaped, FieldValues, Source},
     traceparent::format_traceparent,
     Baggage, RequestId, TraceParent, TraceState, BAGGAGE, REQUEST_ID, TRACEPARENT, TRACESTATE,
     X_REQUEST_ID,
@@ -121,6 +124,8 @@ pub struct RequestIdPropagator {
 pub struct Propagation {
     /// `None`: the global propagator (or the default when none is installed).
     trace: Option<Arc<dyn TextMapPropagator + Send + Sync>>,
+    /// `trace` is contextflow's own `TraceContextPropagator`, read directly on the fast path.
+    trace_context_only: bool,
 }
 
 /// The full `tracestate` next to the span context whose OpenTelemetry `TraceState` kept only
@@ -223,34 +228,7 @@ impl TextMapPropagator for TraceContextPropagator {
     }
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
-        let Some(parent) = extract_traceparent(extractor) else {
-            return cx.clone();
-        };
-        if extractor.get(TRACESTATE).is_none() {
-            return cx.with_remote_span_context(
-                parent.to_remote_span_context(opentelemetry::trace::TraceState::default()),
-            );
-        }
-        let values = extractor.get_all(TRACESTATE).unwrap_or_default();
-        let full = match TraceState::from_values(values.iter().map(|v| v.as_bytes())) {
-            Ok(state) => state,
-            Err(err) => {
-                tracing::debug!(
-                    reason = %err,
-                    value = %Escaped(values.first().map_or(&b""[..], |v| v.as_bytes())),
-                    "dropped malformed tracestate"
-                );
-                TraceState::new()
-            }
-        };
-        let projected = full.to_otel();
-        let complete = projected.header().len() == full.to_string().len();
-        let cx = cx.with_remote_span_context(parent.to_remote_span_context(projected.clone()));
-        if complete {
-            cx
-        } else {
-            cx.with_value(FullTraceState { full, projected })
-        }
+        extract_trace_context(cx, &Unbounded(extractor))
     }
 
     fn fields(&self) -> FieldIter<'_> {
@@ -258,21 +236,85 @@ impl TextMapPropagator for TraceContextPropagator {
     }
 }
 
+/// An extractor read as a [`Source`] with no bounds (a propagator called directly is given
+/// what the caller hands it; [`Propagation`] adds the bounds).
+struct Unbounded<'a>(&'a dyn Extractor);
+
+impl Source for Unbounded<'_> {
+    fn first(&self, key: &str) -> Option<&[u8]> {
+        self.0.get(key).map(str::as_bytes)
+    }
+
+    fn single(&self, key: &str) -> Option<Result<&[u8], &[u8]>> {
+        let values = self.0.get_all(key)?;
+        Some(match values.as_slice() {
+            [one] => Ok(one.as_bytes()),
+            // An empty list counts as a malformed value, as a list of two does.
+            _ => Err(values.first().map_or(&b""[..], |v| v.as_bytes())),
+        })
+    }
+
+    fn all(&self, key: &str) -> Option<Vec<&[u8]>> {
+        Some(
+            self.0
+                .get_all(key)?
+                .into_iter()
+                .map(str::as_bytes)
+                .collect(),
+        )
+    }
+}
+
+/// [`TraceContextPropagator`]'s extraction from any [`Source`].
+fn extract_trace_context(cx: &Context, source: &impl Source) -> Context {
+    let Some(parent) = extract_traceparent(source) else {
+        return cx.clone();
+    };
+    if source.first(TRACESTATE).is_none() {
+        return cx.with_remote_span_context(
+            parent.to_remote_span_context(opentelemetry::trace::TraceState::default()),
+        );
+    }
+    let values = source.all(TRACESTATE).unwrap_or_default();
+    let full = match TraceState::from_values(values.iter().copied()) {
+        Ok(state) => state,
+        Err(err) => {
+            tracing::debug!(
+                reason = %err,
+                value = %Escaped(values.first().copied().unwrap_or(b"")),
+                "dropped malformed tracestate"
+            );
+            TraceState::new()
+        }
+    };
+    let projected = full.to_otel();
+    let complete = projected.header().len() == full.to_string().len();
+    let cx = cx.with_remote_span_context(parent.to_remote_span_context(projected.clone()));
+    if complete {
+        cx
+    } else {
+        cx.with_value(FullTraceState { full, projected })
+    }
+}
+
 /// The one valid `traceparent`, or `None` (with a `debug` log when one was there).
-fn extract_traceparent(extractor: &dyn Extractor) -> Option<TraceParent> {
-    let values = extractor.get_all(TRACEPARENT)?;
-    let parsed = match values.as_slice() {
-        [one] => TraceParent::parse_bytes(one.as_bytes()),
-        _ => Err(crate::InvalidTraceParent::new(
-            "more than one traceparent value",
-        )),
+fn extract_traceparent(source: &impl Source) -> Option<TraceParent> {
+    let values = source.single(TRACEPARENT)?;
+    let (parsed, first) = match values {
+        Ok(one) => (TraceParent::parse_bytes(one), one),
+        Err(first) => (
+            Err(crate::InvalidTraceParent::new(
+                "more than one traceparent value",
+            )),
+            first,
+        ),
     };
     match parsed {
         Ok(parent) => Some(parent),
         Err(err) => {
             tracing::debug!(
                 reason = %err,
-                value = %Escaped(values[0].as_bytes()),
+                value = %Escaped(first),
                 "dropped malformed traceparent"
             );
             None
@@ -309,29 +351,34 @@ impl TextMapPropagator for BaggagePropagator {
     }
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
-        if extractor.get(BAGGAGE).is_none() {
-            return cx.clone();
-        }
-        let Some(values) = extractor.get_all(BAGGAGE) else {
-            return cx.clone();
-        };
-        let (baggage, dropped) = Baggage::from_values(values.iter().map(|v| v.as_bytes()));
-        if dropped > 0 {
-            tracing::debug!(
-                dropped,
-                value = %Escaped(values[0].as_bytes()),
-                "dropped malformed or excess baggage members"
-            );
-        }
-        if baggage.is_empty() {
-            return cx.clone();
-        }
-        cx.with_baggage(baggage.to_otel())
+        extract_baggage(cx, &Unbounded(extractor))
     }
 
     fn fields(&self) -> FieldIter<'_> {
         FieldIter::new(&*BAGGAGE_FIELDS)
     }
+}
+
+/// [`BaggagePropagator`]'s extraction from any [`Source`].
+fn extract_baggage(cx: &Context, source: &impl Source) -> Context {
+    if source.first(BAGGAGE).is_none() {
+        return cx.clone();
+    }
+    let Some(values) = source.all(BAGGAGE) else {
+        return cx.clone();
+    };
+    let (baggage, dropped) = Baggage::from_values(values.iter().copied());
+    if dropped > 0 {
+        tracing::debug!(
+            dropped,
+            value = %Escaped(values.first().copied().unwrap_or(b"")),
+            "dropped malformed or excess baggage members"
+        );
+    }
+    if baggage.is_empty() {
+        return cx.clone();
+    }
+    cx.with_baggage(baggage.to_otel())
 }
 
 // ===== impl RequestIdPropagator =====
@@ -357,25 +404,33 @@ impl RequestIdPropagator {
     /// assert_eq!(id.as_str(), "r-9");
     /// ```
     pub fn extract_id(extractor: &dyn Extractor) -> RequestId {
-        if extractor.get(X_REQUEST_ID).is_none() {
-            return RequestId::new();
-        }
-        let Some(values) = extractor.get_all(X_REQUEST_ID) else {
-            return RequestId::new();
-        };
-        let parsed = match values.as_slice() {
-            [one] => RequestId::parse_bytes(one.as_bytes()),
-            _ => Err(crate::InvalidRequestId::new("more than one value")),
-        };
-        parsed.unwrap_or_else(|err| {
-            tracing::debug!(
-                reason = %err,
-                value = %Escaped(values[0].as_bytes()),
-                "dropped malformed request id; made a new one"
-            );
-            RequestId::new()
-        })
+        extract_request_id(&Unbounded(extractor))
     }
+}
+
+/// [`RequestIdPropagator::extract_id`] from any [`Source`].
+fn extract_request_id(source: &impl Source) -> RequestId {
+    if source.first(X_REQUEST_ID).is_none() {
+        return RequestId::new();
+    }
+    let Some(values) = source.single(X_REQUEST_ID) else {
+        return RequestId::new();
+    };
+    let (parsed, first) = match values {
+        Ok(one) => (RequestId::parse_bytes(one), one),
+        Err(first) => (
+            Err(crate::InvalidRequestId::new("more than one value")),
+            first,
+        ),
+    };
+    parsed.unwrap_or_else(|err| {
+        tracing::debug!(
+            reason = %err,
+            value = %Escaped(first),
+            "dropped malformed request id; made a new one"
+        );
+        RequestId::new()
+    })
 }
 
 impl TextMapPropagator for RequestIdPropagator {
@@ -410,7 +465,10 @@ impl Propagation {
     /// # drop(propagation);
     /// ```
     pub fn global() -> Self {
-        Propagation { trace: None }
+        Propagation {
+            trace: None,
+            trace_context_only: false,
+        }
     }
 
     /// `propagator` for the trace context (and whatever else it carries), plus the request id.
@@ -423,6 +481,7 @@ impl Propagation {
     pub fn with_propagator<P: TextMapPropagator + Send + Sync + 'static>(propagator: P) -> Self {
         Propagation {
             trace: Some(Arc::new(propagator)),
+            trace_context_only: TypeId::of::<P>() == TypeId::of::<TraceContextPropagator>(),
         }
     }
 
@@ -465,6 +524,58 @@ impl Propagation {
         let bounded = Bounded(extractor);
         let cx = self.extract_trace(cx, &bounded);
         (cx, RequestIdPropagator::extract_id(&bounded))
+    }
+
+    /// [`extract_parts`](Self::extract_parts) for a carrier that hands out raw values: with
+    /// contextflow's own propagators (no global propagator installed, or
+    /// [`TraceContextPropagator`] given to [`with_propagator`](Self::with_propagator)), the
+    /// fields are read straight from the carrier with no allocation for absent fields and no
+    /// `Vec` per lookup; with any other propagator, the same as `extract_parts`. The result is
+    /// the same either way.
+    ///
+    /// ```
+    /// use contextflow_otel::{carrier::{FieldValues, Pairs}, Propagation};
+    /// use opentelemetry::{propagation::Extractor, trace::TraceContextExt, Context};
+    ///
+    /// struct Headers<'a>(Pairs<'a>);
+    /// impl Extractor for Headers<'_> {
+    ///     fn get(&self, key: &str) -> Option<&str> { self.0.get(key) }
+    ///     fn keys(&self) -> Vec<&str> { self.0.keys() }
+    ///     fn get_all(&self, key: &str) -> Option<Vec<&str>> { self.0.get_all(key) }
+    /// }
+    /// impl FieldValues for Headers<'_> {
+    ///     fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+    ///         self.0.get_all(key).unwrap_or_default().into_iter().map(str::as_bytes)
+    ///     }
+    /// }
+    /// let headers = Headers(Pairs::new([
+    ///     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ///     ("x-request-id", "r-7"),
+    /// ]));
+    /// let (cx, id) = Propagation::global().extract_parts_from(&Context::new(), &headers);
+    /// assert!(cx.span().span_context().is_remote());
+    /// assert_eq!(id.as_str(), "r-7");
+    /// ```
+    pub fn extract_parts_from<E: FieldValues>(
+        &self,
+        cx: &Context,
+        carrier: &E,
+    ) -> (Context, RequestId) {
+        let fast = match &self.trace {
+            Some(_) => self.trace_context_only,
+            None => opentelemetry::global::get_text_map_propagator(|p| p.fields().next().is_none()),
+        };
+        if !fast {
+            return self.extract_parts(cx, carrier);
+        }
+        let source = BoundedFields(carrier);
+        let cx = extract_trace_context(cx, &source);
+        let cx = if self.trace.is_none() {
+            extract_baggage(&cx, &source)
+        } else {
+            cx
+        };
+        (cx, extract_request_id(&source))
     }
 
     /// Reads only what the trace propagator carries (no request id).

@@ -3,6 +3,7 @@
 mod client;
 #[cfg(feature = "reqwest")]
 mod e2e;
+mod fast_path;
 mod logging;
 mod server;
 #[cfg(feature = "reqwest")]
