@@ -66,15 +66,12 @@ impl RequestId {
         let mut bytes = ids::random_bytes();
         bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
         bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
+                                             // Where each byte's two digits go in `8-4-4-4-12`.
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
         let mut text = [b'-'; 36];
-        let mut at = 0;
-        for (i, b) in bytes.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                at += 1;
-            }
+        for (b, &at) in bytes.iter().zip(&AT) {
             text[at] = HEX[usize::from(b >> 4)];
             text[at + 1] = HEX[usize::from(b & 0x0f)];
-            at += 2;
         }
         // Hex digits and dashes are ASCII, so this is valid UTF-8.
         RequestId(std::str::from_utf8(&text).unwrap_or("-").into())

@@ -328,31 +328,35 @@ fn decode_hex<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
         return None;
     }
     let mut out = [0u8; N];
+    // No branch per digit: a digit's value is below 16 and a non-digit's is 0xff, so one
+    // check of the high bits of all the values OR-ed together finds any non-digit.
+    let mut seen = 0u8;
     for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+        let (high, low) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        seen |= high | low;
+        *byte = (high << 4) | low;
     }
-    Some(out)
+    (seen < 16).then_some(out)
 }
 
-fn hex_digit(c: u8) -> Option<u8> {
-    // A table lookup: 0xff marks a byte that is not a lower-case hex digit.
-    const TABLE: [u8; 256] = {
-        let mut t = [0xffu8; 256];
-        let mut i = 0;
-        while i < 10 {
-            t[b'0' as usize + i] = i as u8;
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 6 {
-            t[b'a' as usize + i] = 10 + i as u8;
-            i += 1;
-        }
-        t
-    };
-    let v = TABLE[usize::from(c)];
-    (v != 0xff).then_some(v)
-}
+/// The value of each lower-case hex digit; 0xff marks a byte that is not one.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
