@@ -85,6 +85,11 @@
 //! # drop(app);
 //! ```
 //!
+//! The layer adds its bindings (the OpenTelemetry context, the request id) over the frame of
+//! whoever polls it, so a layer *outside* it that binds a variable around its future (`let fut
+//! = inner.call(req); Box::pin(X.scope(v, fut))`) is seen by the handler too, and by the
+//! response body, which keeps the frame as it was when the response was ready.
+//!
 //! `TENANT.scope` covers the handler; the response body, streamed after the handler returns,
 //! sees the request's context but not the tenant. Wrap the body too (with
 //! [`ContextBody`] and a [`Snapshot`] captured inside the scope) when a
@@ -99,7 +104,7 @@ use std::{
 
 use bytes::Bytes;
 use contextflow::Snapshot;
-use contextflow_otel::{Propagation, RequestId};
+use contextflow_otel::{OtelContext, Propagation, RequestId};
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::{propagation::TextMapPropagator, trace::SpanKind, KeyValue};
@@ -242,9 +247,24 @@ pin_project! {
 /// the layer owns the span in it (and so ends it).
 #[derive(Clone)]
 struct RequestScope {
-    frame: Snapshot,
+    frame: RequestFrame,
     cx: Option<opentelemetry::Context>,
     owns_span: bool,
+}
+
+/// How a request's bindings are entered.
+#[derive(Clone)]
+enum RequestFrame {
+    /// Layered over the frame of whoever polls (`call` and the response future), so that a
+    /// binding made by an outer layer around this layer's future stays visible in the handler.
+    Layered {
+        otel: OtelContext,
+        request_id: RequestId,
+    },
+    /// A frame captured when the response was ready (what the body runs in: the server polls
+    /// the body after the response future, outside any outer layer), or given to
+    /// [`ContextBody::new`].
+    Captured(Snapshot),
 }
 
 // ===== impl PropagateContextLayer =====
@@ -467,7 +487,10 @@ where
         let owns_span = span_cx.is_some();
         let cx = span_cx.unwrap_or(cx);
         let scope = RequestScope {
-            frame: contextflow_otel::snapshot_with_request(&cx, request_id),
+            frame: RequestFrame::Layered {
+                otel: OtelContext::new(cx.clone()),
+                request_id,
+            },
             cx: Some(cx),
             owns_span,
         };
@@ -510,7 +533,10 @@ where
         let Some(Poll::Ready(result)) = result else {
             return Poll::Pending;
         };
-        let scope = this.scope.take().unwrap_or_else(RequestScope::empty);
+        let mut scope = this.scope.take().unwrap_or_else(RequestScope::empty);
+        // The body is polled by the server after this future, outside any outer layer: it
+        // keeps the frame as it is now, the outer layers' bindings included.
+        scope.capture();
         let request_id = this.request_id.take();
         Poll::Ready(match result {
             Ok(mut res) => {
@@ -557,7 +583,7 @@ impl<B> ContextBody<B> {
     pub fn new(body: B, snapshot: Snapshot) -> Self {
         ContextBody {
             scope: RequestScope {
-                frame: snapshot,
+                frame: RequestFrame::Captured(snapshot),
                 cx: None,
                 owns_span: false,
             },
@@ -585,7 +611,11 @@ impl<B> ContextBody<B> {
     /// assert!(body.snapshot().is_empty());
     /// ```
     pub fn snapshot(&self) -> &Snapshot {
-        &self.scope.frame
+        match &self.scope.frame {
+            RequestFrame::Captured(snapshot) => snapshot,
+            // A body is made by `new` or from a ready response, whose scope `capture`d first.
+            RequestFrame::Layered { .. } => unreachable!("a body's frame is always captured"),
+        }
     }
 }
 
@@ -628,9 +658,11 @@ impl<B: Body> Body for ContextBody<B> {
 
 impl<B> fmt::Debug for ContextBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ContextBody")
-            .field("snapshot", &self.scope.frame)
-            .finish_non_exhaustive()
+        let mut debug = f.debug_struct("ContextBody");
+        if let RequestFrame::Captured(snapshot) = &self.scope.frame {
+            debug.field("snapshot", snapshot);
+        }
+        debug.finish_non_exhaustive()
     }
 }
 
@@ -639,7 +671,7 @@ impl<B> fmt::Debug for ContextBody<B> {
 impl RequestScope {
     fn empty() -> Self {
         RequestScope {
-            frame: Snapshot::empty(),
+            frame: RequestFrame::Captured(Snapshot::empty()),
             cx: None,
             owns_span: false,
         }
@@ -648,13 +680,27 @@ impl RequestScope {
     /// Runs `f` in the request's frame with its OpenTelemetry context attached (inside the
     /// frame, so it wins over a context that a registered carrier restores with the frame).
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.frame.run(|| match &self.cx {
+        let attached = || match &self.cx {
             Some(cx) => {
                 let _attached = cx.clone().attach();
                 f()
             }
             None => f(),
-        })
+        };
+        match &self.frame {
+            RequestFrame::Layered { otel, request_id } => contextflow_otel::OTEL_CONTEXT
+                .sync_scope(otel.clone(), || {
+                    contextflow_otel::REQUEST_ID.sync_scope(request_id.clone(), attached)
+                }),
+            RequestFrame::Captured(snapshot) => snapshot.run(attached),
+        }
+    }
+
+    /// From now on, runs in the frame current now with the request's bindings layered on top.
+    fn capture(&mut self) {
+        if let RequestFrame::Layered { .. } = self.frame {
+            self.frame = RequestFrame::Captured(self.run(Snapshot::capture));
+        }
     }
 
     /// Ends the server span (once) with the response status.

@@ -4,6 +4,7 @@ mod client;
 #[cfg(feature = "reqwest")]
 mod e2e;
 mod fast_path;
+mod layering;
 mod logging;
 mod server;
 #[cfg(feature = "reqwest")]
