@@ -14,8 +14,9 @@
 //!    batch ([`Consumer::batch_scope`]) gets a new root span with a link to each message's
 //!    context instead;
 //! 3. runs the handler, every poll of it and its drop in that context: OpenTelemetry's
-//!    current context and contextflow's `OTEL_CONTEXT` and `REQUEST_ID`, layered over the
-//!    frame of the code that called [`Consumer::scope`];
+//!    current context (replaced) and contextflow's `OTEL_CONTEXT` and `REQUEST_ID` (and a
+//!    trusted consumer's [`Bindings`]), layered over the frame of whoever polls the handler's
+//!    future, so a variable the consumer loop (or a wrapper) binds around it stays visible;
 //! 4. ends the span when the handler finishes (with `error.type = "cancelled"` when it is
 //!    dropped first).
 //!
@@ -153,7 +154,8 @@ pub struct Consumer {
 pub struct MessageContext {
     cx: Context,
     request_id: RequestId,
-    frame: Snapshot,
+    /// What a trusted consumer's `verify` returned: bound inside the request id.
+    trusted: Bindings,
     owns_span: bool,
 }
 
@@ -170,10 +172,12 @@ pub struct MessageContext {
 /// ```
 #[derive(Default)]
 pub struct Bindings {
-    binds: Vec<Box<dyn FnOnce(CaptureFn) -> Snapshot + Send>>,
+    binds: Vec<Box<BindFn>>,
 }
 
-type CaptureFn = Box<dyn FnOnce() -> Snapshot>;
+/// One binding: runs its argument with the variable bound (to a clone of the value) over the
+/// current frame.
+type BindFn = dyn Fn(&mut dyn FnMut()) + Send + Sync;
 
 pin_project! {
     /// The future returned by [`Consumer::scope`] and [`MessageContext::scope`]: runs the
@@ -475,16 +479,14 @@ impl Consumer {
         let owns_span = span_cx.is_some();
         let cx = span_cx.unwrap_or(cx);
         let mut message = MessageContext {
-            frame: contextflow_otel::snapshot_with_request(&cx, request_id.clone()),
             cx,
             request_id,
+            trusted: Bindings::new(),
             owns_span,
         };
         if let (Some(verify), Some(metadata)) = (&self.trust, metadata) {
             match message.run(|| verify(metadata)) {
-                Some(bindings) => {
-                    message.frame = message.frame.run(|| bindings.capture());
-                }
+                Some(bindings) => message.trusted = bindings,
                 None => tracing::debug!("message not verified: no tenant or user bound"),
             }
         }
@@ -535,19 +537,21 @@ impl MessageContext {
         &self.request_id
     }
 
-    /// The contextflow frame the handler runs in, for work the handler hands to other code.
+    /// A snapshot of the frame the handler would run in if polled here (the current frame with
+    /// the message's bindings added), for work the handler hands to other code.
     ///
     /// ```
     /// use contextflow_otel::{carrier::Pairs, REQUEST_ID};
     /// let message = contextflow_messaging::Consumer::new().context(&Pairs::new([("x-request-id", "r-9")]));
     /// assert_eq!(message.snapshot().get(&REQUEST_ID).unwrap().as_str(), "r-9");
     /// ```
-    pub fn snapshot(&self) -> &Snapshot {
-        &self.frame
+    pub fn snapshot(&self) -> Snapshot {
+        self.run(Snapshot::capture)
     }
 
-    /// Runs `f` in the message's context (its frame, and its OpenTelemetry context attached);
-    /// the span stays open.
+    /// Runs `f` in the message's context: its OpenTelemetry context attached, and its
+    /// variables (`OTEL_CONTEXT`, `REQUEST_ID`, trusted bindings) bound *over the current
+    /// frame*, so a binding made by the caller stays visible; the span stays open.
     ///
     /// ```
     /// use contextflow_otel::carrier::Pairs;
@@ -556,10 +560,15 @@ impl MessageContext {
     /// message.finish();
     /// ```
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.frame.run(|| {
-            // The guard detaches on drop, also when `f` panics.
-            let _attached = self.cx.clone().attach();
-            f()
+        let otel = contextflow_otel::OtelContext::new(self.cx.clone());
+        contextflow_otel::OTEL_CONTEXT.sync_scope(otel, || {
+            contextflow_otel::REQUEST_ID.sync_scope(self.request_id.clone(), || {
+                self.trusted.run(|| {
+                    // The guard detaches on drop, also when `f` panics.
+                    let _attached = self.cx.clone().attach();
+                    f()
+                })
+            })
         })
     }
 
@@ -620,7 +629,8 @@ impl Bindings {
         Bindings { binds: Vec::new() }
     }
 
-    /// Adds `var = value`; later bindings are inner (and win for the same variable).
+    /// Adds `var = value`; later bindings are inner (and win for the same variable). The
+    /// handler's every poll binds a clone of `value`.
     ///
     /// ```
     /// use contextflow::AsyncLocal;
@@ -628,9 +638,12 @@ impl Bindings {
     /// let bindings = contextflow_messaging::Bindings::new().bind(&TENANT, "acme");
     /// assert!(!bindings.is_empty());
     /// ```
-    pub fn bind<T: Send + Sync + 'static>(mut self, var: &'static AsyncLocal<T>, value: T) -> Self {
-        self.binds.push(Box::new(move |inner: CaptureFn| {
-            var.sync_scope(value, inner)
+    pub fn bind<T>(mut self, var: &'static AsyncLocal<T>, value: T) -> Self
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        self.binds.push(Box::new(move |inner: &mut dyn FnMut()| {
+            var.sync_scope(value.clone(), inner)
         }));
         self
     }
@@ -653,13 +666,27 @@ impl Bindings {
         self.binds.is_empty()
     }
 
-    /// A snapshot of the current frame with every binding added.
-    fn capture(self) -> Snapshot {
-        let mut capture: CaptureFn = Box::new(Snapshot::capture);
-        for bind in self.binds.into_iter().rev() {
-            capture = Box::new(move || bind(capture));
+    /// Runs `f` with every binding added over the current frame.
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        if self.binds.is_empty() {
+            return f();
         }
-        capture()
+        let mut f = Some(f);
+        let mut out = None;
+        self.run_from(0, &mut || {
+            if let Some(f) = f.take() {
+                out = Some(f());
+            }
+        });
+        // Each binding runs its argument exactly once (`sync_scope`), or unwinds.
+        out.expect("every binding runs the handler")
+    }
+
+    fn run_from(&self, i: usize, f: &mut dyn FnMut()) {
+        match self.binds.get(i) {
+            Some(bind) => bind(&mut || self.run_from(i + 1, f)),
+            None => f(),
+        }
     }
 }
 

@@ -8,9 +8,10 @@
 //! one connected trace, with no glue.
 //!
 //! - [`scope`] / [`sync_scope`] run code inside a `Context`, both as OpenTelemetry's current
-//!   context (attached on every poll) and as contextflow variables ([`OTEL_CONTEXT`], and
-//!   [`REQUEST_ID`] when the context holds a [`RequestId`]), so it is visible to
-//!   [`Snapshot`]s and can be a log field.
+//!   context (attached on every poll, replacing the caller's) and as contextflow variables
+//!   ([`OTEL_CONTEXT`], and [`REQUEST_ID`] when the context holds a [`RequestId`]) layered
+//!   over the frame of whoever polls (or calls) them, so other variables bound outside stay
+//!   visible, the context is visible to [`Snapshot`]s and can be a log field.
 //! - [`carry_context`] registers [`ContextCarrier`], so that `contextflow::spawn`,
 //!   `spawn_blocking`, `contextflow::thread::spawn` and `in_current_context` capture
 //!   [`Context::current`] and attach it around every poll of the child.
@@ -82,17 +83,22 @@ pub mod request_id;
 pub mod traceparent;
 pub mod tracestate;
 
-use std::{fmt, future::Future};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{self, Poll},
+};
 
 use contextflow::{
     carry::{self, Carrier},
-    AsyncLocal, FutureExt as _, Snapshot,
+    AsyncLocal, Snapshot,
 };
 use opentelemetry::{
-    context::WithContext,
     trace::{SpanContext, SpanId, TraceContextExt, TraceId},
     Context,
 };
+use pin_project_lite::pin_project;
 
 #[cfg(feature = "sdk")]
 pub use crate::ids::SecureIdGenerator;
@@ -154,24 +160,45 @@ pub struct OtelContext {
     cx: Context,
 }
 
-/// The future returned by [`scope`] and [`in_remote_context`]: `Send` when `F` is, and
-/// nameable, for middleware that stores it in a response future. It runs in the frame
-/// captured when it was made, plus the context's variables.
-///
-/// ```
-/// use contextflow_otel::OtelScope;
-/// use std::future::Ready;
-///
-/// struct ResponseFuture {
-///     inner: OtelScope<Ready<u16>>,
-/// }
-/// let f = ResponseFuture {
-///     inner: contextflow_otel::scope(opentelemetry::Context::new(), std::future::ready(200)),
-/// };
-/// fn assert_send<T: Send>(_: &T) {}
-/// assert_send(&f.inner);
-/// ```
-pub type OtelScope<F> = contextflow::WithContext<WithContext<F>>;
+pin_project! {
+    /// The future returned by [`scope`] and [`in_remote_context`]: `Send` when `F` is, and
+    /// nameable, for middleware that stores it in a response future. On every poll, and while
+    /// the inner future is dropped, it attaches its `Context` as OpenTelemetry's current one and
+    /// binds the context's variables *over the frame of whoever polls it*, so a binding made
+    /// outside (by an outer middleware around this future) stays visible inside.
+    ///
+    /// ```
+    /// use contextflow_otel::OtelScope;
+    /// use std::future::Ready;
+    ///
+    /// struct ResponseFuture {
+    ///     inner: OtelScope<Ready<u16>>,
+    /// }
+    /// let f = ResponseFuture {
+    ///     inner: contextflow_otel::scope(opentelemetry::Context::new(), std::future::ready(200)),
+    /// };
+    /// fn assert_send<T: Send>(_: &T) {}
+    /// assert_send(&f.inner);
+    /// ```
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct OtelScope<F> {
+        // `None` once done: `Drop` drops an unfinished future inside the context.
+        #[pin]
+        inner: Option<F>,
+        cx: Context,
+        request_id: Option<RequestId>,
+    }
+
+    impl<F> PinnedDrop for OtelScope<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let mut inner = this.inner;
+            if inner.is_some() {
+                enter(this.cx, this.request_id.as_ref(), || inner.set(None));
+            }
+        }
+    }
+}
 
 /// A [`Carrier`] for OpenTelemetry's current [`Context`]: contextflow spawns capture
 /// [`Context::current`] and attach it around every poll of the child. Register it with
@@ -305,11 +332,44 @@ pub fn carry_context() -> bool {
     carry::register(ContextCarrier)
 }
 
+// ===== impl OtelScope =====
+
+impl<F: Future> Future for OtelScope<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, task: &mut task::Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let mut inner = this.inner;
+        enter(this.cx, this.request_id.as_ref(), || {
+            let Some(fut) = inner.as_mut().as_pin_mut() else {
+                panic!("`OtelScope` polled after completion");
+            };
+            let poll = fut.poll(task);
+            if poll.is_ready() {
+                // Done: drop the inner future now, inside the context.
+                inner.set(None);
+            }
+            poll
+        })
+    }
+}
+
+impl<F> fmt::Debug for OtelScope<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtelScope")
+            .field("cx", &self.cx)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
 // ===== scopes =====
 
 /// Runs `fut` inside `cx`: attached as OpenTelemetry's current context around every poll, and
-/// bound to [`OTEL_CONTEXT`] (and to [`REQUEST_ID`] when `cx` holds a [`RequestId`]), on top
-/// of the frame current when `scope` is called.
+/// bound to [`OTEL_CONTEXT`] (and to [`REQUEST_ID`] when `cx` holds a [`RequestId`]) on top
+/// of the frame of whoever polls it: it *layers*, so a variable bound around the returned
+/// future (by an outer middleware, say) stays visible inside. The OpenTelemetry context
+/// itself is replaced by `cx` (that is what makes spans started inside its children).
 ///
 /// ```
 /// use opentelemetry::{Context, KeyValue, baggage::BaggageExt};
@@ -324,9 +384,25 @@ pub fn carry_context() -> bool {
 /// # }
 /// ```
 pub fn scope<F: Future>(cx: Context, fut: F) -> OtelScope<F> {
-    let frame = bind(&cx, Snapshot::capture);
-    // `opentelemetry`'s `with_context` attaches on every poll; contextflow's restores the frame.
-    opentelemetry::context::FutureExt::with_context(fut, cx).with_snapshot(frame)
+    OtelScope {
+        request_id: cx.get::<RequestId>().cloned(),
+        cx,
+        inner: Some(fut),
+    }
+}
+
+/// Runs `f` with `cx` attached and [`OTEL_CONTEXT`] (and [`REQUEST_ID`], when given) bound
+/// over the current frame.
+fn enter<R>(cx: &Context, request_id: Option<&RequestId>, f: impl FnOnce() -> R) -> R {
+    let attached = || {
+        // The guard detaches on drop, also when `f` panics.
+        let _attached = cx.clone().attach();
+        f()
+    };
+    OTEL_CONTEXT.sync_scope(OtelContext::new(cx.clone()), || match request_id {
+        Some(id) => REQUEST_ID.sync_scope(id.clone(), attached),
+        None => attached(),
+    })
 }
 
 /// Runs `f` with [`OTEL_CONTEXT`] (and [`REQUEST_ID`], when `cx` holds one) bound to `cx`'s.

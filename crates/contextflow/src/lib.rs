@@ -55,9 +55,9 @@
 //! - **Layer** (the current frame plus bindings): [`AsyncLocal::scope`],
 //!   [`AsyncLocal::sync_scope`], [`AsyncLocal::unset`], [`AsyncLocal::enter`]. A binding made
 //!   outside stays visible inside unless the same variable is rebound. Bind a request's
-//!   variables this way (a server layer, a message consumer, `IncomingContext::scope`), so an
-//!   outer middleware's binding (`let fut = inner.call(req); X.scope(v, fut)`) reaches the
-//!   handler.
+//!   variables this way (as `contextflow-http`'s server layer, `contextflow-messaging`'s
+//!   consumer and `contextflow_otel::scope` do), so an outer middleware's binding
+//!   (`let fut = inner.call(req); X.scope(v, fut)`) reaches the handler.
 //! - **Replace** (the captured frame instead of the current one, like TC39's `Snapshot.run`):
 //!   [`Snapshot::run`], [`Snapshot::enter`], [`FutureExt::with_snapshot`],
 //!   [`FutureExt::in_current_context`], [`spawn_with`] and the spawn helpers (a task starts

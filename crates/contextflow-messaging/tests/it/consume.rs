@@ -203,6 +203,40 @@ fn an_outer_binding_of_the_consumer_stays_visible() {
     assert_eq!(seen, Some("w1"));
 }
 
+/// A binding made around the handler's future by whoever polls it (the consumer loop, a
+/// wrapper) stays visible inside, with the trusted bindings on top (issue 8: the consumer
+/// captured the frame when the context was made and replaced the poller's).
+#[test]
+fn a_binding_made_by_the_poller_stays_visible() {
+    static WORKER: AsyncLocal<u32> = AsyncLocal::named("worker");
+    for multi in [false, true] {
+        rt(multi).block_on(async {
+            let consumer = Consumer::new()
+                .without_spans()
+                .trust(|_: &dyn Extractor| Some(Bindings::new().bind(&TENANT, "acme".to_owned())));
+            let metadata = Pairs::new([("x-request-id", "m-outer")]);
+            let fut = consumer.scope(&metadata, async {
+                tokio::task::yield_now().await;
+                (WORKER.get(), TENANT.get(), ids().0)
+            });
+            let seen = tokio::spawn(WORKER.scope(3, fut)).await.unwrap();
+            assert_eq!(
+                seen,
+                (Some(3), Some("acme".to_owned()), Some("m-outer".to_owned())),
+                "multi={multi}"
+            );
+            // A context made earlier and run later layers over the frame current then.
+            let message = consumer.context(&metadata);
+            let later = WORKER.sync_scope(4, || message.run(|| (WORKER.get(), TENANT.get())));
+            assert_eq!(later, (Some(4), Some("acme".to_owned())), "multi={multi}");
+            let snapshot = WORKER.sync_scope(5, || message.snapshot());
+            assert_eq!(snapshot.get(&WORKER), Some(5));
+            assert_eq!(snapshot.get(&TENANT).as_deref(), Some("acme"));
+            message.finish();
+        });
+    }
+}
+
 fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
     static TELEMETRY: OnceLock<(SdkTracerProvider, InMemorySpanExporter)> = OnceLock::new();
     TELEMETRY.get_or_init(|| {

@@ -2,6 +2,7 @@
 //! carriers.
 
 mod baggage;
+mod layering;
 mod propagators;
 mod props;
 mod request_id;
