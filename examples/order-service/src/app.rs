@@ -6,8 +6,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
 
 use crate::{
-    context::TENANT,
-    db::{Db, InventoryRepository},
+    db::Db,
     http::{
         router,
         server::{self, Limits, Shutdown},
@@ -343,18 +342,10 @@ impl fmt::Display for ShutdownError {
 
 impl Error for ShutdownError {}
 
-/// Seeds every tenant's catalogue, as that tenant (the repository takes it from the context).
-async fn seed(db: &Db, tokens: &TokenTable) -> Result<(), crate::db::RepoError> {
-    let inventory = InventoryRepository::new(db);
+/// Seeds every tenant's catalogue, through the admin pool (start-up work, no request).
+async fn seed(db: &Db, tokens: &TokenTable) -> Result<(), sqlx::Error> {
     for tenant in tokens.tenants() {
-        TENANT
-            .scope(tenant, async {
-                for (sku, name, stock, price) in CATALOGUE {
-                    inventory.seed(sku, name, stock, price).await?;
-                }
-                Ok::<_, crate::db::RepoError>(())
-            })
-            .await?;
+        db.seed(&tenant, &CATALOGUE).await?;
     }
     Ok(())
 }

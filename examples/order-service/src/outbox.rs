@@ -199,14 +199,15 @@ impl Deliverer<'_> {
         }
     }
 
-    /// One transaction for a batch: claim the rows not delivered yet, raise the confirmed
-    /// orders' `confirmation_sent`, publish the events; each row's lines in its own context.
+    /// One transaction for a batch, on the admin pool (the batch crosses tenants): claim the
+    /// rows not delivered yet, raise the confirmed orders' `confirmation_sent`, publish the
+    /// events; each row's lines in its own context.
     /// The batch transaction itself belongs to no request: it logs nothing at INFO.
     async fn deliver_batch(&self, rows: &[OutboxRow]) -> Result<(), DeliveryError> {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let claimed = self
             .db
-            .pool()
+            .admin()
             .transaction(|| async {
                 let claimed: std::collections::HashSet<i64> =
                     self.outbox.claim_batch(&ids).await?.into_iter().collect();

@@ -168,33 +168,4 @@ impl InventoryRepository {
         ))
         .await
     }
-
-    /// Adds a product to the current tenant's catalogue unless it is already there.
-    ///
-    /// # Errors
-    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
-    pub async fn seed(
-        &self,
-        sku: &str,
-        name: &str,
-        stock: i64,
-        price_cents: i64,
-    ) -> Result<(), RepoError> {
-        let tenant = current_tenant()?;
-        self.pool
-            .execute(
-                sqlx::query(
-                    "INSERT INTO inventory (tenant_id, sku, name, stock, price_cents)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (tenant_id, sku) DO NOTHING",
-                )
-                .bind(tenant.as_str().to_owned())
-                .bind(sku.to_owned())
-                .bind(name.to_owned())
-                .bind(stock)
-                .bind(price_cents),
-            )
-            .await?;
-        Ok(())
-    }
 }

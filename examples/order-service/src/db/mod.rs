@@ -1,13 +1,25 @@
-//! The database: a [`TxPool`] (from `contextflow-sqlx`) over sqlx's `Any` driver, so the same
-//! repositories run on SQLite and PostgreSQL.
+//! The database: `contextflow-sqlx` pools over sqlx's `Any` driver, so the same repositories
+//! run on SQLite and PostgreSQL.
 //!
 //! Repositories never take a transaction or a tenant parameter: [`Db::transaction`] binds the
 //! transaction to the context and every repository query joins it; the tenant comes from
-//! [`crate::context::TENANT`] and is part of every `WHERE` clause.
+//! [`crate::context::TENANT`].
+//!
+//! Tenants are kept apart twice on PostgreSQL, once on SQLite:
+//! - **PostgreSQL: row-level security.** Tenant requests go through a
+//!   [`TenantPool`](contextflow_sqlx::TenantPool) connected as a role that owns nothing and
+//!   cannot bypass row-level security; it sets `app.tenant_id` in every transaction, and each
+//!   table's policy shows and accepts only that tenant's rows, also to a query that forgets its
+//!   `WHERE` (set-up: [`postgres`]). The few queries that cross tenants on purpose (the outbox
+//!   worker's batch, the resolver's work list, seeding) go through an
+//!   [`AdminPool`](contextflow_sqlx::AdminPool) connected as the tables' owner: [`Db::admin`].
+//! - **Both: `WHERE tenant_id = <current tenant>`** in every tenant query, defence in depth on
+//!   PostgreSQL and the only guard on SQLite (which has no row-level security).
 
 mod inventory;
 mod orders;
 mod outbox;
+pub mod postgres;
 
 use std::future::Future;
 
@@ -19,6 +31,7 @@ pub use self::{
     inventory::{InventoryRepository, StockItem},
     orders::{Order, OrderItem, OrderRepository, PendingOrder},
     outbox::{OutboxRepository, OutboxRow},
+    postgres::Roles,
 };
 use crate::context::{self, TenantId};
 
@@ -40,67 +53,92 @@ pub enum RepoError {
     Sqlx(sqlx::Error),
 }
 
+/// Why the database could not be opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The URL or the server cannot be used as configured.
+    Config(String),
+    /// The database failed.
+    Sqlx(sqlx::Error),
+    /// The application role could see past row-level security: refused to serve.
+    Refused(contextflow_sqlx::SetupError),
+}
+
 /// The service's database handle: cheap to clone, shared by all repositories.
 #[derive(Clone, Debug)]
 pub struct Db {
+    /// Tenant requests: on PostgreSQL a `TenantPool`'s (row-level security).
     pool: TxPool<Any>,
+    /// Cross-tenant work: on PostgreSQL an `AdminPool`'s (the tables' owner); on SQLite the
+    /// same pool as `pool` (one connection: two pools would wait for each other).
+    admin: TxPool<Any>,
     backend: Backend,
+    roles: Option<Roles>,
 }
 
 // ===== impl Db =====
 
 impl Db {
     /// Connects to `url` (`sqlite://...` or `postgres://...`) and creates the schema if it is
-    /// missing.
+    /// missing. On PostgreSQL `url` names a superuser: the service creates its owner and
+    /// application roles, migrates as the owner and serves as the application role
+    /// ([`postgres`]).
     ///
     /// # Errors
-    /// When the URL names another database, or connecting or creating the schema fails.
-    pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
+    /// When the URL names another database, connecting or creating the schema fails, or (on
+    /// PostgreSQL) the URL's role is not a superuser or the application role could bypass
+    /// row-level security ([`ConnectError::Refused`]).
+    pub async fn connect(url: &str) -> Result<Db, ConnectError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(sqlx::Error::Configuration(
-                format!(
-                    "unsupported database url scheme {:?} (sqlite:// or postgres://)",
-                    url.split(':').next().unwrap_or_default()
-                )
-                .into(),
-            ));
+            return Err(ConnectError::Config(format!(
+                "unsupported database url scheme {:?} (sqlite:// or postgres://)",
+                url.split(':').next().unwrap_or_default()
+            )));
         };
+        if backend == Backend::Postgres {
+            let pools = postgres::connect(url, 16).await?;
+            return Ok(Db {
+                pool: pools.tenant.as_tx_pool().clone(),
+                admin: pools.admin.as_tx_pool().clone(),
+                backend,
+                roles: Some(pools.roles),
+            });
+        }
         // SQLite has one writer at a time, and `TxPool` begins transactions with a plain
         // (deferred) `BEGIN`: one connection queues writers fairly in the pool instead of in
         // SQLite's sleeping busy handler.
-        let max_connections = match backend {
-            Backend::Sqlite => 1,
-            Backend::Postgres => 16,
-        };
         let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(1)
             // No ping before each use: it is a round trip per transaction (two per order), and a
             // connection that broke fails its first statement, which fails the request.
             .test_before_acquire(false)
-            .after_connect(move |conn, _| {
+            .after_connect(|conn, _| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL (sqlx's default) with NORMAL sync: durable against crashes of
-                        // the process, one fsync per checkpoint rather than per commit.
-                        sqlx::query("PRAGMA synchronous = NORMAL")
-                            .execute(&mut *conn)
-                            .await?;
-                    }
+                    // WAL (sqlx's default) with NORMAL sync: durable against crashes of the
+                    // process, one fsync per checkpoint rather than per commit.
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             })
             .connect(url)
             .await?;
+        let pool = TxPool::new(pool);
         let db = Db {
-            pool: TxPool::new(pool),
+            admin: pool.clone(),
+            pool,
             backend,
+            roles: None,
         };
-        db.create_schema().await?;
+        for statement in schema_statements(Backend::Sqlite) {
+            db.admin.execute(sqlx::query(&statement)).await?;
+        }
         Ok(db)
     }
 
@@ -109,9 +147,51 @@ impl Db {
         self.backend
     }
 
-    /// The transaction-aware pool the repositories use.
+    /// The pool of tenant requests, which the repositories use: on PostgreSQL a
+    /// `TenantPool`'s, so every statement sees only the context's tenant's rows and fails
+    /// without a tenant.
     pub fn pool(&self) -> &TxPool<Any> {
         &self.pool
+    }
+
+    /// The pool of the queries that cross tenants on purpose: on PostgreSQL an `AdminPool`'s
+    /// (the tables' owner, not subject to the policies); on SQLite the same as [`Db::pool`].
+    pub fn admin(&self) -> &TxPool<Any> {
+        &self.admin
+    }
+
+    /// The owner and application roles, on PostgreSQL.
+    pub fn roles(&self) -> Option<&Roles> {
+        self.roles.as_ref()
+    }
+
+    /// Adds `catalogue` (`(sku, name, stock, price in cents)`) to `tenant`'s products that are
+    /// not there yet, through the admin pool (start-up, not a tenant request).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn seed(
+        &self,
+        tenant: &TenantId,
+        catalogue: &[(&str, &str, i64, i64)],
+    ) -> Result<(), sqlx::Error> {
+        for (sku, name, stock, price_cents) in catalogue {
+            self.admin
+                .execute(
+                    sqlx::query(
+                        "INSERT INTO inventory (tenant_id, sku, name, stock, price_cents)
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (tenant_id, sku) DO NOTHING",
+                    )
+                    .bind(tenant.as_str().to_owned())
+                    .bind((*sku).to_owned())
+                    .bind((*name).to_owned())
+                    .bind(*stock)
+                    .bind(*price_cents),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Runs `f` in one transaction that every repository call inside it joins: committed when
@@ -138,15 +218,45 @@ impl Db {
         .instrument(span)
         .await
     }
+}
 
-    /// Creates the tables if they do not exist.
-    async fn create_schema(&self) -> Result<(), sqlx::Error> {
-        let id_column = match self.backend {
-            Backend::Sqlite => "id INTEGER PRIMARY KEY AUTOINCREMENT",
-            Backend::Postgres => "id BIGSERIAL PRIMARY KEY",
-        };
-        let statements = [
-            "CREATE TABLE IF NOT EXISTS inventory (
+// ===== impl ConnectError =====
+
+impl From<sqlx::Error> for ConnectError {
+    fn from(err: sqlx::Error) -> Self {
+        ConnectError::Sqlx(err)
+    }
+}
+
+impl From<contextflow_sqlx::SetupError> for ConnectError {
+    fn from(err: contextflow_sqlx::SetupError) -> Self {
+        match err {
+            contextflow_sqlx::SetupError::Database(err) => ConnectError::Sqlx(err),
+            refused => ConnectError::Refused(refused),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Config(why) => f.write_str(why),
+            ConnectError::Sqlx(err) => write!(f, "database error: {err}"),
+            ConnectError::Refused(err) => write!(f, "refusing to serve: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// The statements that create the tables and indexes if they do not exist.
+fn schema_statements(backend: Backend) -> [String; 8] {
+    let id_column = match backend {
+        Backend::Sqlite => "id INTEGER PRIMARY KEY AUTOINCREMENT",
+        Backend::Postgres => "id BIGSERIAL PRIMARY KEY",
+    };
+    [
+        "CREATE TABLE IF NOT EXISTS inventory (
                 tenant_id TEXT NOT NULL,
                 sku TEXT NOT NULL,
                 name TEXT NOT NULL,
@@ -154,9 +264,9 @@ impl Db {
                 price_cents BIGINT NOT NULL,
                 PRIMARY KEY (tenant_id, sku)
             )"
-            .to_string(),
-            format!(
-                "CREATE TABLE IF NOT EXISTS orders (
+        .to_string(),
+        format!(
+            "CREATE TABLE IF NOT EXISTS orders (
                     {id_column},
                     tenant_id TEXT NOT NULL,
                     reference TEXT NOT NULL,
@@ -168,13 +278,13 @@ impl Db {
                     traceparent TEXT,
                     created_ms BIGINT NOT NULL DEFAULT 0
                 )"
-            ),
-            // A client's reference names one order per tenant: a retry finds the first one.
-            "CREATE UNIQUE INDEX IF NOT EXISTS orders_reference ON orders (tenant_id, reference)"
-                .to_string(),
-            "CREATE INDEX IF NOT EXISTS orders_pending ON orders (status, created_ms)".to_string(),
-            format!(
-                "CREATE TABLE IF NOT EXISTS outbox (
+        ),
+        // A client's reference names one order per tenant: a retry finds the first one.
+        "CREATE UNIQUE INDEX IF NOT EXISTS orders_reference ON orders (tenant_id, reference)"
+            .to_string(),
+        "CREATE INDEX IF NOT EXISTS orders_pending ON orders (status, created_ms)".to_string(),
+        format!(
+            "CREATE TABLE IF NOT EXISTS outbox (
                     {id_column},
                     tenant_id TEXT NOT NULL,
                     order_id BIGINT NOT NULL REFERENCES orders (id),
@@ -184,24 +294,19 @@ impl Db {
                     traceparent TEXT,
                     delivered BIGINT NOT NULL DEFAULT 0
                 )"
-            ),
-            "CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox (delivered, id)".to_string(),
-            "CREATE TABLE IF NOT EXISTS order_items (
+        ),
+        "CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox (delivered, id)".to_string(),
+        "CREATE TABLE IF NOT EXISTS order_items (
                 order_id BIGINT NOT NULL REFERENCES orders (id),
                 tenant_id TEXT NOT NULL,
                 sku TEXT NOT NULL,
                 quantity BIGINT NOT NULL,
                 price_cents BIGINT NOT NULL
             )"
+        .to_string(),
+        "CREATE INDEX IF NOT EXISTS order_items_by_order ON order_items (tenant_id, order_id)"
             .to_string(),
-            "CREATE INDEX IF NOT EXISTS order_items_by_order ON order_items (tenant_id, order_id)"
-                .to_string(),
-        ];
-        for statement in statements {
-            sqlx::query(&statement).execute(self.pool.pool()).await?;
-        }
-        Ok(())
-    }
+    ]
 }
 
 // ===== impl RepoError =====

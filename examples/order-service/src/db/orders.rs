@@ -11,6 +11,8 @@ use super::{current_tenant, statement, RepoError};
 #[derive(Clone, Debug)]
 pub struct OrderRepository {
     pool: TxPool<Any>,
+    /// Cross-tenant queries (the outbox worker's, the resolver's).
+    admin: TxPool<Any>,
 }
 
 /// A stored order.
@@ -63,6 +65,7 @@ impl OrderRepository {
     pub fn new(db: &super::Db) -> Self {
         OrderRepository {
             pool: db.pool().clone(),
+            admin: db.admin().clone(),
         }
     }
 
@@ -146,8 +149,9 @@ impl OrderRepository {
     }
 
     /// Every tenant's `pending` orders created before `before_ms`, oldest first, at most
-    /// `limit`: the resolver's work list. This reads across tenants on purpose (an
-    /// administrative query); the resolver binds each order's own tenant before acting on it.
+    /// `limit`: the resolver's work list. This reads across tenants on purpose, through the
+    /// admin pool ([`super::Db::admin`]); the resolver binds each order's own tenant before
+    /// acting on it.
     ///
     /// # Errors
     /// Database errors.
@@ -157,7 +161,7 @@ impl OrderRepository {
         limit: i64,
     ) -> Result<Vec<PendingOrder>, RepoError> {
         let rows = self
-            .pool
+            .admin
             .fetch_all(
                 sqlx::query(
                     "SELECT id, tenant_id, reference, request_id, traceparent FROM orders
@@ -257,7 +261,7 @@ impl OrderRepository {
     }
 
     /// Raises `confirmation_sent` of the orders `ids`, of any tenant: the outbox worker's
-    /// batch, in the transaction that claims the batch's rows.
+    /// batch, in the admin pool's transaction that claims the batch's rows.
     ///
     /// # Errors
     /// Database errors.
@@ -273,7 +277,7 @@ impl OrderRepository {
         for id in ids {
             query = query.bind(*id);
         }
-        self.pool.execute(query).await?;
+        self.admin.execute(query).await?;
         Ok(())
     }
 

@@ -13,6 +13,8 @@ use super::{current_tenant, statement, RepoError};
 #[derive(Clone, Debug)]
 pub struct OutboxRepository {
     pool: TxPool<Any>,
+    /// Cross-tenant queries (the outbox worker's, the resolver's).
+    admin: TxPool<Any>,
 }
 
 /// An undelivered outbox row, with the context of the request that wrote it.
@@ -39,6 +41,7 @@ impl OutboxRepository {
     pub fn new(db: &super::Db) -> Self {
         OutboxRepository {
             pool: db.pool().clone(),
+            admin: db.admin().clone(),
         }
     }
 
@@ -93,8 +96,8 @@ impl OutboxRepository {
     }
 
     /// Marks the rows `ids`, of any tenant, delivered, and returns those that were not yet:
-    /// the outbox worker's batch claim. Call it in the transaction of the deliveries' effects,
-    /// so each effect happens once.
+    /// the outbox worker's batch claim, through the admin pool ([`super::Db::admin`]). Call it
+    /// in the admin pool's transaction of the deliveries' effects, so each effect happens once.
     ///
     /// # Errors
     /// Database errors.
@@ -110,7 +113,7 @@ impl OutboxRepository {
         for id in ids {
             query = query.bind(*id);
         }
-        let rows = self.pool.fetch_all(query).await?;
+        let rows = self.admin.fetch_all(query).await?;
         rows.iter()
             .map(|row| row.try_get::<i64, _>("id"))
             .collect::<Result<_, sqlx::Error>>()
@@ -118,13 +121,14 @@ impl OutboxRepository {
     }
 
     /// Up to `limit` undelivered rows of every tenant, oldest first: the worker's batch. This
-    /// reads across tenants on purpose; the worker binds each row's own tenant to deliver it.
+    /// reads across tenants on purpose, through the admin pool; the worker binds each row's
+    /// own tenant to deliver it.
     ///
     /// # Errors
     /// Database errors.
     pub async fn undelivered(&self, limit: i64) -> Result<Vec<OutboxRow>, RepoError> {
         let rows = self
-            .pool
+            .admin
             .fetch_all(
                 sqlx::query(
                     "SELECT id, tenant_id, order_id, topic, payload, request_id, traceparent
@@ -171,13 +175,13 @@ impl OutboxRepository {
         Ok(done.rows_affected() == 1)
     }
 
-    /// How many rows are not delivered yet, over all tenants.
+    /// How many rows are not delivered yet, over all tenants (admin pool).
     ///
     /// # Errors
     /// Database errors.
     pub async fn backlog(&self) -> Result<i64, RepoError> {
         let row = self
-            .pool
+            .admin
             .fetch_one(sqlx::query(
                 "SELECT COUNT(*) AS n FROM outbox WHERE delivered = 0",
             ))

@@ -1,5 +1,6 @@
 //! The demo's temporary database: a fresh SQLite file, or a fresh schema on the PostgreSQL
-//! server `DATABASE_URL` names; either is removed when the run ends.
+//! server `DATABASE_URL` names; either is removed when the run ends (the schema with the two
+//! roles the service made for it).
 
 use sqlx::Connection as _;
 
@@ -73,11 +74,7 @@ impl TempDatabase {
                 Ok(())
             }
             TempDatabase::Postgres { base, schema } => {
-                let mut conn = sqlx::PgConnection::connect(&base).await?;
-                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .execute(&mut conn)
-                    .await?;
-                conn.close().await?;
+                crate::db::postgres::drop_schema_and_roles(&base, &schema).await?;
                 Ok(())
             }
         }

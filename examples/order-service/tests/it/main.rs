@@ -8,6 +8,7 @@ mod cancellation;
 mod idempotency;
 mod postgres;
 mod rollback;
+mod row_level_security;
 mod tenant_isolation;
 
 use order_service::{

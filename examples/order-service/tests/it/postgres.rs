@@ -26,12 +26,11 @@ pub(crate) async fn fresh_schema() -> (String, String, String) {
     (base, schema, url)
 }
 
+/// Drops the schema and the two roles the service made for it.
 pub(crate) async fn drop_schema(base: &str, schema: &str) {
-    let mut conn = sqlx::PgConnection::connect(base).await.expect("connect");
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut conn)
+    order_service::db::postgres::drop_schema_and_roles(base, schema)
         .await
-        .expect("drop schema");
+        .expect("drop schema and roles");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
