@@ -116,7 +116,8 @@ pub use crate::{
 
 /// The request's OpenTelemetry context as a contextflow variable; set by [`scope`],
 /// [`sync_scope`], [`in_remote_context`] and the server layers. Its value displays as the
-/// trace id, so it can be a log field.
+/// trace id, so it can be a log field. Marked [`Inherit::Everywhere`](contextflow::Inherit::Everywhere):
+/// the trace also follows a plain `tokio::spawn` on a runtime with contextflow's hooks.
 ///
 /// ```
 /// use opentelemetry::{trace::TraceContextExt, Context};
@@ -130,10 +131,13 @@ pub use crate::{
 ///     assert_eq!(shown.as_deref(), Some("00000000000000000000000000000007"));
 /// });
 /// ```
-pub static OTEL_CONTEXT: AsyncLocal<OtelContext> = AsyncLocal::named("otel.context");
+pub static OTEL_CONTEXT: AsyncLocal<OtelContext> =
+    AsyncLocal::named("otel.context").inherit(contextflow::Inherit::Everywhere);
 
 /// The request id of the current request; set by [`scope`] and [`sync_scope`] from a context
-/// holding a [`RequestId`] (as [`extract`] makes), and by the server layers.
+/// holding a [`RequestId`] (as [`extract`] makes), and by the server layers. Marked
+/// [`Inherit::Everywhere`](contextflow::Inherit::Everywhere): it also follows a plain `tokio::spawn` on a
+/// runtime with contextflow's hooks.
 ///
 /// ```
 /// use contextflow_otel::{RequestId, REQUEST_ID};
@@ -144,7 +148,8 @@ pub static OTEL_CONTEXT: AsyncLocal<OtelContext> = AsyncLocal::named("otel.conte
 /// });
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
-pub static REQUEST_ID: AsyncLocal<RequestId> = AsyncLocal::named("request_id");
+pub static REQUEST_ID: AsyncLocal<RequestId> =
+    AsyncLocal::named("request_id").inherit(contextflow::Inherit::Everywhere);
 
 /// An OpenTelemetry [`Context`] stored in [`OTEL_CONTEXT`]; displays as its span's trace id
 /// (32 hex digits, all zeros when the context has no span).

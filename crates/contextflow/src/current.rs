@@ -171,6 +171,16 @@ pub(crate) fn capture(skip_private: bool) -> Option<NodeRef> {
     with_current(|frame| unsafe { node::capture(frame, skip_private) })
 }
 
+/// Takes an owned reference to what a plain spawn on a hooked runtime inherits of the current
+/// frame: the variables marked `Inherit::Everywhere` (see `node::capture_plain`).
+#[cfg(all(feature = "runtime-hooks", tokio_unstable))]
+#[inline]
+pub(crate) fn capture_plain() -> Option<NodeRef> {
+    // SAFETY: `with_current` keeps the current frame alive during the call, and it is this
+    // thread's.
+    with_current(|frame| unsafe { node::capture_plain(frame) })
+}
+
 /// Takes an owned reference to the current frame as it is (without a leading guard marker),
 /// for a new node's parent.
 #[inline]

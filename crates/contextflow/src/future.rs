@@ -12,7 +12,7 @@ use std::{
 use crate::{
     carry, current,
     node::{self, Header, NodeRef},
-    Snapshot,
+    Inherit, Snapshot,
 };
 
 /// A future that runs with one variable bound; returned by
@@ -50,7 +50,7 @@ enum Binding<T> {
         value: Option<T>,
         key: usize,
         name: &'static str,
-        inherit: bool,
+        inherit: Inherit,
     },
     Node(NodeRef),
     /// The value was taken back out ([`Scope::take_value`]): the scope binds nothing.
@@ -187,7 +187,7 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         value: Option<T>,
         key: usize,
         name: &'static str,
-        inherit: bool,
+        inherit: Inherit,
         inner: F,
     ) -> Self {
         Scope {

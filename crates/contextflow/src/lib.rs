@@ -158,17 +158,19 @@
 //!
 //! # What propagates
 //!
-//! | Boundary | Context follows? |
-//! |---|---|
-//! | `.await` inside a scope | yes |
-//! | `join!` / `select!` of futures inside a scope | yes (they are polled by the scope) |
-//! | [`contextflow::spawn`](spawn), [`spawn_blocking`], [`spawn_local`], [`spawn_in`] (`JoinSet`) | yes, except [`Inherit::Never`] variables |
-//! | [`contextflow::thread::spawn`](thread::spawn) | yes, except [`Inherit::Never`] variables |
-//! | `fut.in_current_context()` handed to any executor | yes, except [`Inherit::Never`] variables |
-//! | plain `tokio::spawn`, `tokio::task::spawn_blocking` | **no**: the task starts with an empty context |
-//! | plain `std::thread::spawn`, rayon, a C callback | **no**: carry a [`Snapshot`] (`run`/`bind`) |
-//! | destructors of a scoped future (cancelled, aborted) | yes |
-//! | another process (HTTP, a queue, a child process) | only what a propagator writes (see `contextflow-http`) |
+//! | Boundary | Context follows? | On a hooked runtime ([`runtime`], feature `runtime-hooks`) |
+//! |---|---|---|
+//! | `.await` inside a scope | yes | yes |
+//! | `join!` / `select!` of futures inside a scope | yes (they are polled by the scope) | yes |
+//! | [`contextflow::spawn`](spawn), [`spawn_blocking`], [`spawn_local`], [`spawn_in`] (`JoinSet`) | yes, except [`Inherit::Never`] variables | the same |
+//! | [`contextflow::thread::spawn`](thread::spawn) | yes, except [`Inherit::Never`] variables | the same |
+//! | `fut.in_current_context()` handed to any executor | yes, except [`Inherit::Never`] variables | the same |
+//! | plain `tokio::spawn`, `JoinSet::spawn`, `Handle::spawn` (also from an OS thread) | **no**: the task starts with an empty context | [`Inherit::Everywhere`] variables only (ids, the trace); not the tenant, the user, a transaction, nor a carried tracing span |
+//! | plain `tokio::task::spawn_blocking`, `spawn_local` on a `LocalSet` | **no** | **no** (tokio runs no hook there) |
+//! | the future given to `block_on` | the calling thread's context | the same (it is not a task) |
+//! | plain `std::thread::spawn`, rayon, a C callback | **no**: carry a [`Snapshot`] (`run`/`bind`) | **no** |
+//! | destructors of a scoped future (cancelled, aborted) | yes | yes; a plain task's destructors too when aborted, not at runtime shutdown |
+//! | another process (HTTP, a queue, a child process) | only what a propagator writes (see `contextflow-http`) | the same |
 //!
 //! To forbid plain `tokio::spawn` (and an [`EnterGuard`] held across an `.await`) in your code
 //! base, copy this repository's `docs/clippy.toml` (`disallowed-methods`,
@@ -193,6 +195,9 @@
 //!
 //! - `tokio` (default): the inheriting spawn helpers.
 //! - `futures`: [`StreamExt`] for `futures_core::Stream`.
+//! - `runtime-hooks`: [`runtime`], tokio task hooks that make plain `tokio::spawn` inherit the
+//!   variables marked [`Inherit::Everywhere`]. Needs `RUSTFLAGS="--cfg tokio_unstable"`; without
+//!   it, installing the hooks returns an error.
 //!
 //! # Minimum supported Rust version
 //!
@@ -207,6 +212,9 @@ mod future;
 mod local;
 mod loom;
 mod node;
+#[cfg(feature = "runtime-hooks")]
+#[cfg_attr(docsrs, doc(cfg(feature = "runtime-hooks")))]
+pub mod runtime;
 mod snapshot;
 #[cfg(feature = "tokio")]
 mod spawn;

@@ -65,9 +65,12 @@ pub struct AsyncLocal<T: Send + Sync + 'static> {
     _value: PhantomData<fn(T) -> T>,
 }
 
-/// Whether tasks and threads spawned through `contextflow` see a variable's value.
+/// Whether tasks and threads spawned through `contextflow` (and, on a hooked runtime, through
+/// plain `tokio::spawn`) see a variable's value.
 ///
-/// The default is [`Inherit::Always`]. Mark a variable [`Inherit::Never`] when its value must
+/// The default is [`Inherit::Always`]: contextflow's spawns carry the value, and a plain
+/// `tokio::spawn` on a runtime with contextflow's hooks does not (mark ids
+/// [`Inherit::Everywhere`] for that). Mark a variable [`Inherit::Never`] when its value must
 /// stay with the code that set it: a database transaction, for one, must be committed by the
 /// request that opened it, not used concurrently by a background task that may outlive it.
 ///
@@ -90,6 +93,22 @@ pub enum Inherit {
     Always,
     /// Spawned children do not see the value; they see what was bound outside it, if anything.
     Never,
+    /// Like [`Always`](Inherit::Always), and tasks started by a plain `tokio::spawn` (or
+    /// `JoinSet::spawn`, `Handle::spawn`) on a runtime with contextflow's hooks
+    /// (`contextflow::runtime`, feature `runtime-hooks`; see the [feature flags](crate#feature-flags)) see the value
+    /// too. For ids and the trace, which belong in the logs of whatever a request starts.
+    /// The tenant, the user and anything that grants access stay [`Always`](Inherit::Always),
+    /// so that a connection pool's background task that happens to start during a request
+    /// never keeps that request's identity. On an ordinary runtime it is the same as `Always`.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, Inherit};
+    /// static REQUEST_ID: AsyncLocal<u64> =
+    ///     AsyncLocal::named("request_id").inherit(Inherit::Everywhere);
+    /// let child = REQUEST_ID.sync_scope(4, || contextflow::thread::spawn(|| REQUEST_ID.get()));
+    /// assert_eq!(child.join().unwrap(), Some(4));
+    /// ```
+    Everywhere,
 }
 
 // ===== impl AsyncLocal =====
@@ -198,13 +217,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// # }
     /// ```
     pub fn scope<F: Future>(&self, value: T, fut: F) -> Scope<T, F> {
-        Scope::new(
-            Some(value),
-            self.key(),
-            self.name,
-            self.inherit == Inherit::Always,
-            fut,
-        )
+        Scope::new(Some(value), self.key(), self.name, self.inherit, fut)
     }
 
     /// Runs `f` with this variable bound to `value`, and returns what `f` returns.
@@ -225,13 +238,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         // this stack) until after `node` is gone: `node` is dropped at the end of this call. The
         // node stays on this thread unless shared, and sharing goes through `node::share`.
         let node = unsafe {
-            NodeRef::new_value_borrowing(
-                parent,
-                self.key(),
-                self.name,
-                self.inherit == Inherit::Always,
-                value,
-            )
+            NodeRef::new_value_borrowing(parent, self.key(), self.name, self.inherit, value)
         };
         let node = ScopedNode::<T>(ManuallyDrop::new(node), PhantomData);
         // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
@@ -257,12 +264,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// });
     /// ```
     pub fn sync_unset<R>(&self, f: impl FnOnce() -> R) -> R {
-        let node = NodeRef::new_unset(
-            current::share(),
-            self.key(),
-            self.name,
-            self.inherit == Inherit::Always,
-        );
+        let node = NodeRef::new_unset(current::share(), self.key(), self.name, self.inherit);
         // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
         let _entered = current::enter_borrowed(node.as_ptr());
         f()
@@ -290,13 +292,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// # }
     /// ```
     pub fn unset<F: Future>(&self, fut: F) -> Scope<T, F> {
-        Scope::new(
-            None,
-            self.key(),
-            self.name,
-            self.inherit == Inherit::Always,
-            fut,
-        )
+        Scope::new(None, self.key(), self.name, self.inherit, fut)
     }
 
     /// Calls `f` with a reference to the current value, or `None` when the variable is not set.
@@ -400,13 +396,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     }
 
     fn new_node(&self, parent: Option<NodeRef>, value: T) -> NodeRef {
-        NodeRef::new_value(
-            parent,
-            self.key(),
-            self.name,
-            self.inherit == Inherit::Always,
-            value,
-        )
+        NodeRef::new_value(parent, self.key(), self.name, self.inherit, value)
     }
 
     /// This variable's unique key.

@@ -28,7 +28,10 @@ use std::{
     ptr::{self, NonNull},
 };
 
-use crate::loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::{
+    loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    Inherit,
+};
 
 /// Bit set on an inheritable binding.
 const INHERIT: u8 = 0b01;
@@ -44,6 +47,22 @@ const HIDDEN: u8 = 0b1000;
 /// Bit set on a node that binds its variable to *nothing* (`AsyncLocal::sync_unset`): lookups
 /// stop there and find no value.
 const UNSET: u8 = 0b1_0000;
+/// Bit set on a binding that plain spawns on a hooked runtime inherit too
+/// ([`Inherit::Everywhere`]); always with `INHERIT`.
+const PLAIN: u8 = 0b10_0000;
+/// Bit set when this node or any ancestor lacks `PLAIN`, so that a plain spawn's capture knows
+/// in O(1) whether it can share the chain as it is.
+const CHAIN_HAS_NON_PLAIN: u8 = 0b100_0000;
+
+/// A binding's own inheritance bits.
+#[inline]
+fn inherit_flags(inherit: Inherit) -> u8 {
+    match inherit {
+        Inherit::Never => 0,
+        Inherit::Always => INHERIT,
+        Inherit::Everywhere => INHERIT | PLAIN,
+    }
+}
 
 /// The key of guard marker nodes: never a variable's key (those start at 1).
 const MARKER_KEY: usize = 0;
@@ -138,11 +157,10 @@ impl NodeRef {
         parent: Option<NodeRef>,
         key: usize,
         name: &'static str,
-        inherit: bool,
+        inherit: Inherit,
         value: T,
     ) -> NodeRef {
-        let flags = if inherit { INHERIT } else { 0 };
-        Self::value_node(parent, false, key, name, flags, value)
+        Self::value_node(parent, false, key, name, inherit_flags(inherit), value)
     }
 
     /// Allocates a node that binds `key` to nothing under `parent`: lookups of `key` stop here
@@ -151,9 +169,9 @@ impl NodeRef {
         parent: Option<NodeRef>,
         key: usize,
         name: &'static str,
-        inherit: bool,
+        inherit: Inherit,
     ) -> NodeRef {
-        let flags = UNSET | if inherit { INHERIT } else { 0 };
+        let flags = UNSET | inherit_flags(inherit);
         Self::value_node(parent, false, key, name, flags, ())
     }
 
@@ -164,13 +182,13 @@ impl NodeRef {
         key: usize,
         value: T,
     ) -> NodeRef {
-        Self::value_node(parent, false, key, "", HIDDEN | INHERIT, value)
+        Self::value_node(parent, false, key, "", HIDDEN | INHERIT | PLAIN, value)
     }
 
     /// Allocates a node that binds nothing, for an enter guard that enters an existing frame
     /// (`Snapshot::enter`): each guard needs a node of its own to be told apart.
     pub(crate) fn new_marker(parent: Option<NodeRef>) -> NodeRef {
-        Self::value_node(parent, false, MARKER_KEY, "", INHERIT, ())
+        Self::value_node(parent, false, MARKER_KEY, "", INHERIT | PLAIN, ())
     }
 
     /// Allocates a value node under `parent` *without* taking a count on it: the fast path of
@@ -184,13 +202,13 @@ impl NodeRef {
         parent: *const Header,
         key: usize,
         name: &'static str,
-        inherit: bool,
+        inherit: Inherit,
         value: T,
     ) -> NodeRef {
         // SAFETY: the count is not taken: `borrowed` below tells `Drop` and `share` so.
         let parent = (!parent.is_null()).then(|| unsafe { NodeRef::from_raw(parent) });
         let borrowed = parent.is_some();
-        let flags = if inherit { INHERIT } else { 0 };
+        let flags = inherit_flags(inherit);
         Self::value_node(parent, borrowed, key, name, flags, value)
     }
 
@@ -247,7 +265,7 @@ impl NodeRef {
         }
         let (flags, mask) = chain_flags(
             binding.key,
-            binding.flags & (INHERIT | HIDDEN | UNSET),
+            binding.flags & (INHERIT | PLAIN | HIDDEN | UNSET),
             parent.as_ref(),
         );
         const { assert!(pool::fits(Layout::new::<AliasNode>())) };
@@ -543,11 +561,6 @@ impl Header {
         self.parent.as_ref().map_or(ptr::null(), NodeRef::as_ptr)
     }
 
-    #[inline]
-    pub(crate) fn inherit(&self) -> bool {
-        self.flags & INHERIT != 0
-    }
-
     pub(crate) fn type_name(&self) -> &'static str {
         (self.vtable.type_name)()
     }
@@ -600,6 +613,26 @@ pub(crate) unsafe fn lookup(frame: *const Header, key: usize) -> Option<&'static
 /// # Safety
 /// `frame` must be null or point to a live node of this thread's current frame.
 pub(crate) unsafe fn capture(frame: *const Header, skip_private: bool) -> Option<NodeRef> {
+    // SAFETY: the caller's contract.
+    unsafe { capture_keeping(frame, if skip_private { INHERIT } else { 0 }) }
+}
+
+/// [`capture`] for a plain spawn on a hooked runtime: keeps only the bindings marked
+/// [`Inherit::Everywhere`].
+///
+/// # Safety
+/// As [`capture`].
+#[cfg(all(feature = "runtime-hooks", tokio_unstable))]
+pub(crate) unsafe fn capture_plain(frame: *const Header) -> Option<NodeRef> {
+    // SAFETY: the caller's contract.
+    unsafe { capture_keeping(frame, INHERIT | PLAIN) }
+}
+
+/// [`capture`], keeping only the bindings with all of `required`'s bits (`INHERIT`, `PLAIN`).
+///
+/// # Safety
+/// As [`capture`].
+unsafe fn capture_keeping(frame: *const Header, required: u8) -> Option<NodeRef> {
     // SAFETY: live by the caller's contract.
     let frame = unsafe { skip_markers(frame) };
     if frame.is_null() {
@@ -607,7 +640,13 @@ pub(crate) unsafe fn capture(frame: *const Header, skip_private: bool) -> Option
     }
     // SAFETY: live by the caller's contract.
     let top = unsafe { &*frame };
-    let flags_to_check = MAYBE_SHADOW | if skip_private { CHAIN_HAS_PRIVATE } else { 0 };
+    let mut flags_to_check = MAYBE_SHADOW;
+    if required & INHERIT != 0 {
+        flags_to_check |= CHAIN_HAS_PRIVATE;
+    }
+    if required & PLAIN != 0 {
+        flags_to_check |= CHAIN_HAS_NON_PLAIN;
+    }
     if top.flags & flags_to_check == 0 {
         // SAFETY: live by the caller's contract.
         return Some(unsafe { share(frame) });
@@ -637,7 +676,7 @@ pub(crate) unsafe fn capture(frame: *const Header, skip_private: bool) -> Option
         }
         let bit = key_bit(header.key);
         let shadowed = seen_mask & bit != 0 && seen_keys.contains(&header.key);
-        let private = skip_private && !header.inherit();
+        let private = header.flags & required != required;
         if !shadowed {
             seen_keys.push(header.key);
             seen_mask |= bit;
@@ -716,9 +755,13 @@ fn chain_flags(key: usize, own_flags: u8, parent: Option<&NodeRef>) -> (u8, u64)
         let h = p.header();
         (h.flags, h.mask)
     });
-    let mut flags = own_flags | (parent_flags & (CHAIN_HAS_PRIVATE | MAYBE_SHADOW));
+    let mut flags =
+        own_flags | (parent_flags & (CHAIN_HAS_PRIVATE | CHAIN_HAS_NON_PLAIN | MAYBE_SHADOW));
     if own_flags & INHERIT == 0 {
         flags |= CHAIN_HAS_PRIVATE;
+    }
+    if own_flags & PLAIN == 0 {
+        flags |= CHAIN_HAS_NON_PLAIN;
     }
     let bit = if own_flags & HIDDEN != 0 {
         0

@@ -36,6 +36,8 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[cfg(feature = "runtime-hooks")]
+    let _explicit = crate::runtime::ExplicitSpawn::enter();
     tokio::spawn(fut.in_current_context())
 }
 
@@ -59,6 +61,8 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[cfg(feature = "runtime-hooks")]
+    let _explicit = crate::runtime::ExplicitSpawn::enter();
     tokio::spawn(fut.with_snapshot(snapshot))
 }
 
@@ -87,6 +91,8 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[cfg(feature = "runtime-hooks")]
+    let _explicit = crate::runtime::ExplicitSpawn::enter();
     tokio::spawn(fut.with_snapshot(Snapshot::empty()))
 }
 
@@ -167,6 +173,8 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
+    #[cfg(feature = "runtime-hooks")]
+    let _explicit = crate::runtime::ExplicitSpawn::enter();
     tokio::task::spawn_local(fut.in_current_context())
 }
 
@@ -194,5 +202,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[cfg(feature = "runtime-hooks")]
+    let _explicit = crate::runtime::ExplicitSpawn::enter();
     set.spawn(fut.in_current_context())
 }

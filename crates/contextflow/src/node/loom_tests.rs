@@ -14,6 +14,7 @@ use loom::{
 };
 
 use super::{cache, capture, share, Header, NodeRef};
+use crate::Inherit;
 
 /// A value that counts its drops.
 struct Counted(Arc<AtomicUsize>);
@@ -41,7 +42,7 @@ fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
 fn clone_and_drop_on_two_threads_drops_the_value_once() {
     explore("clone and drop", || {
         let drops = Arc::new(AtomicUsize::new(0));
-        let node = NodeRef::new_value(None, 2, "v", true, Counted(drops.clone()));
+        let node = NodeRef::new_value(None, 2, "v", Inherit::Always, Counted(drops.clone()));
         let other = node.clone();
         let t = thread::spawn(move || {
             // SAFETY: `other` is alive, and key 2 was bound to a `Counted` above.
@@ -62,8 +63,20 @@ fn alias_keeps_the_value_while_both_threads_release() {
     explore("alias and original released concurrently", || {
         let parent_drops = Arc::new(AtomicUsize::new(0));
         let value_drops = Arc::new(AtomicUsize::new(0));
-        let parent = NodeRef::new_value(None, 2, "parent", true, Counted(parent_drops.clone()));
-        let node = NodeRef::new_value(Some(parent), 3, "v", true, Counted(value_drops.clone()));
+        let parent = NodeRef::new_value(
+            None,
+            2,
+            "parent",
+            Inherit::Always,
+            Counted(parent_drops.clone()),
+        );
+        let node = NodeRef::new_value(
+            Some(parent),
+            3,
+            "v",
+            Inherit::Always,
+            Counted(value_drops.clone()),
+        );
         // Re-bind the value with no parent, then release the original and the alias on two
         // threads at once: the value is dropped once, by whichever goes last.
         let alias = NodeRef::new_alias(node.header(), None);
@@ -81,11 +94,17 @@ fn alias_keeps_the_value_while_both_threads_release() {
 fn share_of_a_borrowed_node_races_a_release() {
     explore("share against a concurrent release", || {
         let drops = Arc::new(AtomicUsize::new(0));
-        let root = NodeRef::new_value(None, 2, "root", true, Counted(drops.clone()));
+        let root = NodeRef::new_value(None, 2, "root", Inherit::Always, Counted(drops.clone()));
         // A `sync_scope` node: borrows `root` (no count) while unshared.
         // SAFETY: `root` outlives `scoped` until `share` gives it a counted parent below.
         let scoped = unsafe {
-            NodeRef::new_value_borrowing(root.as_ptr(), 3, "scoped", true, Counted(drops.clone()))
+            NodeRef::new_value_borrowing(
+                root.as_ptr(),
+                3,
+                "scoped",
+                Inherit::Always,
+                Counted(drops.clone()),
+            )
         };
         // SAFETY: `scoped` is alive and was made on this thread.
         let shared = unsafe { share(scoped.as_ptr()) };
@@ -116,10 +135,22 @@ fn capture_leaves_out_shadowed_and_private_bindings_under_a_concurrent_release()
     explore("capture (shadow and private) and release", || {
         let tx_drops = Arc::new(AtomicUsize::new(0));
         let old_drops = Arc::new(AtomicUsize::new(0));
-        let req = NodeRef::new_value(None, 2, "req", true, 2u8);
-        let old = NodeRef::new_value(Some(req), 4, "gen", true, Counted(old_drops.clone()));
-        let tx = NodeRef::new_value(Some(old), 3, "tx", false, Counted(tx_drops.clone()));
-        let top = NodeRef::new_value(Some(tx), 4, "gen", true, 4u8);
+        let req = NodeRef::new_value(None, 2, "req", Inherit::Always, 2u8);
+        let old = NodeRef::new_value(
+            Some(req),
+            4,
+            "gen",
+            Inherit::Always,
+            Counted(old_drops.clone()),
+        );
+        let tx = NodeRef::new_value(
+            Some(old),
+            3,
+            "tx",
+            Inherit::Never,
+            Counted(tx_drops.clone()),
+        );
+        let top = NodeRef::new_value(Some(tx), 4, "gen", Inherit::Always, 4u8);
         // SAFETY: `top` is alive for the call.
         let child = unsafe { capture(top.as_ptr(), true) }.unwrap();
         let t = thread::spawn(move || {
@@ -155,7 +186,7 @@ fn capture_leaves_out_shadowed_and_private_bindings_under_a_concurrent_release()
 fn a_parked_guard_frame_is_released_once_by_the_last_owner() {
     explore("enter-guard marker parking", || {
         let drops = Arc::new(AtomicUsize::new(0));
-        let saved = NodeRef::new_value(None, 2, "saved", true, Counted(drops.clone()));
+        let saved = NodeRef::new_value(None, 2, "saved", Inherit::Always, Counted(drops.clone()));
         let marker = NodeRef::new_marker(None);
         let other = marker.clone();
         // The guard exits out of order: its saved frame (owned, bit 0) is parked in its node.
@@ -197,7 +228,7 @@ fn id_blocks_never_overlap() {
 #[test]
 fn racing_first_lookups_agree_on_a_nodes_id() {
     explore("lazy node id", || {
-        let node = NodeRef::new_value(None, 2, "v", true, 1u8);
+        let node = NodeRef::new_value(None, 2, "v", Inherit::Always, 1u8);
         let other = node.clone();
         let t = thread::spawn(move || other.header().id());
         let mine = node.header().id();

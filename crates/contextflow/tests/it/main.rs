@@ -32,6 +32,8 @@ mod layering;
 #[cfg(feature = "tokio")]
 mod no_leaks;
 mod panic_restores;
+#[cfg(feature = "runtime-hooks")]
+mod runtime_hooks;
 mod snapshot;
 #[cfg(all(feature = "tokio", feature = "futures"))]
 mod streams;
