@@ -16,6 +16,9 @@
 //! is: the set-up never changes its attributes, and the [`TenantPool`] check refuses an
 //! application role that was given `BYPASSRLS` or made a superuser.
 //!
+//! Each pool names its sessions after its role (`application_name`), so this service's
+//! connections and log lines can be told apart on a shared server.
+//!
 //! When the superuser URL carries a password, the application role gets one derived from it
 //! (`sha256` of the role name and that password, computed by the server): every instance
 //! derives the same, and nobody without the superuser's password can.
