@@ -38,6 +38,9 @@ pub struct Config {
     pub resolve_after: Duration,
     /// Whether to run the outbox worker (off only in tests of a restart before delivery).
     pub deliver_outbox: bool,
+    /// Where the payment stub's spans go (its own `service.name`); `None`: OpenTelemetry's
+    /// global provider, like the order service's own spans.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// A running service.
@@ -101,6 +104,7 @@ impl Config {
             payment_url: None,
             resolve_after: Duration::from_secs(60),
             deliver_outbox: true,
+            telemetry: None,
         }
     }
 
@@ -182,10 +186,14 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
     let payment_stub = Stub::new();
     let payment_listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let payment_addr = payment_listener.local_addr()?;
+    let payment_router = match &config.telemetry {
+        Some(telemetry) => payment_stub.router_with_tracer(telemetry.payment_tracer()),
+        None => payment_stub.router(),
+    };
     let payment_server = server::serve(
         "payment",
         payment_listener,
-        payment_stub.router(),
+        payment_router,
         config.limits,
         payment_shutdown.clone(),
     );

@@ -9,7 +9,7 @@
 //!
 //! Module map: [`http`] (routes, middleware, controllers), [`service`], [`db`] (repositories),
 //! [`outbox`] (the outbox worker and resolver), [`queue`] (in-process message queue), [`payment`] (client and in-process stub), [`context`] (the request context),
-//! [`logging`], [`app`] (start-up) and [`demo`] (the load run with its correctness check).
+//! [`logging`], [`telemetry`] (OTLP export and an in-process receiver), [`app`] (start-up) and [`demo`] (the load run with its correctness check).
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -22,3 +22,4 @@ pub mod outbox;
 pub mod payment;
 pub mod queue;
 pub mod service;
+pub mod telemetry;

@@ -3,7 +3,8 @@
 //! - `cargo run -p order-service [-- --json] [--addr 127.0.0.1:3000]`: serves on an embedded
 //!   SQLite file (or `DATABASE_URL=postgres://...`).
 //! - `cargo run -p order-service -- demo [--orders N] [--concurrency C] [--json]`: fires N
-//!   concurrent orders at an in-process instance and checks every log line.
+//!   concurrent orders at an in-process instance and checks every log line and every span.
+//! - `OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318`: serving exports spans over OTLP/HTTP.
 #![forbid(unsafe_code)]
 
 use std::{net::SocketAddr, process::ExitCode};
@@ -12,11 +13,13 @@ use order_service::{
     app::{self, Config},
     demo::{self, DemoOptions},
     logging::{self, LogFormat},
+    telemetry::Telemetry,
 };
 
 const USAGE: &str =
     "usage: order-service [--json] [--addr ADDR]   (DATABASE_URL: postgres://... or sqlite://...)
-       order-service demo [--orders N] [--concurrency C] [--json] [--log-file PATH]";
+       order-service demo [--orders N] [--concurrency C] [--json] [--log-file PATH] [--trace-file PATH]
+       (OTEL_EXPORTER_OTLP_ENDPOINT=http://host:4318: serving exports spans over OTLP/HTTP)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -90,6 +93,9 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
             "--log-file" => {
                 opts.log_file = Some(args.next().ok_or("--log-file needs a path")?.into())
             }
+            "--trace-file" => {
+                opts.trace_file = Some(args.next().ok_or("--trace-file needs a path")?.into())
+            }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
     }
@@ -99,9 +105,15 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
     Ok(opts)
 }
 
-async fn serve(config: Config, format: LogFormat) -> Result<ExitCode, BoxError> {
+async fn serve(mut config: Config, format: LogFormat) -> Result<ExitCode, BoxError> {
     logging::init(format, std::io::stdout)?;
     let database = app::redact_url(&config.database_url);
+    let telemetry = Telemetry::from_env()?;
+    if let Some(telemetry) = &telemetry {
+        telemetry.install_global();
+        config.telemetry = Some(telemetry.clone());
+        tracing::info!(?telemetry, "exporting spans over OTLP/HTTP");
+    }
     let service = app::start(config).await?;
     let addr = service.addr;
     // The banner is part of the log stream: with `--json` it is JSON records like every line.
@@ -125,7 +137,13 @@ async fn serve(config: Config, format: LogFormat) -> Result<ExitCode, BoxError> 
     }
     stop_signal().await?;
     tracing::info!("shutdown: signal received");
-    service.shutdown().await?;
+    let stopped = service.shutdown().await;
+    if let Some(telemetry) = telemetry {
+        for error in telemetry.shutdown().await {
+            tracing::warn!(%error, "span export failed");
+        }
+    }
+    stopped?;
     Ok(ExitCode::SUCCESS)
 }
 

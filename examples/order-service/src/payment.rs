@@ -60,11 +60,12 @@ pub struct PaymentResponse {
 // ===== impl PaymentClient =====
 
 impl PaymentClient {
-    /// A client for the provider at `base_url` (`http://127.0.0.1:port`).
+    /// A client for the provider at `base_url` (`http://127.0.0.1:port`). Each call is a
+    /// client span of OpenTelemetry's global provider (none when no SDK is installed).
     pub fn new(base_url: &str) -> Self {
         PaymentClient {
             http: ClientBuilder::new(reqwest::Client::new())
-                .with(InjectContextMiddleware::new())
+                .with(InjectContextMiddleware::new().with_global_tracer())
                 .build(),
             url: format!("{base_url}/payments"),
         }
@@ -148,11 +149,24 @@ impl Stub {
     /// The router: `POST /payments` authorizes everything except references starting with
     /// `decline` (`402 Payment Required`); a request without an `idempotency-key` is a `400`.
     pub fn router(&self) -> Router {
+        self.router_with(PropagateContextLayer::new())
+    }
+
+    /// [`Stub::router`] whose server spans are `tracer`'s (the stub's own `service.name`).
+    pub fn router_with_tracer<T>(&self, tracer: T) -> Router
+    where
+        T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+        T::Span: Send + Sync + 'static,
+    {
+        self.router_with(PropagateContextLayer::new().with_tracer(tracer))
+    }
+
+    fn router_with(&self, layer: PropagateContextLayer) -> Router {
         Router::new()
             .route("/payments", post(authorize))
             .with_state(self.clone())
             .layer(axum::middleware::from_fn(payment_request_span))
-            .layer(PropagateContextLayer::new())
+            .layer(layer)
     }
 
     /// Charges `key` once: the payment made for it before, or a new one.

@@ -34,6 +34,11 @@ async fn every_event_belongs_to_its_request() {
     assert_eq!(count("database", "paid"), 200);
     assert_eq!(count("database", "confirmed"), 200);
     assert_eq!(count("database", "repeated"), 0);
+    // Every span went out over OTLP: one connected trace per order, across every process.
+    assert_eq!(count("traces", "connected"), 200);
+    assert_eq!(count("traces", "fragmented"), 0);
+    assert_eq!(count("traces", "complete"), 200);
+    assert_eq!(count("traces", "spans"), 200 * 6);
     // The tree shows the whole path, the spawned job under the request.
     for level in [
         "http.request",

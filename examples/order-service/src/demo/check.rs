@@ -9,8 +9,12 @@ use std::fmt;
 
 use super::{
     attribution::ContextCheck, load::Load, milestones::MilestoneCheck, output::OutputCheck,
+    traces::TraceCheck,
 };
-use crate::logging::{CapturedEvent, LogFormat, SpanOpened};
+use crate::{
+    logging::{CapturedEvent, LogFormat, SpanOpened},
+    telemetry::SpanRecord,
+};
 
 /// Everything a run produced, for the checks.
 #[derive(Debug)]
@@ -31,6 +35,10 @@ pub struct Run {
     pub format: LogFormat,
     /// What the database holds afterwards.
     pub database: DatabaseCounts,
+    /// Every span exported over OTLP, as the in-process receiver decoded it.
+    pub traces: Vec<SpanRecord>,
+    /// What went wrong exporting them (flush failures, refused export requests).
+    pub trace_errors: Vec<String>,
 }
 
 /// Event positions ([`CapturedEvent::seq`]) that split a run into start-up, load, shutdown.
@@ -87,6 +95,7 @@ pub fn checks() -> Vec<Box<dyn Check>> {
         Box::new(OutputCheck),
         Box::new(MilestoneCheck),
         Box::new(DatabaseCheck),
+        Box::new(TraceCheck),
     ]
 }
 

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+use opentelemetry_sdk::trace::SdkTracer;
 use tokio::task::JoinSet;
 
 use super::progress::Progress;
@@ -51,9 +53,11 @@ pub struct Load {
 }
 
 /// Sends `orders` orders to the service at `addr`, `concurrency` at a time. Request ids are
-/// `demo-<run_id>-<n>`, references `ord-<run_id>-<n>`.
+/// `demo-<run_id>-<n>`, references `ord-<run_id>-<n>`. Each request is a client span of
+/// `tracer`, the root of its trace, whose `traceparent` the request carries.
 pub(crate) async fn run(
     addr: SocketAddr,
+    tracer: &SdkTracer,
     run_id: &str,
     orders: usize,
     concurrency: usize,
@@ -76,8 +80,17 @@ pub(crate) async fn run(
         while next < orders && set.len() < concurrency.max(1) {
             let (token, tenant) = DEMO_TOKENS[next % DEMO_TOKENS.len()];
             let request_id = request_id(run_id, next);
-            let trace_id = contextflow_otel::new_trace_id();
-            let traceparent = format!("00-{trace_id}-{}-01", contextflow_otel::new_span_id());
+            // A new root: the client is where each request's trace starts.
+            let mut span = tracer
+                .span_builder("POST /orders")
+                .with_kind(SpanKind::Client)
+                .start_with_context(tracer, &opentelemetry::Context::new());
+            let trace_id = span.span_context().trace_id();
+            let traceparent = format!(
+                "00-{trace_id}-{}-{:02x}",
+                span.span_context().span_id(),
+                span.span_context().trace_flags().to_u8()
+            );
             let order = order(run_id, next);
             load.expected.insert(
                 request_id.clone(),
@@ -108,6 +121,13 @@ pub(crate) async fn run(
                     }
                     Err(err) => (None, err.to_string()),
                 };
+                if let Some(status) = status {
+                    span.set_attribute(opentelemetry::KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    ));
+                }
+                span.end();
                 Outcome {
                     request_id,
                     latency: sent.elapsed(),

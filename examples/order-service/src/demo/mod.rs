@@ -15,6 +15,8 @@
 //! - `database`: the temporary database (a SQLite file, or a schema on PostgreSQL);
 //! - [`check`]: the [`Check`] trait, the [`Run`] it looks at, and the list of checks, where a
 //!   new one plugs in; [`attribution`], [`output`], [`milestones`]: the checks;
+//! - [`traces`]: every span exported over OTLP to the in-process receiver forms one connected
+//!   trace per request;
 //! - `tree` and `report`: one request's path as a tree, and the summary;
 //! - `progress`: the progress bar.
 
@@ -26,6 +28,7 @@ pub mod milestones;
 pub mod output;
 mod progress;
 mod report;
+pub mod traces;
 mod tree;
 
 use std::time::Duration;
@@ -41,6 +44,7 @@ use crate::{
     db::OrderRepository,
     http::TokenTable,
     logging::{self, EventCapture, LogFormat, LogSink},
+    telemetry::{receiver::to_otlp_json, Receiver, Telemetry},
 };
 
 /// What the demo runs.
@@ -59,6 +63,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Where to save every line of the log stream, if anywhere.
     pub log_file: Option<std::path::PathBuf>,
+    /// Where to write every exported span as OTLP JSON, if anywhere.
+    pub trace_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -70,6 +76,7 @@ impl Default for DemoOptions {
             database_url: None,
             progress: true,
             log_file: None,
+            trace_file: None,
         }
     }
 }
@@ -88,13 +95,18 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, BoxError> {
     let capture = EventCapture::new(logging::context_fields());
     let sink = LogSink::new();
     logging::init_captured(opts.format, sink.clone(), &capture)?;
+    // Every span goes out over OTLP/HTTP to a receiver in this process, as to a collector.
+    let receiver = Receiver::start().await?;
+    let telemetry = Telemetry::otlp(Some(&receiver.endpoint()))?;
+    telemetry.install_global();
 
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let (database_url, temp) = TempDatabase::create(opts.database_url.as_deref(), &run_id).await?;
-    let result = run_on(&opts, &run_id, &database_url, &capture).await;
+    let result = run_on(&opts, &run_id, &database_url, &capture, &telemetry).await;
     if let Some(temp) = temp {
         temp.remove().await?;
     }
+    let mut trace_errors = telemetry.shutdown().await;
     let (load, phases, database, backend) = result?;
 
     let output = sink.take();
@@ -102,6 +114,17 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, BoxError> {
         let mut text = output.join("\n");
         text.push('\n');
         std::fs::write(path, text)?;
+    }
+    if receiver.rejected() > 0 {
+        trace_errors.push(format!(
+            "the receiver refused {} export requests",
+            receiver.rejected()
+        ));
+    }
+    if let Some(path) = &opts.trace_file {
+        let mut json = to_otlp_json(&receiver.traces_data())?;
+        json.push('\n');
+        std::fs::write(path, json)?;
     }
     let run = Run {
         run_id,
@@ -112,6 +135,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, BoxError> {
         output,
         format: opts.format,
         database,
+        traces: receiver.spans(),
+        trace_errors,
     };
     let verdicts = checks().iter().map(|check| check.check(&run)).collect();
     Ok(DemoReport::new(&run, &opts, backend, verdicts))
@@ -123,8 +148,13 @@ async fn run_on(
     run_id: &str,
     database_url: &str,
     capture: &EventCapture,
+    telemetry: &Telemetry,
 ) -> Result<(Load, Phases, DatabaseCounts, crate::db::Backend), BoxError> {
-    let service = app::start(Config::local(database_url)).await?;
+    let service = app::start(Config {
+        telemetry: Some(telemetry.clone()),
+        ..Config::local(database_url)
+    })
+    .await?;
     let backend = service.state.db.backend();
     let mut phases = Phases {
         load_start: capture.len(),
@@ -132,6 +162,7 @@ async fn run_on(
     };
     let load = load::run(
         service.addr,
+        &telemetry.client_tracer(),
         run_id,
         opts.orders,
         opts.concurrency,

@@ -8,11 +8,20 @@
 //! request's id and trace id. The tenant does *not* cross: message metadata is input, and
 //! input never sets the tenant; the handler reads the order's tenant from the payload as data.
 //!
+//! With an OpenTelemetry SDK installed (the global provider), publishing is a `producer` span
+//! whose context the headers carry, and handling a message is a `process` consumer span: a
+//! child of the producer's span that also links to it, as the OpenTelemetry messaging
+//! conventions describe for a consumer that handles one message at a time.
+//!
 //! A real deployment swaps the channel for AMQP, Kafka or NATS; the two calls stay the same.
 
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
+use opentelemetry::{
+    trace::{Link, SpanKind, TraceContextExt as _, Tracer as _},
+    Context, KeyValue,
+};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc, watch},
@@ -83,8 +92,10 @@ impl Queue {
                     continue;
                 }
                 let incoming = contextflow_http::extract_headers(&message.headers);
+                let cx = consumer_span(message.topic, incoming);
                 let span = tracing::info_span!("queue.consume", topic = message.topic);
-                contextflow_otel::scope(incoming, consume(message).instrument(span)).await;
+                contextflow_otel::scope(cx.clone(), consume(message).instrument(span)).await;
+                cx.span().end();
                 consumer_pending.0.send_modify(|n| *n -= 1);
             }
         });
@@ -95,7 +106,8 @@ impl Queue {
     /// headers. Waits while the queue is full; returns whether the message was queued.
     pub async fn publish<T: Serialize>(&self, topic: &'static str, id: i64, payload: &T) -> bool {
         let span = tracing::info_span!("queue.publish", topic);
-        async {
+        let cx = producer_span(topic);
+        let published = async {
             let mut headers = HeaderMap::new();
             contextflow_http::inject_headers(&mut headers);
             let payload = match serde_json::to_value(payload) {
@@ -124,8 +136,10 @@ impl Queue {
                 }
             }
         }
-        .instrument(span)
-        .await
+        .instrument(span);
+        let published = contextflow_otel::scope(cx.clone(), published).await;
+        cx.span().end();
+        published
     }
 
     /// How many published messages are not yet handled.
@@ -139,6 +153,46 @@ impl Queue {
         // The sender lives in `self.pending`: `wait_for` cannot fail while we hold it.
         let _ = count.wait_for(|n| *n == 0).await;
     }
+}
+
+/// The instrumentation scope of the queue's spans.
+const SCOPE: &str = "order-service.queue";
+
+/// The current context with a `producer` span for `topic` (the global provider's; with no SDK
+/// installed, the current span passes through unchanged).
+fn producer_span(topic: &'static str) -> Context {
+    let parent = contextflow_otel::current_context();
+    let tracer = opentelemetry::global::tracer(SCOPE);
+    let span = tracer
+        .span_builder(format!("send {topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(attributes(topic, "send"))
+        .start_with_context(&tracer, &parent);
+    parent.with_span(span)
+}
+
+/// `incoming` (the message's extracted context) with a `process` consumer span for `topic`:
+/// a child of the producer's span, with a link to it.
+fn consumer_span(topic: &'static str, incoming: Context) -> Context {
+    let producer = incoming.span().span_context().clone();
+    let tracer = opentelemetry::global::tracer(SCOPE);
+    let mut builder = tracer
+        .span_builder(format!("process {topic}"))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes(attributes(topic, "process"));
+    if producer.is_valid() {
+        builder = builder.with_links(vec![Link::with_context(producer)]);
+    }
+    let span = builder.start_with_context(&tracer, &incoming);
+    incoming.with_span(span)
+}
+
+fn attributes(topic: &'static str, operation: &'static str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("messaging.system", "order-service.queue"),
+        KeyValue::new("messaging.operation.type", operation),
+        KeyValue::new("messaging.destination.name", topic),
+    ]
 }
 
 async fn consume(message: Message) {
