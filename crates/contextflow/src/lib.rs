@@ -208,7 +208,6 @@
 
 pub mod carry;
 mod current;
-mod future;
 mod local;
 mod loom;
 mod node;
@@ -222,7 +221,7 @@ pub mod thread;
 
 #[cfg(feature = "futures")]
 #[cfg_attr(docsrs, doc(cfg(feature = "futures")))]
-pub use crate::future::StreamExt;
+pub use crate::snapshot::StreamExt;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[allow(deprecated)]
@@ -234,7 +233,6 @@ pub use crate::spawn::{
 };
 pub use crate::{
     current::EnterGuard,
-    future::{FutureExt, Scope, WithContext},
-    local::{AsyncLocal, Inherit},
-    snapshot::Snapshot,
+    local::{AsyncLocal, Inherit, Scope},
+    snapshot::{FutureExt, Snapshot, WithContext},
 };

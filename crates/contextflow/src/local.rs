@@ -1,14 +1,20 @@
-//! [`AsyncLocal`]: one typed context variable.
+//! [`AsyncLocal`]: one typed context variable, and [`Scope`], the future that binds it.
 
 use std::{
     fmt,
     future::Future,
     marker::PhantomData,
     mem::ManuallyDrop,
+    pin::Pin,
     sync::atomic::{AtomicUsize, Ordering},
+    task::{Context, Poll},
 };
 
-use crate::{current, current::EnterGuard, future::Scope, node, node::NodeRef};
+use crate::{
+    current,
+    current::EnterGuard,
+    node::{self, Header, NodeRef},
+};
 
 /// A typed context variable: the Rust counterpart of one Node.js `AsyncLocalStorage`.
 ///
@@ -109,6 +115,50 @@ pub enum Inherit {
     /// assert_eq!(child.join().unwrap(), Some(4));
     /// ```
     Everywhere,
+}
+
+/// A future that runs with one variable bound; returned by
+/// [`AsyncLocal::scope`](crate::AsyncLocal::scope).
+///
+/// On every poll, and while the inner future is dropped, the current frame is the poller's frame
+/// plus this binding. The inner future's destructor therefore sees the value, even when the
+/// task is aborted or the future is dropped half-way (a client disconnect).
+///
+/// ```
+/// use contextflow::AsyncLocal;
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let fut: contextflow::Scope<u32, _> = ID.scope(7, async { ID.get() });
+/// assert_eq!(fut.await, Some(7));
+/// # }
+/// ```
+#[must_use = "futures do nothing unless you `.await` or poll them"]
+pub struct Scope<T: Send + Sync + 'static, F> {
+    /// The binding: the value until the first poll, then a node whose parent is the frame of
+    /// the latest poller (reused while that frame stays the same: one allocation per scope in
+    /// the common case). Re-parenting replaces the node, so a frame that polled us once (a
+    /// transaction's, say) is not kept alive once another frame polls us.
+    binding: Binding<T>,
+    /// Structurally pinned; dropped in place by `Drop`, inside the frame.
+    inner: ManuallyDrop<F>,
+    /// Invariant in `T`, like `AsyncLocal<T>`.
+    _value: PhantomData<fn(T) -> T>,
+}
+
+enum Binding<T> {
+    Pending {
+        /// `None` for [`AsyncLocal::unset`](crate::AsyncLocal::unset).
+        value: Option<T>,
+        key: usize,
+        name: &'static str,
+        inherit: Inherit,
+    },
+    Node(NodeRef),
+    /// The value was taken back out ([`Scope::take_value`]): the scope binds nothing.
+    Taken,
+    /// Only while switching from `Pending` to `Node`.
+    Empty,
 }
 
 // ===== impl AsyncLocal =====
@@ -424,6 +474,156 @@ impl<T: Send + Sync + 'static> fmt::Debug for AsyncLocal<T> {
             .field("inherit", &self.inherit)
             .field("is_set", &self.is_set())
             .finish()
+    }
+}
+
+// ===== impl Scope =====
+
+impl<T: Send + Sync + 'static, F> Scope<T, F> {
+    pub(crate) fn new(
+        value: Option<T>,
+        key: usize,
+        name: &'static str,
+        inherit: Inherit,
+        inner: F,
+    ) -> Self {
+        Scope {
+            binding: Binding::Pending {
+                value,
+                key,
+                name,
+                inherit,
+            },
+            inner: ManuallyDrop::new(inner),
+            _value: PhantomData,
+        }
+    }
+
+    /// Takes the value back out of the scope, as tokio's `TaskLocalFuture::take_value`: the
+    /// scope binds nothing from then on (the inner future, if polled again, sees the poller's
+    /// context). `None` if it was taken already, if this is an [`unset`](crate::AsyncLocal::unset)
+    /// scope, or if the value is still shared: a snapshot or a spawned child captured inside
+    /// the scope holds it (values are shared, never cloned).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// use std::pin::pin;
+    /// static LOG: AsyncLocal<std::sync::Mutex<Vec<String>>> = AsyncLocal::named("log");
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut fut = pin!(LOG.scope(Default::default(), async {
+    ///     LOG.with(|log| log.unwrap().lock().unwrap().push("step 1".into()));
+    /// }));
+    /// fut.as_mut().await;
+    /// let log = fut.as_mut().take_value().unwrap().into_inner().unwrap();
+    /// assert_eq!(log, ["step 1"]);
+    /// assert!(fut.take_value().is_none(), "taken already");
+    /// # }
+    /// ```
+    pub fn take_value(self: Pin<&mut Self>) -> Option<T> {
+        // SAFETY: the binding is not structurally pinned; `inner` is not touched.
+        let this = unsafe { self.get_unchecked_mut() };
+        match std::mem::replace(&mut this.binding, Binding::Taken) {
+            Binding::Pending { value, .. } => value,
+            // SAFETY: a `Node` binding holds a value node made for a `T`, or an unset node,
+            // which `try_take` refuses.
+            Binding::Node(node) => match unsafe { node.try_take::<T>() } {
+                Ok(value) => Some(value),
+                Err(node) => {
+                    this.binding = Binding::Node(node);
+                    None
+                }
+            },
+            Binding::Taken | Binding::Empty => None,
+        }
+    }
+
+    /// The frame to enter: the poller's frame plus our binding.
+    #[inline]
+    fn frame(&mut self) -> *const Header {
+        let parent = current::current_ptr();
+        match &self.binding {
+            Binding::Node(node) if node.header().parent_ptr() == parent => node.as_ptr(),
+            Binding::Taken => parent,
+            _ => self.bind_under(parent),
+        }
+    }
+
+    #[cold]
+    fn bind_under(&mut self, parent: *const Header) -> *const Header {
+        let parent = if parent.is_null() {
+            None
+        } else {
+            // SAFETY: `parent` is this thread's current frame, alive for this call.
+            Some(unsafe { node::share(parent) })
+        };
+        match std::mem::replace(&mut self.binding, Binding::Empty) {
+            Binding::Pending {
+                value,
+                key,
+                name,
+                inherit,
+            } => {
+                let node = match value {
+                    Some(value) => NodeRef::new_value(parent, key, name, inherit, value),
+                    None => NodeRef::new_unset(parent, key, name, inherit),
+                };
+                let ptr = node.as_ptr();
+                self.binding = Binding::Node(node);
+                ptr
+            }
+            Binding::Node(node) => {
+                // The alias shares the value; dropping `node` releases the old parent.
+                let under = NodeRef::new_alias(node.header(), parent);
+                let ptr = under.as_ptr();
+                self.binding = Binding::Node(under);
+                drop(node);
+                ptr
+            }
+            // `frame` does not call us for `Taken`, and `binding` is `Empty` only inside this
+            // function, which does not re-enter.
+            Binding::Taken | Binding::Empty => unreachable!("Scope binding observed mid-update"),
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static, F: Future> Future for Scope<T, F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `inner` is structurally pinned: it is never moved out, only polled through a
+        // pinned reference and dropped in place; the other fields are not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let frame = this.frame();
+        // `this` owns the frame's node and outlives `_entered`.
+        let _entered = current::enter_borrowed(frame);
+        // SAFETY: see above; `this` came from a pinned reference.
+        unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx)
+    }
+}
+
+impl<T: Send + Sync + 'static, F> Drop for Scope<T, F> {
+    fn drop(&mut self) {
+        let frame = self.frame();
+        let _entered = current::enter_borrowed(frame);
+        // SAFETY: dropped exactly once, in place (allowed for pinned data), and never used
+        // again; the frame's nodes are other fields, dropped after this body returns.
+        unsafe { ManuallyDrop::drop(&mut self.inner) }
+    }
+}
+
+impl<T: Send + Sync + 'static, F> fmt::Debug for Scope<T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match &self.binding {
+            Binding::Pending { name, .. } => *name,
+            Binding::Node(node) => node.header().name,
+            Binding::Taken | Binding::Empty => "",
+        };
+        f.debug_struct("Scope")
+            .field("name", &name)
+            .field("type", &std::any::type_name::<T>())
+            .finish_non_exhaustive()
     }
 }
 

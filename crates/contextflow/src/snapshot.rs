@@ -1,6 +1,14 @@
-//! [`Snapshot`]: a captured, immutable context.
+//! [`Snapshot`]: a captured, immutable context, and [`WithContext`], the future (or stream)
+//! that runs inside one ([`FutureExt`], [`StreamExt`]).
 
-use std::{fmt, ptr};
+use std::{
+    fmt,
+    future::Future,
+    mem::ManuallyDrop,
+    pin::Pin,
+    ptr,
+    task::{Context, Poll},
+};
 
 use crate::{carry, current, node, node::Header, node::NodeRef, AsyncLocal, EnterGuard};
 
@@ -28,6 +36,129 @@ use crate::{carry, current, node, node::Header, node::NodeRef, AsyncLocal, Enter
 pub struct Snapshot {
     frame: Option<NodeRef>,
 }
+
+/// A future or stream that runs inside a captured [`Snapshot`]; returned by
+/// [`FutureExt::in_current_context`], [`FutureExt::with_snapshot`] and their `StreamExt` twins.
+///
+/// It adds one pointer to the wrapped future. It enters the snapshot on every poll and while
+/// dropping the inner future, so destructors of an aborted task see its context.
+///
+/// ```
+/// use contextflow::{AsyncLocal, FutureExt, Snapshot};
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let fut = ID.sync_scope(1, || async { ID.get() }.in_current_context());
+/// assert_eq!(fut.await, Some(1));
+/// assert_eq!(async { ID.get() }.with_snapshot(Snapshot::empty()).await, None);
+/// # }
+/// ```
+#[must_use = "futures do nothing unless you `.await` or poll them"]
+pub struct WithContext<F> {
+    snapshot: Snapshot,
+    /// Structurally pinned; dropped in place by `Drop`, inside the snapshot.
+    inner: ManuallyDrop<F>,
+}
+
+/// Extension methods that attach a context to any future.
+///
+/// ```
+/// use contextflow::{AsyncLocal, FutureExt};
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // A plain `tokio::spawn` does not inherit; `in_current_context` carries the context over.
+/// let handle = ID.sync_scope(5, || tokio::spawn(async { ID.get() }.in_current_context()));
+/// assert_eq!(handle.await.unwrap(), Some(5));
+/// # }
+/// ```
+pub trait FutureExt: Future + Sized {
+    /// Captures the current context *now* and runs `self` inside it wherever it is polled.
+    ///
+    /// Like a spawn, this captures only the variables spawned children inherit (see
+    /// [`Inherit`](crate::Inherit)); use [`with_snapshot`](FutureExt::with_snapshot) with
+    /// [`Snapshot::capture`] to carry every variable.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, FutureExt};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let fut = ID.sync_scope(3, || async { ID.get() }.in_current_context());
+    /// assert_eq!(fut.await, Some(3));
+    /// # }
+    /// ```
+    fn in_current_context(self) -> WithContext<Self> {
+        WithContext::new(Snapshot::capture_inheritable(), self)
+    }
+
+    /// Runs `self` inside `snapshot` wherever it is polled.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, FutureExt, Snapshot};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let snapshot = ID.sync_scope(9, Snapshot::capture);
+    /// assert_eq!(async { ID.get() }.with_snapshot(snapshot).await, Some(9));
+    /// # }
+    /// ```
+    fn with_snapshot(self, snapshot: Snapshot) -> WithContext<Self> {
+        WithContext::new(snapshot, self)
+    }
+}
+
+impl<F: Future> FutureExt for F {}
+
+/// Extension methods that attach a context to any stream (feature `futures`).
+///
+/// ```
+/// use contextflow::{AsyncLocal, StreamExt as _};
+/// use futures_util::{stream, StreamExt};
+/// static ID: AsyncLocal<u32> = AsyncLocal::new();
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let ids = ID.sync_scope(4, || stream::iter(0..2).map(|_| ID.get()).in_current_context());
+/// assert_eq!(ids.collect::<Vec<_>>().await, vec![Some(4), Some(4)]);
+/// # }
+/// ```
+#[cfg(feature = "futures")]
+#[cfg_attr(docsrs, doc(cfg(feature = "futures")))]
+pub trait StreamExt: futures_core::Stream + Sized {
+    /// Captures the current (inheritable) context now and polls `self` inside it.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, StreamExt as _};
+    /// use futures_util::{stream, StreamExt};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let s = ID.sync_scope(1, || stream::once(async { ID.get() }).in_current_context());
+    /// assert_eq!(s.collect::<Vec<_>>().await, vec![Some(1)]);
+    /// # }
+    /// ```
+    fn in_current_context(self) -> WithContext<Self> {
+        WithContext::new(Snapshot::capture_inheritable(), self)
+    }
+
+    /// Polls `self` inside `snapshot`.
+    ///
+    /// ```
+    /// use contextflow::{AsyncLocal, Snapshot, StreamExt as _};
+    /// use futures_util::{stream, StreamExt};
+    /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let snap = ID.sync_scope(2, Snapshot::capture);
+    /// let s = stream::once(async { ID.get() }).with_snapshot(snap);
+    /// assert_eq!(s.collect::<Vec<_>>().await, vec![Some(2)]);
+    /// # }
+    /// ```
+    fn with_snapshot(self, snapshot: Snapshot) -> WithContext<Self> {
+        WithContext::new(snapshot, self)
+    }
+}
+
+#[cfg(feature = "futures")]
+impl<S: futures_core::Stream> StreamExt for S {}
+
+// ===== impl Snapshot =====
 
 impl Snapshot {
     /// Captures the whole current context, every variable included (even those marked
@@ -258,5 +389,82 @@ impl fmt::Debug for Snapshot {
             frame = header.parent_ptr();
         }
         out.finish()
+    }
+}
+
+// ===== impl WithContext =====
+
+impl<F> WithContext<F> {
+    pub(crate) fn new(snapshot: Snapshot, inner: F) -> Self {
+        WithContext {
+            snapshot,
+            inner: ManuallyDrop::new(inner),
+        }
+    }
+
+    /// The snapshot this future runs in.
+    ///
+    /// ```
+    /// use contextflow::{FutureExt, Snapshot};
+    /// let fut = async {}.with_snapshot(Snapshot::empty());
+    /// assert!(fut.snapshot().is_empty());
+    /// ```
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    #[inline]
+    fn project(self: Pin<&mut Self>) -> (&Snapshot, Pin<&mut F>) {
+        // SAFETY: `inner` is structurally pinned (never moved out, dropped in place); the
+        // snapshot is not pinned and is only read.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: as above.
+        (&this.snapshot, unsafe {
+            Pin::new_unchecked(&mut *this.inner)
+        })
+    }
+}
+
+impl<F: Future> Future for WithContext<F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let (snapshot, inner) = self.project();
+        // The snapshot is borrowed from `self`, which outlives the call.
+        carry::run_in(snapshot.as_ptr(), || inner.poll(cx))
+    }
+}
+
+#[cfg(feature = "futures")]
+impl<S: futures_core::Stream> futures_core::Stream for WithContext<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let (snapshot, inner) = self.project();
+        carry::run_in(snapshot.as_ptr(), || inner.poll_next(cx))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl<F> Drop for WithContext<F> {
+    fn drop(&mut self) {
+        let inner = &mut self.inner;
+        // SAFETY: dropped exactly once, in place, never used again; the snapshot is another
+        // field, dropped after this body returns.
+        carry::run_in(self.snapshot.as_ptr(), || unsafe {
+            ManuallyDrop::drop(inner)
+        })
+    }
+}
+
+impl<F> fmt::Debug for WithContext<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithContext")
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
     }
 }
