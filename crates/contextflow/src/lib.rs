@@ -150,8 +150,12 @@
 //! # #[cfg(not(feature = "tokio"))] fn main() {}
 //! ```
 //!
-//! **Other executors and thread pools** (rayon, a callback API): carry a [`Snapshot`] and
-//! [`Snapshot::run`] it there, or wrap the callback with [`Snapshot::bind`].
+//! **Worker threads.** `contextflow::rayon` (feature `rayon`) has rayon's `join`, `scope`,
+//! `spawn` and a parallel-iterator adaptor (`par_iter().in_current_context()`) that run every
+//! closure in the caller's context on whichever worker; [`thread::scope`] is
+//! `std::thread::scope` with inheriting threads; a [`channel`] carries each message's sender
+//! context to the worker that handles it. Other executors and callback APIs: carry a
+//! [`Snapshot`] and [`Snapshot::run`] it there, or wrap the callback with [`Snapshot::bind`].
 //!
 //! **"Why is my context missing?"** Print the current frame: `println!("{:?}",
 //! Snapshot::capture())` names every variable set, innermost first.
@@ -163,12 +167,14 @@
 //! | `.await` inside a scope | yes | yes |
 //! | `join!` / `select!` of futures inside a scope | yes (they are polled by the scope) | yes |
 //! | [`contextflow::spawn`](spawn), [`spawn_blocking`], [`spawn_local`], [`spawn_in`] (`JoinSet`) | yes, except [`Inherit::Never`] variables | the same |
-//! | [`contextflow::thread::spawn`](thread::spawn) | yes, except [`Inherit::Never`] variables | the same |
+//! | [`contextflow::thread::spawn`](thread::spawn), [`thread::scope`] | yes, except [`Inherit::Never`] variables | the same |
+//! | `contextflow::rayon` (`join`, `scope`, `spawn`, `in_current_context` on parallel iterators) | yes, except [`Inherit::Never`] variables | the same |
+//! | a message through a [`channel`] (`Carried::run`) | yes, the sender's, except [`Inherit::Never`] variables | the same |
 //! | `fut.in_current_context()` handed to any executor | yes, except [`Inherit::Never`] variables | the same |
 //! | plain `tokio::spawn`, `JoinSet::spawn`, `Handle::spawn` (also from an OS thread) | **no**: the task starts with an empty context | [`Inherit::Everywhere`] variables only (ids, the trace); not the tenant, the user, a transaction, nor a carried tracing span |
 //! | plain `tokio::task::spawn_blocking`, `spawn_local` on a `LocalSet` | **no** | **no** (tokio runs no hook there) |
 //! | the future given to `block_on` | the calling thread's context | the same (it is not a task) |
-//! | plain `std::thread::spawn`, rayon, a C callback | **no**: carry a [`Snapshot`] (`run`/`bind`) | **no** |
+//! | plain `std::thread::spawn`, plain rayon, a C callback | **no**: carry a [`Snapshot`] (`run`/`bind`) | **no** |
 //! | destructors of a scoped future (cancelled, aborted) | yes | yes; a plain task's destructors too when aborted, not at runtime shutdown |
 //! | another process (HTTP, a queue, a child process) | only what a propagator writes (see `contextflow-http`) | the same |
 //!
@@ -198,6 +204,8 @@
 //! - `runtime-hooks`: [`runtime`], tokio task hooks that make plain `tokio::spawn` inherit the
 //!   variables marked [`Inherit::Everywhere`]. Needs `RUSTFLAGS="--cfg tokio_unstable"`; without
 //!   it, installing the hooks returns an error.
+//! - `rayon`: `contextflow::rayon`, rayon's `join`, `scope`, `spawn`, `install` and parallel
+//!   iterators in the caller's context.
 //!
 //! # Minimum supported Rust version
 //!
@@ -207,10 +215,14 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod carry;
+pub mod channel;
 mod current;
 mod local;
 mod loom;
 mod node;
+#[cfg(feature = "rayon")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
+pub mod rayon;
 #[cfg(feature = "runtime-hooks")]
 #[cfg_attr(docsrs, doc(cfg(feature = "runtime-hooks")))]
 pub mod runtime;

@@ -32,6 +32,8 @@ mod layering;
 #[cfg(feature = "tokio")]
 mod no_leaks;
 mod panic_restores;
+#[cfg(feature = "rayon")]
+mod rayon_helpers;
 #[cfg(feature = "runtime-hooks")]
 mod runtime_hooks;
 mod snapshot;
@@ -39,3 +41,4 @@ mod snapshot;
 mod streams;
 #[cfg(feature = "tokio")]
 mod stress;
+mod worker_threads;
