@@ -11,6 +11,7 @@
 //! |---|---|---|---|
 //! | any broker | [`Consumer`], [`Publisher`] over an `Extractor`/`Injector` | trace context, baggage, request id | tenant, user (unless [`Consumer::trust`]), a DB transaction |
 //! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same |
+//! | NATS, JetStream (feature `async-nats`) | NATS message headers (kept across JetStream redeliveries) | the same | the same |
 //! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | trace context, baggage, request id | the same |
 //!
 //! - [`Consumer`]: one per queue; [`Consumer::scope`] runs a handler in the message's
@@ -60,10 +61,15 @@
 //!
 //! - `tokio`: [`process::CommandExt`] for `tokio::process::Command`.
 //! - `lapin`: RabbitMQ, `lapin` module (AMQP headers as carriers, publish and consume helpers).
+//! - `async-nats`: NATS and JetStream, [`async_nats`](mod@crate::async_nats) module (NATS
+//!   headers as carriers, publish and consume helpers).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
+#[cfg(feature = "async-nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async-nats")))]
+pub mod async_nats;
 pub mod consume;
 #[cfg(feature = "lapin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "lapin")))]

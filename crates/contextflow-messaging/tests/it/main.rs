@@ -3,5 +3,7 @@
 #[cfg(feature = "lapin")]
 mod amqp;
 mod consume;
+#[cfg(feature = "async-nats")]
+mod nats;
 mod process;
 mod publish;
