@@ -126,6 +126,7 @@ impl<'a> HeaderExtractor<'a> {
     ///
     /// ```
     /// use opentelemetry::propagation::Extractor as _;
+    /// # #[allow(dead_code)]
     /// # fn run(message: &async_nats::Message) {
     /// let extractor = contextflow_messaging::async_nats::HeaderExtractor::from_message(message);
     /// let _traceparent = extractor.get("traceparent");

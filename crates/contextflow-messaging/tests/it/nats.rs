@@ -179,7 +179,11 @@ async fn jetstream_round_trip(n: usize) -> ((usize, usize), usize) {
             handlers.spawn(context.scope(async move {
                 tokio::task::yield_now().await;
                 let ok = context_matches(&message.payload);
-                let kind = if first { AckKind::Nak(None) } else { AckKind::Ack };
+                let kind = if first {
+                    AckKind::Nak(None)
+                } else {
+                    AckKind::Ack
+                };
                 message.ack_with(kind).await.unwrap();
                 ok
             }));
@@ -253,7 +257,11 @@ fn header_extractor_ignores_case_and_invalid_names() {
     let extractor = HeaderExtractor::new(Some(&headers));
     assert_eq!(extractor.get("traceparent"), Some("tp"), "any ASCII case");
     assert_eq!(extractor.get_all("BAGGAGE"), Some(vec!["a=1", "b=2"]));
-    assert_eq!(extractor.get("bad:name"), None, "not a header name: no panic");
+    assert_eq!(
+        extractor.get("bad:name"),
+        None,
+        "not a header name: no panic"
+    );
     assert_eq!(extractor.get("x-request-id"), None);
     assert_eq!(extractor.keys().len(), 2);
     assert_eq!(HeaderExtractor::new(None).get_all("baggage"), None);
