@@ -50,6 +50,10 @@ pub enum Service {
     Redis,
     /// An MQTT 5 broker (Mosquitto), `CONTEXTFLOW_MQTT_URL` (CI: `mqtt://127.0.0.1:1883`).
     Mqtt,
+    /// A Python interpreter with OpenTelemetry's SDK (`opentelemetry-sdk`) installed, for the
+    /// interop tests: `CONTEXTFLOW_OTEL_PYTHON` holds its path instead of a URL (CI: the
+    /// virtual environment `.ci/run` makes, `target/interop-venv/bin/python`).
+    OtelPython,
 }
 
 impl Service {
@@ -58,13 +62,14 @@ impl Service {
     /// ```
     /// assert!(contextflow_testenv::Service::ALL.contains(&contextflow_testenv::Service::Redis));
     /// ```
-    pub const ALL: [Service; 6] = [
+    pub const ALL: [Service; 7] = [
         Service::Postgres,
         Service::MySql,
         Service::Amqp,
         Service::Nats,
         Service::Redis,
         Service::Mqtt,
+        Service::OtelPython,
     ];
 
     /// The environment variable that holds the service's URL.
@@ -80,6 +85,7 @@ impl Service {
             Service::Nats => "CONTEXTFLOW_NATS_URL",
             Service::Redis => "CONTEXTFLOW_REDIS_URL",
             Service::Mqtt => "CONTEXTFLOW_MQTT_URL",
+            Service::OtelPython => "CONTEXTFLOW_OTEL_PYTHON",
         }
     }
 
@@ -96,6 +102,7 @@ impl Service {
             Service::Nats => "cf_service_nats",
             Service::Redis => "cf_service_redis",
             Service::Mqtt => "cf_service_mqtt",
+            Service::OtelPython => "cf_service_otel_python",
         }
     }
 
@@ -112,6 +119,7 @@ impl Service {
             Service::Nats => "NATS",
             Service::Redis => "Redis",
             Service::Mqtt => "MQTT",
+            Service::OtelPython => "Python with opentelemetry-sdk",
         }
     }
 }
