@@ -154,3 +154,100 @@ async fn the_receiver_refuses_what_is_not_otlp_protobuf() {
     assert_eq!(receiver.rejected(), 2);
     assert!(receiver.spans().is_empty());
 }
+
+/// The binary, serving with `OTEL_EXPORTER_OTLP_ENDPOINT` set, exports its spans there: the
+/// order service's and the payment stub's, continuing the caller's `traceparent`, all of them
+/// flushed by the graceful shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_exports_when_the_endpoint_is_set() {
+    use std::io::{BufRead as _, BufReader};
+
+    let receiver = Receiver::start().await.expect("receiver");
+    let base = receiver
+        .endpoint()
+        .trim_end_matches("/v1/traces")
+        .to_owned();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["--addr", "127.0.0.1:0"])
+        .env("DATABASE_URL", app::sqlite_url(&dir.path().join("bin.db")))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the service");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = lines
+            .by_ref()
+            .take(50)
+            .map_while(Result::ok)
+            .find_map(|line| {
+                line.strip_prefix("order-service listening on ")
+                    .map(str::to_string)
+            });
+        // Keep draining so the service never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        addr
+    })
+    .await
+    .expect("reader")
+    .expect("the service printed its address");
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let response = reqwest::Client::new()
+        .post(format!("{addr}/orders"))
+        .header("authorization", "Bearer token-acme")
+        .header("traceparent", format!("00-{trace_id}-{caller}-01"))
+        .json(&serde_json::json!({"reference": "bin-otlp", "items": [{"sku": "sku-pear", "quantity": 1}]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("waiter")
+        .expect("exit status");
+    assert!(exit.success(), "{exit:?}");
+
+    let spans = receiver.spans();
+    assert_eq!(receiver.rejected(), 0);
+    let kinds = |service: &str| {
+        let mut kinds: Vec<Kind> = spans
+            .iter()
+            .filter(|s| s.service == service)
+            .map(|s| s.kind)
+            .collect();
+        kinds.sort_by_key(|k| *k as i32);
+        kinds
+    };
+    assert_eq!(
+        kinds(ORDER_SERVICE),
+        [Kind::Server, Kind::Client, Kind::Producer, Kind::Consumer],
+        "{spans:#?}"
+    );
+    assert_eq!(kinds(PAYMENT_SERVICE), [Kind::Server], "{spans:#?}");
+    assert!(spans.iter().all(|s| s.trace_id == trace_id), "{spans:#?}");
+    let server = spans
+        .iter()
+        .find(|s| s.service == ORDER_SERVICE && s.kind == Kind::Server)
+        .expect("server span");
+    assert_eq!(server.parent_span_id.as_deref(), Some(caller));
+    // Everything but the caller's span arrived: one root missing, nothing else.
+    let analysis = analyze(&spans);
+    assert_eq!(analysis.fragmented, 1);
+    assert_eq!(analysis.problems.len(), 1, "{:?}", analysis.problems);
+    assert!(
+        analysis.problems[0].contains(&format!("0 root(s); parent {caller} of [")),
+        "{:?}",
+        analysis.problems
+    );
+}
