@@ -93,6 +93,11 @@ fn check_one_connected_trace(spans: &[SpanRecord], trace_id: &str) {
     );
     assert_eq!(spans.len(), 6, "{spans:#?}");
     assert!(spans.iter().all(|s| s.trace_flags & 1 == 1), "sampled");
+    // FIXME: Trace Context Level 2's `random` flag (0x02) is not set, although the trace id
+    // comes from `SecureIdGenerator` (a CSPRNG): opentelemetry_sdk 0.33 builds a root span's
+    // flags itself, with no hook for an id generator to say its ids are random. Never claimed,
+    // then; an incoming `random` flag is passed on (tests/interop.rs).
+    assert!(spans.iter().all(|s| s.trace_flags & 2 == 0), "not claimed");
 }
 
 /// The whole path, on both runtimes (one test: the global provider is process-wide).
@@ -250,4 +255,44 @@ async fn the_binary_exports_when_the_endpoint_is_set() {
         "{:?}",
         analysis.problems
     );
+}
+
+/// `demo --trace-file PATH`: the summary has the traces line, and the file is OTLP JSON that
+/// reads back as `TracesData` with every span of every order.
+#[test]
+fn the_demo_writes_its_spans_as_otlp_json() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("traces.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args([
+            "demo",
+            "--orders",
+            "20",
+            "--concurrency",
+            "4",
+            "--trace-file",
+        ])
+        .arg(&path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("ok   traces             20 connected, 0 fragmented;"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&path).expect("trace file");
+    assert_eq!(text.lines().count(), 1, "one JSON object on one line");
+    let data: opentelemetry_proto::tonic::trace::v1::TracesData =
+        serde_json::from_str(&text).expect("OTLP JSON");
+    let spans = order_service::telemetry::receiver::records(&data.resource_spans);
+    assert_eq!(spans.len(), 20 * 6);
+    let analysis = analyze(&spans);
+    assert_eq!((analysis.connected, analysis.fragmented), (20, 0));
+    // OTLP JSON spells ids in hex, not base64 as protobuf's JSON mapping would.
+    let raw: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let first = &raw["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+    assert_eq!(first["traceId"].as_str().map(str::len), Some(32), "{first}");
+    assert_eq!(first["spanId"].as_str().map(str::len), Some(16), "{first}");
 }
