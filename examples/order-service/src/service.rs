@@ -23,7 +23,10 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use crate::{
     context::{self, TenantId, TENANT},
-    db::{Db, InventoryRepository, Order, OrderItem, OrderRepository, OutboxRepository, RepoError},
+    db::{
+        Backend, Db, InventoryRepository, Order, OrderItem, OrderRepository, OutboxRepository,
+        RepoError,
+    },
     outbox::{OutboxSignal, CONFIRMATION},
     payment::{PaymentClient, PaymentError},
     queue::{OrderConfirmed, ORDER_CONFIRMED},
@@ -154,29 +157,43 @@ impl OrderService {
 
     /// Step 1, inside a transaction: the order row, each line's stock, the lines.
     async fn reserve(&self, order: &NewOrder) -> Result<(i64, i64, Vec<OrderItem>), ServiceError> {
-        // The order row first: on SQLite, a transaction whose first statement writes takes the
-        // write lock at once; on both, a repeated reference fails here, before any stock moves.
+        let distinct = order
+            .items
+            .iter()
+            .enumerate()
+            .all(|(i, line)| order.items[..i].iter().all(|l| l.sku != line.sku));
+        if self.db.backend() == Backend::Postgres && distinct {
+            // One statement (one round trip) for all of it: the stock rows, which every order
+            // of the tenant takes, stay locked only until the COMMIT.
+            let lines: Vec<(&str, i64)> = order
+                .items
+                .iter()
+                .map(|line| (line.sku.as_str(), line.quantity))
+                .collect();
+            let (order_id, prices) = self.orders.reserve(&order.reference, &lines).await?;
+            let mut total_cents = 0;
+            let mut items = Vec::with_capacity(order.items.len());
+            for (line, price) in order.items.iter().zip(prices) {
+                let Some(price_cents) = price else {
+                    return Err(self.not_taken(&line.sku, line.quantity).await);
+                };
+                total_cents += line.quantity * price_cents;
+                items.push(OrderItem {
+                    sku: line.sku.clone(),
+                    quantity: line.quantity,
+                    price_cents,
+                });
+            }
+            info!(reference = %order.reference, total_cents, "inventory validated and reserved");
+            return Ok((order_id, total_cents, items));
+        }
         let order_id = self.orders.insert(&order.reference).await?;
         let mut total_cents = 0;
         let mut items = Vec::with_capacity(order.items.len());
         for line in &order.items {
             let Some(price_cents) = self.inventory.take_priced(&line.sku, line.quantity).await?
             else {
-                // Only on this (rare) path: tell an unknown product from too little stock.
-                return Err(match self.inventory.find(&line.sku).await? {
-                    None => {
-                        warn!(sku = %line.sku, "unknown product");
-                        ServiceError::UnknownProduct(line.sku.clone())
-                    }
-                    Some(product) => {
-                        warn!(sku = %line.sku, requested = line.quantity, available = product.stock, "insufficient stock");
-                        ServiceError::InsufficientStock {
-                            sku: line.sku.clone(),
-                            requested: line.quantity,
-                            available: product.stock,
-                        }
-                    }
-                });
+                return Err(self.not_taken(&line.sku, line.quantity).await);
             };
             total_cents += line.quantity * price_cents;
             items.push(OrderItem {
@@ -188,6 +205,26 @@ impl OrderService {
         self.orders.add_items(order_id, &items).await?;
         info!(reference = %order.reference, total_cents, "inventory validated and reserved");
         Ok((order_id, total_cents, items))
+    }
+
+    /// Why a line's stock was not taken: an unknown product or too little stock (only on this
+    /// rare path is the product read again). The transaction is rolled back after it.
+    async fn not_taken(&self, sku: &str, quantity: i64) -> ServiceError {
+        match self.inventory.find(sku).await {
+            Err(err) => ServiceError::Repo(err),
+            Ok(None) => {
+                warn!(sku = %sku, "unknown product");
+                ServiceError::UnknownProduct(sku.to_owned())
+            }
+            Ok(Some(product)) => {
+                warn!(sku = %sku, requested = quantity, available = product.stock, "insufficient stock");
+                ServiceError::InsufficientStock {
+                    sku: sku.to_owned(),
+                    requested: quantity,
+                    available: product.stock,
+                }
+            }
+        }
     }
 
     /// Step 3: records the provider's answer; `items` are the order's lines.
@@ -204,14 +241,6 @@ impl OrderService {
                 let paid = self
                     .db
                     .transaction(|| async {
-                        if !self
-                            .orders
-                            .mark_paid(order_id, total_cents, &payment_id)
-                            .await?
-                        {
-                            // Decided already (by the resolver): its outbox rows exist.
-                            return Ok::<_, ServiceError>(false);
-                        }
                         let event = OrderConfirmed {
                             order_id,
                             reference: reference.to_owned(),
@@ -219,12 +248,32 @@ impl OrderService {
                         };
                         let payload = serde_json::to_string(&event)
                             .map_err(|e| ServiceError::Invalid(e.to_string()))?;
-                        self.outbox
-                            .add(
-                                order_id,
-                                &[(CONFIRMATION, &payload), (ORDER_CONFIRMED, &payload)],
-                            )
-                            .await?;
+                        let rows = [
+                            (CONFIRMATION, payload.as_str()),
+                            (ORDER_CONFIRMED, payload.as_str()),
+                        ];
+                        if self.db.backend() == Backend::Postgres {
+                            // One statement: the order and its outbox rows.
+                            return Ok::<_, ServiceError>(
+                                self.orders
+                                    .mark_paid_with_outbox(
+                                        order_id,
+                                        total_cents,
+                                        &payment_id,
+                                        &rows,
+                                    )
+                                    .await?,
+                            );
+                        }
+                        if !self
+                            .orders
+                            .mark_paid(order_id, total_cents, &payment_id)
+                            .await?
+                        {
+                            // Decided already (by the resolver): its outbox rows exist.
+                            return Ok(false);
+                        }
+                        self.outbox.add(order_id, &rows).await?;
                         Ok(true)
                     })
                     .await?;

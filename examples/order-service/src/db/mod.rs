@@ -25,7 +25,7 @@ use std::future::Future;
 
 use contextflow_sqlx::TxPool;
 use sqlx::{any::AnyPoolOptions, Any};
-use tracing::{debug, info, warn, Instrument as _};
+use tracing::{debug, warn, Instrument as _};
 
 pub use self::{
     inventory::{InventoryRepository, StockItem},
@@ -210,7 +210,10 @@ impl Db {
             debug!("transaction begin");
             let result = self.pool.transaction(f).await;
             match &result {
-                Ok(_) => info!("transaction committed"),
+                // DEBUG: a commit is the normal end of every transaction, and the request's
+                // own lines ("order placed", "request finished") say it succeeded; a rollback
+                // is the news (WARN).
+                Ok(_) => debug!("transaction committed"),
                 Err(err) => warn!(error = %err, "transaction rolled back"),
             }
             result

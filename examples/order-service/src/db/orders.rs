@@ -103,6 +103,132 @@ impl OrderRepository {
         .await
     }
 
+    /// PostgreSQL only: step 1 of an order in one statement (one round trip, so the stock
+    /// rows stay locked only until the `COMMIT` that follows): inserts the `pending` order as
+    /// [`insert`](Self::insert) does, takes each line's stock as
+    /// [`InventoryRepository::take_priced`](super::InventoryRepository::take_priced) does, and
+    /// adds the lines that got their stock. Returns the order id and, per line of `lines`
+    /// (`(sku, quantity)`, each sku once), its unit price, or `None` when it was not taken
+    /// (unknown product or too little stock: then roll the transaction back).
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert).
+    pub async fn reserve(
+        &self,
+        reference: &str,
+        lines: &[(&str, i64)],
+    ) -> Result<(i64, Vec<Option<i64>>), RepoError> {
+        let tenant = current_tenant()?;
+        let request_id = crate::context::request_id().map(|id| id.as_str().to_owned());
+        let traceparent = crate::context::traceparent();
+        let values: Vec<String> = (0..lines.len())
+            .map(|i| format!("(${}::text, ${}::bigint, {i})", 6 + 2 * i, 7 + 2 * i))
+            .collect();
+        let sql = format!(
+            "WITH o AS (
+                INSERT INTO orders
+                    (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms)
+                VALUES ($1, $2, 'pending', 0, $3, $4, $5) RETURNING id
+             ), v (sku, quantity, line) AS (VALUES {}),
+             taken AS (
+                UPDATE inventory i SET stock = i.stock - v.quantity FROM v
+                WHERE i.tenant_id = $1 AND i.sku = v.sku AND i.stock >= v.quantity
+                RETURNING i.sku, i.price_cents, v.quantity, v.line
+             ),
+             items AS (
+                INSERT INTO order_items (order_id, tenant_id, sku, quantity, price_cents)
+                SELECT o.id, $1, taken.sku, taken.quantity, taken.price_cents FROM o, taken
+             )
+             SELECT o.id, taken.line, taken.price_cents FROM o LEFT JOIN taken ON true",
+            values.join(", ")
+        );
+        async {
+            let mut query = sqlx::query(&sql)
+                .bind(tenant.as_str().to_owned())
+                .bind(reference.to_owned())
+                .bind(request_id)
+                .bind(traceparent)
+                .bind(super::now_ms());
+            for (sku, quantity) in lines {
+                query = query.bind((*sku).to_owned()).bind(*quantity);
+            }
+            let rows = statement(
+                "INSERT orders, UPDATE inventory, INSERT order_items",
+                self.pool.fetch_all(query),
+            )
+            .await?;
+            let mut prices = vec![None; lines.len()];
+            let mut order_id = None;
+            for row in &rows {
+                order_id = Some(row.try_get::<i64, _>(0)?);
+                if let Some(line) = row.try_get::<Option<i32>, _>(1)? {
+                    if let Some(price) = usize::try_from(line).ok().and_then(|l| prices.get_mut(l))
+                    {
+                        *price = Some(row.try_get::<i64, _>(2)?);
+                    }
+                }
+            }
+            let order_id = order_id.ok_or(RepoError::Sqlx(sqlx::Error::RowNotFound))?;
+            Ok((order_id, prices))
+        }
+        .instrument(tracing::info_span!(
+            "repository",
+            op = "orders.reserve",
+            lines = lines.len()
+        ))
+        .await
+    }
+
+    /// PostgreSQL only: step 3 of a paid order in one statement: marks one of the current
+    /// tenant's orders paid, if it is still `pending`, and adds its outbox rows `(topic,
+    /// payload)` with the current request's context, as [`mark_paid`](Self::mark_paid) and
+    /// [`OutboxRepository::add`](super::OutboxRepository::add) do. `false` (nothing written)
+    /// when it was decided already.
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn mark_paid_with_outbox(
+        &self,
+        order_id: i64,
+        total_cents: i64,
+        payment_id: &str,
+        rows: &[(&str, &str)],
+    ) -> Result<bool, RepoError> {
+        let tenant = current_tenant()?;
+        let request_id = crate::context::request_id().map(|id| id.as_str().to_owned());
+        let traceparent = crate::context::traceparent();
+        let values: Vec<String> = (0..rows.len())
+            .map(|i| format!("(${}::text, ${}::text)", 7 + 2 * i, 8 + 2 * i))
+            .collect();
+        let sql = format!(
+            "WITH paid AS (
+                UPDATE orders SET status = 'paid', total_cents = $1, payment_id = $2
+                WHERE tenant_id = $3 AND id = $4 AND status = 'pending'
+                RETURNING id, tenant_id
+             )
+             INSERT INTO outbox (tenant_id, order_id, topic, payload, request_id, traceparent)
+             SELECT paid.tenant_id, paid.id, v.topic, v.payload, $5, $6
+             FROM paid, (VALUES {}) AS v (topic, payload)",
+            values.join(", ")
+        );
+        async {
+            let mut query = sqlx::query(&sql)
+                .bind(total_cents)
+                .bind(payment_id.to_owned())
+                .bind(tenant.as_str().to_owned())
+                .bind(order_id)
+                .bind(request_id)
+                .bind(traceparent);
+            for (topic, payload) in rows {
+                query = query.bind((*topic).to_owned()).bind((*payload).to_owned());
+            }
+            let done = statement("UPDATE orders, INSERT outbox", self.pool.execute(query)).await?;
+            Ok(done.rows_affected() > 0)
+        }
+        .instrument(tracing::info_span!("repository", op = "orders.mark_paid"))
+        .await
+    }
+
     /// The current tenant's order with client reference `reference`, if any.
     ///
     /// # Errors

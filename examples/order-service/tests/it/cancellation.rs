@@ -176,8 +176,26 @@ async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_answering_5xx_leaves_the_order_pending_then_the_resolver_pays_it_once() {
     let (_dir, url) = sqlite();
+    resolver_pays_once(&url).await;
+}
+
+/// On PostgreSQL the resolver reads its work list through the admin pool and decides each
+/// order as its tenant through the tenant pool (row-level security): the order is found,
+/// paid once, confirmed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
+async fn postgres_provider_answering_5xx_then_the_resolver_pays_it_once() {
+    let (base, schema, url) = crate::postgres::fresh_schema().await;
+    resolver_pays_once(&url).await;
+    crate::postgres::drop_schema(&base, &schema).await;
+}
+
+async fn resolver_pays_once(url: &str) {
     let (provider, addr, _) = Provider::start(Mode::Fail).await;
-    let service = start(&url, &format!("http://{addr}"), true).await;
+    let service = start(url, &format!("http://{addr}"), true).await;
     let (status, body) = post_order(&service, "fail-1").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(by_reference(&service, "fail-1").await.status, "pending");
