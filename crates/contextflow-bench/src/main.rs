@@ -28,6 +28,8 @@ use contextflow::{AsyncLocal, Snapshot};
 /// modules of their own, the same way: a `pub(crate) fn` taking the `Settings`, called from
 /// `main`.
 mod core_rows;
+/// Issue 11: a runtime with contextflow's task hooks, per poll and per spawn.
+mod hook_rows;
 use opentelemetry::{context::FutureExt as _, Context as OtelContext};
 use tracing::Instrument as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -223,7 +225,7 @@ fn main() {
     );
 
     // `--only NAME[,NAME]` runs the named sections only (get, sync_scope, poll, capture, spawn,
-    // entry, depth, log, memory, spawn_mt).
+    // entry, depth, log, memory, hooks, spawn_mt).
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -255,6 +257,9 @@ fn main() {
     }
     if want("memory") {
         core_rows::bench_memory_per_frame(smoke);
+    }
+    if want("hooks") {
+        hook_rows::bench_hooked_runtime(&settings, smoke);
     }
     // Last: registers the tracing and OpenTelemetry carriers for the rest of the process.
     if want("spawn_mt") {

@@ -217,6 +217,7 @@
 pub mod carry;
 pub mod channel;
 mod current;
+mod flow;
 mod local;
 mod loom;
 mod node;
@@ -245,6 +246,7 @@ pub use crate::spawn::{
 };
 pub use crate::{
     current::EnterGuard,
+    flow::{is_flow_suppressed, suppress_flow},
     local::{AsyncLocal, Inherit, Scope},
     snapshot::{FutureExt, Snapshot, WithContext},
 };

@@ -348,7 +348,10 @@ mod imp {
         cell::{Cell, RefCell},
         collections::HashMap,
         hash::{BuildHasherDefault, Hasher},
-        sync::{Arc, Mutex, MutexGuard},
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc, Mutex, MutexGuard,
+        },
     };
 
     use tokio::{runtime::TaskMeta, task::Id};
@@ -393,12 +396,19 @@ mod imp {
     /// The per-task entries of one runtime, sharded by task id.
     pub(super) struct Tasks {
         shards: [Mutex<HashMap<Id, Entry, BuildHasherDefault<IdHasher>>>; SHARDS],
+        /// How many entries the shards hold: while 0 (only contextflow's own spawns, or tasks
+        /// spawned with nothing to inherit), a poll skips the lookup. Relaxed is enough: a task
+        /// is polled only after its spawn has handed it to a scheduler queue, which
+        /// synchronizes with the spawning thread, so the poller sees the increment made
+        /// there.
+        live: AtomicUsize,
     }
 
     impl Tasks {
         fn new() -> Tasks {
             Tasks {
                 shards: std::array::from_fn(|_| Mutex::new(HashMap::default())),
+                live: AtomicUsize::new(0),
             }
         }
 
@@ -422,7 +432,8 @@ mod imp {
         }
 
         fn on_spawn(&self, meta: &TaskMeta<'_>) {
-            if EXPLICIT.with(Cell::get) {
+            // An explicit spawn carries its context itself; inside `suppress_flow` nothing flows.
+            if EXPLICIT.with(Cell::get) || crate::flow::is_flow_suppressed() {
                 return;
             }
             let Some(frame) = current::capture_plain() else {
@@ -431,12 +442,19 @@ mod imp {
             let old = self
                 .shard(meta.id())
                 .insert(meta.id(), Entry { frame: Some(frame) });
+            if old.is_none() {
+                self.live.fetch_add(1, Ordering::Relaxed);
+            }
             drop(old);
         }
 
         fn before_poll(&self, meta: &TaskMeta<'_>) {
             let id = meta.id();
-            let frame = self.shard(id).get(&id).and_then(|e| e.frame.clone());
+            let frame = if self.live.load(Ordering::Relaxed) == 0 {
+                None
+            } else {
+                self.shard(id).get(&id).and_then(|e| e.frame.clone())
+            };
             let ptr = frame.as_ref().map_or(std::ptr::null(), NodeRef::as_ptr);
             // `frame` is kept alive by the `Polling` entry until `_entered` has restored the
             // previous frame.
@@ -453,7 +471,11 @@ mod imp {
 
         fn remove(&self, meta: &TaskMeta<'_>) -> Option<Entry> {
             // Dropped by the caller, after the shard's lock is released.
-            self.shard(meta.id()).remove(&meta.id())
+            let entry = self.shard(meta.id()).remove(&meta.id());
+            if entry.is_some() {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            entry
         }
     }
 

@@ -190,7 +190,8 @@ impl Snapshot {
     ///
     /// O(1) unless a non-inherited variable is set; then it re-links the bindings made after
     /// it, sharing their values. Registered [carriers](crate::carry) (the current tracing span,
-    /// the current `opentelemetry::Context`) are captured too.
+    /// the current `opentelemetry::Context`) are captured too. Inside
+    /// [`suppress_flow`](crate::suppress_flow) it is empty.
     ///
     /// ```
     /// use contextflow::{AsyncLocal, Inherit, Snapshot};
@@ -202,6 +203,9 @@ impl Snapshot {
     /// assert_eq!(snap.get(&TX), None);
     /// ```
     pub fn capture_inheritable() -> Snapshot {
+        if let Some(empty) = crate::flow::suppressed_snapshot() {
+            return empty;
+        }
         Snapshot {
             frame: carry::capture_into(current::capture(true)),
         }

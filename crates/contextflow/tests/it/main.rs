@@ -41,4 +41,6 @@ mod snapshot;
 mod streams;
 #[cfg(feature = "tokio")]
 mod stress;
+#[cfg(feature = "tokio")]
+mod suppress_flow;
 mod worker_threads;

@@ -339,6 +339,28 @@ mod hooked {
         assert_eq!(REQUEST_ID.get(), None, "the task's context was left");
     }
 
+    #[test]
+    fn plain_spawns_inside_suppress_flow_do_not_inherit() {
+        for flavor in FLAVORS {
+            let (rt, installed) = hooked(flavor);
+            let (inside, after) = rt.block_on(in_request(12, async {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let inside = contextflow::suppress_flow(|| {
+                    tokio::spawn(async move {
+                        let _ = rx.await;
+                        REQUEST_ID.get()
+                    })
+                });
+                // Nothing was captured for it.
+                assert_eq!(installed.tasks_with_context(), 0);
+                tx.send(()).unwrap();
+                let after = tokio::spawn(async { REQUEST_ID.get() });
+                (inside.await.unwrap(), after.await.unwrap())
+            }));
+            assert_eq!((inside, after), (None, Some(12)), "{flavor:?}");
+        }
+    }
+
     // ===== holes: where tokio runs no hook, tasks behave as on an ordinary runtime =====
 
     #[test]
