@@ -293,6 +293,8 @@ impl OrderService {
                 })
             }
             Err(PaymentError::Declined) => {
+                // In sku order, the order in which reservations lock the same rows: no cycle.
+                items.sort_by(|a, b| a.sku.cmp(&b.sku));
                 self.db
                     .transaction(|| async {
                         if self.orders.cancel(order_id).await? {

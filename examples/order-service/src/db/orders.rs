@@ -104,7 +104,8 @@ impl OrderRepository {
     }
 
     /// PostgreSQL only: step 1 of an order in one statement (one round trip, so the stock
-    /// rows stay locked only until the `COMMIT` that follows): inserts the `pending` order as
+    /// rows stay locked only until the `COMMIT` that follows; they are locked in sku order,
+    /// so two orders of the same products never wait for each other in a cycle): inserts the `pending` order as
     /// [`insert`](Self::insert) does, takes each line's stock as
     /// [`InventoryRepository::take_priced`](super::InventoryRepository::take_priced) does, and
     /// adds the lines that got their stock. Returns the order id and, per line of `lines`
@@ -130,9 +131,15 @@ impl OrderRepository {
                     (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms)
                 VALUES ($1, $2, 'pending', 0, $3, $4, $5) RETURNING id
              ), v (sku, quantity, line) AS (VALUES {}),
+             locked AS (
+                SELECT i.sku FROM inventory i
+                WHERE i.tenant_id = $1 AND i.sku IN (SELECT sku FROM v)
+                ORDER BY i.sku FOR UPDATE
+             ),
              taken AS (
-                UPDATE inventory i SET stock = i.stock - v.quantity FROM v
-                WHERE i.tenant_id = $1 AND i.sku = v.sku AND i.stock >= v.quantity
+                UPDATE inventory i SET stock = i.stock - v.quantity FROM v, locked
+                WHERE i.tenant_id = $1 AND i.sku = v.sku AND locked.sku = v.sku
+                  AND i.stock >= v.quantity
                 RETURNING i.sku, i.price_cents, v.quantity, v.line
              ),
              items AS (

@@ -74,3 +74,37 @@ async fn postgres_retries_and_concurrent_duplicates_make_one_order() {
     crate::idempotency::concurrent_duplicates(std::sync::Arc::new(svc)).await;
     drop_schema(&base, &schema).await;
 }
+
+/// Concurrent orders of the same products, their lines in either order: every one is placed.
+/// Each order locks the stock rows it takes; locking them in one order (by sku) is what keeps
+/// two orders from waiting for each other in a cycle, which PostgreSQL breaks by failing one
+/// of them ("deadlock detected", a 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
+async fn postgres_concurrent_orders_of_the_same_products_never_deadlock() {
+    let (base, schema, url) = fresh_schema().await;
+    let svc = std::sync::Arc::new(start_url(&url).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..96 {
+        let svc = svc.clone();
+        tasks.spawn(async move {
+            let lines: &[(&str, i64)] = if i % 2 == 0 {
+                &[("sku-apple", 1), ("sku-pear", 1)]
+            } else {
+                &[("sku-pear", 1), ("sku-apple", 1)]
+            };
+            svc.post_order("token-acme", crate::order(&format!("dl-{i}"), lines))
+                .await
+        });
+    }
+    while let Some(answer) = tasks.join_next().await {
+        let (status, body) = answer.expect("task");
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    }
+    assert_eq!(svc.stock("acme", "sku-apple").await, 1_000_000 - 96);
+    assert_eq!(svc.stock("acme", "sku-pear").await, 1_000_000 - 96);
+    drop_schema(&base, &schema).await;
+}
