@@ -13,6 +13,7 @@
 //! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same |
 //! | NATS, JetStream (feature `async-nats`) | NATS message headers (kept across JetStream redeliveries) | the same | the same |
 //! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | trace context, baggage, request id | the same |
+//! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job |
 //!
 //! - [`Consumer`]: one per queue; [`Consumer::scope`] runs a handler in the message's
 //!   context, with a consumer span that is a child of the producer's (a batch's span links to
@@ -63,6 +64,8 @@
 //! - `lapin`: RabbitMQ, `lapin` module (AMQP headers as carriers, publish and consume helpers).
 //! - `async-nats`: NATS and JetStream, [`async_nats`](mod@crate::async_nats) module (NATS
 //!   headers as carriers, publish and consume helpers).
+//! - `cron`: scheduled jobs, `cron` module (each run from an empty root context with its own
+//!   run id and trace; overlap policy, panics, shutdown).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
@@ -71,6 +74,9 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "async-nats")))]
 pub mod async_nats;
 pub mod consume;
+#[cfg(feature = "cron")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cron")))]
+pub mod cron;
 #[cfg(feature = "lapin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "lapin")))]
 pub mod lapin;

@@ -101,6 +101,24 @@ impl Spans {
         }
         Some(parent.with_span(span))
     }
+
+    /// Starts the root span `name` of a scheduled run (no parent, internal kind), with
+    /// `attrs`. Returns the context holding it, or `None` when there is no tracer.
+    #[cfg(feature = "cron")]
+    pub(crate) fn start_root(&self, name: String, attrs: Vec<KeyValue>) -> Option<Context> {
+        let tracer = self.get()?;
+        let builder = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .with_attributes(attrs);
+        // An empty parent context: the run is the root of a trace of its own.
+        let root = Context::new();
+        let span = tracer.build_with_context(builder, &root);
+        if !span.span_context().is_valid() {
+            return None;
+        }
+        Some(root.with_span(span))
+    }
 }
 
 /// Ends the span of `cx`, marking it failed with `error_type` when given.

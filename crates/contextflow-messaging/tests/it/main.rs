@@ -3,6 +3,8 @@
 #[cfg(feature = "lapin")]
 mod amqp;
 mod consume;
+#[cfg(feature = "cron")]
+mod cron;
 #[cfg(feature = "async-nats")]
 mod nats;
 mod process;
