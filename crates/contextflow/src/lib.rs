@@ -157,6 +157,12 @@
 //! context to the worker that handles it. Other executors and callback APIs: carry a
 //! [`Snapshot`] and [`Snapshot::run`] it there, or wrap the callback with [`Snapshot::bind`].
 //!
+//! **Long-lived work started from a request** (a cache refresher) must not keep the request:
+//! start it inside [`suppress_flow`], and nothing it starts inherits.
+//!
+//! **Which task is this, and who started it?** [`tree::execution_id`], [`tree::trigger_id`],
+//! and the task tree of a request ([`tree::Root`]), printable while the request runs.
+//!
 //! **"Why is my context missing?"** Print the current frame: `println!("{:?}",
 //! Snapshot::capture())` names every variable set, innermost first.
 //!
@@ -231,6 +237,9 @@ mod snapshot;
 #[cfg(feature = "tokio")]
 mod spawn;
 pub mod thread;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod tree;
 
 #[cfg(feature = "futures")]
 #[cfg_attr(docsrs, doc(cfg(feature = "futures")))]

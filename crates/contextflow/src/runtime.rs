@@ -389,6 +389,16 @@ mod imp {
     /// What the runtime keeps per task.
     struct Entry {
         frame: Option<NodeRef>,
+        /// The task's node in a request's task tree, if spawned under a `tree::Root`.
+        node: Option<Arc<crate::tree::Node>>,
+    }
+
+    impl Drop for Entry {
+        fn drop(&mut self) {
+            if let Some(node) = &self.node {
+                node.finish();
+            }
+        }
     }
 
     const SHARDS: usize = 32;
@@ -436,12 +446,17 @@ mod imp {
             if EXPLICIT.with(Cell::get) || crate::flow::is_flow_suppressed() {
                 return;
             }
-            let Some(frame) = current::capture_plain() else {
+            let (frame, node) = crate::tree::record_plain_spawn(
+                meta.id(),
+                meta.spawned_at(),
+                current::capture_plain,
+            );
+            if frame.is_none() && node.is_none() {
                 return;
-            };
+            }
             let old = self
                 .shard(meta.id())
-                .insert(meta.id(), Entry { frame: Some(frame) });
+                .insert(meta.id(), Entry { frame, node });
             if old.is_none() {
                 self.live.fetch_add(1, Ordering::Relaxed);
             }

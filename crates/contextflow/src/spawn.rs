@@ -38,7 +38,14 @@ where
 {
     #[cfg(feature = "runtime-hooks")]
     let _explicit = crate::runtime::ExplicitSpawn::enter();
-    tokio::spawn(fut.in_current_context())
+    match crate::tree::record_spawn(std::panic::Location::caller(), fut) {
+        Err(fut) => tokio::spawn(fut.in_current_context()),
+        Ok((node, fut)) => {
+            let handle = tokio::spawn(fut.in_current_context());
+            crate::tree::set_id(&node, handle.id());
+            handle
+        }
+    }
 }
 
 /// Spawns a task that runs inside `snapshot` instead of the current context.
@@ -204,5 +211,12 @@ where
 {
     #[cfg(feature = "runtime-hooks")]
     let _explicit = crate::runtime::ExplicitSpawn::enter();
-    set.spawn(fut.in_current_context())
+    match crate::tree::record_spawn(std::panic::Location::caller(), fut) {
+        Err(fut) => set.spawn(fut.in_current_context()),
+        Ok((node, fut)) => {
+            let handle = set.spawn(fut.in_current_context());
+            crate::tree::set_id(&node, handle.id());
+            handle
+        }
+    }
 }

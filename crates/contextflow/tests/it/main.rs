@@ -43,4 +43,6 @@ mod streams;
 mod stress;
 #[cfg(feature = "tokio")]
 mod suppress_flow;
+#[cfg(feature = "tokio")]
+mod task_tree;
 mod worker_threads;

@@ -361,6 +361,44 @@ mod hooked {
         }
     }
 
+    #[test]
+    fn plain_spawns_are_recorded_in_the_task_tree() {
+        use contextflow::tree::{self, Root, SpawnedBy};
+        for flavor in FLAVORS {
+            let (rt, installed) = hooked(flavor);
+            let root = Root::new("request");
+            let (outer, inner, trigger) = rt.block_on(root.scope(async {
+                let outer = tokio::spawn(async {
+                    let inner = tokio::spawn(async { tree::trigger_id() });
+                    let id = inner.id();
+                    (id, inner.await.unwrap())
+                });
+                let outer_id = outer.id();
+                let (inner_id, trigger) = outer.await.unwrap();
+                (outer_id, inner_id, trigger)
+            }));
+            assert_eq!(trigger, Some(outer), "{flavor:?}");
+            drop(rt);
+            let got: Vec<_> = root
+                .tasks()
+                .iter()
+                .map(|t| (t.id, t.trigger, t.depth, t.spawned_by, t.finished))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (Some(outer), None, 1, SpawnedBy::PlainSpawn, true),
+                    (Some(inner), Some(outer), 2, SpawnedBy::PlainSpawn, true),
+                ],
+                "{flavor:?}"
+            );
+            assert!(root
+                .to_string()
+                .contains(&format!("task {inner}  tokio::spawn at ")));
+            assert_eq!(installed.tasks_with_context(), 0, "{flavor:?}");
+        }
+    }
+
     // ===== holes: where tokio runs no hook, tasks behave as on an ordinary runtime =====
 
     #[test]
