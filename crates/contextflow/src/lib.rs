@@ -164,7 +164,8 @@
 //! and the task tree of a request ([`tree::Root`]), printable while the request runs.
 //!
 //! **"Why is my context missing?"** Print the current frame: `println!("{:?}",
-//! Snapshot::capture())` names every variable set, innermost first.
+//! Snapshot::capture())` names every variable set, innermost first. The repository's
+//! `docs/lost-context.md` walks through finding where a context was lost.
 //!
 //! # What propagates
 //!
