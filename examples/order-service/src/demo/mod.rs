@@ -97,7 +97,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, BoxError> {
     logging::init_captured(opts.format, sink.clone(), &capture)?;
     // Every span goes out over OTLP/HTTP to a receiver in this process, as to a collector.
     let receiver = Receiver::start().await?;
-    let telemetry = Telemetry::otlp(Some(&receiver.endpoint()))?;
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, to that collector as well.
+    let telemetry = Telemetry::otlp_and_env(&receiver.endpoint())?;
     telemetry.install_global();
 
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();

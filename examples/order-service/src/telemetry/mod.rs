@@ -9,6 +9,8 @@
 //!   them.
 //! - The demo and the tests: [`Telemetry::otlp`] exports to an in-process [`Receiver`], which
 //!   decodes the real protobuf, so the checks look at what a collector would have received.
+//!   The demo uses [`Telemetry::otlp_and_env`]: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, its
+//!   spans also go to that collector.
 //!
 //! Each role is a process of its own in a real deployment, so each has its own provider and
 //! `service.name`: [`ORDER_SERVICE`], [`PAYMENT_SERVICE`] (the in-process payment stub) and
@@ -83,11 +85,30 @@ impl Telemetry {
     /// # Errors
     /// When an exporter cannot be built (a malformed endpoint).
     pub fn otlp(traces_url: Option<&str>) -> Result<Telemetry, BoxError> {
+        Telemetry::to(&[traces_url])
+    }
+
+    /// Providers exporting to `traces_url` and, when [`ENDPOINT_VAR`] is set, also where the
+    /// `OTEL_EXPORTER_OTLP_*` variables say (the demo: its receiver checks the spans, a
+    /// collector shows them).
+    ///
+    /// # Errors
+    /// When an exporter cannot be built (a malformed endpoint).
+    pub fn otlp_and_env(traces_url: &str) -> Result<Telemetry, BoxError> {
+        let env_set = std::env::var(ENDPOINT_VAR).is_ok_and(|v| !v.trim().is_empty());
+        if env_set {
+            Telemetry::to(&[Some(traces_url), None])
+        } else {
+            Telemetry::to(&[Some(traces_url)])
+        }
+    }
+
+    fn to(targets: &[Option<&str>]) -> Result<Telemetry, BoxError> {
         Ok(Telemetry {
-            endpoint: traces_url.map(str::to_owned),
-            orders: provider(ORDER_SERVICE, traces_url)?,
-            payment: provider(PAYMENT_SERVICE, traces_url)?,
-            client: provider(DEMO_CLIENT, traces_url)?,
+            endpoint: targets.first().copied().flatten().map(str::to_owned),
+            orders: provider(ORDER_SERVICE, targets)?,
+            payment: provider(PAYMENT_SERVICE, targets)?,
+            client: provider(DEMO_CLIENT, targets)?,
         })
     }
 
@@ -150,32 +171,34 @@ impl fmt::Debug for Telemetry {
     }
 }
 
-/// A provider for `service` with a batch exporter over OTLP/HTTP protobuf. The queue is large
-/// enough for a demo run's spans between two exports (a full queue drops spans, which the
-/// demo would report as fragmented traces).
+/// A provider for `service` with a batch exporter over OTLP/HTTP protobuf per target (a URL, or
+/// `None` for the environment's). The queue is large enough for a demo run's spans between two
+/// exports (a full queue drops spans, which the demo would report as fragmented traces).
 fn provider(
     service: &'static str,
-    traces_url: Option<&str>,
+    targets: &[Option<&str>],
 ) -> Result<SdkTracerProvider, BoxError> {
-    let mut exporter = SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_timeout(Duration::from_secs(10));
-    if let Some(url) = traces_url {
-        exporter = exporter.with_endpoint(url);
-    }
-    let processor = BatchSpanProcessor::builder(exporter.build()?)
-        .with_batch_config(
-            BatchConfigBuilder::default()
-                .with_max_queue_size(1 << 16)
-                .with_max_export_batch_size(1024)
-                .with_scheduled_delay(Duration::from_millis(200))
-                .build(),
-        )
-        .build();
-    Ok(SdkTracerProvider::builder()
-        .with_span_processor(processor)
+    let mut builder = SdkTracerProvider::builder()
         .with_id_generator(contextflow_otel::SecureIdGenerator::default())
-        .with_resource(Resource::builder().with_service_name(service).build())
-        .build())
+        .with_resource(Resource::builder().with_service_name(service).build());
+    for target in targets {
+        let mut exporter = SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_timeout(Duration::from_secs(10));
+        if let Some(url) = target {
+            exporter = exporter.with_endpoint(*url);
+        }
+        let processor = BatchSpanProcessor::builder(exporter.build()?)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(1 << 16)
+                    .with_max_export_batch_size(1024)
+                    .with_scheduled_delay(Duration::from_millis(200))
+                    .build(),
+            )
+            .build();
+        builder = builder.with_span_processor(processor);
+    }
+    Ok(builder.build())
 }
