@@ -173,7 +173,7 @@ async fn the_binary_exports_when_the_endpoint_is_set() {
         .trim_end_matches("/v1/traces")
         .to_owned();
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
         .args(["--addr", "127.0.0.1:0"])
         .env("DATABASE_URL", app::sqlite_url(&dir.path().join("bin.db")))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
@@ -182,7 +182,8 @@ async fn the_binary_exports_when_the_endpoint_is_set() {
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("start the service");
-    let stdout = child.stdout.take().expect("stdout");
+    let mut served = KillOnDrop(Some(child));
+    let stdout = served.child().stdout.take().expect("stdout");
     let addr = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
         let addr = lines
@@ -213,11 +214,11 @@ async fn the_binary_exports_when_the_endpoint_is_set() {
         .expect("post");
     assert_eq!(response.status(), 201);
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &served.child().id().to_string()])
         .status()
         .expect("run kill");
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
+    let exit = tokio::task::spawn_blocking(move || served.child().wait())
         .await
         .expect("waiter")
         .expect("exit status");
@@ -255,6 +256,27 @@ async fn the_binary_exports_when_the_endpoint_is_set() {
         "{:?}",
         analysis.problems
     );
+}
+
+/// Kills the served binary if the test fails before it stops: an orphan would keep every file
+/// descriptor it inherited from the test runner open.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("the child is kept until drop")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
 }
 
 /// `demo --trace-file PATH`: the summary has the traces line, and the file is OTLP JSON that
