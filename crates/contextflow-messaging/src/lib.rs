@@ -12,6 +12,7 @@
 //! | any broker | [`Consumer`], [`Publisher`] over an `Extractor`/`Injector` | trace context, baggage, request id | tenant, user (unless [`Consumer::trust`]), a DB transaction |
 //! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same |
 //! | NATS, JetStream (feature `async-nats`) | NATS message headers (kept across JetStream redeliveries) | the same | the same |
+//! | Redis Streams (feature `redis`) | fields of the stream entry (kept across retries: `XAUTOCLAIM`, `XCLAIM`) | the same | the same |
 //! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | trace context, baggage, request id | the same |
 //! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job |
 //!
@@ -66,6 +67,8 @@
 //!   headers as carriers, publish and consume helpers).
 //! - `cron`: scheduled jobs, `cron` module (each run from an empty root context with its own
 //!   run id and trace; overlap policy, panics, shutdown).
+//! - `redis`: Redis Streams, [`redis`](mod@crate::redis) module (stream entry fields as
+//!   carriers, `XADD` and consume helpers for consumer groups).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
@@ -82,6 +85,9 @@ pub mod cron;
 pub mod lapin;
 pub mod process;
 pub mod publish;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod spans;
 
 pub use crate::{

@@ -9,3 +9,5 @@ mod cron;
 mod nats;
 mod process;
 mod publish;
+#[cfg(feature = "redis")]
+mod redis_streams;

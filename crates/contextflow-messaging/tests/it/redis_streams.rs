@@ -1,0 +1,321 @@
+//! Redis Streams (`redis`): a job queue on a consumer group through the real server, where
+//! the workers run in a task with an empty context, every job fails once and is claimed again
+//! (`XAUTOCLAIM`) by another worker, and keeps the context it was queued in.
+
+use std::collections::HashMap;
+
+use contextflow_messaging::{
+    redis::{self as streams, FieldExtractor},
+    Consumer,
+};
+use contextflow_otel::{new_span_id, new_trace_id, RequestId};
+use contextflow_testenv::Service;
+use opentelemetry::{
+    propagation::Extractor as _,
+    trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState},
+    Context,
+};
+use proptest::prelude::*;
+use redis::{
+    aio::MultiplexedConnection,
+    streams::{
+        StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingReply,
+        StreamRangeReply, StreamReadOptions, StreamReadReply,
+    },
+    AsyncCommands as _, Value,
+};
+use tokio::task::JoinSet;
+
+async fn connect() -> MultiplexedConnection {
+    redis::Client::open(contextflow_testenv::url(Service::Redis))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The `body` field of a job, as text.
+fn body(entry: &StreamId) -> String {
+    match &entry.map["body"] {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).unwrap(),
+        other => panic!("unexpected body {other:?}"),
+    }
+}
+
+/// Whether the current context is the one `body` was queued from.
+fn context_matches(body: &str) -> bool {
+    let (want_id, want_trace) = body.split_once(' ').unwrap();
+    let seen_id = contextflow_otel::current_request_id().map(|id| id.to_string());
+    let seen_trace = contextflow_otel::current_trace_id().map(|id| id.to_string());
+    seen_id.as_deref() == Some(want_id) && seen_trace.as_deref() == Some(want_trace)
+}
+
+async fn count(mut handlers: JoinSet<bool>) -> (usize, usize) {
+    let (mut matched, mut mismatched) = (0, 0);
+    while let Some(ok) = handlers.join_next().await {
+        if ok.unwrap() {
+            matched += 1;
+        } else {
+            mismatched += 1;
+        }
+    }
+    (matched, mismatched)
+}
+
+/// `n` jobs queued at once, each from a request context of its own; a worker reads them all
+/// (`XREADGROUP`) and fails each one (no `XACK`); a second worker claims them (`XAUTOCLAIM`),
+/// handles and acknowledges them. Both workers run in a task with no context. Returns
+/// (matched, mismatched) handlers over both attempts, the number of jobs retried and the number
+/// still pending at the end.
+async fn job_queue_round_trip(n: usize) -> ((usize, usize), usize, usize) {
+    let mut con = connect().await;
+    let key = format!("contextflow-jobs-{}", RequestId::new());
+    let group = "workers";
+    let (): () = con.xgroup_create_mkstream(&key, group, "$").await.unwrap();
+
+    let mut publishers = JoinSet::new();
+    for _ in 0..n {
+        let request_id = RequestId::new();
+        let trace_id = new_trace_id();
+        let parent = SpanContext::new(
+            trace_id,
+            new_span_id(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let cx = Context::new()
+            .with_remote_span_context(parent)
+            .with_value(request_id.clone());
+        let mut con = con.clone();
+        let key = key.clone();
+        publishers.spawn(contextflow_otel::scope(cx, async move {
+            tokio::task::yield_now().await;
+            assert_eq!(
+                contextflow_otel::current_request_id(),
+                Some(request_id.clone())
+            );
+            let body = format!("{request_id} {trace_id}");
+            streams::add(&mut con, &key, &[("body", body)])
+                .await
+                .unwrap();
+        }));
+    }
+    while let Some(done) = publishers.join_next().await {
+        done.unwrap();
+    }
+
+    let consumer = streams::consumer(&key).without_spans();
+    let worker_con = con.clone();
+    let worker_key = key.clone();
+    // A plain tokio task, started outside any scope: it has an empty context.
+    let working = tokio::spawn(async move {
+        let (key, mut con) = (worker_key, worker_con);
+        assert!(contextflow_otel::current_request_id().is_none());
+        // First attempt: every job fails (it is not acknowledged).
+        let mut handlers = JoinSet::new();
+        let mut read = 0;
+        let options = StreamReadOptions::default()
+            .group(group, "worker-a")
+            .count(n);
+        while read < n {
+            let reply: Option<StreamReadReply> =
+                con.xread_options(&[&key], &[">"], &options).await.unwrap();
+            let reply = reply.unwrap();
+            for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+                read += 1;
+                let body = body(&entry);
+                handlers.spawn(streams::scope(&consumer, &entry, async move {
+                    tokio::task::yield_now().await;
+                    context_matches(&body)
+                }));
+            }
+        }
+        let (mut matched, mut mismatched) = count(handlers).await;
+
+        // Retry: another worker claims every pending job and handles it this time.
+        let mut handlers = JoinSet::new();
+        let mut retried = 0;
+        let mut start = "0-0".to_owned();
+        loop {
+            let reply: StreamAutoClaimReply = con
+                .xautoclaim_options(
+                    &key,
+                    group,
+                    "worker-b",
+                    0,
+                    &start,
+                    StreamAutoClaimOptions::default().count(n),
+                )
+                .await
+                .unwrap();
+            for entry in reply.claimed {
+                retried += 1;
+                let body = body(&entry);
+                let mut con = con.clone();
+                let key = key.clone();
+                let id = entry.id.clone();
+                handlers.spawn(streams::scope(&consumer, &entry, async move {
+                    tokio::task::yield_now().await;
+                    let ok = context_matches(&body);
+                    let _: usize = con.xack(&key, group, &[&id]).await.unwrap();
+                    ok
+                }));
+            }
+            start = reply.next_stream_id;
+            if start == "0-0" {
+                break;
+            }
+        }
+        let (m, mm) = count(handlers).await;
+        (matched, mismatched) = (matched + m, mismatched + mm);
+        assert!(contextflow_otel::current_request_id().is_none());
+        ((matched, mismatched), retried)
+    });
+    let (counts, retried) = working.await.unwrap();
+    let pending: StreamPendingReply = con.xpending(&key, group).await.unwrap();
+    let pending = pending.count();
+    let _: usize = con.del(&key).await.unwrap();
+    (counts, retried, pending)
+}
+
+#[tokio::test(flavor = "current_thread")]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn thousand_jobs_keep_their_context_across_retries_current_thread() {
+    assert_eq!(job_queue_round_trip(1000).await, ((2000, 0), 1000, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn thousand_jobs_keep_their_context_across_retries_multi_thread() {
+    assert_eq!(job_queue_round_trip(1000).await, ((2000, 0), 1000, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn malformed_fields_from_the_server_give_a_fresh_context() {
+    let mut con = connect().await;
+    let key = format!("contextflow-malformed-{}", RequestId::new());
+    let _: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg("*")
+        .arg("traceparent")
+        .arg("00-garbage")
+        .arg("x-request-id")
+        .arg(b"id-\xff\x1b[31m".as_slice())
+        .arg("baggage")
+        .arg("k=".repeat(10_000))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let range: StreamRangeReply = con.xrange_all(&key).await.unwrap();
+    let entries = range.ids;
+    let (id, trace) = streams::scope(&streams::consumer(&key), &entries[0], async {
+        (
+            contextflow_otel::current_request_id().unwrap(),
+            contextflow_otel::current_trace_id(),
+        )
+    })
+    .await;
+    assert_eq!(id.as_str().len(), 36, "a fresh id, got {id:?}");
+    assert_eq!(trace, None);
+    let _: usize = con.del(&key).await.unwrap();
+}
+
+#[test]
+fn field_extractor_reads_only_strings() {
+    let fields = HashMap::from([
+        ("Traceparent".to_owned(), Value::BulkString(b"tp".to_vec())),
+        ("simple".to_owned(), Value::SimpleString("s".to_owned())),
+        ("bytes".to_owned(), Value::BulkString(b"\xff".to_vec())),
+        ("int".to_owned(), Value::Int(1)),
+        ("nil".to_owned(), Value::Nil),
+    ]);
+    let extractor = FieldExtractor::new(&fields);
+    assert_eq!(extractor.get("traceparent"), Some("tp"), "any ASCII case");
+    assert_eq!(extractor.get("simple"), Some("s"));
+    assert_eq!(extractor.get("bytes"), None, "not UTF-8");
+    assert_eq!(extractor.get("int"), None);
+    assert_eq!(extractor.get("nil"), None);
+    assert_eq!(extractor.keys().len(), 5);
+}
+
+const VALID_ID: &str = "job-42";
+
+fn field_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => Just(Value::BulkString(VALID_ID.as_bytes().to_vec())),
+        2 => proptest::collection::vec(any::<u8>(), 0..80).prop_map(Value::BulkString),
+        1 => "[ -~]{0,300}".prop_map(Value::SimpleString),
+        1 => any::<i64>().prop_map(Value::Int),
+        1 => Just(Value::Nil),
+        1 => proptest::collection::vec(any::<u8>(), 0..8)
+            .prop_map(|b| Value::Array(vec![Value::BulkString(b)])),
+    ]
+}
+
+fn field_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("traceparent".to_owned()),
+        Just("baggage".to_owned()),
+        Just("x-request-id".to_owned()),
+        Just("X-Request-ID".to_owned()),
+        ".{0,12}",
+    ]
+}
+
+proptest! {
+    /// Any field map (the parser of an untrusted stream entry): never a panic, always a valid
+    /// request id, and the entry's own id whenever its `x-request-id` field is the valid one.
+    #[test]
+    fn arbitrary_field_maps_never_panic(
+        pairs in proptest::collection::vec((field_name(), field_value()), 0..12)
+    ) {
+        let entry = StreamId {
+            map: pairs.into_iter().collect(),
+            ..StreamId::default()
+        };
+        let extractor = FieldExtractor::from_entry(&entry);
+        let carried = extractor.get("x-request-id");
+        let id = streams::context(&Consumer::new().without_spans(), &entry);
+        let id = id.request_id().as_str().to_owned();
+        prop_assert!(!id.is_empty() && id.len() <= 128);
+        prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        if carried == Some(VALID_ID) {
+            prop_assert_eq!(id, VALID_ID);
+        }
+    }
+}
+
+/// The share of generated field maps that reach the accept path (a carried request id used):
+/// the generator is useful only if that share is high enough.
+#[test]
+fn field_map_generator_reaches_the_accept_path() {
+    use proptest::strategy::ValueTree as _;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = proptest::collection::vec((field_name(), field_value()), 0..12);
+    let (mut accepted, total) = (0, 512);
+    for _ in 0..total {
+        let pairs = strategy.new_tree(&mut runner).unwrap().current();
+        let entry = StreamId {
+            map: pairs.into_iter().collect(),
+            ..StreamId::default()
+        };
+        let message = streams::context(&Consumer::new().without_spans(), &entry);
+        if message.request_id().as_str() == VALID_ID {
+            accepted += 1;
+        }
+        message.finish();
+    }
+    println!("field maps: {accepted}/{total} reached the accept path");
+    assert!(accepted * 5 >= total, "{accepted}/{total}");
+}
