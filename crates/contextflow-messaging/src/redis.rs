@@ -36,8 +36,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! `redis` is used without its default features, with `streams` and `aio`: pick the runtime
-//! (`tokio-comp`) and TLS in the application.
+//! `redis` is used without its default features, with `streams` and `tokio-comp`: enable TLS
+//! and the others in the application.
 
 use std::collections::HashMap;
 
