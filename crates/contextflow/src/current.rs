@@ -141,6 +141,16 @@ pub(crate) fn current_ptr() -> *const Header {
     (raw & !OWNED) as *const Header
 }
 
+/// The current frame's innermost node when a construct further up this thread's stack owns it
+/// (a scope being polled, `sync_scope`, `Snapshot::run`: the common case), so that it stays
+/// alive for the caller's whole call; `None` when nothing is set or when an enter guard's frame
+/// is current (then use [`with_current`], which holds a reference). The reads' fast path.
+#[inline(always)]
+pub(crate) fn borrowed_top() -> Option<*const Header> {
+    let raw = CURRENT.with(Cell::get);
+    (raw & OWNED == 0 && raw != 0).then_some(raw as *const Header)
+}
+
 /// Runs `f` with the current frame, kept alive for the whole call even if `f` drops the
 /// guard that entered it.
 #[inline]

@@ -361,6 +361,36 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     #[inline]
     pub fn with<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
         let key = self.key();
+        let Some(top) = current::borrowed_top() else {
+            return self.with_slow(key, f);
+        };
+        // SAFETY: a borrowed current frame is owned by a construct up this thread's stack and
+        // outlives this call (see `current::borrowed_top`); references into it do not escape.
+        let top = unsafe { &*top };
+        if top.key == key && !top.is_unset() {
+            // SAFETY: it binds `key`, this variable's unique key, so it holds a `T`.
+            return f(Some(unsafe { top.value::<T>() }));
+        }
+        self.with_below(top, key, f)
+    }
+
+    /// [`with`](Self::with) when the variable is not the innermost binding of the borrowed
+    /// current frame `top`: a deeper binding through the per-thread cache, or the default.
+    #[inline(never)]
+    fn with_below<R>(&self, top: &Header, key: usize, f: impl FnOnce(Option<&T>) -> R) -> R {
+        // SAFETY: `top` is the borrowed current frame, alive for this call (see `with`).
+        match unsafe { node::lookup(top, key) } {
+            // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
+            Some(b) => f(Some(unsafe { b.value::<T>() })),
+            None => self.with_default(f),
+        }
+    }
+
+    /// [`with`](Self::with) when the current frame is not borrowed: nothing is set, or an enter
+    /// guard's frame is current (a reference is held). Out of line, as `with_below`, so that the
+    /// fast path stays small enough to inline everywhere.
+    #[inline(never)]
+    fn with_slow<R>(&self, key: usize, f: impl FnOnce(Option<&T>) -> R) -> R {
         current::with_current(|frame| {
             // SAFETY: `with_current` keeps `frame` alive for this whole closure, and the
             // reference handed to `f` does not escape it.
@@ -397,6 +427,39 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         T: Clone,
     {
         let key = self.key();
+        let Some(top) = current::borrowed_top() else {
+            return self.get_slow(key);
+        };
+        // SAFETY: as in `with`: the borrowed current frame outlives this call.
+        let top = unsafe { &*top };
+        if top.key == key && !top.is_unset() {
+            // SAFETY: it binds `key`, so it holds a `T`; cloned before this call returns.
+            return Some(unsafe { top.value::<T>() }.clone());
+        }
+        self.get_below(top, key)
+    }
+
+    /// [`get`](Self::get) below the innermost binding (see [`with_below`](Self::with_below)).
+    #[inline(never)]
+    fn get_below(&self, top: &Header, key: usize) -> Option<T>
+    where
+        T: Clone,
+    {
+        // SAFETY: `top` is the borrowed current frame, alive for this call (see `get`).
+        match unsafe { node::lookup(top, key) } {
+            // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
+            Some(b) => Some(unsafe { b.value::<T>() }.clone()),
+            None => self.default.map(|make| make()),
+        }
+    }
+
+    /// [`get`](Self::get) when the current frame is not borrowed (see
+    /// [`with_slow`](Self::with_slow)).
+    #[inline(never)]
+    fn get_slow(&self, key: usize) -> Option<T>
+    where
+        T: Clone,
+    {
         let found = current::with_current(|frame| {
             // SAFETY: `with_current` keeps `frame` alive for this closure; the value is cloned
             // before it returns. `key` is this variable's, so the node holds a `T`.
