@@ -256,7 +256,7 @@ impl RunningService {
     /// Shuts down in dependency order, logging each step: stop accepting orders and finish
     /// the requests in flight; let the outbox worker deliver what is left and stop; drain the
     /// queue; then stop the payment stub (in-flight orders and the resolver still needed it)
-    /// and the queue consumer.
+    /// and the queue consumer; last, close the database connections.
     ///
     /// # Errors
     /// A step that does not finish within the configured time, or whose task failed: the
@@ -289,6 +289,14 @@ impl RunningService {
             step("payment stub", limit, self.payment_server).await,
         );
         self.consumer.abort();
+        // Last, the database: every step above may still have used it.
+        info!("shutdown: closing the database connections");
+        let db = self.state.db.clone();
+        let close = async move {
+            db.close().await;
+            Ok::<(), tokio::task::JoinError>(())
+        };
+        record(&mut first_error, step("database", limit, close).await);
         match first_error {
             None => {
                 info!("shutdown: complete");

@@ -300,6 +300,7 @@ async fn sigterm_under_load_finishes_in_flight_orders_without_5xx() {
         "shutdown: stopped accepting connections",
         "shutdown: draining the outbox",
         "shutdown: stopping the payment stub",
+        "shutdown: closing the database connections",
         "shutdown: complete",
     ];
     let at: Vec<usize> = steps.iter().map(|s| position(s)).collect();

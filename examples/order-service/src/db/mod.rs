@@ -160,6 +160,14 @@ impl Db {
         &self.admin
     }
 
+    /// Closes the pools: waits for every connection to come back, then closes each one
+    /// properly (PostgreSQL logs a reset connection otherwise). Nothing can use this `Db`, or
+    /// any clone of it, afterwards.
+    pub async fn close(&self) {
+        self.pool.pool().close().await;
+        self.admin.pool().close().await;
+    }
+
     /// The owner and application roles, on PostgreSQL.
     pub fn roles(&self) -> Option<&Roles> {
         self.roles.as_ref()
