@@ -102,6 +102,17 @@ struct Served {
     seen: Vec<String>,
 }
 
+/// A failed assertion must not leave the server running: it would keep its inherited file
+/// descriptors (the workspace's build lock among them, under `flock cargo test`) open for good.
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Served {
     fn start(args: &[&str], database_url: &str) -> Served {
         let mut child = Command::new(BIN)
