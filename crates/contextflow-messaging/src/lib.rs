@@ -7,14 +7,20 @@
 //! a propagator writes travels (`contextflow-otel` owns them: W3C trace context, baggage, the
 //! request id, or what the application configures as OpenTelemetry's global propagator):
 //!
-//! | boundary | carrier | what crosses | what never crosses |
-//! |---|---|---|---|
-//! | any broker | [`Consumer`], [`Publisher`] over an `Extractor`/`Injector` | trace context, baggage, request id | tenant, user (unless [`Consumer::trust`]), a DB transaction |
-//! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same |
-//! | NATS, JetStream (feature `async-nats`) | NATS message headers (kept across JetStream redeliveries) | the same | the same |
-//! | Redis Streams (feature `redis`) | fields of the stream entry (kept across retries: `XAUTOCLAIM`, `XCLAIM`) | the same | the same |
-//! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | trace context, baggage, request id | the same |
-//! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job |
+//! | boundary | carrier | what crosses | what never crosses | recipe |
+//! |---|---|---|---|---|
+//! | any broker | [`Consumer`], [`Publisher`] over an `Extractor`/`Injector` (`contextflow_otel::carrier::Pairs`, `InjectFn`) | trace context, baggage, request id | the tenant and the user (unless [`Consumer::trust`] verifies them), a database transaction, every other variable | below |
+//! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same | `lapin` module |
+//! | NATS, JetStream (feature `async-nats`) | NATS message headers, kept across JetStream redeliveries | the same | the same | `async_nats` module |
+//! | Redis Streams (feature `redis`) | fields of the stream entry, kept across retries (`XAUTOCLAIM`, `XCLAIM`) | the same | the same | `redis` module |
+//! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | the same | the same | [`process`] |
+//! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job | `cron` module |
+//!
+//! Each module's first example is its recipe, one screen long: publish inside a request, then
+//! consume in a task of its own where each message's handler runs in the message's context.
+//! A consumer never runs a message in the consumer loop's own context, and a message never
+//! brings a tenant, a user or a transaction with it: a handler that needs them loads them
+//! the way authenticated code does, or its consumer opts in with [`Consumer::trust`].
 //!
 //! - [`Consumer`]: one per queue; [`Consumer::scope`] runs a handler in the message's
 //!   context, with a consumer span that is a child of the producer's (a batch's span links to
@@ -63,11 +69,11 @@
 //!
 //! - `tokio`: [`process::CommandExt`] for `tokio::process::Command`.
 //! - `lapin`: RabbitMQ, `lapin` module (AMQP headers as carriers, publish and consume helpers).
-//! - `async-nats`: NATS and JetStream, [`async_nats`](mod@crate::async_nats) module (NATS
+//! - `async-nats`: NATS and JetStream, `async_nats` module (NATS
 //!   headers as carriers, publish and consume helpers).
 //! - `cron`: scheduled jobs, `cron` module (each run from an empty root context with its own
 //!   run id and trace; overlap policy, panics, shutdown).
-//! - `redis`: Redis Streams, [`redis`](mod@crate::redis) module (stream entry fields as
+//! - `redis`: Redis Streams, `redis` module (stream entry fields as
 //!   carriers, `XADD` and consume helpers for consumer groups).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
