@@ -41,6 +41,8 @@ pub struct Config {
     /// Where the payment stub's spans go (its own `service.name`); `None`: OpenTelemetry's
     /// global provider, like the order service's own spans.
     pub telemetry: Option<crate::telemetry::Telemetry>,
+    /// The message queue: the in-process channel (default) or a broker (`--queue URL`).
+    pub queue: crate::queue::QueueUrl,
 }
 
 /// A running service.
@@ -105,6 +107,7 @@ impl Config {
             resolve_after: Duration::from_secs(60),
             deliver_outbox: true,
             telemetry: None,
+            queue: crate::queue::QueueUrl::InProcess,
         }
     }
 
@@ -203,7 +206,12 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         .clone()
         .unwrap_or_else(|| format!("http://{payment_addr}"));
     let payments = PaymentClient::new(&payment_url);
-    let (queue, consumer) = Queue::start(1024);
+    // A queue of this process's own on a broker (deleted with its consumer).
+    let queue_name = format!(
+        "order-service.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let (queue, consumer) = Queue::open(&config.queue, &queue_name, 1024).await?;
     let signal = OutboxSignal::new();
     let service = OrderService::new(&db, payments, signal.clone());
     let worker_shutdown = Shutdown::new();

@@ -13,12 +13,13 @@ use order_service::{
     app::{self, Config},
     demo::{self, DemoOptions},
     logging::{self, LogFormat},
+    queue::QueueUrl,
     telemetry::Telemetry,
 };
 
 const USAGE: &str =
-    "usage: order-service [--json] [--addr ADDR]   (DATABASE_URL: postgres://... or sqlite://...)
-       order-service demo [--orders N] [--concurrency C] [--json] [--log-file PATH] [--trace-file PATH]
+    "usage: order-service [--json] [--addr ADDR] [--queue URL]   (DATABASE_URL: postgres://... or sqlite://...)
+       order-service demo [--queue URL] [--orders N] [--concurrency C] [--json] [--log-file PATH] [--trace-file PATH]
        (OTEL_EXPORTER_OTLP_ENDPOINT=http://host:4318: serving exports spans over OTLP/HTTP)";
 
 fn main() -> ExitCode {
@@ -60,6 +61,10 @@ fn parse_serve(args: &[String]) -> Result<(Config, LogFormat), BoxError> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--json" => format = LogFormat::Json,
+            "--queue" => {
+                let url = args.next().ok_or("--queue needs a URL")?;
+                config.queue = QueueUrl::parse(url)?;
+            }
             "--addr" => {
                 let addr = args.next().ok_or(USAGE)?;
                 config.listen = addr
@@ -90,6 +95,10 @@ fn parse_demo(args: &[String]) -> Result<DemoOptions, BoxError> {
             "--orders" => opts.orders = number("--orders")?,
             "--concurrency" => opts.concurrency = number("--concurrency")?,
             "--json" => opts.format = LogFormat::Json,
+            "--queue" => {
+                let url = args.next().ok_or("--queue needs a URL")?;
+                opts.queue = QueueUrl::parse(url)?;
+            }
             "--log-file" => {
                 opts.log_file = Some(args.next().ok_or("--log-file needs a path")?.into())
             }

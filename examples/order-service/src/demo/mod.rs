@@ -65,6 +65,8 @@ pub struct DemoOptions {
     pub log_file: Option<std::path::PathBuf>,
     /// Where to write every exported span as OTLP JSON, if anywhere.
     pub trace_file: Option<std::path::PathBuf>,
+    /// The message queue (default: in-process; `--queue amqp://...` for RabbitMQ).
+    pub queue: crate::queue::QueueUrl,
 }
 
 impl Default for DemoOptions {
@@ -77,6 +79,7 @@ impl Default for DemoOptions {
             progress: true,
             log_file: None,
             trace_file: None,
+            queue: crate::queue::QueueUrl::InProcess,
         }
     }
 }
@@ -153,6 +156,7 @@ async fn run_on(
 ) -> Result<(Load, Phases, DatabaseCounts, crate::db::Backend), BoxError> {
     let service = app::start(Config {
         telemetry: Some(telemetry.clone()),
+        queue: opts.queue.clone(),
         ..Config::local(database_url)
     })
     .await?;

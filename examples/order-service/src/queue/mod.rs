@@ -13,11 +13,17 @@
 //! child of the producer's span that also links to it, as the OpenTelemetry messaging
 //! conventions describe for a consumer that handles one message at a time.
 //!
-//! A real deployment swaps the channel for AMQP, Kafka or NATS; the two calls stay the same.
+//! The in-process channel is the zero-setup default. [`Queue::open`] with an `amqp://` URL
+//! puts the queue on RabbitMQ instead (`amqp` module): the same headers travel as AMQP message
+//! headers (`contextflow_messaging::lapin`'s carrier), and the audit consumer is a consumer of
+//! the broker's queue in a task of its own; the two calls and the handler stay the same.
+
+mod amqp;
 
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
+use futures_util::StreamExt as _;
 use opentelemetry::{
     trace::{Link, SpanKind, TraceContextExt as _, Tracer as _},
     Context, KeyValue,
@@ -59,8 +65,53 @@ pub struct OrderConfirmed {
 /// The publishing side of the queue; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Queue {
-    sender: mpsc::Sender<Message>,
+    transport: Transport,
     pending: Arc<Pending>,
+}
+
+/// Where messages go.
+#[derive(Clone, Debug)]
+enum Transport {
+    InProcess(mpsc::Sender<Message>),
+    Amqp(Arc<amqp::Amqp>),
+}
+
+/// Which queue the service uses: the in-process channel or a broker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum QueueUrl {
+    /// An in-process channel (the default: nothing to set up).
+    #[default]
+    InProcess,
+    /// RabbitMQ, `amqp://...` or `amqps://...`.
+    Amqp(String),
+}
+
+impl QueueUrl {
+    /// `memory` (or nothing) for the in-process channel, else a broker URL.
+    ///
+    /// # Errors
+    /// A URL scheme this service does not speak.
+    pub fn parse(url: &str) -> Result<QueueUrl, String> {
+        let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
+        match scheme.to_ascii_lowercase().as_str() {
+            "" | "memory" => Ok(QueueUrl::InProcess),
+            "amqp" | "amqps" => Ok(QueueUrl::Amqp(url.to_owned())),
+            "nats" | "redis" => Err(format!(
+                "--queue {scheme}://: not supported yet (amqp:// or memory)"
+            )),
+            _ => Err(format!(
+                "--queue: unknown scheme {scheme:?} (amqp:// or memory)"
+            )),
+        }
+    }
+
+    /// The broker's name for the summary (`in-process`, `rabbitmq`).
+    pub fn system(&self) -> &'static str {
+        match self {
+            QueueUrl::InProcess => "in-process",
+            QueueUrl::Amqp(_) => "rabbitmq",
+        }
+    }
 }
 
 /// Published messages not yet handled, in a `watch` channel so no wake-up can be missed.
@@ -79,27 +130,61 @@ impl Queue {
     pub fn start(capacity: usize) -> (Queue, JoinHandle<()>) {
         let (sender, mut receiver) = mpsc::channel::<Message>(capacity);
         let pending = Arc::new(Pending::default());
-        let consumer_pending = pending.clone();
+        let mut audit = Audit::new(pending.clone());
         // The consumer serves every request and none: it starts from an empty context and
         // takes each message's context from its headers.
         let consumer = contextflow::spawn_without_context(async move {
-            // Delivery is at least once (the outbox republishes what it could not mark
-            // delivered); the consumer makes the effect exactly once.
-            let mut seen = std::collections::HashSet::new();
             while let Some(message) = receiver.recv().await {
-                if !seen.insert(message.id) {
-                    consumer_pending.0.send_modify(|n| *n -= 1);
-                    continue;
-                }
                 let incoming = contextflow_http::extract_headers(&message.headers);
-                let cx = consumer_span(message.topic, incoming);
-                let span = tracing::info_span!("queue.consume", topic = message.topic);
-                contextflow_otel::scope(cx.clone(), consume(message).instrument(span)).await;
-                cx.span().end();
-                consumer_pending.0.send_modify(|n| *n -= 1);
+                audit.handle(message, incoming).await;
             }
         });
-        (Queue { sender, pending }, consumer)
+        let transport = Transport::InProcess(sender);
+        (Queue { transport, pending }, consumer)
+    }
+
+    /// The queue `url` names: [`Queue::start`] for the in-process channel, or a connection to
+    /// the broker, its queue `name` declared, and the audit consumer of that queue started in
+    /// a task of its own (with an empty context, like the in-process one).
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or the queue declared.
+    pub async fn open(
+        url: &QueueUrl,
+        name: &str,
+        capacity: usize,
+    ) -> Result<(Queue, JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+        let amqp = match url {
+            QueueUrl::InProcess => return Ok(Queue::start(capacity)),
+            QueueUrl::Amqp(url) => amqp::Amqp::connect(url, name).await?,
+        };
+        let pending = Arc::new(Pending::default());
+        let mut audit = Audit::new(pending.clone());
+        let mut deliveries = amqp.deliveries("order-service-audit").await?;
+        let consumer = contextflow::spawn_without_context(async move {
+            while let Some(received) = deliveries.next().await {
+                match &received.envelope {
+                    Some(envelope) => {
+                        let message = Message {
+                            id: envelope.id,
+                            topic: known_topic(&envelope.topic),
+                            headers: HeaderMap::new(),
+                            payload: envelope.payload.clone(),
+                        };
+                        audit.handle(message, received.incoming.clone()).await;
+                    }
+                    None => {
+                        // Not ours to count: a body that is not an envelope never was published here.
+                        contextflow_otel::sync_scope(received.incoming.clone(), || {
+                            warn!("malformed message on the queue; dropped")
+                        });
+                    }
+                }
+                received.ack().await;
+            }
+        });
+        let transport = Transport::Amqp(Arc::new(amqp));
+        Ok((Queue { transport, pending }, consumer))
     }
 
     /// Publishes `payload` on `topic` as message `id`, with the current context in the
@@ -118,23 +203,31 @@ impl Queue {
                 }
             };
             self.pending.0.send_modify(|n| *n += 1);
-            let message = Message {
-                id,
-                topic,
-                headers,
-                payload,
+            let sent = match &self.transport {
+                Transport::InProcess(sender) => {
+                    let message = Message {
+                        id,
+                        topic,
+                        headers,
+                        payload,
+                    };
+                    sender.send(message).await.is_ok()
+                }
+                Transport::Amqp(amqp) => match amqp.publish(id, topic, payload).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(error = %err, "AMQP publish failed");
+                        false
+                    }
+                },
             };
-            match self.sender.send(message).await {
-                Ok(()) => {
-                    debug!("message published");
-                    true
-                }
-                Err(_) => {
-                    self.pending.0.send_modify(|n| *n -= 1);
-                    warn!("queue closed; message dropped");
-                    false
-                }
+            if sent {
+                debug!("message published");
+            } else {
+                self.pending.0.send_modify(|n| *n -= 1);
+                warn!("queue closed; message dropped");
             }
+            sent
         }
         .instrument(span);
         let published = contextflow_otel::scope(cx.clone(), published).await;
@@ -152,6 +245,43 @@ impl Queue {
         let mut count = self.pending.0.subscribe();
         // The sender lives in `self.pending`: `wait_for` cannot fail while we hold it.
         let _ = count.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// The audit consumer's state: what it has handled, and the pending count it lowers.
+struct Audit {
+    // Delivery is at least once (the outbox republishes what it could not mark delivered; a
+    // broker redelivers what was not acknowledged); the consumer makes the effect exactly once.
+    seen: std::collections::HashSet<i64>,
+    pending: Arc<Pending>,
+}
+
+impl Audit {
+    fn new(pending: Arc<Pending>) -> Audit {
+        Audit {
+            seen: std::collections::HashSet::new(),
+            pending,
+        }
+    }
+
+    /// Handles `message` in `incoming`, the context its headers carried.
+    async fn handle(&mut self, message: Message, incoming: Context) {
+        if self.seen.insert(message.id) {
+            let cx = consumer_span(message.topic, incoming);
+            let span = tracing::info_span!("queue.consume", topic = message.topic);
+            contextflow_otel::scope(cx.clone(), consume(message).instrument(span)).await;
+            cx.span().end();
+        }
+        self.pending.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// The static name of a topic read from a broker (`unknown` for one this service never
+/// publishes).
+fn known_topic(topic: &str) -> &'static str {
+    match topic {
+        ORDER_CONFIRMED => ORDER_CONFIRMED,
+        _ => "unknown",
     }
 }
 

@@ -1,0 +1,148 @@
+//! The queue on RabbitMQ (`--queue amqp://...`): a message is a JSON envelope, its
+//! propagation fields AMQP headers written with `contextflow_messaging::lapin`'s carrier.
+//!
+//! One connection, two channels: publishes go out on one; the audit consumer reads the
+//! service's queue on the other, in a task of its own, and acknowledges each delivery once it
+//! is handled.
+
+use futures_util::StreamExt as _;
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
+    BasicProperties, Channel, Connection, ConnectionProperties,
+};
+use serde::{Deserialize, Serialize};
+
+use contextflow_messaging::lapin::{HeaderExtractor, HeaderInjector};
+
+/// The body of a message on the broker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Envelope {
+    pub(super) id: i64,
+    pub(super) topic: String,
+    pub(super) payload: serde_json::Value,
+}
+
+/// A connection to RabbitMQ and the service's queue.
+#[derive(Clone, Debug)]
+pub(super) struct Amqp {
+    publish: Channel,
+    consume: Channel,
+    queue: String,
+    _connection: std::sync::Arc<Connection>,
+}
+
+/// One received message: its envelope, the context its headers carry, and how to ack it.
+pub(super) struct Received {
+    pub(super) envelope: Option<Envelope>,
+    pub(super) incoming: opentelemetry::Context,
+    delivery: lapin::message::Delivery,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Amqp {
+    /// Connects to `url` and declares `queue` (not durable, deleted with its last consumer).
+    pub(super) async fn connect(url: &str, queue: &str) -> Result<Amqp, BoxError> {
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio::current());
+        let connection = Connection::connect(url, properties).await?;
+        let publish = connection.create_channel().await?;
+        let consume = connection.create_channel().await?;
+        consume
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        consume.basic_qos(256, BasicQosOptions::default()).await?;
+        Ok(Amqp {
+            publish,
+            consume,
+            queue: queue.to_owned(),
+            _connection: std::sync::Arc::new(connection),
+        })
+    }
+
+    /// Publishes message `id` with the current context in its headers.
+    pub(super) async fn publish(
+        &self,
+        id: i64,
+        topic: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), BoxError> {
+        let mut headers = FieldTable::default();
+        // The same propagation as an HTTP call: traceparent, tracestate, baggage, x-request-id.
+        contextflow_otel::inject(&mut HeaderInjector::new(&mut headers));
+        let body = serde_json::to_vec(&Envelope {
+            id,
+            topic: topic.to_owned(),
+            payload,
+        })?;
+        self.publish
+            .basic_publish(
+                "",
+                &self.queue,
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_headers(headers),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// The deliveries of the service's queue, one at a time (`None` when the stream ends).
+    pub(super) async fn deliveries(
+        &self,
+        tag: &str,
+    ) -> Result<impl futures_util::Stream<Item = Received> + Send + Unpin, BoxError> {
+        let consumer = self
+            .consume
+            .basic_consume(
+                &self.queue,
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(consumer.filter_map(|delivery| {
+            futures_util::future::ready(match delivery {
+                Ok(delivery) => {
+                    // Metadata is input: validated and bounded by contextflow-otel.
+                    let incoming = contextflow_otel::extract(&HeaderExtractor::from_properties(
+                        &delivery.properties,
+                    ));
+                    let envelope = serde_json::from_slice(&delivery.data).ok();
+                    Some(Received {
+                        envelope,
+                        incoming,
+                        delivery,
+                    })
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "AMQP delivery failed");
+                    None
+                }
+            })
+        }))
+    }
+}
+
+impl Received {
+    /// Acknowledges the delivery (a failure is logged: the broker redelivers, and the
+    /// consumer's de-duplication handles it once).
+    pub(super) async fn ack(self) {
+        if let Err(err) = self.delivery.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %err, "AMQP ack failed");
+        }
+    }
+}
