@@ -13,6 +13,7 @@
 //! | RabbitMQ (feature `lapin`) | AMQP message headers | the same | the same | `lapin` module |
 //! | NATS, JetStream (feature `async-nats`) | NATS message headers, kept across JetStream redeliveries | the same | the same | `async_nats` module |
 //! | Redis Streams (feature `redis`) | fields of the stream entry, kept across retries (`XAUTOCLAIM`, `XCLAIM`) | the same | the same | `redis` module |
+//! | MQTT 5 (feature `rumqttc`) | user properties of the PUBLISH packet | the same | the same | `rumqttc` module |
 //! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | the same | the same | [`process`] |
 //! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job | `cron` module |
 //!
@@ -75,6 +76,8 @@
 //!   run id and trace; overlap policy, panics, shutdown).
 //! - `redis`: Redis Streams, `redis` module (stream entry fields as
 //!   carriers, `XADD` and consume helpers for consumer groups).
+//! - `rumqttc`: MQTT 5, `rumqttc` module (user properties as carriers, publish and consume
+//!   helpers).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
@@ -94,6 +97,9 @@ pub mod publish;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(feature = "rumqttc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rumqttc")))]
+pub mod rumqttc;
 mod spans;
 
 pub use crate::{
