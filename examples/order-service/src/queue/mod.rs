@@ -19,6 +19,7 @@
 //! the broker's queue in a task of its own; the two calls and the handler stay the same.
 
 mod amqp;
+mod nats;
 
 use std::sync::Arc;
 
@@ -74,6 +75,7 @@ pub struct Queue {
 enum Transport {
     InProcess(mpsc::Sender<Message>),
     Amqp(Arc<amqp::Amqp>),
+    Nats(Arc<nats::Nats>),
 }
 
 /// Which queue the service uses: the in-process channel or a broker.
@@ -84,6 +86,8 @@ pub enum QueueUrl {
     InProcess,
     /// RabbitMQ, `amqp://...` or `amqps://...`.
     Amqp(String),
+    /// NATS, `nats://...`.
+    Nats(String),
 }
 
 impl QueueUrl {
@@ -96,8 +100,9 @@ impl QueueUrl {
         match scheme.to_ascii_lowercase().as_str() {
             "" | "memory" => Ok(QueueUrl::InProcess),
             "amqp" | "amqps" => Ok(QueueUrl::Amqp(url.to_owned())),
-            "nats" | "redis" => Err(format!(
-                "--queue {scheme}://: not supported yet (amqp:// or memory)"
+            "nats" => Ok(QueueUrl::Nats(url.to_owned())),
+            "redis" => Err(format!(
+                "--queue {scheme}://: not supported yet (amqp://, nats:// or memory)"
             )),
             _ => Err(format!(
                 "--queue: unknown scheme {scheme:?} (amqp:// or memory)"
@@ -110,6 +115,7 @@ impl QueueUrl {
         match self {
             QueueUrl::InProcess => "in-process",
             QueueUrl::Amqp(_) => "rabbitmq",
+            QueueUrl::Nats(_) => "nats",
         }
     }
 }
@@ -157,6 +163,7 @@ impl Queue {
         let amqp = match url {
             QueueUrl::InProcess => return Ok(Queue::start(capacity)),
             QueueUrl::Amqp(url) => amqp::Amqp::connect(url, name).await?,
+            QueueUrl::Nats(url) => return Queue::open_nats(url, name).await,
         };
         let pending = Arc::new(Pending::default());
         let mut audit = Audit::new(pending.clone());
@@ -184,6 +191,36 @@ impl Queue {
             }
         });
         let transport = Transport::Amqp(Arc::new(amqp));
+        Ok((Queue { transport, pending }, consumer))
+    }
+
+    async fn open_nats(
+        url: &str,
+        subject: &str,
+    ) -> Result<(Queue, JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+        let nats = nats::Nats::connect(url, subject).await?;
+        let pending = Arc::new(Pending::default());
+        let mut audit = Audit::new(pending.clone());
+        let mut messages = nats.messages().await?;
+        let consumer = contextflow::spawn_without_context(async move {
+            while let Some((envelope, incoming)) = messages.next().await {
+                match envelope {
+                    Some(envelope) => {
+                        let message = Message {
+                            id: envelope.id,
+                            topic: known_topic(&envelope.topic),
+                            headers: HeaderMap::new(),
+                            payload: envelope.payload,
+                        };
+                        audit.handle(message, incoming).await;
+                    }
+                    None => contextflow_otel::sync_scope(incoming, || {
+                        warn!("malformed message on the queue; dropped")
+                    }),
+                }
+            }
+        });
+        let transport = Transport::Nats(Arc::new(nats));
         Ok((Queue { transport, pending }, consumer))
     }
 
@@ -217,6 +254,13 @@ impl Queue {
                     Ok(()) => true,
                     Err(err) => {
                         warn!(error = %err, "AMQP publish failed");
+                        false
+                    }
+                },
+                Transport::Nats(nats) => match nats.publish(id, topic, payload).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(error = %err, "NATS publish failed");
                         false
                     }
                 },

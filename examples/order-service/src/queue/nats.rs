@@ -1,0 +1,65 @@
+//! The queue on NATS (`--queue nats://...`): a message is the same JSON envelope as on
+//! RabbitMQ, its propagation fields NATS headers written with `contextflow_messaging::async_nats`'s
+//! carrier; the audit consumer is a subscriber of the service's subject in a task of its own.
+
+use contextflow_messaging::async_nats::{HeaderExtractor, HeaderInjector};
+use futures_util::StreamExt as _;
+
+use super::amqp::Envelope;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connection to NATS and the service's subject.
+#[derive(Clone, Debug)]
+pub(super) struct Nats {
+    client: async_nats::Client,
+    subject: String,
+}
+
+impl Nats {
+    /// Connects to `url`; messages go to `subject`.
+    pub(super) async fn connect(url: &str, subject: &str) -> Result<Nats, BoxError> {
+        let client = async_nats::connect(url).await?;
+        Ok(Nats {
+            client,
+            subject: subject.to_owned(),
+        })
+    }
+
+    /// Publishes message `id` with the current context in its headers.
+    pub(super) async fn publish(
+        &self,
+        id: i64,
+        topic: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), BoxError> {
+        let mut headers = async_nats::HeaderMap::new();
+        contextflow_otel::inject(&mut HeaderInjector::new(&mut headers));
+        let body = serde_json::to_vec(&Envelope {
+            id,
+            topic: topic.to_owned(),
+            payload,
+        })?;
+        self.client
+            .publish_with_headers(self.subject.clone(), headers, body.into())
+            .await?;
+        Ok(())
+    }
+
+    /// The messages of the service's subject: each envelope (if it parses) with the context
+    /// its headers carry.
+    pub(super) async fn messages(
+        &self,
+    ) -> Result<
+        impl futures_util::Stream<Item = (Option<Envelope>, opentelemetry::Context)> + Send + Unpin,
+        BoxError,
+    > {
+        let subscriber = self.client.subscribe(self.subject.clone()).await?;
+        // The subscription is registered with the server before any publish.
+        self.client.flush().await?;
+        Ok(subscriber.map(|message| {
+            let incoming = contextflow_otel::extract(&HeaderExtractor::from_message(&message));
+            (serde_json::from_slice(&message.payload).ok(), incoming)
+        }))
+    }
+}
