@@ -14,9 +14,11 @@
 //! conventions describe for a consumer that handles one message at a time.
 //!
 //! The in-process channel is the zero-setup default. [`Queue::open`] with an `amqp://` URL
-//! puts the queue on RabbitMQ instead (`amqp` module): the same headers travel as AMQP message
-//! headers (`contextflow_messaging::lapin`'s carrier), and the audit consumer is a consumer of
-//! the broker's queue in a task of its own; the two calls and the handler stay the same.
+//! puts the queue on RabbitMQ instead (`amqp` module), with a `nats://` URL on NATS (`nats`
+//! module): the same propagation fields travel as AMQP or NATS message headers
+//! (`contextflow_messaging`'s `lapin` and `async_nats` carriers), and the audit consumer reads
+//! the broker in a task of its own; the two calls and the handler stay the same. (`redis://`
+//! is not wired yet.)
 
 mod amqp;
 mod nats;
