@@ -14,6 +14,7 @@
 //! | NATS, JetStream (feature `async-nats`) | NATS message headers, kept across JetStream redeliveries | the same | the same | `async_nats` module |
 //! | Redis Streams (feature `redis`) | fields of the stream entry, kept across retries (`XAUTOCLAIM`, `XCLAIM`) | the same | the same | `redis` module |
 //! | MQTT 5 (feature `rumqttc`) | user properties of the PUBLISH packet | the same | the same | `rumqttc` module |
+//! | Kafka (feature `rdkafka`) | record headers; tested at the header level only (no Kafka broker runs in this project's tests) | the same | the same | `rdkafka` module |
 //! | child process | [`process`]: `TRACEPARENT`, `TRACESTATE`, `BAGGAGE`, `CONTEXTFLOW_REQUEST_ID` | the same | the same | [`process`] |
 //! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job | `cron` module |
 //!
@@ -78,6 +79,8 @@
 //!   carriers, `XADD` and consume helpers for consumer groups).
 //! - `rumqttc`: MQTT 5, `rumqttc` module (user properties as carriers, publish and consume
 //!   helpers).
+//! - `rdkafka`: Kafka record headers, `rdkafka` module (headers as carriers; librdkafka is
+//!   linked dynamically: install `librdkafka-dev`).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
@@ -94,6 +97,9 @@ pub mod cron;
 pub mod lapin;
 pub mod process;
 pub mod publish;
+#[cfg(feature = "rdkafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rdkafka")))]
+pub mod rdkafka;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;

@@ -5,6 +5,8 @@ mod amqp;
 mod consume;
 #[cfg(feature = "cron")]
 mod cron;
+#[cfg(feature = "rdkafka")]
+mod kafka;
 #[cfg(feature = "rumqttc")]
 mod mqtt;
 #[cfg(feature = "async-nats")]

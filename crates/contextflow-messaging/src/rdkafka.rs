@@ -1,0 +1,213 @@
+//! Kafka record headers through [`rdkafka`]'s types: headers as carriers, a helper that
+//! writes the current context into a record's headers, and consume helpers that run a record's
+//! handler in the context its headers carry.
+//!
+//! Propagation fields travel as record headers (`traceparent`, `tracestate`, `baggage`,
+//! `x-request-id`). Record headers are untrusted: at most
+//! [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) of them are read, a header without a
+//! value or with a value that is not UTF-8 is ignored, and everything is then validated and
+//! bounded as for any carrier.
+//!
+//! **Tested at the header level only**: no Kafka broker runs in this project's test
+//! environment, so the tests round-trip records' headers (`OwnedHeaders`, `OwnedMessage`)
+//! between tasks rather than through a broker. The producer and consumer code is the same as
+//! with a broker.
+//!
+//! ```no_run
+//! use contextflow_messaging::rdkafka as kafka;
+//! use rdkafka::{
+//!     consumer::{BaseConsumer, Consumer as _},
+//!     message::OwnedHeaders,
+//!     producer::{BaseProducer, BaseRecord},
+//! };
+//! use std::time::Duration;
+//!
+//! # #[allow(dead_code)]
+//! # fn run(producer: BaseProducer, records: BaseConsumer) -> Result<(), rdkafka::error::KafkaError> {
+//! // Produce, inside a request: the request's context goes into the record's headers.
+//! let headers = kafka::inject(&contextflow_messaging::Publisher::new(), OwnedHeaders::new());
+//! let record = BaseRecord::to("orders").key("17").payload("{}").headers(headers);
+//! producer.send(record).map_err(|(e, _)| e)?;
+//!
+//! // Consume, in a thread or task of its own: each record's handler runs in its context.
+//! records.subscribe(&["orders"])?;
+//! let consumer = kafka::consumer("orders");
+//! while let Some(record) = records.poll(Duration::from_secs(1)) {
+//!     let record = record?;
+//!     let message = kafka::context(&consumer, &record);
+//!     message.run(|| tracing::info!("order received")); // with the producer's request id
+//!     message.finish();
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! `rdkafka` is used without its default features, with `dynamic-linking` against the
+//! system's librdkafka (Debian's `librdkafka-dev`, 2.0.2; `rdkafka-sys` is pinned to a release
+//! that accepts it).
+
+use opentelemetry::propagation::Extractor;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+
+use crate::{Consumed, Consumer, MessageContext, Publisher};
+
+/// The `messaging.system` of Kafka consumer spans.
+pub const SYSTEM: &str = "kafka";
+
+/// Reads propagation fields from Kafka record headers (the first
+/// [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers; names compared without regard
+/// to ASCII case; values that are UTF-8; the first header of a name wins for a single value).
+///
+/// ```
+/// use contextflow_messaging::rdkafka::HeaderExtractor;
+/// use opentelemetry::propagation::Extractor as _;
+/// use rdkafka::message::{Header, OwnedHeaders};
+///
+/// let headers = OwnedHeaders::new()
+///     .insert(Header { key: "X-Request-Id", value: Some("r-1") })
+///     .insert(Header { key: "baggage", value: Some(b"\xff".as_slice()) })
+///     .insert(Header { key: "tracestate", value: None::<&str> });
+/// let extractor = HeaderExtractor::new(Some(&headers));
+/// assert_eq!(extractor.get("x-request-id"), Some("r-1"));
+/// assert_eq!(extractor.get("baggage"), None, "not UTF-8");
+/// assert_eq!(extractor.get("tracestate"), None, "no value");
+/// ```
+#[derive(Debug)]
+pub struct HeaderExtractor<'a, H: ?Sized> {
+    headers: Option<&'a H>,
+}
+
+// ===== impl HeaderExtractor =====
+
+impl<'a, H: Headers + ?Sized> HeaderExtractor<'a, H> {
+    /// Reads `headers` (a record without headers has `None`).
+    ///
+    /// ```
+    /// use opentelemetry::propagation::Extractor as _;
+    /// let extractor = contextflow_messaging::rdkafka::HeaderExtractor::<rdkafka::message::OwnedHeaders>::new(None);
+    /// assert!(extractor.keys().is_empty());
+    /// ```
+    pub fn new(headers: Option<&'a H>) -> Self {
+        HeaderExtractor { headers }
+    }
+
+    /// The first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers.
+    fn headers(&self) -> impl Iterator<Item = Header<'a, &'a [u8]>> + 'a {
+        let headers = self.headers;
+        let count = headers.map_or(0, Headers::count);
+        (0..count.min(contextflow_otel::carrier::MAX_PAIRS))
+            .filter_map(move |i| headers.and_then(|h| h.try_get(i)))
+    }
+
+    fn values<'k>(&self, key: &'k str) -> impl Iterator<Item = &'a str> + 'k
+    where
+        'a: 'k,
+    {
+        self.headers()
+            .filter(move |header| header.key.eq_ignore_ascii_case(key))
+            .filter_map(|header| std::str::from_utf8(header.value?).ok())
+    }
+}
+
+impl<H: Headers + ?Sized> Extractor for HeaderExtractor<'_, H> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values(key).next()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.headers().map(|header| header.key).collect()
+    }
+
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let all: Vec<&str> = self.values(key).collect();
+        (!all.is_empty()).then_some(all)
+    }
+}
+
+impl<H: ?Sized> Clone for HeaderExtractor<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H: ?Sized> Copy for HeaderExtractor<'_, H> {}
+
+// ===== publish =====
+
+/// `headers` with the current context written into them by `publisher` (other headers kept:
+/// Kafka headers are a list, so pass headers without propagation fields).
+///
+/// ```
+/// use contextflow_messaging::{rdkafka::inject, Publisher};
+/// use contextflow_otel::{RequestId, REQUEST_ID};
+/// use rdkafka::message::{Headers as _, OwnedHeaders};
+///
+/// let headers = REQUEST_ID.sync_scope("r-2".parse::<RequestId>()?, || {
+///     inject(&Publisher::new(), OwnedHeaders::new())
+/// });
+/// let header = headers.get(0);
+/// assert_eq!((header.key, header.value), ("x-request-id", Some(b"r-2".as_slice())));
+/// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+/// ```
+pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
+    let mut pairs = Vec::new();
+    publisher.inject(&mut contextflow_otel::carrier::InjectFn(
+        |k: &str, v: String| pairs.push((k.to_owned(), v)),
+    ));
+    pairs.iter().fold(headers, |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value.as_str()),
+        })
+    })
+}
+
+// ===== consume =====
+
+/// A [`Consumer`] for the Kafka topic `topic` (`messaging.system = "kafka"`).
+///
+/// ```
+/// let consumer = contextflow_messaging::rdkafka::consumer("orders");
+/// # drop(consumer);
+/// ```
+pub fn consumer(topic: &str) -> Consumer {
+    Consumer::new().system(SYSTEM).destination(topic)
+}
+
+/// The context of `record` (a `BorrowedMessage` from a consumer, or an `OwnedMessage`), made
+/// by `consumer` from its headers.
+///
+/// ```
+/// use contextflow_messaging::{rdkafka::{consumer, context, inject}, Publisher};
+/// use contextflow_otel::{RequestId, REQUEST_ID};
+/// use rdkafka::{message::{OwnedHeaders, OwnedMessage}, Timestamp};
+///
+/// let headers = REQUEST_ID.sync_scope("r-3".parse::<RequestId>()?, || inject(&Publisher::new(), OwnedHeaders::new()));
+/// let record = OwnedMessage::new(None, None, "orders".into(), Timestamp::NotAvailable, 0, 0, Some(headers));
+/// let message = context(&consumer("orders"), &record);
+/// assert_eq!(message.request_id().as_str(), "r-3");
+/// message.finish();
+/// # Ok::<(), contextflow_otel::InvalidRequestId>(())
+/// ```
+pub fn context<M: Message>(consumer: &Consumer, record: &M) -> MessageContext {
+    consumer.context(&HeaderExtractor::new(record.headers()))
+}
+
+/// Runs `handler` for `record` in the context its headers carry; see [`Consumer::scope`].
+///
+/// ```
+/// use contextflow_messaging::rdkafka::{consumer, scope};
+/// use rdkafka::{message::OwnedMessage, Timestamp};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let record = OwnedMessage::new(None, None, "orders".into(), Timestamp::NotAvailable, 0, 0, None);
+/// let id = scope(&consumer("orders"), &record, async { contextflow_otel::current_request_id() }).await;
+/// assert_eq!(id.unwrap().as_str().len(), 36, "no headers: a fresh request id");
+/// # }
+/// ```
+pub fn scope<M: Message, F: std::future::Future>(
+    consumer: &Consumer,
+    record: &M,
+    handler: F,
+) -> Consumed<F> {
+    consumer.scope(&HeaderExtractor::new(record.headers()), handler)
+}

@@ -1,0 +1,201 @@
+//! Kafka record headers (`rdkafka` types), at the header level only: no Kafka broker runs
+//! here, so records with their headers travel between tasks through a channel, and the
+//! consumer runs in a task with an empty context.
+
+use contextflow_messaging::{
+    rdkafka::{self as kafka, HeaderExtractor},
+    Consumer, Publisher,
+};
+use contextflow_otel::{new_span_id, new_trace_id, RequestId};
+use opentelemetry::{
+    propagation::Extractor as _,
+    trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState},
+    Context,
+};
+use proptest::prelude::*;
+use rdkafka::{
+    message::{Header, OwnedHeaders, OwnedMessage},
+    Message as _, Timestamp,
+};
+use tokio::task::JoinSet;
+
+fn record(payload: Vec<u8>, headers: OwnedHeaders) -> OwnedMessage {
+    OwnedMessage::new(
+        Some(payload),
+        None,
+        "orders".to_owned(),
+        Timestamp::NotAvailable,
+        0,
+        0,
+        Some(headers),
+    )
+}
+
+/// `n` records made at once, each from a request context of its own, handled concurrently by
+/// a task that has no context; returns (matched, mismatched) handlers.
+async fn round_trip(n: usize) -> (usize, usize) {
+    let (records, mut received) = tokio::sync::mpsc::unbounded_channel::<OwnedMessage>();
+    let consumer = kafka::consumer("orders").without_spans();
+    // A plain tokio task, started outside any scope: it has an empty context.
+    let consuming = tokio::spawn(async move {
+        assert!(contextflow_otel::current_request_id().is_none());
+        let mut handlers = JoinSet::new();
+        for _ in 0..n {
+            let record = received.recv().await.unwrap();
+            let context = kafka::context(&consumer, &record);
+            handlers.spawn(context.scope(async move {
+                tokio::task::yield_now().await;
+                let body = std::str::from_utf8(record.payload().unwrap()).unwrap();
+                let (want_id, want_trace) = body.split_once(' ').unwrap();
+                let seen_id = contextflow_otel::current_request_id().map(|id| id.to_string());
+                let seen_trace = contextflow_otel::current_trace_id().map(|id| id.to_string());
+                seen_id.as_deref() == Some(want_id) && seen_trace.as_deref() == Some(want_trace)
+            }));
+        }
+        let (mut matched, mut mismatched) = (0, 0);
+        while let Some(ok) = handlers.join_next().await {
+            if ok.unwrap() {
+                matched += 1;
+            } else {
+                mismatched += 1;
+            }
+        }
+        (matched, mismatched)
+    });
+    let mut producers = JoinSet::new();
+    for _ in 0..n {
+        let request_id = RequestId::new();
+        let trace_id = new_trace_id();
+        let parent = SpanContext::new(
+            trace_id,
+            new_span_id(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let cx = Context::new()
+            .with_remote_span_context(parent)
+            .with_value(request_id.clone());
+        let records = records.clone();
+        producers.spawn(contextflow_otel::scope(cx, async move {
+            tokio::task::yield_now().await;
+            let headers = kafka::inject(&Publisher::new(), OwnedHeaders::new());
+            let body = format!("{request_id} {trace_id}").into_bytes();
+            records.send(record(body, headers)).unwrap();
+        }));
+    }
+    while let Some(done) = producers.join_next().await {
+        done.unwrap();
+    }
+    consuming.await.unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn thousand_concurrent_records_keep_their_context_current_thread() {
+    assert_eq!(round_trip(1000).await, (1000, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_concurrent_records_keep_their_context_multi_thread() {
+    assert_eq!(round_trip(1000).await, (1000, 0));
+}
+
+#[test]
+fn header_extractor_is_bounded_and_reads_only_utf8() {
+    let mut headers = OwnedHeaders::new().insert(Header {
+        key: "X-Request-Id",
+        value: Some("r-1"),
+    });
+    headers = headers.insert(Header {
+        key: "traceparent",
+        value: Some(b"\xff\xfe".as_slice()),
+    });
+    for i in 0..1000 {
+        headers = headers.insert(Header {
+            key: "baggage",
+            value: Some(format!("k{i}=v").as_str()),
+        });
+    }
+    let extractor = HeaderExtractor::new(Some(&headers));
+    assert_eq!(extractor.get("x-request-id"), Some("r-1"));
+    assert_eq!(extractor.get("traceparent"), None, "not UTF-8");
+    assert_eq!(
+        extractor.get_all("baggage").unwrap().len(),
+        contextflow_otel::carrier::MAX_PAIRS - 2,
+        "only the first MAX_PAIRS headers are read"
+    );
+}
+
+const VALID_ID: &str = "kafka-42";
+
+fn headers() -> impl Strategy<Value = Vec<(String, Option<Vec<u8>>)>> {
+    proptest::collection::vec(
+        (
+            prop_oneof![
+                Just("traceparent".to_owned()),
+                Just("baggage".to_owned()),
+                Just("x-request-id".to_owned()),
+                Just("X-Request-ID".to_owned()),
+                "[a-z-]{0,12}",
+            ],
+            prop_oneof![
+                4 => Just(Some(VALID_ID.as_bytes().to_vec())),
+                2 => proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)),
+                1 => "[ -~]{0,300}".prop_map(|s| Some(s.into_bytes())),
+            ],
+        ),
+        0..8,
+    )
+}
+
+fn owned(headers: &[(String, Option<Vec<u8>>)]) -> OwnedMessage {
+    let headers = headers
+        .iter()
+        .fold(OwnedHeaders::new(), |all, (key, value)| {
+            all.insert(Header {
+                key,
+                value: value.as_deref(),
+            })
+        });
+    record(Vec::new(), headers)
+}
+
+proptest! {
+    /// Any record headers (untrusted): never a panic, always a valid request id, and the
+    /// carried one whenever the only `x-request-id` among the first headers is the valid one.
+    #[test]
+    fn arbitrary_headers_never_panic(headers in headers()) {
+        let record = owned(&headers);
+        // A request id is used only when the header appears once.
+        let carried = HeaderExtractor::new(record.headers())
+            .get_all("x-request-id")
+            .filter(|all| all.len() == 1)
+            .map(|all| all[0].to_owned());
+        let cx = kafka::context(&Consumer::new().without_spans(), &record);
+        let id = cx.request_id().as_str().to_owned();
+        cx.finish();
+        prop_assert!(!id.is_empty() && id.len() <= 128);
+        prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        if carried.as_deref() == Some(VALID_ID) {
+            prop_assert_eq!(id, VALID_ID);
+        }
+    }
+}
+
+/// The share of generated headers that reach the accept path (a carried request id used).
+#[test]
+fn headers_generator_reaches_the_accept_path() {
+    use proptest::strategy::ValueTree as _;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let (mut accepted, total) = (0, 512);
+    for _ in 0..total {
+        let record = owned(&headers().new_tree(&mut runner).unwrap().current());
+        let cx = kafka::context(&Consumer::new().without_spans(), &record);
+        if cx.request_id().as_str() == VALID_ID {
+            accepted += 1;
+        }
+        cx.finish();
+    }
+    println!("headers: {accepted}/{total} reached the accept path");
+    assert!(accepted * 10 >= total, "{accepted}/{total}");
+}
