@@ -28,6 +28,8 @@ static SUPPRESSED: AsyncLocal<()> =
 /// use contextflow::AsyncLocal;
 /// static REQUEST_ID: AsyncLocal<String> = AsyncLocal::named("request_id");
 ///
+/// # #[cfg(not(feature = "tokio"))] fn main() { let _ = &REQUEST_ID; }
+/// # #[cfg(feature = "tokio")]
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// REQUEST_ID
 ///     .scope("req-1".into(), async {
