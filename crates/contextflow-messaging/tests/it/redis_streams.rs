@@ -26,10 +26,15 @@ use redis::{
 };
 use tokio::task::JoinSet;
 
+/// A connection whose replies may take long: a thousand commands are in flight at once while
+/// CI runs many tests in parallel on two cores, and the client's default response timeout
+/// (500 ms) then fails a command the server is merely slow to answer.
 async fn connect() -> MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(60)));
     redis::Client::open(contextflow_testenv::url(Service::Redis))
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }
