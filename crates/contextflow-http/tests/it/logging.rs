@@ -48,6 +48,11 @@ impl Subscriber for Capture {
 fn logs_for(headers: &HeaderMap) -> Vec<(tracing::Level, String)> {
     let capture = Capture::default();
     tracing::subscriber::with_default(capture.clone(), || {
+        // Other tests of this binary, on other threads, hit the same callsites with no
+        // subscriber; a callsite first registered then may keep a cached "never" interest
+        // that the registration of this capture raced with. Recompute it now that the capture
+        // is registered, so each event here reaches it.
+        tracing::callsite::rebuild_interest_cache();
         contextflow_http::extract_headers(headers);
     });
     let events = capture.events.lock().unwrap().clone();
