@@ -19,7 +19,13 @@
 //! | a scheduled run (feature `cron`) | none: `cron::Scheduler` starts each run from an empty root | nothing: a fresh run id and trace | everything of whoever registered the job | `cron` module |
 //!
 //! Each module's first example is its recipe, one screen long: publish inside a request, then
-//! consume in a task of its own where each message's handler runs in the message's context.
+//! consume in a task of its own where each message's handler runs in the message's context
+//! (the `redis` recipe also retries a job a worker left pending). The order service
+//! (`examples/order-service`, `demo --queue amqp://... | nats://... | redis://...`) is a
+//! worked example of the RabbitMQ, NATS and Redis Streams carriers: its audit consumer reads the
+//! broker in a task with an empty context, and every event is checked to be consumed under the
+//! id and trace of the request that published it. `contextflow-bench`'s `broker-overhead`
+//! binary measures each carrier's cost against the same client without it.
 //! A consumer never runs a message in the consumer loop's own context, and a message never
 //! brings a tenant, a user or a transaction with it: a handler that needs them loads them
 //! the way authenticated code does, or its consumer opts in with [`Consumer::trust`].

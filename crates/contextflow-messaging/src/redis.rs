@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! use contextflow_messaging::redis as streams;
-//! use redis::{streams::{StreamReadOptions, StreamReadReply}, AsyncCommands as _};
+//! use redis::{streams::*, AsyncCommands as _};
 //!
 //! # #[allow(dead_code)]
 //! # async fn run(mut con: redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
@@ -31,6 +31,16 @@
 //!         tracing::info!(job = %job.id, "sending"); // with the producer's request id
 //!     })
 //!     .await;
+//!     let _: i64 = con.xack("jobs:email", "mailers", &[&job.id]).await?;
+//! }
+//!
+//! // Retry, in any worker: a job left pending for 30 s (its worker failed or died) is claimed
+//! // and runs again in the context it was queued in, not the claiming worker's.
+//! let options = StreamAutoClaimOptions::default().count(10);
+//! let reply: StreamAutoClaimReply =
+//!     con.xautoclaim_options("jobs:email", "mailers", "worker-1", 30_000, "0-0", options).await?;
+//! for job in reply.claimed {
+//!     streams::scope(&consumer, &job, async { tracing::info!("sending, again") }).await;
 //!     let _: i64 = con.xack("jobs:email", "mailers", &[&job.id]).await?;
 //! }
 //! # Ok(()) }

@@ -206,7 +206,8 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         .clone()
         .unwrap_or_else(|| format!("http://{payment_addr}"));
     let payments = PaymentClient::new(&payment_url);
-    // A queue of this process's own on a broker (deleted with its consumer).
+    // A queue of this process's own on a broker (deleted with its consumer; a Redis stream
+    // expires ten minutes after its consumer stopped).
     let queue_name = format!(
         "order-service.{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]

@@ -25,6 +25,10 @@ fn demo_subcommand_checks_out_and_exits_zero() {
         stdout.contains("30 orders paid, 30 confirmed exactly once, 0 more than once"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("queue               in-process: queue events 30/30 consumed"),
+        "{stdout}"
+    );
     assert!(stdout.contains("result              OK"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }

@@ -1,8 +1,10 @@
 //! Redis Streams (`redis`): a job queue on a consumer group through the real server, where
 //! the workers run in a task with an empty context, every job fails once and is claimed again
-//! (`XAUTOCLAIM`) by another worker, and keeps the context it was queued in.
+//! (`XAUTOCLAIM`) by another worker, and keeps the context it was queued in; the jobs of a
+//! worker that died (a panic, a cancelled task) are taken over with `XCLAIM` and keep theirs
+//! too.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use contextflow_messaging::{
     redis::{self as streams, FieldExtractor},
@@ -19,8 +21,9 @@ use proptest::prelude::*;
 use redis::{
     aio::MultiplexedConnection,
     streams::{
-        StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingReply,
-        StreamRangeReply, StreamReadOptions, StreamReadReply,
+        StreamAutoClaimOptions, StreamAutoClaimReply, StreamClaimReply, StreamId,
+        StreamPendingCountReply, StreamPendingReply, StreamRangeReply, StreamReadOptions,
+        StreamReadReply,
     },
     AsyncCommands as _, Value,
 };
@@ -30,8 +33,8 @@ use tokio::task::JoinSet;
 /// CI runs many tests in parallel on two cores, and the client's default response timeout
 /// (500 ms) then fails a command the server is merely slow to answer.
 async fn connect() -> MultiplexedConnection {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(Some(std::time::Duration::from_secs(60)));
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
     redis::Client::open(contextflow_testenv::url(Service::Redis))
         .unwrap()
         .get_multiplexed_async_connection_with_config(&config)
@@ -200,6 +203,157 @@ async fn thousand_jobs_keep_their_context_across_retries_current_thread() {
 )]
 async fn thousand_jobs_keep_their_context_across_retries_multi_thread() {
     assert_eq!(job_queue_round_trip(1000).await, ((2000, 0), 1000, 0));
+}
+
+/// How the first worker dies while it handles a job.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    /// Its handler panics.
+    Panic,
+    /// Its task is cancelled (a crash: the task and its connection are dropped).
+    Abort,
+}
+
+/// `n` jobs queued at once, each from a request of its own; a first worker (a task with an
+/// empty context, on a connection of its own) reads them all and dies in the first job's
+/// handler, leaving every job pending on it. A second worker (another task with an empty
+/// context) finds the dead worker's jobs (`XPENDING ... worker-a`) and takes them over with
+/// `XCLAIM`, their idle time past the limit; each job's handler runs in the context the job
+/// was queued in. Returns (matched, mismatched) handlers of the second worker, and the times
+/// each job was delivered before it was acknowledged.
+async fn dead_worker_jobs_claimed(n: usize, death: Death) -> ((usize, usize), Vec<usize>) {
+    let mut con = connect().await;
+    let key = format!("contextflow-dead-{}", RequestId::new());
+    let group = "workers";
+    let (): () = con.xgroup_create_mkstream(&key, group, "$").await.unwrap();
+    for _ in 0..n {
+        let request_id = RequestId::new();
+        let trace_id = new_trace_id();
+        let parent = SpanContext::new(
+            trace_id,
+            new_span_id(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let cx = Context::new()
+            .with_remote_span_context(parent)
+            .with_value(request_id.clone());
+        let body = format!("{request_id} {trace_id}");
+        let mut con = con.clone();
+        contextflow_otel::scope(cx, async {
+            streams::add(&mut con, &key, &[("body", body)])
+                .await
+                .unwrap();
+        })
+        .await;
+    }
+
+    // The first worker, on its own connection: reads every job, dies in the first handler.
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel();
+    let dying = tokio::spawn({
+        let key = key.clone();
+        async move {
+            let mut con = connect().await;
+            let consumer = streams::consumer(&key).without_spans();
+            let options = StreamReadOptions::default()
+                .group(group, "worker-a")
+                .count(n);
+            let reply: StreamReadReply =
+                con.xread_options(&[&key], &[">"], &options).await.unwrap();
+            let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+            assert_eq!(entries.len(), n);
+            let _ = read_tx.send(());
+            streams::scope(&consumer, &entries[0], async {
+                assert!(context_matches(&body(&entries[0])));
+                match death {
+                    Death::Panic => panic!("worker-a dies handling its first job"),
+                    Death::Abort => std::future::pending::<()>().await,
+                }
+            })
+            .await;
+        }
+    });
+    read_rx.await.unwrap();
+    match death {
+        Death::Panic => assert!(dying.await.unwrap_err().is_panic()),
+        Death::Abort => {
+            dying.abort();
+            assert!(dying.await.unwrap_err().is_cancelled());
+        }
+    }
+
+    // The second worker: claims the dead worker's jobs once they are idle long enough.
+    let min_idle = 50;
+    tokio::time::sleep(Duration::from_millis(2 * min_idle)).await;
+    let claiming = tokio::spawn({
+        let key = key.clone();
+        let mut con = con.clone();
+        async move {
+            assert!(contextflow_otel::current_request_id().is_none());
+            let consumer = streams::consumer(&key).without_spans();
+            let dead: StreamPendingCountReply = con
+                .xpending_consumer_count(&key, group, "-", "+", n, "worker-a")
+                .await
+                .unwrap();
+            let ids: Vec<String> = dead.ids.into_iter().map(|p| p.id).collect();
+            assert_eq!(ids.len(), n, "every job is pending on the dead worker");
+            let claimed: StreamClaimReply = con
+                .xclaim(&key, group, "worker-b", min_idle, &ids)
+                .await
+                .unwrap();
+            assert_eq!(claimed.ids.len(), n);
+            // Delivered twice now: once to the dead worker, once here.
+            let pending: StreamPendingCountReply = con
+                .xpending_consumer_count(&key, group, "-", "+", n, "worker-b")
+                .await
+                .unwrap();
+            let delivered: Vec<usize> = pending.ids.iter().map(|p| p.times_delivered).collect();
+            let mut handlers = JoinSet::new();
+            for entry in claimed.ids {
+                let body = body(&entry);
+                let mut con = con.clone();
+                let key = key.clone();
+                let id = entry.id.clone();
+                handlers.spawn(streams::scope(&consumer, &entry, async move {
+                    tokio::task::yield_now().await;
+                    let ok = context_matches(&body);
+                    let _: usize = con.xack(&key, group, &[&id]).await.unwrap();
+                    ok
+                }));
+            }
+            let counts = count(handlers).await;
+            assert!(contextflow_otel::current_request_id().is_none());
+            (counts, delivered)
+        }
+    });
+    let (counts, delivered) = claiming.await.unwrap();
+    let pending: StreamPendingReply = con.xpending(&key, group).await.unwrap();
+    assert_eq!(pending.count(), 0, "every claimed job was acknowledged");
+    let _: usize = con.del(&key).await.unwrap();
+    (counts, delivered)
+}
+
+#[tokio::test(flavor = "current_thread")]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn jobs_of_a_worker_that_panicked_are_claimed_in_their_context_current_thread() {
+    let (counts, delivered) = dead_worker_jobs_claimed(200, Death::Panic).await;
+    assert_eq!(counts, (200, 0));
+    assert_eq!(delivered, vec![2; 200]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn jobs_of_a_worker_that_was_cancelled_are_claimed_in_their_context_multi_thread() {
+    let (counts, delivered) = dead_worker_jobs_claimed(200, Death::Abort).await;
+    assert_eq!(counts, (200, 0));
+    assert_eq!(delivered, vec![2; 200]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

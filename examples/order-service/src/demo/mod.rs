@@ -65,7 +65,8 @@ pub struct DemoOptions {
     pub log_file: Option<std::path::PathBuf>,
     /// Where to write every exported span as OTLP JSON, if anywhere.
     pub trace_file: Option<std::path::PathBuf>,
-    /// The message queue (default: in-process; `--queue amqp://...` for RabbitMQ).
+    /// The message queue (default: in-process; `--queue amqp://...` for RabbitMQ, `nats://...`
+    /// for NATS, `redis://...` for Redis Streams).
     pub queue: crate::queue::QueueUrl,
 }
 

@@ -30,6 +30,8 @@ pub struct DemoReport {
     pub format: LogFormat,
     /// The concurrency used.
     pub concurrency: usize,
+    /// What the queue ran on (`in-process`, `RabbitMQ`, `NATS`, `Redis Streams`).
+    pub queue: &'static str,
     /// One request's path, drawn as a tree.
     pub tree: String,
     /// Every check's verdict, in order.
@@ -59,6 +61,7 @@ impl DemoReport {
             backend,
             format: opts.format,
             concurrency: opts.concurrency,
+            queue: opts.queue.name(),
             tree,
             verdicts,
         }
@@ -106,6 +109,16 @@ impl fmt::Display for DemoReport {
             self.throughput(),
             ms(self.p50),
             ms(self.p99)
+        )?;
+        // The queue's broker, and what crossed it (the count is the milestones check's).
+        let events = self
+            .verdict("milestones")
+            .and_then(|v| v.count("queue events"))
+            .unwrap_or(0);
+        writeln!(
+            f,
+            "  queue               {}: queue events {events}/{} consumed under their request's id and trace",
+            self.queue, self.created
         )?;
         writeln!(f, "  checks:")?;
         for verdict in &self.verdicts {

@@ -15,13 +15,15 @@
 //!
 //! The in-process channel is the zero-setup default. [`Queue::open`] with an `amqp://` URL
 //! puts the queue on RabbitMQ instead (`amqp` module), with a `nats://` URL on NATS (`nats`
-//! module): the same propagation fields travel as AMQP or NATS message headers
-//! (`contextflow_messaging`'s `lapin` and `async_nats` carriers), and the audit consumer reads
-//! the broker in a task of its own; the two calls and the handler stay the same. (`redis://`
-//! is not wired yet.)
+//! module), with a `redis://` URL on a Redis stream read by a consumer group (`redis`
+//! module): the same propagation fields travel as AMQP or NATS message headers or as fields of
+//! the stream entry (`contextflow_messaging`'s `lapin`, `async_nats` and `redis` carriers), and
+//! the audit consumer reads the broker in a task of its own; the two calls and the handler stay
+//! the same.
 
 mod amqp;
 mod nats;
+mod redis;
 
 use std::sync::Arc;
 
@@ -78,6 +80,7 @@ enum Transport {
     InProcess(mpsc::Sender<Message>),
     Amqp(Arc<amqp::Amqp>),
     Nats(Arc<nats::Nats>),
+    Redis(Arc<redis::Redis>),
 }
 
 /// Which queue the service uses: the in-process channel or a broker.
@@ -90,6 +93,8 @@ pub enum QueueUrl {
     Amqp(String),
     /// NATS, `nats://...`.
     Nats(String),
+    /// Redis Streams, `redis://...` (a stream read by a consumer group).
+    Redis(String),
 }
 
 impl QueueUrl {
@@ -103,21 +108,30 @@ impl QueueUrl {
             "" | "memory" => Ok(QueueUrl::InProcess),
             "amqp" | "amqps" => Ok(QueueUrl::Amqp(url.to_owned())),
             "nats" => Ok(QueueUrl::Nats(url.to_owned())),
-            "redis" => Err(format!(
-                "--queue {scheme}://: not supported yet (amqp://, nats:// or memory)"
-            )),
+            "redis" => Ok(QueueUrl::Redis(url.to_owned())),
             _ => Err(format!(
-                "--queue: unknown scheme {scheme:?} (amqp:// or memory)"
+                "--queue: unknown scheme {scheme:?} (amqp://, nats://, redis:// or memory)"
             )),
         }
     }
 
-    /// The broker's name for the summary (`in-process`, `rabbitmq`).
+    /// The broker's `messaging.system` name (`in-process`, `rabbitmq`, `nats`, `redis`).
     pub fn system(&self) -> &'static str {
         match self {
             QueueUrl::InProcess => "in-process",
             QueueUrl::Amqp(_) => "rabbitmq",
             QueueUrl::Nats(_) => "nats",
+            QueueUrl::Redis(_) => "redis",
+        }
+    }
+
+    /// What the queue runs on, for people (`in-process`, `RabbitMQ`, `NATS`, `Redis Streams`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueueUrl::InProcess => "in-process",
+            QueueUrl::Amqp(_) => "RabbitMQ",
+            QueueUrl::Nats(_) => "NATS",
+            QueueUrl::Redis(_) => "Redis Streams",
         }
     }
 }
@@ -166,6 +180,7 @@ impl Queue {
             QueueUrl::InProcess => return Ok(Queue::start(capacity)),
             QueueUrl::Amqp(url) => amqp::Amqp::connect(url, name).await?,
             QueueUrl::Nats(url) => return Queue::open_nats(url, name).await,
+            QueueUrl::Redis(url) => return Queue::open_redis(url, name).await,
         };
         let pending = Arc::new(Pending::default());
         let mut audit = Audit::new(pending.clone());
@@ -226,6 +241,38 @@ impl Queue {
         Ok((Queue { transport, pending }, consumer))
     }
 
+    async fn open_redis(
+        url: &str,
+        stream: &str,
+    ) -> Result<(Queue, JoinHandle<()>), Box<dyn std::error::Error + Send + Sync>> {
+        let redis = redis::Redis::connect(url, stream).await?;
+        let pending = Arc::new(Pending::default());
+        let mut audit = Audit::new(pending.clone());
+        let mut jobs = redis.jobs("audit-1").await?;
+        let consumer = contextflow::spawn_without_context(async move {
+            loop {
+                let job = jobs.next().await;
+                match job.envelope {
+                    Some(envelope) => {
+                        let message = Message {
+                            id: envelope.id,
+                            topic: known_topic(&envelope.topic),
+                            headers: HeaderMap::new(),
+                            payload: envelope.payload,
+                        };
+                        audit.handle(message, job.incoming).await;
+                    }
+                    None => contextflow_otel::sync_scope(job.incoming, || {
+                        warn!("malformed message on the queue; dropped")
+                    }),
+                }
+                jobs.done(&job.id).await;
+            }
+        });
+        let transport = Transport::Redis(Arc::new(redis));
+        Ok((Queue { transport, pending }, consumer))
+    }
+
     /// Publishes `payload` on `topic` as message `id`, with the current context in the
     /// headers. Waits while the queue is full; returns whether the message was queued.
     pub async fn publish<T: Serialize>(&self, topic: &'static str, id: i64, payload: &T) -> bool {
@@ -263,6 +310,13 @@ impl Queue {
                     Ok(()) => true,
                     Err(err) => {
                         warn!(error = %err, "NATS publish failed");
+                        false
+                    }
+                },
+                Transport::Redis(redis) => match redis.publish(id, topic, payload).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(error = %err, "Redis XADD failed");
                         false
                     }
                 },
@@ -400,6 +454,7 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(capture.clone());
         let _default = tracing::subscriber::set_default(subscriber);
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
             .block_on(f());
@@ -408,6 +463,35 @@ mod tests {
 
     fn messages(capture: &EventCapture) -> Vec<String> {
         capture.events().iter().map(|e| e.summary()).collect()
+    }
+
+    #[test]
+    fn queue_urls_name_their_broker() {
+        for (url, system, name) in [
+            ("memory", "in-process", "in-process"),
+            ("", "in-process", "in-process"),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "rabbitmq",
+                "RabbitMQ",
+            ),
+            ("AMQPS://broker", "rabbitmq", "RabbitMQ"),
+            ("nats://127.0.0.1:4222", "nats", "NATS"),
+            ("redis://127.0.0.1:6379", "redis", "Redis Streams"),
+            ("Redis://127.0.0.1:6379/2", "redis", "Redis Streams"),
+        ] {
+            let parsed = QueueUrl::parse(url).unwrap();
+            assert_eq!((parsed.system(), parsed.name()), (system, name), "{url}");
+        }
+        assert_eq!(
+            QueueUrl::parse("redis://h:1").unwrap(),
+            QueueUrl::Redis("redis://h:1".to_owned())
+        );
+        for bad in ["kafka://127.0.0.1:9092", "rediss://h", "http://x"] {
+            let err = QueueUrl::parse(bad).unwrap_err();
+            assert!(err.contains("unknown scheme"), "{bad}: {err}");
+            assert!(err.contains("redis://"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -454,6 +538,99 @@ mod tests {
                 .iter()
                 .any(|l| l.starts_with("audit: order confirmed order_id=7")),
             "{lines:#?}"
+        );
+    }
+
+    /// On Redis Streams: 50 events, each published from a request of its own, all consumed by
+    /// the audit consumer (a task with an empty context) under their request's id and trace; an
+    /// entry someone else wrote that is not an envelope is logged, acknowledged and skipped.
+    #[test]
+    #[cfg_attr(
+        not(cf_service_redis),
+        ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+    )]
+    fn on_redis_streams_each_event_is_consumed_under_its_request() {
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Redis);
+        let stream = format!("order-service.test.{}", uuid::Uuid::new_v4().simple());
+        let key = stream.clone();
+        let traces: Vec<String> = (0..50)
+            .map(|i| format!("4bf92f3577b34da6a3ce929d0e0e{i:04x}"))
+            .collect();
+        let sent = traces.clone();
+        let capture = captured(|| async move {
+            let (queue, consumer) = Queue::open(&QueueUrl::parse(&url).unwrap(), &key, 16)
+                .await
+                .unwrap();
+            let client = ::redis::Client::open(url.as_str()).unwrap();
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            let _: String = ::redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("envelope")
+                .arg("not an envelope")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            let mut publishers = tokio::task::JoinSet::new();
+            for (i, trace) in sent.into_iter().enumerate() {
+                let queue = queue.clone();
+                let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+                let request = contextflow_otel::extract(&contextflow_otel::carrier::Pairs::new([
+                    ("traceparent", traceparent.as_str()),
+                    ("x-request-id", &format!("req-{i}")),
+                ]));
+                publishers.spawn(contextflow_otel::scope(request, async move {
+                    let event = OrderConfirmed {
+                        order_id: i as i64,
+                        reference: format!("r-{i}"),
+                        tenant: "acme".into(),
+                    };
+                    assert!(queue.publish(ORDER_CONFIRMED, i as i64, &event).await);
+                }));
+            }
+            while let Some(done) = publishers.join_next().await {
+                done.unwrap();
+            }
+            queue.wait_idle().await;
+            consumer.abort();
+            // Every handled entry was acknowledged and deleted.
+            let pending: ::redis::streams::StreamPendingReply =
+                ::redis::AsyncCommands::xpending(&mut con, &key, "order-service-audit")
+                    .await
+                    .unwrap();
+            assert_eq!(pending.count(), 0);
+            let left: usize = ::redis::AsyncCommands::xlen(&mut con, &key).await.unwrap();
+            assert_eq!(left, 0);
+            let _: usize = ::redis::AsyncCommands::del(&mut con, &key).await.unwrap();
+        });
+        let events = capture.events();
+        let audits: Vec<_> = events
+            .iter()
+            .filter(|e| e.message == "audit: order confirmed")
+            .collect();
+        assert_eq!(audits.len(), 50);
+        for event in audits {
+            let order = event
+                .fields
+                .iter()
+                .find(|(name, _)| name == "order_id")
+                .map(|(_, v)| v.parse::<usize>().unwrap())
+                .unwrap();
+            assert_eq!(
+                event.context.request_id.as_deref(),
+                Some(format!("req-{order}").as_str())
+            );
+            assert_eq!(
+                event.context.trace_id.as_deref(),
+                Some(traces[order].as_str())
+            );
+        }
+        assert!(
+            events
+                .iter()
+                .any(|e| e.message == "malformed message on the queue; dropped"),
+            "{:#?}",
+            messages(&capture)
         );
     }
 

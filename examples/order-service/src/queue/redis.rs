@@ -1,0 +1,237 @@
+//! The queue on Redis Streams (`--queue redis://...`), as a job queue: a message is the same
+//! JSON envelope as on RabbitMQ, in the `envelope` field of an entry of the service's stream,
+//! next to the propagation fields `contextflow_messaging::redis::add` writes (so a job read
+//! again after a failure still carries the context of the request that queued it).
+//!
+//! The audit consumer is one consumer of a consumer group, on a connection of its own (its
+//! `XREADGROUP ... BLOCK` would hold up every other command of a shared one), in a task of its
+//! own. It acknowledges each entry once handled and deletes it (`XACK` then `XDEL`: a handled
+//! job leaves the stream). After a failed read it reconnects and reads its own pending entries
+//! again first (`XREADGROUP ... 0`): delivery is at least once, the audit handles each once.
+//!
+//! The stream belongs to this process: it expires [`TTL_SECS`] after its consumer last
+//! refreshed it, so a stopped service leaves nothing behind for long.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use redis::{
+    aio::MultiplexedConnection,
+    streams::{StreamId, StreamReadOptions, StreamReadReply},
+    AsyncCommands as _, AsyncConnectionConfig, Value,
+};
+
+use contextflow_messaging::redis::FieldExtractor;
+
+use super::amqp::Envelope;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The consumer group of the audit consumer.
+const GROUP: &str = "order-service-audit";
+/// The field that holds the envelope.
+const ENVELOPE: &str = "envelope";
+/// How long one `XREADGROUP` waits for entries.
+const BLOCK: Duration = Duration::from_secs(2);
+/// The stream expires this long after its consumer last refreshed it.
+pub(super) const TTL_SECS: i64 = 600;
+/// How often the consumer refreshes the stream's expiry.
+const REFRESH: Duration = Duration::from_secs(60);
+/// Entries per read.
+const BATCH: usize = 128;
+/// How long a publish waits for the server's reply.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to Redis and the service's stream.
+#[derive(Clone, Debug)]
+pub(super) struct Redis {
+    client: redis::Client,
+    publish: MultiplexedConnection,
+    key: String,
+}
+
+/// One entry read from the stream: its id, its envelope (if it parses) and the context its
+/// fields carry.
+pub(super) struct Job {
+    pub(super) id: String,
+    pub(super) envelope: Option<Envelope>,
+    pub(super) incoming: opentelemetry::Context,
+}
+
+/// The audit consumer's side of the stream.
+pub(super) struct Jobs {
+    client: redis::Client,
+    con: Option<MultiplexedConnection>,
+    key: String,
+    consumer: String,
+    read: VecDeque<StreamId>,
+    /// Whether to read this consumer's own pending entries (`0`) before new ones (`>`).
+    backlog: bool,
+    refreshed: Instant,
+    failures: u32,
+}
+
+impl Redis {
+    /// Connects to `url` and makes the stream `key` with the audit consumer's group.
+    pub(super) async fn connect(url: &str, key: &str) -> Result<Redis, BoxError> {
+        let client = redis::Client::open(url)?;
+        // The client's default response timeout (500 ms) fails a publish on a loaded machine.
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(PUBLISH_TIMEOUT));
+        let mut publish = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        create_group(&mut publish, key).await?;
+        let _: bool = publish.expire(key, TTL_SECS).await?;
+        Ok(Redis {
+            client,
+            publish,
+            key: key.to_owned(),
+        })
+    }
+
+    /// Queues message `id` (`XADD`) with the current context in the entry's fields.
+    pub(super) async fn publish(
+        &self,
+        id: i64,
+        topic: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), BoxError> {
+        let body = serde_json::to_string(&Envelope {
+            id,
+            topic: topic.to_owned(),
+            payload,
+        })?;
+        let mut con = self.publish.clone();
+        contextflow_messaging::redis::add(&mut con, &self.key, &[(ENVELOPE, body)]).await?;
+        Ok(())
+    }
+
+    /// The entries of the stream for the consumer `consumer` of the audit group.
+    pub(super) async fn jobs(&self, consumer: &str) -> Result<Jobs, BoxError> {
+        let mut jobs = Jobs {
+            client: self.client.clone(),
+            con: None,
+            key: self.key.clone(),
+            consumer: consumer.to_owned(),
+            read: VecDeque::new(),
+            backlog: true,
+            refreshed: Instant::now(),
+            failures: 0,
+        };
+        jobs.connection().await?;
+        Ok(jobs)
+    }
+}
+
+/// `XGROUP CREATE key GROUP $ MKSTREAM`, where a group that exists already is fine.
+async fn create_group(con: &mut MultiplexedConnection, key: &str) -> Result<(), redis::RedisError> {
+    let created: Result<(), redis::RedisError> = con.xgroup_create_mkstream(key, GROUP, "$").await;
+    match created {
+        Err(err) if err.code() != Some("BUSYGROUP") => Err(err),
+        _ => Ok(()),
+    }
+}
+
+impl Jobs {
+    /// The consumer's connection, made when there is none.
+    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, redis::RedisError> {
+        if self.con.is_none() {
+            // The blocking read must not time out before the server answers it.
+            let config = AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
+            let mut con = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            create_group(&mut con, &self.key).await?;
+            self.con = Some(con);
+        }
+        Ok(self.con.as_mut().expect("made above"))
+    }
+
+    /// The next entry, waiting for one; read errors are logged and retried.
+    pub(super) async fn next(&mut self) -> Job {
+        loop {
+            if let Some(entry) = self.read.pop_front() {
+                return job(entry);
+            }
+            match self.read_more().await {
+                Ok(()) => self.failures = 0,
+                Err(err) => {
+                    self.failures += 1;
+                    tracing::warn!(error = %err, failures = self.failures, "Redis read failed; reconnecting");
+                    self.con = None;
+                    self.backlog = true;
+                    let backoff = 100u64 << self.failures.min(5);
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                }
+            }
+        }
+    }
+
+    /// One `XREADGROUP`: this consumer's pending entries while there are any, then new ones.
+    async fn read_more(&mut self) -> Result<(), redis::RedisError> {
+        let (key, start) = (self.key.clone(), if self.backlog { "0" } else { ">" });
+        let mut options = StreamReadOptions::default()
+            .group(GROUP, &self.consumer)
+            .count(BATCH);
+        if !self.backlog {
+            options = options.block(BLOCK.as_millis() as usize);
+        }
+        let con = self.connection().await?;
+        let reply: Option<StreamReadReply> = con.xread_options(&[&key], &[start], &options).await?;
+        let entries: Vec<StreamId> = reply
+            .into_iter()
+            .flat_map(|reply| reply.keys)
+            .flat_map(|key| key.ids)
+            .collect();
+        if self.backlog && entries.is_empty() {
+            self.backlog = false;
+        }
+        self.read.extend(entries);
+        if self.refreshed.elapsed() >= REFRESH {
+            let _: bool = self.connection().await?.expire(&key, TTL_SECS).await?;
+            self.refreshed = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Acknowledges the entry `id` and deletes it (a failure is logged: the entry stays
+    /// pending and is read again after a reconnection; the audit handles it once).
+    pub(super) async fn done(&mut self, id: &str) {
+        let key = self.key.clone();
+        let result = match self.connection().await {
+            Ok(con) => {
+                redis::pipe()
+                    .xack(&key, GROUP, &[id])
+                    .ignore()
+                    .xdel(&key, &[id])
+                    .ignore()
+                    .query_async::<()>(con)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "Redis XACK failed");
+            self.con = None;
+            self.backlog = true;
+        }
+    }
+}
+
+/// An entry as a job: the envelope of its `envelope` field, and the context of its
+/// propagation fields (untrusted input: validated and bounded by contextflow-otel).
+fn job(entry: StreamId) -> Job {
+    let incoming = contextflow_otel::extract(&FieldExtractor::from_entry(&entry));
+    let envelope = match entry.map.get(ENVELOPE) {
+        Some(Value::BulkString(bytes)) => serde_json::from_slice(bytes).ok(),
+        _ => None,
+    };
+    Job {
+        id: entry.id,
+        envelope,
+        incoming,
+    }
+}
