@@ -143,6 +143,7 @@ impl<T> Sender<T> {
     /// drop(rx);
     /// assert_eq!(tx.send(3).unwrap_err().0, 3);
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn send(&self, value: T) -> Result<(), SendError<T>> {
         self.inner
             .send(Carried::capture(value))
@@ -179,6 +180,7 @@ impl<T> SyncSender<T> {
     /// drop(rx);
     /// assert_eq!(tx.send('b').unwrap_err().0, 'b');
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn send(&self, value: T) -> Result<(), SendError<T>> {
         self.inner
             .send(Carried::capture(value))
@@ -196,6 +198,7 @@ impl<T> SyncSender<T> {
     /// let (tx, _rx) = contextflow::channel::sync_channel(0);
     /// assert!(matches!(tx.try_send(1), Err(TrySendError::Full(1))));
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         self.inner
             .try_send(Carried::capture(value))
@@ -309,6 +312,7 @@ impl<T> Carried<T> {
     /// let carried = ID.sync_scope(4, || Carried::capture("x"));
     /// assert_eq!(carried.run(|_| ID.get()), Some(4));
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn capture(value: T) -> Self {
         Carried {
             value,

@@ -5,7 +5,7 @@
 //! belongs to the code inside the scope and to nothing else: a task polled on the same thread
 //! with a frame of its own does not see it, and a child started inside it is not suppressed.
 
-use crate::{AsyncLocal, Inherit, Snapshot};
+use crate::{node::Site, AsyncLocal, Inherit, Snapshot};
 
 /// Bound while flow is suppressed. Never inherited: a child starts empty, not suppressed.
 static SUPPRESSED: AsyncLocal<()> =
@@ -45,6 +45,7 @@ static SUPPRESSED: AsyncLocal<()> =
 ///     .await;
 /// # }
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn suppress_flow<R>(f: impl FnOnce() -> R) -> R {
     SUPPRESSED.sync_scope((), f)
 }
@@ -63,8 +64,32 @@ pub fn is_flow_suppressed() -> bool {
     SUPPRESSED.is_set()
 }
 
-/// What an inheriting capture starts from when flow is suppressed.
+/// What an inheriting capture made at `site` starts from when flow is suppressed: nothing
+/// (with the feature `diagnostics`, a record of what the capture left behind).
 #[inline]
-pub(crate) fn suppressed_snapshot() -> Option<Snapshot> {
-    is_flow_suppressed().then(Snapshot::empty)
+pub(crate) fn suppressed_snapshot(site: Site) -> Option<Snapshot> {
+    if !is_flow_suppressed() {
+        return None;
+    }
+    #[cfg(feature = "diagnostics")]
+    let empty = Snapshot::from_frame(crate::diagnostics::empty_start(
+        crate::diagnostics::LostBy::SuppressedCapture,
+        site.location(),
+    ));
+    #[cfg(not(feature = "diagnostics"))]
+    let empty = {
+        let _ = site;
+        Snapshot::empty()
+    };
+    Some(empty)
+}
+
+/// Where the innermost [`suppress_flow`] around the current code was called.
+#[cfg(feature = "diagnostics")]
+pub(crate) fn suppressed_site() -> Option<&'static std::panic::Location<'static>> {
+    let key = SUPPRESSED.key();
+    crate::current::with_current(|frame| {
+        // SAFETY: `with_current` keeps the frame alive for the call; only the site is read.
+        unsafe { crate::node::lookup(frame, key) }.and_then(|b| b.site.location())
+    })
 }

@@ -164,7 +164,9 @@
 //! and the task tree of a request ([`tree::Root`]), printable while the request runs.
 //!
 //! **"Why is my context missing?"** Print the current frame: `println!("{:?}",
-//! Snapshot::capture())` names every variable set, innermost first. The repository's
+//! Snapshot::capture())` names every variable set, innermost first. With the feature
+//! `diagnostics`, contextflow tells you itself: a read of a variable that a spawn dropped is
+//! reported with the read site, the spawn site and where the variable was set. The repository's
 //! `docs/lost-context.md` walks through finding where a context was lost.
 //!
 //! # What propagates
@@ -211,6 +213,12 @@
 //! - `runtime-hooks`: [`runtime`], tokio task hooks that make plain `tokio::spawn` inherit the
 //!   variables marked [`Inherit::Everywhere`]. Needs `RUSTFLAGS="--cfg tokio_unstable"`; without
 //!   it, installing the hooks returns an error.
+//! - `diagnostics`: `contextflow::diagnostics`, "why is my context missing?" answered:
+//!   a read of a variable that a spawn dropped on the way (a plain `tokio::spawn` on a hooked
+//!   runtime, `spawn_without_context`, `suppress_flow`) is reported with the read site, the spawn
+//!   site and where the variable was set; a `tree::Root` that ends while its tasks still hold its
+//!   context reports them. Reports go to a pluggable sink, or panic in a test mode. Nothing of it
+//!   exists without the feature.
 //! - `rayon`: `contextflow::rayon`, rayon's `join`, `scope`, `spawn`, `install` and parallel
 //!   iterators in the caller's context.
 //!
@@ -224,6 +232,9 @@
 pub mod carry;
 pub mod channel;
 mod current;
+#[cfg(feature = "diagnostics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diagnostics")))]
+pub mod diagnostics;
 mod flow;
 mod local;
 mod loom;

@@ -13,7 +13,7 @@ use std::{
 use crate::{
     current,
     current::EnterGuard,
-    node::{self, Header, NodeRef},
+    node::{self, Header, NodeRef, Site},
 };
 
 /// A typed context variable: the Rust counterpart of one Node.js `AsyncLocalStorage`.
@@ -153,6 +153,8 @@ enum Binding<T> {
         key: usize,
         name: &'static str,
         inherit: Inherit,
+        /// Where the scope was made (zero-sized without the feature `diagnostics`).
+        site: Site,
     },
     Node(NodeRef),
     /// The value was taken back out ([`Scope::take_value`]): the scope binds nothing.
@@ -266,8 +268,10 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(tenant, Some("acme"));
     /// # }
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn scope<F: Future>(&self, value: T, fut: F) -> Scope<T, F> {
-        Scope::new(Some(value), self.key(), self.name, self.inherit, fut)
+        let site = Site::caller();
+        Scope::new(Some(value), self.key(), self.name, self.inherit, site, fut)
     }
 
     /// Runs `f` with this variable bound to `value`, and returns what `f` returns.
@@ -282,13 +286,15 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// assert_eq!(inner, Some(2));
     /// assert_eq!(DEPTH.get(), None);
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn sync_scope<R>(&self, value: T, f: impl FnOnce() -> R) -> R {
+        let site = Site::caller();
         let parent = current::current_ptr();
         // SAFETY: `parent` is the current frame, kept alive by its owner (a construct further up
         // this stack) until after `node` is gone: `node` is dropped at the end of this call. The
         // node stays on this thread unless shared, and sharing goes through `node::share`.
         let node = unsafe {
-            NodeRef::new_value_borrowing(parent, self.key(), self.name, self.inherit, value)
+            NodeRef::new_value_borrowing(parent, self.key(), self.name, self.inherit, value, site)
         };
         let node = ScopedNode::<T>(ManuallyDrop::new(node), PhantomData);
         // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
@@ -313,8 +319,10 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     ///     })
     /// });
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn sync_unset<R>(&self, f: impl FnOnce() -> R) -> R {
-        let node = NodeRef::new_unset(current::share(), self.key(), self.name, self.inherit);
+        let site = Site::caller();
+        let node = NodeRef::new_unset(current::share(), self.key(), self.name, self.inherit, site);
         // `node` outlives `_entered` (declared before it), as `enter_borrowed` requires.
         let _entered = current::enter_borrowed(node.as_ptr());
         f()
@@ -341,8 +349,10 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     ///     .await;
     /// # }
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn unset<F: Future>(&self, fut: F) -> Scope<T, F> {
-        Scope::new(None, self.key(), self.name, self.inherit, fut)
+        let site = Site::caller();
+        Scope::new(None, self.key(), self.name, self.inherit, site, fut)
     }
 
     /// Calls `f` with a reference to the current value, or `None` when the variable is not set.
@@ -359,6 +369,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// });
     /// ```
     #[inline]
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn with<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
         let key = self.key();
         let Some(top) = current::borrowed_top() else {
@@ -377,12 +388,17 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// [`with`](Self::with) when the variable is not the innermost binding of the borrowed
     /// current frame `top`: a deeper binding through the per-thread cache, or the default.
     #[inline(never)]
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn with_below<R>(&self, top: &Header, key: usize, f: impl FnOnce(Option<&T>) -> R) -> R {
         // SAFETY: `top` is the borrowed current frame, alive for this call (see `with`).
         match unsafe { node::lookup(top, key) } {
             // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
             Some(b) => f(Some(unsafe { b.value::<T>() })),
-            None => self.with_default(f),
+            None => {
+                #[cfg(feature = "diagnostics")]
+                self.report_unset(std::panic::Location::caller());
+                self.with_default(f)
+            }
         }
     }
 
@@ -390,7 +406,10 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// guard's frame is current (a reference is held). Out of line, as `with_below`, so that the
     /// fast path stays small enough to inline everywhere.
     #[inline(never)]
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn with_slow<R>(&self, key: usize, f: impl FnOnce(Option<&T>) -> R) -> R {
+        #[cfg(feature = "diagnostics")]
+        let read_at = std::panic::Location::caller();
         current::with_current(|frame| {
             // SAFETY: `with_current` keeps `frame` alive for this whole closure, and the
             // reference handed to `f` does not escape it.
@@ -398,7 +417,11 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
             match binding {
                 // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
                 Some(b) => f(Some(unsafe { b.value::<T>() })),
-                None => self.with_default(f),
+                None => {
+                    #[cfg(feature = "diagnostics")]
+                    self.report_unset(read_at);
+                    self.with_default(f)
+                }
             }
         })
     }
@@ -422,6 +445,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// USER.sync_scope("ada".into(), || assert_eq!(USER.get().as_deref(), Some("ada")));
     /// ```
     #[inline]
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn get(&self) -> Option<T>
     where
         T: Clone,
@@ -441,6 +465,7 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
 
     /// [`get`](Self::get) below the innermost binding (see [`with_below`](Self::with_below)).
     #[inline(never)]
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn get_below(&self, top: &Header, key: usize) -> Option<T>
     where
         T: Clone,
@@ -449,13 +474,18 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         match unsafe { node::lookup(top, key) } {
             // SAFETY: `key` is this variable's unique key, so the node holds a `T`.
             Some(b) => Some(unsafe { b.value::<T>() }.clone()),
-            None => self.default.map(|make| make()),
+            None => {
+                #[cfg(feature = "diagnostics")]
+                self.report_unset(std::panic::Location::caller());
+                self.default.map(|make| make())
+            }
         }
     }
 
     /// [`get`](Self::get) when the current frame is not borrowed (see
     /// [`with_slow`](Self::with_slow)).
     #[inline(never)]
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn get_slow(&self, key: usize) -> Option<T>
     where
         T: Clone,
@@ -467,8 +497,21 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
         });
         match found {
             Some(value) => Some(value),
-            None => self.default.map(|make| make()),
+            None => {
+                #[cfg(feature = "diagnostics")]
+                self.report_unset(std::panic::Location::caller());
+                self.default.map(|make| make())
+            }
         }
+    }
+
+    /// A read at `read_at` found nothing bound: reports it if this code's context was lost on
+    /// the way from where the variable was set (feature `diagnostics`).
+    #[cfg(feature = "diagnostics")]
+    #[cold]
+    #[inline(never)]
+    fn report_unset(&self, read_at: &'static std::panic::Location<'static>) {
+        crate::diagnostics::unset_read(self.key(), self.name, std::any::type_name::<T>(), read_at);
     }
 
     /// Whether a value is bound to the variable in the current context (a
@@ -505,11 +548,16 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     /// ```
     #[track_caller]
     pub fn enter(&self, value: T) -> EnterGuard {
-        EnterGuard::new(self.new_node(current::share(), value), self.name)
-    }
-
-    fn new_node(&self, parent: Option<NodeRef>, value: T) -> NodeRef {
-        NodeRef::new_value(parent, self.key(), self.name, self.inherit, value)
+        let site = Site::caller();
+        let node = NodeRef::new_value_at(
+            current::share(),
+            self.key(),
+            self.name,
+            self.inherit,
+            value,
+            site,
+        );
+        EnterGuard::new(node, self.name)
     }
 
     /// This variable's unique key.
@@ -548,6 +596,7 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         key: usize,
         name: &'static str,
         inherit: Inherit,
+        site: Site,
         inner: F,
     ) -> Self {
         Scope {
@@ -556,6 +605,7 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
                 key,
                 name,
                 inherit,
+                site,
             },
             inner: ManuallyDrop::new(inner),
             _value: PhantomData,
@@ -626,10 +676,11 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
                 key,
                 name,
                 inherit,
+                site,
             } => {
                 let node = match value {
-                    Some(value) => NodeRef::new_value(parent, key, name, inherit, value),
-                    None => NodeRef::new_unset(parent, key, name, inherit),
+                    Some(value) => NodeRef::new_value_at(parent, key, name, inherit, value, site),
+                    None => NodeRef::new_unset(parent, key, name, inherit, site),
                 };
                 let ptr = node.as_ptr();
                 self.binding = Binding::Node(node);

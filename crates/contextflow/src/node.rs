@@ -117,6 +117,47 @@ pub(crate) struct Header {
     release_link: unsafe fn(NonNull<Header>),
     /// Value-type operations, shared by a value node and its aliases.
     vtable: &'static VTable,
+    /// Where the binding was made (feature `diagnostics`; a zero-sized type without it).
+    pub(crate) site: Site,
+}
+
+/// Where a binding or a spawn was made, for diagnostics: the caller's source location with the
+/// feature `diagnostics`, and a zero-sized type with no code behind it without the feature.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Site {
+    #[cfg(feature = "diagnostics")]
+    at: Option<&'static std::panic::Location<'static>>,
+}
+
+impl Site {
+    /// No known place (internal nodes).
+    pub(crate) const NONE: Site = Site {
+        #[cfg(feature = "diagnostics")]
+        at: None,
+    };
+
+    /// The location of the caller of the `#[track_caller]` function that calls this (with the
+    /// feature; otherwise nothing).
+    #[cfg_attr(feature = "diagnostics", track_caller)]
+    #[inline(always)]
+    pub(crate) fn caller() -> Site {
+        Site {
+            #[cfg(feature = "diagnostics")]
+            at: Some(std::panic::Location::caller()),
+        }
+    }
+
+    /// The recorded location, if any.
+    #[cfg(feature = "diagnostics")]
+    pub(crate) fn location(self) -> Option<&'static std::panic::Location<'static>> {
+        self.at
+    }
+
+    /// A site for a known location.
+    #[cfg(feature = "diagnostics")]
+    pub(crate) fn at(at: &'static std::panic::Location<'static>) -> Site {
+        Site { at: Some(at) }
+    }
 }
 
 struct VTable {
@@ -160,7 +201,9 @@ unsafe impl Sync for NodeRef {}
 // ===== impl NodeRef =====
 
 impl NodeRef {
-    /// Allocates a value node binding `key` to `value` under `parent`.
+    /// Allocates a value node binding `key` to `value` under `parent` (no site: the loom
+    /// models' nodes).
+    #[cfg(all(test, loom))]
     pub(crate) fn new_value<T: Send + Sync + 'static>(
         parent: Option<NodeRef>,
         key: usize,
@@ -168,7 +211,36 @@ impl NodeRef {
         inherit: Inherit,
         value: T,
     ) -> NodeRef {
-        Self::value_node(parent, false, key, name, inherit_flags(inherit), value)
+        Self::value_node(
+            parent,
+            false,
+            key,
+            name,
+            inherit_flags(inherit),
+            value,
+            Site::NONE,
+        )
+    }
+
+    /// [`new_value`](Self::new_value) for a binding made at `site` (a scope).
+    #[inline]
+    pub(crate) fn new_value_at<T: Send + Sync + 'static>(
+        parent: Option<NodeRef>,
+        key: usize,
+        name: &'static str,
+        inherit: Inherit,
+        value: T,
+        site: Site,
+    ) -> NodeRef {
+        Self::value_node(
+            parent,
+            false,
+            key,
+            name,
+            inherit_flags(inherit),
+            value,
+            site,
+        )
     }
 
     /// Allocates a node that binds `key` to nothing under `parent`: lookups of `key` stop here
@@ -178,9 +250,10 @@ impl NodeRef {
         key: usize,
         name: &'static str,
         inherit: Inherit,
+        site: Site,
     ) -> NodeRef {
         let flags = UNSET | inherit_flags(inherit);
-        Self::value_node(parent, false, key, name, flags, ())
+        Self::value_node(parent, false, key, name, flags, (), site)
     }
 
     /// Allocates a hidden node (not a user binding: `Debug`, `is_empty` and lookups of user
@@ -190,13 +263,22 @@ impl NodeRef {
         key: usize,
         value: T,
     ) -> NodeRef {
-        Self::value_node(parent, false, key, "", HIDDEN | INHERIT | PLAIN, value)
+        Self::value_node(
+            parent,
+            false,
+            key,
+            "",
+            HIDDEN | INHERIT | PLAIN,
+            value,
+            Site::NONE,
+        )
     }
 
     /// Allocates a node that binds nothing, for an enter guard that enters an existing frame
     /// (`Snapshot::enter`): each guard needs a node of its own to be told apart.
     pub(crate) fn new_marker(parent: Option<NodeRef>) -> NodeRef {
-        Self::value_node(parent, false, MARKER_KEY, "", INHERIT | PLAIN, ())
+        let flags = INHERIT | PLAIN;
+        Self::value_node(parent, false, MARKER_KEY, "", flags, (), Site::NONE)
     }
 
     /// Allocates a value node under `parent` *without* taking a count on it: the fast path of
@@ -212,12 +294,13 @@ impl NodeRef {
         name: &'static str,
         inherit: Inherit,
         value: T,
+        site: Site,
     ) -> NodeRef {
         // SAFETY: the count is not taken: `borrowed` below tells `Drop` and `share` so.
         let parent = (!parent.is_null()).then(|| unsafe { NodeRef::from_raw(parent) });
         let borrowed = parent.is_some();
         let flags = inherit_flags(inherit);
-        Self::value_node(parent, borrowed, key, name, flags, value)
+        Self::value_node(parent, borrowed, key, name, flags, value, site)
     }
 
     fn value_node<T: Send + Sync + 'static>(
@@ -227,6 +310,7 @@ impl NodeRef {
         name: &'static str,
         own_flags: u8,
         value: T,
+        site: Site,
     ) -> NodeRef {
         let (flags, mask) = chain_flags(key, own_flags, parent.as_ref());
         let raw = ValueNode::<T>::alloc();
@@ -251,6 +335,7 @@ impl NodeRef {
                 name,
                 release_link: release_value_link,
                 vtable: &ValueNode::<T>::VTABLE,
+                site,
             });
             ptr::addr_of_mut!((*head).value_refs).write(AtomicUsize::new(1));
             NodeRef {
@@ -295,6 +380,7 @@ impl NodeRef {
                     name: binding.name,
                     release_link: release_alias_link,
                     vtable: binding.vtable,
+                    site: binding.site,
                 },
             });
             NodeRef {
@@ -538,6 +624,18 @@ impl Header {
         self.guard_saved.swap(0, Ordering::Relaxed)
     }
 
+    /// Whether this binding crosses contextflow's spawns (not [`Inherit::Never`]).
+    #[cfg(feature = "diagnostics")]
+    pub(crate) fn is_inherited(&self) -> bool {
+        self.flags & INHERIT != 0
+    }
+
+    /// Whether this binding crosses plain spawns on a hooked runtime ([`Inherit::Everywhere`]).
+    #[cfg(feature = "diagnostics")]
+    pub(crate) fn is_plain(&self) -> bool {
+        self.flags & PLAIN != 0
+    }
+
     /// Whether this node is a guard marker, which binds nothing.
     #[inline]
     pub(crate) fn is_marker(&self) -> bool {
@@ -681,9 +779,19 @@ mod tests {
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn node_sizes() {
-        assert_eq!(size_of::<ValueHead>(), 112, "value node head");
+        // The feature `diagnostics` adds the binding's site (one pointer); without it the
+        // site is zero-sized.
+        let head = if cfg!(feature = "diagnostics") {
+            120
+        } else {
+            112
+        };
+        assert_eq!(size_of::<ValueHead>(), head, "value node head");
         assert!(pool::fits(Layout::new::<AliasNode>()));
         assert!(pool::fits(Layout::new::<ValueNode<[u64; 2]>>()));
+        #[cfg(not(feature = "diagnostics"))]
         assert!(!pool::fits(Layout::new::<ValueNode<String>>()));
+        #[cfg(feature = "diagnostics")]
+        assert!(!pool::fits(Layout::new::<ValueNode<[u64; 4]>>()));
     }
 }

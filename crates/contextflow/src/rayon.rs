@@ -69,6 +69,7 @@ use crate::{EnterGuard, Snapshot};
 /// let (a, b) = ID.sync_scope(7, || contextflow::rayon::join(|| ID.get(), || ID.get()));
 /// assert_eq!((a, b), (Some(7), Some(7)));
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn join<A, B, RA, RB>(a: A, b: B) -> (RA, RB)
 where
     A: FnOnce() -> RA + Send,
@@ -106,6 +107,7 @@ where
 /// seen.sort();
 /// assert_eq!(seen, [Some(1), Some(2)]);
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn scope<'scope, OP, R>(op: OP) -> R
 where
     OP: for<'a> FnOnce(Scope<'a, 'scope>) -> R + Send,
@@ -129,6 +131,7 @@ where
 /// assert_eq!(ID.sync_scope(3, || contextflow::rayon::install(&pool, || ID.get())), Some(3));
 /// assert_eq!(ID.sync_scope(3, || pool.install(|| ID.get())), None, "plain install");
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn install<OP, R>(pool: &rayon::ThreadPool, op: OP) -> R
 where
     OP: FnOnce() -> R + Send,
@@ -152,6 +155,7 @@ where
 /// ID.sync_scope(4, || contextflow::rayon::spawn(move || tx.send(ID.get()).unwrap()));
 /// assert_eq!(rx.recv().unwrap(), Some(4));
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn spawn<F>(f: F)
 where
     F: FnOnce() + Send + 'static,
@@ -196,6 +200,7 @@ impl<'scope> Scope<'_, 'scope> {
     /// ID.sync_scope(6, || contextflow::rayon::scope(|s| s.spawn(|_| seen = ID.get())));
     /// assert_eq!(seen, Some(6));
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn spawn<BODY>(&self, body: BODY)
     where
         BODY: for<'b> FnOnce(Scope<'b, 'scope>) + Send + 'scope,
@@ -251,6 +256,7 @@ pub trait ParallelIteratorExt: ParallelIterator {
     /// });
     /// assert_eq!(v, [2, 4, 6]);
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn in_current_context(self) -> InContext<Self> {
         self.with_snapshot(Snapshot::capture_inheritable())
     }

@@ -442,18 +442,36 @@ mod imp {
         }
 
         fn on_spawn(&self, meta: &TaskMeta<'_>) {
-            // An explicit spawn carries its context itself; inside `suppress_flow` nothing flows.
-            if EXPLICIT.with(Cell::get) || crate::flow::is_flow_suppressed() {
+            // An explicit spawn carries its context itself.
+            if EXPLICIT.with(Cell::get) {
                 return;
             }
-            let (frame, node) = crate::tree::record_plain_spawn(
-                meta.id(),
-                meta.spawned_at(),
-                current::capture_plain,
-            );
+            // Inside `suppress_flow` nothing flows (with diagnostics: but a record of it).
+            if crate::flow::is_flow_suppressed() {
+                #[cfg(feature = "diagnostics")]
+                if let Some(frame) = crate::diagnostics::empty_start(
+                    crate::diagnostics::LostBy::PlainSpawn,
+                    Some(meta.spawned_at()),
+                ) {
+                    self.insert(meta, Some(frame), None);
+                }
+                return;
+            }
+            let at = meta.spawned_at();
+            let (frame, node) =
+                crate::tree::record_plain_spawn(meta.id(), at, || plain_capture(at));
             if frame.is_none() && node.is_none() {
                 return;
             }
+            self.insert(meta, frame, node);
+        }
+
+        fn insert(
+            &self,
+            meta: &TaskMeta<'_>,
+            frame: Option<NodeRef>,
+            node: Option<Arc<crate::tree::Node>>,
+        ) {
             let old = self
                 .shard(meta.id())
                 .insert(meta.id(), Entry { frame, node });
@@ -492,6 +510,18 @@ mod imp {
             }
             entry
         }
+    }
+
+    /// What a plain spawn at `at` carries of the current frame: its `Inherit::Everywhere`
+    /// bindings (with the feature `diagnostics`, and a record of those left behind).
+    #[cfg(feature = "diagnostics")]
+    fn plain_capture(at: &'static std::panic::Location<'static>) -> Option<NodeRef> {
+        crate::diagnostics::plain_spawn(current::capture_plain(), at)
+    }
+
+    #[cfg(not(feature = "diagnostics"))]
+    fn plain_capture(_at: &'static std::panic::Location<'static>) -> Option<NodeRef> {
+        current::capture_plain()
     }
 
     /// Ends this thread's poll of task `id` (and any poll left above it, whose after-hook never

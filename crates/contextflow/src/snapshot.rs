@@ -10,7 +10,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use crate::{carry, current, node, node::Header, node::NodeRef, AsyncLocal, EnterGuard};
+use crate::{
+    carry, current, node,
+    node::{Header, NodeRef, Site},
+    AsyncLocal, EnterGuard,
+};
 
 /// An immutable copy of a context, to carry it where it does not flow by itself.
 ///
@@ -87,6 +91,7 @@ pub trait FutureExt: Future + Sized {
     /// assert_eq!(fut.await, Some(3));
     /// # }
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn in_current_context(self) -> WithContext<Self> {
         WithContext::new(Snapshot::capture_inheritable(), self)
     }
@@ -134,6 +139,7 @@ pub trait StreamExt: futures_core::Stream + Sized {
     /// assert_eq!(s.collect::<Vec<_>>().await, vec![Some(1)]);
     /// # }
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     fn in_current_context(self) -> WithContext<Self> {
         WithContext::new(Snapshot::capture_inheritable(), self)
     }
@@ -202,8 +208,9 @@ impl Snapshot {
     /// assert_eq!(snap.get(&ID), Some(1));
     /// assert_eq!(snap.get(&TX), None);
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn capture_inheritable() -> Snapshot {
-        if let Some(empty) = crate::flow::suppressed_snapshot() {
+        if let Some(empty) = crate::flow::suppressed_snapshot(Site::caller()) {
             return empty;
         }
         Snapshot {
@@ -232,7 +239,29 @@ impl Snapshot {
     /// assert!(!ID.sync_scope(1, Snapshot::capture).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.variables().is_null()
+        #[cfg(feature = "diagnostics")]
+        {
+            // The record of a lost context is no binding.
+            let mut frame = self.variables();
+            // SAFETY: `self` keeps the whole chain alive.
+            while let Some(header) = unsafe { frame.as_ref() } {
+                if !header.is_marker() && !crate::diagnostics::is_loss(header) {
+                    return false;
+                }
+                frame = header.parent_ptr();
+            }
+            true
+        }
+        #[cfg(not(feature = "diagnostics"))]
+        {
+            self.variables().is_null()
+        }
+    }
+
+    /// A snapshot of `frame`, as it is.
+    #[cfg(feature = "diagnostics")]
+    pub(crate) fn from_frame(frame: Option<NodeRef>) -> Snapshot {
+        Snapshot { frame }
     }
 
     /// Runs `f` inside this snapshot (replacing the current context, not adding to it), and
@@ -317,6 +346,7 @@ impl Snapshot {
     /// let callback = ID.sync_scope(8, || Snapshot::bind(|| ID.get()));
     /// assert_eq!(std::thread::spawn(callback).join().unwrap(), Some(8));
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn bind<F: FnOnce() -> R, R>(f: F) -> impl FnOnce() -> R {
         let snapshot = Snapshot::capture_inheritable();
         move || snapshot.run(f)
@@ -331,6 +361,7 @@ impl Snapshot {
     /// let on_item = ID.sync_scope(2, || Snapshot::bind_fn(|x: u32| x + ID.get().unwrap()));
     /// assert_eq!([1, 2].map(&on_item), [3, 4]);
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn bind_fn<A, R, F: Fn(A) -> R>(f: F) -> impl Fn(A) -> R {
         let snapshot = Snapshot::capture_inheritable();
         move |arg| snapshot.run(|| f(arg))
@@ -377,9 +408,14 @@ impl fmt::Debug for Snapshot {
         while !frame.is_null() {
             // SAFETY: `self` keeps the whole chain alive.
             let header = unsafe { &*frame };
+            #[cfg(feature = "diagnostics")]
+            let skip =
+                header.is_marker() || header.is_hidden() || crate::diagnostics::is_loss(header);
+            #[cfg(not(feature = "diagnostics"))]
+            let skip = header.is_marker() || header.is_hidden();
             if header.is_unset() {
                 seen.push(header.key);
-            } else if !header.is_marker() && !header.is_hidden() && !seen.contains(&header.key) {
+            } else if !skip && !seen.contains(&header.key) {
                 seen.push(header.key);
                 let unnamed;
                 let name = if header.name.is_empty() {

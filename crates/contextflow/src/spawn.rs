@@ -100,7 +100,14 @@ where
 {
     #[cfg(feature = "runtime-hooks")]
     let _explicit = crate::runtime::ExplicitSpawn::enter();
-    tokio::spawn(fut.with_snapshot(Snapshot::empty()))
+    #[cfg(feature = "diagnostics")]
+    let empty = Snapshot::from_frame(crate::diagnostics::empty_start(
+        crate::diagnostics::LostBy::SpawnWithoutContext,
+        Some(std::panic::Location::caller()),
+    ));
+    #[cfg(not(feature = "diagnostics"))]
+    let empty = Snapshot::empty();
+    tokio::spawn(fut.with_snapshot(empty))
 }
 
 /// The former name of [`spawn_without_context`]: the task is not detached, it starts from an

@@ -17,6 +17,7 @@ use crate::Snapshot;
 /// let plain = ID.sync_scope(5, || std::thread::spawn(|| ID.get()));
 /// assert_eq!(plain.join().unwrap(), None);
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn spawn<F, T>(f: F) -> std::thread::JoinHandle<T>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -41,6 +42,7 @@ where
 /// assert_eq!(handle.join().unwrap(), Some(2));
 /// # Ok(()) }
 /// ```
+#[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn spawn_with_builder<F, T>(
     builder: std::thread::Builder,
     f: F,
@@ -118,6 +120,7 @@ impl<'scope, 'env> Scope<'scope, 'env> {
     /// }));
     /// assert_eq!(seen, (Some(3), None), "a transaction never crosses");
     /// ```
+    #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn spawn<F, T>(&self, f: F) -> std::thread::ScopedJoinHandle<'scope, T>
     where
         F: FnOnce() -> T + Send + 'scope,

@@ -91,6 +91,10 @@ pub(crate) struct Node {
     children: Mutex<Vec<Arc<Node>>>,
     /// Children not kept (past `MAX_CHILDREN`).
     not_kept: AtomicUsize,
+    /// Whether the task holds its root's context (it was not started inside `suppress_flow`),
+    /// for the leak check.
+    #[cfg(feature = "diagnostics")]
+    holds_context: bool,
 }
 
 impl Node {
@@ -108,6 +112,8 @@ impl Node {
             finished: AtomicBool::new(false),
             children: Mutex::new(Vec::new()),
             not_kept: AtomicUsize::new(0),
+            #[cfg(feature = "diagnostics")]
+            holds_context: !crate::is_flow_suppressed(),
         });
         // A poisoned lock only means a panic while pushing; the list is intact.
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
@@ -287,11 +293,17 @@ impl Root {
                 finished: AtomicBool::new(false),
                 children: Mutex::new(Vec::new()),
                 not_kept: AtomicUsize::new(0),
+                #[cfg(feature = "diagnostics")]
+                holds_context: true,
             }),
         }
     }
 
     /// Runs `fut` under this root: the tasks it starts (and those they start) are recorded.
+    ///
+    /// With the feature `diagnostics`, when the scope ends (`fut` completes or is dropped) while
+    /// tasks it started still hold its context, their spawn sites are reported (see
+    /// `contextflow::diagnostics`).
     ///
     /// ```
     /// use contextflow::tree::Root;
@@ -302,7 +314,15 @@ impl Root {
     /// # }
     /// ```
     pub fn scope<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
-        ROOT.scope(self.node.clone(), NODE.scope(self.node.clone(), fut))
+        let scoped = ROOT.scope(self.node.clone(), NODE.scope(self.node.clone(), fut));
+        #[cfg(feature = "diagnostics")]
+        {
+            leaks::checked(self.node.clone(), scoped)
+        }
+        #[cfg(not(feature = "diagnostics"))]
+        {
+            scoped
+        }
     }
 
     /// The root of the tree the running code belongs to, if any: from anywhere inside a
@@ -438,5 +458,76 @@ impl fmt::Debug for Root {
             .field("label", &self.node.label)
             .field("tasks", &self.tasks().len())
             .finish()
+    }
+}
+
+/// The leak check of a root scope (feature `diagnostics`).
+#[cfg(feature = "diagnostics")]
+mod leaks {
+    use std::{future::Future, sync::Arc, time::Duration};
+
+    use super::{children_of, Node, SpawnedBy};
+    use crate::diagnostics::{self, LeakedTask};
+
+    /// How long the check waits for plain-spawned tasks to leave: tokio wakes a task's
+    /// `JoinHandle` before it runs the terminate hook that drops the task's context, so a task
+    /// the request has just awaited may still hold it for a moment on another worker.
+    const PLAIN_GRACE: Duration = Duration::from_millis(100);
+
+    /// `fut`, then the check (also when `fut` is dropped unfinished).
+    pub(super) async fn checked<F: Future>(root: Arc<Node>, fut: F) -> F::Output {
+        let check = Check(root);
+        let out = fut.await;
+        drop(check);
+        out
+    }
+
+    struct Check(Arc<Node>);
+
+    impl Drop for Check {
+        fn drop(&mut self) {
+            let mut running = holders(&self.0);
+            let waits_for_plain = |running: &[LeakedTask]| {
+                running.iter().any(|t| {
+                    t.spawned_by == SpawnedBy::PlainSpawn
+                        && diagnostics::leak_is_new(&self.0.label, t.spawned_at)
+                })
+            };
+            if waits_for_plain(&running) {
+                let start = std::time::Instant::now();
+                while waits_for_plain(&running) && start.elapsed() < PLAIN_GRACE {
+                    std::thread::sleep(Duration::from_millis(1));
+                    running = holders(&self.0);
+                }
+            }
+            if !running.is_empty() {
+                diagnostics::report_leak(&self.0.label, running);
+            }
+        }
+    }
+
+    /// The unfinished tasks under `root` that hold its context, depth first.
+    fn holders(root: &Node) -> Vec<LeakedTask> {
+        let mut out = Vec::new();
+        collect(root, &mut out);
+        out
+    }
+
+    fn collect(node: &Node, out: &mut Vec<LeakedTask>) {
+        for child in children_of(node) {
+            if !child.holds_context {
+                continue;
+            }
+            if let Some((at, by)) = child.spawned_at {
+                if !child.finished.load(std::sync::atomic::Ordering::Acquire) {
+                    out.push(LeakedTask {
+                        id: child.id.get().copied(),
+                        spawned_by: by,
+                        spawned_at: at,
+                    });
+                }
+            }
+            collect(&child, out);
+        }
     }
 }

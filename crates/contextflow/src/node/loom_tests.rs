@@ -13,7 +13,7 @@ use loom::{
     thread,
 };
 
-use super::{cache, capture, share, Header, NodeRef};
+use super::{cache, capture, share, Header, NodeRef, Site};
 use crate::Inherit;
 
 /// A value that counts its drops.
@@ -104,6 +104,7 @@ fn share_of_a_borrowed_node_races_a_release() {
                 "scoped",
                 Inherit::Always,
                 Counted(drops.clone()),
+                Site::NONE,
             )
         };
         // SAFETY: `scoped` is alive and was made on this thread.

@@ -15,8 +15,16 @@ use std::{
 /// Size and alignment of a block. A value node's head is 112 bytes on 64-bit targets (checked
 /// by `node::tests::node_sizes`), which leaves room for values up to 16 bytes (a `u64` id, an
 /// `Arc`, a `&'static str`); larger values (a `String`) are allocated at their exact size.
-/// Small blocks keep the memory of many live tasks compact.
-pub(super) const BLOCK: Layout = match Layout::from_size_align(128, 16) {
+/// Small blocks keep the memory of many live tasks compact. The feature `diagnostics` adds one
+/// pointer to the head (the binding's site), and 16 bytes to the block.
+pub(super) const BLOCK: Layout = match Layout::from_size_align(
+    if cfg!(feature = "diagnostics") {
+        144
+    } else {
+        128
+    },
+    16,
+) {
     Ok(layout) => layout,
     Err(_) => panic!("a valid layout"),
 };
