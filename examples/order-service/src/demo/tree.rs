@@ -3,9 +3,14 @@
 //! Spans are told apart by their unique id, so a second query of the same kind is its own
 //! node. Another server's request span (the payment stub's) hangs under the client call that
 //! caused it, and a queue consumer's span under the publish that sent the message: that is
-//! where the context crossed a boundary.
+//! where the context crossed a boundary. Where the work moves to another tokio task (the
+//! request's connection task, the outbox worker that delivers the confirmation, the queue
+//! consumer, the payment stub's connection), a `task <id>` node shows it, with the task's
+//! execution id (`contextflow::tree::execution_id`) taken when the span opened.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
+
+use tokio::task::Id;
 
 use super::load::Expected;
 use crate::logging::{CapturedEvent, SpanOpened, SpanRecord};
@@ -43,6 +48,11 @@ pub(crate) fn draw(
         }
     }
     items.extend(opened.map(|s| (s.path.clone(), None)));
+    // The task each span opened in.
+    let tasks: HashMap<u64, Id> = spans
+        .iter()
+        .filter_map(|s| Some((s.path.last()?.uid, s.task?)))
+        .collect();
 
     let mut roots: Vec<Node> = Vec::new();
     // Where the spans of another process (the payment stub) or task (the queue consumer) hang.
@@ -76,7 +86,7 @@ pub(crate) fn draw(
     );
     let count = roots.len();
     for (i, node) in roots.iter().enumerate() {
-        render(node, "", i + 1 == count, &mut out);
+        render(node, "", i + 1 == count, &tasks, None, &mut out);
     }
     out
 }
@@ -121,25 +131,47 @@ fn insert(nodes: &mut Vec<Node>, path: &[Arc<SpanRecord>], event: String) {
     }
 }
 
-fn render(node: &Node, prefix: &str, last: bool, out: &mut String) {
-    out.push_str(prefix);
-    out.push_str(if last { "└── " } else { "├── " });
-    let children = match node {
+/// Draws `node` below `prefix`; a span that opened in another task than `parent_task` gets a
+/// `task <id>` node above it.
+fn render(
+    node: &Node,
+    prefix: &str,
+    last: bool,
+    tasks: &HashMap<u64, Id>,
+    parent_task: Option<Id>,
+    out: &mut String,
+) {
+    let branch = if last { "└── " } else { "├── " };
+    let deeper =
+        |prefix: &str, last: bool| format!("{prefix}{}", if last { "    " } else { "│   " });
+    let (span, children) = match node {
         Node::Event(label) => {
-            out.push_str(label);
-            out.push('\n');
+            out.push_str(&format!("{prefix}{branch}{label}\n"));
             return;
         }
-        Node::Span { span, children } => {
-            out.push_str(&span.to_string());
-            out.push_str(note(span));
-            out.push('\n');
-            children
-        }
+        Node::Span { span, children } => (span, children),
     };
-    let child_prefix = format!("{prefix}{}", if last { "    " } else { "│   " });
+    let task = tasks.get(&span.uid).copied();
+    let (prefix, last) = match task {
+        Some(id) if task != parent_task => {
+            out.push_str(&format!("{prefix}{branch}task {id}\n"));
+            (deeper(prefix, last), true)
+        }
+        _ => (prefix.to_string(), last),
+    };
+    let branch = if last { "└── " } else { "├── " };
+    out.push_str(&format!("{prefix}{branch}{span}{}\n", note(span)));
+    let child_prefix = deeper(&prefix, last);
+    let task = task.or(parent_task);
     for (i, child) in children.iter().enumerate() {
-        render(child, &child_prefix, i + 1 == children.len(), out);
+        render(
+            child,
+            &child_prefix,
+            i + 1 == children.len(),
+            tasks,
+            task,
+            out,
+        );
     }
 }
 
@@ -220,6 +252,7 @@ mod tests {
             after_events: 6,
             request_id: Some("r".into()),
             path: vec![request.clone(), quiet],
+            task: None,
         }];
         let tree = draw(&events, &spans, "r", &want);
         let expected = "\
@@ -237,6 +270,65 @@ POST /orders  request_id=r  trace_id=t  tenant=acme  reference=ord
     ├── db{statement=UPDATE}
     └── • finished
 ";
+        assert_eq!(tree, expected);
+    }
+
+    /// Spans opened in another task get a `task <id>` node with that task's execution id: the
+    /// request's task, the outbox worker's, the queue consumer's.
+    #[tokio::test(flavor = "current_thread")]
+    async fn work_in_other_tasks_shows_as_task_nodes() {
+        let request = span(1, "http.request", &[("service", "orders")]);
+        let publish = span(2, "queue.publish", &[]);
+        let deliver = span(3, "outbox.deliver", &[]);
+        let consume = span(4, "queue.consume", &[]);
+        let mut ids: Vec<Id> = Vec::new();
+        for _ in 0..3 {
+            ids.push(tokio::spawn(async { tokio::task::id() }).await.unwrap());
+        }
+        let (req_task, worker, consumer) = (ids[0], ids[1], ids[2]);
+        let mut events = [
+            event(&[&request], "order placed", "r"),
+            event(&[&deliver], "confirmation sent", "r"),
+            event(&[&deliver, &publish], "published", "r"),
+            event(&[&consume], "audit", "r"),
+        ];
+        for (i, event) in events.iter_mut().enumerate() {
+            event.seq = i;
+        }
+        let opened = |after_events, path: Vec<Arc<SpanRecord>>, task| SpanOpened {
+            after_events,
+            request_id: Some("r".into()),
+            path,
+            task: Some(task),
+        };
+        let spans = [
+            opened(0, vec![request.clone()], req_task),
+            opened(1, vec![deliver.clone()], worker),
+            opened(2, vec![deliver.clone(), publish.clone()], worker),
+            opened(3, vec![consume.clone()], consumer),
+        ];
+        let want = Expected {
+            reference: "ord".into(),
+            trace_id: "t".into(),
+            tenant: "acme".into(),
+        };
+        let tree = draw(&events, &spans, "r", &want);
+        let expected = format!(
+            "\
+POST /orders  request_id=r  trace_id=t  tenant=acme  reference=ord
+├── task {req_task}
+│   └── http.request{{service=orders}}
+│       └── • order placed
+└── task {worker}
+    └── outbox.deliver   <- outbox worker: context from the outbox row
+        ├── • confirmation sent
+        └── queue.publish
+            ├── • published
+            └── task {consumer}
+                └── queue.consume   <- another task: context from the message headers
+                    └── • audit
+"
+        );
         assert_eq!(tree, expected);
     }
 }

@@ -45,6 +45,8 @@ pub struct SpanOpened {
     pub request_id: Option<String>,
     /// The span and its parents.
     pub path: Vec<Arc<SpanRecord>>,
+    /// The tokio task it opened in (its execution id), `None` outside a task.
+    pub task: Option<tokio::task::Id>,
 }
 
 /// One event, as structured data.
@@ -214,6 +216,7 @@ where
                 after_events,
                 request_id: crate::context::request_id().map(|id| id.as_str().to_owned()),
                 path,
+                task: contextflow::tree::execution_id(),
             });
     }
 
