@@ -132,3 +132,194 @@ pub(crate) fn bench_spawn_multi_thread_with_carriers(quick: bool, tasks: u64) {
         "contextflow::spawn (tracing + OTel carriers)",
     );
 }
+
+// ===== diagnostics (issue 11): the hot paths with the feature on and off =====
+
+/// Variables of the diagnostics rows: one bound, one never bound (a read that misses).
+static DIAG_BOUND: AsyncLocal<u64> = AsyncLocal::named("request_id");
+static DIAG_MISS: AsyncLocal<u64> = AsyncLocal::named("tenant");
+
+/// Whether this binary's core was built with the feature `diagnostics`.
+const DIAGNOSTICS: bool = cfg!(feature = "diagnostics");
+
+/// The hot paths, measured in this process: (row, median ns/op). The first row is the bare
+/// baseline (a thread-local read).
+fn diag_hot_paths(settings: &Settings) -> Vec<(&'static str, f64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime");
+    let rt = &rt;
+    DIAG_BOUND.sync_scope(7, || {
+        measure(
+            settings,
+            &mut [
+                contender("bare: thread_local! Cell read", |n| {
+                    crate::time(n, || {
+                        black_box(crate::PLAIN.with(std::cell::Cell::get));
+                    })
+                }),
+                contender("get (bound)", |n| {
+                    crate::time(n, || {
+                        black_box(black_box(&DIAG_BOUND).get());
+                    })
+                }),
+                contender("get (not bound: a miss)", |n| {
+                    crate::time(n, || {
+                        black_box(black_box(&DIAG_MISS).get());
+                    })
+                }),
+                contender("sync_scope", |n| {
+                    crate::time(n, || {
+                        black_box(DIAG_BOUND.sync_scope(black_box(1), || 1u64));
+                    })
+                }),
+                contender("scope future, made and polled once", |n| {
+                    crate::time(n, || {
+                        black_box(crate::drive(DIAG_BOUND.scope(black_box(1), async { 1u64 })));
+                    })
+                }),
+                contender("contextflow::spawn + await (current_thread)", |n| {
+                    let start = Instant::now();
+                    rt.block_on(DIAG_BOUND.scope(1, async move {
+                        for _ in 0..n {
+                            contextflow::spawn(async {}).await.expect("no panic");
+                        }
+                    }));
+                    start.elapsed().as_nanos() as f64
+                }),
+                contender(
+                    "spawn_without_context + await, 1 variable left behind",
+                    |n| {
+                        let start = Instant::now();
+                        rt.block_on(DIAG_BOUND.scope(1, async move {
+                            for _ in 0..n {
+                                contextflow::spawn_without_context(async {})
+                                    .await
+                                    .expect("no panic");
+                            }
+                        }));
+                        start.elapsed().as_nanos() as f64
+                    },
+                ),
+            ],
+        )
+    })
+}
+
+/// The `diag` rows. By themselves they measure this build only; with `--diag-ab OTHER`, where
+/// OTHER is this binary built with the other setting of the feature `diagnostics`, both
+/// binaries run `--diag-raw` in turn, round after round, and the table puts them side by side
+/// with ratios (see the crate's README for the commands).
+pub(crate) fn bench_diagnostics(settings: &Settings, smoke: bool) {
+    let other = std::env::args().skip_while(|a| a != "--diag-ab").nth(1);
+    let Some(other) = other else {
+        let results = diag_hot_paths(settings);
+        println!(
+            "\n## diagnostics: hot paths of this build (feature `diagnostics` {})",
+            if DIAGNOSTICS { "on" } else { "off" }
+        );
+        print_rows(&results);
+        if !smoke {
+            println!(
+                "(for both builds side by side: see \"Diagnostics\" in this crate's README; \
+                 `-- --only diag --diag-ab <the other build>`)"
+            );
+        }
+        return;
+    };
+    let rounds = if smoke { 1 } else { 9 };
+    let me = std::env::current_exe().expect("this binary's path");
+    let mut ours: Vec<Vec<(String, f64)>> = Vec::new();
+    let mut theirs: Vec<Vec<(String, f64)>> = Vec::new();
+    let mut their_build = String::new();
+    for _ in 0..rounds {
+        ours.push(raw_run(&me).1);
+        let (build, rows) = raw_run(std::path::Path::new(&other));
+        their_build = build;
+        theirs.push(rows);
+    }
+    let (on, off, on_is_ours) = match (DIAGNOSTICS, their_build.as_str()) {
+        (true, "off") => (&ours, &theirs, true),
+        (false, "on") => (&theirs, &ours, false),
+        _ => panic!(
+            "--diag-ab wants the other build (this one: diagnostics {}; the other: {their_build})",
+            if DIAGNOSTICS { "on" } else { "off" }
+        ),
+    };
+    println!(
+        "\n## diagnostics: the hot paths with the feature on and off ({rounds} rounds, the two \
+         binaries alternating; medians; this binary is the {} build)",
+        if on_is_ours { "\"on\"" } else { "\"off\"" }
+    );
+    println!(
+        "| {:<56} | {:>9} | {:>9} | {:>8} |",
+        "row (ns/op)", "off", "on", "on/off"
+    );
+    println!("|{:-<58}|{:->11}|{:->11}|{:->10}|", "", "", "", "");
+    let names: Vec<String> = on[0].iter().map(|(n, _)| n.clone()).collect();
+    for (i, name) in names.iter().enumerate() {
+        let median = |runs: &Vec<Vec<(String, f64)>>| {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[i].1).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (off_ns, on_ns) = (median(off), median(on));
+        println!(
+            "| {name:<56} | {off_ns:>9.2} | {on_ns:>9.2} | {:>8.2} |",
+            on_ns / off_ns
+        );
+    }
+}
+
+/// Prints `results` as rows of ns/op and overhead over the first (bare) row.
+fn print_rows(results: &[(&'static str, f64)]) {
+    let base = results[0].1;
+    println!("| {:<56} | {:>9} | {:>9} |", "row", "ns/op", "overhead");
+    println!("|{:-<58}|{:->11}|{:->11}|", "", "", "");
+    for (name, t) in results {
+        println!("| {name:<56} | {t:>9.2} | {:>+9.2} |", t - base);
+    }
+}
+
+/// `--diag-raw`: measures the hot paths once (3 rounds of ~2 ms batches after a short warm-up)
+/// and prints them for the `--diag-ab` driver, one `DIAG <ns> <row>` line each.
+pub(crate) fn diag_raw() {
+    let warm = Instant::now();
+    while warm.elapsed().as_millis() < 200 {
+        black_box(DIAG_BOUND.sync_scope(1, || DIAG_BOUND.get()));
+    }
+    let settings = Settings {
+        rounds: 3,
+        batch_ns: 2e6,
+        fixed_batch: None,
+    };
+    println!("DIAG-BUILD {}", if DIAGNOSTICS { "on" } else { "off" });
+    for (name, ns) in diag_hot_paths(&settings) {
+        println!("DIAG {ns} {name}");
+    }
+}
+
+/// Runs `binary --diag-raw`; returns its build ("on"/"off") and rows.
+fn raw_run(binary: &std::path::Path) -> (String, Vec<(String, f64)>) {
+    let out = std::process::Command::new(binary)
+        .arg("--diag-raw")
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
+    assert!(
+        out.status.success(),
+        "{} --diag-raw failed",
+        binary.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut build = String::new();
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        if let Some(b) = line.strip_prefix("DIAG-BUILD ") {
+            build = b.to_string();
+        } else if let Some(rest) = line.strip_prefix("DIAG ") {
+            let (ns, name) = rest.split_once(' ').expect("DIAG <ns> <row>");
+            rows.push((name.to_string(), ns.parse().expect("a number")));
+        }
+    }
+    (build, rows)
+}

@@ -24,7 +24,7 @@ use std::{
 
 use contextflow::{AsyncLocal, Snapshot};
 
-/// Core rows added for issue 8 (depth, carriers, memory). Other engineers add their rows in
+/// Core rows added for issue 8 (depth, carriers, memory), and issue 11's diagnostics rows. Other engineers add their rows in
 /// modules of their own, the same way: a `pub(crate) fn` taking the `Settings`, called from
 /// `main`.
 mod core_rows;
@@ -188,6 +188,10 @@ impl<F: Future + Unpin> Future for Padded<F> {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--diag-raw") {
+        // One measurement of the diagnostics rows, for `--diag-ab` (see core_rows.rs).
+        return core_rows::diag_raw();
+    }
     let smoke = std::env::args().any(|a| a == "--smoke");
     let quick = smoke || std::env::args().any(|a| a == "--quick");
     let settings = Settings {
@@ -225,7 +229,7 @@ fn main() {
     );
 
     // `--only NAME[,NAME]` runs the named sections only (get, sync_scope, poll, capture, spawn,
-    // entry, depth, log, memory, hooks, spawn_mt).
+    // entry, depth, log, memory, hooks, diag, spawn_mt).
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -260,6 +264,9 @@ fn main() {
     }
     if want("hooks") {
         hook_rows::bench_hooked_runtime(&settings, smoke);
+    }
+    if want("diag") {
+        core_rows::bench_diagnostics(&settings, smoke);
     }
     // Last: registers the tracing and OpenTelemetry carriers for the rest of the process.
     if want("spawn_mt") {
