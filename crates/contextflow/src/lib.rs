@@ -53,7 +53,8 @@
 //! of whoever runs them:
 //!
 //! - **Layer** (the current frame plus bindings): [`AsyncLocal::scope`],
-//!   [`AsyncLocal::sync_scope`], [`AsyncLocal::unset`], [`AsyncLocal::enter`]. A binding made
+//!   [`AsyncLocal::sync_scope`], [`AsyncLocal::unset`], [`AsyncLocal::enter`],
+//!   [`Binding::run`] (a binding entered again and again, made once per frame). A binding made
 //!   outside stays visible inside unless the same variable is rebound. Bind a request's
 //!   variables this way (as `contextflow-http`'s server layer, `contextflow-messaging`'s
 //!   consumer and `contextflow_otel::scope` do), so an outer middleware's binding
@@ -229,6 +230,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
+mod binding;
 pub mod carry;
 pub mod channel;
 mod current;
@@ -266,6 +268,7 @@ pub use crate::spawn::{
     spawn, spawn_blocking, spawn_in, spawn_local, spawn_with, spawn_without_context,
 };
 pub use crate::{
+    binding::Binding,
     current::EnterGuard,
     flow::{is_flow_suppressed, suppress_flow},
     local::{AsyncLocal, Inherit, Scope},

@@ -22,6 +22,7 @@ macro_rules! on_both_runtimes {
 mod api;
 mod auto_traits;
 mod basics;
+mod binding;
 #[cfg(feature = "tokio")]
 mod drop_runs_in_scope;
 mod enter_guard;
