@@ -103,8 +103,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use contextflow::Snapshot;
-use contextflow_otel::{OtelContext, Propagation, RequestId};
+use contextflow::{Binding, Snapshot};
+use contextflow_otel::{OtelContext, Propagation, RequestId, OTEL_CONTEXT, REQUEST_ID};
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::{propagation::TextMapPropagator, trace::SpanKind, KeyValue};
@@ -195,7 +195,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             let mut inner = this.inner;
-            if let Some(scope) = this.scope.take() {
+            if let Some(mut scope) = this.scope.take() {
                 if inner.is_some() {
                     scope.run(|| inner.set(None));
                     // The client went away before the response: the span ends here.
@@ -228,7 +228,7 @@ pin_project! {
     pub struct ContextBody<B> {
         scope: RequestScope,
         status: u16,
-        // `None` only once dropped: `Drop` replaces it inside the context.
+        // `None` once the body has ended (dropped then, inside the context) or in `Drop`.
         #[pin]
         inner: Option<B>,
     }
@@ -237,7 +237,9 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             let mut inner = this.inner;
-            this.scope.run(|| inner.set(None));
+            if inner.is_some() {
+                this.scope.run(|| inner.set(None));
+            }
             this.scope.end(*this.status);
         }
     }
@@ -245,7 +247,6 @@ pin_project! {
 
 /// The context a request runs in: contextflow's frame, OpenTelemetry's context, and whether
 /// the layer owns the span in it (and so ends it).
-#[derive(Clone)]
 struct RequestScope {
     frame: RequestFrame,
     cx: Option<opentelemetry::Context>,
@@ -253,13 +254,14 @@ struct RequestScope {
 }
 
 /// How a request's bindings are entered.
-#[derive(Clone)]
 enum RequestFrame {
     /// Layered over the frame of whoever polls (`call` and the response future), so that a
     /// binding made by an outer layer around this layer's future stays visible in the handler.
+    /// Their nodes are made once and reused while the caller's frame stays the same (in a
+    /// plain server, `call` and every poll run under the same frame).
     Layered {
-        otel: OtelContext,
-        request_id: RequestId,
+        otel: Binding<OtelContext>,
+        request_id: Binding<RequestId>,
     },
     /// A frame captured when the response was ready (what the body runs in: the server polls
     /// the body after the response future, outside any outer layer), or given to
@@ -486,10 +488,10 @@ where
             });
         let owns_span = span_cx.is_some();
         let cx = span_cx.unwrap_or(cx);
-        let scope = RequestScope {
+        let mut scope = RequestScope {
             frame: RequestFrame::Layered {
-                otel: OtelContext::new(cx.clone()),
-                request_id,
+                otel: Binding::new(&OTEL_CONTEXT, OtelContext::new(cx.clone())),
+                request_id: Binding::new(&REQUEST_ID, request_id),
             },
             cx: Some(cx),
             owns_span,
@@ -518,25 +520,29 @@ where
             panic!("ResponseFuture polled after completion");
         }
         let mut inner = this.inner;
+        // Returns the frame for the body once the inner future is done.
         let mut poll = |inner: &mut Pin<&mut Option<F>>| {
-            let result = inner.as_mut().as_pin_mut().map(|f| f.poll(cx));
-            if matches!(result, Some(Poll::Ready(_))) {
-                // Done: drop the inner future now, inside the context.
-                inner.set(None);
+            let result = inner.as_mut().as_pin_mut().map(|f| f.poll(cx))?;
+            match result {
+                Poll::Ready(output) => {
+                    // Done: drop the inner future now, inside the context. The body is polled
+                    // by the server after this future, outside any outer layer: it keeps the
+                    // frame as it is now, the outer layers' bindings included.
+                    inner.set(None);
+                    Some(Poll::Ready((output, Snapshot::capture())))
+                }
+                Poll::Pending => Some(Poll::Pending),
             }
-            result
         };
-        let result = match this.scope.as_ref() {
+        let result = match this.scope.as_mut() {
             Some(scope) => scope.run(|| poll(&mut inner)),
             None => poll(&mut inner),
         };
-        let Some(Poll::Ready(result)) = result else {
+        let Some(Poll::Ready((result, snapshot))) = result else {
             return Poll::Pending;
         };
         let mut scope = this.scope.take().unwrap_or_else(RequestScope::empty);
-        // The body is polled by the server after this future, outside any outer layer: it
-        // keeps the frame as it is now, the outer layers' bindings included.
-        scope.capture();
+        scope.frame = RequestFrame::Captured(snapshot);
         let request_id = this.request_id.take();
         Poll::Ready(match result {
             Ok(mut res) => {
@@ -592,12 +598,22 @@ impl<B> ContextBody<B> {
         }
     }
 
-    /// The wrapped body (`None` never happens outside `Drop`).
+    /// The wrapped body; `None` once it has ended (it is dropped, inside the context, as soon
+    /// as it yields its last frame).
     ///
     /// ```
     /// use contextflow::Snapshot;
-    /// let body = contextflow_http::ContextBody::new(7, Snapshot::empty());
-    /// assert_eq!(body.get_ref(), Some(&7));
+    /// use http_body_util::BodyExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut body = contextflow_http::ContextBody::new(String::from("hi"), Snapshot::empty());
+    /// assert_eq!(body.get_ref().map(String::as_str), Some("hi"));
+    /// let frame = body.frame().await.unwrap()?;
+    /// assert_eq!(frame.into_data().unwrap(), "hi");
+    /// assert_eq!(body.get_ref(), None, "ended: dropped already");
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn get_ref(&self) -> Option<&B> {
         self.inner.as_ref()
@@ -628,14 +644,34 @@ impl<B: Body> Body for ContextBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
+        let mut inner = this.inner;
+        if inner.is_none() {
             return Poll::Ready(None);
-        };
-        let frame = ready!(this.scope.run(|| inner.poll_frame(cx)));
-        match &frame {
-            None => this.scope.end(*this.status),
-            Some(Err(_)) => this.scope.end_error_ref("body"),
-            Some(Ok(_)) => {}
+        }
+        let (frame, ended) = ready!(this.scope.run(|| {
+            let Some(body) = inner.as_mut().as_pin_mut() else {
+                return Poll::Ready((None, true));
+            };
+            let frame = ready!(body.poll_frame(cx));
+            let ended = match &frame {
+                None => true,
+                Some(Ok(_)) => inner
+                    .as_ref()
+                    .as_pin_ref()
+                    .is_none_or(|b| b.is_end_stream()),
+                Some(Err(_)) => false,
+            };
+            if ended {
+                // The body is done: drop it now, inside the context, rather than in a
+                // second visit to the context when the server drops us.
+                inner.set(None);
+            }
+            Poll::Ready((frame, ended))
+        }));
+        if ended {
+            this.scope.end(*this.status);
+        } else if let Some(Err(_)) = &frame {
+            this.scope.end_error_ref("body");
         }
         Poll::Ready(frame)
     }
@@ -679,27 +715,18 @@ impl RequestScope {
 
     /// Runs `f` in the request's frame with its OpenTelemetry context attached (inside the
     /// frame, so it wins over a context that a registered carrier restores with the frame).
-    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        let attached = || match &self.cx {
+    fn run<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let RequestScope { frame, cx, .. } = self;
+        let attached = || match cx {
             Some(cx) => {
                 let _attached = cx.clone().attach();
                 f()
             }
             None => f(),
         };
-        match &self.frame {
-            RequestFrame::Layered { otel, request_id } => contextflow_otel::OTEL_CONTEXT
-                .sync_scope(otel.clone(), || {
-                    contextflow_otel::REQUEST_ID.sync_scope(request_id.clone(), attached)
-                }),
+        match frame {
+            RequestFrame::Layered { otel, request_id } => otel.run(|| request_id.run(attached)),
             RequestFrame::Captured(snapshot) => snapshot.run(attached),
-        }
-    }
-
-    /// From now on, runs in the frame current now with the request's bindings layered on top.
-    fn capture(&mut self) {
-        if let RequestFrame::Layered { .. } = self.frame {
-            self.frame = RequestFrame::Captured(self.run(Snapshot::capture));
         }
     }
 
