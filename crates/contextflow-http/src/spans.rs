@@ -55,7 +55,9 @@ impl Spans {
     }
 
     /// Starts a span of `kind` named after `method` under `parent`; `None` when spans are off.
-    /// `attributes` is called only when the span records.
+    /// `attributes` adds the span's attributes at its start, where the sampler sees them (the
+    /// semantic conventions' sampling-relevant attributes), in one `Vec` the span keeps (with
+    /// room for the status code added at its end).
     pub(crate) fn start(
         &self,
         kind: SpanKind,
@@ -64,17 +66,15 @@ impl Spans {
         attributes: impl FnOnce(&mut Vec<KeyValue>),
     ) -> Option<Context> {
         let tracer = self.get()?;
-        let builder = tracer.span_builder(method_name(method)).with_kind(kind);
-        let mut span = tracer.build_with_context(builder, parent);
+        let mut attrs = Vec::with_capacity(6);
+        attrs.push(KeyValue::new("http.request.method", method_name(method)));
+        attributes(&mut attrs);
+        let mut builder = tracer.span_builder(method_name(method)).with_kind(kind);
+        builder.attributes = Some(attrs);
+        let span = tracer.build_with_context(builder, parent);
         if !span.is_recording() && span.span_context() == parent.span().span_context() {
             // A no-op tracer (no SDK installed) passes the parent through: nothing to own.
             return None;
-        }
-        if span.is_recording() {
-            let mut attrs = Vec::with_capacity(6);
-            attrs.push(KeyValue::new("http.request.method", method_name(method)));
-            attributes(&mut attrs);
-            span.set_attributes(attrs);
         }
         Some(parent.with_span(span))
     }
