@@ -154,6 +154,18 @@ impl contextflow_otel::carrier::FieldValues for HeaderExtractor<'_> {
     fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
         self.values(key).into_iter().map(|v| as_str(v).as_bytes())
     }
+
+    /// One pass over the map, comparing names (most differ in length), where each lookup
+    /// would hash its name: cheaper for the few headers a request has.
+    fn scan_fields<'s>(&'s self, keys: &[&str], mut f: impl FnMut(usize, &'s [u8])) -> bool {
+        for (name, value) in self.0 {
+            let name = name.as_str();
+            if let Some(i) = keys.iter().position(|k| *k == name) {
+                f(i, as_str(value).as_bytes());
+            }
+        }
+        true
+    }
 }
 
 fn as_str(value: &HeaderValue) -> &str {

@@ -113,6 +113,47 @@ pub(crate) struct Bounded<'a>(pub(crate) &'a dyn Extractor);
 pub trait FieldValues: Extractor {
     /// Every value of the field `key` (a lower-case name), in order, as bytes.
     fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]>;
+
+    /// For a carrier that can walk all its fields in one pass more cheaply than it can look up
+    /// a few of them (an HTTP header map, where each lookup hashes the name): calls
+    /// `f(i, value)` for every value of every field named `keys[i]` (lower-case names), in
+    /// the carrier's order (for each key, the order of [`field_values`](Self::field_values),
+    /// with the same values), and returns `true`. The default does nothing and returns
+    /// `false`: the fields are then looked up one by one.
+    ///
+    /// ```
+    /// use contextflow_otel::carrier::{FieldValues, Pairs};
+    /// use opentelemetry::propagation::Extractor;
+    ///
+    /// struct Scanned<'a>(Pairs<'a>, Vec<(&'a str, &'a str)>);
+    /// impl Extractor for Scanned<'_> {
+    ///     fn get(&self, key: &str) -> Option<&str> { self.0.get(key) }
+    ///     fn keys(&self) -> Vec<&str> { self.0.keys() }
+    ///     fn get_all(&self, key: &str) -> Option<Vec<&str>> { self.0.get_all(key) }
+    /// }
+    /// impl FieldValues for Scanned<'_> {
+    ///     fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+    ///         self.0.get_all(key).unwrap_or_default().into_iter().map(str::as_bytes)
+    ///     }
+    ///     fn scan_fields<'s>(&'s self, keys: &[&str], mut f: impl FnMut(usize, &'s [u8])) -> bool {
+    ///         for (name, value) in &self.1 {
+    ///             if let Some(i) = keys.iter().position(|k| k.eq_ignore_ascii_case(name)) {
+    ///                 f(i, value.as_bytes());
+    ///             }
+    ///         }
+    ///         true
+    ///     }
+    /// }
+    /// let pairs = [("x-request-id", "r-1"), ("host", "example")];
+    /// let carrier = Scanned(Pairs::new(pairs), pairs.to_vec());
+    /// let (_, id) = contextflow_otel::Propagation::global()
+    ///     .extract_parts_from(&opentelemetry::Context::new(), &carrier);
+    /// assert_eq!(id.as_str(), "r-1");
+    /// ```
+    fn scan_fields<'s>(&'s self, keys: &[&str], f: impl FnMut(usize, &'s [u8])) -> bool {
+        let _ = (keys, f);
+        false
+    }
 }
 
 /// The values of the fields the built-in propagators read, through [`Bounded`]'s bounds: the
@@ -130,6 +171,22 @@ pub(crate) trait Source {
 
 /// [`Bounded`]'s bounds over a [`FieldValues`] carrier, allocating only for `all`.
 pub(crate) struct BoundedFields<'a, E>(pub(crate) &'a E);
+
+/// [`BoundedFields`] over the first two values of a few fields, collected in one pass by
+/// [`FieldValues::scan_fields`]; a field with more values is read through `BoundedFields`.
+pub(crate) struct ScannedFields<'a, 'k, E, const N: usize> {
+    carrier: BoundedFields<'a, E>,
+    keys: [&'k str; N],
+    seen: [Seen<'a>; N],
+}
+
+/// The first two values of a field, and how many it has.
+#[derive(Clone, Copy, Default)]
+struct Seen<'a> {
+    first: Option<&'a [u8]>,
+    second: Option<&'a [u8]>,
+    count: usize,
+}
 
 /// An untrusted value made safe for a log line: escaped as ASCII (no control characters, no
 /// newlines, no non-ASCII bytes) and cut to 64 bytes.
@@ -270,6 +327,78 @@ impl<E: FieldValues> Source for BoundedFields<'_, E> {
     fn all(&self, key: &str) -> Option<Vec<&[u8]>> {
         let mut all = Vec::new();
         self.kept(key, |value| all.push(value));
+        (!all.is_empty()).then_some(all)
+    }
+}
+
+// ===== impl ScannedFields =====
+
+impl<'a, 'k, E: FieldValues, const N: usize> ScannedFields<'a, 'k, E, N> {
+    /// Scans `carrier` for `keys` in one pass; `None` when the carrier cannot scan.
+    pub(crate) fn scan(carrier: &'a E, keys: [&'k str; N]) -> Option<Self> {
+        let mut seen = [Seen::default(); N];
+        let scanned = carrier.scan_fields(&keys, |i, value| {
+            let Some(seen) = seen.get_mut(i) else {
+                return;
+            };
+            match seen.count {
+                0 => seen.first = Some(value),
+                1 => seen.second = Some(value),
+                _ => {}
+            }
+            seen.count += 1;
+        });
+        scanned.then_some(ScannedFields {
+            carrier: BoundedFields(carrier),
+            keys,
+            seen,
+        })
+    }
+
+    /// What was seen of `key`; `None` for a key not scanned or with more than two values
+    /// (then read from the carrier).
+    fn seen(&self, key: &str) -> Option<&Seen<'a>> {
+        // The callers pass the same constants as the scan: the address usually settles it.
+        let i = self.keys.iter().position(|k| {
+            k.len() == key.len() && (std::ptr::eq(k.as_ptr(), key.as_ptr()) || *k == key)
+        })?;
+        let seen = &self.seen[i];
+        (seen.count <= 2).then_some(seen)
+    }
+}
+
+impl<E: FieldValues, const N: usize> Source for ScannedFields<'_, '_, E, N> {
+    fn first(&self, key: &str) -> Option<&[u8]> {
+        match self.seen(key) {
+            Some(seen) => seen.first.and_then(|v| check_bytes(key, v)),
+            None => self.carrier.first(key),
+        }
+    }
+
+    fn single(&self, key: &str) -> Option<Result<&[u8], &[u8]>> {
+        let Some(seen) = self.seen(key) else {
+            return self.carrier.single(key);
+        };
+        let mut kept = [seen.first, seen.second]
+            .into_iter()
+            .flatten()
+            .filter_map(|v| check_bytes(key, v));
+        let first = kept.next()?;
+        Some(match kept.next() {
+            Some(_) => Err(first),
+            None => Ok(first),
+        })
+    }
+
+    fn all(&self, key: &str) -> Option<Vec<&[u8]>> {
+        let Some(seen) = self.seen(key) else {
+            return self.carrier.all(key);
+        };
+        let all: Vec<&[u8]> = [seen.first, seen.second]
+            .into_iter()
+            .flatten()
+            .filter_map(|v| check_bytes(key, v))
+            .collect();
         (!all.is_empty()).then_some(all)
     }
 }

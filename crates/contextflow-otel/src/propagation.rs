@@ -39,7 +39,7 @@ use opentelemetry::{
 };
 
 use crate::{
-    carrier::{Bounded, BoundedFields, Escaped, FieldValues, Source},
+    carrier::{Bounded, BoundedFields, Escaped, FieldValues, ScannedFields, Source},
     traceparent::format_traceparent,
     Baggage, RequestId, TraceParent, TraceState, BAGGAGE, REQUEST_ID, TRACEPARENT, TRACESTATE,
     X_REQUEST_ID,
@@ -568,14 +568,22 @@ impl Propagation {
         if !fast {
             return self.extract_parts(cx, carrier);
         }
-        let source = BoundedFields(carrier);
-        let cx = extract_trace_context(cx, &source);
+        // One pass over the carrier where it can (a header map), else a lookup per field.
+        match ScannedFields::scan(carrier, [TRACEPARENT, TRACESTATE, BAGGAGE, X_REQUEST_ID]) {
+            Some(source) => self.extract_from_source(cx, &source),
+            None => self.extract_from_source(cx, &BoundedFields(carrier)),
+        }
+    }
+
+    /// The fast path of [`extract_parts_from`](Self::extract_parts_from) over any [`Source`].
+    fn extract_from_source(&self, cx: &Context, source: &impl Source) -> (Context, RequestId) {
+        let cx = extract_trace_context(cx, source);
         let cx = if self.trace.is_none() {
-            extract_baggage(&cx, &source)
+            extract_baggage(&cx, source)
         } else {
             cx
         };
-        (cx, extract_request_id(&source))
+        (cx, extract_request_id(source))
     }
 
     /// Reads only what the trace propagator carries (no request id).
