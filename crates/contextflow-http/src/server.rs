@@ -16,8 +16,9 @@
 //! 4. runs the inner service's `call`, every poll of its future, the polling of the response
 //!    body while it streams, and the drop of both inside the request's context: OpenTelemetry's
 //!    current context (so `tracing-opentelemetry` spans and SDK spans are children of the
-//!    server span) and contextflow's [`OTEL_CONTEXT`](contextflow_otel::OTEL_CONTEXT) and
-//!    [`REQUEST_ID`](contextflow_otel::REQUEST_ID);
+//!    server span) and contextflow's [`OTEL_CONTEXT`] and [`REQUEST_ID`] (the request id is
+//!    there, not in OpenTelemetry's context: code that runs with only OpenTelemetry's context,
+//!    outside contextflow's, has no request id to forward);
 //! 5. echoes the request id on the response, unless the handler set one, and ends the span when
 //!    the body ends (or is dropped), with `http.response.status_code`.
 //!
@@ -96,6 +97,7 @@
 //! streaming body needs it.
 
 use std::{
+    cell::Cell,
     fmt,
     future::Future,
     pin::Pin,
@@ -104,10 +106,16 @@ use std::{
 
 use bytes::Bytes;
 use contextflow::{Binding, Snapshot};
-use contextflow_otel::{OtelContext, Propagation, RequestId, OTEL_CONTEXT, REQUEST_ID};
+use contextflow_otel::{
+    carrier::FieldValues, OtelContext, Propagation, RequestId, OTEL_CONTEXT, REQUEST_ID,
+};
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use opentelemetry::{propagation::TextMapPropagator, trace::SpanKind, KeyValue};
+use opentelemetry::{
+    propagation::{Extractor, TextMapPropagator},
+    trace::SpanKind,
+    KeyValue,
+};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -447,18 +455,28 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // Straight from the header map (no `Vec` per lookup) with the default propagators.
-        let (cx, extracted_id) = self.propagation.extract_parts_from(
-            &opentelemetry::Context::current(),
-            &HeaderExtractor(req.headers()),
-        );
+        // Straight from the header map (one pass over it, nothing allocated) with the default
+        // propagators.
+        let carrier = RequestHeaders {
+            headers: HeaderExtractor(req.headers()),
+            request_ids: Cell::new(None),
+        };
+        let (cx, extracted_id) = self
+            .propagation
+            .extract_parts_from(&opentelemetry::Context::current(), &carrier);
+        let no_id_header = carrier.request_ids.get() == Some(0);
         let request_id = match req.extensions().get::<RequestId>() {
             Some(set_earlier) => set_earlier.clone(),
             None => extracted_id,
         };
-        let cx = cx.with_value(request_id.clone());
+        // The request id is not added to the OpenTelemetry context (three allocations): it is
+        // bound to `REQUEST_ID` wherever the context is, and injection reads it from there.
 
-        let incoming = req.headers().get(X_REQUEST_ID);
+        let incoming = if no_id_header {
+            None
+        } else {
+            req.headers().get(X_REQUEST_ID)
+        };
         let id_value = match incoming {
             Some(value) if value.as_bytes() == request_id.as_str().as_bytes() => value.clone(),
             _ => {
@@ -757,6 +775,51 @@ impl RequestScope {
 
 /// A request id as the bytes of a header value.
 struct IdBytes(RequestId);
+
+/// The request's headers as a propagation carrier that counts the `x-request-id` values its
+/// one-pass scan sees, so that `call` need not look the header up again when there was none.
+struct RequestHeaders<'a> {
+    headers: HeaderExtractor<'a>,
+    /// `Some(count)` once scanned.
+    request_ids: Cell<Option<usize>>,
+}
+
+impl Extractor for RequestHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.headers.get(key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.headers.keys()
+    }
+
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        self.headers.get_all(key)
+    }
+}
+
+impl FieldValues for RequestHeaders<'_> {
+    fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+        self.headers.field_values(key)
+    }
+
+    fn scan_fields<'s>(&'s self, keys: &[&str], mut f: impl FnMut(usize, &'s [u8])) -> bool {
+        let id_key = keys
+            .iter()
+            .position(|k| *k == contextflow_otel::X_REQUEST_ID);
+        let mut ids = 0;
+        let scanned = self.headers.scan_fields(keys, |i, value| {
+            if Some(i) == id_key {
+                ids += 1;
+            }
+            f(i, value)
+        });
+        if scanned && id_key.is_some() {
+            self.request_ids.set(Some(ids));
+        }
+        scanned
+    }
+}
 
 impl AsRef<[u8]> for IdBytes {
     fn as_ref(&self) -> &[u8] {
