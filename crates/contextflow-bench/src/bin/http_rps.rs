@@ -37,6 +37,10 @@ use tracing_subscriber::layer::SubscriberExt as _;
 const VARIANTS: &[(&str, &str)] = &[
     ("bare", "axum hello-world, no middleware"),
     (
+        "identity",
+        "tower's Identity layer (what axum's `layer` costs by itself)",
+    ),
+    (
         "tower-http",
         "tower-http SetRequestId + PropagateRequestId + TraceLayer",
     ),
@@ -303,6 +307,7 @@ fn serve(variant: &str) {
         let app = Router::new().route("/", get(|| async { "Hello, World!" }));
         let app = match variant {
             "bare" => app,
+            "identity" => app.layer(tower::layer::util::Identity::new()),
             "tower-http" => app.layer(
                 ServiceBuilder::new()
                     .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
