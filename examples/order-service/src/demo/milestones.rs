@@ -1,7 +1,8 @@
 //! Each created order passed through every stage of its life exactly once, and each stage
 //! logged it under the order's own request: the payment stub (another server, reached over
 //! HTTP), the outbox worker (another task, context stored in the outbox row) and the queue
-//! consumer (another task, reached through message headers).
+//! consumer (another task, reached through the message's metadata: headers, or a Redis stream
+//! entry's fields).
 
 use std::collections::HashMap;
 
@@ -34,7 +35,7 @@ pub const MILESTONES: [Milestone; 3] = [
     Milestone {
         message: "audit: order confirmed",
         label: "queue events",
-        how: "consumed under the request's id and trace (message headers, not the tenant)",
+        how: "consumed under the request's id and trace (message metadata, not the tenant)",
     },
 ];
 
