@@ -120,6 +120,88 @@ where
     }
 }
 
+/// The text of the error [`PG_FAIL_IN_TRANSACTION`] raises.
+const PG_IN_TRANSACTION_MARKER: &str = "contextflow-sqlx: connection inside a transaction";
+
+/// PostgreSQL: a statement that fails when the connection is inside a transaction block and
+/// returns nothing otherwise, for the front of a message that then begins one. The test is
+/// [`in_transaction`]'s (`now()` is the transaction's start, `statement_timestamp()` the
+/// message's); the failure is a cast of a text naming contextflow-sqlx to `int`, evaluated
+/// only when the test is true, so the server's error says what happened. Nothing after it in
+/// the message runs: no `BEGIN` reaches a connection that is already in a transaction.
+///
+/// Only a plain `BEGIN` may follow it ([`can_follow_check`]).
+pub(crate) const PG_FAIL_IN_TRANSACTION: &str = "SELECT ('contextflow-sqlx: connection inside \
+     a transaction since ' || now()::text)::int WHERE now() <> statement_timestamp()";
+
+/// Whether `begin` may follow [`PG_FAIL_IN_TRANSACTION`] in one message. The check is the first
+/// query of the transaction that `BEGIN` then makes explicit, and PostgreSQL refuses an
+/// isolation level set after a query (`BEGIN ISOLATION LEVEL ...`: `25001`), so any begin
+/// statement but a plain `BEGIN` gets the check in a message of its own.
+pub(crate) fn can_follow_check(begin: &str) -> bool {
+    begin.trim().eq_ignore_ascii_case("BEGIN")
+}
+
+/// What a failed [`PG_FAIL_IN_TRANSACTION`] message means for the connection it ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PgBeginFailure {
+    /// It was inside a transaction (open or aborted): close it and take another.
+    InTransaction,
+    /// The connection itself failed (I/O, protocol, the server ending the session): close it
+    /// and take another.
+    Broken,
+    /// The server refused a statement of the caller's (`BEGIN ...`, the setting): the
+    /// caller's error.
+    Refused,
+}
+
+impl PgBeginFailure {
+    pub(crate) fn of(err: &sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Database(db) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or("");
+                let class = code.get(..2).unwrap_or("");
+                if db.message().contains(PG_IN_TRANSACTION_MARKER) || code == "25P02" {
+                    // 25P02: the check ran in a block aborted by an earlier error.
+                    PgBeginFailure::InTransaction
+                } else if matches!(class, "08" | "57") {
+                    // Connection exceptions, operator intervention (the session was ended).
+                    PgBeginFailure::Broken
+                } else {
+                    PgBeginFailure::Refused
+                }
+            }
+            _ => PgBeginFailure::Broken,
+        }
+    }
+}
+
+/// Appends `value` to `sql` as a PostgreSQL escape-string literal (`E'...'`: quotes doubled,
+/// backslashes doubled), which reads back as `value` whatever `standard_conforming_strings`
+/// says.
+///
+/// # Errors
+/// A NUL character, which no PostgreSQL text can hold (and which would end the message).
+pub(crate) fn push_pg_literal(sql: &mut String, value: &str) -> Result<(), sqlx::Error> {
+    if value.contains('\0') {
+        return Err(sqlx::Error::Protocol(
+            "a NUL character cannot be sent in a PostgreSQL string".into(),
+        ));
+    }
+    sql.reserve(value.len() + 3);
+    sql.push_str("E'");
+    for c in value.chars() {
+        match c {
+            '\'' => sql.push_str("''"),
+            '\\' => sql.push_str("\\\\"),
+            c => sql.push(c),
+        }
+    }
+    sql.push('\'');
+    Ok(())
+}
+
 /// SQLite's answer to `ROLLBACK` or `COMMIT` outside a transaction.
 pub(crate) fn is_sqlite_no_transaction(err: &sqlx::Error) -> bool {
     match err {
@@ -145,5 +227,68 @@ pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool
     match (dialect, err) {
         (Dialect::MySql, sqlx::Error::Database(db)) => db.code().as_deref() == Some("40001"),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Reads an `E'...'` literal back the way PostgreSQL does for the escapes we write, and
+    /// refuses anything else (a lone quote, a backslash escape we never write).
+    fn read_back(literal: &str) -> Option<String> {
+        let inner = literal.strip_prefix("E'")?.strip_suffix('\'')?;
+        let mut out = String::new();
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' | '\\' => {
+                    if chars.next()? != c {
+                        return None;
+                    }
+                    out.push(c);
+                }
+                c => out.push(c),
+            }
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        let mut sql = String::new();
+        push_pg_literal(&mut sql, r"o'brien\'; DROP TABLE t; --").unwrap();
+        assert_eq!(sql, r"E'o''brien\\''; DROP TABLE t; --'");
+        assert!(push_pg_literal(&mut String::new(), "a\0b").is_err());
+    }
+
+    proptest! {
+        /// Any text without NUL is written as one literal that reads back as itself.
+        #[test]
+        fn literals_read_back(value in any::<String>().prop_filter("no NUL", |v| !v.contains('\0'))) {
+            let mut sql = String::new();
+            push_pg_literal(&mut sql, &value).unwrap();
+            prop_assert_eq!(read_back(&sql), Some(value));
+        }
+    }
+
+    #[test]
+    fn only_a_plain_begin_follows_the_check() {
+        assert!(can_follow_check("BEGIN"));
+        assert!(can_follow_check(" begin "));
+        assert!(!can_follow_check("BEGIN ISOLATION LEVEL SERIALIZABLE"));
+        assert!(!can_follow_check("START TRANSACTION"));
+    }
+
+    #[test]
+    fn begin_failures_are_told_apart() {
+        assert_eq!(
+            PgBeginFailure::of(&sqlx::Error::PoolClosed),
+            PgBeginFailure::Broken
+        );
+        let io = sqlx::Error::Io(std::io::Error::other("reset"));
+        assert_eq!(PgBeginFailure::of(&io), PgBeginFailure::Broken);
     }
 }

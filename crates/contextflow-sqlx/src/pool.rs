@@ -13,7 +13,7 @@ use sqlx::{Database, Execute, Executor, Pool};
 
 use crate::{
     conn::Conn,
-    dialect::{Dialect, TxStatus},
+    dialect::{self, Dialect, PgBeginFailure, TxStatus},
     error::{ClosedReason, PropagationError, TransactionClosed},
     propagation::{Propagation, TxOptions},
     state::{Failure, Hook, Level, PoolParking, RootGuard, Shared, TxGuard},
@@ -545,15 +545,80 @@ where
                 // Row-level security needs the tenant set, and a transaction-local setting
                 // needs a transaction: the statement gets one of its own.
                 let tenant = mode.require(called_at)?;
-                let mut tracked = self.acquire_tracked(called_at).await?;
-                tracked.begin("BEGIN").await?;
-                mode.set(&mut tracked, &tenant).await?;
+                let tracked = self
+                    .acquire_begun("BEGIN", Some(&tenant), called_at)
+                    .await?;
                 Ok(Target::Pool {
                     tracked,
                     wrapped: true,
                 })
             }
         }
+    }
+
+    /// A connection from the pool inside a transaction opened with `begin`, with the tenant's
+    /// setting made for it in tenant mode. On PostgreSQL `begin` and the setting are one round
+    /// trip ([`Tracked::begin_pg`]), the acquire check too when `begin` is a plain `BEGIN`;
+    /// elsewhere, one each.
+    async fn acquire_begun(
+        &self,
+        begin: &str,
+        tenant: Option<&str>,
+        called_at: &'static Location<'static>,
+    ) -> Result<Tracked<DB>, sqlx::Error> {
+        let setting = match (&self.inner.tenant, tenant) {
+            (Some(mode), Some(tenant)) => Some((mode.setting(), tenant)),
+            _ => None,
+        };
+        let max = self.inner.pool.options().get_max_connections();
+        if self.inner.parking.count(crate::state::Owner::current()) >= max as usize {
+            return Err(crate::error::ConnectionBusy::pool_exhausted(called_at));
+        }
+        let attempts = max.saturating_add(1);
+        let mut last_error = None;
+        for _ in 0..attempts {
+            let mut tracked = Tracked::new(self.inner.pool.acquire().await?);
+            if tracked.dialect() != Dialect::Postgres {
+                let Some(mut tracked) = self.checked(tracked, &mut last_error).await? else {
+                    continue;
+                };
+                tracked.begin(begin).await?;
+                if let (Some(mode), Some(tenant)) = (&self.inner.tenant, tenant) {
+                    mode.set(&mut tracked, tenant).await?;
+                }
+                return Ok(tracked);
+            }
+            let mut check = self.inner.check_on_acquire;
+            if check && !dialect::can_follow_check(begin) {
+                let Some(checked) = self.checked(tracked, &mut last_error).await? else {
+                    continue;
+                };
+                tracked = checked;
+                check = false;
+            }
+            let Err(err) = tracked.begin_pg(begin, check, setting).await else {
+                return Ok(tracked);
+            };
+            match PgBeginFailure::of(&err) {
+                // Dropped in `Phase::Begin`: rolled back and verified before reuse.
+                PgBeginFailure::Refused => return Err(err),
+                PgBeginFailure::InTransaction => {
+                    tracing::warn!(
+                        target: "contextflow_sqlx",
+                        database = tracked.dialect().name(),
+                        "the pool handed out a connection inside a transaction: closed it"
+                    );
+                    tracked.close();
+                    last_error = Some(err);
+                }
+                PgBeginFailure::Broken => {
+                    tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
+                    tracked.close();
+                    last_error = Some(err);
+                }
+            }
+        }
+        Err(no_connection(last_error))
     }
 
     /// A connection from the pool, checked with the server unless the check is off.
@@ -570,41 +635,51 @@ where
         let attempts = max.saturating_add(1);
         let mut last_error = None;
         for _ in 0..attempts {
-            let mut tracked = Tracked::new(self.inner.pool.acquire().await?);
-            if !self.inner.check_on_acquire || !tracked.dialect().can_check() {
+            let tracked = Tracked::new(self.inner.pool.acquire().await?);
+            if let Some(tracked) = self.checked(tracked, &mut last_error).await? {
                 return Ok(tracked);
             }
-            match tracked.check_idle().await {
-                Ok(TxStatus::Idle) => return Ok(tracked),
-                Ok(TxStatus::RolledBack) => {
-                    // SQLite: the check's ROLLBACK ended the leftover transaction, and SQLite
-                    // keeps no other session state worth distrusting.
-                    tracing::warn!(
-                        target: "contextflow_sqlx",
-                        "the pool handed out a SQLite connection inside a transaction: rolled back"
-                    );
-                    return Ok(tracked);
-                }
-                Ok(TxStatus::Open) => {
-                    tracing::warn!(
-                        target: "contextflow_sqlx",
-                        database = tracked.dialect().name(),
-                        "the pool handed out a connection inside a transaction: closed it"
-                    );
-                    tracked.close();
-                }
-                Err(err) => {
-                    tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
-                    tracked.close();
-                    last_error = Some(err);
-                }
+        }
+        Err(no_connection(last_error))
+    }
+
+    /// `tracked`, fresh from the pool, checked with the server unless the check is off: `None`
+    /// when it was inside a transaction or broken (closed, the error in `last_error`).
+    async fn checked(
+        &self,
+        mut tracked: Tracked<DB>,
+        last_error: &mut Option<sqlx::Error>,
+    ) -> Result<Option<Tracked<DB>>, sqlx::Error> {
+        if !self.inner.check_on_acquire || !tracked.dialect().can_check() {
+            return Ok(Some(tracked));
+        }
+        match tracked.check_idle().await {
+            Ok(TxStatus::Idle) => Ok(Some(tracked)),
+            Ok(TxStatus::RolledBack) => {
+                // SQLite: the check's ROLLBACK ended the leftover transaction, and SQLite
+                // keeps no other session state worth distrusting.
+                tracing::warn!(
+                    target: "contextflow_sqlx",
+                    "the pool handed out a SQLite connection inside a transaction: rolled back"
+                );
+                Ok(Some(tracked))
+            }
+            Ok(TxStatus::Open) => {
+                tracing::warn!(
+                    target: "contextflow_sqlx",
+                    database = tracked.dialect().name(),
+                    "the pool handed out a connection inside a transaction: closed it"
+                );
+                tracked.close();
+                Ok(None)
+            }
+            Err(err) => {
+                tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
+                tracked.close();
+                *last_error = Some(err);
+                Ok(None)
             }
         }
-        Err(last_error.unwrap_or_else(|| {
-            sqlx::Error::Protocol(
-                "every connection the pool handed out was inside a transaction".into(),
-            )
-        }))
     }
 
     async fn run_block<F, Fut, T, E>(
@@ -654,11 +729,9 @@ where
             Some(mode) => Some(mode.require(called_at).map_err(E::from)?),
             None => None,
         };
-        let mut tracked = self.acquire_tracked(called_at).await?;
-        tracked.begin(begin).await?;
-        if let (Some(mode), Some(tenant)) = (&self.inner.tenant, &tenant) {
-            mode.set(&mut tracked, tenant).await?;
-        }
+        let tracked = self
+            .acquire_begun(begin, tenant.as_deref(), called_at)
+            .await?;
         let shared = Arc::new(Shared::new(tracked, tenant));
         // From here until `disarm`, dropping this future ends the transaction at once.
         let mut guard = RootGuard::new(shared.clone());
@@ -858,6 +931,15 @@ impl<DB: Database> fmt::Debug for TxPool<DB> {
     }
 }
 
+/// The error when every connection the pool handed out was refused.
+fn no_connection(last_error: Option<sqlx::Error>) -> sqlx::Error {
+    last_error.unwrap_or_else(|| {
+        sqlx::Error::Protocol(
+            "every connection the pool handed out was inside a transaction".into(),
+        )
+    })
+}
+
 // ===== impl TxPoolBuilder =====
 
 impl<DB: Database> TxPoolBuilder<DB>
@@ -867,8 +949,9 @@ where
     /// Whether to check each connection taken from the pool with the server (default: on).
     ///
     /// A connection inside a transaction is closed and another taken, so no request's work
-    /// ever joins a transaction left open by someone else. The check costs one round trip per
-    /// acquire (on SQLite, a call to its worker thread); it also finds broken connections, so
+    /// ever joins a transaction left open by someone else. On PostgreSQL the check travels with
+    /// the `BEGIN` of a transaction (one message); otherwise it costs one round trip per
+    /// acquire (on SQLite, a call to its worker thread). It also finds broken connections, so
     /// with it on, sqlx's own ping (`PoolOptions::test_before_acquire`) can be turned off,
     /// which makes the net cost zero. Connections that contextflow-sqlx itself releases never
     /// need it: it only returns connections to the pool that the server confirmed idle. Turn

@@ -1,8 +1,8 @@
 //! [`TenantPool`]: tenant isolation enforced by PostgreSQL row-level security, driven by the
 //! tenant in the context; [`AdminPool`]: the explicit, separate type for cross-tenant work.
 //!
-//! A `TenantPool` is a [`TxPool`] that runs `SELECT set_config('app.tenant_id', $1, true)` right
-//! after every `BEGIN`, with the tenant read from a context variable the application binds in
+//! A `TenantPool` is a [`TxPool`] that runs `SELECT set_config('app.tenant_id', ..., true)` right
+//! after every `BEGIN` (in the same message, the tenant as an escaped string literal), with the tenant read from a context variable the application binds in
 //! authenticated code, and runs every statement outside a transaction in a transaction of its
 //! own, so that each one has the setting. The setting is transaction-local (`true`): `COMMIT`
 //! and `ROLLBACK` end it, so it never survives into the next use of a pooled connection. The
@@ -47,7 +47,8 @@ const POLICY: &str = "contextflow_tenant_isolation";
 ///   statement (or nested block) inside it whose context has another tenant fails with a
 ///   [`TenantError`] of kind [`Changed`](TenantErrorKind::Changed).
 /// - **Statements outside a transaction** each run in a transaction of their own (`BEGIN`,
-///   `set_config`, the statement, `COMMIT`: three more round trips); group them in a
+///   `set_config`, the statement, `COMMIT`: two more round trips, as `BEGIN` and
+///   `set_config` travel in one message); group them in a
 ///   `transaction` block. [`acquire`](TxPool::acquire) needs a transaction.
 /// - **Start-up check.** [`TenantPool::new`] refuses (with every problem found) a pool whose
 ///   role is a superuser or has `BYPASSRLS` (also a superuser session that switched role),
@@ -565,6 +566,11 @@ impl<DB: Database> TenantMode<DB> {
             Some(false) => Err(TenantError::error(TenantErrorKind::Changed, called_at)),
             None => Err(TenantError::error(TenantErrorKind::Missing, called_at)),
         }
+    }
+
+    /// The setting that holds the tenant (`app.tenant_id` by default).
+    pub(crate) fn setting(&self) -> &str {
+        &self.setting
     }
 
     /// Sets the tenant for the transaction open on `tracked`.

@@ -244,6 +244,49 @@ mod postgres {
         ctx.finish().await;
     }
 
+    async fn pg_pid(conn: &mut sqlx::PgConnection) -> i64 {
+        let query = sqlx::raw_sql("SELECT pg_backend_pid()::int8");
+        sqlx::Row::get::<i64, _>(&query.fetch_one(conn).await.unwrap(), 0)
+    }
+
+    /// A transaction block's `BEGIN` travels with the acquire check in one message: a
+    /// connection left inside a transaction (open, or aborted by an error) is still refused
+    /// before any `BEGIN` reaches it, and the block runs on another session.
+    async fn dirty_connection_refused_when_a_block_begins() {
+        let ctx = setup(1).await;
+        for (n, leftover) in ["open", "aborted"].into_iter().enumerate() {
+            let dirty = {
+                let mut conn = ctx.db.pool().acquire().await.unwrap();
+                sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+                let pid = pg_pid(&mut conn).await;
+                if leftover == "aborted" {
+                    let failed = sqlx::raw_sql("SELECT 1/0").execute(&mut *conn).await;
+                    assert!(failed.is_err());
+                }
+                pid
+            };
+            let id = n as i64 + 1;
+            let in_block = ctx
+                .db
+                .transaction(|| async {
+                    insert(&ctx, id, 0).await?;
+                    let mut conn = ctx.db.acquire().await?;
+                    Ok::<_, sqlx::Error>(pg_pid(&mut conn).await)
+                })
+                .await
+                .unwrap();
+            assert_ne!(
+                in_block, dirty,
+                "{leftover}: the block ran on the dirty session"
+            );
+        }
+        assert_eq!(ids(&ctx).await, vec![1, 2]);
+        let mut conn = ctx.db.pool().acquire().await.unwrap();
+        assert!(!oracle_in_transaction(&mut conn).await);
+        drop(conn);
+        ctx.finish().await;
+    }
+
     async fn pid(conn: &mut sqlx::AnyConnection) -> i64 {
         let query = sqlx::raw_sql("SELECT pg_backend_pid()::int8");
         sqlx::Row::get::<i64, _>(&query.fetch_one(conn).await.unwrap(), 0)
@@ -304,6 +347,7 @@ mod postgres {
         savepoint_release_fails_after_swallowed_error,
         transactions_have_distinct_server_ids,
         issue_9_dirty_connection_refused_on_acquire,
+        dirty_connection_refused_when_a_block_begins,
     );
 }
 

@@ -403,6 +403,62 @@ async fn tenant_drop_at_every_await_point() {
     rls.finish().await;
 }
 
+/// The tenant travels to the server as a string literal in `BEGIN`'s message: every value the
+/// pool accepts reads back unchanged with `current_setting`, in a block and for a statement
+/// outside one (quotes, backslashes, SQL, Unicode, the 256-byte maximum, and random text).
+async fn tenant_values_reach_the_server_verbatim() {
+    use proptest::strategy::{Strategy as _, ValueTree as _};
+
+    let rls = Rls::setup().await;
+    let db = rls.tenant_pool(2).await;
+    let mut values: Vec<String> = [
+        "acme",
+        "o'brien",
+        r"back\slash",
+        r"\'",
+        "'; SELECT set_config('app.tenant_id', 'globex', true); --",
+        "E'x'",
+        "$$ dollar $$",
+        "line\nbreak\ttab",
+        "ünïcødé ✓ 🦀 \u{202e}",
+        "%s %n {}",
+    ]
+    .iter()
+    .map(|v| v.to_string())
+    .collect();
+    values.push("é".repeat(128)); // 256 bytes: the longest tenant accepted
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let random = proptest::collection::vec(proptest::arbitrary::any::<String>(), 200)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current();
+    values.extend(
+        random
+            .into_iter()
+            .filter(|v| !v.is_empty() && v.len() <= 256 && !v.contains('\0')),
+    );
+    let read = "SELECT current_setting('app.tenant_id')";
+    for value in &values {
+        let in_block: String = TENANT
+            .scope(
+                value.clone(),
+                db.transaction(|| sqlx::query_scalar(read).fetch_one(&*db)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&in_block, value);
+        let alone: String = TENANT
+            .scope(value.clone(), sqlx::query_scalar(read).fetch_one(&*db))
+            .await
+            .unwrap();
+        assert_eq!(&alone, value);
+    }
+    assert!(values.len() > 150, "{} values", values.len());
+    assert_connections_clean(db.pool(), 2).await;
+    db.pool().close().await;
+    rls.finish().await;
+}
+
 fn has(refusals: &SetupError, wanted: impl Fn(&Refusal) -> bool) -> bool {
     match refusals {
         SetupError::Refused(list) => list.iter().any(wanted),
@@ -525,5 +581,6 @@ rls_tests!(
     fail_closed_without_tenant,
     tenant_is_fixed_per_transaction,
     tenant_drop_at_every_await_point,
+    tenant_values_reach_the_server_verbatim,
     startup_check_refusals,
 );
