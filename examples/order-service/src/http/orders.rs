@@ -5,7 +5,7 @@ use axum::{
     http::StatusCode,
     Json,
 };
-use tracing::{debug, info, Instrument as _};
+use tracing::{debug, Instrument as _};
 
 use super::{ApiError, AppJson, AppState};
 use crate::{
@@ -32,7 +32,8 @@ pub async fn create_order(
         debug!(lines = order.items.len(), "order received");
         match app.service.place_order(&order).await? {
             Placed::Created(placed) => {
-                info!(order_id = placed.id, "order accepted");
+                // "order placed" (INFO, the service's) already says it.
+                debug!(order_id = placed.id, "order accepted");
                 Ok((StatusCode::CREATED, Json(placed)))
             }
             Placed::Existing(existing) => Ok((StatusCode::OK, Json(existing))),
