@@ -119,8 +119,15 @@ impl Db {
             .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    // WAL (sqlx's default) with NORMAL sync: durable against crashes of the
-                    // process, one fsync per checkpoint rather than per commit.
+                    // WAL with NORMAL sync: durable against crashes of the process, one fsync
+                    // per checkpoint rather than per commit, readers beside the writer. sqlx
+                    // sets no journal mode itself (without this, SQLite's default rollback
+                    // journal made and deleted a `-journal` file, with fsyncs, per write
+                    // transaction). WAL is recorded in the database file; an in-memory
+                    // database answers "memory" and stays as it is.
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
                     sqlx::query("PRAGMA synchronous = NORMAL")
                         .execute(&mut *conn)
                         .await?;
