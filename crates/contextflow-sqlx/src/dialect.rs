@@ -177,6 +177,38 @@ impl PgBeginFailure {
     }
 }
 
+/// The one message that opens a transaction on PostgreSQL: with `check`,
+/// [`PG_FAIL_IN_TRANSACTION`] first; then `begin`; then, for a tenant,
+/// `SELECT set_config('<setting>', '<value>', true)` with both as escaped literals.
+///
+/// # Errors
+/// A NUL character in the setting or its value ([`push_pg_literal`]).
+pub(crate) fn pg_begin_message(
+    begin: &str,
+    check: bool,
+    setting: Option<(&str, &str)>,
+) -> Result<String, sqlx::Error> {
+    debug_assert!(!check || can_follow_check(begin));
+    let mut sql = String::with_capacity(
+        PG_FAIL_IN_TRANSACTION.len()
+            + begin.len()
+            + setting.map_or(0, |(name, value)| name.len() + value.len() + 40),
+    );
+    if check {
+        sql.push_str(PG_FAIL_IN_TRANSACTION);
+        sql.push_str("; ");
+    }
+    sql.push_str(begin);
+    if let Some((name, value)) = setting {
+        sql.push_str("; SELECT set_config(");
+        push_pg_literal(&mut sql, name)?;
+        sql.push_str(", ");
+        push_pg_literal(&mut sql, value)?;
+        sql.push_str(", true)");
+    }
+    Ok(sql)
+}
+
 /// Appends `value` to `sql` as a PostgreSQL escape-string literal (`E'...'`: quotes doubled,
 /// backslashes doubled), which reads back as `value` whatever `standard_conforming_strings`
 /// says.
@@ -272,6 +304,17 @@ mod tests {
             push_pg_literal(&mut sql, &value).unwrap();
             prop_assert_eq!(read_back(&sql), Some(value));
         }
+    }
+
+    #[test]
+    fn begin_messages() {
+        assert_eq!(pg_begin_message("BEGIN", false, None).unwrap(), "BEGIN");
+        let full = pg_begin_message("BEGIN", true, Some(("app.tenant_id", "o'k"))).unwrap();
+        assert_eq!(
+            full,
+            format!("{PG_FAIL_IN_TRANSACTION}; BEGIN; SELECT set_config(E'app.tenant_id', E'o''k', true)")
+        );
+        assert!(pg_begin_message("BEGIN", false, Some(("app.x", "a\0b"))).is_err());
     }
 
     #[test]

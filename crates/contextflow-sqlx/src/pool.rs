@@ -570,11 +570,10 @@ where
             (Some(mode), Some(tenant)) => Some((mode.setting(), tenant)),
             _ => None,
         };
-        let max = self.inner.pool.options().get_max_connections();
-        if self.inner.parking.count(crate::state::Owner::current()) >= max as usize {
-            return Err(crate::error::ConnectionBusy::pool_exhausted(called_at));
-        }
-        let attempts = max.saturating_add(1);
+        let attempts = self.acquire_attempts(called_at)?;
+        // The acquire check goes in the message when `begin` may follow it, else before it.
+        let check_apart = self.inner.check_on_acquire && !dialect::can_follow_check(begin);
+        let mut message = None;
         let mut last_error = None;
         for _ in 0..attempts {
             let mut tracked = Tracked::new(self.inner.pool.acquire().await?);
@@ -588,37 +587,44 @@ where
                 }
                 return Ok(tracked);
             }
-            let mut check = self.inner.check_on_acquire;
-            if check && !dialect::can_follow_check(begin) {
+            if check_apart {
                 let Some(checked) = self.checked(tracked, &mut last_error).await? else {
                     continue;
                 };
                 tracked = checked;
-                check = false;
             }
-            let Err(err) = tracked.begin_pg(begin, check, setting).await else {
+            let message = match &message {
+                Some(message) => message,
+                None => message.insert(dialect::pg_begin_message(
+                    begin,
+                    self.inner.check_on_acquire && !check_apart,
+                    setting,
+                )?),
+            };
+            let Err(err) = tracked.begin_pg(message).await else {
                 return Ok(tracked);
             };
             match PgBeginFailure::of(&err) {
                 // Dropped in `Phase::Begin`: rolled back and verified before reuse.
                 PgBeginFailure::Refused => return Err(err),
-                PgBeginFailure::InTransaction => {
-                    tracing::warn!(
-                        target: "contextflow_sqlx",
-                        database = tracked.dialect().name(),
-                        "the pool handed out a connection inside a transaction: closed it"
-                    );
-                    tracked.close();
-                    last_error = Some(err);
-                }
-                PgBeginFailure::Broken => {
-                    tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
-                    tracked.close();
-                    last_error = Some(err);
-                }
+                PgBeginFailure::InTransaction => close_in_transaction(tracked),
+                PgBeginFailure::Broken => close_broken(tracked, &err),
             }
+            last_error = Some(err);
         }
         Err(no_connection(last_error))
+    }
+
+    /// How many connections to take from the pool before giving up; an error at once when this
+    /// task already holds as many as the pool has (it would wait for itself).
+    fn acquire_attempts(&self, called_at: &'static Location<'static>) -> Result<u32, sqlx::Error> {
+        let max = self.inner.pool.options().get_max_connections();
+        if self.inner.parking.count(crate::state::Owner::current()) >= max as usize {
+            return Err(crate::error::ConnectionBusy::pool_exhausted(called_at));
+        }
+        // Each refused connection is closed, so the pool opens fresh ones: a few attempts
+        // always get through unless the server itself is unusable.
+        Ok(max.saturating_add(1))
     }
 
     /// A connection from the pool, checked with the server unless the check is off.
@@ -626,13 +632,7 @@ where
         &self,
         called_at: &'static Location<'static>,
     ) -> Result<Tracked<DB>, sqlx::Error> {
-        let max = self.inner.pool.options().get_max_connections();
-        if self.inner.parking.count(crate::state::Owner::current()) >= max as usize {
-            return Err(crate::error::ConnectionBusy::pool_exhausted(called_at));
-        }
-        // Each refused connection is closed, so the pool opens fresh ones: a few attempts
-        // always get through unless the server itself is unusable.
-        let attempts = max.saturating_add(1);
+        let attempts = self.acquire_attempts(called_at)?;
         let mut last_error = None;
         for _ in 0..attempts {
             let tracked = Tracked::new(self.inner.pool.acquire().await?);
@@ -665,17 +665,11 @@ where
                 Ok(Some(tracked))
             }
             Ok(TxStatus::Open) => {
-                tracing::warn!(
-                    target: "contextflow_sqlx",
-                    database = tracked.dialect().name(),
-                    "the pool handed out a connection inside a transaction: closed it"
-                );
-                tracked.close();
+                close_in_transaction(tracked);
                 Ok(None)
             }
             Err(err) => {
-                tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
-                tracked.close();
+                close_broken(tracked, &err);
                 *last_error = Some(err);
                 Ok(None)
             }
@@ -929,6 +923,28 @@ impl<DB: Database> fmt::Debug for TxPool<DB> {
             .field("tenant_scoped", &self.inner.tenant.is_some())
             .finish()
     }
+}
+
+/// Closes a connection the pool handed out inside a transaction (which closing ends).
+fn close_in_transaction<DB: Database>(tracked: Tracked<DB>)
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    tracing::warn!(
+        target: "contextflow_sqlx",
+        database = tracked.dialect().name(),
+        "the pool handed out a connection inside a transaction: closed it"
+    );
+    tracked.close();
+}
+
+/// Closes a connection that failed its check.
+fn close_broken<DB: Database>(tracked: Tracked<DB>, err: &sqlx::Error)
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    tracing::debug!(target: "contextflow_sqlx", error = %err, "a pooled connection failed its check: closed it");
+    tracked.close();
 }
 
 /// The error when every connection the pool handed out was refused.

@@ -2,9 +2,9 @@
 //! tenant in the context; [`AdminPool`]: the explicit, separate type for cross-tenant work.
 //!
 //! A `TenantPool` is a [`TxPool`] that runs `SELECT set_config('app.tenant_id', ..., true)` right
-//! after every `BEGIN` (in the same message, the tenant as an escaped string literal), with the tenant read from a context variable the application binds in
-//! authenticated code, and runs every statement outside a transaction in a transaction of its
-//! own, so that each one has the setting. The setting is transaction-local (`true`): `COMMIT`
+//! after every `BEGIN` (in the same message, the tenant as an escaped string literal), with the
+//! tenant read from a context variable the application binds in authenticated code, and runs
+//! every statement outside a transaction in a transaction of its own, so that each one has the setting. The setting is transaction-local (`true`): `COMMIT`
 //! and `ROLLBACK` end it, so it never survives into the next use of a pooled connection. The
 //! database's policies (`USING (tenant_id = NULLIF(current_setting('app.tenant_id', true),
 //! '')::text)`) then filter every query, including one that forgets its `WHERE`.

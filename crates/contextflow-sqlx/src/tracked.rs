@@ -104,37 +104,14 @@ where
         Ok(())
     }
 
-    /// PostgreSQL: in one round trip, checks (with `check`) that no transaction is open on the
-    /// connection, opens one with `statement` and sets each `setting` to its value for it
-    /// (`set_config(.., true)`). The statements go in one simple-protocol message, which the
+    /// PostgreSQL: sends `message`, made by [`dialect::pg_begin_message`] (the acquire check,
+    /// the begin statement, the tenant's setting), as one simple-protocol message, which the
     /// server runs in order, stopping at the first error (see
     /// [`PgBeginFailure`](dialect::PgBeginFailure) for what an error means).
-    pub(crate) async fn begin_pg(
-        &mut self,
-        statement: &str,
-        check: bool,
-        setting: Option<(&str, &str)>,
-    ) -> Result<(), sqlx::Error> {
+    pub(crate) async fn begin_pg(&mut self, message: &str) -> Result<(), sqlx::Error> {
         debug_assert_eq!(self.dialect, Dialect::Postgres);
-        let mut sql = String::with_capacity(
-            statement.len()
-                + setting.map_or(0, |(name, value)| name.len() + value.len() + 40)
-                + 160,
-        );
-        if check {
-            sql.push_str(dialect::PG_FAIL_IN_TRANSACTION);
-            sql.push_str("; ");
-        }
-        sql.push_str(statement);
-        if let Some((name, value)) = setting {
-            sql.push_str("; SELECT set_config(");
-            dialect::push_pg_literal(&mut sql, name)?;
-            sql.push_str(", ");
-            dialect::push_pg_literal(&mut sql, value)?;
-            sql.push_str(", true)");
-        }
         self.phase = Phase::Begin;
-        self.raw().execute(sqlx::raw_sql(&sql)).await?;
+        self.raw().execute(sqlx::raw_sql(message)).await?;
         self.phase = Phase::Open;
         Ok(())
     }
