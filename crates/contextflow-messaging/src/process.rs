@@ -11,7 +11,7 @@
 //! malformed or non-UTF-8 value dropped with a `debug` log, a fresh request id when there is
 //! none), and returns the context to run `main` in:
 //!
-//! ```no_run
+//! ```
 //! // In the child's `main`:
 //! contextflow_otel::sync_scope(contextflow_messaging::process::from_env(), || {
 //!     // Logs, spans and requests made here continue the parent's trace and request id.

@@ -157,10 +157,15 @@ pub fn try_url(service: Service) -> Option<String> {
 /// When the variable is unset or empty: the test binary was built with the service available
 /// (or with `CONTEXTFLOW_REQUIRE_SERVICES=1`) but runs without it.
 ///
-/// ```should_panic
+/// ```
 /// // The variable is removed, so this panics with a message naming it.
 /// std::env::remove_var("CONTEXTFLOW_MQTT_URL");
-/// contextflow_testenv::url(contextflow_testenv::Service::Mqtt);
+/// let panic = std::panic::catch_unwind(|| {
+///     contextflow_testenv::url(contextflow_testenv::Service::Mqtt)
+/// })
+/// .unwrap_err();
+/// let message = panic.downcast_ref::<String>().unwrap();
+/// assert!(message.starts_with("CONTEXTFLOW_MQTT_URL is not set"), "{message}");
 /// ```
 #[track_caller]
 pub fn url(service: Service) -> String {

@@ -179,10 +179,23 @@ async fn overlapping_runs_have_their_own_ids_and_traces() {
         .filter(|span| span.name == format!("job {job}"))
         .collect();
     assert_eq!(spans.len(), ended);
+    // Every run (the three above and any that started before the shutdown) reported its trace
+    // before the gate; each run's root span is in its own trace.
+    let all_traces: HashSet<_> = started
+        .iter()
+        .chain(&after)
+        .map(|s| s.trace_id.unwrap())
+        .collect();
+    let span_traces: HashSet<_> = spans.iter().map(|s| s.span_context.trace_id()).collect();
+    assert_eq!(span_traces.len(), spans.len(), "one trace per run");
     for span in &spans {
         assert_eq!(span.parent_span_id, SpanId::INVALID, "a root span");
-        assert!(traces.contains(&span.span_context.trace_id()) || ended > 3);
+        assert!(
+            all_traces.contains(&span.span_context.trace_id()),
+            "{span:?} is in no run's trace"
+        );
     }
+    assert!(traces.is_subset(&span_traces), "the three runs' spans");
 }
 
 async fn a_panicking_run_does_not_stop_the_scheduler() {
@@ -382,15 +395,26 @@ async fn dropping_running_cancels() {
             move || {
                 let tx = tx.clone();
                 async move {
-                    let _keep = tx;
+                    // Says it is in progress, then never ends on its own.
+                    let _ = tx.send(());
                     std::future::pending::<()>().await;
                 }
             },
         )
         .start();
+    // A run is in progress when `Running` is dropped: only cancelling it ends it.
+    assert_eq!(rx.recv().await, Some(()));
     drop(running);
-    // Every sender lives in the job's closure or its runs: all are dropped once cancelled.
-    assert!(rx.recv().await.is_none());
+    // Every sender lives in the job's closure or its runs: all are dropped once the runs in
+    // progress are cancelled (waiting for them instead would never end).
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while rx.recv().await.is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a run in progress outlived the dropped Running"
+    );
 }
 
 #[test]

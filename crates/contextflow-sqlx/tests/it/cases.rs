@@ -526,7 +526,10 @@ async fn issue_9_drop_at_every_await_point() {
             "{BACKEND}: {} block dropped at each of its {polls} await points",
             if fail { "failing" } else { "committing" }
         );
-        assert!(polls >= 1, "{BACKEND}: no suspension point");
+        // How many polls a block takes depends on the runtime and on timing (a response
+        // already there needs no suspension). Seen on 2026-11-27: PostgreSQL 2 to 3 on
+        // `current_thread` and 13 to 14 on `multi_thread`, MariaDB 3 to 15, SQLite 9 to 15.
+        assert!(polls >= 2, "{BACKEND}: only {polls} suspension points");
         ctx.finish().await;
     }
 }
@@ -544,6 +547,15 @@ async fn drop_pool_statement_at_every_await_point() {
         }
         polls += 1;
     }
+    assert!(polls >= 1, "{BACKEND}: the statement never suspended");
+    // The statement that ran to the end is there; a dropped one may or may not be (it was
+    // sent, or not): nothing else, nothing twice.
+    let ids = ids(&ctx).await;
+    assert!(ids.contains(&(polls as i64)), "{BACKEND}: {ids:?}");
+    assert!(
+        ids.iter().all(|id| (0..=polls as i64).contains(id)),
+        "{BACKEND}: {ids:?}"
+    );
     ctx.finish().await;
 }
 

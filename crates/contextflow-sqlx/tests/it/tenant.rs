@@ -399,6 +399,8 @@ async fn tenant_drop_at_every_await_point() {
         polls += 1;
     }
     eprintln!("PostgreSQL: tenant transaction dropped at each of its {polls} await points");
+    // Timing decides how many (a response already there needs no suspension): 5 to 7 seen.
+    assert!(polls >= 3, "only {polls} suspension points");
     items.db.pool().close().await;
     rls.finish().await;
 }

@@ -79,15 +79,23 @@ async fn never_inherited_variable_stays_behind() {
 }
 
 async fn never_inherited_shadow_reveals_nothing_of_outer() {
-    // An outer inheritable REQ is visible in the child even though TX sits between.
-    let seen = TX
-        .scope("tx", async {
-            contextflow::spawn_blocking(|| (TX.is_set(), REQ.is_set()))
-                .await
-                .unwrap()
-        })
+    // A never-inherited TX that shadows an outer TX: the child sees neither (the shadow must
+    // not reveal the outer binding), while an outer inheritable REQ, with both TX bindings
+    // between it and the spawn, is visible.
+    let seen = REQ
+        .scope(
+            "outer".into(),
+            TX.scope(
+                "tx-outer",
+                TX.scope("tx", async {
+                    contextflow::spawn_blocking(|| (TX.get(), REQ.get()))
+                        .await
+                        .unwrap()
+                }),
+            ),
+        )
         .await;
-    assert_eq!(seen, (false, false));
+    assert_eq!(seen, (None, Some("outer".to_string())));
 }
 
 async fn spawn_without_context_and_spawn_with() {

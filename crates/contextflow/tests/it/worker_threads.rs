@@ -64,12 +64,21 @@ fn a_worker_pool_runs_each_job_in_its_senders_context() {
     let queue = Arc::new(Mutex::new(queue));
     let results = Mutex::new(Vec::new());
     let workers_seen = Mutex::new(HashSet::new());
+    // Each worker waits here with its first job until every worker has one: all of them run
+    // jobs, whatever the scheduler does.
+    let first_job = Barrier::new(THREADS);
     std::thread::scope(|s| {
         for _ in 0..THREADS {
             let (queue, results, workers_seen) = (queue.clone(), &results, &workers_seen);
+            let first_job = &first_job;
+            let mut waited = false;
             s.spawn(move || loop {
                 let job = queue.lock().unwrap().recv();
                 let Ok(job) = job else { break };
+                if !waited {
+                    first_job.wait();
+                    waited = true;
+                }
                 workers_seen
                     .lock()
                     .unwrap()
@@ -101,6 +110,11 @@ fn a_worker_pool_runs_each_job_in_its_senders_context() {
         drop(jobs);
     });
     let results = results.into_inner().unwrap();
+    assert_eq!(
+        workers_seen.into_inner().unwrap().len(),
+        THREADS,
+        "every worker ran jobs"
+    );
     assert_eq!(results.len(), 1_000 - 100, "every job but the failing ones");
     assert!(
         results

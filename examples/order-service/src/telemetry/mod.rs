@@ -45,8 +45,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The tracer providers of the roles the application plays, each exporting over OTLP/HTTP.
 /// Clones share the providers.
 ///
-/// ```no_run
-/// # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// use order_service::telemetry::{Receiver, Telemetry};
 /// let receiver = Receiver::start().await?;
 /// let telemetry = Telemetry::otlp(Some(&receiver.endpoint()))?;
