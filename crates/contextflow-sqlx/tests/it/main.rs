@@ -50,6 +50,14 @@ mod postgres {
         crate::support::postgres(max_connections).await
     }
 
+    /// The fewest suspension points the drop test's protocol block may have (behind the slow proxy: 14 seen, each round trip of the block suspends).
+    const MIN_DROP_POINTS: usize = 10;
+
+    /// Behind a proxy that delays every answer: each round trip suspends (the drop tests).
+    async fn setup_slow(max_connections: u32) -> crate::support::Ctx<Db> {
+        crate::support::postgres_slow(max_connections).await
+    }
+
     fn sql(s: &str) -> String {
         s.to_owned()
     }
@@ -369,6 +377,14 @@ mod mysql {
         crate::support::mysql(max_connections).await
     }
 
+    /// The fewest suspension points the drop test's protocol block may have (behind the slow proxy: 15 seen).
+    const MIN_DROP_POINTS: usize = 10;
+
+    /// Behind a proxy that delays every answer: each round trip suspends (the drop tests).
+    async fn setup_slow(max_connections: u32) -> crate::support::Ctx<Db> {
+        crate::support::mysql_slow(max_connections).await
+    }
+
     /// MySQL's placeholders are `?`; the cases write `$1`, `$2` in order.
     fn sql(s: &str) -> String {
         let mut out = String::with_capacity(s.len());
@@ -484,6 +500,14 @@ mod sqlite {
 
     async fn setup(max_connections: u32) -> crate::support::Ctx<Db> {
         crate::support::sqlite(max_connections).await
+    }
+
+    /// The fewest suspension points the drop test's protocol block may have (no proxy: 6 to 15 seen, as its worker thread answers).
+    const MIN_DROP_POINTS: usize = 4;
+
+    /// SQLite has no socket to slow down: its worker thread answers as it answers.
+    async fn setup_slow(max_connections: u32) -> crate::support::Ctx<Db> {
+        setup(max_connections).await
     }
 
     fn sql(s: &str) -> String {

@@ -143,7 +143,96 @@ pub(crate) struct Ctx<DB: Database> {
     /// Set for PostgreSQL: the pool's `application_name`, to find its sessions.
     pub(crate) app_name: Option<String>,
     pub(crate) _dir: Option<tempfile::TempDir>,
+    /// The proxy the pool connects through, if any (dropped after the pool is closed).
+    pub(crate) _proxy: Option<SlowProxy>,
 }
+
+/// A TCP proxy on 127.0.0.1 in front of a database server that holds each piece of every
+/// answer for `delay` before passing it on, on a thread and runtime of its own. Behind it,
+/// every answer arrives after its reader has looked for it once, so a future waiting on the
+/// database suspends at each round trip whatever the runtime and the machine's speed: the
+/// drop-at-every-await-point tests then reach every step of the protocol. (Without it, a
+/// debug build on `current_thread` often found PostgreSQL's answers already there and
+/// finished a ten-statement block in 2 or 3 polls.)
+pub(crate) struct SlowProxy {
+    pub(crate) port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowProxy {
+    pub(crate) fn start(host: &str, port: u16, delay: Duration) -> SlowProxy {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let local = listener.local_addr().unwrap().port();
+        let target = (host.to_owned(), port);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let client = tokio::select! {
+                        _ = &mut stopped => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((client, _)) => client,
+                            Err(_) => continue,
+                        },
+                    };
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (_, _) = (client.set_nodelay(true), server.set_nodelay(true));
+                        let (mut client_read, mut client_write) = client.into_split();
+                        let (mut server_read, mut server_write) = server.into_split();
+                        let up = async {
+                            tokio::io::copy(&mut client_read, &mut server_write).await?;
+                            server_write.shutdown().await
+                        };
+                        let down = async {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = server_read.read(&mut buf).await?;
+                                if n == 0 {
+                                    break;
+                                }
+                                tokio::time::sleep(delay).await;
+                                client_write.write_all(&buf[..n]).await?;
+                            }
+                            client_write.shutdown().await
+                        };
+                        let _: (std::io::Result<()>, std::io::Result<()>) = tokio::join!(up, down);
+                    });
+                }
+            });
+        });
+        SlowProxy {
+            port: local,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How long [`SlowProxy`] holds each piece of an answer in the drop tests.
+pub(crate) const PROXY_DELAY: Duration = Duration::from_millis(1);
 
 pub(crate) const TABLE_SQL: &str = "(id BIGINT NOT NULL, tag BIGINT NOT NULL)";
 
@@ -153,14 +242,30 @@ pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[cfg(feature = "postgres")]
 pub(crate) async fn postgres(max_connections: u32) -> Ctx<sqlx::Postgres> {
+    postgres_with(max_connections, false).await
+}
+
+/// PostgreSQL behind a [`SlowProxy`] (when the URL names a TCP host).
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres_slow(max_connections: u32) -> Ctx<sqlx::Postgres> {
+    postgres_with(max_connections, true).await
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_with(max_connections: u32, slow: bool) -> Ctx<sqlx::Postgres> {
     use sqlx::postgres::PgConnectOptions;
     init_tracing();
     let url = contextflow_testenv::url(contextflow_testenv::Service::Postgres);
     let app_name = unique("cf_sqlx");
-    let options = url
+    let mut options = url
         .parse::<PgConnectOptions>()
         .unwrap()
         .application_name(&app_name);
+    let proxy = (slow && !options.get_host().starts_with('/'))
+        .then(|| SlowProxy::start(options.get_host(), options.get_port(), PROXY_DELAY));
+    if let Some(proxy) = &proxy {
+        options = options.host("127.0.0.1").port(proxy.port);
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -177,17 +282,36 @@ pub(crate) async fn postgres(max_connections: u32) -> Ctx<sqlx::Postgres> {
         table,
         app_name: Some(app_name),
         _dir: None,
+        _proxy: proxy,
     }
 }
 
 #[cfg(feature = "mysql")]
 pub(crate) async fn mysql(max_connections: u32) -> Ctx<sqlx::MySql> {
+    mysql_with(max_connections, false).await
+}
+
+/// MariaDB behind a [`SlowProxy`] (when the URL names a TCP host).
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql_slow(max_connections: u32) -> Ctx<sqlx::MySql> {
+    mysql_with(max_connections, true).await
+}
+
+#[cfg(feature = "mysql")]
+async fn mysql_with(max_connections: u32, slow: bool) -> Ctx<sqlx::MySql> {
+    use sqlx::mysql::MySqlConnectOptions;
     init_tracing();
     let url = contextflow_testenv::url(contextflow_testenv::Service::MySql);
+    let mut options = url.parse::<MySqlConnectOptions>().unwrap();
+    let proxy = (slow && !options.get_host().starts_with('/'))
+        .then(|| SlowProxy::start(options.get_host(), options.get_port(), PROXY_DELAY));
+    if let Some(proxy) = &proxy {
+        options = options.host("127.0.0.1").port(proxy.port);
+    }
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect(&url)
+        .connect_with(options)
         .await
         .unwrap_or_else(|err| panic!("cannot connect to CONTEXTFLOW_MYSQL_URL: {err}"));
     let table = unique("cf_sqlx");
@@ -202,6 +326,7 @@ pub(crate) async fn mysql(max_connections: u32) -> Ctx<sqlx::MySql> {
         table,
         app_name: None,
         _dir: None,
+        _proxy: proxy,
     }
 }
 
@@ -233,6 +358,7 @@ pub(crate) async fn sqlite(max_connections: u32) -> Ctx<sqlx::Sqlite> {
         table,
         app_name: None,
         _dir: Some(dir),
+        _proxy: None,
     }
 }
 

@@ -18,7 +18,7 @@ use sqlx::{
     PgPool,
 };
 
-use crate::support::{captured, unique, DropAfter, ACQUIRE_TIMEOUT, BLOCK};
+use crate::support::{captured, unique, DropAfter, SlowProxy, ACQUIRE_TIMEOUT, BLOCK, PROXY_DELAY};
 
 /// The tenant, bound by "authenticated code" (the tests).
 static TENANT: AsyncLocal<String> = AsyncLocal::named("cf_sqlx_test.tenant");
@@ -126,6 +126,27 @@ impl Rls {
             .connect_with(self.options.clone().username(role))
             .await
             .unwrap()
+    }
+
+    /// A tenant pool whose connections go through `proxy`.
+    async fn tenant_pool_through(
+        &self,
+        max_connections: u32,
+        proxy: &SlowProxy,
+    ) -> TenantPool<sqlx::Postgres> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(
+                self.options
+                    .clone()
+                    .username(APP)
+                    .host("127.0.0.1")
+                    .port(proxy.port),
+            )
+            .await
+            .unwrap();
+        TenantPool::new(pool, &TENANT).await.unwrap()
     }
 
     async fn tenant_pool(&self, max_connections: u32) -> TenantPool<sqlx::Postgres> {
@@ -359,8 +380,10 @@ async fn tenant_is_fixed_per_transaction() {
 /// `set_config`): no connection keeps a transaction or a tenant, no row of it is committed.
 async fn tenant_drop_at_every_await_point() {
     let rls = Rls::setup().await;
+    // Every answer delayed: each round trip suspends, so every drop point is reached.
+    let proxy = SlowProxy::start(rls.options.get_host(), rls.options.get_port(), PROXY_DELAY);
     let items = Items {
-        db: rls.tenant_pool(1).await,
+        db: rls.tenant_pool_through(1, &proxy).await,
         schema: rls.schema.clone(),
     };
     let mut polls = 0;
@@ -399,9 +422,9 @@ async fn tenant_drop_at_every_await_point() {
         polls += 1;
     }
     eprintln!("PostgreSQL: tenant transaction dropped at each of its {polls} await points");
-    // Timing decides how many (a response already there needs no suspension): 5 to 7 seen.
-    assert!(polls >= 3, "only {polls} suspension points");
+    assert!(polls >= 6, "only {polls} suspension points (7 seen)");
     items.db.pool().close().await;
+    drop(proxy);
     rls.finish().await;
 }
 
