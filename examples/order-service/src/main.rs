@@ -3,7 +3,7 @@
 //! - `cargo run -p order-service [-- --json] [--addr 127.0.0.1:3000]`: serves on an embedded
 //!   SQLite file (or `DATABASE_URL=postgres://...`).
 //! - `cargo run -p order-service -- demo [--orders N] [--concurrency C] [--json]`: fires N
-//!   concurrent orders at an in-process instance and checks every log line and every span.
+//!   orders, C at a time, at an in-process instance and checks every log line and every span.
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318`: serving exports spans over OTLP/HTTP.
 #![forbid(unsafe_code)]
 
