@@ -6,7 +6,7 @@
 //! that from the protocol but does not expose it, so [`in_transaction`] asks in SQL (or through
 //! `begin_with`, which reports the protocol's own status).
 
-use std::any::Any as StdAny;
+use std::{any::Any as StdAny, fmt::Write as _};
 
 use sqlx::{Connection, Database, Executor};
 
@@ -130,16 +130,18 @@ const PG_IN_TRANSACTION_MARKER: &str = "contextflow-sqlx: connection inside a tr
 /// only when the test is true, so the server's error says what happened. Nothing after it in
 /// the message runs: no `BEGIN` reaches a connection that is already in a transaction.
 ///
-/// Only a plain `BEGIN` may follow it ([`can_follow_check`]).
+/// It goes in front only where [`can_follow_check`] says so.
 pub(crate) const PG_FAIL_IN_TRANSACTION: &str = "SELECT ('contextflow-sqlx: connection inside \
      a transaction since ' || now()::text)::int WHERE now() <> statement_timestamp()";
 
-/// Whether `begin` may follow [`PG_FAIL_IN_TRANSACTION`] in one message. The check is the first
-/// query of the transaction that `BEGIN` then makes explicit, and PostgreSQL refuses an
-/// isolation level set after a query (`BEGIN ISOLATION LEVEL ...`: `25001`), so any begin
-/// statement but a plain `BEGIN` gets the check in a message of its own.
-pub(crate) fn can_follow_check(begin: &str) -> bool {
-    begin.trim().eq_ignore_ascii_case("BEGIN")
+/// Whether the acquire check may go in the message that opens a transaction with `begin`.
+/// The check is a query, so it is the transaction's first: it takes the transaction's
+/// snapshot, after which PostgreSQL refuses an isolation level (`BEGIN ISOLATION LEVEL ...`,
+/// or `SET TRANSACTION ...` as the block's first statement: `25001`). So it rides along only
+/// when a query comes first anyway: a tenant's `set_config`, after a plain `BEGIN`. Otherwise
+/// the check is a message of its own, as before.
+pub(crate) fn can_follow_check(begin: &str, tenant: bool) -> bool {
+    tenant && begin.trim().eq_ignore_ascii_case("BEGIN")
 }
 
 /// What a failed [`PG_FAIL_IN_TRANSACTION`] message means for the connection it ran on.
@@ -162,11 +164,16 @@ impl PgBeginFailure {
                 let code = db.code();
                 let code = code.as_deref().unwrap_or("");
                 let class = code.get(..2).unwrap_or("");
-                if db.message().contains(PG_IN_TRANSACTION_MARKER) || code == "25P02" {
-                    // 25P02: the check ran in a block aborted by an earlier error.
+                if (code == "22P02" && db.message().contains(PG_IN_TRANSACTION_MARKER))
+                    || code == "25P02"
+                {
+                    // Our check's error, or (25P02) the check ran in a block aborted by an
+                    // earlier error.
                     PgBeginFailure::InTransaction
-                } else if matches!(class, "08" | "57") {
-                    // Connection exceptions, operator intervention (the session was ended).
+                } else if matches!(class, "08" | "57") || code == "25P03" || is_fatal(&**db) {
+                    // Connection exceptions, operator intervention, the server ending a
+                    // session left idle in a transaction (25P03), any FATAL: the session is
+                    // gone.
                     PgBeginFailure::Broken
                 } else {
                     PgBeginFailure::Refused
@@ -175,6 +182,17 @@ impl PgBeginFailure {
             _ => PgBeginFailure::Broken,
         }
     }
+}
+
+/// Whether the server ended the session with this error (severity `FATAL` or `PANIC`).
+fn is_fatal(db: &dyn sqlx::error::DatabaseError) -> bool {
+    #[cfg(feature = "postgres")]
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        use sqlx::postgres::PgSeverity;
+        return matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic);
+    }
+    let _ = db;
+    false
 }
 
 /// The one message that opens a transaction on PostgreSQL: with `check`,
@@ -188,7 +206,7 @@ pub(crate) fn pg_begin_message(
     check: bool,
     setting: Option<(&str, &str)>,
 ) -> Result<String, sqlx::Error> {
-    debug_assert!(!check || can_follow_check(begin));
+    debug_assert!(!check || can_follow_check(begin, setting.is_some()));
     let mut sql = String::with_capacity(
         PG_FAIL_IN_TRANSACTION.len()
             + begin.len()
@@ -196,11 +214,12 @@ pub(crate) fn pg_begin_message(
     );
     if check {
         sql.push_str(PG_FAIL_IN_TRANSACTION);
-        sql.push_str("; ");
+        sql.push_str(";\n");
     }
     sql.push_str(begin);
     if let Some((name, value)) = setting {
-        sql.push_str("; SELECT set_config(");
+        // On a line of its own: a `--` comment at the end of `begin` cannot swallow it.
+        sql.push_str("\n;\nSELECT set_config(");
         push_pg_literal(&mut sql, name)?;
         sql.push_str(", ");
         push_pg_literal(&mut sql, value)?;
@@ -210,8 +229,10 @@ pub(crate) fn pg_begin_message(
 }
 
 /// Appends `value` to `sql` as a PostgreSQL escape-string literal (`E'...'`: quotes doubled,
-/// backslashes doubled), which reads back as `value` whatever `standard_conforming_strings`
-/// says.
+/// backslashes doubled, every character outside printable ASCII as a `\uXXXX` or
+/// `\UXXXXXXXX` escape), which reads back as `value` whatever `standard_conforming_strings`
+/// says. The literal is plain ASCII, so no client encoding can read a byte of it as the lead
+/// byte of a character that swallows a backslash (as bytes of UTF-8 can under SJIS or GBK).
 ///
 /// # Errors
 /// A NUL character, which no PostgreSQL text can hold (and which would end the message).
@@ -227,7 +248,13 @@ pub(crate) fn push_pg_literal(sql: &mut String, value: &str) -> Result<(), sqlx:
         match c {
             '\'' => sql.push_str("''"),
             '\\' => sql.push_str("\\\\"),
-            c => sql.push(c),
+            ' '..='~' => sql.push(c),
+            c if u32::from(c) <= 0xffff => {
+                let _ = write!(sql, "\\u{:04X}", u32::from(c));
+            }
+            c => {
+                let _ = write!(sql, "\\U{:08X}", u32::from(c));
+            }
         }
     }
     sql.push('\'');
@@ -276,13 +303,25 @@ mod tests {
         let mut chars = inner.chars();
         while let Some(c) = chars.next() {
             match c {
-                '\'' | '\\' => {
+                '\'' => {
                     if chars.next()? != c {
                         return None;
                     }
                     out.push(c);
                 }
-                c => out.push(c),
+                '\\' => match chars.next()? {
+                    '\\' => out.push('\\'),
+                    kind @ ('u' | 'U') => {
+                        let digits: String = chars
+                            .by_ref()
+                            .take(if kind == 'u' { 4 } else { 8 })
+                            .collect();
+                        out.push(char::from_u32(u32::from_str_radix(&digits, 16).ok()?)?);
+                    }
+                    _ => return None,
+                },
+                c if c.is_ascii_graphic() || c == ' ' => out.push(c),
+                _ => return None,
             }
         }
         Some(out)
@@ -312,17 +351,31 @@ mod tests {
         let full = pg_begin_message("BEGIN", true, Some(("app.tenant_id", "o'k"))).unwrap();
         assert_eq!(
             full,
-            format!("{PG_FAIL_IN_TRANSACTION}; BEGIN; SELECT set_config(E'app.tenant_id', E'o''k', true)")
+            format!("{PG_FAIL_IN_TRANSACTION};\nBEGIN\n;\nSELECT set_config(E'app.tenant_id', E'o''k', true)")
         );
         assert!(pg_begin_message("BEGIN", false, Some(("app.x", "a\0b"))).is_err());
     }
 
     #[test]
-    fn only_a_plain_begin_follows_the_check() {
-        assert!(can_follow_check("BEGIN"));
-        assert!(can_follow_check(" begin "));
-        assert!(!can_follow_check("BEGIN ISOLATION LEVEL SERIALIZABLE"));
-        assert!(!can_follow_check("START TRANSACTION"));
+    fn only_a_plain_begin_with_a_tenant_follows_the_check() {
+        assert!(can_follow_check("BEGIN", true));
+        assert!(can_follow_check(" begin ", true));
+        assert!(
+            !can_follow_check("BEGIN", false),
+            "SET TRANSACTION may come first"
+        );
+        assert!(!can_follow_check(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            true
+        ));
+        assert!(!can_follow_check("START TRANSACTION", true));
+    }
+
+    #[test]
+    fn literals_are_ascii() {
+        let mut sql = String::new();
+        push_pg_literal(&mut sql, "é\u{202e}🦀").unwrap();
+        assert_eq!(sql, r"E'\u00E9\u202E\U0001F980'");
     }
 
     #[test]

@@ -164,13 +164,14 @@
 //!
 //! Every connection taken from the pool is also checked with the server before use
 //! ([`TxPoolBuilder::check_on_acquire`]), so a connection left inside a transaction by code
-//! that used the sqlx pool directly is closed, never used. On PostgreSQL, a connection taken
-//! for a transaction gets the check, the `BEGIN` and a [`TenantPool`]'s tenant setting in one
+//! that used the sqlx pool directly is closed, never used. On PostgreSQL, a [`TenantPool`]'s
+//! connection taken for a transaction gets the check, the `BEGIN` and the tenant setting in one
 //! message (one round trip; the check, a statement that fails inside a transaction block, comes
-//! first, and the server runs nothing after a failure; a begin statement with options, such as
-//! an isolation level, must be the transaction's first statement and gets the check in a
-//! message before it). Elsewhere, and for a connection taken
-//! outside a transaction, the check costs one round trip (PostgreSQL: `SELECT 1 WHERE now() <>
+//! first, and the server runs nothing after a failure). The check is a query, so it takes the
+//! transaction's snapshot: where the block could still set its isolation level (a plain
+//! [`TxPool`], whose block may start with `SET TRANSACTION ...`, or a begin statement with
+//! options), it is a message of its own before the `BEGIN`. Elsewhere, and for a connection
+//! taken outside a transaction, the check costs one round trip (PostgreSQL: `SELECT 1 WHERE now() <>
 //! statement_timestamp()`; MySQL: the "in transaction" flag of the protocol; SQLite: a
 //! `ROLLBACK`). It also finds broken connections, so turning off sqlx's own ping makes its net
 //! cost zero:

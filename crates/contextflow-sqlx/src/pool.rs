@@ -558,8 +558,8 @@ where
 
     /// A connection from the pool inside a transaction opened with `begin`, with the tenant's
     /// setting made for it in tenant mode. On PostgreSQL `begin` and the setting are one round
-    /// trip ([`Tracked::begin_pg`]), the acquire check too when `begin` is a plain `BEGIN`;
-    /// elsewhere, one each.
+    /// trip ([`Tracked::begin_pg`]), the acquire check too for a tenant after a plain `BEGIN`
+    /// ([`dialect::can_follow_check`]); elsewhere, one each.
     async fn acquire_begun(
         &self,
         begin: &str,
@@ -571,8 +571,9 @@ where
             _ => None,
         };
         let attempts = self.acquire_attempts(called_at)?;
-        // The acquire check goes in the message when `begin` may follow it, else before it.
-        let check_apart = self.inner.check_on_acquire && !dialect::can_follow_check(begin);
+        // The acquire check goes in the message when it may (`can_follow_check`), else before.
+        let check_apart =
+            self.inner.check_on_acquire && !dialect::can_follow_check(begin, setting.is_some());
         let mut message = None;
         let mut last_error = None;
         for _ in 0..attempts {
@@ -965,9 +966,10 @@ where
     /// Whether to check each connection taken from the pool with the server (default: on).
     ///
     /// A connection inside a transaction is closed and another taken, so no request's work
-    /// ever joins a transaction left open by someone else. On PostgreSQL the check travels with
-    /// the `BEGIN` of a transaction (one message); otherwise it costs one round trip per
-    /// acquire (on SQLite, a call to its worker thread). It also finds broken connections, so
+    /// ever joins a transaction left open by someone else. On PostgreSQL a
+    /// [`TenantPool`](crate::TenantPool)'s check travels with the `BEGIN` of a transaction (one
+    /// message); otherwise it costs one round trip per acquire (on SQLite, a call to its worker
+    /// thread). It also finds broken connections, so
     /// with it on, sqlx's own ping (`PoolOptions::test_before_acquire`) can be turned off,
     /// which makes the net cost zero. Connections that contextflow-sqlx itself releases never
     /// need it: it only returns connections to the pool that the server confirmed idle. Turn

@@ -257,6 +257,26 @@ mod postgres {
         sqlx::Row::get::<i64, _>(&query.fetch_one(conn).await.unwrap(), 0)
     }
 
+    /// A block may set its own isolation level with `SET TRANSACTION` as its first statement:
+    /// the acquire check (a query, which would take the snapshot first) is not sent in the
+    /// `BEGIN`'s message for a plain `TxPool`.
+    async fn set_transaction_first_in_a_block() {
+        let ctx = setup(1).await;
+        let db = &ctx.db;
+        let level = db
+            .transaction(|| async {
+                db.execute(sqlx::query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+                    .await?;
+                sqlx::query_scalar::<_, String>("SHOW transaction_isolation")
+                    .fetch_one(db)
+                    .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(level, "serializable");
+        ctx.finish().await;
+    }
+
     /// A transaction block's `BEGIN` travels with the acquire check in one message: a
     /// connection left inside a transaction (open, or aborted by an error) is still refused
     /// before any `BEGIN` reaches it, and the block runs on another session.
@@ -356,6 +376,7 @@ mod postgres {
         transactions_have_distinct_server_ids,
         issue_9_dirty_connection_refused_on_acquire,
         dirty_connection_refused_when_a_block_begins,
+        set_transaction_first_in_a_block,
     );
 }
 

@@ -484,6 +484,55 @@ async fn tenant_values_reach_the_server_verbatim() {
     rls.finish().await;
 }
 
+/// Review findings on the one-message `BEGIN`: a `--` comment at the end of a custom begin
+/// statement does not swallow the tenant's `set_config`; a pooled connection the server
+/// ended (`idle_in_transaction_session_timeout`, `FATAL 25P03`) is replaced, not reported as
+/// the caller's error.
+async fn one_message_begin_edge_cases() {
+    let rls = Rls::setup().await;
+    let db = rls.tenant_pool(1).await;
+    let read = "SELECT current_setting('app.tenant_id', true)";
+    let tenant: String = TENANT
+        .scope(
+            "acme".into(),
+            db.transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE -- reports", || {
+                sqlx::query_scalar(read).fetch_one(&*db)
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(tenant, "acme");
+    db.pool().close().await;
+    // Without sqlx's own ping, which would find the ended session first.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(rls.options.clone().username(APP))
+        .await
+        .unwrap();
+    let db = TenantPool::new(pool, &TENANT).await.unwrap();
+    {
+        let mut conn = db.pool().acquire().await.unwrap();
+        sqlx::raw_sql("SET idle_in_transaction_session_timeout = 50; BEGIN")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        // Back to the pool inside a transaction; the server ends the session meanwhile.
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let tenant: String = TENANT
+        .scope(
+            "acme".into(),
+            db.transaction(|| sqlx::query_scalar(read).fetch_one(&*db)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(tenant, "acme");
+    db.pool().close().await;
+    rls.finish().await;
+}
+
 fn has(refusals: &SetupError, wanted: impl Fn(&Refusal) -> bool) -> bool {
     match refusals {
         SetupError::Refused(list) => list.iter().any(wanted),
@@ -607,5 +656,6 @@ rls_tests!(
     tenant_is_fixed_per_transaction,
     tenant_drop_at_every_await_point,
     tenant_values_reach_the_server_verbatim,
+    one_message_begin_edge_cases,
     startup_check_refusals,
 );
