@@ -372,7 +372,17 @@ async fn settle<DB: Database>(
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    match dialect::in_transaction::<DB>(conn, dialect).await? {
+    let status = match dialect::in_transaction::<DB>(conn, dialect).await {
+        // PostgreSQL: a transaction an error aborted refuses the check; it is open, and a
+        // ROLLBACK ends it like any other (checked below).
+        Err(sqlx::Error::Database(db))
+            if dialect == Dialect::Postgres && db.code().as_deref() == Some("25P02") =>
+        {
+            TxStatus::Open
+        }
+        status => status?,
+    };
+    match status {
         TxStatus::Idle => Ok(false),
         TxStatus::RolledBack => Ok(true),
         TxStatus::Open => {

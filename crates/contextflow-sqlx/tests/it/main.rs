@@ -257,6 +257,40 @@ mod postgres {
         sqlx::Row::get::<i64, _>(&query.fetch_one(conn).await.unwrap(), 0)
     }
 
+    /// A block whose transaction an error aborted, dropped while waiting: the background
+    /// clean-up rolls the aborted transaction back and gives the same session back to the
+    /// pool (it used to close it: its check failed with `25P02`).
+    async fn aborted_block_dropped_is_rolled_back_not_closed() {
+        let ctx = setup(1).await;
+        let db = &ctx.db;
+        let (opened, is_open) = tokio::sync::oneshot::channel();
+        let fut = db.transaction(|| async {
+            let mut conn = db.acquire().await?;
+            let pid = pg_pid(&mut conn).await;
+            drop(conn);
+            let failed = db.execute(sqlx::query("SELECT 1/0")).await;
+            assert!(failed.is_err(), "the transaction is aborted now");
+            let _ = opened.send(pid);
+            std::future::pending::<()>().await;
+            Ok::<_, sqlx::Error>(())
+        });
+        let pid = tokio::select! {
+            biased;
+            result = fut => panic!("the block never ends, yet it returned {result:?}"),
+            pid = is_open => pid.expect("the block was dropped before it failed its statement"),
+        };
+        // The pool's one connection comes back once the clean-up is done.
+        let mut conn = db.pool().acquire().await.unwrap();
+        assert!(!oracle_in_transaction(&mut conn).await);
+        assert_eq!(
+            pg_pid(&mut conn).await,
+            pid,
+            "the same session, rolled back"
+        );
+        drop(conn);
+        ctx.finish().await;
+    }
+
     /// A block may set its own isolation level with `SET TRANSACTION` as its first statement:
     /// the acquire check (a query, which would take the snapshot first) is not sent in the
     /// `BEGIN`'s message for a plain `TxPool`.
@@ -377,6 +411,7 @@ mod postgres {
         issue_9_dirty_connection_refused_on_acquire,
         dirty_connection_refused_when_a_block_begins,
         set_transaction_first_in_a_block,
+        aborted_block_dropped_is_rolled_back_not_closed,
     );
 }
 
