@@ -304,5 +304,49 @@ pub(crate) fn client_attributes(uri: &http::Uri, attrs: &mut Vec<KeyValue>) {
     if let Some(port) = uri.port_u16() {
         attrs.push(KeyValue::new("server.port", i64::from(port)));
     }
-    attrs.push(KeyValue::new("url.full", uri.to_string()));
+    attrs.push(KeyValue::new("url.full", url_full(uri)));
+}
+
+/// The request's URL without credentials: the semantic conventions' `url.full` must not carry
+/// a `user:password@`, and give `REDACTED:REDACTED@` in its place.
+fn url_full(uri: &http::Uri) -> String {
+    let full = uri.to_string();
+    let Some(authority) = uri.authority().map(http::uri::Authority::as_str) else {
+        return full;
+    };
+    match authority.rsplit_once('@') {
+        Some((_, host)) => full.replacen(authority, &format!("REDACTED:REDACTED@{host}"), 1),
+        None => full,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_full_never_carries_credentials() {
+        let attrs = |uri: &str| {
+            let mut attrs = Vec::new();
+            client_attributes(&uri.parse().unwrap(), &mut attrs);
+            attrs
+                .into_iter()
+                .find(|kv| kv.key.as_str() == "url.full")
+                .map(|kv| kv.value.to_string())
+                .unwrap()
+        };
+        assert_eq!(
+            attrs("https://alice:s3cret@pay.example:8443/v1/charge?x=1"),
+            "https://REDACTED:REDACTED@pay.example:8443/v1/charge?x=1"
+        );
+        assert_eq!(
+            attrs("http://token@pay.example/"),
+            "http://REDACTED:REDACTED@pay.example/"
+        );
+        assert_eq!(
+            attrs("http://pay.example/a?b=c"),
+            "http://pay.example/a?b=c"
+        );
+        assert_eq!(attrs("/relative"), "/relative");
+    }
 }
