@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use tokio::{sync::watch, task::JoinHandle};
-use tracing::{info, warn, Instrument as _};
+use tracing::{error, info, warn, Instrument as _};
 
 use crate::{
     context::{self, TenantId, TENANT},
@@ -212,26 +212,49 @@ impl Deliverer<'_> {
                 let claimed: std::collections::HashSet<i64> =
                     self.outbox.claim_batch(&ids).await?.into_iter().collect();
                 let mut confirmed = Vec::new();
+                let mut aside = Vec::new();
                 for row in rows.iter().filter(|r| claimed.contains(&r.id)) {
                     match row.topic.as_str() {
                         CONFIRMATION => confirmed.push(row.order_id),
                         ORDER_CONFIRMED => {
-                            let event: OrderConfirmed = serde_json::from_str(&row.payload)
-                                .map_err(DeliveryError::Payload)?;
-                            let publish = self.queue.publish(ORDER_CONFIRMED, row.id, &event);
-                            if !in_row_context(row, publish).await {
-                                return Err(DeliveryError::QueueClosed);
+                            match serde_json::from_str::<OrderConfirmed>(&row.payload) {
+                                Ok(event) => {
+                                    let publish =
+                                        self.queue.publish(ORDER_CONFIRMED, row.id, &event);
+                                    if !in_row_context(row, publish).await {
+                                        return Err(DeliveryError::QueueClosed);
+                                    }
+                                }
+                                Err(err) => {
+                                    aside.push((row, DeliveryError::Payload(err).to_string()))
+                                }
                             }
                         }
-                        other => {
-                            return Err(DeliveryError::UnknownTopic(other.to_owned()));
-                        }
+                        other => aside.push((
+                            row,
+                            DeliveryError::UnknownTopic(other.to_owned()).to_string(),
+                        )),
                     }
                 }
+                // A row that can never be delivered must not hold up those behind it (the
+                // batch is read oldest first): set aside, with an error line in its context.
+                let aside_ids: Vec<i64> = aside.iter().map(|(row, _)| row.id).collect();
+                self.outbox.set_aside(&aside_ids).await?;
                 self.orders.mark_confirmed_batch(&confirmed).await?;
-                Ok::<_, DeliveryError>(claimed)
+                Ok::<_, DeliveryError>((claimed, aside))
             })
             .await?;
+        let (claimed, aside) = claimed;
+        for (row, err) in &aside {
+            in_row_context(row, async {
+                error!(
+                    outbox_id = row.id,
+                    error = %err,
+                    "outbox row cannot be delivered: set aside (delivered = 2)"
+                );
+            })
+            .await;
+        }
         // Committed: now the confirmations are sent, exactly once.
         for row in rows
             .iter()

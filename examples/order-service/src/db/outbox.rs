@@ -120,6 +120,29 @@ impl OutboxRepository {
             .map_err(RepoError::Sqlx)
     }
 
+    /// Sets the claimed rows `ids` aside as undeliverable (`delivered = 2`: a payload that does
+    /// not parse, a topic this version does not know), so that they no longer hold up the rows
+    /// behind them; they stay in the table for an operator. Through the admin pool, in the
+    /// batch's transaction.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn set_aside(&self, ids: &[i64]) -> Result<(), RepoError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE outbox SET delivered = 2 WHERE id IN ({})",
+            super::orders::placeholders(ids.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        self.admin.execute(query).await?;
+        Ok(())
+    }
+
     /// Up to `limit` undelivered rows of every tenant, oldest first: the worker's batch. This
     /// reads across tenants on purpose, through the admin pool; the worker binds each row's
     /// own tenant to deliver it.

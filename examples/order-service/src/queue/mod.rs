@@ -25,7 +25,7 @@ mod amqp;
 mod nats;
 mod redis;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::http::HeaderMap;
 use futures_util::StreamExt as _;
@@ -136,13 +136,39 @@ impl QueueUrl {
     }
 }
 
-/// Published messages not yet handled, in a `watch` channel so no wake-up can be missed.
+/// Published messages not yet handled, by id (with how many copies are in flight), in a
+/// `watch` channel so no wake-up can be missed. Keyed by id, not counted: a message this
+/// process did not publish (another publisher's, or a broker's redelivery of one already
+/// handled) can never make it look idle while one of ours is still in flight.
 #[derive(Debug)]
-struct Pending(watch::Sender<usize>);
+struct Pending(watch::Sender<HashMap<i64, usize>>);
 
 impl Default for Pending {
     fn default() -> Self {
-        Pending(watch::channel(0).0)
+        Pending(watch::channel(HashMap::new()).0)
+    }
+}
+
+impl Pending {
+    fn published(&self, id: i64) {
+        self.0.send_modify(|ids| *ids.entry(id).or_insert(0) += 1);
+    }
+
+    /// One copy of `id` never left (its publish failed).
+    fn not_sent(&self, id: i64) {
+        self.0.send_modify(|ids| {
+            if let Some(copies) = ids.get_mut(&id) {
+                *copies -= 1;
+                if *copies == 0 {
+                    ids.remove(&id);
+                }
+            }
+        });
+    }
+
+    /// `id` was handled: every copy of it has had its effect.
+    fn handled(&self, id: i64) {
+        self.0.send_if_modified(|ids| ids.remove(&id).is_some());
     }
 }
 
@@ -288,7 +314,7 @@ impl Queue {
                     return false;
                 }
             };
-            self.pending.0.send_modify(|n| *n += 1);
+            self.pending.published(id);
             let sent = match &self.transport {
                 Transport::InProcess(sender) => {
                     let message = Message {
@@ -324,7 +350,7 @@ impl Queue {
             if sent {
                 debug!("message published");
             } else {
-                self.pending.0.send_modify(|n| *n -= 1);
+                self.pending.not_sent(id);
                 warn!("queue closed; message dropped");
             }
             sent
@@ -337,22 +363,29 @@ impl Queue {
 
     /// How many published messages are not yet handled.
     pub fn pending(&self) -> usize {
-        *self.pending.0.borrow()
+        self.pending.0.borrow().len()
     }
 
     /// Waits until every published message has been handled.
     pub async fn wait_idle(&self) {
-        let mut count = self.pending.0.subscribe();
+        let mut ids = self.pending.0.subscribe();
         // The sender lives in `self.pending`: `wait_for` cannot fail while we hold it.
-        let _ = count.wait_for(|n| *n == 0).await;
+        let _ = ids.wait_for(HashMap::is_empty).await;
     }
 }
 
-/// The audit consumer's state: what it has handled, and the pending count it lowers.
+/// How many handled ids the audit consumer remembers to drop duplicates (oldest forgotten
+/// first): a bound, so that a publisher of made-up ids cannot grow it without end.
+const SEEN_CAPACITY: usize = 100_000;
+
+/// The audit consumer's state: what it has handled, and the pending ids it clears.
 struct Audit {
     // Delivery is at least once (the outbox republishes what it could not mark delivered; a
-    // broker redelivers what was not acknowledged); the consumer makes the effect exactly once.
+    // broker redelivers what was not acknowledged); the consumer makes the effect exactly once
+    // for the last `SEEN_CAPACITY` ids. The queue is internal (trusted publishers): a message's
+    // id is not authenticated.
     seen: std::collections::HashSet<i64>,
+    order: std::collections::VecDeque<i64>,
     pending: Arc<Pending>,
 }
 
@@ -360,19 +393,27 @@ impl Audit {
     fn new(pending: Arc<Pending>) -> Audit {
         Audit {
             seen: std::collections::HashSet::new(),
+            order: std::collections::VecDeque::new(),
             pending,
         }
     }
 
     /// Handles `message` in `incoming`, the context its headers carried.
     async fn handle(&mut self, message: Message, incoming: Context) {
-        if self.seen.insert(message.id) {
+        let id = message.id;
+        if self.seen.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > SEEN_CAPACITY {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.seen.remove(&oldest);
+                }
+            }
             let cx = consumer_span(message.topic, incoming);
             let span = tracing::info_span!("queue.consume", topic = message.topic);
             contextflow_otel::scope(cx.clone(), consume(message).instrument(span)).await;
             cx.span().end();
         }
-        self.pending.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.pending.handled(id);
     }
 }
 
@@ -463,6 +504,27 @@ mod tests {
 
     fn messages(capture: &EventCapture) -> Vec<String> {
         capture.events().iter().map(|e| e.summary()).collect()
+    }
+
+    /// A message this process did not publish, or a redelivery of one already handled,
+    /// never makes the queue look idle while one of ours is in flight, and a failed publish
+    /// never counts below zero.
+    #[test]
+    fn pending_is_kept_by_id() {
+        let pending = Pending::default();
+        let idle = |p: &Pending| p.0.borrow().is_empty();
+        pending.published(1);
+        pending.handled(99); // foreign
+        pending.handled(99);
+        assert!(!idle(&pending), "ours still in flight");
+        pending.not_sent(2); // a failed publish of an id never counted
+        pending.published(1); // republished before being handled
+        pending.not_sent(1); // that copy failed
+        assert!(!idle(&pending), "the first copy is still in flight");
+        pending.handled(1);
+        assert!(idle(&pending));
+        pending.handled(1); // a redelivery
+        assert!(idle(&pending));
     }
 
     #[test]

@@ -316,3 +316,52 @@ async fn restart_between_commit_and_delivery_confirms_exactly_once() {
     assert_eq!(provider.stub.charges(), 1);
     second.shutdown().await.expect("clean shutdown");
 }
+
+/// A row that can never be delivered (its payload does not parse, as after a bad hand edit or
+/// a version skew) is set aside (`delivered = 2`) with an error line; the rows behind it are
+/// delivered, instead of every batch failing on it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_outbox_row_is_set_aside_not_blocking() {
+    let (_dir, url) = sqlite();
+    let (_provider, addr, _) = Provider::start(Mode::Answer).await;
+    let provider_url = format!("http://{addr}");
+    let first = start(&url, &provider_url, false).await;
+    let (status, body) = post_order(&first, "poison-1").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    first
+        .state
+        .db
+        .admin()
+        .execute(sqlx::query(
+            "UPDATE outbox SET payload = 'not json' WHERE topic = 'order.confirmed'",
+        ))
+        .await
+        .unwrap();
+    let (status, body) = post_order(&first, "after-1").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    first.crash().await;
+
+    let second = start(&url, &provider_url, true).await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        second.state.outbox.wait_delivered(),
+    )
+    .await
+    .expect("the outbox drains past the bad row");
+    second.state.queue.wait_idle().await;
+    let outbox = OutboxRepository::new(&second.state.db);
+    assert_eq!(outbox.backlog().await.unwrap(), 0);
+    for reference in ["poison-1", "after-1"] {
+        assert_eq!(
+            by_reference(&second, reference).await.confirmation_sent,
+            1,
+            "{reference}"
+        );
+    }
+    let aside: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE delivered = 2")
+        .fetch_one(second.state.db.admin())
+        .await
+        .unwrap();
+    assert_eq!(aside, 1, "the bad row kept for an operator");
+    second.shutdown().await.expect("clean shutdown");
+}
