@@ -279,6 +279,15 @@ impl Extractor for Bounded<'_> {
             tracing::debug!(key = %Escaped(key.as_bytes()), count = all.len(), "ignored values past 64");
             all.truncate(MAX_PAIRS);
         }
+        if all.len() > 1 && is_single_valued(key) {
+            // A repeated single-valued field is invalid whatever its values' lengths: an
+            // over-long copy stays in the list (emptied) so that the repeat is seen.
+            return Some(
+                all.into_iter()
+                    .map(|v| self.check(key, v).unwrap_or(""))
+                    .collect(),
+            );
+        }
         let all: Vec<&str> = all.into_iter().filter_map(|v| self.check(key, v)).collect();
         (!all.is_empty()).then_some(all)
     }
@@ -314,14 +323,13 @@ impl<E: FieldValues> Source for BoundedFields<'_, E> {
     }
 
     fn single(&self, key: &str) -> Option<Result<&[u8], &[u8]>> {
-        let mut first = None;
-        let mut many = false;
-        self.kept(key, |value| match first {
-            None => first = Some(value),
-            Some(_) => many = true,
-        });
-        let first = first?;
-        Some(if many { Err(first) } else { Ok(first) })
+        let mut values = self.0.field_values(key);
+        let first = values.next()?;
+        // Repeated: invalid whatever the lengths (an over-long copy counts).
+        if values.next().is_some() {
+            return Some(Err(first));
+        }
+        check_bytes(key, first).map(Ok)
     }
 
     fn all(&self, key: &str) -> Option<Vec<&[u8]>> {
@@ -379,15 +387,12 @@ impl<E: FieldValues, const N: usize> Source for ScannedFields<'_, '_, E, N> {
         let Some(seen) = self.seen(key) else {
             return self.carrier.single(key);
         };
-        let mut kept = [seen.first, seen.second]
-            .into_iter()
-            .flatten()
-            .filter_map(|v| check_bytes(key, v));
-        let first = kept.next()?;
-        Some(match kept.next() {
-            Some(_) => Err(first),
-            None => Ok(first),
-        })
+        let first = seen.first?;
+        // Repeated: invalid whatever the lengths (an over-long copy counts).
+        if seen.count > 1 {
+            return Some(Err(first));
+        }
+        check_bytes(key, first).map(Ok)
     }
 
     fn all(&self, key: &str) -> Option<Vec<&[u8]>> {
@@ -401,6 +406,13 @@ impl<E: FieldValues, const N: usize> Source for ScannedFields<'_, '_, E, N> {
             .collect();
         (!all.is_empty()).then_some(all)
     }
+}
+
+/// Whether `key` names a field that may appear once only (a repeat makes it invalid):
+/// `traceparent` and the request id.
+fn is_single_valued(key: &str) -> bool {
+    key.eq_ignore_ascii_case(crate::traceparent::TRACEPARENT)
+        || key.eq_ignore_ascii_case(crate::request_id::X_REQUEST_ID)
 }
 
 /// `Bounded::check` for bytes.
@@ -441,6 +453,75 @@ mod tests {
         assert!(Escaped(&[b'x'; 100])
             .to_string()
             .ends_with("... (100 bytes)"));
+    }
+
+    /// [`Pairs`] as a carrier of raw fields that can scan them in one pass.
+    struct Fields<'a>(Pairs<'a>);
+
+    impl Extractor for Fields<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key)
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys()
+        }
+        fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+            self.0.get_all(key)
+        }
+    }
+
+    impl FieldValues for Fields<'_> {
+        fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+            self.0
+                .get_all(key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::as_bytes)
+        }
+        fn scan_fields<'s>(&'s self, keys: &[&str], mut f: impl FnMut(usize, &'s [u8])) -> bool {
+            for &(name, value) in &self.0.pairs {
+                if let Some(i) = keys.iter().position(|k| k.eq_ignore_ascii_case(name)) {
+                    f(i, value.as_bytes());
+                }
+            }
+            true
+        }
+    }
+
+    /// A `traceparent` (or request id) repeated with an over-long copy is still repeated,
+    /// on every path: the Extractor path, the field path and the one-pass scan.
+    #[test]
+    fn a_repeat_with_an_over_long_copy_is_a_repeat() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let long = "x".repeat(MAX_VALUE_LEN + 1);
+        for key in ["traceparent", "x-request-id"] {
+            for pairs in [
+                [(key, good), (key, long.as_str())],
+                [(key, long.as_str()), (key, good)],
+            ] {
+                let fields = Fields(Pairs::new(pairs));
+                assert_eq!(
+                    Bounded(&fields).get_all(key).map(|v| v.len()),
+                    Some(2),
+                    "{key}"
+                );
+                assert!(
+                    matches!(BoundedFields(&fields).single(key), Some(Err(_))),
+                    "{key}"
+                );
+                let scanned = ScannedFields::scan(&fields, [key]).expect("scans");
+                assert!(matches!(scanned.single(key), Some(Err(_))), "{key}");
+            }
+            let alone = Fields(Pairs::new([(key, long.as_str())]));
+            assert_eq!(
+                BoundedFields(&alone).single(key),
+                None,
+                "{key}: ignored, not invalid"
+            );
+        }
+        // Fields that may repeat keep dropping the over-long copy.
+        let pairs = Pairs::new([("tracestate", "a=1"), ("tracestate", long.as_str())]);
+        assert_eq!(Bounded(&pairs).get_all("tracestate"), Some(vec!["a=1"]));
     }
 
     #[test]
