@@ -109,6 +109,9 @@ where
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)
                 .with_writer(writer)
+                // Every field value of events and spans escaped and bounded on its own (a
+                // rejected body's text, a reference not yet validated), not only the line.
+                .fmt_fields(fields.escaped_fields())
                 .map_event_format(|f| fields.text(f))
                 .with_filter(LevelFilter::INFO),
         ),
@@ -230,6 +233,32 @@ mod tests {
             }
             assert!(lines[1].contains("outside"));
             assert!(!lines[1].contains("req-7"), "no context outside the scope");
+        }
+    }
+
+    /// An untrusted value (a rejected body's text, a reference not validated yet) is bounded
+    /// on its own in both outputs, in an event's fields and in a span's.
+    #[test]
+    fn long_values_are_bounded_on_their_own() {
+        let long = "x".repeat(50_000);
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let capture = LogSink::new();
+            let _default = tracing::subscriber::set_default(subscriber(format, capture.clone()));
+            let span = tracing::info_span!("controller", reference = %long);
+            span.in_scope(|| tracing::info!(body = %long, "rejected"));
+            let lines = capture.lines();
+            assert_eq!(lines.len(), 1, "{format:?}");
+            let longest = lines[0]
+                .split(|c| c != 'x')
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            assert!(longest > 0, "{format:?}: the values are there");
+            assert!(
+                longest <= contextflow_tracing::DEFAULT_MAX_VALUE_LEN,
+                "{format:?}: a value of {longest} bytes in a {} byte line",
+                lines[0].len()
+            );
         }
     }
 }
