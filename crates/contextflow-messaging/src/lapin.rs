@@ -138,6 +138,20 @@ impl Extractor for HeaderExtractor<'_> {
             headers.inner().keys().map(ShortString::as_str).collect()
         })
     }
+
+    /// Every header named `key` without regard to case (`traceparent` and `TraceParent` are
+    /// two values, so a repeated single-valued field is seen as repeated); a value that is not
+    /// text counts, as an empty one.
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let all: Vec<&str> = self
+            .headers?
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str().eq_ignore_ascii_case(key))
+            .map(|(_, v)| as_str(v).unwrap_or(""))
+            .collect();
+        (!all.is_empty()).then_some(all)
+    }
 }
 
 fn as_str(value: &AMQPValue) -> Option<&str> {
@@ -273,4 +287,26 @@ pub fn scope<F: std::future::Future>(
         &HeaderExtractor::from_properties(&delivery.properties),
         handler,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_differing_in_case_are_all_returned() {
+        let mut headers = FieldTable::default();
+        for (name, value) in [("traceparent", "a"), ("TraceParent", "b"), ("other", "c")] {
+            headers.insert(
+                ShortString::from(name),
+                AMQPValue::LongString(LongString::from(value)),
+            );
+        }
+        headers.insert(ShortString::from("TRACEPARENT"), AMQPValue::Boolean(true));
+        let extractor = HeaderExtractor::new(Some(&headers));
+        let mut all = extractor.get_all("traceparent").unwrap();
+        all.sort_unstable();
+        assert_eq!(all, ["", "a", "b"], "three values, one of them not text");
+        assert_eq!(extractor.get_all("missing"), None);
+    }
 }

@@ -129,6 +129,24 @@ impl Extractor for FieldExtractor<'_> {
     fn keys(&self) -> Vec<&str> {
         self.fields.keys().map(String::as_str).collect()
     }
+
+    /// Every field named `key` without regard to case, in name order (`traceparent` and
+    /// `TraceParent` are two values, so a repeated single-valued field is seen as repeated); a
+    /// value that is not text counts, as an empty one. (The same name twice in one entry
+    /// reaches us once: redis-rs keeps the last.)
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let mut named: Vec<(&String, &Value)> = self
+            .fields
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(key))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let all: Vec<&str> = named
+            .into_iter()
+            .map(|(_, v)| as_str(v).unwrap_or(""))
+            .collect();
+        (!all.is_empty()).then_some(all)
+    }
 }
 
 /// A field value as text: strings only, and only valid UTF-8.
@@ -244,4 +262,25 @@ pub fn scope<F: std::future::Future>(
     handler: F,
 ) -> Consumed<F> {
     consumer.scope(&FieldExtractor::from_entry(entry), handler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_differing_in_case_are_all_returned_in_name_order() {
+        let fields: HashMap<String, Value> = [
+            ("traceparent", Value::BulkString(b"a".to_vec())),
+            ("TraceParent", Value::BulkString(b"b".to_vec())),
+            ("TRACEPARENT", Value::Int(1)),
+            ("other", Value::BulkString(b"c".to_vec())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let extractor = FieldExtractor::new(&fields);
+        assert_eq!(extractor.get_all("traceparent").unwrap(), ["", "b", "a"]);
+        assert_eq!(extractor.get_all("missing"), None);
+    }
 }

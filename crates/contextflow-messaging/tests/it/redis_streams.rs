@@ -412,7 +412,7 @@ const VALID_ID: &str = "job-42";
 
 fn field_value() -> impl Strategy<Value = Value> {
     prop_oneof![
-        4 => Just(Value::BulkString(VALID_ID.as_bytes().to_vec())),
+        6 => Just(Value::BulkString(VALID_ID.as_bytes().to_vec())),
         2 => proptest::collection::vec(any::<u8>(), 0..80).prop_map(Value::BulkString),
         1 => "[ -~]{0,300}".prop_map(Value::SimpleString),
         1 => any::<i64>().prop_map(Value::Int),
@@ -423,18 +423,21 @@ fn field_value() -> impl Strategy<Value = Value> {
 }
 
 fn field_name() -> impl Strategy<Value = String> {
+    // The other spelling is rarer: with both in one entry the request id is repeated (names
+    // compare without regard to case), which is invalid.
     prop_oneof![
-        Just("traceparent".to_owned()),
-        Just("baggage".to_owned()),
-        Just("x-request-id".to_owned()),
-        Just("X-Request-ID".to_owned()),
-        ".{0,12}",
+        2 => Just("traceparent".to_owned()),
+        2 => Just("baggage".to_owned()),
+        4 => Just("x-request-id".to_owned()),
+        1 => Just("X-Request-ID".to_owned()),
+        2 => ".{0,12}",
     ]
 }
 
 proptest! {
     /// Any field map (the parser of an untrusted stream entry): never a panic, always a valid
-    /// request id, and the entry's own id whenever its `x-request-id` field is the valid one.
+    /// request id, and the entry's own id whenever it has one `x-request-id` field (names
+    /// compared without regard to case: two are a repeat, which is invalid) and it is valid.
     #[test]
     fn arbitrary_field_maps_never_panic(
         pairs in proptest::collection::vec((field_name(), field_value()), 0..12)
@@ -444,7 +447,10 @@ proptest! {
             ..StreamId::default()
         };
         let extractor = FieldExtractor::from_entry(&entry);
-        let carried = extractor.get("x-request-id");
+        let carried = extractor
+            .get_all("x-request-id")
+            .filter(|all| all.len() == 1)
+            .map(|all| all[0]);
         let id = streams::context(&Consumer::new().without_spans(), &entry);
         let id = id.request_id().as_str().to_owned();
         prop_assert!(!id.is_empty() && id.len() <= 128);
