@@ -166,9 +166,21 @@ impl Pending {
         });
     }
 
-    /// `id` was handled: every copy of it has had its effect.
+    /// A copy of `id` was handled (the first one had its effect; the consumer drops the
+    /// others). One copy off: another copy still in flight keeps the queue busy, so it is
+    /// consumed here rather than redelivered to the next process. An id not in flight (a
+    /// foreign message, a broker's redelivery) changes nothing.
     fn handled(&self, id: i64) {
-        self.0.send_if_modified(|ids| ids.remove(&id).is_some());
+        self.0.send_if_modified(|ids| match ids.get_mut(&id) {
+            Some(copies) => {
+                *copies -= 1;
+                if *copies == 0 {
+                    ids.remove(&id);
+                }
+                true
+            }
+            None => false,
+        });
     }
 }
 
@@ -524,6 +536,14 @@ mod tests {
         pending.handled(1);
         assert!(idle(&pending));
         pending.handled(1); // a redelivery
+        assert!(idle(&pending));
+        // Two copies in flight (a batch republished after its transaction failed): the
+        // queue is idle only once both were consumed.
+        pending.published(5);
+        pending.published(5);
+        pending.handled(5);
+        assert!(!idle(&pending), "the second copy is still in flight");
+        pending.handled(5);
         assert!(idle(&pending));
     }
 
