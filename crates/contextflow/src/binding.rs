@@ -3,11 +3,7 @@
 
 use std::{fmt, marker::PhantomData};
 
-use crate::{
-    current,
-    node::{self, Header, NodeRef, Site},
-    AsyncLocal, Inherit,
-};
+use crate::{current, local::BindingState, node::Site, AsyncLocal};
 
 /// A binding of one variable that synchronous code enters again and again: each
 /// [`run`](Binding::run) makes the current frame plus this binding current, as a poll of a
@@ -37,22 +33,9 @@ pub struct Binding<T: Send + Sync + 'static> {
     /// The value until the first run, then a node whose parent is the frame of the latest run
     /// (reused while that frame stays the same). Re-parenting replaces the node, so a frame
     /// that ran us once is not kept alive once another frame runs us.
-    state: State<T>,
+    state: BindingState<T>,
     /// Invariant in `T`, like `AsyncLocal<T>`.
     _value: PhantomData<fn(T) -> T>,
-}
-
-enum State<T> {
-    Pending {
-        value: T,
-        key: usize,
-        name: &'static str,
-        inherit: Inherit,
-        site: Site,
-    },
-    Node(NodeRef),
-    /// Only while switching from `Pending` to `Node`.
-    Empty,
 }
 
 // ===== impl Binding =====
@@ -69,8 +52,8 @@ impl<T: Send + Sync + 'static> Binding<T> {
     #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn new(var: &AsyncLocal<T>, value: T) -> Self {
         Binding {
-            state: State::Pending {
-                value,
+            state: BindingState::Pending {
+                value: Some(value),
                 key: var.key(),
                 name: var.name(),
                 inherit: var.inherit_policy(),
@@ -98,58 +81,17 @@ impl<T: Send + Sync + 'static> Binding<T> {
     /// ```
     #[inline]
     pub fn run<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let frame = self.frame();
+        let frame = self.state.frame();
         // `self` owns the frame's node and outlives `_entered`; `f` cannot reach `self`.
         let _entered = current::enter_borrowed(frame);
         f()
-    }
-
-    /// The frame to enter: the current frame plus our binding.
-    #[inline]
-    fn frame(&mut self) -> *const Header {
-        let parent = current::current_ptr();
-        match &self.state {
-            State::Node(node) if node.header().parent_ptr() == parent => node.as_ptr(),
-            _ => self.bind_under(parent),
-        }
-    }
-
-    #[cold]
-    fn bind_under(&mut self, parent: *const Header) -> *const Header {
-        let parent = if parent.is_null() {
-            None
-        } else {
-            // SAFETY: `parent` is this thread's current frame, alive for this call.
-            Some(unsafe { node::share(parent) })
-        };
-        let node = match std::mem::replace(&mut self.state, State::Empty) {
-            State::Pending {
-                value,
-                key,
-                name,
-                inherit,
-                site,
-            } => NodeRef::new_value_at(parent, key, name, inherit, value, site),
-            // The alias shares the value; dropping the old node releases the old parent.
-            State::Node(old) => NodeRef::new_alias(old.header(), parent),
-            // `frame` does not call us while `Empty`, which lasts only inside this function.
-            State::Empty => unreachable!("Binding observed mid-update"),
-        };
-        let ptr = node.as_ptr();
-        self.state = State::Node(node);
-        ptr
     }
 }
 
 impl<T: Send + Sync + 'static> fmt::Debug for Binding<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match &self.state {
-            State::Pending { name, .. } => *name,
-            State::Node(node) => node.header().name,
-            State::Empty => "",
-        };
         f.debug_struct("Binding")
-            .field("name", &name)
+            .field("name", &self.state.name())
             .field("type", &std::any::type_name::<T>())
             .finish_non_exhaustive()
     }

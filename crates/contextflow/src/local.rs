@@ -139,14 +139,17 @@ pub struct Scope<T: Send + Sync + 'static, F> {
     /// the latest poller (reused while that frame stays the same: one allocation per scope in
     /// the common case). Re-parenting replaces the node, so a frame that polled us once (a
     /// transaction's, say) is not kept alive once another frame polls us.
-    binding: Binding<T>,
+    binding: BindingState<T>,
     /// Structurally pinned; dropped in place by `Drop`, inside the frame.
     inner: ManuallyDrop<F>,
     /// Invariant in `T`, like `AsyncLocal<T>`.
     _value: PhantomData<fn(T) -> T>,
 }
 
-enum Binding<T> {
+/// One binding that a [`Scope`] or a [`Binding`](crate::Binding) enters again and again, each
+/// time over the frame current then: made into a node on first use and re-parented (by an
+/// alias node) when the frame it is entered under changes.
+pub(crate) enum BindingState<T> {
     Pending {
         /// `None` for [`AsyncLocal::unset`](crate::AsyncLocal::unset).
         value: Option<T>,
@@ -590,6 +593,61 @@ impl<T: Send + Sync + 'static> fmt::Debug for AsyncLocal<T> {
 
 // ===== impl Scope =====
 
+impl<T: Send + Sync + 'static> BindingState<T> {
+    /// The frame to enter: the current frame plus this binding (the current frame itself
+    /// once the value was taken).
+    #[inline]
+    pub(crate) fn frame(&mut self) -> *const Header {
+        let parent = current::current_ptr();
+        match self {
+            BindingState::Node(node) if node.header().parent_ptr() == parent => node.as_ptr(),
+            BindingState::Taken => parent,
+            _ => self.bind_under(parent),
+        }
+    }
+
+    #[cold]
+    fn bind_under(&mut self, parent: *const Header) -> *const Header {
+        let parent = if parent.is_null() {
+            None
+        } else {
+            // SAFETY: `parent` is this thread's current frame, alive for this call.
+            Some(unsafe { node::share(parent) })
+        };
+        let node = match std::mem::replace(self, BindingState::Empty) {
+            BindingState::Pending {
+                value,
+                key,
+                name,
+                inherit,
+                site,
+            } => match value {
+                Some(value) => NodeRef::new_value_at(parent, key, name, inherit, value, site),
+                None => NodeRef::new_unset(parent, key, name, inherit, site),
+            },
+            // The alias shares the value; dropping the old node releases the old parent.
+            BindingState::Node(old) => NodeRef::new_alias(old.header(), parent),
+            // `frame` does not call us for `Taken`, and the state is `Empty` only inside this
+            // function, which does not re-enter.
+            BindingState::Taken | BindingState::Empty => {
+                unreachable!("binding observed mid-update")
+            }
+        };
+        let ptr = node.as_ptr();
+        *self = BindingState::Node(node);
+        ptr
+    }
+
+    /// The variable's name, for `Debug`.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            BindingState::Pending { name, .. } => name,
+            BindingState::Node(node) => node.header().name,
+            BindingState::Taken | BindingState::Empty => "",
+        }
+    }
+}
+
 impl<T: Send + Sync + 'static, F> Scope<T, F> {
     pub(crate) fn new(
         value: Option<T>,
@@ -600,7 +658,7 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         inner: F,
     ) -> Self {
         Scope {
-            binding: Binding::Pending {
+            binding: BindingState::Pending {
                 value,
                 key,
                 name,
@@ -636,67 +694,18 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
     pub fn take_value(self: Pin<&mut Self>) -> Option<T> {
         // SAFETY: the binding is not structurally pinned; `inner` is not touched.
         let this = unsafe { self.get_unchecked_mut() };
-        match std::mem::replace(&mut this.binding, Binding::Taken) {
-            Binding::Pending { value, .. } => value,
+        match std::mem::replace(&mut this.binding, BindingState::Taken) {
+            BindingState::Pending { value, .. } => value,
             // SAFETY: a `Node` binding holds a value node made for a `T`, or an unset node,
             // which `try_take` refuses.
-            Binding::Node(node) => match unsafe { node.try_take::<T>() } {
+            BindingState::Node(node) => match unsafe { node.try_take::<T>() } {
                 Ok(value) => Some(value),
                 Err(node) => {
-                    this.binding = Binding::Node(node);
+                    this.binding = BindingState::Node(node);
                     None
                 }
             },
-            Binding::Taken | Binding::Empty => None,
-        }
-    }
-
-    /// The frame to enter: the poller's frame plus our binding.
-    #[inline]
-    fn frame(&mut self) -> *const Header {
-        let parent = current::current_ptr();
-        match &self.binding {
-            Binding::Node(node) if node.header().parent_ptr() == parent => node.as_ptr(),
-            Binding::Taken => parent,
-            _ => self.bind_under(parent),
-        }
-    }
-
-    #[cold]
-    fn bind_under(&mut self, parent: *const Header) -> *const Header {
-        let parent = if parent.is_null() {
-            None
-        } else {
-            // SAFETY: `parent` is this thread's current frame, alive for this call.
-            Some(unsafe { node::share(parent) })
-        };
-        match std::mem::replace(&mut self.binding, Binding::Empty) {
-            Binding::Pending {
-                value,
-                key,
-                name,
-                inherit,
-                site,
-            } => {
-                let node = match value {
-                    Some(value) => NodeRef::new_value_at(parent, key, name, inherit, value, site),
-                    None => NodeRef::new_unset(parent, key, name, inherit, site),
-                };
-                let ptr = node.as_ptr();
-                self.binding = Binding::Node(node);
-                ptr
-            }
-            Binding::Node(node) => {
-                // The alias shares the value; dropping `node` releases the old parent.
-                let under = NodeRef::new_alias(node.header(), parent);
-                let ptr = under.as_ptr();
-                self.binding = Binding::Node(under);
-                drop(node);
-                ptr
-            }
-            // `frame` does not call us for `Taken`, and `binding` is `Empty` only inside this
-            // function, which does not re-enter.
-            Binding::Taken | Binding::Empty => unreachable!("Scope binding observed mid-update"),
+            BindingState::Taken | BindingState::Empty => None,
         }
     }
 }
@@ -709,7 +718,7 @@ impl<T: Send + Sync + 'static, F: Future> Future for Scope<T, F> {
         // SAFETY: `inner` is structurally pinned: it is never moved out, only polled through a
         // pinned reference and dropped in place; the other fields are not pinned.
         let this = unsafe { self.get_unchecked_mut() };
-        let frame = this.frame();
+        let frame = this.binding.frame();
         // `this` owns the frame's node and outlives `_entered`.
         let _entered = current::enter_borrowed(frame);
         // SAFETY: see above; `this` came from a pinned reference.
@@ -719,7 +728,7 @@ impl<T: Send + Sync + 'static, F: Future> Future for Scope<T, F> {
 
 impl<T: Send + Sync + 'static, F> Drop for Scope<T, F> {
     fn drop(&mut self) {
-        let frame = self.frame();
+        let frame = self.binding.frame();
         let _entered = current::enter_borrowed(frame);
         // SAFETY: dropped exactly once, in place (allowed for pinned data), and never used
         // again; the frame's nodes are other fields, dropped after this body returns.
@@ -729,13 +738,8 @@ impl<T: Send + Sync + 'static, F> Drop for Scope<T, F> {
 
 impl<T: Send + Sync + 'static, F> fmt::Debug for Scope<T, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match &self.binding {
-            Binding::Pending { name, .. } => *name,
-            Binding::Node(node) => node.header().name,
-            Binding::Taken | Binding::Empty => "",
-        };
         f.debug_struct("Scope")
-            .field("name", &name)
+            .field("name", &self.binding.name())
             .field("type", &std::any::type_name::<T>())
             .finish_non_exhaustive()
     }
