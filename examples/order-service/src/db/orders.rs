@@ -402,15 +402,11 @@ impl OrderRepository {
         if ids.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "UPDATE orders SET confirmation_sent = confirmation_sent + 1 WHERE id IN ({})",
-            placeholders(ids.len())
+        let batch = ids_query(
+            "UPDATE orders SET confirmation_sent = confirmation_sent + 1 WHERE id IN ({ids})",
+            ids,
         );
-        let mut query = sqlx::query(&sql);
-        for id in ids {
-            query = query.bind(*id);
-        }
-        self.admin.execute(query).await?;
+        self.admin.execute(batch.query()).await?;
         Ok(())
     }
 
@@ -576,6 +572,31 @@ pub(crate) fn placeholders(n: usize) -> String {
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `sql` (written with `{ids}` where the list goes, for example `WHERE id IN ({ids})`) with
+/// one placeholder per id, and the query that binds them: for the batch statements that
+/// name rows by id.
+pub(crate) fn ids_query(sql: &str, ids: &[i64]) -> IdsQuery {
+    IdsQuery {
+        sql: sql.replace("{ids}", &placeholders(ids.len())),
+        ids: ids.to_vec(),
+    }
+}
+
+/// A statement over a list of ids; see [`ids_query`].
+pub(crate) struct IdsQuery {
+    sql: String,
+    ids: Vec<i64>,
+}
+
+impl IdsQuery {
+    /// The query, with every id bound.
+    pub(crate) fn query(&self) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
+        self.ids
+            .iter()
+            .fold(sqlx::query(&self.sql), |query, id| query.bind(*id))
+    }
 }
 
 fn order_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Order, sqlx::Error> {

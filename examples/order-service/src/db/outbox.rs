@@ -105,15 +105,11 @@ impl OutboxRepository {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "UPDATE outbox SET delivered = 1 WHERE delivered = 0 AND id IN ({}) RETURNING id",
-            super::orders::placeholders(ids.len())
+        let batch = super::orders::ids_query(
+            "UPDATE outbox SET delivered = 1 WHERE delivered = 0 AND id IN ({ids}) RETURNING id",
+            ids,
         );
-        let mut query = sqlx::query(&sql);
-        for id in ids {
-            query = query.bind(*id);
-        }
-        let rows = self.admin.fetch_all(query).await?;
+        let rows = self.admin.fetch_all(batch.query()).await?;
         rows.iter()
             .map(|row| row.try_get::<i64, _>("id"))
             .collect::<Result<_, sqlx::Error>>()
@@ -131,15 +127,9 @@ impl OutboxRepository {
         if ids.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "UPDATE outbox SET delivered = 2 WHERE id IN ({})",
-            super::orders::placeholders(ids.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for id in ids {
-            query = query.bind(*id);
-        }
-        self.admin.execute(query).await?;
+        let batch =
+            super::orders::ids_query("UPDATE outbox SET delivered = 2 WHERE id IN ({ids})", ids);
+        self.admin.execute(batch.query()).await?;
         Ok(())
     }
 
