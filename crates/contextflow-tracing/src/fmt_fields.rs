@@ -25,8 +25,8 @@ use crate::{escape::TextValue, fields::DEFAULT_MAX_VALUE_LEN};
 ///
 /// Install it with `.fmt_fields(..)` next to [`ContextFields::text`](crate::ContextFields::text)
 /// (use [`ContextFields::escaped_fields`](crate::ContextFields::escaped_fields) to share the
-/// bound). With ANSI colours on, `ContextFields::text` keeps the colours only when this is the
-/// field formatter.
+/// bound). It writes no colour codes, whatever the layer's ANSI setting, so the span fields it
+/// stores print cleanly through `ContextFields::text`, which writes every line without colours.
 ///
 /// ```
 /// use contextflow_tracing::{EscapedFields, MemoryWriter};
@@ -133,14 +133,12 @@ impl EscapedVisitor<'_> {
         }
     }
 
-    /// Writes `name=` (italic name, dimmed `=` with ANSI colours, as the default does).
+    /// Writes `name=`, without colour codes even when the writer has colours on: span fields
+    /// are stored as formatted here, and [`ContextFields::text`](crate::ContextFields::text)
+    /// escapes every colour code in a line (it cannot tell one from a value's).
     fn name(&mut self, name: &str) -> fmt::Result {
         let name = name.strip_prefix("r#").unwrap_or(name);
-        if self.writer.has_ansi_escapes() {
-            write!(self.writer, "\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m")
-        } else {
-            write!(self.writer, "{name}=")
-        }
+        write!(self.writer, "{name}=")
     }
 
     /// Writes `args` through the escaper, bounded.
@@ -211,17 +209,31 @@ impl VisitFmt for EscapedVisitor<'_> {
     }
 }
 
-/// An error and its sources as `[a, b]`, each by its `Display`.
+/// An error and its sources as `[a, b]`, each by its `Display`. The walk stops at the value's
+/// bound (the first failed write) and after [`MAX_SOURCES`] sources, so a chain that loops
+/// back on itself (a `source()` returning an ancestor) cannot hang the logging thread.
 struct SourceList<'a>(&'a (dyn std::error::Error + 'static));
+
+/// The most errors of one chain a value lists; then `...`.
+const MAX_SOURCES: usize = 64;
 
 impl fmt::Display for SourceList<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut list = f.debug_list();
+        f.write_str("[")?;
         let mut next = Some(self.0);
+        let mut listed = 0;
         while let Some(error) = next {
-            list.entry(&format_args!("{error}"));
+            if listed == MAX_SOURCES {
+                f.write_str(", ...")?;
+                break;
+            }
+            if listed > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{error}")?;
+            listed += 1;
             next = error.source();
         }
-        list.finish()
+        f.write_str("]")
     }
 }

@@ -1,7 +1,6 @@
 //! `ContextFormat`: an event format that adds the context fields to another one.
 
 use std::{
-    any::TypeId,
     cell::RefCell,
     fmt::{self, Write},
 };
@@ -20,7 +19,7 @@ use tracing_subscriber::{
 
 use crate::{
     escape::{self, Bounded, JsonWatch, TextLine},
-    ContextFields, EscapedFields,
+    ContextFields,
 };
 
 /// A [`FormatEvent`] that adds the current context's fields to every event formatted by
@@ -118,12 +117,10 @@ where
     ) -> fmt::Result {
         match self.mode {
             Mode::Text => {
-                if writer.has_ansi_escapes() && TypeId::of::<N>() == TypeId::of::<EscapedFields>() {
-                    // Colours wanted, and every value is already escaped and bounded by the
-                    // field formatter: the wrapped format writes straight to the line.
-                    self.fields.write_text_prefix(&mut writer)?;
-                    return self.inner.format_event(ctx, writer, event);
-                }
+                // Even with colours on (`tracing_subscriber`'s default): the wrapped format
+                // writes without them, through the line escaper and its bound. Writing straight
+                // to the colour writer would leave the line unbounded, and a format that prints
+                // event fields with its own visitor (`Pretty`) unescaped.
                 let mut result = None;
                 with_line(|line| {
                     result = Some(self.format_text(ctx, &mut writer, event, line));

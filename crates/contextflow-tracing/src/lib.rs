@@ -126,10 +126,11 @@
 //!   [`ContextFields::max_value_len`] characters ([`DEFAULT_MAX_VALUE_LEN`], 2048, escapes
 //!   included) with the marker, and formatting stops there. A value without anything to
 //!   escape is printed byte for byte as `tracing_subscriber` prints it. ANSI colours: a colour
-//!   code cannot be told from one in a value, so the wrapped format writes without colours,
-//!   unless the field formatter is [`EscapedFields`] (values escaped at the source; colours
-//!   kept). With colours on, use [`EscapedFields`]: the default field formatter stores colour
-//!   codes in span fields, which would then show escaped.
+//!   code cannot be told from one in a value, so the wrapped format always writes without
+//!   colours, through the escaper and its bound, whatever the layer's ANSI setting (on by
+//!   default in `tracing_subscriber`). With colours on, use [`EscapedFields`], which stores span
+//!   fields without colour codes: the default field formatter stores them with codes, which
+//!   would then show escaped.
 //! - Text prefix: a context value made only of printable, non-space characters other than `"`,
 //!   `\`, `=`, `[`, `]` is printed as it is, any other value in double quotes with `"` and
 //!   `\` backslash-escaped (reversible), so it cannot fake the end of the prefix either; cut

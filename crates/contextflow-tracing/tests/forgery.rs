@@ -311,36 +311,70 @@ fn harmless_lines_are_byte_identical_to_fmt() {
     }
 }
 
+/// `tracing_subscriber` turns colours on by default: the line must be escaped and bounded all
+/// the same, whatever the field formatter and the wrapped format.
 #[test]
-fn colours_are_kept_with_the_escaping_field_formatter_only() {
+fn colours_on_the_line_is_escaped_and_bounded_all_the_same() {
+    // Each value within its own bound, the line far over the line's: cut at the line's.
+    let value = "\u{1F600}".repeat(DEFAULT_MAX_VALUE_LEN);
+    for escaped_fields in [false, true] {
+        let log = MemoryWriter::new();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(true)
+            .with_writer(log.clone());
+        let subscriber: Dispatch = if escaped_fields {
+            builder
+                .fmt_fields(fields().escaped_fields())
+                .event_format(fields().text(format().without_time()))
+                .finish()
+                .into()
+        } else {
+            builder
+                .event_format(fields().text(format().without_time()))
+                .finish()
+                .into()
+        };
+        tracing::dispatcher::with_default(&subscriber, || {
+            info!(a = %value, b = %value, c = %value, "three long values");
+            let span = info_span!("request", path = %"/orders");
+            span.in_scope(|| info!(v = %"a\x1b[31mb\nc", "hi"));
+        });
+        let out = log.contents();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{escaped_fields}: {out:?}");
+        assert!(
+            lines[0].len() < DEFAULT_MAX_LINE_LEN,
+            "{escaped_fields}: {}",
+            lines[0].len()
+        );
+        assert!(lines[0].ends_with(TRUNCATED_MARKER), "{escaped_fields}");
+        assert!(
+            !out.contains('\x1b'),
+            "{escaped_fields}: no colour code, no raw ESC: {out:?}"
+        );
+        assert!(
+            lines[1].contains("a\\x1b[31mb\\nc"),
+            "{escaped_fields}: {out:?}"
+        );
+        if escaped_fields {
+            // Span fields stored without colour codes, so they print cleanly.
+            assert!(lines[1].contains("request{path=/orders}"), "{out:?}");
+        }
+    }
+
+    // A format that prints event fields with its own visitor (`Pretty`) is escaped too.
     let log = MemoryWriter::new();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(true)
         .with_writer(log.clone())
         .fmt_fields(fields().escaped_fields())
-        .event_format(fields().text(format().without_time()))
+        .event_format(fields().text(format().pretty().without_time()))
         .finish();
-    with_default(subscriber, || info!(v = %"a\x1b[31mb\nc", "hi"));
+    with_default(subscriber, || info!(reference = %FORGED, "order placed"));
     let out = log.contents();
-    assert!(
-        out.contains("\x1b[32m INFO\x1b[0m"),
-        "level colour kept: {out:?}"
-    );
-    assert!(out.contains("a\\x1b[31mb\\nc"), "{out:?}");
-    assert_eq!(out.matches('\n').count(), 1);
-
-    // With the default field formatter a value's colour code cannot be told from the
-    // format's own: the wrapped format writes without colours.
-    let log = MemoryWriter::new();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(true)
-        .with_writer(log.clone())
-        .event_format(fields().text(format().without_time()))
-        .finish();
-    with_default(subscriber, || info!(v = %"a\x1b[31mb\nc", "hi"));
-    let out = log.contents();
+    assert!(!out.contains("\n[FORGED-ID"), "{out:?}");
+    assert!(out.contains("R1\\n[FORGED-ID"), "{out:?}");
     assert!(!out.contains('\x1b'), "{out:?}");
-    assert!(out.contains("a\\x1b[31mb\\nc"), "{out:?}");
 }
 
 #[test]
@@ -353,4 +387,43 @@ fn invalid_field_name_panics_with_a_clear_message() {
 #[should_panic(expected = "contextflow-tracing: invalid field name \"\"")]
 fn empty_field_name_panics() {
     let _ = ContextFields::new().field_fn("", || Some(1));
+}
+
+/// An error whose `source()` is itself: listing its chain must end.
+#[derive(Debug)]
+struct SelfSourced;
+
+impl std::fmt::Display for SelfSourced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("e")
+    }
+}
+
+impl std::error::Error for SelfSourced {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self)
+    }
+}
+
+#[test]
+fn an_error_chain_that_loops_is_listed_up_to_a_bound() {
+    let log = MemoryWriter::new();
+    with_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(log.clone())
+            .fmt_fields(fields().escaped_fields())
+            .event_format(fields().text(format().without_time()))
+            .finish(),
+        || {
+            info!(
+                error = &SelfSourced as &(dyn std::error::Error + 'static),
+                "failed"
+            )
+        },
+    );
+    let out = log.contents();
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    assert!(out.contains("error.sources=[e, e, "), "{out:?}");
+    assert!(out.contains(", e, ...]"), "{out:?}");
 }
