@@ -192,7 +192,8 @@ impl TraceState {
     ///
     /// # Errors
     ///
-    /// When `key` or `value` breaks the grammar; the list is then unchanged.
+    /// When `key` or `value` breaks the grammar, or the member would be longer than the whole
+    /// header may be (512 characters); the list is then unchanged.
     ///
     /// ```
     /// use contextflow_otel::TraceState;
@@ -206,6 +207,11 @@ impl TraceState {
     pub fn insert(&mut self, key: &str, value: &str) -> Result<(), InvalidTraceState> {
         validate_key(key.as_bytes())?;
         validate_value(value.as_bytes())?;
+        if key.len() + 1 + value.len() > MAX_LEN {
+            // A 256-character key and a 256-character value: the grammar allows the member, the
+            // header's 512-character limit does not.
+            return Err(InvalidTraceState::new("member longer than 512 characters"));
+        }
         self.members.retain(|(k, _)| k != key);
         self.members.insert(0, (key.to_owned(), value.to_owned()));
         self.members.truncate(MAX_MEMBERS);

@@ -246,3 +246,20 @@ fn empty_state_is_not_sent() {
     assert_eq!(TraceState::new().to_string(), "");
     assert!(TraceState::new().is_empty());
 }
+
+#[test]
+fn insert_refuses_a_member_longer_than_the_whole_header() {
+    // The longest key and the longest value the grammar allows: 513 characters with the '='.
+    let key = format!("a{}", "@".repeat(255));
+    let value = "v".repeat(256);
+    let mut state: TraceState = "a=1".parse().unwrap();
+    assert!(state.insert(&key, &value).is_err());
+    assert_eq!(state.to_string(), "a=1", "unchanged");
+    // One character less fits, alone: every other member goes.
+    state.insert(&key, &value[1..]).unwrap();
+    assert_eq!(state.to_string().len(), 512);
+    assert_eq!(state.len(), 1);
+    // What insert writes parses back the same.
+    let again: TraceState = state.to_string().parse().unwrap();
+    assert_eq!(again.to_string(), state.to_string());
+}
