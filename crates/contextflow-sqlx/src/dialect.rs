@@ -218,7 +218,8 @@ pub(crate) fn pg_begin_message(
     }
     sql.push_str(begin);
     if let Some((name, value)) = setting {
-        // On a line of its own: a `--` comment at the end of `begin` cannot swallow it.
+        // `begin` holds only keywords and commas (`TxOptions::checked_begin`): no comment or
+        // quote of it can swallow what follows. On a line of its own all the same.
         sql.push_str("\n;\nSELECT set_config(");
         push_pg_literal(&mut sql, name)?;
         sql.push_str(", ");

@@ -344,7 +344,7 @@ impl fmt::Display for TransactionClosed {
         f.write_str(match self.reason {
             ClosedReason::Ended => "the transaction bound to the current context has already ended",
             ClosedReason::SavepointRollbackFailed => {
-                "a savepoint of the current transaction failed to roll back; the transaction can only be rolled back"
+                "a savepoint of the current transaction failed to roll back (or its rollback was cancelled); the transaction can only be rolled back"
             }
             ClosedReason::RolledBackByServer => {
                 "the database rolled the current transaction back (deadlock); it can only be rolled back"

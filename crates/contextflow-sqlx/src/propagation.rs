@@ -118,8 +118,8 @@ impl TxOptions {
     /// Sets the statement that begins a top-level transaction: `BEGIN ISOLATION LEVEL
     /// SERIALIZABLE` or `BEGIN READ ONLY` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite (take the
     /// write lock at once), `START TRANSACTION READ ONLY` on MySQL. It must start with `BEGIN`
-    /// or `START TRANSACTION` and be a single statement (no `;`), or the block fails with
-    /// [`sqlx::Error::BeginFailed`]. Inside a transaction it does not apply (the enclosing
+    /// or `START TRANSACTION` and hold only keywords, white space and commas (no `;`, quote or
+    /// comment), or the block fails with [`sqlx::Error::BeginFailed`]. Inside a transaction it does not apply (the enclosing
     /// transaction's mode holds), except with [`Propagation::RequiresNew`].
     ///
     /// ```
@@ -150,8 +150,8 @@ impl TxOptions {
         self.begin.as_deref().unwrap_or("BEGIN")
     }
 
-    /// The begin statement, if it is one: a single statement starting with `BEGIN` or `START
-    /// TRANSACTION`.
+    /// The begin statement, if it is one: keywords (and commas) starting with `BEGIN` or
+    /// `START TRANSACTION`.
     pub(crate) fn checked_begin(&self) -> Result<&str, sqlx::Error> {
         let statement = self.get_begin();
         let trimmed = statement.trim_start();
@@ -160,7 +160,13 @@ impl TxOptions {
                 .get(..prefix.len())
                 .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
         };
-        if (starts("BEGIN") || starts("START TRANSACTION")) && !statement.contains(';') {
+        // Only keywords and commas: no `;`, quote, comment or dollar quote, so nothing that
+        // follows the statement in the message that opens the transaction (the tenant's
+        // `set_config` with its escaped literal) can be read as part of it.
+        let keywords_only = statement.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b.is_ascii_whitespace() || b == b',' || b == b'_'
+        });
+        if (starts("BEGIN") || starts("START TRANSACTION")) && keywords_only {
             Ok(statement)
         } else {
             Err(sqlx::Error::BeginFailed)
@@ -197,6 +203,8 @@ mod tests {
             "begin immediate",
             "  BEGIN ISOLATION LEVEL SERIALIZABLE",
             "START TRANSACTION READ ONLY",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY,\n DEFERRABLE",
+            "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ WRITE",
         ] {
             assert!(TxOptions::from(ok).checked_begin().is_ok(), "{ok}");
         }
@@ -208,6 +216,14 @@ mod tests {
             "BEG",
             "é",
             "STARTTRANSACTION",
+            // Whatever could make the rest of the message part of the statement.
+            "BEGIN ISOLATION LEVEL SERIALIZABLE /* reports",
+            "BEGIN -- note",
+            "BEGIN 'x'",
+            "BEGIN E'x",
+            "BEGIN $$",
+            "BEGIN \"x",
+            "BEGIN READ ONLY\\",
         ] {
             assert!(
                 matches!(

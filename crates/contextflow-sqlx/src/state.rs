@@ -316,8 +316,14 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
     /// Rolls back to savepoint `number` and releases it; poisons the transaction on failure.
+    ///
+    /// Cancellation-safe: the transaction counts as poisoned from before the first statement
+    /// until both succeeded, so if this future is dropped in between (a timeout around the call
+    /// that settles a dropped savepoint's rollback), the savepoint's work is never committed:
+    /// the transaction is closed and rolled back as a whole.
     async fn rollback_to(&mut self, number: u64, errored_before: bool) -> Result<(), sqlx::Error> {
         let name = name(number);
+        let poisoned_before = self.poisoned.replace(ClosedReason::SavepointRollbackFailed);
         let tracked = self.tracked();
         let mut result = tracked.exec(&format!("ROLLBACK TO SAVEPOINT {name}")).await;
         if result.is_ok() {
@@ -325,13 +331,11 @@ where
         }
         match result {
             Ok(()) => {
+                self.poisoned = poisoned_before;
                 self.errored = errored_before;
                 Ok(())
             }
-            Err(err) => {
-                self.poisoned = Some(ClosedReason::SavepointRollbackFailed);
-                Err(err)
-            }
+            Err(err) => Err(err),
         }
     }
 
@@ -645,17 +649,21 @@ where
             return Ok(());
         };
         // On error (the transaction is poisoned, or a `Conn` escaped the block), `number` stays
-        // set and `Drop` records the rollback.
+        // set and `Drop` records the rollback. It also stays set until the savepoint is gone: if
+        // this future is dropped with the `RELEASE` in flight, `Drop` records the rollback, as
+        // for any dropped block (when the `RELEASE` did reach the server, that rollback fails
+        // and poisons the transaction: its outcome is unknown, so it is rolled back whole).
         let mut slot = self.shared.lock_slot(called_at).await?;
-        self.number = None;
         let result = slot
             .tracked()
             .exec(&format!("RELEASE SAVEPOINT {}", name(number)))
             .await;
         if let Err(err) = result {
             slot.rollback_to(number, self.errored_before).await.ok();
+            self.number = None;
             return Err(err);
         }
+        self.number = None;
         Ok(())
     }
 

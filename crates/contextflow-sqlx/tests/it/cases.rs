@@ -537,6 +537,50 @@ async fn issue_9_drop_at_every_await_point() {
     }
 }
 
+/// A nested block dropped with its statement in flight leaves a rollback to its savepoint
+/// pending, settled by the connection's next use. That use, dropped in turn at each of its
+/// suspension points (a timeout around every call), must not lose the rollback: the nested
+/// block's row is never committed; the transaction commits without it, or is refused and
+/// rolled back as a whole.
+async fn dropped_savepoint_rollback_survives_a_dropped_settle() {
+    let ctx = setup_slow(1).await;
+    let db = &ctx.db;
+    let mut settle_points = 0;
+    for nested_polls in 1..=4 {
+        let mut polls = 0;
+        loop {
+            let tag = next_id() as i64;
+            let result = db
+                .transaction(|| async {
+                    insert(&ctx, tag * 10 + 1, tag).await?;
+                    let nested = db.transaction(|| insert(&ctx, tag * 10 + 2, tag));
+                    let nested_done = DropAfter::new(nested, nested_polls).await.is_some();
+                    let settled = DropAfter::new(insert(&ctx, tag * 10 + 3, tag), polls).await;
+                    insert(&ctx, tag * 10 + 4, tag).await?;
+                    Ok::<_, TestError>((nested_done, settled.is_some()))
+                })
+                .await;
+            assert_pool_clean(&ctx, 1).await;
+            let nested_done = matches!(result, Ok((true, _)));
+            let committed = committed_with_tag(&ctx, tag).await;
+            let rows: Vec<i64> = ids(&ctx).await.into_iter().filter(|id| id / 10 == tag).collect();
+            assert!(
+                nested_done || !rows.contains(&(tag * 10 + 2)),
+                "{BACKEND} nested dropped after {nested_polls} polls, next use after {polls}: \
+                 the dropped block's row was committed: {rows:?} ({result:?})"
+            );
+            assert_eq!(committed, rows.len() as i64);
+            if matches!(result, Ok((_, true))) || polls > 50 {
+                break;
+            }
+            polls += 1;
+        }
+        settle_points = settle_points.max(polls);
+    }
+    assert!(settle_points >= 1, "{BACKEND}: the settling statement never suspended");
+    ctx.finish().await;
+}
+
 /// A statement outside any block, dropped at each suspension point: the connection still
 /// comes back clean.
 async fn drop_pool_statement_at_every_await_point() {
@@ -869,6 +913,7 @@ tests!(
     concurrent_transactions_no_cross_talk,
     issue_9_drop_at_every_await_point,
     drop_pool_statement_at_every_await_point,
+    dropped_savepoint_rollback_survives_a_dropped_settle,
     load_with_random_drops,
     typed_queries_and_streams,
     held_connection_fails_fast,

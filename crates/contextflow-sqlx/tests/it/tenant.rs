@@ -484,18 +484,39 @@ async fn tenant_values_reach_the_server_verbatim() {
     rls.finish().await;
 }
 
-/// Review findings on the one-message `BEGIN`: a `--` comment at the end of a custom begin
-/// statement does not swallow the tenant's `set_config`; a pooled connection the server
-/// ended (`idle_in_transaction_session_timeout`, `FATAL 25P03`) is replaced, not reported as
-/// the caller's error.
+/// Review findings on the one-message `BEGIN`: a custom begin statement with a comment (`--`,
+/// or an unclosed `/*` that would make the tenant's escaped literal part of it) is refused
+/// before anything is sent, and a plain custom one still gets the tenant; a pooled connection
+/// the server ended (`idle_in_transaction_session_timeout`, `FATAL 25P03`) is replaced, not
+/// reported as the caller's error.
 async fn one_message_begin_edge_cases() {
     let rls = Rls::setup().await;
     let db = rls.tenant_pool(1).await;
     let read = "SELECT current_setting('app.tenant_id', true)";
+    for begin in [
+        "BEGIN ISOLATION LEVEL SERIALIZABLE -- reports",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE /* reports",
+    ] {
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let result: Result<String, sqlx::Error> = TENANT
+            .scope(
+                "*/; SELECT 1; --".into(),
+                db.transaction_with(begin, || {
+                    ran.store(true, std::sync::atomic::Ordering::Relaxed);
+                    sqlx::query_scalar(read).fetch_one(&*db)
+                }),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(sqlx::Error::BeginFailed)),
+            "{begin}: {result:?}"
+        );
+        assert!(!ran.load(std::sync::atomic::Ordering::Relaxed), "{begin}");
+    }
     let tenant: String = TENANT
         .scope(
             "acme".into(),
-            db.transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE -- reports", || {
+            db.transaction_with("BEGIN ISOLATION LEVEL SERIALIZABLE", || {
                 sqlx::query_scalar(read).fetch_one(&*db)
             }),
         )
