@@ -413,7 +413,9 @@
 //! A full [`Snapshot::capture`](contextflow::Snapshot::capture), unlike a spawn, carries every
 //! variable, the transaction included: code run inside such a snapshot joins the transaction
 //! while the block lasts, and gets a [`TransactionClosed`] error after it ended, never a
-//! silent fall-back to the pool.
+//! silent fall-back to the pool. The same holds for a nested block: once its savepoint is
+//! released or rolled back, a snapshot captured inside it gets [`TransactionClosed`] rather
+//! than running in the enclosing transaction.
 //!
 //! # PostgreSQL, MySQL/MariaDB and SQLite
 //!

@@ -87,6 +87,11 @@ pub(crate) struct Level<DB: Database> {
     hooks: StdMutex<Vec<Hook>>,
     /// A block joined to this level failed: it may only be rolled back.
     rollback_only: AtomicBool,
+    /// Set when this level's savepoint ends (released, rolled back, or its block dropped): a
+    /// query made afterwards through this level (a task or snapshot that outlived the nested
+    /// block) gets [`TransactionClosed`](crate::TransactionClosed) instead of running, unseen,
+    /// in the enclosing transaction. Never set on the top level, which ends with its slot.
+    ended: Arc<AtomicBool>,
 }
 
 /// Exclusive use of the transaction's connection, for one query or a `Conn`.
@@ -141,6 +146,8 @@ pub(crate) struct SavepointGuard<DB: Database> {
     number: Option<u64>,
     /// `Slot::errored` when the savepoint was opened.
     errored_before: bool,
+    /// The level's `ended` flag, set as soon as the savepoint starts to end.
+    ended: Arc<AtomicBool>,
     /// Keeps the parent level's queries out until the savepoint has ended. Declared last, so
     /// it is released after `Drop::drop` has recorded the rollback.
     _parent_busy: OwnedMutexGuard<()>,
@@ -516,6 +523,7 @@ where
             depth: 1,
             hooks: StdMutex::new(Vec::new()),
             rollback_only: AtomicBool::new(false),
+            ended: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -527,6 +535,7 @@ where
     ) -> Result<TxGuard<DB>, sqlx::Error> {
         let busy = self.shared.lock_checked(&self.busy, called_at).await?;
         let slot = self.shared.lock_slot(called_at).await?;
+        self.check_open()?;
         Ok(TxGuard {
             slot,
             _busy: busy,
@@ -544,6 +553,7 @@ where
         let errored_before;
         {
             let mut slot = self.shared.lock_slot(called_at).await?;
+            self.check_open()?;
             number = self.shared.next_savepoint();
             errored_before = slot.errored;
             // If this future is dropped mid-statement, a savepoint may exist with no guard:
@@ -557,17 +567,20 @@ where
             slot.note(dialect, &result);
             result?;
         }
+        let ended = Arc::new(AtomicBool::new(false));
         let level = Level {
             shared: self.shared.clone(),
             busy: Arc::new(Mutex::new(())),
             depth: self.depth + 1,
             hooks: StdMutex::new(Vec::new()),
             rollback_only: AtomicBool::new(false),
+            ended: ended.clone(),
         };
         let guard = SavepointGuard {
             shared: self.shared.clone(),
             number: Some(number),
             errored_before,
+            ended,
             _parent_busy: parent_busy,
         };
         Ok((level, guard))
@@ -575,6 +588,17 @@ where
 }
 
 impl<DB: Database> Level<DB> {
+    /// `Err(TransactionClosed)` once this level's savepoint has ended. Checked with the
+    /// connection's lock held, so a query either ran inside the savepoint, before it ended,
+    /// or not at all.
+    fn check_open(&self) -> Result<(), sqlx::Error> {
+        // Acquire: pairs with the Release store of the guard that ends the level.
+        if self.ended.load(Ordering::Acquire) {
+            return Err(TransactionClosed::ended());
+        }
+        Ok(())
+    }
+
     /// Registers work to run after the top-level commit.
     pub(crate) fn push_hook(&self, hook: Hook) {
         self.hooks().push(hook);
@@ -648,6 +672,7 @@ where
         let Some(number) = self.number else {
             return Ok(());
         };
+        self.ended.store(true, Ordering::Release);
         // On error (the transaction is poisoned, or a `Conn` escaped the block), `number` stays
         // set and `Drop` records the rollback. It also stays set until the savepoint is gone: if
         // this future is dropped with the `RELEASE` in flight, `Drop` records the rollback, as
@@ -672,6 +697,7 @@ where
         let Some(number) = self.number else {
             return;
         };
+        self.ended.store(true, Ordering::Release);
         // When `lock_slot` fails, `number` stays set and `Drop` records the rollback (or the
         // transaction may only be rolled back as a whole anyway); `rollback_to` poisons the
         // transaction when it fails.
@@ -684,6 +710,7 @@ where
 
 impl<DB: Database> Drop for SavepointGuard<DB> {
     fn drop(&mut self) {
+        self.ended.store(true, Ordering::Release);
         if let Some(number) = self.number.take() {
             // Cannot await here: record the rollback; it runs before the connection's next
             // use, and the parent level's queries wait for `_parent_busy`, released after this.

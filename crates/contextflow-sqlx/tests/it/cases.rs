@@ -398,6 +398,47 @@ async fn snapshot_after_block_is_closed() {
     ctx.finish().await;
 }
 
+/// The same one level down: a snapshot captured inside a nested block, used after the block
+/// ended (its savepoint released, or rolled back), is refused with `TransactionClosed`: its
+/// statements never run in the enclosing transaction, whose own work still commits.
+async fn snapshot_after_nested_block_is_closed() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    db.transaction(|| async {
+        insert(&ctx, 1, 0).await?;
+        let released = db
+            .transaction(|| async {
+                insert(&ctx, 2, 0).await?;
+                Ok::<_, TestError>(Snapshot::capture())
+            })
+            .await?;
+        let mut rolled_back = None;
+        let failed = db
+            .transaction(|| async {
+                insert(&ctx, 3, 0).await?;
+                rolled_back = Some(Snapshot::capture());
+                Err::<(), _>(TestError::Refused)
+            })
+            .await;
+        assert!(matches!(failed, Err(TestError::Refused)));
+        for (id, snapshot) in [(4, released), (5, rolled_back.unwrap())] {
+            let late = insert(&ctx, id, 0).with_snapshot(snapshot.clone()).await;
+            let err = late.unwrap_err();
+            assert!(TransactionClosed::find(&err).is_some(), "{BACKEND}: {err}");
+            let nested = async { db.transaction(|| insert(&ctx, id, 0)).await }
+                .with_snapshot(snapshot)
+                .await;
+            assert!(nested.is_err(), "{BACKEND}: a savepoint under an ended one");
+        }
+        insert(&ctx, 6, 0).await?;
+        Ok::<_, TestError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&ctx).await, vec![1, 2, 6]);
+    ctx.finish().await;
+}
+
 /// Concurrent queries inside one transaction are serialized on its connection.
 async fn concurrent_queries_in_one_transaction() {
     let ctx = setup(1).await;
@@ -909,6 +950,7 @@ tests!(
     separate_tx_pools_are_independent,
     spawned_task_gets_the_pool,
     snapshot_after_block_is_closed,
+    snapshot_after_nested_block_is_closed,
     concurrent_queries_in_one_transaction,
     concurrent_transactions_no_cross_talk,
     issue_9_drop_at_every_await_point,
