@@ -308,17 +308,42 @@ pub(crate) fn client_attributes(uri: &http::Uri, attrs: &mut Vec<KeyValue>) {
 }
 
 /// The request's URL without credentials: the semantic conventions' `url.full` must not carry
-/// a `user:password@`, and give `REDACTED:REDACTED@` in its place.
+/// a `user:password@`, and give `REDACTED:REDACTED@` in its place; the values of the query
+/// keys they name as secrets by default ([`REDACTED_QUERY_KEYS`]: presigned-URL signatures
+/// and access keys) become `REDACTED` too.
 fn url_full(uri: &http::Uri) -> String {
-    let full = uri.to_string();
-    let Some(authority) = uri.authority().map(http::uri::Authority::as_str) else {
+    let mut full = uri.to_string();
+    if let Some(authority) = uri.authority().map(http::uri::Authority::as_str) {
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            full = full.replacen(authority, &format!("REDACTED:REDACTED@{host}"), 1);
+        }
+    }
+    let Some(query) = uri.query() else {
         return full;
     };
-    match authority.rsplit_once('@') {
-        Some((_, host)) => full.replacen(authority, &format!("REDACTED:REDACTED@{host}"), 1),
-        None => full,
+    let secret = |pair: &str| {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+        pair.contains('=') && REDACTED_QUERY_KEYS.contains(&key)
+    };
+    if !query.split('&').any(secret) {
+        return full;
     }
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if secret(pair) => format!("{key}=REDACTED"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    // The query is the URL's end (`http::Uri` keeps no fragment).
+    let start = full.len() - query.len();
+    full.truncate(start);
+    full.push_str(&redacted.join("&"));
+    full
 }
+
+/// Query keys whose values `url.full` never carries (the semantic conventions' default list).
+const REDACTED_QUERY_KEYS: [&str; 4] = ["AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature"];
 
 #[cfg(test)]
 mod tests {
@@ -348,5 +373,13 @@ mod tests {
             "http://pay.example/a?b=c"
         );
         assert_eq!(attrs("/relative"), "/relative");
+        assert_eq!(
+            attrs("https://bucket.s3.example/k?AWSAccessKeyId=AKIA&Expires=1&Signature=abc%2Bd"),
+            "https://bucket.s3.example/k?AWSAccessKeyId=REDACTED&Expires=1&Signature=REDACTED"
+        );
+        assert_eq!(
+            attrs("https://u:p@h.example/a?sig=x&X-Goog-Signature=y&keep=sig&Sig=z&sig"),
+            "https://REDACTED:REDACTED@h.example/a?sig=REDACTED&X-Goog-Signature=REDACTED&keep=sig&Sig=z&sig"
+        );
     }
 }

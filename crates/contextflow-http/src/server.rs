@@ -236,6 +236,8 @@ pin_project! {
     pub struct ContextBody<B> {
         scope: RequestScope,
         status: u16,
+        // Whether `poll_frame` ran: a body dropped after that but before its end was cut short.
+        polled: bool,
         // `None` once the body has ended (dropped then, inside the context) or in `Drop`.
         #[pin]
         inner: Option<B>,
@@ -245,10 +247,18 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             let mut inner = this.inner;
+            // A body dropped after its first poll but before its end (the client went away
+            // mid-stream) failed, whatever the status line said; one the server never polled
+            // (nothing to send: `HEAD`, `204`, an empty body) did not.
+            let cut_short = *this.polled && inner.is_some();
             if inner.is_some() {
                 this.scope.run(|| inner.set(None));
             }
-            this.scope.end(*this.status);
+            if cut_short {
+                this.scope.end_error_ref("cancelled");
+            } else {
+                this.scope.end(*this.status);
+            }
         }
     }
 }
@@ -572,6 +582,7 @@ where
                 Ok(res.map(|body| ContextBody {
                     scope,
                     status,
+                    polled: false,
                     inner: Some(body),
                 }))
             }
@@ -612,6 +623,7 @@ impl<B> ContextBody<B> {
                 owns_span: false,
             },
             status: 0,
+            polled: false,
             inner: Some(body),
         }
     }
@@ -666,6 +678,7 @@ impl<B: Body> Body for ContextBody<B> {
         if inner.is_none() {
             return Poll::Ready(None);
         }
+        *this.polled = true;
         let (frame, ended) = ready!(this.scope.run(|| {
             let Some(body) = inner.as_mut().as_pin_mut() else {
                 return Poll::Ready((None, true));

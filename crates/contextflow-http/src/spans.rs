@@ -72,8 +72,13 @@ impl Spans {
         let mut builder = tracer.span_builder(method_name(method)).with_kind(kind);
         builder.attributes = Some(attrs);
         let span = tracer.build_with_context(builder, parent);
-        if !span.is_recording() && span.span_context() == parent.span().span_context() {
-            // A no-op tracer (no SDK installed) passes the parent through: nothing to own.
+        if !span.span_context().is_valid()
+            || (!span.is_recording() && span.span_context() == parent.span().span_context())
+        {
+            // A no-op tracer (no SDK installed) passes the parent through: nothing to own. An
+            // SDK that returns an invalid span (its provider shut down while requests are still
+            // in flight, or telemetry suppressed) would hide the caller's trace from the handler
+            // and from every outgoing call: the parent passes through then too.
             return None;
         }
         Some(parent.with_span(span))

@@ -251,3 +251,151 @@ impl LayerService for PropagateContextLayer {
         tower::Layer::layer(&self, inner)
     }
 }
+
+/// A streaming body of a few chunks.
+struct Chunks(Vec<&'static str>);
+
+impl http_body::Body for Chunks {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let chunk = self.0.pop();
+        std::task::Poll::Ready(chunk.map(|c| {
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                c.as_bytes(),
+            )))
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The server span of a response whose body the client stopped reading half-way ends as
+/// failed (`error.type = cancelled`), not with the status line's success; one read to the end,
+/// and one with nothing to send that is never polled, end without an error.
+async fn body_cut_short() {
+    use http_body_util::BodyExt as _;
+    use opentelemetry::trace::Status;
+    use tower::{Layer as _, ServiceExt as _};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let svc = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("body"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            let chunks = if req.uri().path() == "/empty" {
+                vec![]
+            } else {
+                vec!["c", "b", "a"]
+            };
+            Ok::<_, std::convert::Infallible>(http::Response::new(Chunks(chunks)))
+        }));
+    let request = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
+
+    let mut cut = svc
+        .clone()
+        .oneshot(request("/cut"))
+        .await
+        .unwrap()
+        .into_body();
+    assert_eq!(
+        cut.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "a"
+    );
+    drop(cut);
+    let full = svc
+        .clone()
+        .oneshot(request("/full"))
+        .await
+        .unwrap()
+        .into_body();
+    assert_eq!(full.collect().await.unwrap().to_bytes(), "abc");
+    drop(svc.clone().oneshot(request("/empty")).await.unwrap());
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let by_path = |path: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "url.path" && kv.value.as_str() == path)
+            })
+            .unwrap_or_else(|| panic!("no span for {path}: {spans:?}"))
+    };
+    let error_type = |s: &SpanData| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "error.type")
+            .map(|kv| kv.value.to_string())
+    };
+    let cut = by_path("/cut");
+    assert!(
+        matches!(cut.status, Status::Error { .. }),
+        "{:?}",
+        cut.status
+    );
+    assert_eq!(error_type(cut).as_deref(), Some("cancelled"));
+    for path in ["/full", "/empty"] {
+        let span = by_path(path);
+        assert!(
+            !matches!(span.status, Status::Error { .. }),
+            "{path}: {:?}",
+            span.status
+        );
+        assert_eq!(error_type(span), None, "{path}");
+    }
+}
+
+#[test]
+fn a_body_cut_short_fails_the_server_span_on_both_runtimes() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body_cut_short());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body_cut_short());
+}
+
+/// A provider shut down while requests still come in makes invalid spans: the handler, and
+/// every call it makes, still sees the caller's trace.
+#[tokio::test(flavor = "current_thread")]
+async fn a_shut_down_provider_passes_the_callers_trace_through() {
+    use tower::{Layer as _, ServiceExt as _};
+
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(InMemorySpanExporter::default())
+        .build();
+    let svc = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("late"))
+        .layer(tower::service_fn(|_req: http::Request<()>| async {
+            let trace = contextflow_http::current_trace_id().map(|id| id.to_string());
+            Ok::<_, std::convert::Infallible>(http::Response::new(trace))
+        }));
+    provider.shutdown().unwrap();
+    let req = http::Request::builder()
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(
+        res.body().get_ref().cloned().flatten().as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+}
