@@ -136,26 +136,27 @@ impl<'a> HeaderExtractor<'a> {
         HeaderExtractor::new(message.headers.as_ref())
     }
 
-    /// The values of the header named `key`, in any ASCII case.
-    fn values(&self, key: &str) -> Option<&'a [HeaderValue]> {
-        let headers = self.headers?;
-        // An exact match first (one hash lookup), then without regard to case. A key that is
-        // not a valid header name matches nothing (`HeaderMap::get` would panic on it).
-        if let Ok(name) = HeaderName::try_from(key) {
-            if let Some((_, values)) = headers.iter().find(|(n, _)| **n == name) {
-                return Some(values.as_slice());
-            }
-        }
-        headers
+    /// The values of the header named `key` in every ASCII spelling: `Traceparent` and
+    /// `TRACEPARENT` are two copies of one field, as they would be on the wire (a repeated
+    /// `traceparent` or `x-request-id` is then refused, not one of them picked). Spellings come
+    /// in byte order of their names, so the order never depends on the map's hashing.
+    fn values(&self, key: &str) -> Vec<&'a HeaderValue> {
+        let Some(headers) = self.headers else {
+            return Vec::new();
+        };
+        let mut named: Vec<(&'a str, &'a [HeaderValue])> = headers
             .iter()
-            .find(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(key))
-            .map(|(_, values)| values.as_slice())
+            .filter(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(key))
+            .map(|(name, values)| (name.as_ref(), values.as_slice()))
+            .collect();
+        named.sort_unstable_by_key(|(name, _)| *name);
+        named.into_iter().flat_map(|(_, values)| values).collect()
     }
 }
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.values(key)?.first().map(HeaderValue::as_str)
+        self.values(key).first().map(|value| value.as_str())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -165,8 +166,8 @@ impl Extractor for HeaderExtractor<'_> {
     }
 
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
-        let values = self.values(key)?;
-        (!values.is_empty()).then(|| values.iter().map(HeaderValue::as_str).collect())
+        let values = self.values(key);
+        (!values.is_empty()).then(|| values.into_iter().map(HeaderValue::as_str).collect())
     }
 }
 

@@ -494,7 +494,8 @@ impl Running {
     }
 
     /// Stops scheduling and waits for the runs in progress to finish (a queued run does not
-    /// start).
+    /// start). Dropping the returned future before it completes (a timeout around it) cancels
+    /// the runs still in progress, as [`cancel`](Self::cancel) does.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -545,6 +546,26 @@ struct Driver {
 }
 
 impl Driver {
+    /// `shutdown`: waits for the runs in progress, unless the `Running` goes away meanwhile
+    /// (the `shutdown` future dropped, by a timeout say) or asks to cancel: then returns with
+    /// the rest still running, for the caller to cancel.
+    async fn wait_for(&mut self, runs: &mut JoinSet<()>) {
+        loop {
+            tokio::select! {
+                next = runs.join_next() => {
+                    if next.is_none() {
+                        return;
+                    }
+                }
+                changed = self.stop.changed() => {
+                    if changed.is_err() || *self.stop.borrow() == Some(Stop::Cancel) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     async fn run(mut self) {
         let clock = Clock::now();
         let mut runs = JoinSet::new();
@@ -565,9 +586,10 @@ impl Driver {
                         Ok(()) => self.stop.borrow().unwrap_or(Stop::Cancel),
                         Err(_) => Stop::Cancel,
                     };
-                    if how == Stop::Cancel {
-                        runs.abort_all();
+                    if how == Stop::Wait {
+                        self.wait_for(&mut runs).await;
                     }
+                    runs.abort_all();
                     while runs.join_next().await.is_some() {}
                     return;
                 }

@@ -189,7 +189,10 @@ impl Injector for HeaderInjector<'_> {
 // ===== publish =====
 
 /// `properties` with the current context written into its headers by `publisher` (other
-/// headers kept).
+/// headers kept). Propagation headers already there (a message republished to a retry or
+/// dead-letter queue), in any spelling, are dropped first: they describe the context the
+/// message was first sent in, and next to the current one the consumer would find each field
+/// twice (and use neither), or an old `baggage` where the current context has none.
 ///
 /// ```
 /// use contextflow_messaging::{lapin::inject, Publisher};
@@ -200,10 +203,32 @@ impl Injector for HeaderInjector<'_> {
 /// });
 /// let headers = properties.headers().as_ref().unwrap();
 /// assert_eq!(headers.inner()["x-request-id"], lapin::types::AMQPValue::LongString("r-3".into()));
+///
+/// // Republished: the first send's propagation headers go, whatever their spelling.
+/// let mut old = lapin::types::FieldTable::default();
+/// old.insert("X-Request-ID".into(), lapin::types::AMQPValue::LongString("r-1".into()));
+/// old.insert("Baggage".into(), lapin::types::AMQPValue::LongString("user=al".into()));
+/// old.insert("attempt".into(), lapin::types::AMQPValue::LongUInt(2));
+/// let properties = REQUEST_ID.sync_scope("r-4".parse::<RequestId>()?, || {
+///     inject(&Publisher::new(), lapin::BasicProperties::default().with_headers(old))
+/// });
+/// let keys: Vec<&str> = properties.headers().as_ref().unwrap().inner().keys().map(|k| k.as_str()).collect();
+/// assert_eq!(keys, ["attempt", "x-request-id"]);
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn inject(publisher: &Publisher, properties: BasicProperties) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
+    let fields = publisher.fields();
+    let mut headers = match properties.headers() {
+        Some(headers) => FieldTable::from(
+            headers
+                .inner()
+                .iter()
+                .filter(|(key, _)| !fields.iter().any(|f| f.eq_ignore_ascii_case(key.as_str())))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        ),
+        None => FieldTable::default(),
+    };
     publisher.inject(&mut HeaderInjector::new(&mut headers));
     properties.with_headers(headers)
 }

@@ -55,7 +55,9 @@ pub const SYSTEM: &str = "kafka";
 
 /// Reads propagation fields from Kafka record headers (the first
 /// [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers; names compared without regard
-/// to ASCII case; values that are UTF-8; the first header of a name wins for a single value).
+/// to ASCII case; the first header of a name wins for a single value). A header without a
+/// value, or whose value is not UTF-8, reads as an empty value: it still counts as a copy, so a
+/// second `x-request-id` beside it makes the field repeated (and refused).
 ///
 /// ```
 /// use contextflow_messaging::rdkafka::HeaderExtractor;
@@ -68,8 +70,9 @@ pub const SYSTEM: &str = "kafka";
 ///     .insert(Header { key: "tracestate", value: None::<&str> });
 /// let extractor = HeaderExtractor::new(Some(&headers));
 /// assert_eq!(extractor.get("x-request-id"), Some("r-1"));
-/// assert_eq!(extractor.get("baggage"), None, "not UTF-8");
-/// assert_eq!(extractor.get("tracestate"), None, "no value");
+/// assert_eq!(extractor.get("baggage"), Some(""), "not UTF-8");
+/// assert_eq!(extractor.get("tracestate"), Some(""), "no value");
+/// assert_eq!(extractor.get("traceparent"), None, "absent");
 /// ```
 #[derive(Debug)]
 pub struct HeaderExtractor<'a, H: ?Sized> {
@@ -102,9 +105,17 @@ impl<'a, H: Headers + ?Sized> HeaderExtractor<'a, H> {
     where
         'a: 'k,
     {
+        // A copy without a value, or not UTF-8, still counts as a copy (read as empty, which no
+        // propagator accepts), as the AMQP and Redis readers do: a forged second
+        // `x-request-id` next to a null one is a repeated header, not a single valid value.
         self.headers()
             .filter(move |header| header.key.eq_ignore_ascii_case(key))
-            .filter_map(|header| std::str::from_utf8(header.value?).ok())
+            .map(|header| {
+                header
+                    .value
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .unwrap_or("")
+            })
     }
 }
 

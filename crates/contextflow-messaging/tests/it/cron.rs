@@ -417,6 +417,38 @@ async fn dropping_running_cancels() {
     );
 }
 
+/// `shutdown` waits for the runs in progress; a timeout around it that gives up drops its
+/// future, and the runs still in progress are then cancelled, not left running detached.
+#[tokio::test(flavor = "current_thread")]
+async fn a_shutdown_given_up_on_cancels_the_runs() {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let running = Scheduler::new()
+        .without_spans()
+        .job(
+            "stuck",
+            Schedule::every(Duration::from_millis(1)),
+            Overlap::Skip,
+            move || {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(());
+                    std::future::pending::<()>().await;
+                }
+            },
+        )
+        .start();
+    assert_eq!(rx.recv().await, Some(()));
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), running.shutdown()).await;
+    assert!(gave_up.is_err(), "the run never ends on its own");
+    // Every sender lives in the job's closure or its runs: all are dropped once the run in
+    // progress is cancelled.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while rx.recv().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "a run outlived the shutdown given up on");
+}
+
 #[test]
 fn schedules_reject_bad_expressions() {
     for (expr, reason) in [

@@ -118,7 +118,25 @@ fn header_extractor_is_bounded_and_reads_only_utf8() {
     }
     let extractor = HeaderExtractor::new(Some(&headers));
     assert_eq!(extractor.get("x-request-id"), Some("r-1"));
-    assert_eq!(extractor.get("traceparent"), None, "not UTF-8");
+    assert_eq!(
+        extractor.get("traceparent"),
+        Some(""),
+        "not UTF-8: a copy, read as empty"
+    );
+    let null = OwnedHeaders::new()
+        .insert(Header::<&str> {
+            key: "x-request-id",
+            value: None,
+        })
+        .insert(Header {
+            key: "x-request-id",
+            value: Some("forged"),
+        });
+    assert_eq!(
+        HeaderExtractor::new(Some(&null)).get_all("x-request-id"),
+        Some(vec!["", "forged"]),
+        "a copy without a value still makes the header repeated"
+    );
     assert_eq!(
         extractor.get_all("baggage").unwrap().len(),
         contextflow_otel::carrier::MAX_PAIRS - 2,
@@ -166,11 +184,19 @@ proptest! {
     #[test]
     fn arbitrary_headers_never_panic(headers in headers()) {
         let record = owned(&headers);
-        // A request id is used only when the header appears once.
-        let carried = HeaderExtractor::new(record.headers())
-            .get_all("x-request-id")
-            .filter(|all| all.len() == 1)
-            .map(|all| all[0].to_owned());
+        // The oracle, from the raw headers (not through the extractor under test): a request
+        // id is used only when the first MAX_PAIRS headers hold exactly one `x-request-id`, in
+        // any spelling, with or without a value.
+        let copies: Vec<&Option<Vec<u8>>> = headers
+            .iter()
+            .take(contextflow_otel::carrier::MAX_PAIRS)
+            .filter(|(key, _)| key.eq_ignore_ascii_case("x-request-id"))
+            .map(|(_, value)| value)
+            .collect();
+        let carried = match copies.as_slice() {
+            [Some(value)] => std::str::from_utf8(value).ok().map(str::to_owned),
+            _ => None,
+        };
         let cx = kafka::context(&Consumer::new().without_spans(), &record);
         let id = cx.request_id().as_str().to_owned();
         cx.finish();
@@ -178,6 +204,8 @@ proptest! {
         prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         if carried.as_deref() == Some(VALID_ID) {
             prop_assert_eq!(id, VALID_ID);
+        } else if copies.len() > 1 {
+            prop_assert_ne!(id, VALID_ID, "a repeated x-request-id is never used");
         }
     }
 }

@@ -265,6 +265,24 @@ fn header_extractor_ignores_case_and_invalid_names() {
     assert_eq!(extractor.get("x-request-id"), None);
     assert_eq!(extractor.keys().len(), 2);
     assert_eq!(HeaderExtractor::new(None).get_all("baggage"), None);
+
+    // Two spellings are two copies: a repeated request id, refused, whatever the map's order.
+    let mut headers = HeaderMap::new();
+    headers.insert("X-Request-Id", "forged");
+    headers.insert("x-request-id", "real");
+    let extractor = HeaderExtractor::new(Some(&headers));
+    assert_eq!(
+        extractor.get_all("x-request-id"),
+        Some(
+            vec!["X-Request-Id", "x-request-id"]
+                .iter()
+                .map(|k| headers.get(*k).unwrap().as_str())
+                .collect()
+        )
+    );
+    let (_, id) = contextflow_otel::Propagation::global()
+        .extract_parts(&opentelemetry::Context::new(), &extractor);
+    assert_eq!(id.as_str().len(), 36, "repeated: a fresh id, got {id:?}");
 }
 
 #[test]
