@@ -484,6 +484,55 @@ async fn tenant_values_reach_the_server_verbatim() {
     rls.finish().await;
 }
 
+/// A connection that went back to the pool inside a transaction (another tenant's row written
+/// in it, uncommitted) is refused by the acquire check that travels in the tenant's `BEGIN`
+/// message: the tenant's block runs on a fresh connection, and the leftover row is never
+/// committed with the tenant's work (without the check, the tenant's `BEGIN` would only warn,
+/// and its `COMMIT` would commit both).
+async fn one_message_check_refuses_a_connection_inside_a_transaction() {
+    let rls = Rls::setup().await;
+    let db = rls.tenant_pool(1).await;
+    let schema = &rls.schema;
+    {
+        let mut conn = db.pool().acquire().await.unwrap();
+        sqlx::raw_sql(&format!(
+            "BEGIN; SELECT set_config('app.tenant_id', 'globex', true);
+             INSERT INTO {schema}.items (tenant_id, v) VALUES ('globex', 666)"
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        // Back to the pool with the transaction open.
+    }
+    let insert = format!("INSERT INTO {schema}.items (tenant_id, v) VALUES ('acme', 1)");
+    let read = "SELECT current_setting('app.tenant_id', true)";
+    let seen: String = TENANT
+        .scope(
+            "acme".into(),
+            db.transaction(|| async {
+                db.execute(sqlx::query(&insert)).await?;
+                sqlx::query_scalar(read).fetch_one(&*db).await
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen, "acme");
+    let committed: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT tenant_id, v FROM {schema}.items ORDER BY id"
+    ))
+    .fetch_all(&rls.superuser)
+    .await
+    .unwrap();
+    assert_eq!(
+        committed,
+        [("acme".to_owned(), 1)],
+        "the leftover row stays uncommitted"
+    );
+    assert_connections_clean(db.pool(), 1).await;
+    db.pool().close().await;
+    rls.finish().await;
+}
+
 /// Review findings on the one-message `BEGIN`: a custom begin statement with a comment (`--`,
 /// or an unclosed `/*` that would make the tenant's escaped literal part of it) is refused
 /// before anything is sent, and a plain custom one still gets the tenant; a pooled connection
@@ -678,5 +727,6 @@ rls_tests!(
     tenant_drop_at_every_await_point,
     tenant_values_reach_the_server_verbatim,
     one_message_begin_edge_cases,
+    one_message_check_refuses_a_connection_inside_a_transaction,
     startup_check_refusals,
 );
