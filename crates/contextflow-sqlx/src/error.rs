@@ -110,8 +110,11 @@ pub struct ConnectionBusy {
 /// dropped, and a second one says how it ended once the connection has been examined.
 /// After-commit hooks do not run when the outcome is unknown.
 ///
-/// It reaches callers inside a [`sqlx::Error::Io`] whose kind is that of the underlying error
-/// (or [`Other`](std::io::ErrorKind::Other)); [`CommitUnknown::find`] picks it out.
+/// It reaches callers inside a [`sqlx::Error::Io`] of kind [`Other`](std::io::ErrorKind::Other)
+/// whatever the underlying error was (its own kind could be another family's, such as
+/// `NotConnected`, and a caller that sorts errors by kind must never take a commit that may
+/// have happened for one that did not); [`CommitUnknown::find`] picks it out, and
+/// [`CommitUnknown::cause`] gives the underlying error.
 ///
 /// ```
 /// use contextflow_sqlx::CommitUnknown;
@@ -474,11 +477,7 @@ impl CommitUnknown {
     }
 
     pub(crate) fn error(source: sqlx::Error) -> sqlx::Error {
-        let kind = match &source {
-            sqlx::Error::Io(io) => io.kind(),
-            _ => io::ErrorKind::Other,
-        };
-        sqlx::Error::Io(io::Error::new(kind, CommitUnknown { source }))
+        sqlx::Error::Io(io::Error::new(io::ErrorKind::Other, CommitUnknown { source }))
     }
 }
 
@@ -715,5 +714,24 @@ fn find<E: Error + 'static>(err: &sqlx::Error) -> Option<&E> {
     match err {
         sqlx::Error::Io(io) => io.get_ref()?.downcast_ref(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_unknown_has_a_kind_of_its_own() {
+        for cause in [io::ErrorKind::NotConnected, io::ErrorKind::WouldBlock] {
+            let err = CommitUnknown::error(sqlx::Error::Io(io::Error::new(cause, "reset")));
+            let sqlx::Error::Io(io) = &err else {
+                panic!("{err:?}");
+            };
+            assert_eq!(io.kind(), io::ErrorKind::Other, "{cause:?}");
+            assert!(CommitUnknown::find(&err).is_some());
+            assert!(TransactionClosed::find(&err).is_none());
+            assert!(ConnectionBusy::find(&err).is_none());
+        }
     }
 }
