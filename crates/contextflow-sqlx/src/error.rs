@@ -477,7 +477,7 @@ impl CommitUnknown {
     }
 
     pub(crate) fn error(source: sqlx::Error) -> sqlx::Error {
-        sqlx::Error::Io(io::Error::new(io::ErrorKind::Other, CommitUnknown { source }))
+        sqlx::Error::Io(io::Error::other(CommitUnknown { source }))
     }
 }
 
