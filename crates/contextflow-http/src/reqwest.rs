@@ -123,13 +123,27 @@ impl Middleware for InjectContextMiddleware {
         let cx = span.as_ref().unwrap_or(&current);
         self.propagation
             .inject(cx, &mut HeaderInjector::new(req.headers_mut()));
+        // Ends the span as `cancelled` if this future is dropped before the answer (a timeout
+        // around the call), as the tower client layer does.
+        let mut guard = CancelledSpan(span);
         let result = next.run(req, extensions).await;
-        if let Some(span) = &span {
+        if let Some(span) = guard.0.take() {
             match &result {
-                Ok(res) => spans::end_with_status(span, res.status().as_u16(), SpanKind::Client),
-                Err(_) => spans::end_with_error(span, "_OTHER"),
+                Ok(res) => spans::end_with_status(&span, res.status().as_u16(), SpanKind::Client),
+                Err(_) => spans::end_with_error(&span, "_OTHER"),
             }
         }
         result
+    }
+}
+
+/// A client span still open when the call's future is dropped: ended as `cancelled`.
+struct CancelledSpan(Option<opentelemetry::Context>);
+
+impl Drop for CancelledSpan {
+    fn drop(&mut self) {
+        if let Some(span) = self.0.take() {
+            spans::end_with_error(&span, "cancelled");
+        }
     }
 }

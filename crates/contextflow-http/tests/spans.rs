@@ -399,3 +399,45 @@ async fn a_shut_down_provider_passes_the_callers_trace_through() {
         Some("4bf92f3577b34da6a3ce929d0e0e4736")
     );
 }
+
+/// A reqwest call given up on (a timeout drops its future) ends its client span as
+/// `cancelled`, not without a status.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reqwest_call_given_up_on_ends_its_span_as_cancelled() {
+    use opentelemetry::trace::Status;
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(InjectContextMiddleware::new().with_tracer(provider.tracer("client")))
+        .build();
+    // A server that accepts and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            conns.push(conn);
+        }
+    });
+    let call = client.get(format!("http://{addr}/slow")).send();
+    let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), call).await;
+    assert!(gave_up.is_err(), "the server never answers");
+    held.abort();
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert!(
+        matches!(spans[0].status, Status::Error { .. }),
+        "{:?}",
+        spans[0].status
+    );
+    let error_type = spans[0]
+        .attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == "error.type")
+        .map(|kv| kv.value.to_string());
+    assert_eq!(error_type.as_deref(), Some("cancelled"));
+}
