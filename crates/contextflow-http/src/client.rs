@@ -282,7 +282,12 @@ where
         let result = ready!(this.inner.poll(cx));
         if let Some(span) = this.span.take() {
             match &result {
-                Ok(res) => spans::end_with_status(&span, res.status().as_u16(), SpanKind::Client),
+                Ok(res) => spans::end_with_status(
+                    &span,
+                    res.status().as_u16(),
+                    SpanKind::Client,
+                    spans::grpc_status(res.headers()),
+                ),
                 Err(_) => spans::end_with_error(&span, "_OTHER"),
             }
         }

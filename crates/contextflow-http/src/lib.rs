@@ -115,6 +115,13 @@
 //! The example `trace-context-service` implements the trace-context test harness contract:
 //! `cargo run -p contextflow-http --example trace-context-service -- --port 8080`; the
 //! example `grpc` runs a tonic server and client through the layers.
+//!
+//! gRPC answers a failed call with HTTP 200 and a `grpc-status`; the spans record it as
+//! `rpc.grpc.status_code` and fail as the RPC conventions say (a server span for `UNKNOWN`,
+//! `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`; a client span
+//! for any code but `OK`). The server span reads it from the response's headers or its
+//! trailers; a client span, which ends with the response's head, only from the headers (a
+//! trailers-only answer: how a call that fails before its first message is answered).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]

@@ -129,7 +129,12 @@ impl Middleware for InjectContextMiddleware {
         let result = next.run(req, extensions).await;
         if let Some(span) = guard.0.take() {
             match &result {
-                Ok(res) => spans::end_with_status(&span, res.status().as_u16(), SpanKind::Client),
+                Ok(res) => spans::end_with_status(
+                    &span,
+                    res.status().as_u16(),
+                    SpanKind::Client,
+                    spans::grpc_status(res.headers()),
+                ),
                 Err(_) => spans::end_with_error(&span, "_OTHER"),
             }
         }

@@ -238,6 +238,9 @@ pin_project! {
         status: u16,
         // Whether `poll_frame` ran: a body dropped after that but before its end was cut short.
         polled: bool,
+        // The `grpc-status` of a gRPC answer: from the response's headers (trailers-only), or
+        // from the trailers when they come.
+        grpc: Option<u8>,
         // `None` once the body has ended (dropped then, inside the context) or in `Drop`.
         #[pin]
         inner: Option<B>,
@@ -257,7 +260,7 @@ pin_project! {
             if cut_short {
                 this.scope.end_error_ref("cancelled");
             } else {
-                this.scope.end(*this.status);
+                this.scope.end(*this.status, *this.grpc);
             }
         }
     }
@@ -579,10 +582,12 @@ where
                     res.headers_mut().entry(X_REQUEST_ID).or_insert(id);
                 }
                 let status = res.status().as_u16();
+                let grpc = spans::grpc_status(res.headers());
                 Ok(res.map(|body| ContextBody {
                     scope,
                     status,
                     polled: false,
+                    grpc,
                     inner: Some(body),
                 }))
             }
@@ -624,6 +629,7 @@ impl<B> ContextBody<B> {
             },
             status: 0,
             polled: false,
+            grpc: None,
             inner: Some(body),
         }
     }
@@ -699,8 +705,13 @@ impl<B: Body> Body for ContextBody<B> {
             }
             Poll::Ready((frame, ended))
         }));
+        if let Some(Ok(trailers)) = frame.as_ref().map(|f| f.as_ref().map(Frame::trailers_ref)) {
+            if let Some(code) = trailers.and_then(spans::grpc_status) {
+                *this.grpc = Some(code);
+            }
+        }
         if ended {
-            this.scope.end(*this.status);
+            this.scope.end(*this.status, *this.grpc);
         } else if let Some(Err(_)) = &frame {
             this.scope.end_error_ref("body");
         }
@@ -762,11 +773,11 @@ impl RequestScope {
     }
 
     /// Ends the server span (once) with the response status.
-    fn end(&mut self, status: u16) {
+    fn end(&mut self, status: u16, grpc: Option<u8>) {
         if self.owns_span {
             self.owns_span = false;
             if let Some(cx) = &self.cx {
-                spans::end_with_status(cx, status, SpanKind::Server);
+                spans::end_with_status(cx, status, SpanKind::Server, grpc);
             }
         }
     }

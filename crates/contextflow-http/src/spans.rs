@@ -130,19 +130,44 @@ pub(crate) fn method_name(method: &Method) -> Cow<'static, str> {
     })
 }
 
+/// The status code of a gRPC response: its `grpc-status` (in the headers of a trailers-only
+/// response, which is how tonic answers a call that fails before any message, or in the
+/// trailers), when it is a code of the protocol (0 to 16).
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    let code: u8 = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (code <= 16).then_some(code)
+}
+
 /// Ends the span of `cx` with the response status: an error status for 5xx on a server span,
-/// for 4xx and 5xx on a client span.
-pub(crate) fn end_with_status(cx: &Context, status: u16, kind: SpanKind) {
+/// for 4xx and 5xx on a client span. A gRPC answer (`grpc`, its `grpc-status`) is recorded as
+/// `rpc.grpc.status_code` and fails the span as the RPC conventions say: any code but `OK` on
+/// a client span; `UNKNOWN`, `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`
+/// and `DATA_LOSS` on a server span (the others are the caller's doing). gRPC answers these
+/// with HTTP 200, so the HTTP status alone would call every failed call a success.
+pub(crate) fn end_with_status(cx: &Context, status: u16, kind: SpanKind, grpc: Option<u8>) {
     let span = cx.span();
     if span.is_recording() {
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
         ));
-        let failed = match kind {
+        let mut failed = match kind {
             SpanKind::Client => status >= 400,
             _ => status >= 500,
         };
+        if let Some(code) = grpc {
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+            failed |= match kind {
+                SpanKind::Client => code != 0,
+                _ => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
+            };
+        }
         if failed {
             span.set_status(opentelemetry::trace::Status::error(""));
         }

@@ -441,3 +441,139 @@ async fn a_reqwest_call_given_up_on_ends_its_span_as_cancelled() {
         .map(|kv| kv.value.to_string());
     assert_eq!(error_type.as_deref(), Some("cancelled"));
 }
+
+/// A gRPC answer body: one message, then trailers with `grpc-status`.
+struct GrpcBody(
+    Option<http_body::Frame<bytes::Bytes>>,
+    Option<http::HeaderMap>,
+);
+
+impl http_body::Body for GrpcBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = match self.0.take() {
+            Some(data) => Some(data),
+            None => self.1.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+/// gRPC answers failures with HTTP 200 and a `grpc-status`: in the headers of a trailers-only
+/// answer, or in the trailers. The server span records `rpc.grpc.status_code` and fails for
+/// the codes that are the server's fault (not for `NOT_FOUND`); the client span fails for any
+/// code but `OK` in a trailers-only answer (it ends with the response's head, before any
+/// trailers: a status in the trailers is not its to see).
+async fn grpc_status_codes() {
+    use http_body_util::BodyExt as _;
+    use opentelemetry::trace::Status;
+    use tower::{Layer as _, ServiceExt as _};
+
+    fn answer(path: &str) -> http::Response<GrpcBody> {
+        let code = path.trim_start_matches('/');
+        let (kind, code) = code.split_once('-').unwrap();
+        let mut res = http::Response::new(GrpcBody(None, None));
+        res.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        if kind == "headers" {
+            res.headers_mut()
+                .insert("grpc-status", code.parse().unwrap());
+        } else {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", code.parse().unwrap());
+            *res.body_mut() = GrpcBody(
+                Some(http_body::Frame::data(bytes::Bytes::from_static(
+                    b"\0\0\0\0\0",
+                ))),
+                Some(trailers),
+            );
+        }
+        res
+    }
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let server = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("server"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(answer(req.uri().path()))
+        }));
+    let client = contextflow_http::InjectContextLayer::new()
+        .with_tracer(provider.tracer("client"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(answer(req.uri().path()))
+        }));
+    // (path, server span failed, client span failed: `None` when it cannot see the code)
+    let cases = [
+        ("/headers-0", false, Some(false)),
+        ("/headers-13", true, Some(true)),
+        ("/headers-5", false, Some(true)),
+        ("/trailers-0", false, None),
+        ("/trailers-14", true, None),
+        ("/trailers-5", false, None),
+    ];
+    for (path, _, _) in cases {
+        let req = || http::Request::builder().uri(path).body(()).unwrap();
+        let res = server.clone().oneshot(req()).await.unwrap();
+        res.into_body().collect().await.unwrap();
+        client.clone().oneshot(req()).await.unwrap();
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    let attribute = |s: &SpanData, key: &str| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    for (path, server_failed, client_failed) in cases {
+        let code = path.rsplit('-').next().unwrap();
+        for (kind, failed) in [
+            (SpanKind::Server, Some(server_failed)),
+            (SpanKind::Client, client_failed),
+        ] {
+            let span = spans
+                .iter()
+                .find(|s| {
+                    s.span_kind == kind
+                        && (attribute(s, "url.path").as_deref() == Some(path)
+                            || attribute(s, "url.full").as_deref() == Some(path))
+                })
+                .unwrap_or_else(|| panic!("no {kind:?} span for {path}: {spans:?}"));
+            assert_eq!(
+                attribute(span, "rpc.grpc.status_code").as_deref(),
+                failed.map(|_| code),
+                "{kind:?} {path}"
+            );
+            assert_eq!(
+                matches!(span.status, Status::Error { .. }),
+                failed.unwrap_or(false),
+                "{kind:?} {path}: {:?}",
+                span.status
+            );
+        }
+    }
+}
+
+#[test]
+fn grpc_status_codes_on_both_runtimes() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(grpc_status_codes());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(grpc_status_codes());
+}
