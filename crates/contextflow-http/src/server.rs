@@ -582,7 +582,12 @@ where
                     res.headers_mut().entry(X_REQUEST_ID).or_insert(id);
                 }
                 let status = res.status().as_u16();
-                let grpc = spans::grpc_status(res.headers());
+                // Only a span of ours records it (a header lookup saved on every other request).
+                let grpc = if scope.owns_span {
+                    spans::grpc_status(res.headers())
+                } else {
+                    None
+                };
                 Ok(res.map(|body| ContextBody {
                     scope,
                     status,
