@@ -971,9 +971,12 @@ where
     /// message); otherwise it costs one round trip per acquire (on SQLite, a call to its worker
     /// thread). It also finds broken connections, so
     /// with it on, sqlx's own ping (`PoolOptions::test_before_acquire`) can be turned off,
-    /// which makes the net cost zero. Connections that contextflow-sqlx itself releases never
-    /// need it: it only returns connections to the pool that the server confirmed idle. Turn
-    /// it off when nothing else uses the sqlx pool.
+    /// which makes the net cost zero. Connections that contextflow-sqlx releases after a
+    /// transaction never need it: it returns them to the pool only once the server confirmed
+    /// them idle. A statement run on the pool outside a block is not examined afterwards, so
+    /// one that opens a transaction itself (`db.execute("BEGIN")`, a multi-statement
+    /// `raw_sql`) leaves its connection inside it: keep the check on unless nothing does that,
+    /// and nothing else uses the sqlx pool.
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")]
