@@ -8,6 +8,24 @@ use contextflow_otel::carrier::Pairs;
 const CHILD: &str = env!("CARGO_BIN_EXE_contextflow-messaging-env-child");
 const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
+/// The child, without the propagation variables of the test's own environment (a CI runner
+/// may set `TRACEPARENT` itself): each test sets what it means the child to see.
+fn child() -> Command {
+    let mut cmd = Command::new(CHILD);
+    for key in AMBIENT {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// The variables the environment carrier reads.
+const AMBIENT: [&str; 4] = [
+    "TRACEPARENT",
+    "TRACESTATE",
+    "BAGGAGE",
+    "CONTEXTFLOW_REQUEST_ID",
+];
+
 fn parse(out: std::process::Output) -> BTreeMap<String, String> {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8(out.stdout)
@@ -28,7 +46,7 @@ fn request() -> opentelemetry::Context {
 
 #[test]
 fn trace_request_id_and_baggage_cross_into_the_child() {
-    let mut cmd = Command::new(CHILD);
+    let mut cmd = child();
     contextflow_otel::sync_scope(request(), || cmd.inject_context());
     let seen = parse(cmd.output().unwrap());
     assert_eq!(seen["request_id"], "job-42");
@@ -47,7 +65,7 @@ fn trace_request_id_and_baggage_cross_into_the_child() {
 
 #[test]
 fn outside_a_context_stale_inherited_values_are_removed() {
-    let mut cmd = Command::new(CHILD);
+    let mut cmd = child();
     // As if the parent had inherited these from its own parent.
     cmd.env("TRACEPARENT", PARENT)
         .env("CONTEXTFLOW_REQUEST_ID", "stale")
@@ -91,7 +109,7 @@ fn malformed_environment_values_are_dropped() {
         ),
     ];
     for (reason, key, value) in cases {
-        let out = Command::new(CHILD).env(key, value).output().unwrap();
+        let out = child().env(key, value).output().unwrap();
         let seen = parse(out);
         assert_eq!(seen["trace_id"], "-", "{reason}");
         assert_eq!(
@@ -124,6 +142,9 @@ fn tokio_command_on_both_runtimes() {
         .unwrap();
         let seen = rt.block_on(contextflow_otel::scope(request(), async {
             let mut cmd = tokio::process::Command::new(CHILD);
+            for key in AMBIENT {
+                cmd.env_remove(key);
+            }
             cmd.inject_context();
             parse(cmd.output().await.unwrap())
         }));

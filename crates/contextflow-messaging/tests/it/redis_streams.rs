@@ -276,7 +276,16 @@ async fn dead_worker_jobs_claimed(n: usize, death: Death) -> ((usize, usize), Ve
     });
     read_rx.await.unwrap();
     match death {
-        Death::Panic => assert!(dying.await.unwrap_err().is_panic()),
+        Death::Panic => {
+            // The intended panic, not a failed assertion before it (which is a panic too).
+            let payload = dying.await.unwrap_err().into_panic();
+            assert_eq!(
+                payload.downcast_ref::<&str>(),
+                Some(&"worker-a dies handling its first job"),
+                "{:?}",
+                payload.downcast_ref::<String>()
+            );
+        }
         Death::Abort => {
             dying.abort();
             assert!(dying.await.unwrap_err().is_cancelled());

@@ -199,6 +199,40 @@ fn run_counting<S: Strategy>(
 
 // ===== parsers =====
 
+/// The W3C trace-context rules for `traceparent`, written independently of the parser (no
+/// shared code): `(trace id, parent id, flags)` when `bytes` is valid.
+fn traceparent_oracle(bytes: &[u8]) -> Option<(u128, u64, u8)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let v = text.trim_matches(|c| c == ' ' || c == '\t');
+    let lower_hex = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if v.len() < 55 || !v.is_char_boundary(55) {
+        return None;
+    }
+    let (head, tail) = v.split_at(55);
+    let parts: Vec<&str> = head.split('-').collect();
+    let [version, trace, parent, flags] = parts.as_slice() else {
+        return None;
+    };
+    let sizes_ok =
+        version.len() == 2 && trace.len() == 32 && parent.len() == 16 && flags.len() == 2;
+    if !sizes_ok || ![version, trace, parent, flags].iter().all(|p| lower_hex(p)) {
+        return None;
+    }
+    if *version == "ff"
+        || (*version == "00" && !tail.is_empty())
+        || !(tail.is_empty() || tail.starts_with('-'))
+    {
+        return None;
+    }
+    let trace = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
+    let parent = u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
+    Some((trace, parent, u8::from_str_radix(flags, 16).ok()?))
+}
+
 #[test]
 fn traceparent_parses_valid_values_and_survives_mutations() {
     run_counting(
@@ -206,8 +240,16 @@ fn traceparent_parses_valid_values_and_survives_mutations() {
         mutated(valid_traceparent()),
         0.3,
         |(bytes, pristine)| {
+            let oracle = traceparent_oracle(&bytes);
+            let text = String::from_utf8_lossy(&bytes);
             match TraceParent::parse_bytes(&bytes) {
                 Ok(tp) => {
+                    prop_assert_eq!(
+                        Some((tp.trace_id(), tp.parent_id(), tp.flags().to_u8())),
+                        oracle.map(|(t, p, f)| (TraceId::from(t), SpanId::from(p), f)),
+                        "accepted against the rules: {:?}",
+                        text
+                    );
                     let again: TraceParent = tp.to_propagated().parse().map_err(|e| {
                         TestCaseError::fail(format!("written value does not parse: {e}"))
                     })?;
@@ -217,9 +259,9 @@ fn traceparent_parses_valid_values_and_survives_mutations() {
                     Ok(true)
                 }
                 Err(err) => {
-                    // A pristine value is valid unless an id happened to be all zeros or the
-                    // version happened to be ff.
-                    let text = String::from_utf8_lossy(&bytes);
+                    prop_assert!(oracle.is_none(), "valid value rejected: {text:?}: {err}");
+                    // The oracle itself: a pristine value is valid unless an id happened to be
+                    // all zeros or the version happened to be ff.
                     let unlucky = text.contains(&"0".repeat(16)) || text.trim().starts_with("ff");
                     prop_assert!(
                         !pristine || unlucky,
