@@ -446,6 +446,17 @@ fn json_line_rewriter_keeps_valid_json_and_bounds_every_string() {
             }
             prop_assert!(watch.finish());
             prop_assert_eq!(&watched["{\"request_id\":\"r\",".len()..], out.as_str());
+            // With a value bound above the line's length, a plain ASCII line takes the
+            // watcher's straight copy (never reached with `CAP`: every line here is longer):
+            // it must agree with the rewriter as well.
+            let roomy = line.len();
+            let mut copied = String::new();
+            let mut watch = JsonWatch::new(&mut copied, usize::MAX, roomy);
+            for chunk in chunks(&line, &cuts) {
+                watch.write_str(&chunk).unwrap();
+            }
+            prop_assert!(watch.finish());
+            prop_assert_eq!(&copied, &json_line(&line, usize::MAX, roomy, &[]).0);
             let (again, _) = json_line(&out, usize::MAX, usize::MAX, &[]);
             prop_assert_eq!(&again, &out, "idempotent");
             // A line cap: either the whole line or an overflow, never a partial line.
