@@ -19,7 +19,9 @@
 //!     .await?
 //!     .await?;
 //!
-//! // Consume, in a task of its own: each delivery's handler runs in the delivery's context.
+//! // Consume, in a task of its own started from an empty context (for example with
+//! // `contextflow::spawn_without_context`): each delivery's handler runs in the delivery's
+//! // context, and nothing of whoever started the loop.
 //! let consumer = amqp::consumer("orders");
 //! let mut deliveries = channel
 //!     .basic_consume("orders", "worker", BasicConsumeOptions::default(), FieldTable::default())

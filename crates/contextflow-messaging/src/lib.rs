@@ -26,9 +26,14 @@
 //! broker in a task with an empty context, and every event is checked to be consumed under the
 //! id and trace of the request that published it. `contextflow-bench`'s `broker-overhead`
 //! binary measures each carrier's cost against the same client without it.
-//! A consumer never runs a message in the consumer loop's own context, and a message never
-//! brings a tenant, a user or a transaction with it: a handler that needs them loads them
-//! the way authenticated code does, or its consumer opts in with [`Consumer::trust`].
+//! A message's context (its trace, baggage and request id) is layered over the frame of
+//! whoever polls its handler, so a binding made around the consumer (as a tower layer does
+//! around a service) stays visible, and the message's own values replace the loop's. Start the
+//! consumer loop from an empty context ([`contextflow::spawn_without_context`], as the order
+//! service does): a loop spawned from inside a request would otherwise lend that request's
+//! tenant or user to every message that does not bring its own. A message never brings a
+//! tenant, a user or a transaction with it: a handler that needs them loads them the way
+//! authenticated code does, or its consumer opts in with [`Consumer::trust`].
 //!
 //! - [`Consumer`]: one per queue; [`Consumer::scope`] runs a handler in the message's
 //!   context, with a consumer span that is a child of the producer's (a batch's span links to
