@@ -18,7 +18,7 @@
 //!    trusted consumer's [`Bindings`]), layered over the frame of whoever polls the handler's
 //!    future, so a variable the consumer loop (or a wrapper) binds around it stays visible;
 //! 4. ends the span when the handler finishes (with `error.type = "cancelled"` when it is
-//!    dropped first).
+//!    dropped first, `"panic"` when it panicked).
 //!
 //! Metadata is untrusted: values are bounded and validated by `contextflow-otel` (a malformed
 //! one is dropped with a `debug` log), and nothing read from a message ever panics.
@@ -206,8 +206,11 @@ pin_project! {
             let mut inner = this.inner;
             if let Some(message) = this.message.take() {
                 if inner.is_some() {
+                    // Dropped while a panic unwinds (the handler's poll panicked): a panic, as
+                    // `Consumer::run` records it; otherwise the handler was given up on.
+                    let why = if std::thread::panicking() { "panic" } else { "cancelled" };
                     message.run(|| inner.set(None));
-                    message.end(Some("cancelled"));
+                    message.end(Some(why));
                 } else {
                     message.end(None);
                 }

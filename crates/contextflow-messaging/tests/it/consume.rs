@@ -354,6 +354,32 @@ fn cancelled_handler_span_is_marked() {
         .contains(&KeyValue::new("error.type", "cancelled")));
 }
 
+#[test]
+fn panicking_handler_span_is_marked() {
+    let (provider, exporter) = telemetry();
+    let consumer = Consumer::new()
+        .with_tracer(provider.tracer("test-panic"))
+        .destination("orders-panic");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let task = rt.spawn(consumer.scope(&Pairs::default(), async {
+        panic!("the handler fails");
+    }));
+    assert!(rt.block_on(task).unwrap_err().is_panic());
+    let spans = exporter.get_finished_spans().unwrap();
+    let span = spans
+        .iter()
+        .find(|s| s.name == "process orders-panic")
+        .expect("the span ends when the handler panics");
+    assert!(
+        span.attributes
+            .contains(&KeyValue::new("error.type", "panic")),
+        "{:?}",
+        span.attributes
+    );
+}
+
 proptest! {
     #[test]
     fn arbitrary_metadata_never_panics_and_gives_a_valid_request_id(
