@@ -57,6 +57,11 @@ pub struct PaymentResponse {
     pub payment_id: String,
 }
 
+/// How long a connection to the provider may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long one call to the provider may take, answer included.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 // ===== impl PaymentClient =====
 
 impl PaymentClient {
@@ -64,9 +69,19 @@ impl PaymentClient {
     /// client span of OpenTelemetry's global provider (none when no SDK is installed).
     pub fn new(base_url: &str) -> Self {
         PaymentClient {
-            http: ClientBuilder::new(reqwest::Client::new())
-                .with(InjectContextMiddleware::new().with_global_tracer())
-                .build(),
+            http: ClientBuilder::new(
+                // Bounded: a provider that accepts the connection and never answers must not
+                // hold a request (or the resolver, which asks about pending orders one after
+                // the other, and the outbox deliveries behind it) forever. A call that times out
+                // is `Unavailable`: the order stays pending for the resolver.
+                reqwest::Client::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(CALL_TIMEOUT)
+                    .build()
+                    .expect("a plain HTTP client builds"),
+            )
+            .with(InjectContextMiddleware::new().with_global_tracer())
+            .build(),
             url: format!("{base_url}/payments"),
         }
     }
@@ -77,8 +92,9 @@ impl PaymentClient {
     /// answer or a crash never charges twice.
     ///
     /// # Errors
-    /// [`PaymentError::Declined`] when refused; [`PaymentError::Unavailable`] when the
-    /// provider cannot be reached or fails (the charge may or may not have happened: retry
+    /// [`PaymentError::Declined`] when refused (`402`, or another `4xx` but `408` and `429`:
+    /// the provider refused the request and charged nothing); [`PaymentError::Unavailable`]
+    /// when the provider cannot be reached, does not answer within 10 s, or fails (the charge may or may not have happened: retry
     /// with the same key to find out).
     pub async fn authorize(
         &self,
@@ -116,6 +132,20 @@ impl PaymentClient {
                     .map(|r| r.payment_id)
                     .map_err(|e| PaymentError::Unavailable(e.to_string())),
                 StatusCode::PAYMENT_REQUIRED => Err(PaymentError::Declined),
+                // The provider refused the request itself (it charged nothing): a decision,
+                // not a reason to keep the order pending and ask again forever. A timeout or
+                // rate limit (408, 429) is worth asking again.
+                other
+                    if other.is_client_error()
+                        && other != StatusCode::REQUEST_TIMEOUT
+                        && other != StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    warn!(
+                        status = other.as_u16(),
+                        "payment provider refused the request: declined"
+                    );
+                    Err(PaymentError::Declined)
+                }
                 other => Err(PaymentError::Unavailable(format!("status {other}"))),
             }
         }

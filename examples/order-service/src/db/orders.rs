@@ -393,20 +393,35 @@ impl OrderRepository {
         .await
     }
 
-    /// Raises `confirmation_sent` of the orders `ids`, of any tenant: the outbox worker's
-    /// batch, in the admin pool's transaction that claims the batch's rows.
+    /// Raises `confirmation_sent` of the orders `ids`, of any tenant, once per appearance: the
+    /// outbox worker's batch (one id per confirmation row delivered), in the admin pool's
+    /// transaction that claims the batch's rows. An order with two confirmation rows in one
+    /// batch is raised by two, so the "confirmed exactly once" checks see a double
+    /// confirmation (an `IN` list would raise it once and hide it). One statement per distinct
+    /// count: one in the normal case.
     ///
     /// # Errors
     /// Database errors.
     pub async fn mark_confirmed_batch(&self, ids: &[i64]) -> Result<(), RepoError> {
-        if ids.is_empty() {
-            return Ok(());
+        let mut counts: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+        for id in ids {
+            *counts.entry(*id).or_default() += 1;
         }
-        let batch = ids_query(
-            "UPDATE orders SET confirmation_sent = confirmation_sent + 1 WHERE id IN ({ids})",
-            ids,
-        );
-        self.admin.execute(batch.query()).await?;
+        let mut by_count: std::collections::BTreeMap<i64, Vec<i64>> =
+            std::collections::BTreeMap::new();
+        for (id, count) in counts {
+            by_count.entry(count).or_default().push(id);
+        }
+        for (count, ids) in by_count {
+            // `count` is a number we computed, not input: safe to write into the statement.
+            let batch = ids_query(
+                &format!(
+                    "UPDATE orders SET confirmation_sent = confirmation_sent + {count} WHERE id IN ({{ids}})"
+                ),
+                &ids,
+            );
+            self.admin.execute(batch.query()).await?;
+        }
         Ok(())
     }
 

@@ -34,6 +34,8 @@ enum Mode {
     Fail,
     /// Charges, reports it, and never answers (the caller crashes before it learns).
     ChargeThenHang,
+    /// `422` without charging: the provider refuses the request itself.
+    Reject,
 }
 
 /// A payment provider the test steers, charging through a [`Stub`] that outlives services.
@@ -75,6 +77,7 @@ async fn answer(State(p): State<Provider>, headers: HeaderMap) -> Response {
         })
         .into_response(),
         Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Mode::Reject => StatusCode::UNPROCESSABLE_ENTITY.into_response(),
         Mode::ChargeThenHang => {
             p.stub.charge(&key);
             let _ = p.charged.send(key);
@@ -364,4 +367,49 @@ async fn an_undeliverable_outbox_row_is_set_aside_not_blocking() {
         .unwrap();
     assert_eq!(aside, 1, "the bad row kept for an operator");
     second.shutdown().await.expect("clean shutdown");
+}
+
+/// The confirmation counter counts every confirmation delivered, so the "confirmed exactly
+/// once" checks can fail: two confirmations of one order in one outbox batch raise it by two
+/// (an `IN` list raised it by one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_confirmation_counter_counts_each_confirmation() {
+    let (_dir, url) = sqlite();
+    let (_provider, addr, _) = Provider::start(Mode::Answer).await;
+    let service = start(&url, &format!("http://{addr}"), true).await;
+    for reference in ["count-a", "count-b"] {
+        let (status, body) = post_order(&service, reference).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    service.state.outbox.wait_delivered().await;
+    let (a, b) = (
+        by_reference(&service, "count-a").await,
+        by_reference(&service, "count-b").await,
+    );
+    assert_eq!((a.confirmation_sent, b.confirmation_sent), (1, 1));
+    OrderRepository::new(&service.state.db)
+        .mark_confirmed_batch(&[a.id, b.id, a.id])
+        .await
+        .unwrap();
+    assert_eq!(by_reference(&service, "count-a").await.confirmation_sent, 3);
+    assert_eq!(by_reference(&service, "count-b").await.confirmation_sent, 2);
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// A provider that refuses the request itself (a `4xx` other than `402`, `408`, `429`) charged
+/// nothing: the order is decided at once (cancelled, its stock released, `402`), not left
+/// pending for a resolver that would ask again forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_refusing_the_request_cancels_the_order() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::Reject).await;
+    let service = start(&url, &format!("http://{addr}"), true).await;
+    let stock = apples(&service).await;
+    let (status, body) = post_order(&service, "refused-1").await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    let order = by_reference(&service, "refused-1").await;
+    assert_eq!(order.status, "cancelled");
+    assert_eq!(apples(&service).await, stock, "stock released");
+    assert_eq!(provider.stub.charges(), 0);
+    service.shutdown().await.expect("clean shutdown");
 }
