@@ -9,7 +9,7 @@ use futures_util::StreamExt as _;
 use lapin::{
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        QueueDeclareOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
     },
     types::FieldTable,
     BasicProperties, Channel, Connection, ConnectionProperties,
@@ -52,6 +52,12 @@ impl Amqp {
             .with_reactor(tokio_reactor_trait::Tokio::current());
         let connection = Connection::connect(url, properties).await?;
         let publish = connection.create_channel().await?;
+        // Publisher confirms: a publish returns once the broker has taken the message, so the
+        // outbox marks a row delivered only then (without them it returns as soon as the
+        // frames are written).
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let consume = connection.create_channel().await?;
         consume
             .queue_declare(
@@ -72,7 +78,8 @@ impl Amqp {
         })
     }
 
-    /// Publishes message `id` with the current context in its headers.
+    /// Publishes message `id` with the current context in its headers; returns once the broker
+    /// confirmed it (an error when it refused it).
     pub(super) async fn publish(
         &self,
         id: i64,
@@ -87,7 +94,8 @@ impl Amqp {
             topic: topic.to_owned(),
             payload,
         })?;
-        self.publish
+        let confirmation = self
+            .publish
             .basic_publish(
                 "",
                 &self.queue,
@@ -97,6 +105,9 @@ impl Amqp {
             )
             .await?
             .await?;
+        if confirmation.is_nack() {
+            return Err(format!("RabbitMQ refused message {id}").into());
+        }
         Ok(())
     }
 

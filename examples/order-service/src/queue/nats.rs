@@ -26,7 +26,8 @@ impl Nats {
         })
     }
 
-    /// Publishes message `id` with the current context in its headers.
+    /// Publishes message `id` with the current context in its headers; returns once the server
+    /// has it.
     pub(super) async fn publish(
         &self,
         id: i64,
@@ -43,6 +44,9 @@ impl Nats {
         self.client
             .publish_with_headers(self.subject.clone(), headers, body.into())
             .await?;
+        // The publish only queues the message in the client: the outbox marks the row
+        // delivered once the server has it (core NATS keeps nothing beyond that).
+        self.client.flush().await?;
         Ok(())
     }
 
