@@ -189,19 +189,30 @@ impl OrderService {
         }
         let order_id = self.orders.insert(&order.reference).await?;
         let mut total_cents = 0;
-        let mut items = Vec::with_capacity(order.items.len());
-        for line in &order.items {
+        // Stock rows are taken (and, on PostgreSQL, locked) in sku order, as the one-statement
+        // path does: two orders of the same products never wait for each other in a cycle.
+        let mut by_sku: Vec<usize> = (0..order.items.len()).collect();
+        by_sku.sort_by(|a, b| order.items[*a].sku.cmp(&order.items[*b].sku));
+        let mut prices = vec![0; order.items.len()];
+        for i in by_sku {
+            let line = &order.items[i];
             let Some(price_cents) = self.inventory.take_priced(&line.sku, line.quantity).await?
             else {
                 return Err(self.not_taken(&line.sku, line.quantity).await);
             };
             total_cents += line.quantity * price_cents;
-            items.push(OrderItem {
+            prices[i] = price_cents;
+        }
+        let items: Vec<OrderItem> = order
+            .items
+            .iter()
+            .zip(prices)
+            .map(|(line, price_cents)| OrderItem {
                 sku: line.sku.clone(),
                 quantity: line.quantity,
                 price_cents,
-            });
-        }
+            })
+            .collect();
         self.orders.add_items(order_id, &items).await?;
         info!(reference = %order.reference, total_cents, "inventory validated and reserved");
         Ok((order_id, total_cents, items))
