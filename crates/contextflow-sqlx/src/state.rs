@@ -648,10 +648,21 @@ impl<DB: Database> Drop for RootGuard<DB> {
         };
         // Take the connection out now, so that it is cleaned up (or closed) at once by
         // `Tracked`'s drop. If a query still holds the lock (a task that kept this context
-        // alive), the connection goes with the last reference to `shared` instead.
+        // alive), take it out as soon as that query is done: waiting for the last reference
+        // to `shared` instead would keep the transaction open, and its locks held, for as
+        // long as some snapshot of the context lives.
         let tracked = match shared.slot.try_lock() {
             Ok(mut slot) => slot.tracked.take(),
-            Err(_) => None,
+            Err(_) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let slot = shared.slot.clone();
+                    runtime.spawn(async move {
+                        let tracked = slot.lock().await.tracked.take();
+                        drop(tracked);
+                    });
+                }
+                None
+            }
         };
         drop(tracked);
     }

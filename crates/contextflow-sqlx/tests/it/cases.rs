@@ -157,6 +157,57 @@ async fn rollback_on_drop() {
     ctx.finish().await;
 }
 
+/// The block is dropped while a task that kept its context (a full snapshot) has a query in
+/// flight: the transaction is rolled back once that query is done, not left open, holding its
+/// locks, for as long as the snapshot lives.
+async fn rollback_on_drop_with_a_query_in_flight() {
+    let ctx = setup(2).await;
+    let (snapshot_tx, snapshot_rx) = oneshot::channel();
+    let mut request = Box::pin(ctx.db.transaction(|| async {
+        insert(&ctx, 1, 0).await?;
+        snapshot_tx.send(Snapshot::capture()).unwrap();
+        pending::<()>().await;
+        Ok::<_, TestError>(())
+    }));
+    let snapshot = tokio::select! {
+        _ = &mut request => unreachable!("the block never finishes"),
+        snapshot = snapshot_rx => snapshot.unwrap(),
+    };
+    // A long query in the block's context (a recursive count keeps the connection busy for
+    // a while), then the block is dropped while it runs.
+    let slow = sql(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 3000000) \
+         SELECT count(*) FROM c",
+    );
+    let db = ctx.db.clone();
+    let (started_tx, started_rx) = oneshot::channel();
+    let late = tokio::spawn(
+        async move {
+            started_tx.send(()).unwrap();
+            sqlx::query_scalar::<_, i64>(&slow).fetch_one(&db).await
+        }
+        .with_snapshot(snapshot.clone()),
+    );
+    started_rx.await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    drop(request);
+    let _ = late.await.unwrap();
+    // The snapshot is still alive; the transaction must be gone all the same (a bound on the
+    // wait, so that the failure is a message rather than a hang).
+    let clean = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        assert_pool_clean(&ctx, 2),
+    )
+    .await;
+    assert!(
+        clean.is_ok(),
+        "{BACKEND}: the dropped block's connection stayed out of the pool, in its transaction"
+    );
+    assert_eq!(ids(&ctx).await, Vec::<i64>::new());
+    drop(snapshot);
+    ctx.finish().await;
+}
+
 /// The request's task is aborted after its first insert.
 async fn rollback_on_abort() {
     let ctx = setup(1).await;
@@ -940,6 +991,7 @@ tests!(
     rollback_on_error,
     rollback_on_panic,
     rollback_on_drop,
+    rollback_on_drop_with_a_query_in_flight,
     rollback_on_abort,
     savepoint_error,
     savepoint_rolled_back_with_outer,
