@@ -477,7 +477,7 @@ where
         let (cx, extracted_id) = self
             .propagation
             .extract_parts_from(&opentelemetry::Context::current(), &carrier);
-        let no_id_header = carrier.request_ids.get() == Some(0);
+        let id_headers = carrier.request_ids.get();
         let request_id = match req.extensions().get::<RequestId>() {
             Some(set_earlier) => set_earlier.clone(),
             None => extracted_id,
@@ -485,10 +485,20 @@ where
         // The request id is not added to the OpenTelemetry context (three allocations): it is
         // bound to `REQUEST_ID` wherever the context is, and injection reads it from there.
 
-        let incoming = if no_id_header {
-            None
-        } else {
-            req.headers().get(X_REQUEST_ID)
+        // The one incoming `x-request-id`, if there is exactly one: a repeated header is
+        // replaced below even when its first copy is the id chosen, so that inner layers never
+        // see a second, unchecked value.
+        let incoming = match id_headers {
+            Some(0) => None,
+            Some(1) => req.headers().get(X_REQUEST_ID),
+            Some(_) => None,
+            None => {
+                let mut all = req.headers().get_all(X_REQUEST_ID).iter();
+                match (all.next(), all.next()) {
+                    (Some(only), None) => Some(only),
+                    _ => None,
+                }
+            }
         };
         let id_value = match incoming {
             Some(value) if value.as_bytes() == request_id.as_str().as_bytes() => value.clone(),

@@ -252,6 +252,42 @@ async fn an_earlier_layer_already_set_the_request_id() {
     assert_eq!(res.headers()["x-request-id"], "from-outer-layer");
 }
 
+/// A repeated `x-request-id` whose first copy is the id an earlier layer chose: the inner
+/// service still sees that one value only, never the client's second one.
+#[tokio::test(flavor = "current_thread")]
+async fn a_repeated_request_id_header_reaches_the_handler_once() {
+    let earlier: RequestId = "first".parse().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let svc = ServiceBuilder::new()
+        .map_request({
+            let earlier = earlier.clone();
+            move |mut req: Request<String>| {
+                req.extensions_mut().insert(earlier.clone());
+                req
+            }
+        })
+        .layer(PropagateContextLayer::new())
+        .service(service_fn(move |req: Request<String>| {
+            *seen2.lock().unwrap() = req
+                .headers()
+                .get_all("x-request-id")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            async { Ok::<_, Infallible>(Response::new(String::new())) }
+        }));
+    let req = request()
+        .header("x-request-id", "first")
+        .header("x-request-id", "smuggled")
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["first"]);
+    let echoed: Vec<_> = res.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(echoed, ["first"]);
+}
+
 /// Records the request id seen by each poll and by the drop of a body.
 struct ProbeBody {
     chunks: Vec<&'static str>,
