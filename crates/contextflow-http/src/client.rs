@@ -7,7 +7,8 @@
 //! started, or a `tracing` span bridged by `tracing-opentelemetry`. With a tracer
 //! ([`InjectContextLayer::with_tracer`]), the layer starts a *client* span for each request
 //! and names it as the parent instead. Headers the caller set are left alone (see
-//! [`HeaderInjector`]). Call it from the request's task, or from a task
+//! [`HeaderInjector`]); a request that already carries a `traceparent` gets no client span
+//! (it would be the parent of nothing). Call it from the request's task, or from a task
 //! started with `contextflow::spawn`, which inherits the context; a plain `tokio::spawn` does
 //! not.
 //!
@@ -53,7 +54,7 @@ use tower_service::Service;
 
 use crate::{
     spans::{self, Spans},
-    HeaderInjector,
+    HeaderInjector, TRACEPARENT,
 };
 
 /// A [`Layer`] that wraps HTTP clients in [`InjectContext`].
@@ -256,11 +257,16 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let current = contextflow_otel::current_context();
-        let span = self
-            .spans
-            .start(SpanKind::Client, req.method(), &current, |attrs| {
-                client_attributes(req.uri(), attrs)
-            });
+        // A request whose caller set `traceparent` keeps it (see `HeaderInjector`): a client
+        // span of ours would be the parent of nothing, so none is started.
+        let span = if req.headers().contains_key(TRACEPARENT) {
+            None
+        } else {
+            self.spans
+                .start(SpanKind::Client, req.method(), &current, |attrs| {
+                    client_attributes(req.uri(), attrs)
+                })
+        };
         let cx = span.as_ref().unwrap_or(&current);
         self.propagation
             .inject(cx, &mut HeaderInjector::new(req.headers_mut()));

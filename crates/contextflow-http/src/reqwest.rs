@@ -9,7 +9,7 @@ use reqwest_middleware::{Middleware, Next, Result};
 use crate::{
     client::client_attributes,
     spans::{self, Spans},
-    HeaderInjector,
+    HeaderInjector, TRACEPARENT,
 };
 
 /// Writes the current context into each request sent through a
@@ -110,7 +110,10 @@ impl Middleware for InjectContextMiddleware {
         next: Next<'_>,
     ) -> Result<::reqwest::Response> {
         let current = contextflow_otel::current_context();
+        // A caller-set `traceparent` is kept (see `HeaderInjector`): no span of ours, which
+        // would be the parent of nothing.
         let span = match http::Uri::try_from(req.url().as_str()) {
+            _ if req.headers().contains_key(TRACEPARENT) => None,
             Ok(uri) => self
                 .spans
                 .start(SpanKind::Client, req.method(), &current, |attrs| {

@@ -577,3 +577,40 @@ fn grpc_status_codes_on_both_runtimes() {
         .unwrap()
         .block_on(grpc_status_codes());
 }
+
+/// A request whose caller set `traceparent` keeps it, and gets no client span of ours (it
+/// would be the parent of nothing downstream); one without gets both.
+#[tokio::test(flavor = "current_thread")]
+async fn a_caller_set_traceparent_gets_no_client_span() {
+    use tower::{Layer as _, ServiceExt as _};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let client = contextflow_http::InjectContextLayer::new()
+        .with_tracer(provider.tracer("client"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            let sent = req
+                .headers()
+                .get("traceparent")
+                .map(|v| v.to_str().unwrap().to_owned());
+            Ok::<_, std::convert::Infallible>(http::Response::new(sent))
+        }));
+    let own = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = http::Request::builder()
+        .header("traceparent", own)
+        .body(())
+        .unwrap();
+    let res = client.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.body().as_deref(), Some(own));
+    assert!(exporter.get_finished_spans().unwrap().is_empty());
+    let res = client.oneshot(http::Request::new(())).await.unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 1);
+    let sent = res.body().clone().unwrap();
+    assert!(
+        sent.contains(&spans[0].span_context.span_id().to_string()),
+        "{sent}"
+    );
+}
