@@ -272,6 +272,9 @@ struct RequestScope {
     frame: RequestFrame,
     cx: Option<opentelemetry::Context>,
     owns_span: bool,
+    /// An HTTP/2 request (gRPC runs on nothing else): only then is the answer's `grpc-status`
+    /// looked for.
+    http2: bool,
 }
 
 /// How a request's bindings are entered.
@@ -536,6 +539,7 @@ where
             },
             cx: Some(cx),
             owns_span,
+            http2: req.version() == http::Version::HTTP_2,
         };
         // `call` itself runs in the context too: layers such as `TraceLayer` make their span here.
         let inner = scope.run(|| self.inner.call(req));
@@ -592,8 +596,9 @@ where
                     res.headers_mut().entry(X_REQUEST_ID).or_insert(id);
                 }
                 let status = res.status().as_u16();
-                // Only a span of ours records it (a header lookup saved on every other request).
-                let grpc = if scope.owns_span {
+                // Only a span of ours records it, and only gRPC's HTTP/2 carries it (a header
+                // lookup saved on every other request).
+                let grpc = if scope.owns_span && scope.http2 {
                     spans::grpc_status(res.headers())
                 } else {
                     None
@@ -641,6 +646,7 @@ impl<B> ContextBody<B> {
                 frame: RequestFrame::Captured(snapshot),
                 cx: None,
                 owns_span: false,
+                http2: false,
             },
             status: 0,
             polled: false,
@@ -767,6 +773,7 @@ impl RequestScope {
             frame: RequestFrame::Captured(Snapshot::empty()),
             cx: None,
             owns_span: false,
+            http2: false,
         }
     }
 

@@ -134,8 +134,10 @@ pub(crate) fn method_name(method: &Method) -> Cow<'static, str> {
 /// response, which is how tonic answers a call that fails before any message, or in the
 /// trailers), when it is a code of the protocol (0 to 16).
 pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    // A constant name: no parsing of the name on every response.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     let code: u8 = headers
-        .get("grpc-status")?
+        .get(&GRPC_STATUS)?
         .to_str()
         .ok()?
         .trim()
