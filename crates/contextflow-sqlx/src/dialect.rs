@@ -281,11 +281,28 @@ pub(crate) fn is_sqlite_nested_begin(err: &sqlx::Error) -> bool {
 }
 
 /// Whether `err`, from a statement inside a transaction, means the database rolled the whole
-/// transaction back by itself: MySQL/MariaDB do so on a deadlock (error 1213, SQLSTATE
-/// `40001`), and then run the statements that follow in autocommit mode.
+/// transaction back by itself, or may have: the statements that follow would then run in
+/// autocommit mode, each committed on its own, so the transaction is poisoned (it can only be
+/// rolled back) rather than trusted.
+///
+/// - MySQL/MariaDB: a deadlock (error 1213, SQLSTATE `40001`), and a lock wait timeout (error
+///   1205, "Lock wait timeout exceeded"), which rolls the whole transaction back when the
+///   server runs with `innodb_rollback_on_timeout`.
+/// - SQLite: `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY` and `SQLITE_NOMEM` (primary result
+///   codes 13, 10, 5, 7), after which SQLite "may or may not" have rolled the transaction back.
 pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool {
-    match (dialect, err) {
-        (Dialect::MySql, sqlx::Error::Database(db)) => db.code().as_deref() == Some("40001"),
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    match dialect {
+        Dialect::MySql => {
+            db.code().as_deref() == Some("40001")
+                || db.message().starts_with("Lock wait timeout exceeded")
+        }
+        Dialect::Sqlite => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 7 | 10 | 13)),
         _ => false,
     }
 }
@@ -295,6 +312,90 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A database error with a code and a message, as a driver reports one.
+    #[derive(Debug)]
+    struct Reported(&'static str, &'static str);
+
+    impl std::fmt::Display for Reported {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.1)
+        }
+    }
+
+    impl std::error::Error for Reported {}
+
+    impl sqlx::error::DatabaseError for Reported {
+        fn message(&self) -> &str {
+            self.1
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn errors_that_may_roll_the_whole_transaction_back() {
+        let err = |code, message| sqlx::Error::Database(Box::new(Reported(code, message)));
+        let cases = [
+            (
+                Dialect::MySql,
+                err("40001", "Deadlock found when trying to get lock"),
+                true,
+            ),
+            (
+                Dialect::MySql,
+                err(
+                    "HY000",
+                    "Lock wait timeout exceeded; try restarting transaction",
+                ),
+                true,
+            ),
+            (
+                Dialect::MySql,
+                err("23000", "Duplicate entry '1' for key 'PRIMARY'"),
+                false,
+            ),
+            (Dialect::Sqlite, err("13", "database or disk is full"), true),
+            (Dialect::Sqlite, err("3338", "disk I/O error"), true), // SQLITE_IOERR_FSYNC
+            (Dialect::Sqlite, err("5", "database is locked"), true),
+            (Dialect::Sqlite, err("7", "out of memory"), true),
+            (
+                Dialect::Sqlite,
+                err("2067", "UNIQUE constraint failed"),
+                false,
+            ),
+            (Dialect::Sqlite, err("1", "no such table: t"), false),
+            (
+                Dialect::Postgres,
+                err("40001", "could not serialize access"),
+                false,
+            ),
+        ];
+        for (dialect, err, expected) in cases {
+            assert_eq!(
+                rolled_back_by_server(dialect, &err),
+                expected,
+                "{dialect:?}: {err}"
+            );
+        }
+        assert!(!rolled_back_by_server(
+            Dialect::MySql,
+            &sqlx::Error::PoolClosed
+        ));
+    }
 
     /// Reads an `E'...'` literal back the way PostgreSQL does for the escapes we write, and
     /// refuses anything else (a lone quote, a backslash escape we never write).
