@@ -16,7 +16,8 @@ use crate::propagation::Propagation;
 /// block (a task given a full [`Snapshot::capture`](contextflow::Snapshot::capture) that still
 /// runs after the block returned), or when the transaction is *poisoned*: it is still open but
 /// may only be rolled back, because a savepoint could not be rolled back, the database rolled
-/// the transaction back on its own (a MySQL deadlock), a statement outside contextflow-sqlx
+/// the transaction back on its own, or may have (a MySQL deadlock or lock wait timeout; a
+/// SQLite disk-full, I/O, busy or out-of-memory error), a statement outside contextflow-sqlx
 /// ended it, or a block joined with [`Propagation::Required`] failed (Spring's
 /// "rollback-only").
 ///
@@ -350,7 +351,7 @@ impl fmt::Display for TransactionClosed {
                 "a savepoint of the current transaction failed to roll back (or its rollback was cancelled); the transaction can only be rolled back"
             }
             ClosedReason::RolledBackByServer => {
-                "the database rolled the current transaction back (deadlock); it can only be rolled back"
+                "the database rolled the current transaction back, or may have (deadlock, lock wait timeout, SQLite full/I/O/busy error); it can only be rolled back"
             }
             ClosedReason::EndedOutside => {
                 "a statement not issued by contextflow-sqlx ended the current transaction; its work is lost"

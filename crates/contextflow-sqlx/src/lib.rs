@@ -430,9 +430,11 @@
 //! the block's error, and retrying means running the block again.
 //!
 //! **MySQL/MariaDB.** A deadlock (1213) makes the server roll the whole transaction back and
-//! run the statements that follow in autocommit mode: contextflow-sqlx marks the transaction
-//! poisoned on that error, so nothing after it runs and the block ends in
-//! [`TransactionClosed`]. DDL (`CREATE TABLE`, ...) commits implicitly: keep it out of blocks.
+//! run the statements that follow in autocommit mode, and so does a lock wait timeout (1205)
+//! on a server with `innodb_rollback_on_timeout`: contextflow-sqlx marks the transaction
+//! poisoned on either error, so nothing after it runs and the block ends in
+//! [`TransactionClosed`]. (SQLite likewise, on `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY`
+//! and `SQLITE_NOMEM`, after which it may have rolled the transaction back.) DDL (`CREATE TABLE`, ...) commits implicitly: keep it out of blocks.
 //!
 //! **SQLite.** One writer at a time: a block holds the database's write lock from its first
 //! write until it ends, and other writers wait up to the connection's busy timeout (sqlx's
