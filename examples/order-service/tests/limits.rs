@@ -33,13 +33,21 @@ const SHORT: Limits = Limits {
     request_timeout: Duration::from_millis(800),
     max_body_bytes: 4096,
     max_headers: 100,
+    max_connections: 4,
 };
 
 async fn start(payment_url: Option<String>) -> (RunningService, tempfile::TempDir) {
+    start_with(SHORT, payment_url).await
+}
+
+async fn start_with(
+    limits: Limits,
+    payment_url: Option<String>,
+) -> (RunningService, tempfile::TempDir) {
     capture();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::local(&app::sqlite_url(&dir.path().join("limits.db")));
-    config.limits = SHORT;
+    config.limits = limits;
     config.payment_url = payment_url;
     (app::start(config).await.expect("start"), dir)
 }
@@ -207,5 +215,56 @@ async fn malformed_head_gets_400_and_a_log_line() {
     .await;
     assert!(status.starts_with("HTTP/1.1 400"), "{status}");
     logged("malformed request head: hyper answered 400").await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// At `max_connections` open connections a new one waits, unanswered, until one closes; then
+/// it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_for_a_free_one() {
+    // Idle connections kept open for the whole test (the head timeout also closes idle ones).
+    let limits = Limits {
+        head_timeout: Duration::from_secs(60),
+        ..SHORT
+    };
+    let (service, _dir) = start_with(limits, None).await;
+    let addr = service.addr;
+    // Four idle keep-alive connections, each past one answered request.
+    let mut open = Vec::new();
+    for _ in 0..limits.max_connections {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 "),
+            "answered"
+        );
+        open.push(stream);
+    }
+    // A fifth: accepted by the kernel, not by the server, so its request gets no answer yet.
+    let mut fifth = TcpStream::connect(addr).await.expect("connect");
+    fifth
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(200), fifth.read(&mut buf)).await;
+    assert!(early.is_err(), "no answer while four connections are open");
+    // One closes: the fifth is taken and answered.
+    drop(open.pop());
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), fifth.read_to_end(&mut answer))
+        .await
+        .expect("answered once a connection closed")
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 "),
+        "answered"
+    );
+    drop(open);
     service.shutdown().await.expect("clean shutdown");
 }

@@ -46,6 +46,9 @@ pub const HARD_MAX_HEADERS: usize = 256;
 /// The most bytes of a request head hyper buffers; more gets hyper's bare `431`.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// How long the accept loop waits after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Bounds on what a client may send, and how slowly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -59,10 +62,14 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The most header fields accepted (up to [`HARD_MAX_HEADERS`]).
     pub max_headers: usize,
+    /// The most connections open at once; more wait in the listener's backlog until one
+    /// closes (each may hold a head and a body buffer, so memory stays bounded).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
-    /// 10 s for the head, 10 s for the body, 30 s for the request, 64 KiB of body, 100 headers.
+    /// 10 s for the head, 10 s for the body, 30 s for the request, 64 KiB of body, 100
+    /// headers, 1,024 connections.
     fn default() -> Self {
         Limits {
             head_timeout: Duration::from_secs(10),
@@ -70,6 +77,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 64 * 1024,
             max_headers: 100,
+            max_connections: 1024,
         }
     }
 }
@@ -120,9 +128,11 @@ pub fn serve(
     contextflow::spawn_without_context(async move {
         let mut connections = JoinSet::new();
         loop {
+            let room = connections.len() < limits.max_connections;
             tokio::select! {
                 () = shutdown.wait() => break,
-                accepted = listener.accept() => match accepted {
+                // At the limit, new connections wait in the backlog until one closes.
+                accepted = listener.accept(), if room => match accepted {
                     Ok((stream, peer)) => {
                         connections.spawn(connection(
                             stream,
@@ -132,8 +142,13 @@ pub fn serve(
                             shutdown.clone(),
                         ));
                     }
-                    // Out of file descriptors and the like: the next accept may succeed.
-                    Err(err) => warn!(server = name, error = %err, "accept failed"),
+                    // Out of file descriptors and the like: the next accept may succeed, once a
+                    // connection has closed. Retrying at once would spin (the waiting connection
+                    // stays in the backlog) and flood the log.
+                    Err(err) => {
+                        warn!(server = name, error = %err, "accept failed; retrying in 100 ms");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
