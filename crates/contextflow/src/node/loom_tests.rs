@@ -185,30 +185,43 @@ fn capture_leaves_out_shadowed_and_private_bindings_under_a_concurrent_release()
 
 #[test]
 fn a_parked_guard_frame_is_released_once_by_the_last_owner() {
-    explore("enter-guard marker parking", || {
-        let drops = Arc::new(AtomicUsize::new(0));
-        let saved = NodeRef::new_value(None, 2, "saved", Inherit::Always, Counted(drops.clone()));
-        let marker = NodeRef::new_marker(None);
-        let other = marker.clone();
-        // The guard exits out of order: its saved frame (owned, bit 0) is parked in its node.
-        marker
-            .header()
-            .park_guard_saved(saved.into_raw() as usize | 0b01 | 0b10);
-        let t = thread::spawn(move || drop(other));
-        // This thread may take the parked frame back (the frame is unwound) or not.
-        let taken = marker.header().take_guard_saved();
-        if taken != 0 {
-            // SAFETY: the parked word owns one count on the frame.
-            drop(unsafe { NodeRef::from_raw((taken & !0b11) as *const Header) });
-        }
-        drop(marker);
-        t.join().unwrap();
-        assert_eq!(
-            drops.load(Ordering::SeqCst),
-            1,
-            "the parked frame is released once"
-        );
-    });
+    // `take_back`: this thread takes the parked frame back before dropping its marker (the
+    // frame is unwound), or leaves it parked, so that whichever thread drops the marker last
+    // (this one or the other) releases it in `NodeRef::drop`. Without the second case the
+    // release by the last owner on another thread was never reached.
+    for take_back in [true, false] {
+        let name = if take_back {
+            "enter-guard marker parking, taken back"
+        } else {
+            "enter-guard marker parking, released by the last owner"
+        };
+        explore(name, move || {
+            let drops = Arc::new(AtomicUsize::new(0));
+            let saved =
+                NodeRef::new_value(None, 2, "saved", Inherit::Always, Counted(drops.clone()));
+            let marker = NodeRef::new_marker(None);
+            let other = marker.clone();
+            // The guard exits out of order: its saved frame (owned, bit 0) is parked in its
+            // node.
+            marker
+                .header()
+                .park_guard_saved(saved.into_raw() as usize | 0b01 | 0b10);
+            let t = thread::spawn(move || drop(other));
+            if take_back {
+                let taken = marker.header().take_guard_saved();
+                assert_ne!(taken, 0, "parked here, taken only here");
+                // SAFETY: the parked word owns one count on the frame.
+                drop(unsafe { NodeRef::from_raw((taken & !0b11) as *const Header) });
+            }
+            drop(marker);
+            t.join().unwrap();
+            assert_eq!(
+                drops.load(Ordering::SeqCst),
+                1,
+                "the parked frame is released once"
+            );
+        });
+    }
 }
 
 #[test]
