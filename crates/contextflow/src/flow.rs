@@ -21,7 +21,8 @@ static SUPPRESSED: AsyncLocal<()> =
 /// [`FutureExt::in_current_context`](crate::FutureExt::in_current_context),
 /// [`Snapshot::capture_inheritable`], [`Snapshot::bind`], and a plain `tokio::spawn` on a
 /// runtime with contextflow's hooks (feature `runtime-hooks`). [`Snapshot::capture`], which
-/// asks for the whole context explicitly, still captures it. Nested calls are fine; the
+/// asks for the whole context explicitly, still captures it, without the suppression: code run
+/// in that snapshot later spawns normally. Nested calls are fine; the
 /// previous state comes back when `f` returns or panics.
 ///
 /// ```
@@ -48,6 +49,11 @@ static SUPPRESSED: AsyncLocal<()> =
 #[cfg_attr(feature = "diagnostics", track_caller)]
 pub fn suppress_flow<R>(f: impl FnOnce() -> R) -> R {
     SUPPRESSED.sync_scope((), f)
+}
+
+/// Runs `f` with the suppression unset (for a full capture made inside [`suppress_flow`]).
+pub(crate) fn unsuppressed<R>(f: impl FnOnce() -> R) -> R {
+    SUPPRESSED.sync_unset(f)
 }
 
 /// Whether flow is suppressed here (inside [`suppress_flow`]): .NET's

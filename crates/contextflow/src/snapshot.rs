@@ -185,6 +185,15 @@ impl Snapshot {
     /// ```
     #[inline]
     pub fn capture() -> Snapshot {
+        if crate::flow::is_flow_suppressed() {
+            // The suppression belongs to the code inside `suppress_flow`, not to the context
+            // it captures: code run in this snapshot later spawns normally.
+            return crate::flow::unsuppressed(Snapshot::capture_whole);
+        }
+        Snapshot::capture_whole()
+    }
+
+    fn capture_whole() -> Snapshot {
         Snapshot {
             frame: carry::capture_into(current::capture(false)),
         }

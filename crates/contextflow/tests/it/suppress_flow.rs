@@ -71,6 +71,26 @@ fn an_explicit_full_capture_still_captures() {
     );
 }
 
+/// A full capture made inside `suppress_flow` keeps the context but not the suppression: code
+/// run in it later (a stored snapshot, a task spawned with it) spawns children that inherit.
+#[test]
+fn a_full_capture_inside_does_not_carry_the_suppression() {
+    let snap = REQUEST_ID.sync_scope(4, || contextflow::suppress_flow(Snapshot::capture));
+    let (suppressed, child) = snap.run(|| {
+        (
+            contextflow::is_flow_suppressed(),
+            Snapshot::capture_inheritable().get(&REQUEST_ID),
+        )
+    });
+    assert!(!suppressed);
+    assert_eq!(
+        child,
+        Some(4),
+        "a child of code run in the snapshot inherits"
+    );
+    assert!(!format!("{snap:?}").contains("flow_suppressed"), "{snap:?}");
+}
+
 #[test]
 fn code_run_in_another_frame_is_not_suppressed() {
     let (inside, other) = contextflow::suppress_flow(|| {
