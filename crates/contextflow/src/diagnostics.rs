@@ -241,7 +241,14 @@ struct Loss {
     dropped: Vec<Dropped>,
     /// A loss further up (the spawner's own context had lost variables already).
     earlier: Option<Arc<Loss>>,
+    /// How many records this one's chain holds, itself included (at most [`MAX_LOSS_CHAIN`]).
+    depth: usize,
 }
+
+/// The most loss records one chain keeps: a task that re-spawns itself through lossy spawns
+/// would otherwise keep one record per generation forever (and free the chain recursively,
+/// deep enough to overflow the stack). A read of a variable lost further up goes unreported.
+const MAX_LOSS_CHAIN: usize = 32;
 
 /// One binding a spawn dropped.
 struct Dropped {
@@ -431,13 +438,16 @@ fn loss_node(
     suppressed_at: Option<&'static Location<'static>>,
     dropped: Vec<Dropped>,
 ) -> NodeRef {
+    // A full chain starts over: the records it held go once nothing else refers to them.
+    let earlier = current_loss().filter(|earlier| earlier.depth < MAX_LOSS_CHAIN);
     let loss = Loss {
         by,
         at,
         suppressed_at,
         spawner_was_task: spawner_is_task(),
         dropped,
-        earlier: current_loss(),
+        depth: earlier.as_ref().map_or(1, |earlier| earlier.depth + 1),
+        earlier,
     };
     NodeRef::new_value_at(
         base,

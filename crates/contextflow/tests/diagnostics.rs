@@ -380,6 +380,35 @@ fn an_unnamed_variable_is_named_by_its_type() {
     );
 }
 
+/// Code that keeps starting work through lossy captures, each generation inside the last
+/// one's context (a task that re-spawns itself): the loss records it leaves behind stay
+/// bounded, and dropping the last context does not overflow the stack.
+#[test]
+fn a_long_chain_of_lossy_captures_stays_bounded() {
+    static GENERATION: AsyncLocal<u32> = AsyncLocal::named("generation");
+    reports();
+    // On a small stack: a recursive drop of one record per generation would overflow it.
+    let ended = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(|| {
+            let mut snap = Snapshot::empty();
+            for generation in 0..100_000 {
+                snap = snap.run(|| {
+                    GENERATION.sync_scope(generation, || {
+                        contextflow::suppress_flow(Snapshot::capture_inheritable)
+                    })
+                });
+            }
+            // The newest generation still knows what its own spawn dropped.
+            let unset = snap.run(|| GENERATION.get());
+            drop(snap);
+            unset
+        })
+        .unwrap()
+        .join();
+    assert_eq!(ended.expect("no stack overflow, no panic"), None);
+}
+
 #[test]
 fn the_mode_is_report_by_default() {
     assert_eq!(diagnostics::mode(), diagnostics::Mode::Report);
