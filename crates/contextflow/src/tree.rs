@@ -7,8 +7,10 @@
 //! [`contextflow::spawn`](crate::spawn) and [`spawn_in`](crate::spawn_in), and, on a runtime
 //! with contextflow's hooks (feature `runtime-hooks`), through a plain `tokio::spawn`,
 //! `JoinSet::spawn` or `Handle::spawn`. Outside a root, spawns record nothing and cost one
-//! lookup more. Each node keeps at most [`MAX_CHILDREN`] children (the rest are counted), so a
-//! request that starts a million tasks does not keep a million nodes.
+//! lookup more. Each node keeps at most [`MAX_CHILDREN`] children (the rest are counted), and
+//! the tree at most [`MAX_DEPTH`] levels (a task deeper down is counted by its parent, and its
+//! own children are not recorded), so a request that starts a million tasks, or a task that
+//! re-spawns itself forever, does not keep a million nodes.
 //!
 //! ```
 //! use contextflow::tree::{self, Root};
@@ -47,6 +49,15 @@ use crate::{AsyncLocal, Inherit};
 
 /// The most children a node of the tree keeps; later ones are counted only.
 pub const MAX_CHILDREN: usize = 256;
+
+/// The most levels of tasks the tree keeps below its root; a task deeper down is counted by
+/// its parent only (and its own children are not recorded). Walks of the tree recurse, so its
+/// depth is what bounds their stack.
+///
+/// ```
+/// assert_eq!(contextflow::tree::MAX_DEPTH, 64);
+/// ```
+pub const MAX_DEPTH: usize = 64;
 
 /// The tree node of the code running now: the root, or the task it runs in. Flows everywhere,
 /// and each recorded spawn rebinds it to the child's node.
@@ -89,8 +100,10 @@ pub(crate) struct Node {
     spawned_at: Option<(&'static Location<'static>, SpawnedBy)>,
     finished: AtomicBool,
     children: Mutex<Vec<Arc<Node>>>,
-    /// Children not kept (past `MAX_CHILDREN`).
+    /// Children not kept (past `MAX_CHILDREN`, or below `MAX_DEPTH`).
     not_kept: AtomicUsize,
+    /// 0 for the root, 1 for a task it started, ...
+    depth: usize,
     /// Whether the task holds its root's context (it was not started inside `suppress_flow`),
     /// for the leak check.
     #[cfg(feature = "diagnostics")]
@@ -112,12 +125,13 @@ impl Node {
             finished: AtomicBool::new(false),
             children: Mutex::new(Vec::new()),
             not_kept: AtomicUsize::new(0),
+            depth: self.depth + 1,
             #[cfg(feature = "diagnostics")]
             holds_context: !crate::is_flow_suppressed(),
         });
         // A poisoned lock only means a panic while pushing; the list is intact.
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
-        if children.len() < MAX_CHILDREN {
+        if children.len() < MAX_CHILDREN && child.depth <= MAX_DEPTH {
             children.push(child.clone());
         } else {
             self.not_kept.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +307,7 @@ impl Root {
                 finished: AtomicBool::new(false),
                 children: Mutex::new(Vec::new()),
                 not_kept: AtomicUsize::new(0),
+                depth: 0,
                 #[cfg(feature = "diagnostics")]
                 holds_context: true,
             }),

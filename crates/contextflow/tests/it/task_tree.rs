@@ -1,7 +1,7 @@
 //! `contextflow::tree`: execution and trigger ids, and the task tree of a root scope, read while
 //! the request runs and printed.
 
-use contextflow::tree::{self, Root, SpawnedBy, MAX_CHILDREN};
+use contextflow::tree::{self, Root, SpawnedBy, MAX_CHILDREN, MAX_DEPTH};
 
 on_both_runtimes! {
     nested_spawns_record_ids_triggers_and_depth => nested_spawns_record_ids_triggers_and_depth;
@@ -9,6 +9,7 @@ on_both_runtimes! {
     an_aborted_task_is_finished => an_aborted_task_is_finished;
     outside_a_root_nothing_is_recorded => outside_a_root_nothing_is_recorded;
     children_past_the_bound_are_counted => children_past_the_bound_are_counted;
+    a_task_that_respawns_itself_keeps_the_tree_bounded => a_task_that_respawns_itself_keeps_the_tree_bounded;
 }
 
 async fn nested_spawns_record_ids_triggers_and_depth() {
@@ -142,4 +143,36 @@ async fn children_past_the_bound_are_counted() {
         root.to_string().lines().last(),
         Some("└── … 5 more tasks not recorded")
     );
+}
+
+/// Each generation starts the next and ends: a chain as deep as it runs long.
+fn generation(left: u32, done: tokio::sync::oneshot::Sender<()>) {
+    if left == 0 {
+        let _ = done.send(());
+        return;
+    }
+    drop(contextflow::spawn(
+        async move { generation(left - 1, done) },
+    ));
+}
+
+/// A task that re-spawns itself (a poller, a retry loop) under a root: the tree keeps
+/// `MAX_DEPTH` levels of it, not one per generation, and reading, printing and dropping the
+/// tree stay shallow.
+async fn a_task_that_respawns_itself_keeps_the_tree_bounded() {
+    let root = Root::new("poller");
+    let (done, finished) = tokio::sync::oneshot::channel();
+    root.scope(async move {
+        generation(20_000, done);
+        finished.await.unwrap();
+    })
+    .await;
+    let tasks = root.tasks();
+    assert_eq!(tasks.len(), MAX_DEPTH);
+    assert_eq!(tasks.iter().map(|t| t.depth).max(), Some(MAX_DEPTH));
+    assert!(
+        root.to_string().contains("… 1 more tasks not recorded"),
+        "{root}"
+    );
+    drop(root);
 }
