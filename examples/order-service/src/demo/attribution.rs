@@ -89,6 +89,13 @@ impl Check for ContextCheck {
     }
 }
 
+/// Targets of the code that runs as the request's tenant: each of their events carries it.
+const TENANT_REQUIRED: [&str; 3] = [
+    "order_service::service",
+    "order_service::db",
+    "order_service::outbox",
+];
+
 /// Attributes every event to a request, or to start-up/shutdown, or finds it has none.
 pub fn attribute(
     events: &[CapturedEvent],
@@ -123,13 +130,15 @@ pub fn attribute(
         if event.context.trace_id.as_deref() != Some(want.trace_id.as_str()) {
             problems.push("trace id of another request");
         }
-        if event
-            .context
-            .tenant
-            .as_deref()
-            .is_some_and(|t| t != want.tenant)
-        {
-            problems.push("tenant of another request");
+        match event.context.tenant.as_deref() {
+            Some(tenant) if tenant != want.tenant => problems.push("tenant of another request"),
+            // The business code runs only for an authenticated request (or, in the outbox
+            // worker, in the row's tenant): there a missing tenant is a lost one. The payment
+            // stub and the queue consumer get no tenant by design.
+            None if TENANT_REQUIRED.iter().any(|t| event.target.starts_with(t)) => {
+                problems.push("no tenant in a step that runs as the tenant")
+            }
+            _ => {}
         }
         // Every `reference` the event names, its own field and its spans', must be the request's.
         let mut references = event
@@ -235,6 +244,8 @@ mod tests {
         UnknownRequest,
         MissingTrace,
         LostContext,
+        /// The tenant gone from an event of the code that runs as the tenant.
+        LostTenant,
     }
 
     fn break_event(event: &mut CapturedEvent, fault: Fault, owner: usize, other: usize) {
@@ -259,6 +270,10 @@ mod tests {
             Fault::UnknownRequest => ctx.request_id = Some("r-never-sent".into()),
             Fault::MissingTrace => ctx.trace_id = None,
             Fault::LostContext => *ctx = EventContext::default(),
+            Fault::LostTenant => {
+                ctx.tenant = None;
+                event.target = "order_service::service".into();
+            }
         }
     }
 
@@ -271,6 +286,7 @@ mod tests {
             Just(Fault::UnknownRequest),
             Just(Fault::MissingTrace),
             Just(Fault::LostContext),
+            Just(Fault::LostTenant),
         ]
     }
 

@@ -51,7 +51,7 @@ pub struct Phases {
 }
 
 /// Orders of this run found in the database, over all tenants.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DatabaseCounts {
     /// Orders with status `paid`.
     pub paid: i64,
@@ -59,6 +59,9 @@ pub struct DatabaseCounts {
     pub confirmed: i64,
     /// Orders whose confirmation was sent more than once (must be 0).
     pub repeated: i64,
+    /// The same three counts for each tenant, as its own requests see the database: an order
+    /// stored under another tenant shows up here, where the sums above would hide it.
+    pub by_tenant: std::collections::BTreeMap<String, (i64, i64, i64)>,
 }
 
 /// One check of a run.
@@ -181,10 +184,38 @@ impl Check for DatabaseCheck {
             paid,
             confirmed,
             repeated,
+            ref by_tenant,
         } = run.database;
+        // Tenant by tenant: each tenant's paid and confirmed orders are exactly the ones its
+        // requests created.
+        let mut created_by_tenant: std::collections::BTreeMap<&str, i64> =
+            std::collections::BTreeMap::new();
+        for id in run.load.created_ids() {
+            if let Some(expected) = run.load.expected.get(id) {
+                *created_by_tenant
+                    .entry(expected.tenant.as_str())
+                    .or_default() += 1;
+            }
+        }
+        let mut examples = Vec::new();
+        let tenants: std::collections::BTreeSet<&str> = created_by_tenant
+            .keys()
+            .copied()
+            .chain(by_tenant.keys().map(String::as_str))
+            .collect();
+        for tenant in tenants {
+            let want = created_by_tenant.get(tenant).copied().unwrap_or(0);
+            let (t_paid, t_confirmed, t_repeated) =
+                by_tenant.get(tenant).copied().unwrap_or_default();
+            if (t_paid, t_confirmed, t_repeated) != (want, want, 0) {
+                examples.push(format!(
+                    "tenant {tenant}: {t_paid} paid, {t_confirmed} confirmed once, {t_repeated} more than once, for {want} its requests created"
+                ));
+            }
+        }
         Verdict {
             name: self.name(),
-            ok: paid == created && confirmed == created && repeated == 0,
+            ok: paid == created && confirmed == created && repeated == 0 && examples.is_empty(),
             summary: format!(
                 "{paid} orders paid, {confirmed} confirmed exactly once, {repeated} more than once, for {created} created (counted tenant by tenant)"
             ),
@@ -193,7 +224,71 @@ impl Check for DatabaseCheck {
                 ("confirmed", confirmed.max(0) as usize),
                 ("repeated", repeated.max(0) as usize),
             ],
-            examples: Vec::new(),
+            examples,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        demo::load::{Expected, Load, Outcome},
+        logging::LogFormat,
+    };
+
+    fn run(created: &[(&str, &str)], by_tenant: &[(&str, (i64, i64, i64))]) -> Run {
+        let mut load = Load::default();
+        for (request_id, tenant) in created {
+            load.expected.insert(
+                (*request_id).into(),
+                Expected {
+                    reference: format!("ord-{request_id}"),
+                    trace_id: "aa".into(),
+                    tenant: (*tenant).into(),
+                },
+            );
+            load.outcomes.push(Outcome {
+                request_id: (*request_id).into(),
+                latency: std::time::Duration::ZERO,
+                status: Some(201),
+                detail: String::new(),
+            });
+        }
+        let mut database = DatabaseCounts::default();
+        for (tenant, counts) in by_tenant {
+            database.paid += counts.0;
+            database.confirmed += counts.1;
+            database.repeated += counts.2;
+            database.by_tenant.insert((*tenant).into(), *counts);
+        }
+        Run {
+            run_id: "x".into(),
+            load,
+            events: Vec::new(),
+            spans: Vec::new(),
+            phases: Phases::default(),
+            output: Vec::new(),
+            format: LogFormat::Text,
+            database,
+            traces: Vec::new(),
+            trace_errors: Vec::new(),
+        }
+    }
+
+    /// The totals can agree while an order sits under the wrong tenant: the check compares
+    /// tenant by tenant.
+    #[test]
+    fn an_order_under_another_tenant_fails_the_database_check() {
+        let created = [("r-1", "acme"), ("r-2", "acme"), ("r-3", "globex")];
+        let right = run(&created, &[("acme", (2, 2, 0)), ("globex", (1, 1, 0))]);
+        assert!(DatabaseCheck.check(&right).ok);
+        let moved = run(&created, &[("acme", (1, 1, 0)), ("globex", (2, 2, 0))]);
+        let verdict = DatabaseCheck.check(&moved);
+        assert!(!verdict.ok, "{verdict}");
+        assert!(
+            verdict.to_string().contains("tenant acme: 1 paid"),
+            "{verdict}"
+        );
     }
 }

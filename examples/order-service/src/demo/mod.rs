@@ -190,12 +190,14 @@ async fn run_on(
     let orders = OrderRepository::new(&service.state.db);
     let mut database = DatabaseCounts::default();
     for tenant in TokenTable::demo().tenants() {
+        let name = tenant.to_string();
         let (paid, confirmed, repeated) = TENANT
             .scope(tenant, orders.count_with_prefix(&format!("ord-{run_id}-")))
             .await?;
         database.paid += paid;
         database.confirmed += confirmed;
         database.repeated += repeated;
+        database.by_tenant.insert(name, (paid, confirmed, repeated));
     }
     phases.shutdown_start = capture.len();
     service.shutdown().await?;
