@@ -161,9 +161,10 @@ pub fn redact_url(url: &str) -> String {
         let params: Vec<String> = query
             .split('&')
             .map(|param| match param.split_once('=') {
+                // Compared as the driver reads it: percent-decoded (`passw%6Frd` is `password`).
                 Some((key, _))
-                    if key.eq_ignore_ascii_case("password")
-                        || key.eq_ignore_ascii_case("sslpassword") =>
+                    if percent_decoded(key).eq_ignore_ascii_case("password")
+                        || percent_decoded(key).eq_ignore_ascii_case("sslpassword") =>
                 {
                     format!("{key}=***")
                 }
@@ -173,6 +174,31 @@ pub fn redact_url(url: &str) -> String {
         out.push_str(&params.join("&"));
     }
     out
+}
+
+/// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 become U+FFFD).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connects to the database, creates and seeds it, starts the payment stub and the service.
@@ -414,6 +440,11 @@ mod tests {
             (
                 "postgres://db/x?sslpassword=k",
                 "postgres://db/x?sslpassword=***",
+            ),
+            // The driver decodes the key: so does the redaction.
+            (
+                "postgres://db/x?passw%6Frd=hunter2&PASSWORD=x",
+                "postgres://db/x?passw%6Frd=***&PASSWORD=***",
             ),
             ("sqlite:///tmp/o.db?mode=rwc", "sqlite:///tmp/o.db?mode=rwc"),
             ("not a url", "not a url"),

@@ -212,7 +212,13 @@ async fn create_roles(
     if let Some(password) = app_password {
         // Hex digits only: safe in a literal (ALTER ROLE takes no parameters).
         let sql = format!("ALTER ROLE {} PASSWORD '{password}'", quote(&roles.app));
-        (&mut *tx).execute(sql.as_str()).await?;
+        // The statement holds the password: sqlx's own statement logs (a slow statement is a
+        // WARN line with its whole text) must not see it.
+        use tracing::instrument::WithSubscriber as _;
+        (&mut *tx)
+            .execute(sql.as_str())
+            .with_subscriber(tracing::subscriber::NoSubscriber::default())
+            .await?;
     }
     let schema_q = quote(schema);
     for sql in [
