@@ -152,6 +152,19 @@ pub fn attribute(
                 problems.push("order reference of another request");
             }
         }
+        // Every `order_id` it names (the outbox worker's span, the consumer's event) must be
+        // the order the request created, when its answer said which.
+        if let Some(order_id) = want.order_id {
+            let order_id = order_id.to_string();
+            if event
+                .field("order_id")
+                .into_iter()
+                .chain(event.spans.iter().filter_map(|s| s.field("order_id")))
+                .any(|id| id != order_id)
+            {
+                problems.push("order id of another request");
+            }
+        }
         if problems.is_empty() {
             found.matched += 1;
         } else {
@@ -181,6 +194,7 @@ mod tests {
                         reference: format!("ord-{i}"),
                         trace_id: format!("{i:032x}"),
                         tenant: ["acme", "globex", "initech"][i % 3].into(),
+                        order_id: Some(1000 + i as i64),
                     },
                 )
             })
@@ -205,6 +219,13 @@ mod tests {
                 uid: 2,
                 name: "controller",
                 fields: vec![("reference".into(), format!("ord-{i}"))],
+            }));
+        }
+        if shape & 8 != 0 {
+            spans.push(Arc::new(SpanRecord {
+                uid: 3,
+                name: "outbox.deliver",
+                fields: vec![("order_id".into(), format!("{}", 1000 + i))],
             }));
         }
         CapturedEvent {
@@ -246,6 +267,9 @@ mod tests {
         LostContext,
         /// The tenant gone from an event of the code that runs as the tenant.
         LostTenant,
+        /// Another order's id on the event's span (an outbox row delivered in the wrong
+        /// context).
+        ForeignOrderId,
     }
 
     fn break_event(event: &mut CapturedEvent, fault: Fault, owner: usize, other: usize) {
@@ -274,6 +298,11 @@ mod tests {
                 ctx.tenant = None;
                 event.target = "order_service::service".into();
             }
+            Fault::ForeignOrderId => event.spans.push(Arc::new(SpanRecord {
+                uid: 10,
+                name: "outbox.deliver",
+                fields: vec![("order_id".into(), format!("{}", 1000 + other))],
+            })),
         }
     }
 
@@ -287,6 +316,7 @@ mod tests {
             Just(Fault::MissingTrace),
             Just(Fault::LostContext),
             Just(Fault::LostTenant),
+            Just(Fault::ForeignOrderId),
         ]
     }
 
@@ -296,7 +326,7 @@ mod tests {
         #[test]
         fn one_broken_event_is_found(
             requests in 2usize..12,
-            shapes in prop::collection::vec((0usize..64, 0u8..8), 1..60),
+            shapes in prop::collection::vec((0usize..64, 0u8..16), 1..60),
             startup in 0usize..4,
             shutdown in 0usize..4,
             victim in any::<prop::sample::Index>(),

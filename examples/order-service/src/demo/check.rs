@@ -246,6 +246,7 @@ mod tests {
                     reference: format!("ord-{request_id}"),
                     trace_id: "aa".into(),
                     tenant: (*tenant).into(),
+                    order_id: None,
                 },
             );
             load.outcomes.push(Outcome {
@@ -253,6 +254,7 @@ mod tests {
                 latency: std::time::Duration::ZERO,
                 status: Some(201),
                 detail: String::new(),
+                order_id: None,
             });
         }
         let mut database = DatabaseCounts::default();

@@ -26,6 +26,9 @@ pub struct Expected {
     pub trace_id: String,
     /// The tenant its token belongs to.
     pub tenant: String,
+    /// The id of the order it created, from its `201` answer (`None` until answered, or when
+    /// it was not created).
+    pub order_id: Option<i64>,
 }
 
 /// How one request ended.
@@ -39,6 +42,8 @@ pub struct Outcome {
     pub status: Option<u16>,
     /// The body's start (non-201 answers) or the transport error.
     pub detail: String,
+    /// The created order's id (the `id` of a `201` answer).
+    pub order_id: Option<i64>,
 }
 
 /// Everything the load sent and got back.
@@ -98,6 +103,7 @@ pub(crate) async fn run(
                     reference: order.reference.clone(),
                     trace_id: trace_id.to_string(),
                     tenant: tenant.to_string(),
+                    order_id: None,
                 },
             );
             let request = client
@@ -108,18 +114,22 @@ pub(crate) async fn run(
                 .json(&order);
             set.spawn(async move {
                 let sent = Instant::now();
-                let (status, detail) = match request.send().await {
+                let (status, detail, order_id) = match request.send().await {
                     Ok(response) => {
                         let status = response.status().as_u16();
-                        let detail = if status == 201 {
-                            String::new()
+                        let body = response.text().await.unwrap_or_default();
+                        if status == 201 {
+                            // The order's id, so the checks can tell its events apart from
+                            // another order's (the outbox's `order_id`).
+                            let id = serde_json::from_str::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|v| v["id"].as_i64());
+                            (Some(status), String::new(), id)
                         } else {
-                            let body = response.text().await.unwrap_or_default();
-                            body.chars().take(200).collect()
-                        };
-                        (Some(status), detail)
+                            (Some(status), body.chars().take(200).collect(), None)
+                        }
                     }
-                    Err(err) => (None, err.to_string()),
+                    Err(err) => (None, err.to_string(), None),
                 };
                 if let Some(status) = status {
                     span.set_attribute(opentelemetry::KeyValue::new(
@@ -133,6 +143,7 @@ pub(crate) async fn run(
                     latency: sent.elapsed(),
                     status,
                     detail,
+                    order_id,
                 }
             });
             next += 1;
@@ -143,11 +154,17 @@ pub(crate) async fn run(
                 latency: Duration::ZERO,
                 status: None,
                 detail: format!("client task failed: {err}"),
+                order_id: None,
             }));
             progress.tick();
         }
     }
     load.elapsed = started.elapsed();
+    for outcome in &load.outcomes {
+        if let Some(expected) = load.expected.get_mut(&outcome.request_id) {
+            expected.order_id = outcome.order_id;
+        }
+    }
     progress.finish();
     Ok(load)
 }

@@ -300,6 +300,7 @@ mod tests {
                 reference: "o-1".into(),
                 trace_id: "aa".into(),
                 tenant: "acme".into(),
+                order_id: None,
             },
         );
         load.outcomes.push(Outcome {
@@ -307,6 +308,7 @@ mod tests {
             latency: std::time::Duration::ZERO,
             status: Some(201),
             detail: String::new(),
+            order_id: None,
         });
         // client -> order service -> (payment stub, producer -> consumer)
         let mut traces = good_trace("aa");

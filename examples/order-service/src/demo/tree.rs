@@ -245,6 +245,7 @@ mod tests {
             reference: "ord".into(),
             trace_id: "t".into(),
             tenant: "acme".into(),
+            order_id: None,
         };
         // A span opened under the request with no event of its own still shows.
         let quiet = span(6, "db", &[("statement", "UPDATE")]);
@@ -311,6 +312,7 @@ POST /orders  request_id=r  trace_id=t  tenant=acme  reference=ord
             reference: "ord".into(),
             trace_id: "t".into(),
             tenant: "acme".into(),
+            order_id: None,
         };
         let tree = draw(&events, &spans, "r", &want);
         let expected = format!(
