@@ -163,8 +163,10 @@ pub fn redact_url(url: &str) -> String {
             .map(|param| match param.split_once('=') {
                 // Compared as the driver reads it: percent-decoded (`passw%6Frd` is `password`).
                 Some((key, _))
-                    if percent_decoded(key).eq_ignore_ascii_case("password")
-                        || percent_decoded(key).eq_ignore_ascii_case("sslpassword") =>
+                    if crate::db::postgres::percent_decode(key)
+                        .eq_ignore_ascii_case("password")
+                        || crate::db::postgres::percent_decode(key)
+                            .eq_ignore_ascii_case("sslpassword") =>
                 {
                     format!("{key}=***")
                 }
@@ -174,31 +176,6 @@ pub fn redact_url(url: &str) -> String {
         out.push_str(&params.join("&"));
     }
     out
-}
-
-/// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 become U+FFFD).
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(high), Some(low)) => {
-                out.push((high * 16 + low) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connects to the database, creates and seeds it, starts the payment stub and the service.

@@ -349,8 +349,8 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// `%XX` escapes decoded (a URL's password), bytes that are not UTF-8 replaced.
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes decoded (a URL's password, a query key), bytes that are not UTF-8 replaced.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -358,11 +358,11 @@ fn percent_decode(s: &str) -> String {
         let hex = |b: u8| (b as char).to_digit(16);
         match (
             bytes[i],
-            bytes.get(i + 1).copied(),
-            bytes.get(i + 2).copied(),
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
         ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
                 i += 3;
             }
             (b, _, _) => {
