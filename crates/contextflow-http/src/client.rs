@@ -287,15 +287,11 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Some(span) = this.span.take() {
-            match &result {
-                Ok(res) => spans::end_with_status(
-                    &span,
-                    res.status().as_u16(),
-                    SpanKind::Client,
-                    spans::grpc_status(res.headers()),
-                ),
-                Err(_) => spans::end_with_error(&span, "_OTHER"),
-            }
+            let answer = result
+                .as_ref()
+                .ok()
+                .map(|res| (res.status(), res.headers()));
+            spans::end_client(&span, answer);
         }
         Poll::Ready(result)
     }

@@ -131,15 +131,11 @@ impl Middleware for InjectContextMiddleware {
         let mut guard = CancelledSpan(span);
         let result = next.run(req, extensions).await;
         if let Some(span) = guard.0.take() {
-            match &result {
-                Ok(res) => spans::end_with_status(
-                    &span,
-                    res.status().as_u16(),
-                    SpanKind::Client,
-                    spans::grpc_status(res.headers()),
-                ),
-                Err(_) => spans::end_with_error(&span, "_OTHER"),
-            }
+            let answer = result
+                .as_ref()
+                .ok()
+                .map(|res| (res.status(), res.headers()));
+            spans::end_client(&span, answer);
         }
         result
     }

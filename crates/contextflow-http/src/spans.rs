@@ -177,6 +177,17 @@ pub(crate) fn end_with_status(cx: &Context, status: u16, kind: SpanKind, grpc: O
     span.end();
 }
 
+/// Ends a client span: with the answer's status (and gRPC status) when there is one, as a
+/// failure (`_OTHER`) when the call failed.
+pub(crate) fn end_client(cx: &Context, answer: Option<(http::StatusCode, &http::HeaderMap)>) {
+    match answer {
+        Some((status, headers)) => {
+            end_with_status(cx, status.as_u16(), SpanKind::Client, grpc_status(headers))
+        }
+        None => end_with_error(cx, "_OTHER"),
+    }
+}
+
 /// Ends the span of `cx` as failed (`error.type` set to `kind`).
 pub(crate) fn end_with_error(cx: &Context, error_type: &'static str) {
     let span = cx.span();
