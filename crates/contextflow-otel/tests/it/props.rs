@@ -202,17 +202,22 @@ fn run_counting<S: Strategy>(
 /// The W3C trace-context rules for `traceparent`, written independently of the parser (no
 /// shared code): `(trace id, parent id, flags)` when `bytes` is valid.
 fn traceparent_oracle(bytes: &[u8]) -> Option<(u128, u64, u8)> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let v = text.trim_matches(|c| c == ' ' || c == '\t');
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !ows(b))?;
+    let end = bytes.iter().rposition(|b| !ows(b))? + 1;
+    let v = &bytes[start..end];
+    if v.len() < 55 {
+        return None;
+    }
+    // The 55 characters of the known fields; after them, a future version's own data (any
+    // bytes, behind a '-'), which a parser of version 00 ignores.
+    let (head, tail) = v.split_at(55);
+    let head = std::str::from_utf8(head).ok()?;
     let lower_hex = |s: &str| {
         !s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
-    if v.len() < 55 || !v.is_char_boundary(55) {
-        return None;
-    }
-    let (head, tail) = v.split_at(55);
     let parts: Vec<&str> = head.split('-').collect();
     let [version, trace, parent, flags] = parts.as_slice() else {
         return None;
@@ -224,7 +229,7 @@ fn traceparent_oracle(bytes: &[u8]) -> Option<(u128, u64, u8)> {
     }
     if *version == "ff"
         || (*version == "00" && !tail.is_empty())
-        || !(tail.is_empty() || tail.starts_with('-'))
+        || !(tail.is_empty() || tail[0] == b'-')
     {
         return None;
     }
