@@ -19,7 +19,25 @@ pub(super) struct Nats {
 impl Nats {
     /// Connects to `url`; messages go to `subject`.
     pub(super) async fn connect(url: &str, subject: &str) -> Result<Nats, BoxError> {
-        let client = async_nats::connect(url).await?;
+        // async-nats logs its "event: connected" line from a task of its own, after `connect`
+        // has returned, and then calls the event callback: waiting for the callback makes that
+        // line a start-up line, not one outside every request in the middle of the load.
+        let connected = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signal = connected.clone();
+        let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let signal = signal.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        signal.notify_one();
+                    }
+                }
+            })
+            .connect(url)
+            .await?;
+        tokio::time::timeout(std::time::Duration::from_secs(10), connected.notified())
+            .await
+            .map_err(|_| "NATS: no `connected` event within 10 s of connecting")?;
         Ok(Nats {
             client,
             subject: subject.to_owned(),
