@@ -598,22 +598,39 @@ impl<T: Send + Sync + 'static> BindingState<T> {
     /// once the value was taken).
     #[inline]
     pub(crate) fn frame(&mut self) -> *const Header {
+        let (frame, old) = self.frame_and_old();
+        // Released once `self` holds its new node (see `bind_under`).
+        drop(old);
+        frame
+    }
+
+    /// As [`frame`](Self::frame), also handing back the node the binding had under another
+    /// frame, for the caller to release when it suits it: `Scope`'s destructor drops the inner
+    /// future inside the context first, then releases the old node, whose old parent's values
+    /// may have destructors that panic.
+    #[inline]
+    pub(crate) fn frame_and_old(&mut self) -> (*const Header, Option<NodeRef>) {
         let parent = current::current_ptr();
         match self {
-            BindingState::Node(node) if node.header().parent_ptr() == parent => node.as_ptr(),
-            BindingState::Taken => parent,
+            BindingState::Node(node) if node.header().parent_ptr() == parent => {
+                (node.as_ptr(), None)
+            }
+            BindingState::Taken => (parent, None),
             _ => self.bind_under(parent),
         }
     }
 
     #[cold]
-    fn bind_under(&mut self, parent: *const Header) -> *const Header {
+    fn bind_under(&mut self, parent: *const Header) -> (*const Header, Option<NodeRef>) {
         let parent = if parent.is_null() {
             None
         } else {
             // SAFETY: `parent` is this thread's current frame, alive for this call.
             Some(unsafe { node::share(parent) })
         };
+        // The node this binding had, released by the caller once `self` holds the new one:
+        // releasing it may drop the old parent frame's values, whose destructors may panic.
+        let mut old_node = None;
         let node = match std::mem::replace(self, BindingState::Empty) {
             BindingState::Pending {
                 value,
@@ -626,7 +643,11 @@ impl<T: Send + Sync + 'static> BindingState<T> {
                 None => NodeRef::new_unset(parent, key, name, inherit, site),
             },
             // The alias shares the value; dropping the old node releases the old parent.
-            BindingState::Node(old) => NodeRef::new_alias(old.header(), parent),
+            BindingState::Node(old) => {
+                let alias = NodeRef::new_alias(old.header(), parent);
+                old_node = Some(old);
+                alias
+            }
             // `frame` does not call us for `Taken`, and the state is `Empty` only inside this
             // function, which does not re-enter.
             BindingState::Taken | BindingState::Empty => {
@@ -635,7 +656,7 @@ impl<T: Send + Sync + 'static> BindingState<T> {
         };
         let ptr = node.as_ptr();
         *self = BindingState::Node(node);
-        ptr
+        (ptr, old_node)
     }
 
     /// The variable's name, for `Debug`.
@@ -728,11 +749,16 @@ impl<T: Send + Sync + 'static, F: Future> Future for Scope<T, F> {
 
 impl<T: Send + Sync + 'static, F> Drop for Scope<T, F> {
     fn drop(&mut self) {
-        let frame = self.binding.frame();
-        let _entered = current::enter_borrowed(frame);
+        // The node the binding had under another frame is released last: its old parent's
+        // values may have destructors that panic, and the inner future is dropped first, inside
+        // the context, either way.
+        let (frame, old) = self.binding.frame_and_old();
+        let entered = current::enter_borrowed(frame);
         // SAFETY: dropped exactly once, in place (allowed for pinned data), and never used
         // again; the frame's nodes are other fields, dropped after this body returns.
         unsafe { ManuallyDrop::drop(&mut self.inner) }
+        drop(entered);
+        drop(old);
     }
 }
 

@@ -32,6 +32,82 @@ fn panic_in_poll_restores() {
     assert_eq!(ID.get(), None);
 }
 
+/// A value whose destructor panics (unless the thread is already unwinding).
+struct PanicsOnDrop;
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("destructor fails");
+        }
+    }
+}
+static FRAGILE: AsyncLocal<PanicsOnDrop> = AsyncLocal::named("fragile");
+
+/// A scope future polled under one frame, then polled again where that frame is gone: moving
+/// the binding under the new frame releases the old one, whose value's destructor panics. The
+/// panic reaches the poller, and the future stays whole: its context, and its inner future
+/// dropped inside it (before, the binding was left half-updated and the drop itself panicked).
+#[test]
+fn panicking_destructor_while_moving_a_scope_to_another_frame() {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+    struct Probe(Arc<Mutex<Vec<Option<u32>>>>);
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(ID.get());
+        }
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let probe = Probe(log.clone());
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = Box::pin(ID.scope(7, async move {
+        let _probe = probe;
+        std::future::pending::<()>().await
+    }));
+    FRAGILE.sync_scope(PanicsOnDrop, || {
+        assert!(fut.as_mut().poll(&mut cx).is_pending())
+    });
+    // `FRAGILE`'s frame lives on only in the future's binding.
+    let r = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
+    assert!(r.is_err(), "the destructor's panic reaches the poller");
+    assert_eq!(ID.get(), None);
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    drop(fut);
+    assert_eq!(*log.lock().unwrap(), vec![Some(7)]);
+    assert_eq!(ID.get(), None);
+}
+
+/// As above, but the future is dropped (not polled) where the old frame is gone: the inner
+/// future is still dropped inside the scope's context, and the old frame's panicking destructor
+/// runs after it.
+#[test]
+fn panicking_destructor_while_dropping_a_scope_moved_to_another_frame() {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+    struct Probe(Arc<Mutex<Vec<Option<u32>>>>);
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(ID.get());
+        }
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let probe = Probe(log.clone());
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = Box::pin(ID.scope(8, async move {
+        let _probe = probe;
+        std::future::pending::<()>().await
+    }));
+    FRAGILE.sync_scope(PanicsOnDrop, || {
+        assert!(fut.as_mut().poll(&mut cx).is_pending())
+    });
+    let r = catch_unwind(AssertUnwindSafe(move || drop(fut)));
+    assert!(r.is_err(), "the destructor's panic reaches the dropper");
+    assert_eq!(*log.lock().unwrap(), vec![Some(8)]);
+    assert_eq!(ID.get(), None);
+}
+
 async fn panicking_task_does_not_leak_into_next_task() {
     // Many panicking tasks and many probing tasks on the same workers: a probe that is not in
     // any scope must never see a value.
