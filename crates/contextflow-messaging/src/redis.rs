@@ -13,6 +13,11 @@
 //! UTF-8, a simple or verbatim string), and everything is then validated and bounded as for any
 //! carrier; a malformed value is dropped with a `debug` log and a fresh request id made.
 //!
+//! Read the entries with [`ReadReply`] (`XREAD`, `XREADGROUP`), [`AutoClaimReply`]
+//! (`XAUTOCLAIM`) or [`Entries`] (`XRANGE`, `XCLAIM`) rather than redis-rs's own reply types:
+//! with those, one entry whose field name is not UTF-8 fails the whole read, and the other
+//! entries of that read, already delivered by the server, are never handled.
+//!
 //! ```no_run
 //! use contextflow_messaging::redis as streams;
 //! use redis::{streams::*, AsyncCommands as _};
@@ -25,8 +30,8 @@
 //! // Worker, in a task of its own: each job's handler runs in the job's context.
 //! let consumer = streams::consumer("jobs:email");
 //! let options = StreamReadOptions::default().group("mailers", "worker-1").count(10);
-//! let reply: Option<StreamReadReply> = con.xread_options(&["jobs:email"], &[">"], &options).await?;
-//! for job in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+//! let reply: streams::ReadReply = con.xread_options(&["jobs:email"], &[">"], &options).await?;
+//! for job in reply.into_entries() {
 //!     streams::scope(&consumer, &job, async {
 //!         tracing::info!(job = %job.id, "sending"); // with the producer's request id
 //!     })
@@ -37,7 +42,7 @@
 //! // Retry, in any worker: a job left pending for 30 s (its worker failed or died) is claimed
 //! // and runs again in the context it was queued in, not the claiming worker's.
 //! let options = StreamAutoClaimOptions::default().count(10);
-//! let reply: StreamAutoClaimReply =
+//! let reply: streams::AutoClaimReply =
 //!     con.xautoclaim_options("jobs:email", "mailers", "worker-1", 30_000, "0-0", options).await?;
 //! for job in reply.claimed {
 //!     streams::scope(&consumer, &job, async { tracing::info!("sending, again") }).await;
@@ -262,6 +267,256 @@ pub fn scope<F: std::future::Future>(
     handler: F,
 ) -> Consumed<F> {
     consumer.scope(&FieldExtractor::from_entry(entry), handler)
+}
+
+// ===== replies =====
+
+/// The reply of `XREAD` or `XREADGROUP`, read as redis-rs's
+/// [`StreamReadReply`](redis::streams::StreamReadReply) is, except that one entry cannot fail
+/// the others: a field name, entry id or stream key that is not UTF-8 is decoded lossily (each
+/// invalid sequence becomes U+FFFD) instead of failing the whole reply.
+///
+/// With redis-rs's own type, a single entry with a binary field name (any client may write
+/// one) fails every `XREADGROUP` that reaches it: the entries of that read are delivered by the
+/// server, so they sit in the consumer's pending list, yet the worker never sees them, and a
+/// worker that reads its pending entries again (`0`) after an error fails on the same entry
+/// forever. With this type the worker gets every entry and decides (a propagation field never
+/// has such a name, so the entry's context is read as usual). A nil reply (`BLOCK` timed out) is
+/// an empty one; a deleted entry still pending (`[id, nil]`) has no fields.
+///
+/// ```
+/// use contextflow_messaging::redis::ReadReply;
+/// use redis::{FromRedisValue as _, Value};
+///
+/// let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+/// // [[stream, [[id, [name, value, ...]], ...]]], as the server sends it.
+/// let reply = Value::Array(vec![Value::Array(vec![
+///     bulk(b"jobs"),
+///     Value::Array(vec![
+///         Value::Array(vec![bulk(b"1-0"), Value::Array(vec![bulk(b"\xff"), bulk(b"x")])]),
+///         Value::Array(vec![bulk(b"2-0"), Value::Array(vec![bulk(b"x-request-id"), bulk(b"r-2")])]),
+///     ]),
+/// ])]);
+/// assert!(redis::streams::StreamReadReply::from_redis_value(reply.clone()).is_err());
+/// let ReadReply(read) = ReadReply::from_redis_value(reply)?;
+/// let ids: Vec<&str> = read.keys[0].ids.iter().map(|e| e.id.as_str()).collect();
+/// assert_eq!(ids, ["1-0", "2-0"]);
+/// assert!(read.keys[0].ids[0].map.contains_key("\u{FFFD}"));
+/// # Ok::<(), redis::ParsingError>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ReadReply(pub redis::streams::StreamReadReply);
+
+impl ReadReply {
+    /// The entries of every stream of the reply, in order.
+    ///
+    /// ```
+    /// let reply = contextflow_messaging::redis::ReadReply::default();
+    /// assert_eq!(reply.into_entries().count(), 0);
+    /// ```
+    pub fn into_entries(self) -> impl Iterator<Item = StreamId> {
+        self.0.keys.into_iter().flat_map(|key| key.ids)
+    }
+}
+
+impl redis::FromRedisValue for ReadReply {
+    fn from_redis_value(v: Value) -> Result<Self, redis::ParsingError> {
+        // RESP2: an array of [key, entries] pairs; RESP3: a map of key to entries.
+        let streams = match v {
+            Value::Nil => Vec::new(),
+            Value::Map(pairs) => pairs,
+            Value::Array(rows) => rows
+                .into_iter()
+                .map(|row| match row {
+                    Value::Array(pair) if pair.len() == 2 => {
+                        let mut pair = pair.into_iter();
+                        Ok((
+                            pair.next().unwrap_or_default(),
+                            pair.next().unwrap_or_default(),
+                        ))
+                    }
+                    other => Err(not_a("stream of a read reply", &other)),
+                })
+                .collect::<Result<_, _>>()?,
+            other => return Err(not_a("read reply", &other)),
+        };
+        let keys = streams
+            .into_iter()
+            .map(|(key, entries)| {
+                Ok(redis::streams::StreamKey {
+                    key: lossy_text(key).ok_or_else(|| not_a_string("stream key"))?,
+                    ids: lossy_entries(entries)?,
+                })
+            })
+            .collect::<Result<_, redis::ParsingError>>()?;
+        Ok(ReadReply(redis::streams::StreamReadReply { keys }))
+    }
+}
+
+/// The reply of `XAUTOCLAIM`, read leniently as [`ReadReply`] is: the entries claimed, the id
+/// to start the next call from, and (Redis 7 and later) the ids of entries that were deleted
+/// while pending (they were removed from the pending list).
+///
+/// ```
+/// use contextflow_messaging::redis::AutoClaimReply;
+/// use redis::{FromRedisValue as _, Value};
+///
+/// let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+/// let reply = Value::Array(vec![
+///     bulk(b"0-0"),
+///     Value::Array(vec![Value::Array(vec![bulk(b"1-0"), Value::Array(vec![bulk(b"\xfe"), bulk(b"x")])])]),
+///     Value::Array(vec![bulk(b"0-5")]),
+/// ]);
+/// let claimed = AutoClaimReply::from_redis_value(reply)?;
+/// assert_eq!(claimed.next_stream_id, "0-0");
+/// assert_eq!(claimed.claimed[0].id, "1-0");
+/// assert_eq!(claimed.deleted_ids, ["0-5"]);
+/// # Ok::<(), redis::ParsingError>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct AutoClaimReply {
+    /// Where the next `XAUTOCLAIM` starts (`0-0` once the whole pending list was scanned).
+    pub next_stream_id: String,
+    /// The entries claimed, with their fields.
+    pub claimed: Vec<StreamId>,
+    /// The ids of pending entries that no longer exist in the stream.
+    pub deleted_ids: Vec<String>,
+}
+
+impl redis::FromRedisValue for AutoClaimReply {
+    fn from_redis_value(v: Value) -> Result<Self, redis::ParsingError> {
+        let Value::Array(items) = v else {
+            return Err(not_a("XAUTOCLAIM reply", &v));
+        };
+        if !(2..=3).contains(&items.len()) {
+            return Err("XAUTOCLAIM reply: expected 2 or 3 items".to_owned().into());
+        }
+        let mut items = items.into_iter();
+        let next_stream_id = items
+            .next()
+            .and_then(lossy_text)
+            .ok_or_else(|| not_a_string("XAUTOCLAIM next id"))?;
+        let claimed = lossy_entries(items.next().unwrap_or_default())?;
+        let deleted_ids = match items.next() {
+            None | Some(Value::Nil) => Vec::new(),
+            Some(Value::Array(ids)) => ids.into_iter().filter_map(lossy_text).collect(),
+            Some(other) => return Err(not_a("XAUTOCLAIM deleted ids", &other)),
+        };
+        Ok(AutoClaimReply {
+            next_stream_id,
+            claimed,
+            deleted_ids,
+        })
+    }
+}
+
+/// The reply of `XRANGE`, `XREVRANGE` or `XCLAIM`: a list of entries, read leniently as
+/// [`ReadReply`] is (entries deleted while pending, nil in some `XCLAIM` replies, are left out).
+///
+/// ```
+/// use contextflow_messaging::redis::Entries;
+/// use redis::{FromRedisValue as _, Value};
+///
+/// let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+/// let reply = Value::Array(vec![
+///     Value::Array(vec![bulk(b"1-0"), Value::Array(vec![bulk(b"k"), bulk(b"v")])]),
+///     Value::Nil,
+/// ]);
+/// let Entries(entries) = Entries::from_redis_value(reply)?;
+/// assert_eq!(entries.len(), 1);
+/// # Ok::<(), redis::ParsingError>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Entries(pub Vec<StreamId>);
+
+impl redis::FromRedisValue for Entries {
+    fn from_redis_value(v: Value) -> Result<Self, redis::ParsingError> {
+        lossy_entries(v).map(Entries)
+    }
+}
+
+/// A list of entries: each `[id, [name, value, ...]]`, or with `XREADGROUP ... CLAIM`
+/// `[id, fields, idle milliseconds, delivery count]`; nil entries are skipped.
+fn lossy_entries(v: Value) -> Result<Vec<StreamId>, redis::ParsingError> {
+    let list = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(list) => list,
+        other => return Err(not_a("list of stream entries", &other)),
+    };
+    let mut entries = Vec::with_capacity(list.len());
+    for entry in list {
+        let parts = match entry {
+            Value::Nil => continue,
+            Value::Array(parts) if (2..=4).contains(&parts.len()) => parts,
+            other => return Err(not_a("stream entry", &other)),
+        };
+        let mut parts = parts.into_iter();
+        let id = parts
+            .next()
+            .and_then(lossy_text)
+            .ok_or_else(|| not_a_string("entry id"))?;
+        let pairs = match parts.next().unwrap_or_default() {
+            Value::Nil => Vec::new(),
+            Value::Map(pairs) => pairs,
+            Value::Array(flat) if flat.len() % 2 == 0 => {
+                let mut flat = flat.into_iter();
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
+                while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+                    pairs.push((name, value));
+                }
+                pairs
+            }
+            other => return Err(not_a("entry's fields", &other)),
+        };
+        let mut map = HashMap::with_capacity(pairs.len());
+        for (name, value) in pairs {
+            // A name that is not a string at all is not a field anyone can read by name.
+            if let Some(name) = lossy_text(name) {
+                map.insert(name, value);
+            }
+        }
+        let number = |v: Option<Value>| match v {
+            Some(Value::Int(n)) => usize::try_from(n).ok(),
+            _ => None,
+        };
+        entries.push(StreamId {
+            id,
+            map,
+            milliseconds_elapsed_from_delivery: number(parts.next()),
+            delivered_count: number(parts.next()),
+        });
+    }
+    Ok(entries)
+}
+
+/// A string value as text, invalid UTF-8 replaced; `None` for values that are not strings.
+fn lossy_text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(bytes) => Some(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
+        }),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+fn not_a(what: &str, v: &Value) -> redis::ParsingError {
+    // The value's kind only: its content is untrusted and may be large.
+    let kind = match v {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) | Value::SimpleString(_) | Value::VerbatimString { .. } => "a string",
+        Value::Array(_) => "an array of another shape",
+        Value::Map(_) => "a map",
+        _ => "another type",
+    };
+    format!("not a {what}: got {kind}").into()
+}
+
+fn not_a_string(what: &str) -> redis::ParsingError {
+    format!("{what}: not a string").into()
 }
 
 #[cfg(test)]

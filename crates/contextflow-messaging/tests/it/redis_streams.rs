@@ -399,6 +399,110 @@ async fn malformed_fields_from_the_server_give_a_fresh_context() {
     let _: usize = con.del(&key).await.unwrap();
 }
 
+/// One entry with a field name that is not UTF-8 (any client may write one) among others:
+/// redis-rs's reply types fail the whole read on it, so the other entries, delivered to the
+/// group and pending, would never be handled; contextflow's lenient replies give every entry,
+/// each with its own context, on every read command a worker uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn an_entry_with_a_binary_field_name_does_not_fail_the_others() {
+    let mut con = connect().await;
+    let key = format!("contextflow-binary-name-{}", RequestId::new());
+    let _: () = con
+        .xgroup_create_mkstream(&key, "workers", "$")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for (name, value) in [
+        (b"x-request-id".as_slice(), b"job-a".as_slice()),
+        (b"\xff\xfename".as_slice(), b"x".as_slice()),
+        (b"x-request-id".as_slice(), b"job-c".as_slice()),
+    ] {
+        let id: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let options = StreamReadOptions::default()
+        .group("workers", "w1")
+        .count(10);
+    let consumer = streams::consumer(&key);
+    let request_ids = |entries: &[StreamId]| {
+        let consumer = consumer.clone();
+        let entries = entries.to_vec();
+        async move {
+            let mut seen = Vec::new();
+            for entry in &entries {
+                let id = streams::scope(&consumer, entry, async {
+                    contextflow_otel::current_request_id().unwrap()
+                })
+                .await;
+                seen.push((entry.id.clone(), id.as_str().to_owned()));
+            }
+            seen
+        }
+    };
+    let check = |seen: Vec<(String, String)>| {
+        assert_eq!(
+            seen.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            ids.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(seen[0].1, "job-a");
+        assert_eq!(
+            seen[1].1.len(),
+            36,
+            "a fresh id for the entry without one: {:?}",
+            seen[1]
+        );
+        assert_eq!(seen[2].1, "job-c");
+    };
+
+    // The first read delivers all three to `w1`; redis-rs's own type would fail on it.
+    let read: streams::ReadReply = con.xread_options(&[&key], &[">"], &options).await.unwrap();
+    let entries: Vec<StreamId> = read.into_entries().collect();
+    assert!(
+        entries[1].map.contains_key("\u{FFFD}\u{FFFD}name"),
+        "{:?}",
+        entries[1].map
+    );
+    check(request_ids(&entries).await);
+    // Read again from the pending list (a worker after a reconnection): the same three.
+    let raw: Value = con.xread_options(&[&key], &["0"], &options).await.unwrap();
+    assert!(
+        redis::from_redis_value::<StreamReadReply>(raw.clone()).is_err(),
+        "redis-rs's StreamReadReply fails on the binary name (if it no longer does, this \
+         module's docs can say so)"
+    );
+    let pending: streams::ReadReply = redis::from_redis_value(raw).unwrap();
+    check(request_ids(&pending.into_entries().collect::<Vec<_>>()).await);
+    // Claimed by another worker, with `XAUTOCLAIM` and with `XCLAIM`, and read with `XRANGE`.
+    let claimed: streams::AutoClaimReply = con
+        .xautoclaim_options(
+            &key,
+            "workers",
+            "w2",
+            0,
+            "0-0",
+            StreamAutoClaimOptions::default(),
+        )
+        .await
+        .unwrap();
+    check(request_ids(&claimed.claimed).await);
+    let streams::Entries(claimed) = con.xclaim(&key, "workers", "w3", 0, &ids).await.unwrap();
+    check(request_ids(&claimed).await);
+    let streams::Entries(range) = con.xrange_all(&key).await.unwrap();
+    check(request_ids(&range).await);
+    let _: usize = con.del(&key).await.unwrap();
+}
+
 #[test]
 fn field_extractor_reads_only_strings() {
     let fields = HashMap::from([

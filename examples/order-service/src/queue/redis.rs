@@ -19,7 +19,7 @@ use std::{
 
 use redis::{
     aio::MultiplexedConnection,
-    streams::{StreamId, StreamReadOptions, StreamReadReply},
+    streams::{StreamId, StreamReadOptions},
     AsyncCommands as _, AsyncConnectionConfig, Value,
 };
 
@@ -180,12 +180,11 @@ impl Jobs {
             options = options.block(BLOCK.as_millis() as usize);
         }
         let con = self.connection().await?;
-        let reply: Option<StreamReadReply> = con.xread_options(&[&key], &[start], &options).await?;
-        let entries: Vec<StreamId> = reply
-            .into_iter()
-            .flat_map(|reply| reply.keys)
-            .flat_map(|key| key.ids)
-            .collect();
+        // contextflow's lenient reply: with redis-rs's own, one entry with a binary field name
+        // would fail every read of this consumer's pending list, forever.
+        let reply: contextflow_messaging::redis::ReadReply =
+            con.xread_options(&[&key], &[start], &options).await?;
+        let entries: Vec<StreamId> = reply.into_entries().collect();
         if self.backlog && entries.is_empty() {
             self.backlog = false;
         }
