@@ -92,7 +92,8 @@
 //!   helpers).
 //! - `rdkafka`: Kafka record headers, `rdkafka` module (headers as carriers; librdkafka is
 //!   linked dynamically: install `librdkafka-dev`).
-#![forbid(unsafe_code)]
+// The one exception, `rdkafka::raw`, reads librdkafka's header list directly.
+#![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 

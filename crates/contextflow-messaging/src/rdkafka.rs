@@ -46,7 +46,7 @@
 //! that accepts it).
 
 use opentelemetry::propagation::Extractor;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, Header, Message, OwnedHeaders};
 
 use crate::{Consumed, Consumer, MessageContext, Publisher};
 
@@ -81,7 +81,7 @@ pub struct HeaderExtractor<'a, H: ?Sized> {
 
 // ===== impl HeaderExtractor =====
 
-impl<'a, H: Headers + ?Sized> HeaderExtractor<'a, H> {
+impl<'a, H: RecordHeaders + ?Sized> HeaderExtractor<'a, H> {
     /// Reads `headers` (a record without headers has `None`).
     ///
     /// ```
@@ -93,12 +93,15 @@ impl<'a, H: Headers + ?Sized> HeaderExtractor<'a, H> {
         HeaderExtractor { headers }
     }
 
-    /// The first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers.
-    fn headers(&self) -> impl Iterator<Item = Header<'a, &'a [u8]>> + 'a {
-        let headers = self.headers;
-        let count = headers.map_or(0, Headers::count);
-        (0..count.min(contextflow_otel::carrier::MAX_PAIRS))
-            .filter_map(move |i| headers.and_then(|h| h.try_get(i)))
+    /// The first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers whose names are
+    /// UTF-8 (others cannot be propagation fields), as (name, value).
+    fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
+        let headers = self.headers.map(RecordHeaders::borrowed);
+        let count = headers.map_or(0, raw::count);
+        (0..count.min(contextflow_otel::carrier::MAX_PAIRS)).filter_map(move |i| {
+            let (name, value) = raw::get(headers?, i)?;
+            Some((std::str::from_utf8(name).ok()?, value))
+        })
     }
 
     fn values<'k>(&self, key: &'k str) -> impl Iterator<Item = &'a str> + 'k
@@ -109,28 +112,113 @@ impl<'a, H: Headers + ?Sized> HeaderExtractor<'a, H> {
         // propagator accepts), as the AMQP and Redis readers do: a forged second
         // `x-request-id` next to a null one is a repeated header, not a single valid value.
         self.headers()
-            .filter(move |header| header.key.eq_ignore_ascii_case(key))
-            .map(|header| {
-                header
-                    .value
+            .filter(move |(name, _)| name.eq_ignore_ascii_case(key))
+            .map(|(_, value)| {
+                value
                     .and_then(|v| std::str::from_utf8(v).ok())
                     .unwrap_or("")
             })
     }
 }
 
-impl<H: Headers + ?Sized> Extractor for HeaderExtractor<'_, H> {
+impl<H: RecordHeaders + ?Sized> Extractor for HeaderExtractor<'_, H> {
     fn get(&self, key: &str) -> Option<&str> {
         self.values(key).next()
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.headers().map(|header| header.key).collect()
+        self.headers().map(|(name, _)| name).collect()
     }
 
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
         let all: Vec<&str> = self.values(key).collect();
         (!all.is_empty()).then_some(all)
+    }
+}
+
+/// Record headers [`HeaderExtractor`] reads: rdkafka's `BorrowedHeaders` (a consumer's
+/// records) and `OwnedHeaders` (`OwnedMessage`, `detach`).
+///
+/// The extractor reads them through librdkafka itself rather than rdkafka's `Headers` trait:
+/// that trait's `try_get` (and every method built on it) panics on a header name that is not
+/// UTF-8 (rdkafka 0.33), which any producer may write, so one record would stop the consumer,
+/// and again on the same offset after each restart. Here such a header is skipped.
+///
+/// ```
+/// use contextflow_messaging::rdkafka::RecordHeaders;
+/// fn readable<H: RecordHeaders + ?Sized>(_: &H) {}
+/// readable(&rdkafka::message::OwnedHeaders::new());
+/// ```
+pub trait RecordHeaders: sealed::Sealed {
+    /// The headers as librdkafka's header list.
+    #[doc(hidden)]
+    fn borrowed(&self) -> &BorrowedHeaders;
+}
+
+impl RecordHeaders for BorrowedHeaders {
+    fn borrowed(&self) -> &BorrowedHeaders {
+        self
+    }
+}
+
+impl RecordHeaders for OwnedHeaders {
+    fn borrowed(&self) -> &BorrowedHeaders {
+        self.as_borrowed()
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for rdkafka::message::BorrowedHeaders {}
+    impl Sealed for rdkafka::message::OwnedHeaders {}
+}
+
+/// librdkafka's header list, read without rdkafka's `Headers::try_get` (which unwraps the name
+/// as UTF-8).
+#[allow(unsafe_code)]
+mod raw {
+    use std::{
+        ffi::{c_char, c_void, CStr},
+        ptr,
+    };
+
+    use rdkafka::{bindings as rd, message::BorrowedHeaders};
+
+    /// The native list. rdkafka 0.33 makes a `&BorrowedHeaders` by casting the list's pointer
+    /// (`BorrowedHeaders` is a zero-sized type used only by reference), and casts it back the
+    /// same way for every call into librdkafka; we do as it does (the crate is pinned to
+    /// `=0.33.2` for this).
+    fn native(headers: &BorrowedHeaders) -> *const rd::rd_kafka_headers_t {
+        ptr::from_ref(headers).cast()
+    }
+
+    /// How many headers the list holds.
+    pub(super) fn count(headers: &BorrowedHeaders) -> usize {
+        // SAFETY: a valid list for as long as `headers` is borrowed (see `native`).
+        unsafe { rd::rd_kafka_header_cnt(native(headers)) }
+    }
+
+    /// Header `i`: its name's bytes (up to its NUL) and its value (`None` for a null value).
+    pub(super) fn get(headers: &BorrowedHeaders, i: usize) -> Option<(&[u8], Option<&[u8]>)> {
+        let mut name: *const c_char = ptr::null();
+        let mut value: *const c_void = ptr::null();
+        let mut size = 0usize;
+        // SAFETY: a valid list (see `native`) and valid out-pointers.
+        let err = unsafe {
+            rd::rd_kafka_header_get_all(native(headers), i, &mut name, &mut value, &mut size)
+        };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            return None;
+        }
+        // SAFETY: librdkafka hands out the header's own NUL-terminated name and its value
+        // (`size` bytes), owned by the list; the list cannot change or be freed while `headers`
+        // is borrowed (adding a header takes an `OwnedHeaders` by value; a borrowed message's
+        // headers are read-only), so both live as long as the borrow.
+        let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+        let value = (!value.is_null())
+            // SAFETY: as above.
+            .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
+        Some((name, value))
     }
 }
 
@@ -199,7 +287,11 @@ pub fn consumer(topic: &str) -> Consumer {
 /// message.finish();
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
-pub fn context<M: Message>(consumer: &Consumer, record: &M) -> MessageContext {
+pub fn context<M>(consumer: &Consumer, record: &M) -> MessageContext
+where
+    M: Message,
+    M::Headers: RecordHeaders,
+{
     consumer.context(&HeaderExtractor::new(record.headers()))
 }
 
@@ -215,10 +307,10 @@ pub fn context<M: Message>(consumer: &Consumer, record: &M) -> MessageContext {
 /// assert_eq!(id.unwrap().as_str().len(), 36, "no headers: a fresh request id");
 /// # }
 /// ```
-pub fn scope<M: Message, F: std::future::Future>(
-    consumer: &Consumer,
-    record: &M,
-    handler: F,
-) -> Consumed<F> {
+pub fn scope<M, F: std::future::Future>(consumer: &Consumer, record: &M, handler: F) -> Consumed<F>
+where
+    M: Message,
+    M::Headers: RecordHeaders,
+{
     consumer.scope(&HeaderExtractor::new(record.headers()), handler)
 }
