@@ -375,6 +375,12 @@ mod imp {
         /// The tasks being polled on this thread, innermost last (more than one only when a
         /// task drives another runtime, e.g. in `block_in_place`).
         static POLLING: RefCell<Vec<Polling>> = const { RefCell::new(Vec::new()) };
+
+        /// The last task this thread saw terminate with no entry in the map. A task spawned on
+        /// a runtime that is shut down (through a `Handle` kept after it) is shut down inside
+        /// tokio's spawn, which runs the terminate hook and only then, on the same thread, the
+        /// spawn hook: that spawn must not add an entry nothing would ever remove.
+        static TERMINATED_UNSEEN: Cell<Option<tokio::task::Id>> = const { Cell::new(None) };
     }
 
     /// One task's poll: the frame it entered, and the frame to restore.
@@ -446,6 +452,11 @@ mod imp {
             if EXPLICIT.with(Cell::get) {
                 return;
             }
+            // Already terminated (see `TERMINATED_UNSEEN`).
+            if TERMINATED_UNSEEN.with(|t| t.get() == Some(meta.id())) {
+                TERMINATED_UNSEEN.with(|t| t.set(None));
+                return;
+            }
             // Inside `suppress_flow` nothing flows (with diagnostics: but a record of it).
             if crate::flow::is_flow_suppressed() {
                 #[cfg(feature = "diagnostics")]
@@ -507,6 +518,9 @@ mod imp {
             let entry = self.shard(meta.id()).remove(&meta.id());
             if entry.is_some() {
                 self.live.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                // `try_with`: a task may end while this thread's locals are being torn down.
+                let _ = TERMINATED_UNSEEN.try_with(|t| t.set(Some(meta.id())));
             }
             entry
         }

@@ -102,6 +102,22 @@ mod hooked {
         }
     }
 
+    /// Spawning through a `Handle` of a runtime that is shut down: tokio shuts the task down
+    /// inside the spawn (terminate hook first, spawn hook after), so the hooks must not keep an
+    /// entry for it, or every such spawn would leak one with its request's frame.
+    #[test]
+    fn spawns_on_a_shut_down_runtime_leave_no_entry() {
+        for flavor in FLAVORS {
+            let (rt, installed) = hooked(flavor);
+            let handle = rt.handle().clone();
+            drop(rt);
+            for i in 0..100 {
+                REQUEST_ID.sync_scope(i, || drop(handle.spawn(async {})));
+            }
+            assert_eq!(installed.tasks_with_context(), 0, "{flavor:?}");
+        }
+    }
+
     #[test]
     fn nested_plain_spawns_inherit() {
         for flavor in FLAVORS {
