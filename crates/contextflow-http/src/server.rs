@@ -104,7 +104,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes};
 use contextflow::{Binding, Snapshot};
 use contextflow_otel::{
     carrier::FieldValues, OtelContext, Propagation, RequestId, OTEL_CONTEXT, REQUEST_ID,
@@ -238,6 +238,10 @@ pin_project! {
         status: u16,
         // Whether `poll_frame` ran: a body dropped after that but before its end was cut short.
         polled: bool,
+        // The bytes still owed of a declared length (`Content-Length`, or an exact size hint):
+        // at 0 the answer is complete, even if the body never says it ended (a server stops
+        // polling once the declared length is written, and drops the body).
+        remaining: Option<u64>,
         // The `grpc-status` of a gRPC answer: from the response's headers (trailers-only), or
         // from the trailers when they come.
         grpc: Option<u8>,
@@ -253,7 +257,7 @@ pin_project! {
             // A body dropped after its first poll but before its end (the client went away
             // mid-stream) failed, whatever the status line said; one the server never polled
             // (nothing to send: `HEAD`, `204`, an empty body) did not.
-            let cut_short = *this.polled && inner.is_some();
+            let cut_short = *this.polled && inner.is_some() && *this.remaining != Some(0);
             if inner.is_some() {
                 this.scope.run(|| inner.set(None));
             }
@@ -264,6 +268,20 @@ pin_project! {
             }
         }
     }
+}
+
+/// The response's declared length: its one `Content-Length` header, if that is a number.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let text = value.to_str().ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// The context a request runs in: contextflow's frame, OpenTelemetry's context, and whether
@@ -603,10 +621,13 @@ where
                 } else {
                     None
                 };
+                // The declared length (without one, the body's exact size hint, on first poll).
+                let remaining = content_length(res.headers());
                 Ok(res.map(|body| ContextBody {
                     scope,
                     status,
                     polled: false,
+                    remaining,
                     grpc,
                     inner: Some(body),
                 }))
@@ -650,6 +671,7 @@ impl<B> ContextBody<B> {
             },
             status: 0,
             polled: false,
+            remaining: None,
             grpc: None,
             inner: Some(body),
         }
@@ -705,7 +727,15 @@ impl<B: Body> Body for ContextBody<B> {
         if inner.is_none() {
             return Poll::Ready(None);
         }
-        *this.polled = true;
+        if !*this.polled {
+            *this.polled = true;
+            if this.remaining.is_none() {
+                *this.remaining = inner
+                    .as_ref()
+                    .as_pin_ref()
+                    .and_then(|b| b.size_hint().exact());
+            }
+        }
         let (frame, ended) = ready!(this.scope.run(|| {
             let Some(body) = inner.as_mut().as_pin_mut() else {
                 return Poll::Ready((None, true));
@@ -713,10 +743,19 @@ impl<B: Body> Body for ContextBody<B> {
             let frame = ready!(body.poll_frame(cx));
             let ended = match &frame {
                 None => true,
-                Some(Ok(_)) => inner
-                    .as_ref()
-                    .as_pin_ref()
-                    .is_none_or(|b| b.is_end_stream()),
+                // Trailers are a body's last frame (whatever `is_end_stream` says after them).
+                Some(Ok(frame)) if frame.is_trailers() => true,
+                Some(Ok(frame)) => {
+                    if let (Some(remaining), Some(data)) =
+                        (this.remaining.as_mut(), frame.data_ref())
+                    {
+                        *remaining = remaining.saturating_sub(data.remaining() as u64);
+                    }
+                    inner
+                        .as_ref()
+                        .as_pin_ref()
+                        .is_none_or(|b| b.is_end_stream())
+                }
                 Some(Err(_)) => false,
             };
             if ended {

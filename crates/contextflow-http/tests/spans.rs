@@ -370,6 +370,122 @@ fn a_body_cut_short_fails_the_server_span_on_both_runtimes() {
         .block_on(body_cut_short());
 }
 
+/// A body that never says it ended (as tower-http's file bodies): its chunks, then its
+/// trailers if any, then nothing more, ever.
+struct Unending {
+    chunks: Vec<&'static str>,
+    trailers: bool,
+}
+
+impl http_body::Body for Unending {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(chunk) = self.chunks.pop() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(
+                bytes::Bytes::from_static(chunk.as_bytes()),
+            ))));
+        }
+        if std::mem::take(&mut self.trailers) {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        std::task::Poll::Pending
+    }
+}
+
+/// A server stops reading a body once it has written the declared `Content-Length`, and after
+/// trailers (a body's last frame), then drops it: such an answer is complete, not cancelled,
+/// even though the body never said it ended. Stopping before the declared length still is.
+async fn complete_answers_of_bodies_that_never_say_they_ended() {
+    use http_body_util::BodyExt as _;
+    use opentelemetry::trace::Status;
+    use tower::{Layer as _, ServiceExt as _};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let svc = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("unending"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            let trailers = req.uri().path() == "/trailers";
+            let mut res = http::Response::new(Unending {
+                chunks: vec!["c", "b", "a"],
+                trailers,
+            });
+            if !trailers {
+                res.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from_static("3"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+    let request = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
+    // What a server does: read frames up to the declared length (or the trailers), then drop.
+    for (path, frames) in [("/sized", 3), ("/sized-cut", 2), ("/trailers", 4)] {
+        let mut body = svc
+            .clone()
+            .oneshot(request(path))
+            .await
+            .unwrap()
+            .into_body();
+        for _ in 0..frames {
+            body.frame().await.unwrap().unwrap();
+        }
+        drop(body);
+    }
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let span = |path: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "url.path" && kv.value.as_str() == path)
+            })
+            .unwrap_or_else(|| panic!("no span for {path}: {spans:?}"))
+    };
+    let error_type = |s: &SpanData| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "error.type")
+            .map(|kv| kv.value.to_string())
+    };
+    for path in ["/sized", "/trailers"] {
+        let span = span(path);
+        assert!(
+            !matches!(span.status, Status::Error { .. }),
+            "{path}: {:?}",
+            span.status
+        );
+        assert_eq!(error_type(span), None, "{path}");
+    }
+    assert_eq!(error_type(span("/sized-cut")).as_deref(), Some("cancelled"));
+}
+
+#[test]
+fn complete_answers_of_unending_bodies_end_their_span_without_error_on_both_runtimes() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(complete_answers_of_bodies_that_never_say_they_ended());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(complete_answers_of_bodies_that_never_say_they_ended());
+}
+
 /// A provider shut down while requests still come in makes invalid spans: the handler, and
 /// every call it makes, still sees the caller's trace.
 #[tokio::test(flavor = "current_thread")]
