@@ -129,9 +129,10 @@ pub struct Propagation {
 }
 
 /// The full `tracestate` next to the span context whose OpenTelemetry `TraceState` kept only
-/// the members that OpenTelemetry's older key grammar accepts.
+/// the members that OpenTelemetry's older key grammar accepts; for the received trace only.
 #[derive(Debug)]
 struct FullTraceState {
+    trace_id: opentelemetry::trace::TraceId,
     full: TraceState,
     projected: opentelemetry::trace::TraceState,
 }
@@ -219,8 +220,24 @@ impl TextMapPropagator for TraceContextPropagator {
             format_traceparent(sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8() & 0x03),
         );
         let state = match cx.get::<FullTraceState>() {
-            Some(full) if full.projected == *sc.trace_state() => full.full.to_string(),
-            _ => sc.trace_state().header(),
+            // The received list goes on with the received trace only (a new trace started in
+            // the request starts its own list).
+            Some(full) if full.trace_id == sc.trace_id() => {
+                if full.projected == *sc.trace_state() {
+                    full.full.to_string()
+                } else {
+                    // Changed by a sampler or the application: its members in front, then the
+                    // received ones it kept or never saw, in their order.
+                    full.full
+                        .updated_by(&full.projected, sc.trace_state())
+                        .to_string()
+                }
+            }
+            _ if sc.trace_state().header().is_empty() => String::new(),
+            // OpenTelemetry's own checks let values through that the W3C grammar refuses (a
+            // CR/LF, an empty value, spaces, non-ASCII): such members are left out, not sent
+            // into a carrier, and the list is bounded (32 members, 512 characters).
+            _ => TraceState::from_otel(sc.trace_state()).to_string(),
         };
         if !state.is_empty() {
             injector.set(TRACESTATE, state);
@@ -293,7 +310,11 @@ fn extract_trace_context(cx: &Context, source: &impl Source) -> Context {
     if complete {
         cx
     } else {
-        cx.with_value(FullTraceState { full, projected })
+        cx.with_value(FullTraceState {
+            trace_id: parent.trace_id(),
+            full,
+            projected,
+        })
     }
 }
 

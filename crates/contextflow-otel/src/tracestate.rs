@@ -170,6 +170,36 @@ impl TraceState {
         out
     }
 
+    /// This list (as received) after OpenTelemetry's view of it, `projected`, was changed into
+    /// `now` (by a sampler or the application): the members `now` changed or added first, in its
+    /// order; then the received members `now` kept unchanged, and those OpenTelemetry never saw
+    /// (its key grammar refused them), in the received order; members `now` removed are gone.
+    pub(crate) fn updated_by(
+        &self,
+        projected: &opentelemetry::trace::TraceState,
+        now: &opentelemetry::trace::TraceState,
+    ) -> TraceState {
+        let now = TraceState::from_otel(now);
+        let mut members: Vec<(String, String)> = now
+            .members
+            .iter()
+            .filter(|(k, v)| self.get(k) != Some(v.as_str()))
+            .cloned()
+            .collect();
+        let changed = members.len();
+        for (k, v) in &self.members {
+            let kept = now.get(k) == Some(v.as_str());
+            let unseen = projected.get(k).is_none() && now.get(k).is_none();
+            if (kept || unseen) && !members[..changed].iter().any(|(m, _)| m == k) {
+                members.push((k.clone(), v.clone()));
+            }
+        }
+        members.truncate(MAX_MEMBERS);
+        let mut out = TraceState { members };
+        out.enforce_len(changed.min(out.members.len()));
+        out
+    }
+
     /// The value of member `key`.
     ///
     /// ```

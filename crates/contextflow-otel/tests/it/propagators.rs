@@ -32,22 +32,91 @@ fn the_full_tracestate_travels_even_where_otel_keeps_less() {
         ],
     );
     assert_eq!(out["tracestate"], "foo@@bar=1,a=2,foo@bar@baz=3");
-    // A span that changed the OpenTelemetry trace state wins over the stored list.
+    // A span that changed the OpenTelemetry trace state: its change in front, then the
+    // received members it kept, and those OpenTelemetry never saw, in their order (W3C trace
+    // context, "Mutating the tracestate field": unchanged members are forwarded).
     let cx = TraceContextPropagator::new().extract(&Pairs::new([
         ("traceparent", TP),
-        ("tracestate", "foo@@bar=1,a=2"),
+        ("tracestate", "foo@@bar=1,a=2,b=3,c=4"),
     ]));
     let sc = cx.span().span_context().clone();
-    let changed = opentelemetry::trace::SpanContext::new(
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags(),
-        true,
-        sc.trace_state().insert("mine", "x").unwrap(),
+    let with_state = |state: opentelemetry::trace::TraceState| {
+        let changed = opentelemetry::trace::SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags(),
+            true,
+            state,
+        );
+        let mut out = HashMap::new();
+        TraceContextPropagator::new()
+            .inject_context(&cx.with_remote_span_context(changed), &mut out);
+        out.remove("tracestate").unwrap_or_default()
+    };
+    let state = sc.trace_state();
+    assert_eq!(
+        with_state(state.insert("mine", "x").unwrap()),
+        "mine=x,foo@@bar=1,a=2,b=3,c=4"
+    );
+    assert_eq!(
+        with_state(state.insert("b", "9").unwrap()),
+        "b=9,foo@@bar=1,a=2,c=4",
+        "an updated member moves to the front"
+    );
+    assert_eq!(
+        with_state(state.delete("a").unwrap()),
+        "foo@@bar=1,b=3,c=4",
+        "a removed member is gone"
+    );
+}
+
+/// The received list belongs to the received trace: a new trace started inside the request (a
+/// new root span) does not send it on with its own trace id.
+#[test]
+fn the_received_tracestate_does_not_go_out_with_another_trace() {
+    let cx = TraceContextPropagator::new().extract(&Pairs::new([
+        ("traceparent", TP),
+        ("tracestate", "foo@@bar=1"),
+    ]));
+    let root = opentelemetry::trace::SpanContext::new(
+        opentelemetry::trace::TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+        opentelemetry::trace::SpanId::from_hex("b7ad6b7169203331").unwrap(),
+        opentelemetry::trace::TraceFlags::SAMPLED,
+        false,
+        opentelemetry::trace::TraceState::default(),
     );
     let mut out = HashMap::new();
-    TraceContextPropagator::new().inject_context(&cx.with_remote_span_context(changed), &mut out);
-    assert_eq!(out["tracestate"], "mine=x,a=2");
+    TraceContextPropagator::new().inject_context(&cx.with_remote_span_context(root), &mut out);
+    assert!(out["traceparent"].contains("0af7651916cd43dd8448eb211c80319c"));
+    assert_eq!(out.get("tracestate"), None, "{out:?}");
+}
+
+/// OpenTelemetry's `TraceState` accepts values the W3C grammar refuses (its checks are `,`,
+/// `=` and length): such members are left out when written, never sent into a carrier (a CR/LF
+/// would split a header line or a message's metadata), and the others still go.
+#[test]
+fn members_the_w3c_grammar_refuses_are_not_written() {
+    let Ok(state) = opentelemetry::trace::TraceState::from_key_value([
+        ("v", "a\r\nx-admin: 1"),
+        ("ok", "1"),
+        ("sp", "trailing "),
+        ("e", "caf\u{e9}"),
+    ]) else {
+        // A later OpenTelemetry that refuses them itself: nothing to leave out.
+        return;
+    };
+    let sc = opentelemetry::trace::SpanContext::new(
+        opentelemetry::trace::TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+        opentelemetry::trace::SpanId::from_hex("b7ad6b7169203331").unwrap(),
+        opentelemetry::trace::TraceFlags::SAMPLED,
+        false,
+        state,
+    );
+    let mut out = HashMap::new();
+    TraceContextPropagator::new()
+        .inject_context(&Context::new().with_remote_span_context(sc), &mut out);
+    // A trailing space is optional whitespace around a list member: written without it.
+    assert_eq!(out["tracestate"], "ok=1,sp=trailing");
 }
 
 #[test]
