@@ -200,6 +200,10 @@ impl Injector for HeaderInjector<'_> {
 // ===== publish =====
 
 /// `headers` with the current context written into them by `publisher` (other headers kept).
+/// Propagation headers already there (a message republished), in any spelling, are dropped
+/// first: NATS header names are case-sensitive, so an old `Traceparent` next to the new
+/// `traceparent` would make the field repeated (and refused), and an old `baggage` would stay
+/// where the current context has none.
 ///
 /// ```
 /// use contextflow_messaging::{async_nats::inject, Publisher};
@@ -209,11 +213,32 @@ impl Injector for HeaderInjector<'_> {
 ///     inject(&Publisher::new(), async_nats::HeaderMap::new())
 /// });
 /// assert_eq!(headers.get("x-request-id").map(|v| v.as_str()), Some("r-3"));
+///
+/// // Republished: the first send's propagation headers go, whatever their spelling.
+/// let mut old = async_nats::HeaderMap::new();
+/// old.insert("X-Request-ID", "r-1");
+/// old.insert("Baggage", "user=al");
+/// old.insert("attempt", "2");
+/// let headers = REQUEST_ID.sync_scope("r-4".parse::<RequestId>()?, || inject(&Publisher::new(), old));
+/// let mut names: Vec<&str> = headers.iter().map(|(name, _)| name.as_ref()).collect();
+/// names.sort();
+/// assert_eq!(names, ["attempt", "x-request-id"]);
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
-pub fn inject(publisher: &Publisher, mut headers: HeaderMap) -> HeaderMap {
-    publisher.inject(&mut HeaderInjector::new(&mut headers));
-    headers
+pub fn inject(publisher: &Publisher, headers: HeaderMap) -> HeaderMap {
+    let fields = publisher.fields();
+    let mut kept = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        if fields.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        for value in values {
+            kept.append(name, value.clone());
+        }
+    }
+    publisher.inject(&mut HeaderInjector::new(&mut kept));
+    kept
 }
 
 /// Publishes `payload` to `subject` on core NATS with the current context in its headers

@@ -5,8 +5,8 @@
 //! [`add`] appends an entry with the application's fields plus the propagation fields of the
 //! current context (`traceparent`, `tracestate`, `baggage`, `x-request-id`), so the fields are
 //! part of the job itself: a job claimed again after a failure, by any worker, runs in the
-//! context of the request that queued it, however many retries it takes. Application fields
-//! should not use those names.
+//! context of the request that queued it, however many retries it takes. An application field
+//! with one of those names (in any case) is left out: the current context's is written.
 //!
 //! On consume, [`context`] and [`scope`] read an entry ([`StreamId`]) through
 //! [`FieldExtractor`]: a field is read only when its value is a string (a bulk string that is
@@ -209,13 +209,24 @@ where
     F: ToRedisArgs + Send + Sync,
     V: ToRedisArgs + Send + Sync,
 {
-    redis::cmd("XADD")
-        .arg(key)
-        .arg("*")
-        .arg(items)
-        .arg(fields(&Publisher::new()))
-        .query_async(con)
-        .await
+    let publisher = Publisher::new();
+    let names = publisher.fields();
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("*");
+    for (field, value) in items {
+        // An application field spelled as a propagation field (in any case) would make that
+        // field repeated for the consumer: the current context's own is written instead.
+        let is_propagation = match field.to_redis_args().as_slice() {
+            [name] => names
+                .iter()
+                .any(|n| n.as_bytes().eq_ignore_ascii_case(name)),
+            _ => false,
+        };
+        if !is_propagation {
+            cmd.arg(field).arg(value);
+        }
+    }
+    cmd.arg(fields(&publisher)).query_async(con).await
 }
 
 // ===== consume =====

@@ -180,7 +180,11 @@ impl Injector for UserPropertiesInjector<'_> {
 // ===== publish =====
 
 /// `properties` with the current context written into their user properties by `publisher`
-/// (other properties kept).
+/// (other properties kept, after them). Propagation properties already there (a message
+/// republished), in any spelling, are dropped first: an old `baggage` would otherwise stay
+/// where the current context has none. The propagation properties go first, so that a reader
+/// that reads only the first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) finds them
+/// however many the application adds.
 ///
 /// ```
 /// use contextflow_messaging::{rumqttc::inject, Publisher};
@@ -190,12 +194,31 @@ impl Injector for UserPropertiesInjector<'_> {
 ///     inject(&Publisher::new(), Default::default())
 /// });
 /// assert_eq!(properties.user_properties, [("x-request-id".to_owned(), "r-3".to_owned())]);
+///
+/// // Republished: the first send's propagation properties go, whatever their spelling.
+/// let mut old = rumqttc::v5::mqttbytes::v5::PublishProperties::default();
+/// old.user_properties = vec![
+///     ("attempt".to_owned(), "2".to_owned()),
+///     ("Baggage".to_owned(), "user=al".to_owned()),
+///     ("X-Request-ID".to_owned(), "r-1".to_owned()),
+/// ];
+/// let properties = REQUEST_ID.sync_scope("r-4".parse::<RequestId>()?, || inject(&Publisher::new(), old));
+/// assert_eq!(
+///     properties.user_properties,
+///     [("x-request-id".to_owned(), "r-4".to_owned()), ("attempt".to_owned(), "2".to_owned())]
+/// );
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn inject(publisher: &Publisher, mut properties: PublishProperties) -> PublishProperties {
-    publisher.inject(&mut UserPropertiesInjector::new(
-        &mut properties.user_properties,
-    ));
+    let fields = publisher.fields();
+    let mut pairs = Vec::with_capacity(properties.user_properties.len() + fields.len());
+    publisher.inject(&mut UserPropertiesInjector::new(&mut pairs));
+    pairs.extend(
+        std::mem::take(&mut properties.user_properties)
+            .into_iter()
+            .filter(|(name, _)| !fields.iter().any(|f| f.eq_ignore_ascii_case(name))),
+    );
+    properties.user_properties = pairs;
     properties
 }
 

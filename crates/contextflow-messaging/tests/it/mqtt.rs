@@ -182,19 +182,29 @@ proptest! {
     /// carried one whenever the only `x-request-id` among the first pairs is the valid one.
     #[test]
     fn arbitrary_user_properties_never_panic(pairs in pairs()) {
-        let message = message(pairs);
-        // A request id is used only when the field appears once.
-        let carried = UserProperties::from_message(&message)
-            .get_all("x-request-id")
-            .filter(|all| all.len() == 1)
-            .map(|all| all[0].to_owned());
+        // The oracle, from the raw pairs (not through the extractor under test): a request id
+        // is used only when the first MAX_PAIRS pairs hold exactly one `x-request-id`, in any
+        // spelling.
+        let copies: Vec<&str> = pairs
+            .iter()
+            .take(contextflow_otel::carrier::MAX_PAIRS)
+            .filter(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
+            .map(|(_, value)| value.as_str())
+            .collect();
+        let carried = match copies.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        };
+        let message = message(pairs.clone());
         let cx = mqtt::context(&Consumer::new().without_spans(), &message);
         let id = cx.request_id().as_str().to_owned();
         cx.finish();
         prop_assert!(!id.is_empty() && id.len() <= 128);
         prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
-        if carried.as_deref() == Some(VALID_ID) {
+        if carried == Some(VALID_ID) {
             prop_assert_eq!(id, VALID_ID);
+        } else if copies.len() > 1 {
+            prop_assert_ne!(id, VALID_ID, "a repeated x-request-id is never used");
         }
     }
 }

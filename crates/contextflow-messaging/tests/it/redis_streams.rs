@@ -503,6 +503,44 @@ async fn an_entry_with_a_binary_field_name_does_not_fail_the_others() {
     let _: usize = con.del(&key).await.unwrap();
 }
 
+/// `add` writes the current context's propagation fields, not an application item spelled
+/// like one (a job re-queued with its old fields would otherwise carry two `x-request-id`s, or
+/// an old `baggage` where the current context has none).
+#[tokio::test(flavor = "current_thread")]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn add_leaves_out_items_named_like_propagation_fields() {
+    let mut con = connect().await;
+    let key = format!("contextflow-add-items-{}", RequestId::new());
+    let id: RequestId = "job-9".parse().unwrap();
+    contextflow_otel::REQUEST_ID
+        .scope(id, async {
+            streams::add(
+                &mut con,
+                &key,
+                &[
+                    ("Baggage", "user=al"),
+                    ("X-Request-ID", "old"),
+                    ("to", "a@example.com"),
+                ],
+            )
+            .await
+            .unwrap()
+        })
+        .await;
+    let streams::Entries(entries) = con.xrange_all(&key).await.unwrap();
+    let mut names: Vec<&str> = entries[0].map.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["to", "x-request-id"]);
+    assert_eq!(
+        entries[0].map["x-request-id"],
+        Value::BulkString(b"job-9".to_vec())
+    );
+    let _: usize = con.del(&key).await.unwrap();
+}
+
 #[test]
 fn field_extractor_reads_only_strings() {
     let fields = HashMap::from([
@@ -559,17 +597,28 @@ proptest! {
             map: pairs.into_iter().collect(),
             ..StreamId::default()
         };
-        let extractor = FieldExtractor::from_entry(&entry);
-        let carried = extractor
-            .get_all("x-request-id")
-            .filter(|all| all.len() == 1)
-            .map(|all| all[0]);
+        // The oracle, from the raw map (not through the extractor under test): the fields
+        // named `x-request-id` in any case, whatever their value's type, are the copies; a
+        // request id is used only when there is exactly one and its value is text.
+        let copies: Vec<&Value> = entry
+            .map
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
+            .map(|(_, value)| value)
+            .collect();
+        let carried = match copies.as_slice() {
+            [Value::BulkString(bytes)] => std::str::from_utf8(bytes).ok(),
+            [Value::SimpleString(text)] => Some(text.as_str()),
+            _ => None,
+        };
         let id = streams::context(&Consumer::new().without_spans(), &entry);
         let id = id.request_id().as_str().to_owned();
         prop_assert!(!id.is_empty() && id.len() <= 128);
         prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         if carried == Some(VALID_ID) {
             prop_assert_eq!(id, VALID_ID);
+        } else if copies.len() > 1 {
+            prop_assert_ne!(id, VALID_ID, "a repeated x-request-id is never used");
         }
     }
 }
