@@ -181,9 +181,10 @@
 //! | `contextflow::rayon` (`join`, `scope`, `spawn`, `in_current_context` on parallel iterators) | yes, except [`Inherit::Never`] variables | the same |
 //! | a message through a [`channel`] (`Carried::run`) | yes, the sender's, except [`Inherit::Never`] variables | the same |
 //! | `fut.in_current_context()` handed to any executor | yes, except [`Inherit::Never`] variables | the same |
-//! | plain `tokio::spawn`, `JoinSet::spawn`, `Handle::spawn` (also from an OS thread) | **no**: the task starts with an empty context | [`Inherit::Everywhere`] variables only (ids, the trace); not the tenant, the user, a transaction, nor a carried tracing span |
-//! | plain `tokio::task::spawn_blocking`, `spawn_local` on a `LocalSet` | **no** | **no** (tokio runs no hook there) |
-//! | the future given to `block_on` | the calling thread's context | the same (it is not a task) |
+//! | plain `tokio::spawn`, `JoinSet::spawn`, `Handle::spawn` (also from an OS thread) | **no**: the spawner's context is not carried; the task sees whatever is current where tokio polls it: nothing on a `multi_thread` worker, but on a `current_thread` runtime the context around the `block_on` call (see below) | [`Inherit::Everywhere`] variables only (ids, the trace); not the tenant, the user, a transaction, nor a carried tracing span (each poll starts from nothing) |
+//! | plain `tokio::task::spawn_blocking` | **no** | **no** (tokio runs no hook there) |
+//! | plain `spawn_local` on a `LocalSet` | **no**: the spawner's context is not carried; the tasks see the context of whoever polls the `LocalSet` (`run_until` or `.await` on it inside a scope shows that scope to every one of its tasks, [`Inherit::Never`] variables included) | the same (tokio runs no hook there) |
+//! | the future given to `block_on` | the calling thread's context; on a `current_thread` runtime, plain tasks polled during that `block_on` see it too: call `block_on` outside any scope, and set the context inside the future | the future as without hooks; plain tasks as in the rows above |
 //! | plain `std::thread::spawn`, plain rayon, a C callback | **no**: carry a [`Snapshot`] (`run`/`bind`) | **no** |
 //! | destructors of a scoped future (cancelled, aborted) | yes | yes; a plain task's destructors too when aborted, not at runtime shutdown |
 //! | another process (HTTP, a queue, a child process) | only what a propagator writes (see `contextflow-http`) | the same |

@@ -98,6 +98,12 @@ pub enum Inherit {
     #[default]
     Always,
     /// Spawned children do not see the value; they see what was bound outside it, if anything.
+    ///
+    /// This holds for what contextflow spawns and carries. Code that tokio polls inside the
+    /// scope itself is not a child it can see: the tasks of a `LocalSet` driven (`run_until`)
+    /// inside the scope, and, on a `current_thread` runtime without contextflow's hooks, plain
+    /// tasks polled by a `block_on` called inside it, see the value (see the crate's "What
+    /// propagates" table).
     Never,
     /// Like [`Always`](Inherit::Always), and tasks started by a plain `tokio::spawn` (or
     /// `JoinSet::spawn`, `Handle::spawn`) on a runtime with contextflow's hooks

@@ -206,3 +206,39 @@ async fn scope_future_does_not_keep_a_pollers_transaction_alive() {
 on_both_runtimes! {
     scope_future_does_not_keep_a_pollers_transaction_alive => scope_future_does_not_keep_a_pollers_transaction_alive;
 }
+
+/// The holes the "What propagates" table names, pinned down: code tokio polls inside a scope is
+/// not a child contextflow can keep the scope from. A plain task on a `current_thread` runtime
+/// is polled by `block_on`, under the context around that call; a `LocalSet`'s tasks are polled
+/// by whoever drives the set. Both see an `Inherit::Never` value set there; on a
+/// `multi_thread` worker a plain task sees nothing.
+#[test]
+fn plain_tasks_see_the_context_where_tokio_polls_them() {
+    let current = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let seen = TX.sync_scope("tx-1", || {
+        current.block_on(async { tokio::spawn(async { TX.get() }).await.unwrap() })
+    });
+    assert_eq!(
+        seen,
+        Some("tx-1"),
+        "current_thread: block_on's surroundings"
+    );
+
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let seen = TX.sync_scope("tx-2", || {
+        multi.block_on(async { tokio::spawn(async { TX.get() }).await.unwrap() })
+    });
+    assert_eq!(seen, None, "multi_thread: a worker's nothing");
+
+    let local = tokio::task::LocalSet::new();
+    let seen = current.block_on(TX.scope(
+        "tx-3",
+        local.run_until(async { tokio::task::spawn_local(async { TX.get() }).await.unwrap() }),
+    ));
+    assert_eq!(seen, Some("tx-3"), "LocalSet: whoever drives it");
+}
