@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicUsize as StdCounter, Ordering as StdOrdering};
 
 use loom::{
+    cell::UnsafeCell,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -16,11 +17,45 @@ use loom::{
 use super::{cache, capture, share, Header, NodeRef, Site};
 use crate::Inherit;
 
-/// A value that counts its drops.
-struct Counted(Arc<AtomicUsize>);
+/// A value that counts its drops, with a payload that the models' threads read and the
+/// destructor writes, both through loom's `UnsafeCell`: a read on one thread that is not
+/// ordered before the drop on another (a release count weakened to `Relaxed`, a missing
+/// `Acquire` fence) is a data race, which loom reports. Without it the models would only count
+/// drops, and pass with the orderings weakened.
+struct Counted {
+    drops: Arc<AtomicUsize>,
+    payload: UnsafeCell<u64>,
+}
+
+// SAFETY: the payload is read through shared references and written only by the destructor,
+// which runs once nothing else can reach the value: exactly what the models check (loom
+// reports a read that races the write).
+unsafe impl Sync for Counted {}
+
+impl Counted {
+    fn new(drops: Arc<AtomicUsize>) -> Self {
+        Counted::valued(drops, 7)
+    }
+
+    fn valued(drops: Arc<AtomicUsize>, value: u64) -> Self {
+        Counted {
+            drops,
+            payload: UnsafeCell::new(value),
+        }
+    }
+
+    /// Reads the payload (a racing write is a loom failure).
+    fn read(&self) -> u64 {
+        // SAFETY: a plain read; loom checks it against the destructor's write.
+        self.payload.with(|p| unsafe { *p })
+    }
+}
+
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: `&mut self`: the only access.
+        self.payload.with_mut(|p| unsafe { *p = 0 });
+        self.drops.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -42,14 +77,14 @@ fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
 fn clone_and_drop_on_two_threads_drops_the_value_once() {
     explore("clone and drop", || {
         let drops = Arc::new(AtomicUsize::new(0));
-        let node = NodeRef::new_value(None, 2, "v", Inherit::Always, Counted(drops.clone()));
+        let node = NodeRef::new_value(None, 2, "v", Inherit::Always, Counted::new(drops.clone()));
         let other = node.clone();
         let t = thread::spawn(move || {
             // SAFETY: `other` is alive, and key 2 was bound to a `Counted` above.
             let found = unsafe { Header::find(other.as_ptr(), 2) };
             // SAFETY: as above.
-            let seen = found.map(|h| unsafe { h.value::<Counted>() }.0.clone());
-            assert!(seen.is_some());
+            let seen = found.map(|h| unsafe { h.value::<Counted>() }.read());
+            assert_eq!(seen, Some(7));
             drop(other);
         });
         drop(node);
@@ -68,21 +103,37 @@ fn alias_keeps_the_value_while_both_threads_release() {
             2,
             "parent",
             Inherit::Always,
-            Counted(parent_drops.clone()),
+            Counted::new(parent_drops.clone()),
         );
         let node = NodeRef::new_value(
             Some(parent),
             3,
             "v",
             Inherit::Always,
-            Counted(value_drops.clone()),
+            Counted::new(value_drops.clone()),
         );
         // Re-bind the value with no parent, then release the original and the alias on two
         // threads at once: the value is dropped once, by whichever goes last.
         let alias = NodeRef::new_alias(node.header(), None);
-        let t = thread::spawn(move || drop(node));
+        let t = thread::spawn(move || {
+            // SAFETY: `node` is alive; keys 2 and 3 hold `Counted`s.
+            unsafe {
+                assert_eq!(
+                    Header::find(node.as_ptr(), 2).map(|h| h.value::<Counted>().read()),
+                    Some(7)
+                );
+                assert_eq!(
+                    Header::find(node.as_ptr(), 3).map(|h| h.value::<Counted>().read()),
+                    Some(7)
+                );
+            }
+            drop(node)
+        });
         // SAFETY: `alias` is alive; key 3 holds a `Counted`.
-        assert!(unsafe { Header::find(alias.as_ptr(), 3) }.is_some());
+        assert_eq!(
+            unsafe { Header::find(alias.as_ptr(), 3).map(|h| h.value::<Counted>().read()) },
+            Some(7)
+        );
         drop(alias);
         t.join().unwrap();
         assert_eq!(parent_drops.load(Ordering::SeqCst), 1);
@@ -94,7 +145,13 @@ fn alias_keeps_the_value_while_both_threads_release() {
 fn share_of_a_borrowed_node_races_a_release() {
     explore("share against a concurrent release", || {
         let drops = Arc::new(AtomicUsize::new(0));
-        let root = NodeRef::new_value(None, 2, "root", Inherit::Always, Counted(drops.clone()));
+        let root = NodeRef::new_value(
+            None,
+            2,
+            "root",
+            Inherit::Always,
+            Counted::new(drops.clone()),
+        );
         // A `sync_scope` node: borrows `root` (no count) while unshared.
         // SAFETY: `root` outlives `scoped` until `share` gives it a counted parent below.
         let scoped = unsafe {
@@ -103,17 +160,33 @@ fn share_of_a_borrowed_node_races_a_release() {
                 3,
                 "scoped",
                 Inherit::Always,
-                Counted(drops.clone()),
+                Counted::new(drops.clone()),
                 Site::NONE,
             )
         };
+        // Another owner of `root` lets go while this thread shares the scoped node.
+        let other_root = root.clone();
+        let t0 = thread::spawn(move || {
+            // SAFETY: `other_root` is alive; key 2 holds a `Counted`.
+            let seen = unsafe { Header::find(other_root.as_ptr(), 2) }
+                // SAFETY: as above.
+                .map(|h| unsafe { h.value::<Counted>() }.read());
+            assert_eq!(seen, Some(7));
+            drop(other_root);
+        });
         // SAFETY: `scoped` is alive and was made on this thread.
         let shared = unsafe { share(scoped.as_ptr()) };
         let t = thread::spawn(move || {
             // SAFETY: `shared` keeps the chain alive; keys 2 and 3 hold `Counted`s.
             unsafe {
-                assert!(Header::find(shared.as_ptr(), 2).is_some());
-                assert!(Header::find(shared.as_ptr(), 3).is_some());
+                assert_eq!(
+                    Header::find(shared.as_ptr(), 2).map(|h| h.value::<Counted>().read()),
+                    Some(7)
+                );
+                assert_eq!(
+                    Header::find(shared.as_ptr(), 3).map(|h| h.value::<Counted>().read()),
+                    Some(7)
+                );
             }
             drop(shared);
         });
@@ -123,6 +196,7 @@ fn share_of_a_borrowed_node_races_a_release() {
         unsafe { scoped.release_value_node::<Counted>() };
         drop(root);
         t.join().unwrap();
+        t0.join().unwrap();
         assert_eq!(
             drops.load(Ordering::SeqCst),
             2,
@@ -136,37 +210,50 @@ fn capture_leaves_out_shadowed_and_private_bindings_under_a_concurrent_release()
     explore("capture (shadow and private) and release", || {
         let tx_drops = Arc::new(AtomicUsize::new(0));
         let old_drops = Arc::new(AtomicUsize::new(0));
-        let req = NodeRef::new_value(None, 2, "req", Inherit::Always, 2u8);
+        let kept_drops = Arc::new(AtomicUsize::new(0));
+        let req = NodeRef::new_value(
+            None,
+            2,
+            "req",
+            Inherit::Always,
+            Counted::valued(kept_drops.clone(), 2),
+        );
         let old = NodeRef::new_value(
             Some(req),
             4,
             "gen",
             Inherit::Always,
-            Counted(old_drops.clone()),
+            Counted::new(old_drops.clone()),
         );
         let tx = NodeRef::new_value(
             Some(old),
             3,
             "tx",
             Inherit::Never,
-            Counted(tx_drops.clone()),
+            Counted::new(tx_drops.clone()),
         );
-        let top = NodeRef::new_value(Some(tx), 4, "gen", Inherit::Always, 4u8);
+        let top = NodeRef::new_value(
+            Some(tx),
+            4,
+            "gen",
+            Inherit::Always,
+            Counted::valued(kept_drops.clone(), 4),
+        );
         // SAFETY: `top` is alive for the call.
         let child = unsafe { capture(top.as_ptr(), true) }.unwrap();
         let t = thread::spawn(move || {
-            // SAFETY: `child` is alive; keys 2 and 4 hold `u8`s in the rebuilt chain.
+            // SAFETY: `child` is alive; keys 2 and 4 hold `Counted`s in the rebuilt chain.
             unsafe {
                 assert!(
                     Header::find(child.as_ptr(), 3).is_none(),
                     "private left out"
                 );
                 assert_eq!(
-                    Header::find(child.as_ptr(), 4).map(|h| *h.value::<u8>()),
+                    Header::find(child.as_ptr(), 4).map(|h| h.value::<Counted>().read()),
                     Some(4)
                 );
                 assert_eq!(
-                    Header::find(child.as_ptr(), 2).map(|h| *h.value::<u8>()),
+                    Header::find(child.as_ptr(), 2).map(|h| h.value::<Counted>().read()),
                     Some(2)
                 );
             }
@@ -174,6 +261,7 @@ fn capture_leaves_out_shadowed_and_private_bindings_under_a_concurrent_release()
         });
         drop(top);
         t.join().unwrap();
+        assert_eq!(kept_drops.load(Ordering::SeqCst), 2);
         assert_eq!(tx_drops.load(Ordering::SeqCst), 1);
         assert_eq!(
             old_drops.load(Ordering::SeqCst),
@@ -197,8 +285,13 @@ fn a_parked_guard_frame_is_released_once_by_the_last_owner() {
         };
         explore(name, move || {
             let drops = Arc::new(AtomicUsize::new(0));
-            let saved =
-                NodeRef::new_value(None, 2, "saved", Inherit::Always, Counted(drops.clone()));
+            let saved = NodeRef::new_value(
+                None,
+                2,
+                "saved",
+                Inherit::Always,
+                Counted::new(drops.clone()),
+            );
             let marker = NodeRef::new_marker(None);
             let other = marker.clone();
             // The guard exits out of order: its saved frame (owned, bit 0) is parked in its
