@@ -6,6 +6,13 @@
 //! (`traceparent`, `tracestate`, `baggage`, `x-request-id`); on consume, an entry that is not
 //! a UTF-8 string is ignored, and everything else is validated as for any carrier.
 //!
+//! A header *name* that is not UTF-8 never reaches this module: lapin's frame parser
+//! (amq-protocol-types 8, `parse_short_string`) requires field-table keys to be UTF-8, and a
+//! frame it cannot parse is a connection error, so such a message (another client may publish
+//! one) closes the connection, and comes back after a reconnection. Give such queues a
+//! delivery limit (`x-delivery-limit` on a quorum queue, with a dead-letter exchange) so that
+//! one message cannot hold a consumer in that loop.
+//!
 //! ```no_run
 //! use contextflow_messaging::lapin as amqp;
 //! use futures_util::StreamExt as _;
