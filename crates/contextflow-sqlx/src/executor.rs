@@ -112,17 +112,17 @@ async fn rows<'e, 'q: 'e, DB, E>(
         Target::Tx(guard) => Some(guard.parker()),
         Target::Pool { .. } => None,
     };
-    let mut failure = None;
+    // The statement's error, kept back until the failure is recorded: sqlx's own `execute`
+    // and `fetch_all` stop at the first error and drop the stream, so an error handed out
+    // first would never be recorded (and a transaction the server aborted could "commit").
+    let mut failed = None;
     {
         let mut stream = target.conn().fetch_many(query);
         while let Some(item) = stream.next().await {
-            let failed = match &item {
-                Ok(_) => false,
-                Err(err) => {
-                    failure = Some(Failure::of(dialect, err));
-                    true
-                }
-            };
+            if let Err(err) = item {
+                failed = Some(err);
+                break;
+            }
             // Between two rows the stream sits in the caller's code, holding the connection.
             if let Some(parker) = &mut parker {
                 parker.park(called_at);
@@ -131,13 +131,15 @@ async fn rows<'e, 'q: 'e, DB, E>(
             if let Some(parker) = &mut parker {
                 parker.unpark();
             }
-            if failed {
-                break;
-            }
         }
     }
     drop(parker);
-    if let Err(err) = target.end(failure).await {
+    let failure = failed.as_ref().map(|err| Failure::of(dialect, err));
+    let ended = target.end(failure).await;
+    if let Some(err) = failed {
+        out.send(Err(err)).await;
+    }
+    if let Err(err) = ended {
         out.send(Err(err)).await;
     }
 }

@@ -173,8 +173,31 @@ mod postgres {
             })
             .await;
         assert!(matches!(result, Err(TestError::Sql(_))), "{result:?}");
+        // Through sqlx's own `Executor` methods on the pool (`query.execute(&db)`,
+        // `fetch_all`), which stop at the first error and drop the row stream: the failure is
+        // recorded all the same.
+        let result = db
+            .transaction(|| async {
+                insert(&ctx, 3, 1).await?;
+                let failed = sqlx::query("SELECT * FROM no_such_table").execute(db).await;
+                assert!(failed.is_err());
+                Ok::<_, TestError>(())
+            })
+            .await;
+        assert!(matches!(result, Err(TestError::Sql(_))), "{result:?}");
+        let result = db
+            .transaction(|| async {
+                insert(&ctx, 4, 1).await?;
+                let failed = sqlx::query_scalar::<_, i64>("SELECT id FROM no_such_table")
+                    .fetch_all(db)
+                    .await;
+                assert!(failed.is_err());
+                Ok::<_, TestError>(())
+            })
+            .await;
+        assert!(matches!(result, Err(TestError::Sql(_))), "{result:?}");
         assert_eq!(ids(&ctx).await, Vec::<i64>::new());
-        assert_connection_clean(&ctx, 3).await;
+        assert_connection_clean(&ctx, 5).await;
         ctx.finish().await;
     }
 
