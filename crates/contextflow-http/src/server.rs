@@ -621,8 +621,13 @@ where
                 } else {
                     None
                 };
-                // The declared length (without one, the body's exact size hint, on first poll).
-                let remaining = content_length(res.headers());
+                // The declared length (without one, the body's exact size hint, on first poll):
+                // it decides how a span of ours ends, so without one it is not looked up.
+                let remaining = if scope.owns_span {
+                    content_length(res.headers())
+                } else {
+                    None
+                };
                 Ok(res.map(|body| ContextBody {
                     scope,
                     status,
@@ -729,7 +734,7 @@ impl<B: Body> Body for ContextBody<B> {
         }
         if !*this.polled {
             *this.polled = true;
-            if this.remaining.is_none() {
+            if this.remaining.is_none() && this.scope.owns_span {
                 *this.remaining = inner
                     .as_ref()
                     .as_pin_ref()
