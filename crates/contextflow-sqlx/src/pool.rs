@@ -292,6 +292,12 @@ where
     ///   are dropped too: the caller gets the error and decides.
     /// - They run one after the other before `transaction` returns; a panicking hook does
     ///   not stop the others, and its panic resumes once they have run.
+    /// - On a tokio runtime they run in a task of their own, so a caller that goes away once
+    ///   the commit is done (a client disconnect, a timeout) does not stop them. A caller
+    ///   dropped while `COMMIT` itself is in flight loses them: whether the commit happened is
+    ///   learnt after the caller is gone.
+    /// - The transaction a [`Propagation::RequiresNew`](crate::Propagation) block suspended is
+    ///   not bound around its hooks either.
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")]
@@ -738,7 +744,16 @@ where
         // The block's state is dropped before the rollback and not used after it, so
         // observing it half-updated after a panic is impossible.
         let outcome = AssertUnwindSafe(body).catch_unwind().await;
-        let taken = shared.take(called_at).await;
+        // A savepoint the block opened in another task (with its context) ends first: its
+        // work is committed only if it was released.
+        let taken = match level.idle(called_at).await {
+            Ok(idle) => {
+                let taken = shared.take(called_at).await;
+                drop(idle);
+                taken
+            }
+            Err(err) => Err(err),
+        };
         guard.disarm();
         let taken = match taken {
             Ok(taken) => taken,
@@ -761,7 +776,10 @@ where
             }
             Ok(Ok(value)) => match taken.commit().await {
                 Ok(()) => {
-                    run_hooks(level.take_hooks()).await;
+                    let hooks = level.take_hooks();
+                    if !hooks.is_empty() {
+                        self.after_commit_run(hooks).await;
+                    }
                     Ok(value)
                 }
                 Err(err) => Err(E::from(err.into_error())),
@@ -773,6 +791,23 @@ where
             Err(panic) => {
                 taken.rollback().await;
                 resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Runs a committed block's hooks, outside every transaction (for `RequiresNew`, the
+    /// suspended one is still bound around the block, and the hooks' queries belong on the
+    /// pool), in a task of their own: a caller that goes away once the commit is done (a client
+    /// disconnect, a timeout) does not take the remaining hooks with it. `contextflow::spawn`
+    /// carries the block's context, without its transactions (`Inherit::Never`); a hook's panic
+    /// reaches the caller as before.
+    async fn after_commit_run(&self, hooks: Vec<Hook>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.inner.current.unset(run_hooks(hooks)).await;
+        }
+        if let Err(err) = contextflow::spawn(run_hooks(hooks)).await {
+            if let Ok(panic) = err.try_into_panic() {
+                resume_unwind(panic);
             }
         }
     }

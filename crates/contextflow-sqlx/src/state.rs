@@ -543,6 +543,17 @@ where
         })
     }
 
+    /// Waits until nothing runs at this level: no query, and no savepoint open beneath it (a
+    /// savepoint holds its parent's `busy` lock for its whole life, also in another task that
+    /// carries the block's context). The top-level block's end holds this while it takes the
+    /// transaction out, so work of a savepoint that has not ended is never committed with it.
+    pub(crate) async fn idle(
+        &self,
+        called_at: &'static Location<'static>,
+    ) -> Result<OwnedMutexGuard<()>, sqlx::Error> {
+        self.shared.lock_checked(&self.busy, called_at).await
+    }
+
     /// Opens a savepoint beneath this level: returns the new level and the guard that ends it.
     pub(crate) async fn savepoint(
         &self,

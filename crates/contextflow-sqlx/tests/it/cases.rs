@@ -986,6 +986,110 @@ fn futures_are_send() {
     let _ = check;
 }
 
+/// A savepoint opened in another task that carries the block's context (a snapshot) and is
+/// still open when the block returns: the commit waits for it to end, and its work is
+/// committed only if it was released (before, the commit took the connection between the
+/// task's statements and committed the work of a savepoint that then failed).
+async fn commit_waits_for_a_savepoint_open_in_another_task() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let (started_tx, started_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let task = db
+        .transaction(|| async {
+            insert(&ctx, 1, 0).await?;
+            let db2 = db.clone();
+            let insert2 = sql(&format!("INSERT INTO {} (id, tag) VALUES (2, 0)", ctx.table));
+            let task = tokio::spawn(
+                async move {
+                    db2.transaction(|| async {
+                        db2.execute(sqlx::query(&insert2)).await?;
+                        started_tx.send(()).unwrap();
+                        go_rx.await.unwrap();
+                        Err::<(), _>(TestError::Refused)
+                    })
+                    .await
+                }
+                .with_snapshot(Snapshot::capture()),
+            );
+            started_rx.await.unwrap();
+            // The savepoint fails a moment after the block has returned.
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let _ = go_tx.send(());
+            });
+            Ok::<_, TestError>(task)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(task.await.unwrap(), Err(TestError::Refused)));
+    assert_eq!(ids(&ctx).await, vec![1], "the failed savepoint's row is not committed");
+    ctx.finish().await;
+}
+
+/// The hooks of a `RequiresNew` block run after its own commit, outside every transaction:
+/// their queries go to the pool, not into the suspended outer transaction (whose rollback
+/// would undo them although the inner block committed).
+async fn requires_new_hooks_run_outside_the_suspended_transaction() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let result = db
+        .transaction(|| async {
+            db.transaction_with(Propagation::RequiresNew, || async {
+                insert(&ctx, 1, 0).await?;
+                let db2 = db.clone();
+                let insert2 = sql(&format!("INSERT INTO {} (id, tag) VALUES (2, 0)", ctx.table));
+                db.after_commit(async move {
+                    assert_eq!(db2.transaction_depth(), 0, "no transaction around a hook");
+                    db2.execute(sqlx::query(&insert2)).await.unwrap();
+                })
+                .await;
+                Ok::<_, TestError>(())
+            })
+            .await?;
+            Err::<(), _>(TestError::Refused)
+        })
+        .await;
+    assert!(matches!(result, Err(TestError::Refused)));
+    assert_eq!(ids(&ctx).await, vec![1, 2]);
+    ctx.finish().await;
+}
+
+/// A caller that goes away once the commit is done (a client disconnect, a timeout, an
+/// aborted task) while an after-commit hook runs: the hooks still run to the end (before, they
+/// ran in the caller's future and were dropped with it, though the commit had happened).
+async fn hooks_outlive_a_caller_dropped_after_the_commit() {
+    let ctx = setup(1).await;
+    let (started_tx, started_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let (done_tx, done_rx) = oneshot::channel();
+    let db = ctx.db.clone();
+    let insert1 = sql(&format!("INSERT INTO {} (id, tag) VALUES (1, 0)", ctx.table));
+    let request = tokio::spawn(async move {
+        db.transaction(|| async {
+            db.execute(sqlx::query(&insert1)).await?;
+            db.after_commit(async move {
+                started_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                done_tx.send(()).unwrap();
+            })
+            .await;
+            Ok::<_, sqlx::Error>(())
+        })
+        .await
+    });
+    started_rx.await.unwrap();
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    go_tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), done_rx)
+        .await
+        .expect("the hook ran to its end")
+        .unwrap();
+    assert_eq!(ids(&ctx).await, vec![1]);
+    ctx.finish().await;
+}
+
 tests!(
     commit,
     rollback_on_error,
@@ -1013,4 +1117,7 @@ tests!(
     held_connection_fails_fast,
     propagation_modes,
     after_commit_hooks,
+    commit_waits_for_a_savepoint_open_in_another_task,
+    requires_new_hooks_run_outside_the_suspended_transaction,
+    hooks_outlive_a_caller_dropped_after_the_commit,
 );
