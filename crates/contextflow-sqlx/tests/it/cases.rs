@@ -555,6 +555,18 @@ async fn concurrent_transactions_no_cross_talk() {
     ctx.finish().await;
 }
 
+/// Whether the after-commit hook of block `tag` has run, waiting a while for it: hooks run in
+/// a task of their own, which goes on when the block's caller is dropped after the commit.
+async fn hook_ran(hooks: &Mutex<Vec<i64>>, tag: i64) -> bool {
+    for _ in 0..500 {
+        if hooks.lock().unwrap().contains(&tag) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// The block every drop test runs: rows `tag*10 + 1..=4` (3 is rolled back by its savepoint),
 /// an after-commit hook, and `fail` decides between commit and rollback.
 async fn protocol_block(ctx: &Ctx, tag: i64, fail: bool, hooks: Arc<Mutex<Vec<i64>>>) -> Result<(), TestError> {
@@ -606,6 +618,12 @@ async fn issue_9_drop_at_every_await_point() {
                 None if unknown => {
                     assert!(rows == 0 || rows == 3, "{BACKEND} poll {polls}: partial commit, {rows} rows");
                     assert!(!hooked);
+                }
+                // Dropped after its commit, while its hooks ran (in a task of their own):
+                // complete, and the hooks run to their end.
+                None if rows == 3 => {
+                    assert!(!fail, "{BACKEND} poll {polls}: a failing block committed");
+                    assert!(hook_ran(&hooks, tag).await, "{BACKEND} poll {polls}: committed, hooks never ran");
                 }
                 None => assert!(rows == 0 && !hooked, "{BACKEND} poll {polls}: {rows} rows of a dropped block: {lines:?}"),
             }
@@ -745,6 +763,9 @@ async fn load_with_random_drops() {
                 dropped += 1;
                 if captured(block).iter().any(|line| line.contains("COMMIT")) {
                     assert!(rows == 0 || rows == 3, "block {block}: {rows} rows");
+                } else if rows == 3 {
+                    // Dropped after its commit, while its hooks ran in their own task.
+                    assert!(hook_ran(&hooks, block as i64).await, "block {block}: hooks never ran");
                 } else {
                     assert_eq!(rows, 0, "block {block} was dropped: {:?}", captured(block));
                 }
