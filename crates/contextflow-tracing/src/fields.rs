@@ -386,7 +386,7 @@ impl ContextFields {
     /// let fields = contextflow_tracing::ContextFields::new().field("a", &A).field("b", &B);
     /// assert_eq!(fields.names().collect::<Vec<_>>(), ["a", "b"]);
     /// ```
-    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + Clone + '_ {
         self.fields.iter().map(|f| f.name)
     }
 

@@ -207,7 +207,10 @@ impl<F> ContextFormat<F> {
                 if !rest.trim_start().starts_with('}') {
                     writer.write_char(',')?;
                 }
-                writer.write_str(rest)
+                match rename_shadowing_keys(rest, self.fields.names()) {
+                    Some(renamed) => writer.write_str(&renamed),
+                    None => writer.write_str(rest),
+                }
             }
             // Not a JSON object: leave it alone rather than corrupt it.
             None => writer.write_str(inner),
@@ -276,6 +279,74 @@ impl<F> ContextFormat<F> {
         out.push_str(",\"truncated\":true}\n");
         writer.write_str(&out)
     }
+}
+
+/// The prefix given to an event's top-level key that has a context field's name.
+const SHADOWED_PREFIX: &str = "event.";
+
+/// `rest` (a JSON object after its opening brace, as the inner format wrote it) with each
+/// top-level key that is one of `names` renamed `event.<name>`; `None` when there is none (the
+/// usual case, settled by one substring search per name).
+///
+/// With `flatten_event(true)` an event's fields are top-level keys: an event field named
+/// `request_id` or `tenant` (say, `info!(tenant = %body.tenant)`) would be a second key of that
+/// name after the context's, and JSON readers (serde_json, `JSON.parse`, jq) keep the last one:
+/// the event's value would pass for the context's. Keys are written by the inner format from
+/// field names (identifiers in the code), so their raw text is compared.
+fn rename_shadowing_keys<'n>(
+    rest: &str,
+    names: impl Iterator<Item = &'n str> + Clone,
+) -> Option<String> {
+    if !names.clone().any(|name| {
+        rest.match_indices(name)
+            .any(|(at, _)| rest[..at].ends_with('"') && rest[at + name.len()..].starts_with('"'))
+    }) {
+        return None;
+    }
+    let bytes = rest.as_bytes();
+    let mut inserts = Vec::new();
+    // `rest` starts inside the object: depth 1.
+    let (mut depth, mut i) = (1usize, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                let end = i.min(bytes.len());
+                i += 1;
+                if depth == 1 {
+                    let mut j = i;
+                    while j < bytes.len() && bytes[j].is_ascii_whitespace() {
+                        j += 1;
+                    }
+                    let key = &rest[start..end];
+                    if bytes.get(j) == Some(&b':') && names.clone().any(|name| name == key) {
+                        inserts.push(start);
+                    }
+                }
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    if inserts.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(rest.len() + inserts.len() * SHADOWED_PREFIX.len());
+    let mut from = 0;
+    for at in inserts {
+        out.push_str(&rest[from..at]);
+        out.push_str(SHADOWED_PREFIX);
+        from = at;
+    }
+    out.push_str(&rest[from..]);
+    Some(out)
 }
 
 /// Collects the `message` field of an event, bounded.

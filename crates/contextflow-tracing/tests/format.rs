@@ -128,6 +128,37 @@ fn json_with_flattened_event_and_numbers_as_strings() {
     assert_eq!(lines[0]["message"], "hi");
 }
 
+/// With `flatten_event(true)` an event field named like a context field is a top-level key
+/// too: it is renamed `event.<name>`, so that the line has one `request_id` and one `tenant`,
+/// the context's (JSON readers keep the last of two keys, which was the event's).
+#[test]
+fn json_event_fields_cannot_shadow_context_fields() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .map_event_format(|json| fields().json(json))
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || {
+        REQUEST_ID.sync_scope("req-1".into(), || {
+            TENANT.sync_scope(
+                "acme",
+                || info!(request_id = "req-2", tenant = "globex", nested = ?["tenant"], "refund"),
+            )
+        })
+    });
+    let out = capture.contents();
+    assert_eq!(out.matches("\"request_id\":").count(), 1, "{out}");
+    assert_eq!(out.matches("\"tenant\":").count(), 1, "{out}");
+    let lines = json_lines(&capture);
+    assert_eq!(lines[0]["request_id"], "req-1");
+    assert_eq!(lines[0]["tenant"], "acme");
+    assert_eq!(lines[0]["event.request_id"], "req-2");
+    assert_eq!(lines[0]["event.tenant"], "globex");
+    assert_eq!(lines[0]["message"], "refund");
+}
+
 #[test]
 fn hostile_value_cannot_forge_a_text_line() {
     let capture = Capture::default();
