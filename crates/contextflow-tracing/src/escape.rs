@@ -285,6 +285,38 @@ impl Write for TextValue<'_> {
     }
 }
 
+/// Removes an escape sequence left incomplete at the end of `buf`: what a cut leaves of a
+/// `Debug` escape that arrived one character at a time (`\u{20` of `\u{202e}`, a lone `\`).
+/// Escapes this module writes are never split; complete escapes are left alone.
+pub(crate) fn trim_open_escape(buf: &mut String) {
+    let bytes = buf.as_bytes();
+    let tail = bytes.len().saturating_sub(12);
+    let Some(rel) = bytes[tail..].iter().rposition(|&b| b == b'\\') else {
+        return;
+    };
+    let at = tail + rel;
+    // The second of `\\` (an escaped backslash) ends a complete escape.
+    let run = bytes[..=at]
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b'\\')
+        .count();
+    if run % 2 == 0 {
+        return;
+    }
+    let escape = &bytes[at..];
+    let complete = match escape.get(1) {
+        None => false,
+        Some(b'u') if escape.get(2) == Some(&b'{') => escape.contains(&b'}'),
+        Some(b'u') => escape.len() >= 6,
+        Some(b'x') => escape.len() >= 4,
+        Some(_) => true,
+    };
+    if !complete {
+        buf.truncate(at);
+    }
+}
+
 // ===== whole text lines =====
 
 /// The last line of defence for text output: every character of the line goes through it. It
@@ -337,6 +369,8 @@ impl<'a> TextLine<'a> {
                 end -= 1;
             }
             self.out.push_str(&s[..end]);
+            // Not half of an escape the wrapped format wrote (its `Debug` output).
+            trim_open_escape(self.out);
         }
         self.truncated = true;
         self.out.push_str(TRUNCATED_MARKER);

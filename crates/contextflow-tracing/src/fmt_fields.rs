@@ -8,7 +8,10 @@ use tracing_subscriber::{
     fmt::format::{FormatFields, Writer},
 };
 
-use crate::{escape::TextValue, fields::DEFAULT_MAX_VALUE_LEN};
+use crate::{
+    escape::TextValue,
+    fields::{DEFAULT_MAX_VALUE_LEN, TRUNCATED_MARKER},
+};
 
 /// A [`FormatFields`] for text output that writes event and span fields exactly as
 /// `tracing_subscriber`'s default (`message` first as it is, then `name=value` with the value's
@@ -89,7 +92,7 @@ impl EscapedFields {
     /// # tracing::subscriber::with_default(subscriber, || {
     /// tracing::info!(id = "abcdefgh", "hi");
     /// # });
-    /// assert_eq!(log.contents(), " INFO hi id=\"abc…\n");
+    /// assert_eq!(log.contents(), " INFO hi id=\"abc…\"\n");
     /// ```
     pub const fn max_value_len(mut self, max_value_len: usize) -> Self {
         self.max_value_len = max_value_len;
@@ -155,10 +158,31 @@ impl EscapedVisitor<'_> {
 impl Visit for EscapedVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.record_debug(field, &format_args!("{value}"))
-        } else {
-            self.record_debug(field, &value)
+            return self.record_debug(field, &format_args!("{value}"));
         }
+        // Quoted and escaped as `Debug` writes it; a cut value still ends in a closing quote
+        // and never inside an escape (`a="abc…"`), or a logfmt reader would read on past the
+        // cut, through the next field's quote, and take its content for top-level fields.
+        if self.result.is_err() {
+            return;
+        }
+        self.pad();
+        if self.result.is_err() {
+            return;
+        }
+        let mut quoted = String::new();
+        let mut value_out = TextValue::new(&mut quoted, self.max_value_len);
+        let _ = write!(value_out, "{value:?}");
+        if value_out.truncated() {
+            quoted.truncate(quoted.len() - TRUNCATED_MARKER.len());
+            crate::escape::trim_open_escape(&mut quoted);
+            quoted.push_str(TRUNCATED_MARKER);
+            quoted.push('"');
+        }
+        self.result = (|| {
+            self.name(field.name())?;
+            self.writer.write_str(&quoted)
+        })();
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {

@@ -372,3 +372,31 @@ fn aborted_and_panicking_requests_keep_fields_and_leak_nothing() {
         ]
     );
 }
+
+/// A text field value cut at its bound still ends in a closing quote, and never inside an
+/// escape: a logfmt reader (Loki's `| logfmt`) must not read on past the cut into the next
+/// field and take its content for top-level keys.
+#[test]
+fn a_cut_text_value_closes_its_quote() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .without_time()
+        .with_ansi(false)
+        .with_target(false)
+        .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(8))
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || {
+        info!(
+            a = "AAAAAAAAAAAA",
+            b = "x tenant=globex request_id=req-2 y",
+            "one"
+        );
+        // A cut that lands inside a `Debug` escape (`\u{202e}` is 8 characters).
+        info!(c = "ab\u{202e}cdef", "two");
+    });
+    let out = capture.contents();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], " INFO one a=\"AAAAAAA…\" b=\"x tenan…\"");
+    assert_eq!(lines[1], " INFO two c=\"ab…\"");
+}
