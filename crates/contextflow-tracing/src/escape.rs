@@ -350,6 +350,11 @@ impl<'a> TextLine<'a> {
         }
     }
 
+    /// How many bytes of the line are written so far.
+    pub(crate) fn written(&self) -> usize {
+        self.written
+    }
+
     /// Room left before the cut, keeping space for the marker and the newline.
     fn room(&self) -> usize {
         (self.cap - TRUNCATED_MARKER.len() - 1).saturating_sub(self.written)

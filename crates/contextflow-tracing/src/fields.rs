@@ -563,8 +563,23 @@ impl ContextFields {
     }
 
     /// Renders `field`'s current value, bounded, into `scratch`; `false` when it is not set.
+    ///
+    /// A value whose `Display` logs an event renders [`RECURSIVE_VALUE`] in that event's line:
+    /// under a global subscriber tracing does not stop the nested event, which would render
+    /// the same value again, without end (a stack overflow).
     pub(crate) fn render(&self, field: &Field, scratch: &mut String) -> bool {
         scratch.clear();
+        if RENDERING.with(|r| r.replace(true)) {
+            scratch.push_str(RECURSIVE_VALUE);
+            return true;
+        }
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                RENDERING.with(|r| r.set(false));
+            }
+        }
+        let _done = Done;
         let mut bounded = Bounded {
             buf: scratch,
             remaining: self.max_len,
@@ -580,6 +595,14 @@ impl ContextFields {
         }
         set
     }
+}
+
+/// What a context value renders as in an event logged while that value was being rendered.
+const RECURSIVE_VALUE: &str = "<recursive>";
+
+thread_local! {
+    /// Whether this thread is rendering a context value (see `render`).
+    static RENDERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 // ===== crate-internal accessors =====

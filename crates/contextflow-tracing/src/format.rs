@@ -167,9 +167,16 @@ impl<F> ContextFormat<F> {
         // colours off: a colour code would be escaped like a value's.
         let mut escaper = TextLine::new(line, self.fields.line_cap());
         self.fields.write_text_prefix(&mut escaper)?;
+        let bare = escaper.written() == 0;
         self.inner
             .format_event(ctx, Writer::new(&mut escaper), event)?;
         escaper.finish();
+        // No context, and a format that starts with the message (no time, no level): a
+        // message `[req-2 tenant=globex] refund approved` would read as that request's line.
+        // Its `[` is escaped, so only a prefix of ours starts a line with one.
+        if bare && line.starts_with('[') {
+            line.replace_range(..1, "\\x5b");
+        }
         writer.write_str(line)
     }
 

@@ -400,3 +400,39 @@ fn a_cut_text_value_closes_its_quote() {
     assert_eq!(lines[0], " INFO one a=\"AAAAAAA…\" b=\"x tenan…\"");
     assert_eq!(lines[1], " INFO two c=\"ab…\"");
 }
+
+/// A line with no context, from a format that starts with the message (no time, no level):
+/// a message that looks like a context prefix does not pass for another request's line.
+#[test]
+fn a_line_without_context_cannot_pass_for_a_requests_line() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .without_time()
+        .with_ansi(false)
+        .with_target(false)
+        .with_level(false)
+        .event_format(
+            fields().text(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_level(false),
+            ),
+        )
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || {
+        let header = "[req-2 tenant=globex] refund approved";
+        info!("{header}");
+        REQUEST_ID.sync_scope("req-1".into(), || info!("{header}"));
+    });
+    let out = capture.contents();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "\\x5breq-2 tenant=globex] refund approved",
+            "[req-1] [req-2 tenant=globex] refund approved"
+        ]
+    );
+}
