@@ -54,8 +54,11 @@ use crate::{fields::with_scratch, ContextFields};
 /// - Each event is re-issued with metadata of its own: same name, target, level, file, line and
 ///   module path, the event's fields followed by the context fields that are set, each as a
 ///   string (bounded by [`ContextFields::max_len`], not escaped: structured sinks keep values
-///   as they are, text sinks escape them when they print). A context field whose name the
-///   event already uses is left out. The event's own values keep their types.
+///   as they are, text sinks escape them when they print). An event field with a context
+///   field's name (`info!(tenant = %body.tenant)`) is renamed `event.<name>`, so the record's
+///   `tenant` is always the context's. The event's own values keep their types.
+/// - tracing carries at most 32 fields per event: context fields that do not fit after the
+///   event's own are left out (an event with 32 fields gets none).
 /// - The parent span is the event's. The metadata is made once per event callsite and kept for
 ///   the life of the process (as `tracing-log` does for `log` records).
 /// - A `log`-crate record (through `tracing-log`) keeps its `log.*` fields, and its metadata is
@@ -144,12 +147,18 @@ impl Synthetic {
         let original = names.len();
         let mut context = Vec::new();
         for field in fields.list() {
-            if names.contains(&field.name) || names.len() >= MAX_FIELDS {
+            if names.len() >= MAX_FIELDS {
                 context.push(None);
-            } else {
-                context.push(Some(names.len()));
-                names.push(field.name);
+                continue;
             }
+            // The event's field of that name keeps its value under another name: the record's
+            // field of the context's name is the context's (once per callsite: leaked, as the
+            // metadata is).
+            if let Some(at) = names.iter().position(|name| *name == field.name) {
+                names[at] = Box::leak(format!("event.{}", field.name).into_boxed_str());
+            }
+            context.push(Some(names.len()));
+            names.push(field.name);
         }
         let names: &'static [&'static str] = Box::leak(names.into_boxed_slice());
         let callsite: &'static SyntheticCallsite = Box::leak(Box::new(SyntheticCallsite {

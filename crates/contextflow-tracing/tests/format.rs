@@ -436,3 +436,24 @@ fn a_line_without_context_cannot_pass_for_a_requests_line() {
         ]
     );
 }
+
+/// Through `ContextLayer` (sinks other than `fmt`'s formatter: OpenTelemetry's appender, any
+/// JSON layer), an event field with a context field's name is renamed `event.<name>`: the
+/// record's `tenant` is the context's, not the event's.
+#[test]
+fn layer_event_fields_cannot_shadow_context_fields() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let capture = Capture::default();
+    let sink = tracing_subscriber::fmt::layer()
+        .json()
+        .without_time()
+        .with_writer(capture.clone());
+    let subscriber = tracing_subscriber::registry().with(fields().layer(sink));
+    with_default(subscriber, || {
+        TENANT.sync_scope("acme", || info!(tenant = "globex", order = 1, "refund"))
+    });
+    let lines = json_lines(&capture);
+    assert_eq!(lines[0]["fields"]["tenant"], "acme");
+    assert_eq!(lines[0]["fields"]["event.tenant"], "globex");
+    assert_eq!(lines[0]["fields"]["order"], 1);
+}
