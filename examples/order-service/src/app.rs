@@ -18,8 +18,8 @@ use crate::{
     service::OrderService,
 };
 
-/// What to start.
-#[derive(Clone, Debug)]
+/// What to start. Its `Debug` shows the database URL with its password redacted.
+#[derive(Clone)]
 pub struct Config {
     /// `sqlite://...` or `postgres://...`.
     pub database_url: String,
@@ -131,6 +131,21 @@ pub fn default_sqlite_url() -> String {
 /// A `sqlite://` URL that creates the file at `path` if needed.
 pub fn sqlite_url(path: &std::path::Path) -> String {
     format!("sqlite://{}?mode=rwc", PathBuf::from(path).display())
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("listen", &self.listen)
+            .field("tokens", &self.tokens)
+            .field("limits", &self.limits)
+            .field("shutdown_step_timeout", &self.shutdown_step_timeout)
+            .field("payment_url", &self.payment_url.as_deref().map(redact_url))
+            .field("resolve_after", &self.resolve_after)
+            .field("deliver_outbox", &self.deliver_outbox)
+            .finish()
+    }
 }
 
 /// `url` with its password, if any, replaced by `***`: in the user info

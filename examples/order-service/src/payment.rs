@@ -117,7 +117,7 @@ impl PaymentClient {
             let response = request
                 .send()
                 .await
-                .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
+                .map_err(|e| PaymentError::Unavailable(e.without_url().to_string()))?;
             let status = response.status();
             // The stub's own "payment authorized" line says a success; anything else is news.
             if status == StatusCode::OK {
@@ -130,15 +130,18 @@ impl PaymentClient {
                     .json::<PaymentResponse>()
                     .await
                     .map(|r| r.payment_id)
-                    .map_err(|e| PaymentError::Unavailable(e.to_string())),
+                    .map_err(|e| PaymentError::Unavailable(e.without_url().to_string())),
                 StatusCode::PAYMENT_REQUIRED => Err(PaymentError::Declined),
                 // The provider refused the request itself (it charged nothing): a decision,
                 // not a reason to keep the order pending and ask again forever. A timeout or
-                // rate limit (408, 429) is worth asking again.
+                // rate limit (408, 429) is worth asking again, and so is 409: a request with
+                // the same idempotency key still in progress (another resolver, a retry), whose
+                // own answer may be a charge.
                 other
                     if other.is_client_error()
                         && other != StatusCode::REQUEST_TIMEOUT
-                        && other != StatusCode::TOO_MANY_REQUESTS =>
+                        && other != StatusCode::TOO_MANY_REQUESTS
+                        && other != StatusCode::CONFLICT =>
                 {
                     warn!(
                         status = other.as_u16(),

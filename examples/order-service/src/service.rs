@@ -19,7 +19,7 @@
 //! `pending` order older than the request deadline).
 
 use serde::Deserialize;
-use tracing::{debug, info, warn, Instrument as _};
+use tracing::{debug, error, info, warn, Instrument as _};
 
 use crate::{
     context::{self, TenantId, TENANT},
@@ -289,7 +289,18 @@ impl OrderService {
                     })
                     .await?;
                 if !paid {
-                    return self.current(order_id).await;
+                    let current = self.current(order_id).await?;
+                    if current.status == "cancelled" {
+                        // Decided already, the other way: the provider charged an order that
+                        // was cancelled (a decline answered to another caller of the same
+                        // key). Nothing here can take the money back: an operator must.
+                        error!(
+                            order_id,
+                            payment_id = %payment_id,
+                            "payment authorized for an order already cancelled: the charge must be voided"
+                        );
+                    }
+                    return Ok(current);
                 }
                 self.signal.wake();
                 items.sort_by(|a, b| a.sku.cmp(&b.sku));

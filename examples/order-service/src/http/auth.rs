@@ -23,9 +23,18 @@ pub const DEMO_TOKENS: [(&str, &str); 3] = [
     ("token-initech", "initech"),
 ];
 
-/// Bearer token to tenant.
-#[derive(Clone, Debug)]
+/// Bearer token to tenant. Its `Debug` shows the tenants only: tokens are secrets.
+#[derive(Clone)]
 pub struct TokenTable(Arc<HashMap<String, TenantId>>);
+
+impl std::fmt::Debug for TokenTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenTable")
+            .field("tokens", &self.0.len())
+            .field("tenants", &self.tenants())
+            .finish()
+    }
+}
 
 impl TokenTable {
     /// A table from `(token, tenant)` pairs.
@@ -118,6 +127,13 @@ mod tests {
         tenant_of(&TokenTable::demo(), &headers)
             .map(|t| t.to_string())
             .map_err(|e| (e.status(), e.message().to_owned()))
+    }
+
+    #[test]
+    fn debug_shows_no_token() {
+        let shown = format!("{:?}", TokenTable::demo());
+        assert!(!shown.contains("token-"), "{shown}");
+        assert!(shown.contains("acme"), "{shown}");
     }
 
     #[test]

@@ -36,6 +36,8 @@ enum Mode {
     ChargeThenHang,
     /// `422` without charging: the provider refuses the request itself.
     Reject,
+    /// `409` without charging: a request with the same key is still in progress.
+    InProgress,
 }
 
 /// A payment provider the test steers, charging through a [`Stub`] that outlives services.
@@ -78,6 +80,7 @@ async fn answer(State(p): State<Provider>, headers: HeaderMap) -> Response {
         .into_response(),
         Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Mode::Reject => StatusCode::UNPROCESSABLE_ENTITY.into_response(),
+        Mode::InProgress => StatusCode::CONFLICT.into_response(),
         Mode::ChargeThenHang => {
             p.stub.charge(&key);
             let _ = p.charged.send(key);
@@ -410,6 +413,24 @@ async fn provider_refusing_the_request_cancels_the_order() {
     let order = by_reference(&service, "refused-1").await;
     assert_eq!(order.status, "cancelled");
     assert_eq!(apples(&service).await, stock, "stock released");
+    assert_eq!(provider.stub.charges(), 0);
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// `409` (a request with the same idempotency key still in progress: another resolver, a
+/// retry) is no decision, as its own answer may be a charge: the order stays pending for the
+/// resolver, never cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_answering_409_leaves_the_order_pending() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::InProgress).await;
+    let service = start(&url, &format!("http://{addr}"), true).await;
+    let stock = apples(&service).await;
+    let (status, body) = post_order(&service, "busy-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let order = by_reference(&service, "busy-1").await;
+    assert_eq!(order.status, "pending");
+    assert!(apples(&service).await < stock, "stock still reserved");
     assert_eq!(provider.stub.charges(), 0);
     service.shutdown().await.expect("clean shutdown");
 }
