@@ -34,6 +34,10 @@ pub const CONFIRMATION: &str = "order.confirmation";
 pub const POLL: Duration = Duration::from_millis(500);
 /// How many rows one batch delivers.
 const BATCH: i64 = 256;
+/// The longest one resolver pass may take (each payment call has its own 10 s timeout).
+const RESOLVE_BUDGET: Duration = Duration::from_secs(5);
+/// The longest wait between resolver passes while the provider gives no answers.
+const MAX_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Wakes the worker; counts the worker's passes so a waiter can tell when the outbox was
 /// empty after a given moment. Cheap to clone.
@@ -114,6 +118,7 @@ impl Worker {
             };
             let mut wake = signal.wake.subscribe();
             let mut last_resolve = tokio::time::Instant::now();
+            let mut resolve_every = POLL;
             loop {
                 let stopping = tokio::select! {
                     _ = wake.changed() => false,
@@ -121,13 +126,41 @@ impl Worker {
                     () = self.shutdown.wait() => true,
                 };
                 let served = *wake.borrow_and_update();
-                if last_resolve.elapsed() >= POLL || stopping {
+                // Deliveries first: they never wait for the payment provider.
+                let mut empty = deliverer.deliver_all().await;
+                if last_resolve.elapsed() >= resolve_every || stopping {
                     last_resolve = tokio::time::Instant::now();
-                    if let Err(err) = self.service.resolve_pending(self.resolve_after).await {
-                        warn!(error = %err, "resolver pass failed");
+                    // Bounded: a provider that hangs costs this long per pass, not 10 s per
+                    // pending order (an order cut off mid-decision stays pending: the next
+                    // pass asks again with the same key).
+                    match tokio::time::timeout(
+                        RESOLVE_BUDGET,
+                        self.service.resolve_pending(self.resolve_after),
+                    )
+                    .await
+                    {
+                        Ok(Ok(outcome)) => {
+                            resolve_every = if outcome.undecided > 0 && outcome.decided == 0 {
+                                // The provider gives no answers: ask less often.
+                                (resolve_every * 2).min(MAX_RESOLVE_INTERVAL)
+                            } else {
+                                POLL
+                            };
+                            if outcome.decided > 0 {
+                                // Their confirmations, now rather than next pass.
+                                empty = deliverer.deliver_all().await;
+                            }
+                        }
+                        Ok(Err(err)) => warn!(error = %err, "resolver pass failed"),
+                        Err(_) => {
+                            resolve_every = (resolve_every * 2).min(MAX_RESOLVE_INTERVAL);
+                            warn!(
+                                budget_ms = RESOLVE_BUDGET.as_millis() as u64,
+                                "resolver pass cut short: the rest next pass"
+                            );
+                        }
                     }
                 }
-                let empty = deliverer.deliver_all().await;
                 signal.passes.send_replace(Pass { served, empty });
                 if stopping {
                     info!(empty, "shutdown: outbox worker delivered what was left");
@@ -209,20 +242,24 @@ impl Deliverer<'_> {
             .db
             .admin()
             .transaction(|| async {
-                let claimed: std::collections::HashSet<i64> =
+                let mut claimed: std::collections::HashSet<i64> =
                     self.outbox.claim_batch(&ids).await?.into_iter().collect();
                 let mut confirmed = Vec::new();
                 let mut aside = Vec::new();
+                // Events the broker did not take (it refused one, or timed out): given back for
+                // a later pass, while the confirmations, which need no broker, go on.
+                let mut unpublished = Vec::new();
                 for row in rows.iter().filter(|r| claimed.contains(&r.id)) {
                     match row.topic.as_str() {
                         CONFIRMATION => confirmed.push(row.order_id),
+                        ORDER_CONFIRMED if !unpublished.is_empty() => unpublished.push(row.id),
                         ORDER_CONFIRMED => {
                             match serde_json::from_str::<OrderConfirmed>(&row.payload) {
                                 Ok(event) => {
                                     let publish =
                                         self.queue.publish(ORDER_CONFIRMED, row.id, &event);
                                     if !in_row_context(row, publish).await {
-                                        return Err(DeliveryError::QueueClosed);
+                                        unpublished.push(row.id);
                                     }
                                 }
                                 Err(err) => {
@@ -240,11 +277,15 @@ impl Deliverer<'_> {
                 // batch is read oldest first): set aside, with an error line in its context.
                 let aside_ids: Vec<i64> = aside.iter().map(|(row, _)| row.id).collect();
                 self.outbox.set_aside(&aside_ids).await?;
+                self.outbox.release(&unpublished).await?;
+                for id in &unpublished {
+                    claimed.remove(id);
+                }
                 self.orders.mark_confirmed_batch(&confirmed).await?;
-                Ok::<_, DeliveryError>((claimed, aside))
+                Ok::<_, DeliveryError>((claimed, aside, !unpublished.is_empty()))
             })
             .await?;
-        let (claimed, aside) = claimed;
+        let (claimed, aside, broker_failed) = claimed;
         for (row, err) in &aside {
             in_row_context(row, async {
                 error!(
@@ -261,6 +302,10 @@ impl Deliverer<'_> {
             .filter(|r| claimed.contains(&r.id) && r.topic == CONFIRMATION)
         {
             in_row_context(row, async { info!("confirmation sent") }).await;
+        }
+        if broker_failed {
+            // The rest waits for the next pass.
+            return Err(DeliveryError::QueueClosed);
         }
         Ok(())
     }

@@ -18,8 +18,16 @@
 //! is keyed by it), and no order stays without a decision (the resolver decides every
 //! `pending` order older than the request deadline).
 
+use std::sync::{
+    atomic::{AtomicI64, Ordering},
+    Arc,
+};
+
 use serde::Deserialize;
 use tracing::{debug, error, info, warn, Instrument as _};
+
+/// The most pending orders one resolver pass asks the provider about.
+pub const RESOLVE_BATCH: i64 = 100;
 
 use crate::{
     context::{self, TenantId, TENANT},
@@ -105,6 +113,18 @@ pub struct OrderService {
     outbox: OutboxRepository,
     payments: PaymentClient,
     signal: OutboxSignal,
+    /// Where the resolver's next pass starts (the id after the last order it asked about),
+    /// so that orders the provider cannot decide do not keep the others from being asked.
+    resolve_from: Arc<AtomicI64>,
+}
+
+/// What one resolver pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Orders decided (paid or cancelled).
+    pub decided: usize,
+    /// Orders the provider gave no answer for: still pending.
+    pub undecided: usize,
 }
 
 // ===== impl OrderService =====
@@ -120,6 +140,7 @@ impl OrderService {
             outbox: OutboxRepository::new(db),
             payments,
             signal,
+            resolve_from: Arc::new(AtomicI64::new(0)),
         }
     }
 
@@ -358,20 +379,39 @@ impl OrderService {
             .ok_or_else(|| ServiceError::Repo(RepoError::Sqlx(sqlx::Error::RowNotFound)))
     }
 
-    /// Decides every `pending` order created more than `min_age` ago (its request is over:
-    /// answered, timed out or lost in a crash): asks the provider again with the order's key
-    /// and records the answer, each in the context of the request that placed the order and
-    /// as its tenant. Returns how many orders were decided.
+    /// Decides up to [`RESOLVE_BATCH`] `pending` orders created more than `min_age` ago (their
+    /// request is over: answered, timed out or lost in a crash): asks the provider again with
+    /// each order's key and records the answer, each in the context of the request that placed
+    /// the order and as its tenant. A pass starts after the last order the previous one asked
+    /// about (and wraps around), so orders the provider cannot decide do not hold up the
+    /// others.
     ///
     /// # Errors
     /// When the work list cannot be read; an order that cannot be decided yet stays pending.
     pub async fn resolve_pending(
         &self,
         min_age: std::time::Duration,
-    ) -> Result<usize, ServiceError> {
+    ) -> Result<Resolved, ServiceError> {
         let before = crate::db::now_ms() - min_age.as_millis() as i64;
-        let pending = self.orders.pending_before(before, 100).await?;
-        let mut decided = 0;
+        let from = self.resolve_from.load(Ordering::Relaxed);
+        let mut pending = self
+            .orders
+            .pending_before(before, from, RESOLVE_BATCH)
+            .await?;
+        let full = pending.len() as i64 == RESOLVE_BATCH;
+        if !full && from > 0 {
+            // Wrap around: the oldest ones, up to where this pass started.
+            let room = RESOLVE_BATCH - pending.len() as i64;
+            let older = self.orders.pending_before(before, 0, room).await?;
+            pending.extend(older.into_iter().filter(|order| order.id <= from));
+        }
+        let next = if full {
+            pending.last().map_or(0, |order| order.id)
+        } else {
+            0
+        };
+        self.resolve_from.store(next, Ordering::Relaxed);
+        let mut resolved = Resolved::default();
         for order in pending {
             let cx =
                 context::stored_context(order.request_id.as_deref(), order.traceparent.as_deref());
@@ -409,14 +449,15 @@ impl OrderService {
                 }
             });
             match contextflow_otel::scope(cx, work.instrument(span)).await {
-                Ok(true) => decided += 1,
-                Ok(false) => {}
+                Ok(true) => resolved.decided += 1,
+                Ok(false) => resolved.undecided += 1,
                 Err(err) => {
+                    resolved.undecided += 1;
                     warn!(order_id = order.id, error = %err, "resolving failed; will retry")
                 }
             }
         }
-        Ok(decided)
+        Ok(resolved)
     }
 
     /// The current tenant's order `id`; `None` if it does not exist *for this tenant*.

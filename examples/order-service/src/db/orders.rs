@@ -281,7 +281,7 @@ impl OrderRepository {
         .await
     }
 
-    /// Every tenant's `pending` orders created before `before_ms`, oldest first, at most
+    /// Every tenant's `pending` orders created before `before_ms` with an id above `after_id`, oldest first, at most
     /// `limit`: the resolver's work list. This reads across tenants on purpose, through the
     /// admin pool ([`super::Db::admin`]); the resolver binds each order's own tenant before
     /// acting on it.
@@ -291,6 +291,7 @@ impl OrderRepository {
     pub async fn pending_before(
         &self,
         before_ms: i64,
+        after_id: i64,
         limit: i64,
     ) -> Result<Vec<PendingOrder>, RepoError> {
         let rows = self
@@ -298,9 +299,11 @@ impl OrderRepository {
             .fetch_all(
                 sqlx::query(
                     "SELECT id, tenant_id, reference, request_id, traceparent FROM orders
-                     WHERE status = 'pending' AND created_ms < $1 ORDER BY id LIMIT $2",
+                     WHERE status = 'pending' AND created_ms < $1 AND id > $2
+                     ORDER BY id LIMIT $3",
                 )
                 .bind(before_ms)
+                .bind(after_id)
                 .bind(limit),
             )
             .await?;

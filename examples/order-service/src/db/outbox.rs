@@ -133,6 +133,21 @@ impl OutboxRepository {
         Ok(())
     }
 
+    /// Gives the claimed rows `ids` back (undelivered again), in the batch's transaction: rows
+    /// whose event the broker did not take this time, for a later pass.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn release(&self, ids: &[i64]) -> Result<(), RepoError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let batch =
+            super::orders::ids_query("UPDATE outbox SET delivered = 0 WHERE id IN ({ids})", ids);
+        self.admin.execute(batch.query()).await?;
+        Ok(())
+    }
+
     /// Up to `limit` undelivered rows of every tenant, oldest first: the worker's batch. This
     /// reads across tenants on purpose, through the admin pool; the worker binds each row's
     /// own tenant to deliver it.

@@ -42,6 +42,8 @@ use tracing::{debug, info, warn, Instrument as _};
 
 /// The topic the confirmation job publishes to.
 pub const ORDER_CONFIRMED: &str = "order.confirmed";
+/// How long one publish may take before it counts as failed (the row is delivered later).
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A message: an id, a topic, propagation headers and a JSON payload.
 #[derive(Debug)]
@@ -327,37 +329,51 @@ impl Queue {
                 }
             };
             self.pending.published(id);
-            let sent = match &self.transport {
-                Transport::InProcess(sender) => {
-                    let message = Message {
-                        id,
-                        topic,
-                        headers,
-                        payload,
-                    };
-                    sender.send(message).await.is_ok()
+            // Bounded: a broker that blocks publishers (a memory alarm, a reconnection) must
+            // not hold the outbox worker, its transaction and the claimed rows' locks.
+            let send = async {
+                match &self.transport {
+                    Transport::InProcess(sender) => {
+                        let message = Message {
+                            id,
+                            topic,
+                            headers,
+                            payload,
+                        };
+                        sender.send(message).await.is_ok()
+                    }
+                    Transport::Amqp(amqp) => match amqp.publish(id, topic, payload).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            warn!(error = %err, "AMQP publish failed");
+                            false
+                        }
+                    },
+                    Transport::Nats(nats) => match nats.publish(id, topic, payload).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            warn!(error = %err, "NATS publish failed");
+                            false
+                        }
+                    },
+                    Transport::Redis(redis) => match redis.publish(id, topic, payload).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            warn!(error = %err, "Redis XADD failed");
+                            false
+                        }
+                    },
                 }
-                Transport::Amqp(amqp) => match amqp.publish(id, topic, payload).await {
-                    Ok(()) => true,
-                    Err(err) => {
-                        warn!(error = %err, "AMQP publish failed");
-                        false
-                    }
-                },
-                Transport::Nats(nats) => match nats.publish(id, topic, payload).await {
-                    Ok(()) => true,
-                    Err(err) => {
-                        warn!(error = %err, "NATS publish failed");
-                        false
-                    }
-                },
-                Transport::Redis(redis) => match redis.publish(id, topic, payload).await {
-                    Ok(()) => true,
-                    Err(err) => {
-                        warn!(error = %err, "Redis XADD failed");
-                        false
-                    }
-                },
+            };
+            let sent = match tokio::time::timeout(PUBLISH_TIMEOUT, send).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    warn!(
+                        timeout_ms = PUBLISH_TIMEOUT.as_millis() as u64,
+                        "publish timed out"
+                    );
+                    false
+                }
             };
             if sent {
                 debug!("message published");
