@@ -457,12 +457,9 @@ impl NodeRef {
             } else {
                 drop(parent);
             }
+            // Freed after the value is dropped, also when its destructor panics.
+            let _free = FreeOnDrop(raw);
             ptr::drop_in_place(ptr::addr_of_mut!((*raw).value));
-            if ValueNode::<T>::POOLED {
-                pool::free_block(raw.cast());
-            } else {
-                dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
-            }
         }
     }
 
@@ -714,11 +711,27 @@ impl<T: Send + Sync + 'static> ValueNode<T> {
         // is at offset 0 thanks to `#[repr(C)]`), and this is the last holder. The parent was
         // taken when the link count reached zero, so this drops only the value.
         unsafe {
+            // Freed after the value is dropped, also when its destructor panics.
+            let _free = FreeOnDrop(raw);
             ptr::drop_in_place(raw);
-            if Self::POOLED {
-                pool::free_block(raw.cast());
+        }
+    }
+}
+
+/// Frees a value node's memory when dropped: after its value is dropped, also when the value's
+/// destructor panics (the block would leak otherwise).
+struct FreeOnDrop<T: Send + Sync + 'static>(*mut ValueNode<T>);
+
+impl<T: Send + Sync + 'static> Drop for FreeOnDrop<T> {
+    fn drop(&mut self) {
+        // SAFETY: made only in `release_value` and `release_value_node`, on a node allocated
+        // by `ValueNode::<T>::alloc` whose value is being dropped by its last holder; freed
+        // once, here, and not used after.
+        unsafe {
+            if ValueNode::<T>::POOLED {
+                pool::free_block(self.0.cast());
             } else {
-                dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
+                dealloc(self.0.cast(), Layout::new::<ValueNode<T>>());
             }
         }
     }
