@@ -754,17 +754,23 @@ where
             }
             Err(err) => Err(err),
         };
-        guard.disarm();
         let taken = match taken {
-            Ok(taken) => taken,
+            Ok(taken) => {
+                guard.disarm();
+                taken
+            }
             // A `Conn` of this task escaped the block and holds the connection: nothing is
-            // committed; the transaction is rolled back when the `Conn` is dropped.
+            // committed. The transaction ends now for every other user (a snapshot of this
+            // context gets `TransactionClosed`), and the guard takes the connection out (rolled
+            // back) as soon as the `Conn` lets go of it.
             Err(err) => {
+                level.mark_ended();
+                drop(guard);
                 return match outcome {
                     Ok(Ok(_)) => Err(E::from(err)),
                     Ok(Err(block_err)) => Err(block_err),
                     Err(panic) => resume_unwind(panic),
-                }
+                };
             }
         };
         match outcome {

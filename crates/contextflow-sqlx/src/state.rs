@@ -602,6 +602,12 @@ impl<DB: Database> Level<DB> {
     /// `Err(TransactionClosed)` once this level's savepoint has ended. Checked with the
     /// connection's lock held, so a query either ran inside the savepoint, before it ended,
     /// or not at all.
+    /// Ends this level for every later statement (they get [`TransactionClosed`]).
+    pub(crate) fn mark_ended(&self) {
+        // Release: pairs with the Acquire load in `check_open`.
+        self.ended.store(true, Ordering::Release);
+    }
+
     fn check_open(&self) -> Result<(), sqlx::Error> {
         // Acquire: pairs with the Release store of the guard that ends the level.
         if self.ended.load(Ordering::Acquire) {

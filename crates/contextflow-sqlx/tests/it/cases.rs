@@ -863,6 +863,44 @@ async fn held_connection_fails_fast() {
     ctx.finish().await;
 }
 
+/// A `Conn` kept past the end of its block (stored elsewhere): the block's end reports
+/// `ConnectionBusy` and commits nothing, and the transaction is over for everyone else at once:
+/// a statement through a snapshot of the block's context is refused (before, it ran in the
+/// still-open transaction and reported success for work that was never committed).
+async fn a_conn_kept_past_its_block_ends_the_transaction() {
+    let ctx = setup(1).await;
+    let db = &ctx.db;
+    let stash = Mutex::new(None);
+    let result = db
+        .transaction(|| async {
+            insert(&ctx, 1, 0).await?;
+            let snapshot = Snapshot::capture();
+            let conn = db.acquire().await?;
+            *stash.lock().unwrap() = Some((conn, snapshot));
+            Ok::<_, TestError>(())
+        })
+        .await;
+    let Err(TestError::Sql(err)) = result else {
+        panic!("{result:?}")
+    };
+    assert!(ConnectionBusy::find(&err).is_some(), "{err}");
+    let (conn, snapshot) = stash.lock().unwrap().take().unwrap();
+    drop(conn);
+    let late = insert(&ctx, 2, 0).with_snapshot(snapshot.clone()).await;
+    let err = late.unwrap_err();
+    assert!(TransactionClosed::find(&err).is_some(), "{err}");
+    drop(snapshot);
+    let clean = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        assert_pool_clean(&ctx, 1),
+    )
+    .await;
+    assert!(clean.is_ok(), "the transaction was never ended");
+    // Nothing of the block committed: only the new row.
+    assert_connection_clean(&ctx, 3).await;
+    ctx.finish().await;
+}
+
 /// REQUIRED and MANDATORY join; REQUIRES_NEW commits on its own; NEVER and MANDATORY refuse
 /// where they do not apply.
 async fn propagation_modes() {
@@ -1141,4 +1179,5 @@ tests!(
     commit_waits_for_a_savepoint_open_in_another_task,
     requires_new_hooks_run_outside_the_suspended_transaction,
     hooks_outlive_a_caller_dropped_after_the_commit,
+    a_conn_kept_past_its_block_ends_the_transaction,
 );
