@@ -150,9 +150,12 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The raw bytes of each value: the parsers are byte-based, so a byte that is not visible
+/// ASCII (`obs-text`) invalidates only what it is part of (one baggage member), not the whole
+/// header.
 impl contextflow_otel::carrier::FieldValues for HeaderExtractor<'_> {
     fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
-        self.values(key).into_iter().map(|v| as_str(v).as_bytes())
+        self.values(key).into_iter().map(HeaderValue::as_bytes)
     }
 
     /// One pass over the map, comparing names (most differ in length), where each lookup
@@ -161,7 +164,7 @@ impl contextflow_otel::carrier::FieldValues for HeaderExtractor<'_> {
         for (name, value) in self.0 {
             let name = name.as_str();
             if let Some(i) = keys.iter().position(|k| *k == name) {
-                f(i, as_str(value).as_bytes());
+                f(i, value.as_bytes());
             }
         }
         true

@@ -82,6 +82,28 @@ fn request() -> http::request::Builder {
     Request::builder().uri("/")
 }
 
+/// A baggage member with a byte that is not visible ASCII (raw UTF-8 instead of its percent
+/// encoding) is invalid: that member is dropped, the others kept (W3C Baggage: an invalid
+/// list-member is dropped, not the whole header).
+#[tokio::test(flavor = "current_thread")]
+async fn a_non_ascii_baggage_member_drops_only_itself() {
+    let req = request()
+        .header(
+            "baggage",
+            http::HeaderValue::from_bytes(b"env=prod,note=caf\xc3\xa9,region=eu").unwrap(),
+        )
+        .body(String::new())
+        .unwrap();
+    let (_, seen) = call(req).await;
+    assert_eq!(
+        seen.baggage,
+        [
+            ("env".into(), "prod".into()),
+            ("region".into(), "eu".into())
+        ]
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn continues_the_callers_trace() {
     let req = request()
