@@ -143,7 +143,16 @@ struct EnvChanges {
 
 impl EnvChanges {
     fn current(propagation: &Propagation) -> Self {
-        let remove = propagation.fields().iter().map(|f| env_name(f)).collect();
+        // The propagation's own fields, and always the default ones: a parent started with
+        // `BAGGAGE` in its own environment (its parent's request) must not hand that on as if
+        // it were the current request's, whatever propagator this call uses.
+        let mut remove: Vec<String> = propagation.fields().iter().map(|f| env_name(f)).collect();
+        for field in ["traceparent", "tracestate", "baggage", X_REQUEST_ID] {
+            let name = env_name(field);
+            if !remove.contains(&name) {
+                remove.push(name);
+            }
+        }
         let mut set = Vec::new();
         propagation.inject(
             &contextflow_otel::current_context(),

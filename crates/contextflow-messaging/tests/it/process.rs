@@ -46,6 +46,10 @@ fn request() -> opentelemetry::Context {
 
 #[test]
 fn trace_request_id_and_baggage_cross_into_the_child() {
+    let own = (
+        std::env::var_os("TRACEPARENT"),
+        std::env::var_os("CONTEXTFLOW_REQUEST_ID"),
+    );
     let mut cmd = child();
     contextflow_otel::sync_scope(request(), || cmd.inject_context());
     let seen = parse(cmd.output().unwrap());
@@ -56,11 +60,30 @@ fn trace_request_id_and_baggage_cross_into_the_child() {
         "the parent's span is the child's parent"
     );
     assert_eq!(seen["baggage"], "env:staging");
-    assert!(
-        std::env::var_os("TRACEPARENT").is_none()
-            && std::env::var_os("CONTEXTFLOW_REQUEST_ID").is_none(),
+    assert_eq!(
+        (
+            std::env::var_os("TRACEPARENT"),
+            std::env::var_os("CONTEXTFLOW_REQUEST_ID")
+        ),
+        own,
         "the parent's own environment is untouched"
     );
+}
+
+/// Whatever propagator the call uses, the default variables a parent may have inherited from
+/// its own parent are removed: with the W3C trace context alone, a stale `BAGGAGE` would
+/// otherwise reach the child as the current request's.
+#[test]
+fn any_propagator_removes_the_default_variables() {
+    let mut cmd = child();
+    cmd.env("BAGGAGE", "tenant=old");
+    let trace_only = contextflow_otel::Propagation::with_propagator(
+        contextflow_otel::TraceContextPropagator::new(),
+    );
+    contextflow_otel::sync_scope(request(), || cmd.inject_context_with(&trace_only));
+    let seen = parse(cmd.output().unwrap());
+    assert_eq!(seen["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(seen["baggage"], "", "{seen:?}");
 }
 
 #[test]
