@@ -104,7 +104,7 @@ use pin_project_lite::pin_project;
 pub use crate::ids::SecureIdGenerator;
 pub use crate::{
     baggage::{Baggage, BaggageMember, InvalidBaggage, BAGGAGE},
-    ids::{new_span_id, new_trace_id},
+    ids::{new_span_id, new_trace_id, reseed_after_fork},
     propagation::{
         default_propagator, extract, inject, BaggagePropagator, Propagation, RequestIdPropagator,
         TraceContextPropagator,
@@ -519,12 +519,20 @@ pub fn in_remote_context<F: Future>(parent: SpanContext, fut: F) -> OtelScope<F>
 /// assert!(!contextflow_otel::current_context().has_active_span());
 /// ```
 pub fn current_context() -> Context {
-    if let Some(cx) = Context::map_current(|cx| cx.has_active_span().then(|| cx.clone())) {
-        return cx;
-    }
-    OTEL_CONTEXT
-        .with(|cx| cx.map(|cx| cx.cx.clone()))
-        .unwrap_or_else(Context::current)
+    let cx = match Context::map_current(|cx| cx.has_active_span().then(|| cx.clone())) {
+        Some(cx) => cx,
+        None => OTEL_CONTEXT
+            .with(|cx| cx.map(|cx| cx.cx.clone()))
+            .unwrap_or_else(Context::current),
+    };
+    // The innermost request id wins: a context that carries one (a cron run's, a consumed
+    // message's) may have a `REQUEST_ID` binding made inside it, for one piece of its work.
+    REQUEST_ID.with(move |id| match id {
+        Some(id) if cx.get::<RequestId>().is_some_and(|held| held != id) => {
+            cx.with_value(id.clone())
+        }
+        _ => cx,
+    })
 }
 
 /// The current request id, if one is set.

@@ -406,3 +406,30 @@ proptest! {
         prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
     }
 }
+
+/// Inside a message's context, a request id bound for one piece of its work (say, the order a
+/// batch job handles) is the one a publish writes: the innermost binding wins over the id the
+/// message's context carries.
+#[test]
+fn a_request_id_bound_inside_a_message_is_the_one_published() {
+    let message = Consumer::new()
+        .without_spans()
+        .context(&Pairs::new([("x-request-id", "msg-1")]));
+    let written = |ids: &mut Vec<String>| {
+        contextflow_messaging::Publisher::new().inject(&mut contextflow_otel::carrier::InjectFn(
+            |key: &str, value: String| {
+                if key == "x-request-id" {
+                    ids.push(value)
+                }
+            },
+        ))
+    };
+    let mut ids = Vec::new();
+    message.run(|| {
+        written(&mut ids);
+        let order: RequestId = "order-17".parse().unwrap();
+        contextflow_otel::REQUEST_ID.sync_scope(order, || written(&mut ids));
+    });
+    message.finish();
+    assert_eq!(ids, ["msg-1", "order-17"]);
+}
