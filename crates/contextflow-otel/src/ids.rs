@@ -45,6 +45,27 @@ pub fn new_span_id() -> SpanId {
     }
 }
 
+/// Reseeds this thread's generator from the operating system.
+///
+/// Call it in a child process made with `fork()` that goes on without `exec` (a pre-forking
+/// server, a daemon that forks workers): `rand`'s generator is not reseeded on fork, so parent
+/// and child would otherwise produce the same ids until its next periodic reseed. (A `Command`
+/// that runs another program needs nothing: nothing runs between its fork and its exec.)
+///
+/// # Errors
+/// When the operating system's random source fails.
+///
+/// ```
+/// contextflow_otel::reseed_after_fork()?;
+/// assert_ne!(contextflow_otel::new_trace_id(), contextflow_otel::new_trace_id());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn reseed_after_fork() -> Result<(), std::io::Error> {
+    rand::rng()
+        .reseed()
+        .map_err(|err| std::io::Error::other(err.to_string()))
+}
+
 /// 16 random bytes.
 pub(crate) fn random_bytes() -> [u8; 16] {
     let mut rng = rand::rng();
