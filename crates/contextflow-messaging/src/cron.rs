@@ -54,7 +54,10 @@
 //! [`Schedule::cron`] takes a cron expression with a seconds field (`sec min hour day-of-month
 //! month day-of-week [year]`, UTC), parsed by the `cron` crate; [`Schedule::every`] a fixed
 //! period. Times are kept on tokio's clock (anchored to the system clock when the scheduler
-//! starts), so tests can use tokio's paused time.
+//! starts), so tests can use tokio's paused time. A job on a cron expression checks the system
+//! clock at least once a minute and re-anchors its schedule when the clock was stepped (NTP
+//! correcting a stale boot clock, a suspend that the monotonic clock does not count), so
+//! `"0 30 2 * * *"` keeps firing at 02:30 UTC on the wall clock.
 //!
 //! # Why not `tokio-cron-scheduler`
 //!
@@ -305,6 +308,11 @@ impl Schedule {
         Schedule {
             kind: Kind::Every(period.max(MIN_PERIOD)),
         }
+    }
+
+    /// Whether due times are wall times (a cron expression), as opposed to a period.
+    fn is_wall_based(&self) -> bool {
+        matches!(self.kind, Kind::Cron(_))
     }
 
     /// The first due time strictly after `after`, on `clock`; `None` when there is none.
@@ -567,13 +575,21 @@ impl Driver {
     }
 
     async fn run(mut self) {
-        let clock = Clock::now();
+        let mut clock = Clock::now();
         let mut runs = JoinSet::new();
         let mut queued: Option<Instant> = None;
         let mut next = self.job.schedule.next(&clock, clock.instant);
+        // Cron times are wall times: wake at least every `CLOCK_CHECK` to see whether the
+        // system clock was stepped (NTP after a boot with a stale clock, a suspend that the
+        // monotonic clock does not count), and re-anchor the schedule if it was.
+        let wall_based = self.job.schedule.is_wall_based();
         loop {
+            let wake_at = match next {
+                Some(at) if wall_based => Some(at.min(Instant::now() + CLOCK_CHECK)),
+                other => other,
+            };
             let due = async {
-                match next {
+                match wake_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -603,6 +619,21 @@ impl Driver {
                 }
                 () = due => {
                     let Some(due_at) = next else { continue };
+                    if wall_based {
+                        if let Some(fresh) = clock.stepped() {
+                            // The same wall time, on the re-anchored clock (due at once if it
+                            // has passed).
+                            let due_wall = clock.wall_at(due_at);
+                            clock = fresh;
+                            next = Some(clock.instant_at(due_wall));
+                            tracing::info!(job = %self.job.name, "system clock stepped: schedule re-anchored");
+                            continue;
+                        }
+                        if Instant::now() < due_at {
+                            // Only a clock check.
+                            continue;
+                        }
+                    }
                     next = self.job.schedule.next(&clock, due_at);
                     if let Some(at) = next {
                         let now = Instant::now();
@@ -720,11 +751,21 @@ impl<F: Future> Future for CatchUnwind<F> {
     }
 }
 
-/// tokio's clock, anchored to the system clock when a job starts: cron expressions are wall
-/// times, waits are tokio instants (so paused time works in tests).
+/// How often a job on a cron expression checks that the system clock was not stepped.
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
+
+/// How far the system clock may move against the monotonic one before a cron job's schedule is
+/// re-anchored.
+const MAX_CLOCK_DRIFT: Duration = Duration::from_secs(2);
+
+/// tokio's clock, anchored to the system clock when a job starts (and again when the system
+/// clock is stepped): cron expressions are wall times, waits are tokio instants (so paused
+/// time works in tests).
 struct Clock {
     wall: SystemTime,
     instant: Instant,
+    /// The real monotonic time of the anchoring (tokio's may be paused, in tests).
+    real: std::time::Instant,
 }
 
 impl Clock {
@@ -732,7 +773,20 @@ impl Clock {
         Clock {
             wall: SystemTime::now(),
             instant: Instant::now(),
+            real: std::time::Instant::now(),
         }
+    }
+
+    /// A fresh anchoring when the system clock moved more than [`MAX_CLOCK_DRIFT`] against the
+    /// real monotonic clock since this one was made; `None` otherwise.
+    fn stepped(&self) -> Option<Clock> {
+        let fresh = Clock::now();
+        let expected = self.wall + fresh.real.saturating_duration_since(self.real);
+        let drift = match fresh.wall.duration_since(expected) {
+            Ok(ahead) => ahead,
+            Err(behind) => behind.duration(),
+        };
+        (drift > MAX_CLOCK_DRIFT).then_some(fresh)
     }
 
     fn wall_at(&self, at: Instant) -> SystemTime {
@@ -741,5 +795,31 @@ impl Clock {
 
     fn instant_at(&self, wall: SystemTime) -> Instant {
         self.instant + wall.duration_since(self.wall).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stepped_system_clock_is_noticed() {
+        assert!(
+            Clock::now().stepped().is_none(),
+            "a fresh anchoring has no drift"
+        );
+        let hour = Duration::from_secs(3600);
+        for wall in [SystemTime::now() - hour, SystemTime::now() + hour] {
+            let stale = Clock {
+                wall,
+                instant: Instant::now(),
+                real: std::time::Instant::now(),
+            };
+            let fresh = stale.stepped().expect("an hour of drift is noticed");
+            // The same wall time lands on the fresh clock an hour earlier or later.
+            let due = fresh.wall + Duration::from_secs(10);
+            let on_fresh = fresh.instant_at(due);
+            assert_eq!(on_fresh - fresh.instant, Duration::from_secs(10));
+        }
     }
 }
