@@ -686,8 +686,15 @@ impl Driver {
             let outcome = CatchUnwind(Box::pin(async move { handler().await })).await;
             match outcome {
                 Ok(()) => end.finish(None),
-                Err(_) => {
-                    tracing::error!("scheduled run panicked");
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("(not a string)");
+                    // Bounded: a panic message can be anything.
+                    let message: String = message.chars().take(512).collect();
+                    tracing::error!(panic = %message, "scheduled run panicked");
                     end.finish(Some("panic"));
                 }
             }

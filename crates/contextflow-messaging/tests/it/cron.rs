@@ -198,26 +198,48 @@ async fn overlapping_runs_have_their_own_ids_and_traces() {
     assert!(traces.is_subset(&span_traces), "the three runs' spans");
 }
 
+/// A run that panics is a failed run (its span ends with `error.type = panic`), and the
+/// schedule goes on.
 async fn a_panicking_run_does_not_stop_the_scheduler() {
+    let (provider, exporter) = telemetry();
+    let job = format!("flaky-{}", contextflow_otel::RequestId::new());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let calls = Arc::new(AtomicUsize::new(0));
     let running = Scheduler::new()
-        .without_spans()
-        .job("flaky", Schedule::every(PERIOD), Overlap::Skip, move || {
-            let (tx, calls) = (tx.clone(), calls.clone());
-            async move {
-                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                    panic!("the first run fails");
+        .with_tracer(provider.tracer("cron-test"))
+        .job(
+            job.clone(),
+            Schedule::every(PERIOD),
+            Overlap::Skip,
+            move || {
+                let (tx, calls) = (tx.clone(), calls.clone());
+                async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("the first run fails");
+                    }
+                    let _ = tx.send(seen());
                 }
-                let _ = tx.send(seen());
-            }
-        })
+            },
+        )
         .start();
     let a = rx.recv().await.unwrap();
     let b = rx.recv().await.unwrap();
     assert_ne!(a.run.run_id(), b.run.run_id());
     running.shutdown().await;
     assert_eq!(contextflow_otel::current_request_id(), None);
+    let errors: Vec<String> = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .filter(|span| span.name == format!("job {job}"))
+        .filter_map(|span| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "error.type")
+                .map(|kv| kv.value.to_string())
+        })
+        .collect();
+    assert_eq!(errors, ["panic"], "the first run's span failed as a panic");
 }
 
 async fn cancel_drops_each_run_inside_its_context() {
