@@ -42,6 +42,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{ready, Context, Poll},
 };
 
@@ -74,6 +75,39 @@ use crate::{
 pub struct InjectContextLayer {
     propagation: Propagation,
     spans: Spans,
+    baggage_to: BaggageTo,
+}
+
+/// Which destinations get the `baggage` header: all (the default), or those a predicate on the
+/// request's URI accepts.
+#[derive(Clone, Default)]
+pub(crate) struct BaggageTo(Option<Arc<dyn Fn(&http::Uri) -> bool + Send + Sync>>);
+
+impl BaggageTo {
+    pub(crate) fn new(allow: impl Fn(&http::Uri) -> bool + Send + Sync + 'static) -> Self {
+        BaggageTo(Some(Arc::new(allow)))
+    }
+
+    /// Whether a request to `uri` gets the baggage.
+    pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
+        self.0.as_ref().is_none_or(|allow| allow(uri))
+    }
+
+    /// Whether a filter is set.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn is_filtered(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl fmt::Debug for BaggageTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "filtered"
+        } else {
+            "everywhere"
+        })
+    }
 }
 
 /// Middleware that writes the current context into each outgoing request's headers.
@@ -100,6 +134,7 @@ pub struct InjectContext<S> {
     inner: S,
     propagation: Propagation,
     spans: Spans,
+    baggage_to: BaggageTo,
 }
 
 pin_project! {
@@ -133,6 +168,7 @@ impl InjectContextLayer {
         InjectContextLayer {
             propagation: Propagation::global(),
             spans: Spans::Off,
+            baggage_to: BaggageTo::default(),
         }
     }
 
@@ -180,6 +216,26 @@ impl InjectContextLayer {
         self.spans = Spans::global();
         self
     }
+
+    /// Writes the `baggage` header only into requests whose URI `allow` accepts: the W3C
+    /// Baggage specification asks that baggage not leak beyond the system's trust boundary,
+    /// and it carries whatever the callers upstream put in it. The default writes it into
+    /// every request, as OpenTelemetry's propagators do. The trace context and the request id
+    /// are written in any case.
+    ///
+    /// ```
+    /// let layer = contextflow_http::InjectContextLayer::new().baggage_only_to(|uri| {
+    ///     uri.host().is_none_or(|host| host.ends_with(".internal"))
+    /// });
+    /// # drop(layer);
+    /// ```
+    pub fn baggage_only_to<F>(mut self, allow: F) -> Self
+    where
+        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
+    {
+        self.baggage_to = BaggageTo::new(allow);
+        self
+    }
 }
 
 impl Default for InjectContextLayer {
@@ -196,6 +252,7 @@ impl<S> Layer<S> for InjectContextLayer {
             inner,
             propagation: self.propagation.clone(),
             spans: self.spans.clone(),
+            baggage_to: self.baggage_to.clone(),
         }
     }
 }
@@ -268,8 +325,11 @@ where
                 })
         };
         let cx = span.as_ref().unwrap_or(&current);
-        self.propagation
-            .inject(cx, &mut HeaderInjector::new(req.headers_mut()));
+        let skip_baggage = !self.baggage_to.allows(req.uri());
+        self.propagation.inject(
+            cx,
+            &mut HeaderInjector::new(req.headers_mut()).without_baggage(skip_baggage),
+        );
         ClientFuture {
             inner: self.inner.call(req),
             span,

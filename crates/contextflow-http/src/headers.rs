@@ -69,6 +69,7 @@ pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
 pub struct HeaderInjector<'a> {
     headers: &'a mut HeaderMap,
     caller_set_traceparent: bool,
+    skip_baggage: bool,
 }
 
 /// Reads the context an incoming request's headers carry, with the global propagation
@@ -189,7 +190,14 @@ impl<'a> HeaderInjector<'a> {
         HeaderInjector {
             headers,
             caller_set_traceparent,
+            skip_baggage: false,
         }
+    }
+
+    /// Leaves `baggage` out (a destination outside the trust boundary).
+    pub(crate) fn without_baggage(mut self, skip: bool) -> Self {
+        self.skip_baggage = skip;
+        self
     }
 }
 
@@ -199,7 +207,10 @@ impl Injector for HeaderInjector<'_> {
             tracing::debug!(key, "propagator wrote an invalid header name; skipped");
             return;
         };
-        if self.headers.contains_key(&name) || (self.caller_set_traceparent && name == TRACESTATE) {
+        if self.headers.contains_key(&name)
+            || (self.caller_set_traceparent && name == TRACESTATE)
+            || (self.skip_baggage && name.as_str() == contextflow_otel::BAGGAGE)
+        {
             return;
         }
         match HeaderValue::try_from(value) {

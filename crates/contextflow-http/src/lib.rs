@@ -108,6 +108,12 @@
 //! This crate never sets a tenant or a user, and baggage must not be used for either: they
 //! come from authenticated code only.
 //!
+//! Outgoing, the client layer and the reqwest middleware write the baggage that came in (plus
+//! what the service added) into every request, as OpenTelemetry's propagators do. Baggage
+//! must not leak beyond the system's trust boundary (W3C Baggage, "Privacy Considerations"):
+//! for a client that also calls third parties, restrict it with `baggage_only_to` (a predicate
+//! on the request's URI); the trace context and the request id still go.
+//!
 //! # Features
 //!
 //! - `reqwest` (off by default): `InjectContextMiddleware` for `reqwest-middleware`.

@@ -35,6 +35,7 @@ use crate::{
 pub struct InjectContextMiddleware {
     propagation: Propagation,
     spans: Spans,
+    baggage_to: crate::client::BaggageTo,
 }
 
 impl InjectContextMiddleware {
@@ -48,6 +49,7 @@ impl InjectContextMiddleware {
         InjectContextMiddleware {
             propagation: Propagation::global(),
             spans: Spans::Off,
+            baggage_to: crate::client::BaggageTo::default(),
         }
     }
 
@@ -93,6 +95,24 @@ impl InjectContextMiddleware {
         self.spans = Spans::global();
         self
     }
+
+    /// Writes the `baggage` header only into requests whose URI `allow` accepts (see
+    /// [`InjectContextLayer::baggage_only_to`](crate::InjectContextLayer::baggage_only_to)).
+    /// reqwest follows a redirect with the first request's headers: with a filter, also give
+    /// the client a redirect policy that stays on the hosts it allows.
+    ///
+    /// ```
+    /// let middleware = contextflow_http::InjectContextMiddleware::new()
+    ///     .baggage_only_to(|uri| uri.host() == Some("orders.internal"));
+    /// # drop(middleware);
+    /// ```
+    pub fn baggage_only_to<F>(mut self, allow: F) -> Self
+    where
+        F: Fn(&http::Uri) -> bool + Send + Sync + 'static,
+    {
+        self.baggage_to = crate::client::BaggageTo::new(allow);
+        self
+    }
 }
 
 impl Default for InjectContextMiddleware {
@@ -110,22 +130,30 @@ impl Middleware for InjectContextMiddleware {
         next: Next<'_>,
     ) -> Result<::reqwest::Response> {
         let current = contextflow_otel::current_context();
+        let uri = http::Uri::try_from(req.url().as_str());
         // A caller-set `traceparent` is kept (see `HeaderInjector`): no span of ours, which
         // would be the parent of nothing.
-        let span = match http::Uri::try_from(req.url().as_str()) {
+        let span = match &uri {
             _ if req.headers().contains_key(TRACEPARENT) => None,
             Ok(uri) => self
                 .spans
                 .start(SpanKind::Client, req.method(), &current, |attrs| {
-                    client_attributes(&uri, attrs)
+                    client_attributes(uri, attrs)
                 }),
             Err(_) => self
                 .spans
                 .start(SpanKind::Client, req.method(), &current, |_| {}),
         };
         let cx = span.as_ref().unwrap_or(&current);
-        self.propagation
-            .inject(cx, &mut HeaderInjector::new(req.headers_mut()));
+        // A URL `http` cannot read gets no baggage when a filter is set.
+        let skip_baggage = match &uri {
+            Ok(uri) => !self.baggage_to.allows(uri),
+            Err(_) => self.baggage_to.is_filtered(),
+        };
+        self.propagation.inject(
+            cx,
+            &mut HeaderInjector::new(req.headers_mut()).without_baggage(skip_baggage),
+        );
         // Ends the span as `cancelled` if this future is dropped before the answer (a timeout
         // around the call), as the tower client layer does.
         let mut guard = CancelledSpan(span);

@@ -152,3 +152,39 @@ async fn poll_ready_is_delegated() {
     send.send_response(Response::new(()));
     fut.await.unwrap();
 }
+
+/// With `baggage_only_to`, a request to a host outside the trust boundary carries the trace
+/// context and the request id, not the baggage its callers upstream put in (W3C Baggage:
+/// baggage must not leak beyond the system's trust boundary); one to an allowed host does.
+#[tokio::test(flavor = "current_thread")]
+async fn baggage_goes_only_where_the_filter_allows() {
+    let client = ServiceBuilder::new()
+        .layer(
+            InjectContextLayer::new()
+                .baggage_only_to(|uri| uri.host().is_some_and(|h| h.ends_with(".internal"))),
+        )
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+    let send_to = |uri: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .oneshot(Request::builder().uri(uri).body(()).unwrap())
+                .await
+                .unwrap()
+                .into_body()
+        }
+    };
+    let (outside, inside) = contextflow_otel::scope(incoming(), async {
+        (
+            send_to("https://api.partner.example/charge").await,
+            send_to("http://orders.internal/orders").await,
+        )
+    })
+    .await;
+    assert!(outside.get("baggage").is_none(), "{outside:?}");
+    assert_eq!(outside["x-request-id"], "req-7");
+    assert!(outside.contains_key("traceparent"));
+    assert_eq!(sorted_baggage(&inside), ["note=a%20b", "userId=alice"]);
+}
