@@ -81,7 +81,10 @@ pub struct InjectContextLayer {
 /// Which destinations get the `baggage` header: all (the default), or those a predicate on the
 /// request's URI accepts.
 #[derive(Clone, Default)]
-pub(crate) struct BaggageTo(Option<Arc<dyn Fn(&http::Uri) -> bool + Send + Sync>>);
+pub(crate) struct BaggageTo(Option<Arc<UriFilter>>);
+
+/// A predicate on a request's URI.
+type UriFilter = dyn Fn(&http::Uri) -> bool + Send + Sync;
 
 impl BaggageTo {
     pub(crate) fn new(allow: impl Fn(&http::Uri) -> bool + Send + Sync + 'static) -> Self {
