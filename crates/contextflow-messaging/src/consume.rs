@@ -198,6 +198,10 @@ pin_project! {
         #[pin]
         inner: Option<F>,
         message: Option<MessageContext>,
+        // Set while the handler is polled, cleared when its poll returns: still set in `Drop`
+        // when that poll panicked (`thread::panicking` cannot tell: a panic already caught, a
+        // sibling future's panic unwinding through this one).
+        polling: bool,
     }
 
     impl<F> PinnedDrop for Consumed<F> {
@@ -206,9 +210,9 @@ pin_project! {
             let mut inner = this.inner;
             if let Some(message) = this.message.take() {
                 if inner.is_some() {
-                    // Dropped while a panic unwinds (the handler's poll panicked): a panic, as
-                    // `Consumer::run` records it; otherwise the handler was given up on.
-                    let why = if std::thread::panicking() { "panic" } else { "cancelled" };
+                    // The handler's poll panicked: a panic, as `Consumer::run` records it;
+                    // otherwise the handler was given up on.
+                    let why = if *this.polling { "panic" } else { "cancelled" };
                     message.run(|| inner.set(None));
                     message.end(Some(why));
                 } else {
@@ -589,6 +593,7 @@ impl MessageContext {
         Consumed {
             inner: Some(fut),
             message: Some(self),
+            polling: false,
         }
     }
 
@@ -712,11 +717,14 @@ impl<F: Future> Future for Consumed<F> {
         let Some(message) = this.message.as_ref() else {
             panic!("Consumed polled after completion");
         };
+        let polling = this.polling;
         let poll = message.run(|| {
             let Some(fut) = inner.as_mut().as_pin_mut() else {
                 return Poll::Pending;
             };
+            *polling = true;
             let poll = fut.poll(cx);
+            *polling = false;
             if poll.is_ready() {
                 // Done: drop the handler now, inside the context.
                 inner.set(None);

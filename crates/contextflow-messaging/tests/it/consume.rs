@@ -380,6 +380,58 @@ fn panicking_handler_span_is_marked() {
     );
 }
 
+/// Whose poll panicked decides the label, not whether a panic is unwinding: a handler whose
+/// panic was caught (the future dropped after unwinding ended) failed as a panic; a sibling
+/// handler dropped while another one's panic unwinds through their task was cancelled.
+#[test]
+fn the_handler_that_panicked_is_marked_not_its_siblings() {
+    let (provider, exporter) = telemetry();
+    let consumer = |destination: &str| {
+        Consumer::new()
+            .with_tracer(provider.tracer("test-panic-sibling"))
+            .destination(destination)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let caught = consumer("sib-caught").scope(&Pairs::default(), async {
+        panic!("caught by the caller");
+    });
+    let result = rt.block_on(async {
+        let mut caught = Box::pin(caught);
+        let result = futures_catch(caught.as_mut()).await;
+        drop(caught);
+        result
+    });
+    assert!(result.is_err());
+    let waits = consumer("sib-waits").scope(&Pairs::default(), async {
+        std::future::pending::<()>().await
+    });
+    let fails = consumer("sib-fails").scope(&Pairs::default(), async {
+        tokio::task::yield_now().await;
+        panic!("the other handler fails");
+    });
+    let task = rt.spawn(async move { futures_util::join!(waits, fails) });
+    assert!(rt.block_on(task).unwrap_err().is_panic());
+    let label = |destination: &str| {
+        let name = format!("process {destination}");
+        exporter
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == name)
+            .and_then(|s| {
+                s.attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "error.type")
+                    .map(|kv| kv.value.to_string())
+            })
+    };
+    assert_eq!(label("sib-caught").as_deref(), Some("panic"));
+    assert_eq!(label("sib-fails").as_deref(), Some("panic"));
+    assert_eq!(label("sib-waits").as_deref(), Some("cancelled"));
+}
+
 proptest! {
     #[test]
     fn arbitrary_metadata_never_panics_and_gives_a_valid_request_id(
