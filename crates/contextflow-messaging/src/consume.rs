@@ -722,9 +722,15 @@ impl<F: Future> Future for Consumed<F> {
             let Some(fut) = inner.as_mut().as_pin_mut() else {
                 return Poll::Pending;
             };
-            *polling = true;
+            // Records, when the poll ends, whether it ended by a panic.
+            struct Polled<'a>(&'a mut bool);
+            impl Drop for Polled<'_> {
+                fn drop(&mut self) {
+                    *self.0 = std::thread::panicking();
+                }
+            }
+            let _polled = Polled(polling);
             let poll = fut.poll(cx);
-            *polling = false;
             if poll.is_ready() {
                 // Done: drop the handler now, inside the context.
                 inner.set(None);
