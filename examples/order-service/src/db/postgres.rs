@@ -210,8 +210,12 @@ async fn create_roles(
         }
     }
     if let Some(password) = app_password {
-        // Hex digits only: safe in a literal (ALTER ROLE takes no parameters).
-        let sql = format!("ALTER ROLE {} PASSWORD '{password}'", quote(&roles.app));
+        // The SCRAM verifier, not the password: PostgreSQL stores it as given, and a statement
+        // log (`log_statement = ddl`, or the STATEMENT line of a failed command) then shows
+        // nothing that logs in. Base64 and `$:` only: safe in a literal (ALTER ROLE takes no
+        // parameters).
+        let verifier = scram_verifier(password, &uuid::Uuid::new_v4().into_bytes());
+        let sql = format!("ALTER ROLE {} PASSWORD '{verifier}'", quote(&roles.app));
         // The statement holds the password: sqlx's own statement logs (a slow statement is a
         // WARN line with its whole text) must not see it.
         use tracing::instrument::WithSubscriber as _;
@@ -381,11 +385,57 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     })
 }
 
+/// PostgreSQL's SCRAM-SHA-256 verifier of `password` with `salt` (RFC 5802, RFC 7677; the
+/// format of `pg_authid.rolpassword`): `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
+/// The password is ASCII (hex digits), which SASLprep leaves as it is.
+fn scram_verifier(password: &str, salt: &[u8]) -> String {
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+    use hmac::{Hmac, Mac as _};
+    use sha2::{Digest as _, Sha256};
+    const ITERATIONS: u32 = 4096;
+    let mac = |key: &[u8], data: &[&[u8]]| -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        for part in data {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    };
+    // Hi(): PBKDF2-HMAC-SHA-256 with one 32-byte block.
+    let mut u = mac(password.as_bytes(), &[salt, &1u32.to_be_bytes()]);
+    let mut salted = u;
+    for _ in 1..ITERATIONS {
+        u = mac(password.as_bytes(), &[&u]);
+        for (s, b) in salted.iter_mut().zip(u) {
+            *s ^= b;
+        }
+    }
+    let client_key = mac(&salted, &[b"Client Key"]);
+    let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+    let server_key = mac(&salted, &[b"Server Key"]);
+    format!(
+        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
+        STANDARD.encode(salt),
+        STANDARD.encode(stored_key),
+        STANDARD.encode(server_key)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Against an independent implementation (Python's `hashlib.pbkdf2_hmac` and `hmac`, the
+    /// RFC 5802 formulas), for the RFC 7677 example's password and a fixed salt.
+    #[test]
+    fn scram_verifier_matches_an_independent_implementation() {
+        let salt: Vec<u8> = (0..16).collect();
+        assert_eq!(
+            scram_verifier("pencil", &salt),
+            "SCRAM-SHA-256$4096:AAECAwQFBgcICQoLDA0ODw==$zHCdol2044/ZyWzPLi7oxApCkamKw9Z+E4U/QApd/5Y=:dd5peBOitVnLNFu7VmwP+HiDaaw4OUCv396eVCWhYiE="
+        );
+    }
 
     #[test]
     fn role_names() {
