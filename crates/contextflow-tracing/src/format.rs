@@ -276,7 +276,28 @@ impl<F> ContextFormat<F> {
         if out.len() <= cap {
             return writer.write_str(&out);
         }
-        // Still too long (huge context values or a tiny cap): the bare minimum.
+        // Still too long (huge context values or a tiny cap): the context members, each value
+        // cut shorter, the level and the target; a line must not lose the request it belongs
+        // to. Only when even that does not fit, the bare minimum.
+        out.clear();
+        let n = self.fields.names().count().max(1);
+        // A character escapes to at most 12 bytes (`\\udb40\\udc41`): a quarter of the cap for
+        // all values together, at worst.
+        let short = self.fields.clone().max_len((cap / (48 * n)).max(8));
+        out.push('{');
+        let any = short.write_json_members(&mut out)?;
+        if any {
+            out.push(',');
+        }
+        out.push_str("\"level\":");
+        escape::write_json(&mut out, meta.level().as_str())?;
+        out.push_str(",\"target\":");
+        let target: String = meta.target().chars().take(64).collect();
+        escape::write_json(&mut out, &target)?;
+        out.push_str(",\"truncated\":true}\n");
+        if out.len() <= cap {
+            return writer.write_str(&out);
+        }
         out.clear();
         out.push_str("{\"level\":");
         escape::write_json(&mut out, meta.level().as_str())?;

@@ -276,6 +276,31 @@ fn json_line_over_the_line_bound_is_replaced_by_a_valid_short_object() {
     assert!(v["timestamp"].as_str().unwrap().starts_with("20"), "{v}");
 }
 
+/// A context value so large (escaped: a tag character is 12 bytes) that even the short object
+/// with it does not fit: the replacement still names the request, its value cut shorter.
+#[test]
+fn json_short_object_keeps_the_context_of_a_huge_value() {
+    let log = MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(log.clone())
+        .map_event_format(|f| fields().max_len(4096).max_line_len(1024).json(f))
+        .finish();
+    let huge: String = std::iter::repeat_n('\u{E0041}', 300).collect();
+    let id = format!("req-{huge}");
+    with_default(subscriber, || {
+        REQUEST_ID.sync_scope(id, || info!(a = %"y".repeat(2000), "big"));
+    });
+    let out = log.contents();
+    assert!(out.len() <= 1024, "{}", out.len());
+    assert_clean(&out);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["request_id"].as_str().unwrap_or_else(|| panic!("{out}"));
+    assert!(id.starts_with("req-"), "{v}");
+    assert_eq!(v["truncated"], true);
+    assert_eq!(v["level"], "INFO");
+}
+
 /// The order service's demo and other readers parse `fmt`'s layout: for ordinary values the
 /// escaping leaves every byte as `fmt` writes it.
 #[test]
