@@ -557,6 +557,40 @@ impl OrderRepository {
         ))
     }
 
+    /// The current tenant's orders whose reference starts with `prefix`: `(reference, status,
+    /// confirmation_sent)` each (the demo's check that every order sits under the tenant whose
+    /// request created it).
+    ///
+    /// # Errors
+    /// [`RepoError::NoTenant`] outside an authenticated context; database errors.
+    pub async fn list_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, String, i64)>, RepoError> {
+        let tenant = current_tenant()?;
+        let rows = self
+            .pool
+            .fetch_all(
+                sqlx::query(
+                    "SELECT reference, status, confirmation_sent FROM orders
+                     WHERE tenant_id = $1 AND reference LIKE $2",
+                )
+                .bind(tenant.as_str().to_owned())
+                .bind(format!("{prefix}%")),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<String, _>("reference")?,
+                    row.try_get::<String, _>("status")?,
+                    row.try_get::<i64, _>("confirmation_sent")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(RepoError::Sqlx)
+    }
+
     /// How many rows of the current tenant's orders and order lines exist in total (the
     /// tests' "nothing was written" check).
     ///

@@ -62,6 +62,21 @@ pub struct DatabaseCounts {
     /// The same three counts for each tenant, as its own requests see the database: an order
     /// stored under another tenant shows up here, where the sums above would hide it.
     pub by_tenant: std::collections::BTreeMap<String, (i64, i64, i64)>,
+    /// Each order of the run, by reference: the tenant it is stored under (read as that
+    /// tenant), its status and its confirmation count. Counts can agree while orders sit under
+    /// each other's tenants; this cannot.
+    pub orders: std::collections::BTreeMap<String, StoredOrder>,
+}
+
+/// One order as the database holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredOrder {
+    /// The tenants it was found under (more than one is a failure).
+    pub tenants: Vec<String>,
+    /// Its status.
+    pub status: String,
+    /// How many confirmations were sent.
+    pub confirmation_sent: i64,
 }
 
 /// One check of a run.
@@ -146,13 +161,24 @@ impl Check for RequestsCheck {
     fn check(&self, run: &Run) -> Verdict {
         let sent = run.load.outcomes.len();
         let created = run.load.created();
+        // A 201 must name the order it created: the checks below compare its id with the
+        // events' `order_id`, and would skip a request without one.
+        let without_id = run
+            .load
+            .outcomes
+            .iter()
+            .filter(|o| o.status == Some(201) && o.order_id.is_none())
+            .count();
         let mut verdict = Verdict {
             name: self.name(),
-            ok: created == sent && sent == run.load.expected.len(),
+            ok: created == sent && sent == run.load.expected.len() && without_id == 0,
             summary: format!("{created}/{sent} answered 201 Created"),
             counts: vec![("sent", sent), ("created", created)],
             examples: Vec::new(),
         };
+        if without_id > 0 {
+            verdict.example(|| format!("{without_id} answers 201 without an order id"));
+        }
         for outcome in run.load.outcomes.iter().filter(|o| o.status != Some(201)) {
             verdict.example(|| {
                 format!(
@@ -185,6 +211,7 @@ impl Check for DatabaseCheck {
             confirmed,
             repeated,
             ref by_tenant,
+            ref orders,
         } = run.database;
         // Tenant by tenant: each tenant's paid and confirmed orders are exactly the ones its
         // requests created.
@@ -213,11 +240,56 @@ impl Check for DatabaseCheck {
                 ));
             }
         }
+        // Order by order: each created order under its own request's tenant, paid, confirmed
+        // once; and no order of the run that no request created.
+        let mut misplaced = 0;
+        let mut wanted = std::collections::BTreeSet::new();
+        for id in run.load.created_ids() {
+            let Some(expected) = run.load.expected.get(id) else {
+                continue;
+            };
+            wanted.insert(expected.reference.as_str());
+            let problem = match orders.get(&expected.reference) {
+                None => Some("not found under any tenant".to_owned()),
+                Some(order) if order.tenants != [expected.tenant.as_str()] => Some(format!(
+                    "stored under {:?}, created by a request of tenant {}",
+                    order.tenants, expected.tenant
+                )),
+                Some(order) if order.status != "paid" || order.confirmation_sent != 1 => {
+                    Some(format!(
+                        "{}, {} confirmations",
+                        order.status, order.confirmation_sent
+                    ))
+                }
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                misplaced += 1;
+                if examples.len() < 5 {
+                    examples.push(format!("order {}: {problem}", expected.reference));
+                }
+            }
+        }
+        let extra: Vec<&String> = orders
+            .keys()
+            .filter(|reference| !wanted.contains(reference.as_str()))
+            .collect();
+        if let Some(reference) = extra.first() {
+            examples.push(format!(
+                "{} orders no created request accounts for, e.g. {reference}",
+                extra.len()
+            ));
+        }
         Verdict {
             name: self.name(),
-            ok: paid == created && confirmed == created && repeated == 0 && examples.is_empty(),
+            ok: paid == created
+                && confirmed == created
+                && repeated == 0
+                && misplaced == 0
+                && extra.is_empty()
+                && examples.is_empty(),
             summary: format!(
-                "{paid} orders paid, {confirmed} confirmed exactly once, {repeated} more than once, for {created} created (counted tenant by tenant)"
+                "{paid} orders paid, {confirmed} confirmed exactly once, {repeated} more than once, for {created} created (counted tenant by tenant; each order under its request's tenant)"
             ),
             counts: vec![
                 ("paid", paid.max(0) as usize),
@@ -238,6 +310,17 @@ mod tests {
     };
 
     fn run(created: &[(&str, &str)], by_tenant: &[(&str, (i64, i64, i64))]) -> Run {
+        // Stored as created, unless a test says otherwise.
+        let stored: Vec<(&str, &str)> = created.to_vec();
+        run_stored(created, by_tenant, &stored)
+    }
+
+    /// `stored`: (request id, tenant) of each order as the database holds it.
+    fn run_stored(
+        created: &[(&str, &str)],
+        by_tenant: &[(&str, (i64, i64, i64))],
+        stored: &[(&str, &str)],
+    ) -> Run {
         let mut load = Load::default();
         for (request_id, tenant) in created {
             load.expected.insert(
@@ -263,6 +346,18 @@ mod tests {
             database.confirmed += counts.1;
             database.repeated += counts.2;
             database.by_tenant.insert((*tenant).into(), *counts);
+        }
+        for (request_id, tenant) in stored {
+            database
+                .orders
+                .entry(format!("ord-{request_id}"))
+                .or_insert_with(|| StoredOrder {
+                    tenants: Vec::new(),
+                    status: "paid".into(),
+                    confirmation_sent: 1,
+                })
+                .tenants
+                .push((*tenant).into());
         }
         Run {
             run_id: "x".into(),
@@ -290,6 +385,23 @@ mod tests {
         assert!(!verdict.ok, "{verdict}");
         assert!(
             verdict.to_string().contains("tenant acme: 1 paid"),
+            "{verdict}"
+        );
+    }
+
+    /// Orders swapped between tenants keep every tenant's counts: the order-by-order check
+    /// still sees each one under the wrong tenant.
+    #[test]
+    fn orders_swapped_between_tenants_fail_the_database_check() {
+        let created = [("r-1", "acme"), ("r-2", "globex")];
+        let counts = [("acme", (1, 1, 0)), ("globex", (1, 1, 0))];
+        let swapped = run_stored(&created, &counts, &[("r-1", "globex"), ("r-2", "acme")]);
+        let verdict = DatabaseCheck.check(&swapped);
+        assert!(!verdict.ok, "{verdict}");
+        assert!(
+            verdict.to_string().contains(
+                "order ord-r-1: stored under [\"globex\"], created by a request of tenant acme"
+            ),
             "{verdict}"
         );
     }

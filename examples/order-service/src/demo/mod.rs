@@ -34,13 +34,13 @@ mod tree;
 use std::time::Duration;
 
 pub use self::{
-    check::{checks, Check, DatabaseCounts, Phases, Run, Verdict},
+    check::{checks, Check, DatabaseCounts, Phases, Run, StoredOrder, Verdict},
     report::DemoReport,
 };
 use self::{database::TempDatabase, load::Load};
 use crate::{
     app::{self, Config},
-    context::TENANT,
+    context::{TenantId, TENANT},
     db::OrderRepository,
     http::TokenTable,
     logging::{self, EventCapture, LogFormat, LogSink},
@@ -197,7 +197,21 @@ async fn run_on(
         database.paid += paid;
         database.confirmed += confirmed;
         database.repeated += repeated;
-        database.by_tenant.insert(name, (paid, confirmed, repeated));
+        database
+            .by_tenant
+            .insert(name.clone(), (paid, confirmed, repeated));
+        let rows = TENANT
+            .scope(
+                TenantId::new(name.clone()),
+                orders.list_with_prefix(&format!("ord-{run_id}-")),
+            )
+            .await?;
+        for (reference, status, confirmation_sent) in rows {
+            let order = database.orders.entry(reference).or_default();
+            order.tenants.push(name.clone());
+            order.status = status;
+            order.confirmation_sent = confirmation_sent;
+        }
     }
     phases.shutdown_start = capture.len();
     service.shutdown().await?;
