@@ -127,13 +127,23 @@ impl Service {
 /// The variable that turns a missing service into a failure (CI sets it to `1`).
 pub const REQUIRE_VAR: &str = "CONTEXTFLOW_REQUIRE_SERVICES";
 
-/// Whether `CONTEXTFLOW_REQUIRE_SERVICES=1` is set.
+/// Whether `CONTEXTFLOW_REQUIRE_SERVICES=1` is set. A build-time switch for the tests: the
+/// build scripts read it (see [`build::emit`]); a test binary built without it keeps its
+/// service tests ignored whatever the variable says when it runs.
+///
+/// # Panics
+/// When it is set to anything but `0`, `1` or nothing: `true` or `yes` must not quietly mean
+/// "not required".
 ///
 /// ```
 /// let _strict: bool = contextflow_testenv::required();
 /// ```
 pub fn required() -> bool {
-    std::env::var(REQUIRE_VAR).as_deref() == Ok("1")
+    match std::env::var(REQUIRE_VAR).as_deref() {
+        Ok("1") => true,
+        Ok("0" | "") | Err(_) => false,
+        Ok(other) => panic!("{REQUIRE_VAR}={other:?}: set it to 1 (or 0, or leave it unset)"),
+    }
 }
 
 /// The URL of `service`, from its environment variable, if set and not empty.
@@ -196,7 +206,7 @@ pub mod build {
     /// contextflow_testenv::build::emit();
     /// ```
     pub fn emit() {
-        let required = std::env::var(REQUIRE_VAR).as_deref() == Ok("1");
+        let required = super::required();
         println!("cargo::rerun-if-env-changed={REQUIRE_VAR}");
         for service in Service::ALL {
             println!("cargo::rustc-check-cfg=cfg({})", service.cfg());
