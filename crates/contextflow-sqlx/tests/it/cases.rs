@@ -993,23 +993,25 @@ async fn after_commit_hooks() {
                     Ok::<_, TestError>(())
                 })
                 .await?;
-                let _ = db
+                let rolled_back = db
                     .transaction(|| async {
                         db.after_commit(push("rolled back")).await;
                         Err::<(), _>(TestError::Refused)
                     })
                     .await;
+                assert!(matches!(rolled_back, Err(TestError::Refused)), "{rolled_back:?}");
                 assert!(log.lock().unwrap().is_empty());
                 Ok::<_, TestError>(())
             })
             .await
             .unwrap();
-            let _ = db
+            let failed = db
                 .transaction(|| async {
                     db.after_commit(push("failed")).await;
                     Err::<(), _>(TestError::Refused)
                 })
                 .await;
+            assert!(matches!(failed, Err(TestError::Refused)), "{failed:?}");
             db.after_commit(push("no transaction")).await;
         })
         .await;

@@ -72,12 +72,40 @@ fn unindexed_and_indexed_adaptors_downstream_see_it() {
                 *seen.lock().unwrap() += 1;
             });
             assert_eq!(seen.into_inner().unwrap(), n as usize);
-            let sum = (0..n)
+            // Every call of the fold's identity and step and of the reducer sees the value (a
+            // sum would hide a wrong one that is larger).
+            let seen_ids = Mutex::new(std::collections::BTreeSet::new());
+            let note = || {
+                seen_ids.lock().unwrap().insert(ID.get());
+            };
+            let folded = (0..n)
                 .into_par_iter()
                 .in_current_context()
-                .fold(|| ID.get().unwrap(), |acc, _| acc + ID.get().unwrap())
-                .reduce(|| 0, |a, b| a + b + ID.get().unwrap() - 2);
-            assert!(sum >= n * 2, "{sum}");
+                .fold(
+                    || {
+                        note();
+                        0u32
+                    },
+                    |acc, _| {
+                        note();
+                        acc + 1
+                    },
+                )
+                .reduce(
+                    || {
+                        note();
+                        0
+                    },
+                    |a, b| {
+                        note();
+                        a + b
+                    },
+                );
+            assert_eq!(folded, n);
+            assert_eq!(
+                seen_ids.into_inner().unwrap(),
+                std::collections::BTreeSet::from([Some(2)])
+            );
             // Indexed adaptors downstream use the producer path.
             let v: Vec<(usize, Option<u32>)> = (0..n)
                 .into_par_iter()
