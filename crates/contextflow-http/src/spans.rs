@@ -159,18 +159,25 @@ pub(crate) fn end_with_status(cx: &Context, status: u16, kind: SpanKind, grpc: O
             "http.response.status_code",
             i64::from(status),
         ));
+        // `error.type` is required on a failed span (HTTP semantic conventions): the status
+        // code that failed it, as a string.
         let mut failed = match kind {
             SpanKind::Client => status >= 400,
             _ => status >= 500,
-        };
+        }
+        .then(|| status.to_string());
         if let Some(code) = grpc {
             span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
-            failed |= match kind {
+            let grpc_failed = match kind {
                 SpanKind::Client => code != 0,
                 _ => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
             };
+            if grpc_failed {
+                failed = Some(code.to_string());
+            }
         }
-        if failed {
+        if let Some(error_type) = failed {
+            span.set_attribute(KeyValue::new("error.type", error_type));
             span.set_status(opentelemetry::trace::Status::error(""));
         }
     }

@@ -682,6 +682,12 @@ async fn grpc_status_codes() {
                 "{kind:?} {path}: {:?}",
                 span.status
             );
+            // A failed span names what failed it (required by the conventions).
+            assert_eq!(
+                attribute(span, "error.type").as_deref(),
+                failed.unwrap_or(false).then_some(code),
+                "{kind:?} {path}"
+            );
         }
     }
 }
