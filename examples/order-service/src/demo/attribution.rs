@@ -44,6 +44,10 @@ pub struct Attribution {
     pub examples: Vec<String>,
 }
 
+/// Events per created order that must name its reference (the controller's, the service's and
+/// the payment lines do: 4 per order in a run today).
+const MIN_REFERENCES: usize = 3;
+
 impl Default for ContextCheck {
     fn default() -> Self {
         ContextCheck {
@@ -59,10 +63,15 @@ impl Check for ContextCheck {
 
     fn check(&self, run: &Run) -> Verdict {
         let found = attribute(&run.events, &run.load.expected, run.phases);
+        // The reference and order id checks are the evidence that does not come from the
+        // context itself: each created order's events must carry its reference at least
+        // `MIN_REFERENCES` times, or a run whose events lost their reference would pass.
+        let created = run.load.created();
         let ok = found.mismatched == 0
             && found.unattributed == 0
             && found.lifecycle <= self.lifecycle_bound
-            && found.matched + found.lifecycle == found.events;
+            && found.matched + found.lifecycle == found.events
+            && found.with_reference >= MIN_REFERENCES * created;
         Verdict {
             name: self.name(),
             ok,
@@ -164,6 +173,14 @@ pub fn attribute(
             {
                 problems.push("order id of another request");
             }
+        }
+        // The tenant the consumer read from the message's payload (`order_tenant`) must be the
+        // request's too: it comes from the database row, not from the context.
+        if event
+            .field("order_tenant")
+            .is_some_and(|tenant| tenant != want.tenant)
+        {
+            problems.push("order tenant of another request");
         }
         if problems.is_empty() {
             found.matched += 1;
