@@ -49,8 +49,13 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone, Copy, Debug)]
 pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
 
-/// An [`Injector`] into an [`http::HeaderMap`] that leaves alone the headers already there
-/// (and `tracestate` when the caller set `traceparent`: the two go together).
+/// An [`Injector`] into an [`http::HeaderMap`] that leaves alone the headers already there.
+///
+/// A trace context the caller set wins whole: when the request already has a `traceparent`,
+/// only `baggage` and `x-request-id` are added (not our `tracestate`, nor another format's
+/// headers such as B3's, which would name a second parent). A `tracestate` the caller set
+/// without a `traceparent` belongs to no trace this request carries: it is replaced when a
+/// `traceparent` is written.
 ///
 /// ```
 /// use contextflow_http::HeaderInjector;
@@ -207,10 +212,17 @@ impl Injector for HeaderInjector<'_> {
             tracing::debug!(key, "propagator wrote an invalid header name; skipped");
             return;
         };
-        if self.headers.contains_key(&name)
-            || (self.caller_set_traceparent && name == TRACESTATE)
-            || (self.skip_baggage && name.as_str() == contextflow_otel::BAGGAGE)
+        let is_baggage = name.as_str() == contextflow_otel::BAGGAGE;
+        if (self.caller_set_traceparent && !is_baggage && name != X_REQUEST_ID)
+            || (self.skip_baggage && is_baggage)
         {
+            return;
+        }
+        if name == TRACEPARENT {
+            // Ours goes out: a `tracestate` of the caller's went with some other one.
+            self.headers.remove(TRACESTATE);
+        }
+        if self.headers.contains_key(&name) {
             return;
         }
         match HeaderValue::try_from(value) {

@@ -188,3 +188,95 @@ async fn baggage_goes_only_where_the_filter_allows() {
     assert!(outside.contains_key("traceparent"));
     assert_eq!(sorted_baggage(&inside), ["note=a%20b", "userId=alice"]);
 }
+
+/// A second trace format beside W3C's (as B3 would be), writing the current span.
+#[derive(Debug)]
+struct OtherFormat;
+
+impl opentelemetry::propagation::TextMapPropagator for OtherFormat {
+    fn inject_context(
+        &self,
+        cx: &OtelContext,
+        injector: &mut dyn opentelemetry::propagation::Injector,
+    ) {
+        use opentelemetry::trace::TraceContextExt as _;
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            injector.set(
+                "x-other-trace",
+                format!("{}:{}", sc.trace_id(), sc.span_id()),
+            );
+        }
+    }
+
+    fn extract_with_context(
+        &self,
+        cx: &OtelContext,
+        _: &dyn opentelemetry::propagation::Extractor,
+    ) -> OtelContext {
+        cx.clone()
+    }
+
+    fn fields(&self) -> opentelemetry::propagation::text_map_propagator::FieldIter<'_> {
+        opentelemetry::propagation::text_map_propagator::FieldIter::new(&[])
+    }
+}
+
+/// A trace context the caller set wins whole: no second format naming our span as another
+/// parent; and a `tracestate` the caller set without its `traceparent` does not go out next to
+/// ours (it belongs to some other trace).
+#[tokio::test(flavor = "current_thread")]
+async fn a_caller_set_trace_context_wins_whole() {
+    let composite = opentelemetry::propagation::TextMapCompositePropagator::new(vec![
+        Box::new(contextflow_otel::TraceContextPropagator::new()),
+        Box::new(OtherFormat),
+    ]);
+    let client = ServiceBuilder::new()
+        .layer(InjectContextLayer::new().with_propagator(composite))
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+    let mine = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (with_parent, with_state) = contextflow_otel::scope(incoming(), async {
+        let with_parent = client
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .header("traceparent", mine)
+                    .body(())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .into_body();
+        let with_state = client
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .header("tracestate", "stale=1")
+                    .body(())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .into_body();
+        (with_parent, with_state)
+    })
+    .await;
+    assert_eq!(with_parent["traceparent"], mine);
+    assert!(
+        with_parent.get("x-other-trace").is_none(),
+        "{with_parent:?}"
+    );
+    assert!(with_parent.get("tracestate").is_none(), "{with_parent:?}");
+    assert_eq!(with_parent["x-request-id"], "req-7");
+    assert!(with_state["traceparent"]
+        .to_str()
+        .unwrap()
+        .contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(
+        with_state["tracestate"], "congo=t61rcWkgMzE",
+        "ours, not the stale one"
+    );
+    assert!(with_state.contains_key("x-other-trace"));
+}
