@@ -160,6 +160,10 @@ impl Visit for EscapedVisitor<'_> {
         if field.name() == "message" {
             return self.record_debug(field, &format_args!("{value}"));
         }
+        // `log` metadata fields, as in `record_debug`.
+        if field.name().starts_with("log.") {
+            return;
+        }
         // Quoted and escaped as `Debug` writes it; a cut value still ends in a closing quote
         // and never inside an escape (`a="abc…"`), or a logfmt reader would read on past the
         // cut, through the next field's quote, and take its content for top-level fields.
@@ -176,6 +180,10 @@ impl Visit for EscapedVisitor<'_> {
         if value_out.truncated() {
             quoted.truncate(quoted.len() - TRUNCATED_MARKER.len());
             crate::escape::trim_open_escape(&mut quoted);
+            if quoted.is_empty() {
+                // A bound too small for even the opening quote.
+                quoted.push('"');
+            }
             quoted.push_str(TRUNCATED_MARKER);
             quoted.push('"');
         }

@@ -41,6 +41,21 @@ fn log_records_carry_context_fields() {
     );
     assert!(lines[1].starts_with(" WARN no request"), "{}", lines[1]);
 
+    // With `EscapedFields` too: the bridge's `log.*` metadata fields are the event format's
+    // business, never printed as fields.
+    let escaped = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .fmt_fields(contextflow_tracing::EscapedFields::new())
+        .event_format(fields.text(format().without_time().with_target(false)))
+        .with_writer(escaped.clone())
+        .finish();
+    with_default(subscriber, || {
+        REQUEST_ID.sync_scope("req-9".into(), || log::info!("escaped fields"))
+    });
+    let lines = escaped.lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0], "[req-9]  INFO escaped fields");
+
     let json = Capture::default();
     let subscriber = tracing_subscriber::fmt()
         .json()
