@@ -624,8 +624,10 @@ impl Driver {
                             // The same wall time, on the re-anchored clock (due at once if it
                             // has passed).
                             let due_wall = clock.wall_at(due_at);
+                            let queued_wall = queued.map(|at| clock.wall_at(at));
                             clock = fresh;
                             next = Some(clock.instant_at(due_wall));
+                            queued = queued_wall.map(|wall| clock.instant_at(wall));
                             tracing::info!(job = %self.job.name, "system clock stepped: schedule re-anchored");
                             continue;
                         }

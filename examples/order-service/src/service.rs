@@ -405,14 +405,14 @@ impl OrderService {
             let older = self.orders.pending_before(before, 0, room).await?;
             pending.extend(older.into_iter().filter(|order| order.id <= from));
         }
-        let next = if full {
-            pending.last().map_or(0, |order| order.id)
-        } else {
-            0
-        };
-        self.resolve_from.store(next, Ordering::Relaxed);
+        if !full && pending.is_empty() {
+            self.resolve_from.store(0, Ordering::Relaxed);
+        }
         let mut resolved = Resolved::default();
         for order in pending {
+            // Before asking: a pass cut short (its time budget) starts after this order next
+            // time, so one order the provider hangs on does not keep the others from being asked.
+            self.resolve_from.store(order.id, Ordering::Relaxed);
             let cx =
                 context::stored_context(order.request_id.as_deref(), order.traceparent.as_deref());
             let span =

@@ -40,6 +40,8 @@ pub struct Attribution {
     pub lifecycle: usize,
     /// Events whose order reference was compared.
     pub with_reference: usize,
+    /// The same, request by request.
+    pub references_by_request: std::collections::HashMap<String, usize>,
     /// A few failures, with the event.
     pub examples: Vec<String>,
 }
@@ -66,12 +68,18 @@ impl Check for ContextCheck {
         // The reference and order id checks are the evidence that does not come from the
         // context itself: each created order's events must carry its reference at least
         // `MIN_REFERENCES` times, or a run whose events lost their reference would pass.
-        let created = run.load.created();
+        let short_of_references = run
+            .load
+            .created_ids()
+            .filter(|id| {
+                found.references_by_request.get(*id).copied().unwrap_or(0) < MIN_REFERENCES
+            })
+            .count();
         let ok = found.mismatched == 0
             && found.unattributed == 0
             && found.lifecycle <= self.lifecycle_bound
             && found.matched + found.lifecycle == found.events
-            && found.with_reference >= MIN_REFERENCES * created;
+            && short_of_references == 0;
         Verdict {
             name: self.name(),
             ok,
@@ -93,7 +101,15 @@ impl Check for ContextCheck {
                 ("lifecycle", found.lifecycle),
                 ("with_reference", found.with_reference),
             ],
-            examples: found.examples,
+            examples: {
+                let mut examples = found.examples;
+                if short_of_references > 0 {
+                    examples.push(format!(
+                        "{short_of_references} created orders with fewer than {MIN_REFERENCES} events naming their reference"
+                    ));
+                }
+                examples
+            },
         }
     }
 }
@@ -157,6 +173,10 @@ pub fn attribute(
             .peekable();
         if references.peek().is_some() {
             found.with_reference += 1;
+            *found
+                .references_by_request
+                .entry(request_id.to_owned())
+                .or_default() += 1;
             if references.any(|r| r != want.reference) {
                 problems.push("order reference of another request");
             }
