@@ -744,15 +744,20 @@ where
         // The block's state is dropped before the rollback and not used after it, so
         // observing it half-updated after a panic is impossible.
         let outcome = AssertUnwindSafe(body).catch_unwind().await;
-        // A savepoint the block opened in another task (with its context) ends first: its
-        // work is committed only if it was released.
-        let taken = match level.idle(called_at).await {
-            Ok(idle) => {
-                let taken = shared.take(called_at).await;
-                drop(idle);
-                taken
+        // Before a commit, a savepoint the block opened in another task (with its context)
+        // ends first: its work is committed only if it was released. A rollback does not wait.
+        let committing = matches!(outcome, Ok(Ok(_))) && !level.is_rollback_only();
+        let taken = if committing {
+            match level.idle(called_at).await {
+                Ok(idle) => {
+                    let taken = shared.take(called_at).await;
+                    drop(idle);
+                    taken
+                }
+                Err(err) => Err(err),
             }
-            Err(err) => Err(err),
+        } else {
+            shared.take(called_at).await
         };
         let taken = match taken {
             Ok(taken) => {

@@ -43,6 +43,10 @@ pub(crate) struct Shared<DB: Database> {
     /// A guard on the connection that sits in user code (a `Conn`, a stream between two rows),
     /// and which task holds it: a query of that same task would wait for it forever.
     parked: StdMutex<Option<Parked>>,
+    /// The savepoints open now (their guards alive), by number, and the task that opened each:
+    /// the top-level block's end waits for them, except for one of its own task, which would
+    /// wait for itself forever.
+    savepoints: StdMutex<Vec<(u64, Owner)>>,
     /// The tenant the transaction was opened for (tenant pools only).
     tenant: Option<Box<str>>,
 }
@@ -144,6 +148,8 @@ pub(crate) struct SavepointGuard<DB: Database> {
     shared: Arc<Shared<DB>>,
     /// The savepoint's number; `None` once released or rolled back.
     number: Option<u64>,
+    /// The savepoint's number, for `Shared::savepoints`.
+    id: u64,
     /// `Slot::errored` when the savepoint was opened.
     errored_before: bool,
     /// The level's `ended` flag, set as soon as the savepoint starts to end.
@@ -202,6 +208,7 @@ where
             pending: StdMutex::new(None),
             next_savepoint: AtomicU64::new(1),
             parked: StdMutex::new(None),
+            savepoints: StdMutex::new(Vec::new()),
             tenant,
         }
     }
@@ -551,6 +558,22 @@ where
         &self,
         called_at: &'static Location<'static>,
     ) -> Result<OwnedMutexGuard<()>, sqlx::Error> {
+        if let Ok(idle) = self.busy.clone().try_lock_owned() {
+            return Ok(idle);
+        }
+        // A savepoint of this very task still open (its future kept past the block): waiting
+        // would never end.
+        let current = Owner::current();
+        if self
+            .shared
+            .savepoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|(_, owner)| *owner == current)
+        {
+            return Err(ConnectionBusy::in_transaction(None, called_at));
+        }
         self.shared.lock_checked(&self.busy, called_at).await
     }
 
@@ -587,9 +610,15 @@ where
             rollback_only: AtomicBool::new(false),
             ended: ended.clone(),
         };
+        self.shared
+            .savepoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((number, Owner::current()));
         let guard = SavepointGuard {
             shared: self.shared.clone(),
             number: Some(number),
+            id: number,
             errored_before,
             ended,
             _parent_busy: parent_busy,
@@ -599,15 +628,15 @@ where
 }
 
 impl<DB: Database> Level<DB> {
-    /// `Err(TransactionClosed)` once this level's savepoint has ended. Checked with the
-    /// connection's lock held, so a query either ran inside the savepoint, before it ended,
-    /// or not at all.
     /// Ends this level for every later statement (they get [`TransactionClosed`]).
     pub(crate) fn mark_ended(&self) {
         // Release: pairs with the Acquire load in `check_open`.
         self.ended.store(true, Ordering::Release);
     }
 
+    /// `Err(TransactionClosed)` once this level's savepoint has ended. Checked with the
+    /// connection's lock held, so a query either ran inside the savepoint, before it ended,
+    /// or not at all.
     fn check_open(&self) -> Result<(), sqlx::Error> {
         // Acquire: pairs with the Release store of the guard that ends the level.
         if self.ended.load(Ordering::Acquire) {
@@ -739,6 +768,11 @@ where
 impl<DB: Database> Drop for SavepointGuard<DB> {
     fn drop(&mut self) {
         self.ended.store(true, Ordering::Release);
+        self.shared
+            .savepoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(number, _)| *number != self.id);
         if let Some(number) = self.number.take() {
             // Cannot await here: record the rollback; it runs before the connection's next
             // use, and the parent level's queries wait for `_parent_busy`, released after this.

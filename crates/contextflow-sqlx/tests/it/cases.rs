@@ -1116,6 +1116,44 @@ async fn requires_new_hooks_run_outside_the_suspended_transaction() {
     ctx.finish().await;
 }
 
+/// A nested block's future kept past its block by the same task (returned out of it, still
+/// open): the block's end reports `ConnectionBusy` and commits nothing, instead of waiting for a
+/// savepoint that only this task could end (forever), or committing its unfinished work.
+async fn a_savepoint_of_the_same_task_kept_past_its_block_is_refused() {
+    let ctx = setup(1).await;
+    let db = &ctx.db;
+    let (inserted_tx, inserted_rx) = oneshot::channel();
+    let err = {
+        let result = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        db.transaction(|| async {
+            insert(&ctx, 1, 0).await?;
+            let mut nested = Box::pin(db.transaction(|| async {
+                insert(&ctx, 2, 0).await?;
+                let _ = inserted_tx.send(());
+                pending::<Result<(), TestError>>().await
+            }));
+            // Poll the nested block until its savepoint is open and its row written.
+            tokio::select! {
+                _ = nested.as_mut() => unreachable!("the nested block never ends"),
+                _ = inserted_rx => {}
+            }
+            Ok::<_, TestError>(nested)
+        }),
+    )
+    .await
+    .expect("the block's end does not wait for its own task's savepoint");
+        match result {
+            Err(TestError::Sql(err)) => err,
+            Ok(_) => panic!("committed with a savepoint of its own still open"),
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    assert!(ConnectionBusy::find(&err).is_some(), "{err}");
+    assert_eq!(ids(&ctx).await, Vec::<i64>::new(), "nothing committed");
+    ctx.finish().await;
+}
+
 /// A caller that goes away once the commit is done (a client disconnect, a timeout, an
 /// aborted task) while an after-commit hook runs: the hooks still run to the end (before, they
 /// ran in the caller's future and were dropped with it, though the commit had happened).
@@ -1182,4 +1220,5 @@ tests!(
     requires_new_hooks_run_outside_the_suspended_transaction,
     hooks_outlive_a_caller_dropped_after_the_commit,
     a_conn_kept_past_its_block_ends_the_transaction,
+    a_savepoint_of_the_same_task_kept_past_its_block_is_refused,
 );

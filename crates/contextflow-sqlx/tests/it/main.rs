@@ -581,8 +581,8 @@ mod sqlite {
         crate::support::sqlite(max_connections).await
     }
 
-    /// The fewest suspension points the drop test's protocol block may have (no proxy: 6 to 15 seen, as its worker thread answers).
-    const MIN_DROP_POINTS: usize = 4;
+    /// The fewest suspension points the drop test's protocol block may have (no proxy: 3 to 15 seen, as its worker thread answers; 3 for a failing block on a loaded machine).
+    const MIN_DROP_POINTS: usize = 3;
 
     /// SQLite has no socket to slow down: its worker thread answers as it answers.
     async fn setup_slow(max_connections: u32) -> crate::support::Ctx<Db> {
