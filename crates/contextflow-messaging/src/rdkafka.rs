@@ -46,7 +46,7 @@
 //! that accepts it).
 
 use opentelemetry::propagation::Extractor;
-use rdkafka::message::{BorrowedHeaders, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders, OwnedMessage};
 
 use crate::{Consumed, Consumer, MessageContext, Publisher};
 
@@ -74,32 +74,51 @@ pub const SYSTEM: &str = "kafka";
 /// assert_eq!(extractor.get("tracestate"), Some(""), "no value");
 /// assert_eq!(extractor.get("traceparent"), None, "absent");
 /// ```
-#[derive(Debug)]
-pub struct HeaderExtractor<'a, H: ?Sized> {
-    headers: Option<&'a H>,
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderExtractor<'a> {
+    headers: Option<raw::List<'a>>,
 }
 
 // ===== impl HeaderExtractor =====
 
-impl<'a, H: RecordHeaders + ?Sized> HeaderExtractor<'a, H> {
+impl<'a> HeaderExtractor<'a> {
     /// Reads `headers` (a record without headers has `None`).
     ///
     /// ```
     /// use opentelemetry::propagation::Extractor as _;
-    /// let extractor = contextflow_messaging::rdkafka::HeaderExtractor::<rdkafka::message::OwnedHeaders>::new(None);
+    /// let extractor = contextflow_messaging::rdkafka::HeaderExtractor::new(None);
     /// assert!(extractor.keys().is_empty());
     /// ```
-    pub fn new(headers: Option<&'a H>) -> Self {
-        HeaderExtractor { headers }
+    pub fn new(headers: Option<&'a OwnedHeaders>) -> Self {
+        HeaderExtractor {
+            headers: headers.map(raw::List::owned),
+        }
+    }
+
+    /// Reads the headers of `record`: a consumer's `BorrowedMessage` or an `OwnedMessage`.
+    ///
+    /// ```
+    /// use contextflow_messaging::rdkafka::HeaderExtractor;
+    /// use opentelemetry::propagation::Extractor as _;
+    /// use rdkafka::{message::{Header, OwnedHeaders, OwnedMessage}, Timestamp};
+    ///
+    /// let headers = OwnedHeaders::new().insert(Header { key: "x-request-id", value: Some("r-2") });
+    /// let record = OwnedMessage::new(None, None, "orders".into(), Timestamp::NotAvailable, 0, 0, Some(headers));
+    /// assert_eq!(HeaderExtractor::from_message(&record).get("x-request-id"), Some("r-2"));
+    /// ```
+    pub fn from_message<M: KafkaMessage + ?Sized>(record: &'a M) -> Self {
+        HeaderExtractor {
+            headers: record.header_list(),
+        }
     }
 
     /// The first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers whose names are
     /// UTF-8 (others cannot be propagation fields), as (name, value).
     fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
-        let headers = self.headers.map(RecordHeaders::borrowed);
-        let count = headers.map_or(0, raw::count);
+        let headers = self.headers;
+        let count = headers.map_or(0, |list| list.count());
         (0..count.min(contextflow_otel::carrier::MAX_PAIRS)).filter_map(move |i| {
-            let (name, value) = raw::get(headers?, i)?;
+            let (name, value) = headers?.get(i)?;
             Some((std::str::from_utf8(name).ok()?, value))
         })
     }
@@ -121,7 +140,7 @@ impl<'a, H: RecordHeaders + ?Sized> HeaderExtractor<'a, H> {
     }
 }
 
-impl<H: RecordHeaders + ?Sized> Extractor for HeaderExtractor<'_, H> {
+impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.values(key).next()
     }
@@ -136,99 +155,135 @@ impl<H: RecordHeaders + ?Sized> Extractor for HeaderExtractor<'_, H> {
     }
 }
 
-/// Record headers [`HeaderExtractor`] reads: rdkafka's `BorrowedHeaders` (a consumer's
-/// records) and `OwnedHeaders` (`OwnedMessage`, `detach`).
+/// A Kafka record whose headers [`HeaderExtractor`], [`context`] and [`scope`] read:
+/// rdkafka's `BorrowedMessage` (a consumer's records) and `OwnedMessage`.
 ///
-/// The extractor reads them through librdkafka itself rather than rdkafka's `Headers` trait:
-/// that trait's `try_get` (and every method built on it) panics on a header name that is not
-/// UTF-8 (rdkafka 0.33), which any producer may write, so one record would stop the consumer,
-/// and again on the same offset after each restart. Here such a header is skipped.
+/// The headers are read through librdkafka itself rather than rdkafka's `Headers` trait: that
+/// trait's `try_get` (and every method built on it) panics on a header name that is not UTF-8
+/// (rdkafka 0.33), which any producer may write, so one record would stop the consumer, and
+/// again on the same offset after each restart. Here such a header is skipped. (The list is
+/// taken from the message, never from a `&BorrowedHeaders`, which safe code can make out of
+/// nothing.)
 ///
 /// ```
-/// use contextflow_messaging::rdkafka::RecordHeaders;
-/// fn readable<H: RecordHeaders + ?Sized>(_: &H) {}
-/// readable(&rdkafka::message::OwnedHeaders::new());
+/// use contextflow_messaging::rdkafka::KafkaMessage;
+/// fn readable<M: KafkaMessage>(_: &M) {}
+/// readable(&rdkafka::message::OwnedMessage::new(None, None, "t".into(), rdkafka::Timestamp::NotAvailable, 0, 0, None));
 /// ```
-pub trait RecordHeaders: sealed::Sealed {
-    /// The headers as librdkafka's header list.
+pub trait KafkaMessage: sealed::Sealed {
+    /// The record's header list, if it has one.
     #[doc(hidden)]
-    fn borrowed(&self) -> &BorrowedHeaders;
+    fn header_list(&self) -> Option<raw::List<'_>>;
 }
 
-impl RecordHeaders for BorrowedHeaders {
-    fn borrowed(&self) -> &BorrowedHeaders {
-        self
+impl KafkaMessage for BorrowedMessage<'_> {
+    fn header_list(&self) -> Option<raw::List<'_>> {
+        raw::List::of_message(self)
     }
 }
 
-impl RecordHeaders for OwnedHeaders {
-    fn borrowed(&self) -> &BorrowedHeaders {
-        self.as_borrowed()
+impl KafkaMessage for OwnedMessage {
+    fn header_list(&self) -> Option<raw::List<'_>> {
+        self.headers().map(raw::List::owned)
     }
 }
 
 mod sealed {
     pub trait Sealed {}
-    impl Sealed for rdkafka::message::BorrowedHeaders {}
-    impl Sealed for rdkafka::message::OwnedHeaders {}
+    impl Sealed for rdkafka::message::BorrowedMessage<'_> {}
+    impl Sealed for rdkafka::message::OwnedMessage {}
 }
 
 /// librdkafka's header list, read without rdkafka's `Headers::try_get` (which unwraps the name
 /// as UTF-8).
 #[allow(unsafe_code)]
-mod raw {
+#[doc(hidden)]
+pub mod raw {
     use std::{
         ffi::{c_char, c_void, CStr},
-        ptr,
+        marker::PhantomData,
+        ptr::{self, NonNull},
     };
 
-    use rdkafka::{bindings as rd, message::BorrowedHeaders};
+    use rdkafka::{
+        bindings as rd,
+        message::{BorrowedMessage, OwnedHeaders},
+    };
 
-    /// The native list. rdkafka 0.33 makes a `&BorrowedHeaders` by casting the list's pointer
-    /// (`BorrowedHeaders` is a zero-sized type used only by reference), and casts it back the
-    /// same way for every call into librdkafka; we do as it does (the crate is pinned to
-    /// `=0.33.2` for this).
-    fn native(headers: &BorrowedHeaders) -> *const rd::rd_kafka_headers_t {
-        ptr::from_ref(headers).cast()
+    /// A live header list, borrowed for `'a` from what owns it (an `OwnedHeaders`, a
+    /// consumer's message). Only this module makes one, from those owners: never from a
+    /// `&BorrowedHeaders`, which safe code can conjure from nothing (it is a public unit
+    /// struct), so a pointer taken from one could dangle.
+    #[derive(Clone, Copy, Debug)]
+    pub struct List<'a> {
+        ptr: NonNull<rd::rd_kafka_headers_t>,
+        _owner: PhantomData<&'a ()>,
     }
 
-    /// How many headers the list holds.
-    pub(super) fn count(headers: &BorrowedHeaders) -> usize {
-        // SAFETY: a valid list for as long as `headers` is borrowed (see `native`).
-        unsafe { rd::rd_kafka_header_cnt(native(headers)) }
-    }
+    // SAFETY: the list is only read (`rd_kafka_header_cnt`, `rd_kafka_header_get_all` do not
+    // modify it), and its owner, borrowed for `'a`, is `Sync` (`OwnedHeaders`,
+    // `BorrowedMessage`), so reading it from another thread is as safe as from this one.
+    unsafe impl Send for List<'_> {}
+    // SAFETY: as above.
+    unsafe impl Sync for List<'_> {}
 
-    /// Header `i`: its name's bytes (up to its NUL) and its value (`None` for a null value).
-    pub(super) fn get(headers: &BorrowedHeaders, i: usize) -> Option<(&[u8], Option<&[u8]>)> {
-        let mut name: *const c_char = ptr::null();
-        let mut value: *const c_void = ptr::null();
-        let mut size = 0usize;
-        // SAFETY: a valid list (see `native`) and valid out-pointers.
-        let err = unsafe {
-            rd::rd_kafka_header_get_all(native(headers), i, &mut name, &mut value, &mut size)
-        };
-        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-            return None;
+    impl<'a> List<'a> {
+        /// The list `headers` owns. rdkafka 0.33 hands out a `&BorrowedHeaders` made by casting
+        /// the list's pointer (`BorrowedHeaders` is a zero-sized type used only by reference)
+        /// and casts it back for every call into librdkafka; `as_borrowed` of a real
+        /// `OwnedHeaders` is such a reference (the crate is pinned to `=0.33.2` for this).
+        pub(super) fn owned(headers: &'a OwnedHeaders) -> Self {
+            List {
+                ptr: NonNull::from(headers.as_borrowed()).cast(),
+                _owner: PhantomData,
+            }
         }
-        // SAFETY: librdkafka hands out the header's own NUL-terminated name and its value
-        // (`size` bytes), owned by the list; the list cannot change or be freed while `headers`
-        // is borrowed (adding a header takes an `OwnedHeaders` by value; a borrowed message's
-        // headers are read-only), so both live as long as the borrow.
-        let name = unsafe { CStr::from_ptr(name) }.to_bytes();
-        let value = (!value.is_null())
-            // SAFETY: as above.
-            .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
-        Some((name, value))
+
+        /// The list of a consumer's message, if it has headers.
+        pub(super) fn of_message(message: &'a BorrowedMessage<'_>) -> Option<Self> {
+            let mut headers: *mut rd::rd_kafka_headers_t = ptr::null_mut();
+            // SAFETY: `message.ptr()` is the live message `message` borrows for `'a`; the list
+            // librdkafka hands out is owned by the message and lives as long as it does.
+            let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut headers) };
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return None;
+            }
+            Some(List {
+                ptr: NonNull::new(headers)?,
+                _owner: PhantomData,
+            })
+        }
+
+        /// How many headers the list holds.
+        pub(super) fn count(self) -> usize {
+            // SAFETY: a live list for `'a` (see the constructors).
+            unsafe { rd::rd_kafka_header_cnt(self.ptr.as_ptr()) }
+        }
+
+        /// Header `i`: its name's bytes (up to its NUL) and its value (`None` for a null value).
+        pub(super) fn get(self, i: usize) -> Option<(&'a [u8], Option<&'a [u8]>)> {
+            let mut name: *const c_char = ptr::null();
+            let mut value: *const c_void = ptr::null();
+            let mut size = 0usize;
+            // SAFETY: a live list (see the constructors) and valid out-pointers.
+            let err = unsafe {
+                rd::rd_kafka_header_get_all(self.ptr.as_ptr(), i, &mut name, &mut value, &mut size)
+            };
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                return None;
+            }
+            // SAFETY: librdkafka hands out the header's own NUL-terminated name and its value
+            // (`size` bytes), owned by the list; the list cannot change or be freed while its
+            // owner is borrowed for `'a` (adding a header takes an `OwnedHeaders` by value; a
+            // consumer's message is read-only), so both live as long as `'a`.
+            let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+            let value = (!value.is_null())
+                // SAFETY: as above.
+                .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
+            Some((name, value))
+        }
     }
 }
-
-impl<H: ?Sized> Clone for HeaderExtractor<'_, H> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<H: ?Sized> Copy for HeaderExtractor<'_, H> {}
 
 // ===== publish =====
 
@@ -287,12 +342,8 @@ pub fn consumer(topic: &str) -> Consumer {
 /// message.finish();
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
-pub fn context<M>(consumer: &Consumer, record: &M) -> MessageContext
-where
-    M: Message,
-    M::Headers: RecordHeaders,
-{
-    consumer.context(&HeaderExtractor::new(record.headers()))
+pub fn context<M: KafkaMessage>(consumer: &Consumer, record: &M) -> MessageContext {
+    consumer.context(&HeaderExtractor::from_message(record))
 }
 
 /// Runs `handler` for `record` in the context its headers carry; see [`Consumer::scope`].
@@ -307,10 +358,10 @@ where
 /// assert_eq!(id.unwrap().as_str().len(), 36, "no headers: a fresh request id");
 /// # }
 /// ```
-pub fn scope<M, F: std::future::Future>(consumer: &Consumer, record: &M, handler: F) -> Consumed<F>
-where
-    M: Message,
-    M::Headers: RecordHeaders,
-{
-    consumer.scope(&HeaderExtractor::new(record.headers()), handler)
+pub fn scope<M: KafkaMessage, F: std::future::Future>(
+    consumer: &Consumer,
+    record: &M,
+    handler: F,
+) -> Consumed<F> {
+    consumer.scope(&HeaderExtractor::from_message(record), handler)
 }
