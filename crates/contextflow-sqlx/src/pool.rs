@@ -4,7 +4,7 @@ use std::{
     fmt,
     future::Future,
     panic::{resume_unwind, AssertUnwindSafe, Location},
-    sync::Arc,
+    sync::{Arc, Mutex as StdMutex, PoisonError},
 };
 
 use contextflow::{AsyncLocal, Inherit};
@@ -816,9 +816,24 @@ where
         if tokio::runtime::Handle::try_current().is_err() {
             return self.inner.current.unset(run_hooks(hooks)).await;
         }
-        if let Err(err) = contextflow::spawn(run_hooks(hooks)).await {
-            if let Ok(panic) = err.try_into_panic() {
-                resume_unwind(panic);
+        // The task takes the hooks when it starts; a task cancelled before that (the runtime
+        // shutting down) leaves them here, for this caller to run.
+        let slot = Arc::new(StdMutex::new(Some(hooks)));
+        let taken = slot.clone();
+        let task = contextflow::spawn(async move {
+            let hooks = taken.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(hooks) = hooks {
+                run_hooks(hooks).await;
+            }
+        });
+        match task.await {
+            Ok(()) => {}
+            Err(err) if err.is_panic() => resume_unwind(err.into_panic()),
+            Err(_) => {
+                let hooks = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(hooks) = hooks {
+                    self.inner.current.unset(run_hooks(hooks)).await;
+                }
             }
         }
     }
