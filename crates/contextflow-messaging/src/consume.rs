@@ -350,7 +350,15 @@ impl Consumer {
     pub fn context(&self, metadata: &dyn Extractor) -> MessageContext {
         let (cx, request_id) = self.propagation.extract_parts(&Context::new(), metadata);
         let cx = cx.with_value(request_id.clone());
-        let span_cx = self.spans.start(&self.info(), &cx, Vec::new(), None);
+        // A child of the producer's span, and linked to it: the messaging conventions ask a
+        // `process` span to link to the message's creation context.
+        let producer = cx.span().span_context().clone();
+        let links = if producer.is_valid() {
+            vec![producer]
+        } else {
+            Vec::new()
+        };
+        let span_cx = self.spans.start(&self.info(), &cx, links, None);
         self.finish_context(cx, span_cx, request_id, Some(metadata))
     }
 

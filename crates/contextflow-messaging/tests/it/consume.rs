@@ -274,6 +274,13 @@ fn consumer_span_is_a_child_of_the_producer_span() {
         SpanId::from_hex("00f067aa0ba902b7").unwrap()
     );
     assert!(span.parent_span_is_remote);
+    // And linked to it, as the messaging conventions ask of a `process` span.
+    let linked: Vec<SpanId> = span
+        .links
+        .iter()
+        .map(|link| link.span_context.span_id())
+        .collect();
+    assert_eq!(linked, [SpanId::from_hex("00f067aa0ba902b7").unwrap()]);
     assert_eq!(
         inside.1,
         span.span_context.span_id(),
