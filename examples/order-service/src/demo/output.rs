@@ -50,8 +50,12 @@ impl Check for OutputCheck {
         }
         match run.format {
             LogFormat::Text => {
-                verdict.summary =
-                    format!("{lines} text lines for {events} events (one line per event)");
+                let unmatched = compare_text(&run.output, &run.events, &mut verdict);
+                verdict.ok &= unmatched == 0;
+                verdict.counts.push(("unmatched", unmatched));
+                verdict.summary = format!(
+                    "{lines} text lines for {events} events (one line per event; {unmatched} context prefixes without their event)"
+                );
             }
             LogFormat::Json => {
                 let (unreadable, unmatched) = compare_json(&run.output, &run.events, &mut verdict);
@@ -65,6 +69,80 @@ impl Check for OutputCheck {
         }
         verdict
     }
+}
+
+/// The context prefix a text line must start with for an event of context `cx`, as
+/// `ContextFields::text` writes it (`[<request id> trace_id=<trace> tenant=<tenant>] `, the
+/// first field bare, fields not set left out; nothing when none is set); `None` when a value
+/// would be quoted or escaped (the demo's values never are).
+fn text_prefix(cx: &EventContext) -> Option<String> {
+    let plain = |v: &str| {
+        !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b))
+    };
+    let mut parts = Vec::new();
+    for (i, (name, value)) in [
+        ("request_id", &cx.request_id),
+        ("trace_id", &cx.trace_id),
+        ("tenant", &cx.tenant),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(value) = value else { continue };
+        if !plain(value) {
+            return None;
+        }
+        parts.push(if i == 0 {
+            value.clone()
+        } else {
+            format!("{name}={value}")
+        });
+    }
+    Some(if parts.is_empty() {
+        String::new()
+    } else {
+        format!("[{}] ", parts.join(" "))
+    })
+}
+
+/// Matches the text lines' context prefixes with the events' contexts, as multisets: a line
+/// whose prefix names another request, a stale one or none where its event had one is a
+/// line without its event. Returns how many lines and events were left without a partner.
+fn compare_text(lines: &[String], events: &[CapturedEvent], verdict: &mut Verdict) -> usize {
+    let mut balance: HashMap<String, isize> = HashMap::with_capacity(events.len());
+    for event in events {
+        let Some(prefix) = text_prefix(&event.context) else {
+            continue;
+        };
+        *balance.entry(prefix).or_default() += 1;
+    }
+    for line in lines {
+        // A prefix of ours ends at the first "] " (a line without context never starts with
+        // `[`: the escaper writes `\x5b` for a message's own).
+        let prefix = match line.strip_prefix('[').and_then(|rest| rest.find("] ")) {
+            Some(end) => line[..end + 3].to_owned(),
+            None => String::new(),
+        };
+        if let Some(count) = balance.get_mut(&prefix) {
+            *count -= 1;
+        } else {
+            *balance.entry(prefix).or_default() -= 1;
+        }
+    }
+    let unmatched: usize = balance.values().map(|c| c.unsigned_abs()).sum();
+    for (key, count) in balance.iter().filter(|(_, c)| **c != 0) {
+        verdict.example(|| {
+            let side = if *count > 0 {
+                "event without its line"
+            } else {
+                "line without its event"
+            };
+            format!("{side} (x{}): context prefix {key:?}", count.unsigned_abs())
+        });
+    }
+    unmatched
 }
 
 /// Parses every line and matches the lines with the events, as multisets; returns the count
@@ -226,6 +304,35 @@ mod tests {
             let err = parse_json_line(line).expect_err(line);
             assert!(err.0.contains(why), "{line}: {err:?}");
         }
+    }
+
+    /// The text lines' context prefixes, through the real text layer, match their events;
+    /// a line whose prefix names another tenant does not.
+    #[test]
+    fn text_prefixes_match_their_events_and_a_changed_one_does_not() {
+        let sink = LogSink::new();
+        let capture = EventCapture::new(context_fields());
+        let subscriber = tracing_subscriber::registry()
+            .with(capture.clone())
+            .with(fmt_layer(LogFormat::Text, sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("no context");
+            REQUEST_ID.sync_scope("req-1".parse::<RequestId>().unwrap(), || {
+                TENANT.sync_scope(TenantId::new("acme"), || tracing::info!("hello"))
+            });
+        });
+        let (mut lines, events) = (sink.lines(), capture.events());
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let mut verdict = Verdict {
+            name: "t",
+            ok: true,
+            summary: String::new(),
+            counts: vec![],
+            examples: vec![],
+        };
+        assert_eq!(compare_text(&lines, &events, &mut verdict), 0, "{lines:?}");
+        lines[1] = lines[1].replace("tenant=acme", "tenant=globex");
+        assert_eq!(compare_text(&lines, &events, &mut verdict), 2);
     }
 
     #[test]
