@@ -867,7 +867,18 @@ where
                 )))
             }
             Ok(Ok(value)) => {
+                // As the top level does before its commit: a savepoint this block opened in
+                // another task ends first (releasing ours would fold its unfinished work into
+                // the enclosing level, and on to the commit).
+                let idle = match level.idle(called_at).await {
+                    Ok(idle) => idle,
+                    Err(err) => {
+                        guard.rollback(called_at).await;
+                        return Err(E::from(err));
+                    }
+                };
                 guard.release(called_at).await?;
+                drop(idle);
                 for hook in level.take_hooks() {
                     parent.push_hook(hook);
                 }

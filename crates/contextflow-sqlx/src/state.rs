@@ -43,10 +43,11 @@ pub(crate) struct Shared<DB: Database> {
     /// A guard on the connection that sits in user code (a `Conn`, a stream between two rows),
     /// and which task holds it: a query of that same task would wait for it forever.
     parked: StdMutex<Option<Parked>>,
-    /// The savepoints open now (their guards alive), by number, and the task that opened each:
+    /// The savepoints open now (their guards alive), by number, with the task that opened each
+    /// and the depth of its level:
     /// the top-level block's end waits for them, except for one of its own task, which would
     /// wait for itself forever.
-    savepoints: StdMutex<Vec<(u64, Owner)>>,
+    savepoints: StdMutex<Vec<(u64, Owner, usize)>>,
     /// The tenant the transaction was opened for (tenant pools only).
     tenant: Option<Box<str>>,
 }
@@ -561,8 +562,9 @@ where
         if let Ok(idle) = self.busy.clone().try_lock_owned() {
             return Ok(idle);
         }
-        // A savepoint of this very task still open (its future kept past the block): waiting
-        // would never end.
+        // A savepoint beneath this level opened by this very task and still open (its future
+        // kept past the block): waiting would never end. (Savepoints form a stack: one open
+        // at a greater depth while this level is active is beneath it; ancestors are not.)
         let current = Owner::current();
         if self
             .shared
@@ -570,7 +572,7 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .any(|(_, owner)| *owner == current)
+            .any(|(_, owner, depth)| *depth > self.depth && *owner == current)
         {
             return Err(ConnectionBusy::in_transaction(None, called_at));
         }
@@ -614,7 +616,7 @@ where
             .savepoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((number, Owner::current()));
+            .push((number, Owner::current(), self.depth + 1));
         let guard = SavepointGuard {
             shared: self.shared.clone(),
             number: Some(number),
@@ -772,7 +774,7 @@ impl<DB: Database> Drop for SavepointGuard<DB> {
             .savepoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(number, _)| *number != self.id);
+            .retain(|(number, _, _)| *number != self.id);
         if let Some(number) = self.number.take() {
             // Cannot await here: record the rollback; it runs before the connection's next
             // use, and the parent level's queries wait for `_parent_busy`, released after this.

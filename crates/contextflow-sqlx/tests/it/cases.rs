@@ -1088,6 +1088,50 @@ async fn commit_waits_for_a_savepoint_open_in_another_task() {
     ctx.finish().await;
 }
 
+/// The same one level down: a nested block whose own nested block runs in another task and
+/// is still open when the middle one returns. Releasing the middle savepoint waits for it, so
+/// the grandchild's failed work never reaches the commit.
+async fn release_waits_for_a_savepoint_open_in_another_task() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let (started_tx, started_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let task = db
+        .transaction(|| async {
+            insert(&ctx, 1, 0).await?;
+            let task = db
+                .transaction(|| async {
+                    let db2 = db.clone();
+                    let insert2 = sql(&format!("INSERT INTO {} (id, tag) VALUES (2, 0)", ctx.table));
+                    let task = tokio::spawn(
+                        async move {
+                            db2.transaction(|| async {
+                                db2.execute(sqlx::query(&insert2)).await?;
+                                started_tx.send(()).unwrap();
+                                go_rx.await.unwrap();
+                                Err::<(), _>(TestError::Refused)
+                            })
+                            .await
+                        }
+                        .with_snapshot(Snapshot::capture()),
+                    );
+                    started_rx.await.unwrap();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let _ = go_tx.send(());
+                    });
+                    Ok::<_, TestError>(task)
+                })
+                .await?;
+            Ok::<_, TestError>(task)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(task.await.unwrap(), Err(TestError::Refused)));
+    assert_eq!(ids(&ctx).await, vec![1], "the failed grandchild's row is not committed");
+    ctx.finish().await;
+}
+
 /// The hooks of a `RequiresNew` block run after its own commit, outside every transaction:
 /// their queries go to the pool, not into the suspended outer transaction (whose rollback
 /// would undo them although the inner block committed).
@@ -1217,6 +1261,7 @@ tests!(
     propagation_modes,
     after_commit_hooks,
     commit_waits_for_a_savepoint_open_in_another_task,
+    release_waits_for_a_savepoint_open_in_another_task,
     requires_new_hooks_run_outside_the_suspended_transaction,
     hooks_outlive_a_caller_dropped_after_the_commit,
     a_conn_kept_past_its_block_ends_the_transaction,
