@@ -816,23 +816,21 @@ where
         if tokio::runtime::Handle::try_current().is_err() {
             return self.inner.current.unset(run_hooks(hooks)).await;
         }
-        // The task takes the hooks when it starts; a task cancelled before that (the runtime
-        // shutting down) leaves them here, for this caller to run.
-        let slot = Arc::new(StdMutex::new(Some(hooks)));
-        let taken = slot.clone();
-        let task = contextflow::spawn(async move {
-            let hooks = taken.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some(hooks) = hooks {
-                run_hooks(hooks).await;
-            }
-        });
+        // The task takes the hooks one at a time; a task cancelled before it ran them all (the
+        // runtime shutting down) leaves the rest here, for this caller to run.
+        let queue = Arc::new(StdMutex::new(std::collections::VecDeque::from(hooks)));
+        let task = contextflow::spawn(run_queued_hooks(queue.clone()));
         match task.await {
             Ok(()) => {}
             Err(err) if err.is_panic() => resume_unwind(err.into_panic()),
             Err(_) => {
-                let hooks = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-                if let Some(hooks) = hooks {
-                    self.inner.current.unset(run_hooks(hooks)).await;
+                let rest: Vec<Hook> = queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drain(..)
+                    .collect();
+                if !rest.is_empty() {
+                    self.inner.current.unset(run_hooks(rest)).await;
                 }
             }
         }
@@ -1186,6 +1184,25 @@ where
 }
 
 /// Runs after-commit hooks in order; resumes the first panic once all have run.
+/// Runs the hooks of `queue`, taking each out as it starts, as [`run_hooks`] does.
+async fn run_queued_hooks(queue: Arc<StdMutex<std::collections::VecDeque<Hook>>>) {
+    let mut first_panic = None;
+    loop {
+        let next = queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        let Some(hook) = next else { break };
+        if let Err(panic) = AssertUnwindSafe(hook).catch_unwind().await {
+            tracing::error!(target: "contextflow_sqlx", "an after-commit hook panicked");
+            first_panic.get_or_insert(panic);
+        }
+    }
+    if let Some(panic) = first_panic {
+        resume_unwind(panic);
+    }
+}
+
 async fn run_hooks(hooks: Vec<Hook>) {
     let mut first_panic = None;
     for hook in hooks {
