@@ -52,10 +52,10 @@ pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
 /// An [`Injector`] into an [`http::HeaderMap`] that leaves alone the headers already there.
 ///
 /// A trace context the caller set wins whole: when the request already has a `traceparent`,
-/// only `baggage` and `x-request-id` are added (not our `tracestate`, nor another format's
-/// headers such as B3's, which would name a second parent). A `tracestate` the caller set
-/// without a `traceparent` belongs to no trace this request carries: it is replaced when a
-/// `traceparent` is written.
+/// no trace-identity header is added (not our `tracestate`, nor another format's, such as B3's
+/// or Datadog's, which would name a second parent); other fields (baggage, the request id, a
+/// custom propagator's own) still are. A `tracestate` the caller set without a `traceparent`
+/// is kept, after our members when we write one (theirs with a key we write are dropped).
 ///
 /// ```
 /// use contextflow_http::HeaderInjector;
@@ -181,6 +181,51 @@ fn as_str(value: &HeaderValue) -> &str {
     value.to_str().unwrap_or("\0")
 }
 
+/// Headers that name a trace and its parent, in the formats in use: when the caller set a
+/// `traceparent`, none of them is added.
+fn is_trace_identity(name: &str) -> bool {
+    matches!(
+        name,
+        "traceparent"
+            | "tracestate"
+            | "b3"
+            | "x-b3-traceid"
+            | "x-b3-spanid"
+            | "x-b3-parentspanid"
+            | "x-b3-sampled"
+            | "x-b3-flags"
+            | "uber-trace-id"
+            | "x-datadog-trace-id"
+            | "x-datadog-parent-id"
+            | "x-datadog-sampling-priority"
+            | "x-datadog-origin"
+            | "x-datadog-tags"
+            | "x-amzn-trace-id"
+            | "x-cloud-trace-context"
+            | "grpc-trace-bin"
+            | "sw8"
+            | "x-ot-span-context"
+    )
+}
+
+/// `ours`, then the members of `theirs` whose keys `ours` does not have; `ours` alone when the
+/// whole would pass the 512 characters a `tracestate` may have.
+fn merge_tracestate(ours: &str, theirs: &str) -> String {
+    let key = |member: &str| member.split('=').next().unwrap_or("").trim().to_owned();
+    let our_keys: Vec<String> = ours.split(',').map(key).collect();
+    let mut merged = ours.to_owned();
+    for member in theirs.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        if !our_keys.contains(&key(member)) {
+            merged.push(',');
+            merged.push_str(member);
+        }
+    }
+    if merged.len() > 512 {
+        return ours.to_owned();
+    }
+    merged
+}
+
 // ===== impl HeaderInjector =====
 
 impl<'a> HeaderInjector<'a> {
@@ -212,19 +257,23 @@ impl Injector for HeaderInjector<'_> {
             tracing::debug!(key, "propagator wrote an invalid header name; skipped");
             return;
         };
-        let is_baggage = name.as_str() == contextflow_otel::BAGGAGE;
-        if (self.caller_set_traceparent && !is_baggage && name != X_REQUEST_ID)
-            || (self.skip_baggage && is_baggage)
+        if (self.caller_set_traceparent && is_trace_identity(name.as_str()))
+            || (self.skip_baggage && name.as_str() == contextflow_otel::BAGGAGE)
         {
             return;
         }
-        if name == TRACEPARENT {
-            // Ours goes out: a `tracestate` of the caller's went with some other one.
-            self.headers.remove(TRACESTATE);
-        }
-        if self.headers.contains_key(&name) {
+        let value = if name == TRACESTATE {
+            match self.headers.get(&TRACESTATE).map(HeaderValue::to_str) {
+                // The caller's members after ours, but for keys we write.
+                Some(Ok(theirs)) => merge_tracestate(&value, theirs),
+                Some(Err(_)) => return,
+                None => value,
+            }
+        } else if self.headers.contains_key(&name) {
             return;
-        }
+        } else {
+            value
+        };
         match HeaderValue::try_from(value) {
             Ok(value) => {
                 self.headers.insert(name, value);

@@ -189,7 +189,7 @@ async fn baggage_goes_only_where_the_filter_allows() {
     assert_eq!(sorted_baggage(&inside), ["note=a%20b", "userId=alice"]);
 }
 
-/// A second trace format beside W3C's (as B3 would be), writing the current span.
+/// A second trace format beside W3C's: B3's headers, writing the current span.
 #[derive(Debug)]
 struct OtherFormat;
 
@@ -202,10 +202,9 @@ impl opentelemetry::propagation::TextMapPropagator for OtherFormat {
         use opentelemetry::trace::TraceContextExt as _;
         let sc = cx.span().span_context().clone();
         if sc.is_valid() {
-            injector.set(
-                "x-other-trace",
-                format!("{}:{}", sc.trace_id(), sc.span_id()),
-            );
+            // As B3's multi-header format writes it.
+            injector.set("x-b3-traceid", sc.trace_id().to_string());
+            injector.set("x-b3-spanid", sc.span_id().to_string());
         }
     }
 
@@ -223,8 +222,8 @@ impl opentelemetry::propagation::TextMapPropagator for OtherFormat {
 }
 
 /// A trace context the caller set wins whole: no second format naming our span as another
-/// parent; and a `tracestate` the caller set without its `traceparent` does not go out next to
-/// ours (it belongs to some other trace).
+/// parent; and a `tracestate` the caller set without a `traceparent` goes out after our
+/// members.
 #[tokio::test(flavor = "current_thread")]
 async fn a_caller_set_trace_context_wins_whole() {
     let composite = opentelemetry::propagation::TextMapCompositePropagator::new(vec![
@@ -264,10 +263,7 @@ async fn a_caller_set_trace_context_wins_whole() {
     })
     .await;
     assert_eq!(with_parent["traceparent"], mine);
-    assert!(
-        with_parent.get("x-other-trace").is_none(),
-        "{with_parent:?}"
-    );
+    assert!(with_parent.get("x-b3-spanid").is_none(), "{with_parent:?}");
     assert!(with_parent.get("tracestate").is_none(), "{with_parent:?}");
     assert_eq!(with_parent["x-request-id"], "req-7");
     assert!(with_state["traceparent"]
@@ -275,8 +271,8 @@ async fn a_caller_set_trace_context_wins_whole() {
         .unwrap()
         .contains("4bf92f3577b34da6a3ce929d0e0e4736"));
     assert_eq!(
-        with_state["tracestate"], "congo=t61rcWkgMzE",
-        "ours, not the stale one"
+        with_state["tracestate"], "congo=t61rcWkgMzE,stale=1",
+        "ours first, then the caller's"
     );
-    assert!(with_state.contains_key("x-other-trace"));
+    assert!(with_state.contains_key("x-b3-spanid"));
 }
