@@ -243,7 +243,11 @@ pub mod raw {
         pub(super) fn of_message(message: &'a BorrowedMessage<'_>) -> Option<Self> {
             let mut headers: *mut rd::rd_kafka_headers_t = ptr::null_mut();
             // SAFETY: `message.ptr()` is the live message `message` borrows for `'a`; the list
-            // librdkafka hands out is owned by the message and lives as long as it does.
+            // librdkafka hands out is owned by the message and lives as long as it does. On the
+            // first call librdkafka parses the headers and stores the list in the message (as
+            // it does for rdkafka's own `Message::headers`): two threads asking for one
+            // message's headers at the same moment would race inside librdkafka, as they would
+            // through rdkafka's method; a consumer reads a message from one thread.
             let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut headers) };
             if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
                 return None;
@@ -274,8 +278,9 @@ pub mod raw {
             }
             // SAFETY: librdkafka hands out the header's own NUL-terminated name and its value
             // (`size` bytes), owned by the list; the list cannot change or be freed while its
-            // owner is borrowed for `'a` (adding a header takes an `OwnedHeaders` by value; a
-            // consumer's message is read-only), so both live as long as `'a`.
+            // owner is borrowed for `'a` (adding a header takes an `OwnedHeaders` by value;
+            // rdkafka offers no way to change a consumer's message's headers), so both live as
+            // long as `'a`.
             let name = unsafe { CStr::from_ptr(name) }.to_bytes();
             let value = (!value.is_null())
                 // SAFETY: as above.
