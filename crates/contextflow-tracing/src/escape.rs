@@ -355,6 +355,12 @@ impl<'a> TextLine<'a> {
         self.written
     }
 
+    /// Whether the line was cut.
+    #[cfg(test)]
+    pub(crate) fn was_cut(&self) -> bool {
+        self.truncated
+    }
+
     /// Room left before the cut, keeping space for the marker and the newline.
     fn room(&self) -> usize {
         (self.cap - TRUNCATED_MARKER.len() - 1).saturating_sub(self.written)
