@@ -276,6 +276,26 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// The finished span whose `url.path` is `path`.
+fn span_for_path<'s>(spans: &'s [SpanData], path: &str) -> &'s SpanData {
+    spans
+        .iter()
+        .find(|s| {
+            s.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "url.path" && kv.value.as_str() == path)
+        })
+        .unwrap_or_else(|| panic!("no span for {path}: {spans:?}"))
+}
+
+/// The span's `error.type`, if any.
+fn error_type(span: &SpanData) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == "error.type")
+        .map(|kv| kv.value.to_string())
+}
+
 /// The server span of a response whose body the client stopped reading half-way ends as
 /// failed (`error.type = cancelled`), not with the status line's success; one read to the end,
 /// and one with nothing to send that is never polled, end without an error.
@@ -321,22 +341,7 @@ async fn body_cut_short() {
     drop(svc.clone().oneshot(request("/empty")).await.unwrap());
 
     let spans = exporter.get_finished_spans().unwrap();
-    let by_path = |path: &str| {
-        spans
-            .iter()
-            .find(|s| {
-                s.attributes
-                    .iter()
-                    .any(|kv| kv.key.as_str() == "url.path" && kv.value.as_str() == path)
-            })
-            .unwrap_or_else(|| panic!("no span for {path}: {spans:?}"))
-    };
-    let error_type = |s: &SpanData| {
-        s.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == "error.type")
-            .map(|kv| kv.value.to_string())
-    };
+    let by_path = |path: &str| span_for_path(&spans, path);
     let cut = by_path("/cut");
     assert!(
         matches!(cut.status, Status::Error { .. }),
@@ -443,22 +448,7 @@ async fn complete_answers_of_bodies_that_never_say_they_ended() {
     }
 
     let spans = exporter.get_finished_spans().unwrap();
-    let span = |path: &str| {
-        spans
-            .iter()
-            .find(|s| {
-                s.attributes
-                    .iter()
-                    .any(|kv| kv.key.as_str() == "url.path" && kv.value.as_str() == path)
-            })
-            .unwrap_or_else(|| panic!("no span for {path}: {spans:?}"))
-    };
-    let error_type = |s: &SpanData| {
-        s.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == "error.type")
-            .map(|kv| kv.value.to_string())
-    };
+    let span = |path: &str| span_for_path(&spans, path);
     for path in ["/sized", "/trailers"] {
         let span = span(path);
         assert!(
@@ -550,12 +540,7 @@ async fn a_reqwest_call_given_up_on_ends_its_span_as_cancelled() {
         "{:?}",
         spans[0].status
     );
-    let error_type = spans[0]
-        .attributes
-        .iter()
-        .find(|kv| kv.key.as_str() == "error.type")
-        .map(|kv| kv.value.to_string());
-    assert_eq!(error_type.as_deref(), Some("cancelled"));
+    assert_eq!(error_type(&spans[0]).as_deref(), Some("cancelled"));
 }
 
 /// A gRPC answer body: one message, then trailers with `grpc-status`.

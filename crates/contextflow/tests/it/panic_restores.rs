@@ -43,6 +43,34 @@ impl Drop for PanicsOnDrop {
 }
 static FRAGILE: AsyncLocal<PanicsOnDrop> = AsyncLocal::named("fragile");
 
+/// Records what `ID` is when it is dropped.
+struct Probe(std::sync::Arc<std::sync::Mutex<Vec<Option<u32>>>>);
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().push(ID.get());
+    }
+}
+
+/// A scope future of `ID = id` holding a [`Probe`] on `log`, polled once under a binding of
+/// `FRAGILE`: that frame then lives on only in the future's binding.
+fn scope_polled_under_fragile(
+    id: u32,
+    log: &std::sync::Arc<std::sync::Mutex<Vec<Option<u32>>>>,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = ()>>> {
+    use std::future::Future;
+    let probe = Probe(log.clone());
+    let mut fut = Box::pin(ID.scope(id, async move {
+        let _probe = probe;
+        std::future::pending::<()>().await
+    }));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    FRAGILE.sync_scope(PanicsOnDrop, || {
+        assert!(fut.as_mut().poll(&mut cx).is_pending())
+    });
+    fut
+}
+
 /// A scope future polled under one frame, then polled again where that frame is gone: moving
 /// the binding under the new frame releases the old one, whose value's destructor panics. The
 /// panic reaches the poller, and the future stays whole: its context, and its inner future
@@ -50,25 +78,10 @@ static FRAGILE: AsyncLocal<PanicsOnDrop> = AsyncLocal::named("fragile");
 #[test]
 fn panicking_destructor_while_moving_a_scope_to_another_frame() {
     use std::future::Future;
-    use std::sync::{Arc, Mutex};
-    struct Probe(Arc<Mutex<Vec<Option<u32>>>>);
-    impl Drop for Probe {
-        fn drop(&mut self) {
-            self.0.lock().unwrap().push(ID.get());
-        }
-    }
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let probe = Probe(log.clone());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut fut = scope_polled_under_fragile(7, &log);
     let waker = futures_util::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
-    let mut fut = Box::pin(ID.scope(7, async move {
-        let _probe = probe;
-        std::future::pending::<()>().await
-    }));
-    FRAGILE.sync_scope(PanicsOnDrop, || {
-        assert!(fut.as_mut().poll(&mut cx).is_pending())
-    });
-    // `FRAGILE`'s frame lives on only in the future's binding.
     let r = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
     assert!(r.is_err(), "the destructor's panic reaches the poller");
     assert_eq!(ID.get(), None);
@@ -83,25 +96,8 @@ fn panicking_destructor_while_moving_a_scope_to_another_frame() {
 /// runs after it.
 #[test]
 fn panicking_destructor_while_dropping_a_scope_moved_to_another_frame() {
-    use std::future::Future;
-    use std::sync::{Arc, Mutex};
-    struct Probe(Arc<Mutex<Vec<Option<u32>>>>);
-    impl Drop for Probe {
-        fn drop(&mut self) {
-            self.0.lock().unwrap().push(ID.get());
-        }
-    }
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let probe = Probe(log.clone());
-    let waker = futures_util::task::noop_waker();
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut fut = Box::pin(ID.scope(8, async move {
-        let _probe = probe;
-        std::future::pending::<()>().await
-    }));
-    FRAGILE.sync_scope(PanicsOnDrop, || {
-        assert!(fut.as_mut().poll(&mut cx).is_pending())
-    });
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fut = scope_polled_under_fragile(8, &log);
     let r = catch_unwind(AssertUnwindSafe(move || drop(fut)));
     assert!(r.is_err(), "the destructor's panic reaches the dropper");
     assert_eq!(*log.lock().unwrap(), vec![Some(8)]);

@@ -125,21 +125,28 @@ fn compare_text(lines: &[String], events: &[CapturedEvent], verdict: &mut Verdic
             Some(end) => line[..end + 3].to_owned(),
             None => String::new(),
         };
-        if let Some(count) = balance.get_mut(&prefix) {
-            *count -= 1;
-        } else {
-            *balance.entry(prefix).or_default() -= 1;
-        }
+        *balance.entry(prefix).or_default() -= 1;
     }
-    let unmatched: usize = balance.values().map(|c| c.unsigned_abs()).sum();
+    unmatched(&balance, "context prefix ", verdict)
+}
+
+/// How many events and lines `balance` (events counted up, lines down) left without a
+/// partner, with an example of each kind in `verdict`.
+fn unmatched<K: std::fmt::Debug>(
+    balance: &HashMap<K, isize>,
+    what: &str,
+    verdict: &mut Verdict,
+) -> usize {
+    let mut unmatched = 0;
     for (key, count) in balance.iter().filter(|(_, c)| **c != 0) {
+        unmatched += count.unsigned_abs();
         verdict.example(|| {
             let side = if *count > 0 {
                 "event without its line"
             } else {
                 "line without its event"
             };
-            format!("{side} (x{}): context prefix {key:?}", count.unsigned_abs())
+            format!("{side} (x{}): {what}{key:?}", count.unsigned_abs())
         });
     }
     unmatched
@@ -171,19 +178,7 @@ fn compare_json(
             }
         }
     }
-    let mut unmatched = 0;
-    for (key, count) in balance.iter().filter(|(_, c)| **c != 0) {
-        unmatched += count.unsigned_abs();
-        verdict.example(|| {
-            let side = if *count > 0 {
-                "event without its line"
-            } else {
-                "line without its event"
-            };
-            format!("{side} (x{}): {key:?}", count.unsigned_abs())
-        });
-    }
-    (unreadable, unmatched)
+    (unreadable, unmatched(&balance, "", verdict))
 }
 
 /// Reads one line of the JSON log format: an object with string members `level` and
