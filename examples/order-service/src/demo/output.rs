@@ -232,11 +232,21 @@ mod tests {
         tenant: Option<&str>,
         message: &str,
     ) -> (Vec<String>, Vec<CapturedEvent>) {
+        emit_in(LogFormat::Json, request_id, tenant, message)
+    }
+
+    /// As [`emit`], through the real layer of `format`.
+    fn emit_in(
+        format: LogFormat,
+        request_id: Option<&str>,
+        tenant: Option<&str>,
+        message: &str,
+    ) -> (Vec<String>, Vec<CapturedEvent>) {
         let sink = LogSink::new();
         let capture = EventCapture::new(context_fields());
         let subscriber = tracing_subscriber::registry()
             .with(capture.clone())
-            .with(fmt_layer(LogFormat::Json, sink.clone()));
+            .with(fmt_layer(format, sink.clone()));
         tracing::subscriber::with_default(subscriber, || {
             let log = || tracing::info!("{message}");
             let with_tenant = || match tenant {
@@ -305,18 +315,11 @@ mod tests {
     /// a line whose prefix names another tenant does not.
     #[test]
     fn text_prefixes_match_their_events_and_a_changed_one_does_not() {
-        let sink = LogSink::new();
-        let capture = EventCapture::new(context_fields());
-        let subscriber = tracing_subscriber::registry()
-            .with(capture.clone())
-            .with(fmt_layer(LogFormat::Text, sink.clone()));
-        tracing::subscriber::with_default(subscriber, || {
-            tracing::info!("no context");
-            REQUEST_ID.sync_scope("req-1".parse::<RequestId>().unwrap(), || {
-                TENANT.sync_scope(TenantId::new("acme"), || tracing::info!("hello"))
-            });
-        });
-        let (mut lines, events) = (sink.lines(), capture.events());
+        let (mut lines, mut events) = emit_in(LogFormat::Text, None, None, "no context");
+        let (more_lines, more_events) =
+            emit_in(LogFormat::Text, Some("req-1"), Some("acme"), "hello");
+        lines.extend(more_lines);
+        events.extend(more_events);
         assert_eq!(lines.len(), 2, "{lines:?}");
         let mut verdict = Verdict {
             name: "t",
