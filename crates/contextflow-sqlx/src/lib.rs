@@ -138,7 +138,8 @@
 //! | the block returns `Err` | rolled back, the error returned |
 //! | the block panics | rolled back, then the panic continues |
 //! | the block's future is dropped (client disconnect, timeout, aborted task), at any point: `BEGIN`, a query, `SAVEPOINT`, `COMMIT`, `ROLLBACK` | rolled back, and the connection returns to the pool only once the server confirmed no transaction is open on it; otherwise it is closed |
-//! | dropped while `COMMIT` is in flight | outcome unknown: logged at `warn` in the dropping code's context, then resolved (committed / rolled back) in a second log line |
+//! | dropped while `COMMIT` is in flight, with after-commit hooks (on a tokio runtime) | the `COMMIT` and then the hooks finish in a task of their own, which logs that the caller had gone: the hooks of a transaction that committed always run |
+//! | dropped while `COMMIT` is in flight, no hooks | outcome unknown: logged at `warn` in the dropping code's context, then resolved (committed / rolled back) in a second log line |
 //! | the connection breaks during `COMMIT` | [`CommitUnknown`] error, logged at `error`; after-commit hooks do not run |
 //! | `transaction` inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only |
 //! | [`transaction_with`](TxPool::transaction_with) and a [`Propagation`] | join, require, refuse, or begin an independent transaction |

@@ -1,10 +1,14 @@
 //! [`TxPool`]: a pool whose queries join the transaction of the current context.
 
 use std::{
+    collections::VecDeque,
     fmt,
     future::Future,
     panic::{resume_unwind, AssertUnwindSafe, Location},
-    sync::{Arc, Mutex as StdMutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex as StdMutex, PoisonError,
+    },
 };
 
 use contextflow::{AsyncLocal, Inherit};
@@ -16,9 +20,9 @@ use crate::{
     dialect::{self, Dialect, PgBeginFailure, TxStatus},
     error::{ClosedReason, PropagationError, TransactionClosed},
     propagation::{Propagation, TxOptions},
-    state::{Failure, Hook, Level, PoolParking, RootGuard, Shared, TxGuard},
+    state::{Failure, Hook, Level, PoolParking, RootGuard, Shared, Taken, TxGuard},
     tenant::TenantMode,
-    tracked::{Phase, Tracked},
+    tracked::{CommitError, Phase, Tracked},
 };
 
 /// A sqlx [`Pool`] whose queries use the transaction of the current context, if there is one.
@@ -292,10 +296,10 @@ where
     ///   are dropped too: the caller gets the error and decides.
     /// - They run one after the other before `transaction` returns; a panicking hook does
     ///   not stop the others, and its panic resumes once they have run.
-    /// - On a tokio runtime they run in a task of their own, so a caller that goes away once
-    ///   the commit is done (a client disconnect, a timeout) does not stop them. A caller
-    ///   dropped while `COMMIT` itself is in flight loses them: whether the commit happened is
-    ///   learnt after the caller is gone.
+    /// - On a tokio runtime the `COMMIT` and then the hooks run in a task of their own, so a
+    ///   caller that goes away (a client disconnect, a timeout) while `COMMIT` is in flight or
+    ///   after it stops neither: the hooks of a transaction that committed always run, and a
+    ///   line at `warn` (or `error` when it did not commit) says the caller had gone.
     /// - The transaction a [`Propagation::RequiresNew`](crate::Propagation) block suspended is
     ///   not bound around its hooks either.
     ///
@@ -785,6 +789,15 @@ where
                     ClosedReason::RollbackOnly,
                 )))
             }
+            // With hooks to run, the commit and the hooks go on in a task of their own: a
+            // caller dropped while `COMMIT` is in flight must not take the hooks of a
+            // transaction that did commit with it.
+            Ok(Ok(value)) if level.has_hooks() && tokio::runtime::Handle::try_current().is_ok() => {
+                self.commit_then_hooks(taken, level)
+                    .await
+                    .map_err(E::from)?;
+                Ok(value)
+            }
             Ok(Ok(value)) => match taken.commit().await {
                 Ok(()) => {
                     let hooks = level.take_hooks();
@@ -806,6 +819,77 @@ where
         }
     }
 
+    /// Commits `taken` and runs `level`'s hooks, in a task of its own (on a tokio runtime):
+    /// the caller waits for it, but dropping the caller (a client disconnect, a timeout) with
+    /// `COMMIT` in flight stops neither the commit nor, once it is done, the hooks. The task
+    /// carries the block's context without its transactions, like
+    /// [`after_commit_run`](Self::after_commit_run), and logs the outcome in that context when
+    /// the caller has gone. A hook's panic reaches the caller.
+    async fn commit_then_hooks(
+        &self,
+        taken: Taken<DB>,
+        level: Arc<Level<DB>>,
+    ) -> Result<(), sqlx::Error> {
+        let run = Arc::new(CommitRun {
+            committed: AtomicBool::new(false),
+            hooks: StdMutex::new(VecDeque::new()),
+        });
+        let waiting = CallerWaiting(Arc::new(AtomicBool::new(true)));
+        let task = contextflow::spawn({
+            let run = run.clone();
+            let caller = waiting.0.clone();
+            async move {
+                if let Err(err) = taken.commit().await {
+                    if !caller.load(Ordering::Acquire) {
+                        tracing::error!(
+                            target: "contextflow_sqlx",
+                            error = ?err,
+                            "the transaction's caller went away during COMMIT, which did not \
+                             commit (or may not have): its after-commit hooks are dropped"
+                        );
+                    }
+                    return Err(err);
+                }
+                run.hooks
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(level.take_hooks());
+                run.committed.store(true, Ordering::Release);
+                if !caller.load(Ordering::Acquire) {
+                    tracing::warn!(
+                        target: "contextflow_sqlx",
+                        "the transaction's caller went away during COMMIT, which committed: \
+                         its after-commit hooks run"
+                    );
+                }
+                run_queued_hooks(&run.hooks).await;
+                Ok(())
+            }
+        });
+        let result = match task.await {
+            Ok(result) => result.map_err(CommitError::into_error),
+            Err(err) if err.is_panic() => resume_unwind(err.into_panic()),
+            // Cancelled: the runtime is shutting down. Hooks the task had not started are run
+            // here if the transaction committed.
+            Err(_) if run.committed.load(Ordering::Acquire) => {
+                let rest: Vec<Hook> = run
+                    .hooks
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drain(..)
+                    .collect();
+                self.inner.current.unset(run_hooks(rest)).await;
+                Ok(())
+            }
+            Err(_) => Err(CommitError::Unknown(sqlx::Error::Protocol(
+                "the task running COMMIT was cancelled (the runtime is shutting down)".into(),
+            ))
+            .into_error()),
+        };
+        drop(waiting);
+        result
+    }
+
     /// Runs a committed block's hooks, outside every transaction (for `RequiresNew`, the
     /// suspended one is still bound around the block, and the hooks' queries belong on the
     /// pool), in a task of their own: a caller that goes away once the commit is done (a client
@@ -818,8 +902,11 @@ where
         }
         // The task takes the hooks one at a time; a task cancelled before it ran them all (the
         // runtime shutting down) leaves the rest here, for this caller to run.
-        let queue = Arc::new(StdMutex::new(std::collections::VecDeque::from(hooks)));
-        let task = contextflow::spawn(run_queued_hooks(queue.clone()));
+        let queue = Arc::new(StdMutex::new(VecDeque::from(hooks)));
+        let task = contextflow::spawn({
+            let queue = queue.clone();
+            async move { run_queued_hooks(&queue).await }
+        });
         match task.await {
             Ok(()) => {}
             Err(err) if err.is_panic() => resume_unwind(err.into_panic()),
@@ -1183,9 +1270,26 @@ where
     result
 }
 
-/// Runs after-commit hooks in order; resumes the first panic once all have run.
-/// Runs the hooks of `queue`, taking each out as it starts, as [`run_hooks`] does.
-async fn run_queued_hooks(queue: Arc<StdMutex<std::collections::VecDeque<Hook>>>) {
+/// What [`TxPool::commit_then_hooks`]'s task shares with its caller: whether the transaction
+/// committed, and the hooks not started yet.
+struct CommitRun {
+    committed: AtomicBool,
+    hooks: StdMutex<VecDeque<Hook>>,
+}
+
+/// Held by the caller of [`TxPool::commit_then_hooks`] while it waits: `false` once the
+/// caller has gone (dropped, or done).
+struct CallerWaiting(Arc<AtomicBool>);
+
+impl Drop for CallerWaiting {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Runs the hooks of `queue`, taking each out as it starts, as [`run_hooks`] does: a task
+/// cancelled half-way leaves the rest in `queue`.
+async fn run_queued_hooks(queue: &StdMutex<VecDeque<Hook>>) {
     let mut first_panic = None;
     loop {
         let next = queue
@@ -1203,6 +1307,7 @@ async fn run_queued_hooks(queue: Arc<StdMutex<std::collections::VecDeque<Hook>>>
     }
 }
 
+/// Runs after-commit hooks in order; resumes the first panic once all have run.
 async fn run_hooks(hooks: Vec<Hook>) {
     let mut first_panic = None;
     for hook in hooks {

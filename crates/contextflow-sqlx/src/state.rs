@@ -652,6 +652,11 @@ impl<DB: Database> Level<DB> {
         self.hooks().push(hook);
     }
 
+    /// Whether this level holds after-commit hooks.
+    pub(crate) fn has_hooks(&self) -> bool {
+        !self.hooks().is_empty()
+    }
+
     /// Takes this level's after-commit hooks.
     pub(crate) fn take_hooks(&self) -> Vec<Hook> {
         std::mem::take(&mut *self.hooks())
