@@ -8,7 +8,8 @@
 //!    id, or a fresh request id when the message has none or a malformed one. The base is an
 //!    empty OpenTelemetry context: nothing of the consumer loop's own trace or baggage leaks
 //!    into a message;
-//! 2. with a tracer (the global provider's by default; none without an SDK), starts a
+//! 2. with a tracer (the global provider's by default, found even when the SDK is installed
+//!    after the consumer is made; none without an SDK), starts a
 //!    `process` consumer span that is a child of the producer's span, as the OpenTelemetry
 //!    messaging conventions allow for a consumer that processes one message at a time; a
 //!    batch ([`Consumer::batch_scope`]) gets a new root span with a link to each message's

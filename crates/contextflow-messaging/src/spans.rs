@@ -3,7 +3,11 @@
 
 use std::{
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    time::{Duration, Instant},
 };
 
 use opentelemetry::{
@@ -18,8 +22,8 @@ pub(crate) const SCOPE: &str = "contextflow-messaging";
 
 #[derive(Clone)]
 pub(crate) enum Spans {
-    /// The global provider's tracer, looked up on first use; `None` when it is a no-op.
-    Global(Arc<OnceLock<Option<BoxedTracer>>>),
+    /// The global provider's tracer, looked up on first use and kept once it is a real one.
+    Global(Arc<GlobalTracer>),
     Tracer(Arc<BoxedTracer>),
     Off,
 }
@@ -30,9 +34,63 @@ pub(crate) struct SpanInfo<'a> {
     pub(crate) destination: Option<&'a str>,
 }
 
+/// The global provider's tracer for one consumer or scheduler. While the global provider is
+/// the no-op one (an application that installs its SDK after starting its consumers, or
+/// never), it is asked again at most once per [`GlobalTracer::PROBE_EVERY`]: a consumer made
+/// before the SDK was installed still gets spans once it is, and one without any SDK pays one
+/// clock read per message. A real tracer, once found, is kept.
+pub(crate) struct GlobalTracer {
+    tracer: OnceLock<BoxedTracer>,
+    /// When the global provider may be asked next, in milliseconds since [`epoch`].
+    next_probe_ms: AtomicU64,
+    lookup: fn() -> BoxedTracer,
+}
+
+impl GlobalTracer {
+    /// How long a no-op answer from the global provider is believed.
+    pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+    fn new(lookup: fn() -> BoxedTracer) -> Self {
+        GlobalTracer {
+            tracer: OnceLock::new(),
+            next_probe_ms: AtomicU64::new(0),
+            lookup,
+        }
+    }
+
+    fn get(&self) -> Option<&BoxedTracer> {
+        if let Some(tracer) = self.tracer.get() {
+            return Some(tracer);
+        }
+        let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Relaxed: a probe more or less when two threads race is harmless.
+        if now < self.next_probe_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let every = u64::try_from(Self::PROBE_EVERY.as_millis()).unwrap_or(u64::MAX);
+        self.next_probe_ms
+            .store(now.saturating_add(every), Ordering::Relaxed);
+        let tracer = (self.lookup)();
+        if is_no_op(&tracer) {
+            return None;
+        }
+        Some(self.tracer.get_or_init(|| tracer))
+    }
+}
+
+/// The process-wide origin of [`GlobalTracer`]'s probe times.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn global_tracer() -> BoxedTracer {
+    opentelemetry::global::tracer(SCOPE)
+}
+
 impl Spans {
     pub(crate) fn global() -> Self {
-        Spans::Global(Arc::new(OnceLock::new()))
+        Spans::Global(Arc::new(GlobalTracer::new(global_tracer)))
     }
 
     pub(crate) fn tracer<T>(tracer: T) -> Self
@@ -45,12 +103,7 @@ impl Spans {
 
     fn get(&self) -> Option<&BoxedTracer> {
         match self {
-            Spans::Global(cell) => cell
-                .get_or_init(|| {
-                    let tracer = opentelemetry::global::tracer(SCOPE);
-                    (!is_no_op(&tracer)).then_some(tracer)
-                })
-                .as_ref(),
+            Spans::Global(global) => global.get(),
             Spans::Tracer(tracer) => Some(tracer),
             Spans::Off => None,
         }
@@ -155,5 +208,59 @@ impl fmt::Debug for Spans {
             Spans::Tracer(_) => "Spans::Tracer",
             Spans::Off => "Spans::Off",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use opentelemetry::trace::{noop::NoopTracer, TracerProvider as _};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    use super::*;
+
+    /// Whether [`lookup`] finds an SDK, as `opentelemetry::global::tracer` would once the
+    /// application has installed one (the global provider itself is left alone: other tests
+    /// of this binary run meanwhile).
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+    fn lookup() -> BoxedTracer {
+        if INSTALLED.load(Ordering::SeqCst) {
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(InMemorySpanExporter::default())
+                .build();
+            BoxedTracer::new(Box::new(provider.tracer("test")))
+        } else {
+            BoxedTracer::new(Box::new(NoopTracer::new()))
+        }
+    }
+
+    /// A consumer whose first message came before the application installed its SDK starts
+    /// spans once it is installed (it used to remember "no tracer" for good).
+    #[test]
+    fn an_sdk_installed_after_the_first_message_is_found() {
+        let global = GlobalTracer::new(lookup);
+        assert!(global.get().is_none());
+        assert!(
+            global.next_probe_ms.load(Ordering::Relaxed) > 0,
+            "the no-op answer is believed for a while"
+        );
+        INSTALLED.store(true, Ordering::SeqCst);
+        // As if `PROBE_EVERY` had passed.
+        global.next_probe_ms.store(0, Ordering::Relaxed);
+        let spans = Spans::Global(Arc::new(global));
+        let info = SpanInfo {
+            system: Some("test"),
+            destination: Some("orders"),
+        };
+        let cx = spans.start(&info, &Context::new(), Vec::new(), None);
+        let cx = cx.expect("a span once the SDK is there");
+        assert!(cx.span().span_context().is_valid());
+        // A real tracer, once found, is kept.
+        INSTALLED.store(false, Ordering::SeqCst);
+        assert!(spans
+            .start(&info, &Context::new(), Vec::new(), None)
+            .is_some());
     }
 }
