@@ -23,7 +23,8 @@
 //! - **a leak check** in the spirit of OpenTelemetry Java's strict context mode: when a
 //!   [`tree::Root`](crate::tree::Root) scope ends (completes or is dropped) while tasks it
 //!   started still hold its context, their spawn sites are reported ([`Leak`]), once per root
-//!   label and spawn site.
+//!   label and spawn site (past 1,024 such pairs, once per spawn site: labels made per request
+//!   do not grow the record without bound).
 //!
 //! Reports go to a [sink](set_sink) (standard error by default: the core does not log); in
 //! [`Mode::Panic`] (for test suites) each report is also a panic where it is detected: in the
@@ -217,9 +218,56 @@ static SINK: RwLock<Option<Sink>> = RwLock::new(None);
 static MODE: RwLock<Mode> = RwLock::new(Mode::Report);
 /// The (read site, variable key) pairs reported so far.
 static READS_REPORTED: Mutex<Option<HashSet<(usize, usize)>>> = Mutex::new(None);
-/// The (root label, spawn site) pairs of leaked tasks reported so far.
+/// The leaks reported so far.
 #[cfg(feature = "tokio")]
-static LEAKS_REPORTED: Mutex<Option<HashSet<(String, usize)>>> = Mutex::new(None);
+static LEAKS_REPORTED: Mutex<LeaksReported> = Mutex::new(LeaksReported {
+    pairs: None,
+    sites: None,
+});
+
+/// The (root label, spawn site) pairs of leaked tasks reported so far, at most
+/// [`MAX_LEAK_PAIRS`]; past that, the spawn sites reported since. A leak is reported once per
+/// pair while there is room, then once per spawn site whatever its root's label: labels made
+/// per request (`Root::new(format!("order {id}"))`) would otherwise grow the record without
+/// bound, and have the check wait for each request's plain-spawned tasks.
+#[cfg(feature = "tokio")]
+struct LeaksReported {
+    pairs: Option<HashSet<(String, usize)>>,
+    sites: Option<HashSet<usize>>,
+}
+
+/// How many (root label, spawn site) pairs the leak record keeps.
+#[cfg(feature = "tokio")]
+const MAX_LEAK_PAIRS: usize = 1024;
+
+#[cfg(feature = "tokio")]
+impl LeaksReported {
+    fn is_new(&self, root: &str, at: &'static Location<'static>) -> bool {
+        let site = site_key(at);
+        let pairs = self.pairs.as_ref();
+        let full = pairs.is_some_and(|p| p.len() >= MAX_LEAK_PAIRS);
+        let pair_seen = pairs.is_some_and(|p| p.contains(&(root.to_owned(), site)));
+        let site_seen = full && self.sites.as_ref().is_some_and(|s| s.contains(&site));
+        !pair_seen && !site_seen
+    }
+
+    fn insert(&mut self, root: &str, at: &'static Location<'static>) {
+        let pairs = self.pairs.get_or_insert_with(HashSet::new);
+        if pairs.len() < MAX_LEAK_PAIRS {
+            pairs.insert((root.to_owned(), site_key(at)));
+        } else {
+            self.sites
+                .get_or_insert_with(HashSet::new)
+                .insert(site_key(at));
+        }
+    }
+
+    /// How many entries the record holds (pairs and sites).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.pairs.as_ref().map_or(0, HashSet::len) + self.sites.as_ref().map_or(0, HashSet::len)
+    }
+}
 
 thread_local! {
     /// Set while a report is being delivered on this thread, so that a sink reading an unset
@@ -586,13 +634,12 @@ pub(crate) fn report_leak(root: &str, tasks: Vec<LeakedTask>) {
 #[cfg(feature = "tokio")]
 fn first_leaks(root: &str, tasks: Vec<LeakedTask>) -> Vec<LeakedTask> {
     let mut reported = LEAKS_REPORTED.lock().unwrap_or_else(|e| e.into_inner());
-    let reported = reported.get_or_insert_with(HashSet::new);
     let tasks: Vec<LeakedTask> = tasks
         .into_iter()
-        .filter(|t| !reported.contains(&leak_key(root, t.spawned_at)))
+        .filter(|t| reported.is_new(root, t.spawned_at))
         .collect();
     for task in &tasks {
-        reported.insert(leak_key(root, task.spawned_at));
+        reported.insert(root, task.spawned_at);
     }
     tasks
 }
@@ -604,13 +651,12 @@ pub(crate) fn leak_is_new(root: &str, at: &'static Location<'static>) -> bool {
     LEAKS_REPORTED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_none_or(|r| !r.contains(&leak_key(root, at)))
+        .is_new(root, at)
 }
 
 #[cfg(feature = "tokio")]
-fn leak_key(root: &str, at: &'static Location<'static>) -> (String, usize) {
-    (root.to_string(), at as *const Location<'static> as usize)
+fn site_key(at: &'static Location<'static>) -> usize {
+    at as *const Location<'static> as usize
 }
 
 /// Gives `report` to the sink, then panics in [`Mode::Panic`].
@@ -634,5 +680,44 @@ fn deliver(report: Report) {
     drop(restore);
     if mode() == Mode::Panic && !std::thread::panicking() {
         panic!("contextflow: {report}");
+    }
+}
+
+#[cfg(all(test, feature = "tokio"))]
+mod tests {
+    use super::*;
+
+    /// Leaks from roots labelled per request keep the record bounded: once it holds
+    /// `MAX_LEAK_PAIRS` pairs, a spawn site is reported once more whatever the label, then
+    /// never again.
+    #[test]
+    fn the_leak_record_is_bounded_under_per_request_labels() {
+        let mut record = LeaksReported {
+            pairs: None,
+            sites: None,
+        };
+        let at = Location::caller();
+        let other = Location::caller();
+        for request in 0..MAX_LEAK_PAIRS {
+            let label = format!("order {request}");
+            assert!(record.is_new(&label, at), "{label}");
+            record.insert(&label, at);
+            assert!(!record.is_new(&label, at));
+        }
+        assert!(
+            record.is_new("order -1", at),
+            "the site was not reported past the bound"
+        );
+        record.insert("order -1", at);
+        for request in MAX_LEAK_PAIRS..10 * MAX_LEAK_PAIRS {
+            assert!(!record.is_new(&format!("order {request}"), at));
+        }
+        assert!(
+            record.is_new("order 0", other),
+            "another site is still reported"
+        );
+        record.insert("order 0", other);
+        assert!(!record.is_new("order 1", other));
+        assert_eq!(record.len(), MAX_LEAK_PAIRS + 2);
     }
 }
