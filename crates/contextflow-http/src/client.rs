@@ -322,10 +322,13 @@ where
         let span = if req.headers().contains_key(TRACEPARENT) {
             None
         } else {
-            self.spans
-                .start(SpanKind::Client, req.method(), &current, |attrs| {
-                    client_attributes(req.uri(), attrs)
-                })
+            self.spans.start(
+                SpanKind::Client,
+                req.method(),
+                spans::grpc_call(req.method(), req.headers(), req.uri()),
+                &current,
+                |attrs| client_attributes(req.uri(), attrs),
+            )
         };
         let cx = span.as_ref().unwrap_or(&current);
         let skip_baggage = !self.baggage_to.allows(req.uri());

@@ -122,6 +122,13 @@
 //! `cargo run -p contextflow-http --example trace-context-service -- --port 8080`; the
 //! example `grpc` runs a tonic server and client through the layers.
 //!
+//! A gRPC call (`POST /{service}/{method}` with a `content-type` of `application/grpc...`) gets
+//! spans named `{service}/{method}` with `rpc.system` (`grpc`), `rpc.service` and `rpc.method`
+//! (the RPC conventions before their v1.38 renames, which `rpc.grpc.status_code` below also
+//! follows). The path comes from the peer: only one made of protobuf identifiers, at most 256
+//! bytes, names a span; any other is named by its HTTP method. A server span of a method the
+//! service does not have is still named by the path the caller sent.
+//!
 //! gRPC answers a failed call with HTTP 200 and a `grpc-status`; the spans record it as
 //! `rpc.grpc.status_code` and fail as the RPC conventions say (a server span for `UNKNOWN`,
 //! `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`; a client span

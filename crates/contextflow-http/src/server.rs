@@ -536,9 +536,12 @@ where
         };
         req.extensions_mut().insert(request_id.clone());
 
-        let span_cx = self
-            .spans
-            .start(SpanKind::Server, req.method(), &cx, |attrs| {
+        let span_cx = self.spans.start(
+            SpanKind::Server,
+            req.method(),
+            spans::grpc_call(req.method(), req.headers(), req.uri()),
+            &cx,
+            |attrs| {
                 attrs.push(KeyValue::new("url.path", req.uri().path().to_owned()));
                 if let Some(scheme) = req.uri().scheme_str() {
                     attrs.push(KeyValue::new("url.scheme", scheme.to_owned()));
@@ -547,7 +550,8 @@ where
                     "network.protocol.version",
                     protocol_version(req.version()),
                 ));
-            });
+            },
+        );
         let owns_span = span_cx.is_some();
         let cx = span_cx.unwrap_or(cx);
         let mut scope = RequestScope {

@@ -54,22 +54,36 @@ impl Spans {
         }
     }
 
-    /// Starts a span of `kind` named after `method` under `parent`; `None` when spans are off.
+    /// Starts a span of `kind` named after `method` (or the gRPC call `rpc`) under `parent`;
+    /// `None` when spans are off.
     /// `attributes` adds the span's attributes at its start, where the sampler sees them (the
     /// semantic conventions' sampling-relevant attributes), in one `Vec` the span keeps (with
     /// room for the status code added at its end).
+    ///
+    /// A gRPC call ([`grpc_call`]) is named `{service}/{method}` and gets `rpc.system`,
+    /// `rpc.service` and `rpc.method`, as the RPC conventions say.
     pub(crate) fn start(
         &self,
         kind: SpanKind,
         method: &Method,
+        rpc: Option<GrpcCall<'_>>,
         parent: &Context,
         attributes: impl FnOnce(&mut Vec<KeyValue>),
     ) -> Option<Context> {
         let tracer = self.get()?;
-        let mut attrs = Vec::with_capacity(6);
+        let mut attrs = Vec::with_capacity(if rpc.is_some() { 9 } else { 6 });
         attrs.push(KeyValue::new("http.request.method", method_name(method)));
+        let name = match rpc {
+            Some(call) => {
+                attrs.push(KeyValue::new("rpc.system", "grpc"));
+                attrs.push(KeyValue::new("rpc.service", call.service.to_owned()));
+                attrs.push(KeyValue::new("rpc.method", call.method.to_owned()));
+                Cow::Owned(call.path.to_owned())
+            }
+            None => method_name(method),
+        };
         attributes(&mut attrs);
-        let mut builder = tracer.span_builder(method_name(method)).with_kind(kind);
+        let mut builder = tracer.span_builder(name).with_kind(kind);
         builder.attributes = Some(attrs);
         let span = tracer.build_with_context(builder, parent);
         if !span.span_context().is_valid()
@@ -127,6 +141,60 @@ pub(crate) fn method_name(method: &Method) -> Cow<'static, str> {
         Method::CONNECT => "CONNECT",
         Method::TRACE => "TRACE",
         _ => "_OTHER",
+    })
+}
+
+/// A gRPC call, as its request names it: `POST /{service}/{method}` with a
+/// `content-type` of `application/grpc` (or `application/grpc+proto`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GrpcCall<'a> {
+    /// `{service}/{method}`, the span's name.
+    pub(crate) path: &'a str,
+    /// The fully qualified service, `package.Service`.
+    pub(crate) service: &'a str,
+    /// The method's name.
+    pub(crate) method: &'a str,
+}
+
+/// The longest `{service}/{method}` taken for a gRPC call's span name; a longer path is
+/// named as any HTTP request (by its method).
+const MAX_GRPC_PATH: usize = 256;
+
+/// The gRPC call a request makes, if it is one. The path comes from the peer: only a path of
+/// protobuf identifiers (`[A-Za-z0-9_]`, dots between a service's parts) of at most
+/// [`MAX_GRPC_PATH`] bytes names the span, so a span name never carries spaces, escapes or
+/// other text a caller made up.
+pub(crate) fn grpc_call<'a>(
+    method: &Method,
+    headers: &http::HeaderMap,
+    uri: &'a http::Uri,
+) -> Option<GrpcCall<'a>> {
+    if *method != Method::POST {
+        return None;
+    }
+    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+    let grpc = content_type
+        .get(..16)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(content_type.get(16), None | Some(b'+' | b';'));
+    if !grpc {
+        return None;
+    }
+    let path = uri.path().strip_prefix('/')?;
+    if path.len() > MAX_GRPC_PATH {
+        return None;
+    }
+    let (service, name) = path.split_once('/')?;
+    let ident = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    if !ident(name) || !service.split('.').all(ident) {
+        return None;
+    }
+    Some(GrpcCall {
+        path,
+        service,
+        method: name,
     })
 }
 

@@ -692,6 +692,110 @@ fn grpc_status_codes_on_both_runtimes() {
         .block_on(grpc_status_codes());
 }
 
+/// A gRPC call's spans are named `{service}/{method}` and carry `rpc.system`, `rpc.service`
+/// and `rpc.method`; a request that is not one (another content type, a path that is not two
+/// protobuf identifiers, text a caller made up) is named by its HTTP method, with no `rpc.*`.
+async fn grpc_span_names() {
+    use tower::{Layer as _, ServiceExt as _};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let ok = || async { Ok::<_, std::convert::Infallible>(http::Response::new(())) };
+    let server = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("server"))
+        .layer(tower::service_fn(move |_: http::Request<()>| ok()));
+    let client = contextflow_http::InjectContextLayer::new()
+        .with_tracer(provider.tracer("client"))
+        .layer(tower::service_fn(move |_: http::Request<()>| ok()));
+    let long = format!("/{}/Echo", "a".repeat(300));
+    /// (path, content type, the span's name, rpc.service and rpc.method)
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<(&'a str, &'a str)>);
+    let cases: [Case<'_>; 9] = [
+        (
+            "/grpc.test.EchoService/Echo",
+            "application/grpc",
+            "grpc.test.EchoService/Echo",
+            Some(("grpc.test.EchoService", "Echo")),
+        ),
+        (
+            "/Echo/Say_Hi2",
+            "application/grpc+proto",
+            "Echo/Say_Hi2",
+            Some(("Echo", "Say_Hi2")),
+        ),
+        (
+            "/pkg.Svc/Get",
+            "Application/GRPC; charset=utf-8",
+            "pkg.Svc/Get",
+            Some(("pkg.Svc", "Get")),
+        ),
+        ("/pkg.Svc/Get", "application/json", "POST", None),
+        ("/pkg.Svc/Get", "application/grpcx", "POST", None),
+        ("/pkg.Svc/Get/more", "application/grpc", "POST", None),
+        ("/pkg..Svc/Get", "application/grpc", "POST", None),
+        ("/pkg.Svc/Get%20it", "application/grpc", "POST", None),
+        (long.as_str(), "application/grpc", "POST", None),
+    ];
+    for (path, content_type, _, _) in cases {
+        let req = || {
+            http::Request::builder()
+                .method(http::Method::POST)
+                .version(http::Version::HTTP_2)
+                .uri(path)
+                .header("content-type", content_type)
+                .body(())
+                .unwrap()
+        };
+        server.clone().oneshot(req()).await.unwrap();
+        client.clone().oneshot(req()).await.unwrap();
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 2 * cases.len());
+    let attribute = |s: &SpanData, key: &str| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    for (i, (path, content_type, name, rpc)) in cases.into_iter().enumerate() {
+        for (span, kind) in [
+            (&spans[2 * i], SpanKind::Server),
+            (&spans[2 * i + 1], SpanKind::Client),
+        ] {
+            assert_eq!(span.span_kind, kind);
+            assert_eq!(span.name, name, "{kind:?} {path} ({content_type})");
+            assert_eq!(
+                attribute(span, "rpc.system").as_deref(),
+                rpc.map(|_| "grpc"),
+                "{kind:?} {path} ({content_type})"
+            );
+            assert_eq!(attribute(span, "rpc.service").as_deref(), rpc.map(|r| r.0));
+            assert_eq!(attribute(span, "rpc.method").as_deref(), rpc.map(|r| r.1));
+            assert_eq!(
+                attribute(span, "http.request.method").as_deref(),
+                Some("POST")
+            );
+        }
+    }
+}
+
+#[test]
+fn grpc_span_names_on_both_runtimes() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(grpc_span_names());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(grpc_span_names());
+}
+
 /// A request whose caller set `traceparent` keeps it, and gets no client span of ours (it
 /// would be the parent of nothing downstream); one without gets both.
 #[tokio::test(flavor = "current_thread")]
