@@ -325,7 +325,7 @@ where
             self.spans.start(
                 SpanKind::Client,
                 req.method(),
-                spans::grpc_call(req.method(), req.headers(), req.uri()),
+                || spans::grpc_call(req.method(), req.headers(), req.uri()),
                 &current,
                 |attrs| client_attributes(req.uri(), attrs),
             )

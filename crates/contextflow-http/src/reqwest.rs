@@ -135,14 +135,16 @@ impl Middleware for InjectContextMiddleware {
         // would be the parent of nothing.
         let span = match &uri {
             _ if req.headers().contains_key(TRACEPARENT) => None,
-            Ok(uri) => self
-                .spans
-                .start(SpanKind::Client, req.method(), None, &current, |attrs| {
-                    client_attributes(uri, attrs)
-                }),
+            Ok(uri) => self.spans.start(
+                SpanKind::Client,
+                req.method(),
+                || None,
+                &current,
+                |attrs| client_attributes(uri, attrs),
+            ),
             Err(_) => self
                 .spans
-                .start(SpanKind::Client, req.method(), None, &current, |_| {}),
+                .start(SpanKind::Client, req.method(), || None, &current, |_| {}),
         };
         let cx = span.as_ref().unwrap_or(&current);
         // A URL `http` cannot read gets no baggage when a filter is set.

@@ -539,7 +539,7 @@ where
         let span_cx = self.spans.start(
             SpanKind::Server,
             req.method(),
-            spans::grpc_call(req.method(), req.headers(), req.uri()),
+            || spans::grpc_call(req.method(), req.headers(), req.uri()),
             &cx,
             |attrs| {
                 attrs.push(KeyValue::new("url.path", req.uri().path().to_owned()));

@@ -54,23 +54,24 @@ impl Spans {
         }
     }
 
-    /// Starts a span of `kind` named after `method` (or the gRPC call `rpc`) under `parent`;
-    /// `None` when spans are off.
+    /// Starts a span of `kind` named after `method` (or the gRPC call `rpc` finds, asked only
+    /// when there is a tracer) under `parent`; `None` when spans are off.
     /// `attributes` adds the span's attributes at its start, where the sampler sees them (the
     /// semantic conventions' sampling-relevant attributes), in one `Vec` the span keeps (with
     /// room for the status code added at its end).
     ///
     /// A gRPC call ([`grpc_call`]) is named `{service}/{method}` and gets `rpc.system`,
     /// `rpc.service` and `rpc.method`, as the RPC conventions say.
-    pub(crate) fn start(
+    pub(crate) fn start<'a>(
         &self,
         kind: SpanKind,
         method: &Method,
-        rpc: Option<GrpcCall<'_>>,
+        rpc: impl FnOnce() -> Option<GrpcCall<'a>>,
         parent: &Context,
         attributes: impl FnOnce(&mut Vec<KeyValue>),
     ) -> Option<Context> {
         let tracer = self.get()?;
+        let rpc = rpc();
         let mut attrs = Vec::with_capacity(if rpc.is_some() { 9 } else { 6 });
         attrs.push(KeyValue::new("http.request.method", method_name(method)));
         let name = match rpc {
