@@ -38,7 +38,8 @@ pub(crate) struct SpanInfo<'a> {
 /// the no-op one (an application that installs its SDK after starting its consumers, or
 /// never), it is asked again at most once per [`GlobalTracer::PROBE_EVERY`]: a consumer made
 /// before the SDK was installed still gets spans once it is, and one without any SDK pays one
-/// clock read per message. A real tracer, once found, is kept.
+/// clock read per message. A real tracer, once found, is kept: a provider installed later in
+/// its place (or shut down) is not seen by this consumer, as with any tracer taken from it.
 pub(crate) struct GlobalTracer {
     tracer: OnceLock<BoxedTracer>,
     /// When the global provider may be asked next, in milliseconds since [`epoch`].
@@ -213,7 +214,7 @@ impl fmt::Debug for Spans {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     use opentelemetry::trace::{noop::NoopTracer, TracerProvider as _};
     use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -224,8 +225,11 @@ mod tests {
     /// application has installed one (the global provider itself is left alone: other tests
     /// of this binary run meanwhile).
     static INSTALLED: AtomicBool = AtomicBool::new(false);
+    /// How many times [`lookup`] was called.
+    static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
 
     fn lookup() -> BoxedTracer {
+        LOOKUPS.fetch_add(1, Ordering::SeqCst);
         if INSTALLED.load(Ordering::SeqCst) {
             let provider = SdkTracerProvider::builder()
                 .with_simple_exporter(InMemorySpanExporter::default())
@@ -242,10 +246,22 @@ mod tests {
     fn an_sdk_installed_after_the_first_message_is_found() {
         let global = GlobalTracer::new(lookup);
         assert!(global.get().is_none());
+        assert_eq!(LOOKUPS.load(Ordering::SeqCst), 1);
+        // The no-op answer is believed for a while: the next probe is due `PROBE_EVERY` after
+        // this one (no message here waits that long, which would be a timed test).
+        let due = global.next_probe_ms.load(Ordering::Relaxed);
+        let probed = u64::try_from(epoch().elapsed().as_millis()).unwrap();
+        let every = u64::try_from(GlobalTracer::PROBE_EVERY.as_millis()).unwrap();
         assert!(
-            global.next_probe_ms.load(Ordering::Relaxed) > 0,
-            "the no-op answer is believed for a while"
+            due > probed.saturating_sub(every) && due <= probed + every,
+            "{due} {probed}"
         );
+        // Until then, no lookup at all.
+        global.next_probe_ms.store(u64::MAX, Ordering::Relaxed);
+        for _ in 0..100 {
+            assert!(global.get().is_none());
+        }
+        assert_eq!(LOOKUPS.load(Ordering::SeqCst), 1);
         INSTALLED.store(true, Ordering::SeqCst);
         // As if `PROBE_EVERY` had passed.
         global.next_probe_ms.store(0, Ordering::Relaxed);
@@ -257,10 +273,11 @@ mod tests {
         let cx = spans.start(&info, &Context::new(), Vec::new(), None);
         let cx = cx.expect("a span once the SDK is there");
         assert!(cx.span().span_context().is_valid());
-        // A real tracer, once found, is kept.
+        // A real tracer, once found, is kept, and the provider is not asked again.
         INSTALLED.store(false, Ordering::SeqCst);
         assert!(spans
             .start(&info, &Context::new(), Vec::new(), None)
             .is_some());
+        assert_eq!(LOOKUPS.load(Ordering::SeqCst), 2);
     }
 }

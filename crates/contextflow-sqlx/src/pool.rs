@@ -6,7 +6,7 @@ use std::{
     future::Future,
     panic::{resume_unwind, AssertUnwindSafe, Location},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
         Arc, Mutex as StdMutex, PoisonError,
     },
 };
@@ -14,6 +14,7 @@ use std::{
 use contextflow::{AsyncLocal, Inherit};
 use futures_util::FutureExt as _;
 use sqlx::{Database, Execute, Executor, Pool};
+use tracing::Instrument as _;
 
 use crate::{
     conn::Conn,
@@ -823,68 +824,83 @@ where
     /// the caller waits for it, but dropping the caller (a client disconnect, a timeout) with
     /// `COMMIT` in flight stops neither the commit nor, once it is done, the hooks. The task
     /// carries the block's context without its transactions, like
-    /// [`after_commit_run`](Self::after_commit_run), and logs the outcome in that context when
-    /// the caller has gone. A hook's panic reaches the caller.
+    /// [`after_commit_run`](Self::after_commit_run), and the current `tracing` span. It logs an
+    /// unknown outcome itself (so that the line is written whether or not the caller is still
+    /// there to take the error), and the outcome when the caller has gone. A hook's panic
+    /// reaches the caller.
     async fn commit_then_hooks(
         &self,
         taken: Taken<DB>,
         level: Arc<Level<DB>>,
     ) -> Result<(), sqlx::Error> {
         let run = Arc::new(CommitRun {
-            committed: AtomicBool::new(false),
+            stage: AtomicU8::new(CommitRun::NOT_STARTED),
             hooks: StdMutex::new(VecDeque::new()),
         });
         let waiting = CallerWaiting(Arc::new(AtomicBool::new(true)));
-        let task = contextflow::spawn({
+        let task = {
             let run = run.clone();
             let caller = waiting.0.clone();
-            async move {
-                if let Err(err) = taken.commit().await {
+            contextflow::spawn(
+                async move {
+                    run.stage.store(CommitRun::COMMITTING, Ordering::Release);
+                    if let Err(err) = taken.commit().await {
+                        let err = err.into_error();
+                        if !caller.load(Ordering::Acquire) {
+                            tracing::error!(
+                                target: "contextflow_sqlx",
+                                error = %err,
+                                "the transaction's caller went away during COMMIT, which did not \
+                                 commit (or may not have): its after-commit hooks are dropped"
+                            );
+                        }
+                        return Err(err);
+                    }
+                    run.hooks
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .extend(level.take_hooks());
+                    run.stage.store(CommitRun::COMMITTED, Ordering::Release);
                     if !caller.load(Ordering::Acquire) {
-                        tracing::error!(
+                        tracing::warn!(
                             target: "contextflow_sqlx",
-                            error = ?err,
-                            "the transaction's caller went away during COMMIT, which did not \
-                             commit (or may not have): its after-commit hooks are dropped"
+                            "the transaction's caller went away during COMMIT, which committed: \
+                             its after-commit hooks run"
                         );
                     }
-                    return Err(err);
+                    run_queued_hooks(&run.hooks).await;
+                    Ok(())
                 }
-                run.hooks
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .extend(level.take_hooks());
-                run.committed.store(true, Ordering::Release);
-                if !caller.load(Ordering::Acquire) {
-                    tracing::warn!(
-                        target: "contextflow_sqlx",
-                        "the transaction's caller went away during COMMIT, which committed: \
-                         its after-commit hooks run"
-                    );
-                }
-                run_queued_hooks(&run.hooks).await;
-                Ok(())
-            }
-        });
+                .instrument(tracing::Span::current()),
+            )
+        };
         let result = match task.await {
-            Ok(result) => result.map_err(CommitError::into_error),
+            Ok(result) => result,
             Err(err) if err.is_panic() => resume_unwind(err.into_panic()),
-            // Cancelled: the runtime is shutting down. Hooks the task had not started are run
-            // here if the transaction committed.
-            Err(_) if run.committed.load(Ordering::Acquire) => {
-                let rest: Vec<Hook> = run
-                    .hooks
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .drain(..)
-                    .collect();
-                self.inner.current.unset(run_hooks(rest)).await;
-                Ok(())
-            }
-            Err(_) => Err(CommitError::Unknown(sqlx::Error::Protocol(
-                "the task running COMMIT was cancelled (the runtime is shutting down)".into(),
-            ))
-            .into_error()),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => match run.stage.load(Ordering::Acquire) {
+                // Hooks the task had not started are run here.
+                CommitRun::COMMITTED => {
+                    let rest: Vec<Hook> = run
+                        .hooks
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .drain(..)
+                        .collect();
+                    self.inner.current.unset(run_hooks(rest)).await;
+                    Ok(())
+                }
+                // Dropped before it sent anything: the transaction was rolled back with it.
+                CommitRun::NOT_STARTED => Err(sqlx::Error::Protocol(
+                    "not committed: the task that was to run COMMIT was cancelled before it \
+                     started (the runtime is shutting down); the transaction was rolled back"
+                        .into(),
+                )),
+                _ => Err(CommitError::Unknown(sqlx::Error::Protocol(
+                    "the task running COMMIT was cancelled (the runtime is shutting down)".into(),
+                ))
+                .into_error()),
+            },
         };
         drop(waiting);
         result
@@ -905,7 +921,7 @@ where
         let queue = Arc::new(StdMutex::new(VecDeque::from(hooks)));
         let task = contextflow::spawn({
             let queue = queue.clone();
-            async move { run_queued_hooks(&queue).await }
+            async move { run_queued_hooks(&queue).await }.instrument(tracing::Span::current())
         });
         match task.await {
             Ok(()) => {}
@@ -1270,11 +1286,19 @@ where
     result
 }
 
-/// What [`TxPool::commit_then_hooks`]'s task shares with its caller: whether the transaction
-/// committed, and the hooks not started yet.
+/// What [`TxPool::commit_then_hooks`]'s task shares with its caller: how far it got, and the
+/// hooks not started yet.
 struct CommitRun {
-    committed: AtomicBool,
+    /// [`NOT_STARTED`](Self::NOT_STARTED), [`COMMITTING`](Self::COMMITTING) or
+    /// [`COMMITTED`](Self::COMMITTED).
+    stage: AtomicU8,
     hooks: StdMutex<VecDeque<Hook>>,
+}
+
+impl CommitRun {
+    const NOT_STARTED: u8 = 0;
+    const COMMITTING: u8 = 1;
+    const COMMITTED: u8 = 2;
 }
 
 /// Held by the caller of [`TxPool::commit_then_hooks`] while it waits: `false` once the

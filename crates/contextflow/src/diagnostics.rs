@@ -221,18 +221,22 @@ static READS_REPORTED: Mutex<Option<HashSet<(usize, usize)>>> = Mutex::new(None)
 /// The leaks reported so far.
 #[cfg(feature = "tokio")]
 static LEAKS_REPORTED: Mutex<LeaksReported> = Mutex::new(LeaksReported {
-    pairs: None,
+    labels: None,
+    pairs: 0,
     sites: None,
 });
 
-/// The (root label, spawn site) pairs of leaked tasks reported so far, at most
-/// [`MAX_LEAK_PAIRS`]; past that, the spawn sites reported since. A leak is reported once per
-/// pair while there is room, then once per spawn site whatever its root's label: labels made
-/// per request (`Root::new(format!("order {id}"))`) would otherwise grow the record without
-/// bound, and have the check wait for each request's plain-spawned tasks.
+/// The (root label, spawn site) pairs of leaked tasks reported so far (the labels of each
+/// site), at most [`MAX_LEAK_PAIRS`]; past that, the spawn sites reported since. A leak is
+/// reported once per pair while there is room, then once per spawn site whatever its root's
+/// label: labels made per request (`Root::new(format!("order {id}"))`) would otherwise grow the
+/// record without bound. Once full, the record stays full: a new label's leak from a site
+/// already reported past the bound is not reported again.
 #[cfg(feature = "tokio")]
 struct LeaksReported {
-    pairs: Option<HashSet<(String, usize)>>,
+    labels: Option<std::collections::HashMap<usize, HashSet<String>>>,
+    /// How many (label, site) pairs `labels` holds.
+    pairs: usize,
     sites: Option<HashSet<usize>>,
 }
 
@@ -244,17 +248,26 @@ const MAX_LEAK_PAIRS: usize = 1024;
 impl LeaksReported {
     fn is_new(&self, root: &str, at: &'static Location<'static>) -> bool {
         let site = site_key(at);
-        let pairs = self.pairs.as_ref();
-        let full = pairs.is_some_and(|p| p.len() >= MAX_LEAK_PAIRS);
-        let pair_seen = pairs.is_some_and(|p| p.contains(&(root.to_owned(), site)));
-        let site_seen = full && self.sites.as_ref().is_some_and(|s| s.contains(&site));
+        let pair_seen = self
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(&site))
+            .is_some_and(|labels| labels.contains(root));
+        let site_seen =
+            self.pairs >= MAX_LEAK_PAIRS && self.sites.as_ref().is_some_and(|s| s.contains(&site));
         !pair_seen && !site_seen
     }
 
     fn insert(&mut self, root: &str, at: &'static Location<'static>) {
-        let pairs = self.pairs.get_or_insert_with(HashSet::new);
-        if pairs.len() < MAX_LEAK_PAIRS {
-            pairs.insert((root.to_owned(), site_key(at)));
+        if self.pairs < MAX_LEAK_PAIRS {
+            let labels = self.labels.get_or_insert_with(Default::default);
+            if labels
+                .entry(site_key(at))
+                .or_default()
+                .insert(root.to_owned())
+            {
+                self.pairs += 1;
+            }
         } else {
             self.sites
                 .get_or_insert_with(HashSet::new)
@@ -265,7 +278,7 @@ impl LeaksReported {
     /// How many entries the record holds (pairs and sites).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.pairs.as_ref().map_or(0, HashSet::len) + self.sites.as_ref().map_or(0, HashSet::len)
+        self.pairs + self.sites.as_ref().map_or(0, HashSet::len)
     }
 }
 
@@ -693,7 +706,8 @@ mod tests {
     #[test]
     fn the_leak_record_is_bounded_under_per_request_labels() {
         let mut record = LeaksReported {
-            pairs: None,
+            labels: None,
+            pairs: 0,
             sites: None,
         };
         let at = Location::caller();
