@@ -474,6 +474,17 @@ impl TextMapPropagator for RequestIdPropagator {
     }
 }
 
+/// An [`Injector`] that passes everything on but `x-request-id` (in any case).
+struct WithoutRequestId<'a>(&'a mut dyn Injector);
+
+impl Injector for WithoutRequestId<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if !key.eq_ignore_ascii_case(X_REQUEST_ID) {
+            self.0.set(key, value);
+        }
+    }
+}
+
 // ===== impl Propagation =====
 
 impl Propagation {
@@ -543,8 +554,18 @@ impl Propagation {
     /// ```
     pub fn extract_parts(&self, cx: &Context, extractor: &dyn Extractor) -> (Context, RequestId) {
         let bounded = Bounded(extractor);
+        let outer = cx.get::<RequestId>();
         let cx = self.extract_trace(cx, &bounded);
-        (cx, RequestIdPropagator::extract_id(&bounded))
+        // A trace propagator that carries the request id itself (`default_propagator()`
+        // installed as the global one) has read it already: the same id, not a second one
+        // (for a carrier without one, two fresh ids would differ).
+        match cx.get::<RequestId>() {
+            Some(id) if !outer.is_some_and(|outer| outer.same(id)) => {
+                let id = id.clone();
+                (cx, id)
+            }
+            _ => (cx, RequestIdPropagator::extract_id(&bounded)),
+        }
     }
 
     /// [`extract_parts`](Self::extract_parts) for a carrier that hands out raw values: with
@@ -637,13 +658,18 @@ impl Propagation {
     /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
     /// ```
     pub fn inject(&self, cx: &Context, injector: &mut dyn Injector) {
+        // The request id is written once, below: a trace propagator that writes it too
+        // (`default_propagator()` installed as the global one) would make a carrier that
+        // appends (Kafka headers, stream fields, MQTT user properties) carry it twice, which
+        // the receiving side rejects as a repeated id.
+        let mut trace_fields = WithoutRequestId(injector);
         match &self.trace {
-            Some(p) => p.inject_context(cx, injector),
+            Some(p) => p.inject_context(cx, &mut trace_fields),
             None => opentelemetry::global::get_text_map_propagator(|p| {
                 if p.fields().next().is_none() {
-                    FALLBACK.inject_context(cx, injector)
+                    FALLBACK.inject_context(cx, &mut trace_fields)
                 } else {
-                    p.inject_context(cx, injector)
+                    p.inject_context(cx, &mut trace_fields)
                 }
             }),
         }

@@ -50,6 +50,11 @@ pub struct InvalidRequestId {
 // ===== impl RequestId =====
 
 impl RequestId {
+    /// Whether `self` and `other` are the same id value (one allocation), not only equal.
+    pub(crate) fn same(&self, other: &RequestId) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// A new random request id: a lower-case hyphenated UUID v4, from a cryptographically
     /// secure generator.
     ///

@@ -199,6 +199,51 @@ fn propagation_always_carries_a_request_id() {
     assert_eq!(p.fields(), ["traceparent", "tracestate", "x-request-id"]);
 }
 
+/// With `default_propagator()` as the trace propagator (what installing it globally gives
+/// `Propagation::global()`), which carries the request id itself, the id is still written
+/// once (a carrier that appends would carry two, which the receiver rejects as repeated) and
+/// read once (with no id in the carrier, the context and the returned id are one fresh id).
+#[test]
+fn a_trace_propagator_that_carries_the_request_id_does_not_double_it() {
+    let p = Propagation::with_propagator(default_propagator());
+    let cx = p.extract(&Pairs::new([("traceparent", TP), ("x-request-id", "r-9")]));
+    let mut out = Vec::new();
+    p.inject(
+        &cx,
+        &mut InjectFn(|k: &str, v: String| out.push((k.to_owned(), v))),
+    );
+    let ids: Vec<&str> = out
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(ids, ["r-9"], "{out:?}");
+    assert_eq!(out.iter().filter(|(k, _)| k == "traceparent").count(), 1);
+
+    // No id in the carrier: one fresh id, the same in the context and in the result.
+    let (cx, id) = p.extract_parts(&Context::new(), &Pairs::new([("traceparent", TP)]));
+    assert_eq!(
+        cx.get::<RequestId>().map(RequestId::as_str),
+        Some(id.as_str())
+    );
+    let cx = p.extract(&Pairs::new([("traceparent", TP)]));
+    let mut out = Vec::new();
+    p.inject(
+        &cx,
+        &mut InjectFn(|k: &str, v: String| out.push((k.to_owned(), v))),
+    );
+    assert_eq!(
+        out.iter().filter(|(k, _)| k == "x-request-id").count(),
+        1,
+        "{out:?}"
+    );
+
+    // An outer context's id is not taken for the carrier's.
+    let outer = Context::new().with_value("outer-1".parse::<RequestId>().unwrap());
+    let (_, id) = p.extract_parts(&outer, &Pairs::new([("x-request-id", "r-10")]));
+    assert_eq!(id.as_str(), "r-10");
+}
+
 #[test]
 fn over_long_values_are_ignored_by_extract() {
     let long = format!("{TP}{}", " ".repeat(9000));
