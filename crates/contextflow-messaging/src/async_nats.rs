@@ -47,13 +47,25 @@
 //! let consumer = nats::consumer("jobs.email");
 //! let mut messages = worker.messages().await?;
 //! while let Some(message) = messages.next().await {
-//!     let message = message?;
+//!     let message = match message {
+//!         Ok(message) => message,
+//!         // A missed heartbeat (a slow link, a server restart) does not end the stream.
+//!         Err(err) if err.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+//!             tracing::warn!(%err, "JetStream heartbeat missed");
+//!             continue;
+//!         }
+//!         Err(err) => return Err(err.into()),
+//!     };
 //!     // A redelivery of this message runs in the same context as its first delivery.
-//!     nats::scope(&consumer, &message, async {
+//!     let acked = nats::scope(&consumer, &message, async {
 //!         tracing::info!("sending the email");
 //!         message.ack().await
 //!     })
-//!     .await?;
+//!     .await;
+//!     // Not acknowledged: the server sends the message again after the consumer's `ack_wait`.
+//!     if let Err(err) = acked {
+//!         tracing::warn!(%err, "could not acknowledge the message");
+//!     }
 //! }
 //! # Ok(()) }
 //! ```

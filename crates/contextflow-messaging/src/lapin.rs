@@ -15,8 +15,9 @@
 //!
 //! ```no_run
 //! use contextflow_messaging::lapin as amqp;
-//! use futures_util::StreamExt as _;
+//! use futures_util::{FutureExt as _, StreamExt as _};
 //! use lapin::{options::*, types::FieldTable, BasicProperties, Connection};
+//! use std::panic::AssertUnwindSafe;
 //!
 //! # #[allow(dead_code)]
 //! # async fn run(connection: Connection) -> lapin::Result<()> {
@@ -37,8 +38,19 @@
 //!     let delivery = delivery?;
 //!     let message = amqp::context(&consumer, &delivery);
 //!     contextflow::spawn(message.scope(async move {
-//!         tracing::info!("order received"); // with the producer's request id and trace id
-//!         delivery.ack(BasicAckOptions::default()).await
+//!         let handled = AssertUnwindSafe(async {
+//!             tracing::info!("order received"); // with the producer's request id and trace id
+//!             Ok::<(), std::io::Error>(())
+//!         })
+//!         .catch_unwind()
+//!         .await;
+//!         match handled {
+//!             Ok(Ok(())) => delivery.ack(BasicAckOptions::default()).await,
+//!             // A failed or panicking handler hands the delivery back (requeued here; with
+//!             // `requeue: false` and a dead-letter exchange, set aside). Left unacknowledged,
+//!             // it would hold one of the channel's prefetch slots until the channel closes.
+//!             _ => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+//!         }
 //!     }));
 //! }
 //! # Ok(()) }

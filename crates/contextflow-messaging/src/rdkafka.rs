@@ -29,16 +29,29 @@
 //! let record = BaseRecord::to("orders").key("17").payload("{}").headers(headers);
 //! producer.send(record).map_err(|(e, _)| e)?;
 //!
-//! // Consume, in a thread or task of its own: each record's handler runs in its context.
+//! // Consume, in a thread or task of its own: each record's handler runs in its context. The
+//! // consumer is made with `enable.auto.offset.store=false`, and a record's offset is stored
+//! // once it is handled: a crash in a handler redelivers the record instead of losing it.
 //! records.subscribe(&["orders"])?;
 //! let consumer = kafka::consumer("orders");
-//! while let Some(record) = records.poll(Duration::from_secs(1)) {
-//!     let record = record?;
+//! loop {
+//!     let record = match records.poll(Duration::from_secs(1)) {
+//!         // Nothing within the second: poll again (`None` is not the end of the stream).
+//!         None => continue,
+//!         // An error about one poll (a broker down for a moment, a partition's end): the
+//!         // consumer goes on.
+//!         Some(Err(err)) => {
+//!             tracing::warn!(%err, "kafka poll failed");
+//!             continue;
+//!         }
+//!         Some(Ok(record)) => record,
+//!     };
 //!     let message = kafka::context(&consumer, &record);
 //!     message.run(|| tracing::info!("order received")); // with the producer's request id
 //!     message.finish();
+//!     records.store_offset_from_message(&record)?;
 //! }
-//! # Ok(()) }
+//! # }
 //! ```
 //!
 //! `rdkafka` is used without its default features, with `dynamic-linking` against the

@@ -137,8 +137,9 @@ impl Extractor for FieldExtractor<'_> {
 
     /// Every field named `key` without regard to case, in name order (`traceparent` and
     /// `TraceParent` are two values, so a repeated single-valued field is seen as repeated); a
-    /// value that is not text counts, as an empty one. (The same name twice in one entry
-    /// reaches us once: redis-rs keeps the last.)
+    /// value that is not text counts, as an empty one. A name repeated within the entry, read
+    /// by [`ReadReply`], [`AutoClaimReply`] or [`Entries`] (an array of its values), counts
+    /// each value. (redis-rs's own reply types keep only the last of a repeated name.)
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
         let mut named: Vec<(&String, &Value)> = self
             .fields
@@ -146,10 +147,15 @@ impl Extractor for FieldExtractor<'_> {
             .filter(|(name, _)| name.eq_ignore_ascii_case(key))
             .collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
-        let all: Vec<&str> = named
-            .into_iter()
-            .map(|(_, v)| as_str(v).unwrap_or(""))
-            .collect();
+        let mut all = Vec::with_capacity(named.len());
+        for (_, value) in named {
+            match value {
+                Value::Array(values) => {
+                    all.extend(values.iter().map(|v| as_str(v).unwrap_or("")));
+                }
+                value => all.push(as_str(value).unwrap_or("")),
+            }
+        }
         (!all.is_empty()).then_some(all)
     }
 }
@@ -293,7 +299,11 @@ pub fn scope<F: std::future::Future>(
 /// worker that reads its pending entries again (`0`) after an error fails on the same entry
 /// forever. With this type the worker gets every entry and decides (a propagation field never
 /// has such a name, so the entry's context is read as usual). A nil reply (`BLOCK` timed out) is
-/// an empty one; a deleted entry still pending (`[id, nil]`) has no fields.
+/// an empty one; a deleted entry still pending (`[id, nil]`) has no fields. A field name that
+/// comes more than once in one entry (`XADD` allows it), or two names that read the same once
+/// decoded, keep every value: the field's value is then a `Value::Array` of them, in order
+/// (redis-rs's type keeps the last one only), and [`FieldExtractor`] reads such a propagation
+/// field as repeated, so it is refused.
 ///
 /// ```
 /// use contextflow_messaging::redis::ReadReply;
@@ -480,11 +490,24 @@ fn lossy_entries(v: Value) -> Result<Vec<StreamId>, redis::ParsingError> {
             }
             other => return Err(not_a("entry's fields", &other)),
         };
-        let mut map = HashMap::with_capacity(pairs.len());
+        let mut map: HashMap<String, Value> = HashMap::with_capacity(pairs.len());
         for (name, value) in pairs {
             // A name that is not a string at all is not a field anyone can read by name.
-            if let Some(name) = lossy_text(name) {
-                map.insert(name, value);
+            let Some(name) = lossy_text(name) else {
+                continue;
+            };
+            // A repeated name keeps every value (stream values are strings: an array is ours).
+            match map.entry(name) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                std::collections::hash_map::Entry::Occupied(mut slot) => match slot.get_mut() {
+                    Value::Array(values) => values.push(value),
+                    first => {
+                        let first = std::mem::replace(first, Value::Nil);
+                        slot.insert(Value::Array(vec![first, value]));
+                    }
+                },
             }
         }
         let number = |v: Option<Value>| match v {
@@ -548,5 +571,43 @@ mod tests {
         let extractor = FieldExtractor::new(&fields);
         assert_eq!(extractor.get_all("traceparent").unwrap(), ["", "b", "a"]);
         assert_eq!(extractor.get_all("missing"), None);
+    }
+
+    /// A name repeated within one entry, or two names that read the same once decoded, keep
+    /// every value; a repeated propagation field reads as repeated.
+    #[test]
+    fn repeated_names_keep_every_value() {
+        let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+        let entry = Value::Array(vec![Value::Array(vec![
+            bulk(b"1-0"),
+            Value::Array(vec![
+                bulk(b"x-request-id"),
+                bulk(b"job-d"),
+                bulk(b"\xff"),
+                bulk(b"one"),
+                bulk(b"x-request-id"),
+                bulk(b"job-e"),
+                bulk(b"\xfe"),
+                bulk(b"two"),
+                bulk(b"x-request-id"),
+                bulk(b"job-f"),
+            ]),
+        ])]);
+        let entries = lossy_entries(entry).unwrap();
+        let map = &entries[0].map;
+        assert_eq!(map.len(), 2, "{map:?}");
+        assert_eq!(
+            map["\u{FFFD}"],
+            Value::Array(vec![bulk(b"one"), bulk(b"two")])
+        );
+        let extractor = FieldExtractor::from_entry(&entries[0]);
+        assert_eq!(
+            extractor.get_all("x-request-id").unwrap(),
+            ["job-d", "job-e", "job-f"]
+        );
+        assert_eq!(extractor.get("x-request-id"), None);
+        let (_, id) = contextflow_otel::Propagation::global()
+            .extract_parts(&opentelemetry::Context::new(), &extractor);
+        assert!(!id.as_str().starts_with("job-"), "{id}");
     }
 }

@@ -15,7 +15,11 @@
 //!
 //! # #[allow(dead_code)]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! let (client, mut events) = AsyncClient::new(MqttOptions::new("worker", "127.0.0.1", 1883), 64);
+//! let mut options = MqttOptions::new("worker", "127.0.0.1", 1883);
+//! // A QoS 1 message is acknowledged once its handler is done, not as it arrives (rumqttc's
+//! // default): a crash in the handler then leaves it to be sent again.
+//! options.set_manual_acks(true);
+//! let (client, mut events) = AsyncClient::new(options, 64);
 //! client.subscribe("orders/created", QoS::AtLeastOnce).await?;
 //! // Publish, inside a request: the request's context goes into the user properties.
 //! mqtt::publish(&client, "orders/created", QoS::AtLeastOnce, false, "{}").await?;
@@ -23,11 +27,23 @@
 //! // Consume: each message's handler runs in the context its user properties carry.
 //! let consumer = mqtt::consumer("orders/created");
 //! loop {
-//!     if let Event::Incoming(Packet::Publish(message)) = events.poll().await? {
-//!         let context = mqtt::context(&consumer, &message);
-//!         contextflow::spawn(context.scope(async move {
-//!             tracing::info!(bytes = message.payload.len(), "order received"); // with the producer's request id
-//!         }));
+//!     match events.poll().await {
+//!         Ok(Event::Incoming(Packet::Publish(message))) => {
+//!             let context = mqtt::context(&consumer, &message);
+//!             let client = client.clone();
+//!             contextflow::spawn(context.scope(async move {
+//!                 tracing::info!(bytes = message.payload.len(), "order received"); // with the producer's request id
+//!                 if let Err(err) = client.ack(&message).await {
+//!                     tracing::warn!(%err, "could not acknowledge the message");
+//!                 }
+//!             }));
+//!         }
+//!         Ok(_) => {}
+//!         // rumqttc reconnects on the next poll: keep polling, after a pause.
+//!         Err(err) => {
+//!             tracing::warn!(%err, "MQTT connection lost");
+//!             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+//!         }
 //!     }
 //! }
 //! # }
