@@ -480,15 +480,16 @@ pub fn payment_key(order_id: i64) -> String {
     format!("order-{order_id}")
 }
 
-/// The shape rules: reference, number of lines, quantities.
+/// Whether `s` is 1 to 64 characters of `[A-Za-z0-9._:-]` (references and SKUs).
+fn is_identifier(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The shape rules: reference, SKUs, number of lines, quantities.
 fn validate(order: &NewOrder) -> Result<(), ServiceError> {
-    let reference_ok = !order.reference.is_empty()
-        && order.reference.len() <= 64
-        && order
-            .reference
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if !reference_ok {
+    if !is_identifier(&order.reference) {
         return Err(ServiceError::Invalid(
             "reference must be 1 to 64 characters of [A-Za-z0-9._:-]".into(),
         ));
@@ -504,9 +505,11 @@ fn validate(order: &NewOrder) -> Result<(), ServiceError> {
                 "quantity must be 1 to {MAX_QUANTITY}"
             )));
         }
-        if item.sku.is_empty() || item.sku.len() > 64 {
+        // The reference's alphabet: a SKU is looked up in the database, and PostgreSQL refuses
+        // some text outright (a NUL byte), which would otherwise answer 500, not 422.
+        if !is_identifier(&item.sku) {
             return Err(ServiceError::Invalid(
-                "sku must be 1 to 64 characters".into(),
+                "sku must be 1 to 64 characters of [A-Za-z0-9._:-]".into(),
             ));
         }
     }

@@ -134,7 +134,7 @@ impl OrderRepository {
              locked AS (
                 SELECT i.sku FROM inventory i
                 WHERE i.tenant_id = $1 AND i.sku IN (SELECT sku FROM v)
-                ORDER BY i.sku FOR UPDATE
+                ORDER BY i.sku COLLATE \"C\" FOR UPDATE
              ),
              taken AS (
                 UPDATE inventory i SET stock = i.stock - v.quantity FROM v, locked
@@ -652,7 +652,7 @@ impl IdsQuery {
 }
 
 fn order_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Order, sqlx::Error> {
-    Ok(Order {
+    let mut order = Order {
         id: row.try_get("id")?,
         reference: row.try_get("reference")?,
         status: row.try_get("status")?,
@@ -669,5 +669,9 @@ fn order_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Order, sqlx::Error>
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?,
-    })
+    };
+    // In byte order, as the service sorts an order's lines (a database's `ORDER BY` follows
+    // its collation, which may not): a retry returns the lines as the first answer did.
+    order.items.sort_by(|a, b| a.sku.cmp(&b.sku));
+    Ok(order)
 }

@@ -110,7 +110,7 @@ pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Pools, Co
     let roles = Roles::for_schema(&database, &schema);
     let parsed = url::Url::parse(url).map_err(|e| ConnectError::Config(e.to_string()))?;
     let password = match parsed.password() {
-        Some(password) => Some(derived_password(&mut conn, &roles.app, password).await?),
+        Some(password) => Some(derived_password(&roles.app, password)),
         None => None,
     };
     create_roles(&mut conn, &schema, &roles, password.as_deref()).await?;
@@ -302,20 +302,14 @@ async fn lock(conn: &mut AnyConnection, schema: &str) -> Result<(), sqlx::Error>
 }
 
 /// The application role's password: hex of `sha256` over the role and the superuser's
-/// password.
-async fn derived_password(
-    conn: &mut AnyConnection,
-    role: &str,
-    superuser_password: &str,
-) -> Result<String, sqlx::Error> {
+/// password. Computed here: sent to the server as a query parameter, the superuser's password
+/// would be in the server's log wherever statements are logged with their parameters
+/// (`log_statement = all`, `log_min_duration_statement`).
+fn derived_password(role: &str, superuser_password: &str) -> String {
+    use sha2::{Digest as _, Sha256};
     let password = percent_decode(superuser_password);
-    sqlx::query_scalar(
-        "SELECT encode(sha256(convert_to('order-service app role' || chr(10) || $1 || chr(10) || $2, 'UTF8')), 'hex')",
-    )
-    .bind(role)
-    .bind(password)
-    .fetch_one(conn)
-    .await
+    let digest = Sha256::digest(format!("order-service app role\n{role}\n{password}"));
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `url` logging in as `user` (with `password`) when given, and naming itself
@@ -434,6 +428,17 @@ mod tests {
         assert_eq!(
             scram_verifier("pencil", &salt),
             "SCRAM-SHA-256$4096:AAECAwQFBgcICQoLDA0ODw==$zHCdol2044/ZyWzPLi7oxApCkamKw9Z+E4U/QApd/5Y=:dd5peBOitVnLNFu7VmwP+HiDaaw4OUCv396eVCWhYiE="
+        );
+    }
+
+    /// The same password as the server-side `sha256` the service used before (checked with
+    /// PostgreSQL's `encode(sha256(convert_to(...)), 'hex')` and Python's `hashlib`), so a role
+    /// made by an older build still logs in.
+    #[test]
+    fn derived_password_matches_the_server_side_digest() {
+        assert_eq!(
+            derived_password("order_app_x", "p%C3%A4ss%20word"),
+            "0b12d705993015d9aee3e95ee73099f898cf587c1e00c87958407497b376c133"
         );
     }
 

@@ -11,6 +11,7 @@ use lapin::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions, QueueDeclareOptions,
     },
+    publisher_confirm::Confirmation,
     types::FieldTable,
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
@@ -79,7 +80,7 @@ impl Amqp {
     }
 
     /// Publishes message `id` with the current context in its headers; returns once the broker
-    /// confirmed it (an error when it refused it).
+    /// confirmed it (an error when it refused it, or could not route it to the queue).
     pub(super) async fn publish(
         &self,
         id: i64,
@@ -94,21 +95,34 @@ impl Amqp {
             topic: topic.to_owned(),
             payload,
         })?;
+        // Mandatory: a message no queue takes (the queue gone with its consumer's channel) comes
+        // back to us instead of being confirmed and dropped, so the outbox keeps its row.
         let confirmation = self
             .publish
             .basic_publish(
                 "",
                 &self.queue,
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &body,
                 BasicProperties::default().with_headers(headers),
             )
             .await?
             .await?;
-        if confirmation.is_nack() {
-            return Err(format!("RabbitMQ refused message {id}").into());
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(format!(
+                "RabbitMQ could not route message {id} to queue {}",
+                self.queue
+            )
+            .into()),
+            Confirmation::Nack(_) => Err(format!("RabbitMQ refused message {id}").into()),
+            Confirmation::NotRequested => {
+                Err(format!("RabbitMQ did not confirm message {id} (confirms are off)").into())
+            }
         }
-        Ok(())
     }
 
     /// The deliveries of the service's queue, one at a time (`None` when the stream ends).
@@ -155,5 +169,38 @@ impl Received {
         if let Err(err) = self.delivery.ack(BasicAckOptions::default()).await {
             tracing::warn!(error = %err, "AMQP ack failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::options::QueueDeleteOptions;
+
+    use super::*;
+
+    /// A message no queue takes (the service's queue deleted, as RabbitMQ does with an
+    /// auto-delete queue when its consumer's channel closes) is an error, so the outbox keeps
+    /// its row; RabbitMQ confirms such a message and drops it unless it is mandatory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(cf_service_amqp),
+        ignore = "needs RabbitMQ: set CONTEXTFLOW_AMQP_URL"
+    )]
+    async fn an_unroutable_message_is_not_delivered() {
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Amqp);
+        let queue = format!("order-service-test-{}", uuid::Uuid::new_v4().simple());
+        let amqp = Amqp::connect(&url, &queue).await.expect("connect");
+        amqp.publish(1, "order.confirmed", serde_json::json!({}))
+            .await
+            .expect("the queue takes it");
+        amqp.consume
+            .queue_delete(&queue, QueueDeleteOptions::default())
+            .await
+            .expect("delete the queue");
+        let err = amqp
+            .publish(2, "order.confirmed", serde_json::json!({}))
+            .await
+            .expect_err("no queue takes it");
+        assert!(err.to_string().contains("could not route"), "{err}");
     }
 }

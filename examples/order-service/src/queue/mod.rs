@@ -246,6 +246,9 @@ impl Queue {
                 }
                 received.ack().await;
             }
+            // The channel closed: at shutdown, or on a channel error (the queue then goes with
+            // it, and publishes come back unrouted, so the outbox keeps their rows).
+            info!("the RabbitMQ consumer stopped: its channel closed");
         });
         let transport = Transport::Amqp(Arc::new(amqp));
         Ok((Queue { transport, pending }, consumer))

@@ -81,6 +81,19 @@ async fn postgres_failed_orders_write_nothing() {
     not(cf_service_postgres),
     ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
 )]
+async fn postgres_bad_requests_get_json_errors_and_write_nothing() {
+    let (base, schema, url) = fresh_schema().await;
+    let svc = start_url(&url).await;
+    crate::bad_input::bad_requests_get_json_errors(&svc).await;
+    svc.service.shutdown().await.expect("clean shutdown");
+    drop_schema(&base, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
 async fn postgres_retries_and_concurrent_duplicates_make_one_order() {
     let (base, schema, url) = fresh_schema().await;
     let svc = start_url(&url).await;
