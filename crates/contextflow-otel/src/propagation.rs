@@ -287,6 +287,17 @@ fn extract_trace_context(cx: &Context, source: &impl Source) -> Context {
     let Some(parent) = extract_traceparent(source) else {
         return cx.clone();
     };
+    // A full list an outer extraction kept (for the same trace, maybe) must not be sent with
+    // this one's span context: shadowed unless this extraction keeps one of its own.
+    let cx = &if cx.get::<FullTraceState>().is_some() {
+        cx.with_value(FullTraceState {
+            trace_id: opentelemetry::trace::TraceId::INVALID,
+            full: TraceState::new(),
+            projected: opentelemetry::trace::TraceState::default(),
+        })
+    } else {
+        cx.clone()
+    };
     if source.first(TRACESTATE).is_none() {
         return cx.with_remote_span_context(
             parent.to_remote_span_context(opentelemetry::trace::TraceState::default()),

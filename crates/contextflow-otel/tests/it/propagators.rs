@@ -22,6 +22,33 @@ fn round_trip(p: &dyn TextMapPropagator, pairs: &[(&str, &str)]) -> HashMap<Stri
     out
 }
 
+/// A second extraction on top of a context that kept a full list (an outer layer's, for the
+/// same trace) sends its own list, never the outer one's members.
+#[test]
+fn a_nested_extraction_does_not_send_the_outer_full_tracestate() {
+    let p = TraceContextPropagator::new();
+    let outer = p.extract(&Pairs::new([
+        ("traceparent", TP),
+        ("tracestate", "foo@@bar=1"),
+    ]));
+    for (pairs, want) in [
+        (
+            vec![("traceparent", TP), ("tracestate", "congo=x")],
+            Some("congo=x"),
+        ),
+        (vec![("traceparent", TP)], None),
+    ] {
+        let inner = p.extract_with_context(&outer, &Pairs::new(pairs.iter().copied()));
+        let mut out = HashMap::new();
+        p.inject_context(&inner, &mut out);
+        assert_eq!(out.get("tracestate").map(String::as_str), want, "{pairs:?}");
+    }
+    // The outer context itself still sends its list.
+    let mut out = HashMap::new();
+    p.inject_context(&outer, &mut out);
+    assert_eq!(out["tracestate"], "foo@@bar=1");
+}
+
 #[test]
 fn the_full_tracestate_travels_even_where_otel_keeps_less() {
     let out = round_trip(
