@@ -289,14 +289,16 @@ fn extract_trace_context(cx: &Context, source: &impl Source) -> Context {
     };
     // A full list an outer extraction kept (for the same trace, maybe) must not be sent with
     // this one's span context: shadowed unless this extraction keeps one of its own.
-    let cx = &if cx.get::<FullTraceState>().is_some() {
-        cx.with_value(FullTraceState {
+    let shadowed;
+    let cx = if cx.get::<FullTraceState>().is_some() {
+        shadowed = cx.with_value(FullTraceState {
             trace_id: opentelemetry::trace::TraceId::INVALID,
             full: TraceState::new(),
             projected: opentelemetry::trace::TraceState::default(),
-        })
+        });
+        &shadowed
     } else {
-        cx.clone()
+        cx
     };
     if source.first(TRACESTATE).is_none() {
         return cx.with_remote_span_context(
