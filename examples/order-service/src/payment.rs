@@ -37,6 +37,11 @@ pub struct PaymentClient {
 pub enum PaymentError {
     /// The provider declined it.
     Declined,
+    /// The provider refused the request itself (a `4xx` other than `402`, `408`, `409` and
+    /// `429`: a bad request, bad credentials): this call charged nothing, but an earlier call
+    /// with the same key may have (its answer lost), so only a first call may take it for a
+    /// decline.
+    Refused(u16),
     /// The provider could not be reached or answered nonsense.
     Unavailable(String),
 }
@@ -92,8 +97,9 @@ impl PaymentClient {
     /// answer or a crash never charges twice.
     ///
     /// # Errors
-    /// [`PaymentError::Declined`] when refused (`402`, or another `4xx` but `408` and `429`:
-    /// the provider refused the request and charged nothing); [`PaymentError::Unavailable`]
+    /// [`PaymentError::Declined`] when declined (`402`); [`PaymentError::Refused`] for another
+    /// `4xx` but `408`, `409` and `429` (the provider refused the request and this call charged
+    /// nothing); [`PaymentError::Unavailable`]
     /// when the provider cannot be reached, does not answer within 10 s, or fails (the charge may or may not have happened: retry
     /// with the same key to find out).
     pub async fn authorize(
@@ -132,8 +138,8 @@ impl PaymentClient {
                     .map(|r| r.payment_id)
                     .map_err(|e| PaymentError::Unavailable(e.without_url().to_string())),
                 StatusCode::PAYMENT_REQUIRED => Err(PaymentError::Declined),
-                // The provider refused the request itself (it charged nothing): a decision,
-                // not a reason to keep the order pending and ask again forever. A timeout or
+                // The provider refused the request itself (this call charged nothing): the
+                // caller decides what that means (see `PaymentError::Refused`). A timeout or
                 // rate limit (408, 429) is worth asking again, and so is 409: a request with
                 // the same idempotency key still in progress (another resolver, a retry), whose
                 // own answer may be a charge.
@@ -143,11 +149,7 @@ impl PaymentClient {
                         && other != StatusCode::TOO_MANY_REQUESTS
                         && other != StatusCode::CONFLICT =>
                 {
-                    warn!(
-                        status = other.as_u16(),
-                        "payment provider refused the request: declined"
-                    );
-                    Err(PaymentError::Declined)
+                    Err(PaymentError::Refused(other.as_u16()))
                 }
                 other => Err(PaymentError::Unavailable(format!("status {other}"))),
             }
@@ -161,6 +163,9 @@ impl std::fmt::Display for PaymentError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PaymentError::Declined => f.write_str("payment declined"),
+            PaymentError::Refused(status) => {
+                write!(f, "payment provider refused the request (status {status})")
+            }
             PaymentError::Unavailable(why) => write!(f, "payment provider unavailable: {why}"),
         }
     }

@@ -162,10 +162,20 @@ impl OrderService {
                 }
                 Err(err) => return Err(err),
             };
-            let decision = self
+            let decision = match self
                 .payments
                 .authorize(&payment_key(order_id), &order.reference, total_cents)
-                .await;
+                .await
+            {
+                // The order's first call: nothing was charged with its key before, so a
+                // refused request is a decision, not a reason to keep it pending and ask again
+                // forever.
+                Err(PaymentError::Refused(status)) => {
+                    warn!(status, "payment provider refused the request: declined");
+                    Err(PaymentError::Declined)
+                }
+                decision => decision,
+            };
             let placed = self
                 .decide(order_id, &order.reference, total_cents, items, decision)
                 .await?;
@@ -358,6 +368,13 @@ impl OrderService {
                 warn!(order_id, error = %why, "payment undecided: the order stays pending for the resolver");
                 Err(ServiceError::PaymentPending { order_id, why })
             }
+            // The callers turn a refusal into a decline or leave it undecided; undecided is
+            // the safe reading.
+            Err(refused @ PaymentError::Refused(_)) => {
+                let why = refused.to_string();
+                warn!(order_id, error = %why, "payment undecided: the order stays pending for the resolver");
+                Err(ServiceError::PaymentPending { order_id, why })
+            }
         }
     }
 
@@ -425,10 +442,26 @@ impl OrderService {
                     .map(|i| i.quantity * i.price_cents)
                     .sum();
                 info!(total_cents, "resolving a pending order");
-                let decision = self
+                let decision = match self
                     .payments
                     .authorize(&payment_key(order.id), &order.reference, total_cents)
-                    .await;
+                    .await
+                {
+                    // Not a decision here: an earlier call with this key (whose answer was
+                    // lost) may have charged it, and cancelling would leave that charge
+                    // without an order. The order stays pending until the provider answers.
+                    Err(PaymentError::Refused(status)) => {
+                        error!(
+                            status,
+                            "payment provider refused the request while resolving: the order \
+                             stays pending (an earlier call with its key may have charged it)"
+                        );
+                        Err(PaymentError::Unavailable(format!(
+                            "the provider refused the request (status {status})"
+                        )))
+                    }
+                    decision => decision,
+                };
                 match self
                     .decide(
                         order.id,

@@ -72,7 +72,9 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::InsufficientStock { .. } => StatusCode::CONFLICT,
             ServiceError::Payment(PaymentError::Declined) => StatusCode::PAYMENT_REQUIRED,
-            ServiceError::Payment(PaymentError::Unavailable(_)) => StatusCode::BAD_GATEWAY,
+            ServiceError::Payment(PaymentError::Unavailable(_) | PaymentError::Refused(_)) => {
+                StatusCode::BAD_GATEWAY
+            }
             ServiceError::PaymentPending { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::Repo(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

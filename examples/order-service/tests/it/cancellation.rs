@@ -38,6 +38,8 @@ enum Mode {
     Reject,
     /// `409` without charging: a request with the same key is still in progress.
     InProgress,
+    /// Charges the key (once), then answers `500`: the charge's answer is lost.
+    ChargeThenFail,
 }
 
 /// A payment provider the test steers, charging through a [`Stub`] that outlives services.
@@ -80,6 +82,10 @@ async fn answer(State(p): State<Provider>, headers: HeaderMap) -> Response {
         .into_response(),
         Mode::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Mode::Reject => StatusCode::UNPROCESSABLE_ENTITY.into_response(),
+        Mode::ChargeThenFail => {
+            p.stub.charge(&key);
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
         Mode::InProgress => StatusCode::CONFLICT.into_response(),
         Mode::ChargeThenHang => {
             p.stub.charge(&key);
@@ -414,6 +420,49 @@ async fn provider_refusing_the_request_cancels_the_order() {
     assert_eq!(order.status, "cancelled");
     assert_eq!(apples(&service).await, stock, "stock released");
     assert_eq!(provider.stub.charges(), 0);
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// The resolver asks again for an order whose first charge's answer was lost; a provider that
+/// then refuses the request (`422`, a `401` after a key rotation) says nothing about that
+/// earlier charge: the order stays pending (never cancelled with its charge left behind), and
+/// is paid, once, when the provider answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_while_resolving_leaves_a_charged_order_pending() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::ChargeThenFail).await;
+    let service = start(&url, &format!("http://{addr}"), true).await;
+    let stock = apples(&service).await;
+    let (status, body) = post_order(&service, "lost-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(provider.stub.charges(), 1, "charged, answer lost");
+
+    provider.set(Mode::Reject);
+    service
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+    let order = by_reference(&service, "lost-1").await;
+    assert_eq!(order.status, "pending", "a charged order was cancelled");
+    assert!(apples(&service).await < stock, "stock still reserved");
+
+    provider.set(Mode::Answer);
+    service
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+    service.state.outbox.wait_delivered().await;
+    let order = by_reference(&service, "lost-1").await;
+    assert_eq!(order.status, "paid");
+    assert_eq!(
+        provider.stub.charges(),
+        1,
+        "the same charge, not a second one"
+    );
     service.shutdown().await.expect("clean shutdown");
 }
 
