@@ -164,7 +164,14 @@ impl OrderService {
             };
             let decision = match self
                 .payments
-                .authorize(&payment_key(order_id), &order.reference, total_cents)
+                .authorize(
+                    &payment_key(
+                        &context::tenant().map(|t| t.to_string()).unwrap_or_default(),
+                        &order.reference,
+                    ),
+                    &order.reference,
+                    total_cents,
+                )
                 .await
             {
                 // The order's first call: nothing was charged with its key before, so a
@@ -444,7 +451,11 @@ impl OrderService {
                 info!(total_cents, "resolving a pending order");
                 let decision = match self
                     .payments
-                    .authorize(&payment_key(order.id), &order.reference, total_cents)
+                    .authorize(
+                        &payment_key(&order.tenant, &order.reference),
+                        &order.reference,
+                        total_cents,
+                    )
                     .await
                 {
                     // Not a decision here: an earlier call with this key (whose answer was
@@ -508,9 +519,16 @@ impl OrderService {
     }
 }
 
-/// The idempotency key of order `id`'s charge.
-pub fn payment_key(order_id: i64) -> String {
-    format!("order-{order_id}")
+/// The idempotency key of the charge of the order `reference` of `tenant`: what names the
+/// order for its client, unique per tenant. Not the order's id: ids start again with a new
+/// database (a restored backup, a fresh schema), and a provider that keeps its keys would
+/// answer a new order with an old order's payment, charging nothing.
+///
+/// ```
+/// assert_eq!(order_service::service::payment_key("acme", "ord-7"), "order-acme-ord-7");
+/// ```
+pub fn payment_key(tenant: &str, reference: &str) -> String {
+    format!("order-{tenant}-{reference}")
 }
 
 /// Whether `s` is 1 to 64 characters of `[A-Za-z0-9._:-]` (references and SKUs).

@@ -140,6 +140,32 @@ fn sqlite() -> (tempfile::TempDir, String) {
     (dir, url)
 }
 
+/// Two databases (a fresh one after a restore, a second instance) hand out the same order
+/// ids; one provider keeps every idempotency key. Each order is charged for itself: a key made
+/// of the order id got the second order the first one's payment, charging nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_of_two_databases_with_the_same_ids_are_charged_apart() {
+    let (provider, addr, _) = Provider::start(Mode::Answer).await;
+    let provider_url = format!("http://{addr}");
+    let mut payments = Vec::new();
+    for reference in ["first-db-1", "second-db-1"] {
+        let (_dir, url) = sqlite();
+        let service = start(&url, &provider_url, true).await;
+        let (status, body) = post_order(&service, reference).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let order = by_reference(&service, reference).await;
+        assert_eq!(order.status, "paid");
+        payments.push((order.id, order.payment_id));
+        service.shutdown().await.expect("clean shutdown");
+    }
+    assert_eq!(
+        payments[0].0, payments[1].0,
+        "the same order id in both databases"
+    );
+    assert_ne!(payments[0].1, payments[1].1, "one payment for two orders");
+    assert_eq!(provider.stub.charges(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_decides_it() {
     let (_dir, url) = sqlite();
@@ -179,7 +205,7 @@ async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_
     assert_eq!(provider.stub.charges(), 1);
     assert_eq!(
         order.payment_id,
-        provider.stub.payment(&payment_key(order.id))
+        provider.stub.payment(&payment_key("acme", "down-1"))
     );
     assert_eq!(order.confirmation_sent, 1);
     second.shutdown().await.expect("clean shutdown");
@@ -269,7 +295,7 @@ async fn crash_between_charge_and_decision_is_paid_after_restart_without_a_secon
     let second = start(&url, &provider_url, true).await;
     let pending = by_reference(&second, "crash-1").await;
     assert_eq!(pending.status, "pending", "the crash left it undecided");
-    assert_eq!(payment_key(pending.id), key);
+    assert_eq!(payment_key("acme", "crash-1"), key);
     second
         .state
         .service
