@@ -208,16 +208,35 @@ fn is_trace_identity(name: &str) -> bool {
     )
 }
 
-/// `ours`, then the members of `theirs` whose keys `ours` does not have; `ours` alone when the
-/// whole would pass the 512 characters a `tracestate` may have.
-fn merge_tracestate(ours: &str, theirs: &str) -> String {
+/// The most members a `tracestate` list may have (W3C trace context).
+const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// `ours`, then the members of `theirs` (each of the caller's header lines, in order) whose
+/// keys `ours` does not have, up to the 32 members a `tracestate` may have; `ours` alone when
+/// the whole would pass the 512 characters it may have.
+fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -> String {
     let key = |member: &str| member.split('=').next().unwrap_or("").trim().to_owned();
-    let our_keys: Vec<String> = ours.split(',').map(key).collect();
+    let mut keys: Vec<String> = ours
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(key)
+        .collect();
     let mut merged = ours.to_owned();
-    for member in theirs.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        if !our_keys.contains(&key(member)) {
+    let members = theirs
+        .into_iter()
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .filter(|m| !m.is_empty());
+    for member in members {
+        if keys.len() == MAX_TRACESTATE_MEMBERS {
+            break;
+        }
+        let member_key = key(member);
+        if !keys.contains(&member_key) {
             merged.push(',');
             merged.push_str(member);
+            keys.push(member_key);
         }
     }
     if merged.len() > 512 {
@@ -263,11 +282,19 @@ impl Injector for HeaderInjector<'_> {
             return;
         }
         let value = if name == TRACESTATE {
-            match self.headers.get(&TRACESTATE).map(HeaderValue::to_str) {
-                // The caller's members after ours, but for keys we write.
-                Some(Ok(theirs)) => merge_tracestate(&value, theirs),
-                Some(Err(_)) => return,
-                None => value,
+            // The caller's members (of every `tracestate` line it set) after ours, but for
+            // keys we write; a caller's line that is not visible ASCII keeps the caller's as
+            // they are.
+            let theirs: Result<Vec<&str>, _> = self
+                .headers
+                .get_all(&TRACESTATE)
+                .iter()
+                .map(HeaderValue::to_str)
+                .collect();
+            match theirs {
+                Ok(theirs) if theirs.is_empty() => value,
+                Ok(theirs) => merge_tracestate(&value, theirs),
+                Err(_) => return,
             }
         } else if self.headers.contains_key(&name) {
             return;

@@ -275,4 +275,42 @@ async fn a_caller_set_trace_context_wins_whole() {
         "ours first, then the caller's"
     );
     assert!(with_state.contains_key("x-b3-spanid"));
+
+    // The caller's `tracestate` in several lines: every line's members, in order, after ours
+    // (the first line alone was kept); and never more than the 32 members a list may have,
+    // which a receiver would drop whole.
+    let many: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
+    let sent = |lines: Vec<String>| {
+        let client = client.clone();
+        contextflow_otel::scope(incoming(), async move {
+            let mut req = Request::builder();
+            for line in lines {
+                req = req.header("tracestate", line);
+            }
+            let headers = client
+                .oneshot(req.body(()).unwrap())
+                .await
+                .unwrap()
+                .into_body();
+            let lines: Vec<String> = headers
+                .get_all("tracestate")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            lines
+        })
+    };
+    assert_eq!(
+        sent(vec!["a=1".into(), "b=2,congo=old".into()]).await,
+        ["congo=t61rcWkgMzE,a=1,b=2"]
+    );
+    let capped = sent(vec![many[..20].join(","), many[20..].join(",")]).await;
+    assert_eq!(capped.len(), 1);
+    let members: Vec<&str> = capped[0].split(',').collect();
+    assert_eq!(members.len(), 32, "{capped:?}");
+    assert_eq!(members[0], "congo=t61rcWkgMzE");
+    assert_eq!(
+        members[1..],
+        many[..31].iter().map(String::as_str).collect::<Vec<_>>()[..]
+    );
 }
