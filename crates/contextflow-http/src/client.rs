@@ -374,7 +374,13 @@ pub(crate) fn client_attributes(uri: &http::Uri, attrs: &mut Vec<KeyValue>) {
     if let Some(host) = uri.host() {
         attrs.push(KeyValue::new("server.address", host.to_owned()));
     }
-    if let Some(port) = uri.port_u16() {
+    // Required: also when the URL leaves the scheme's default port out (reqwest's always do).
+    let port = uri.port_u16().or_else(|| match uri.scheme_str() {
+        Some(scheme) if scheme.eq_ignore_ascii_case("https") => Some(443),
+        Some(scheme) if scheme.eq_ignore_ascii_case("http") => Some(80),
+        _ => None,
+    });
+    if let Some(port) = port {
         attrs.push(KeyValue::new("server.port", i64::from(port)));
     }
     attrs.push(KeyValue::new("url.full", url_full(uri)));

@@ -262,7 +262,7 @@ pin_project! {
                 this.scope.run(|| inner.set(None));
             }
             if cut_short {
-                this.scope.end_error_ref("cancelled");
+                this.scope.end_error_ref("cancelled", Some(*this.status));
             } else {
                 this.scope.end(*this.status, *this.grpc);
             }
@@ -782,7 +782,7 @@ impl<B: Body> Body for ContextBody<B> {
         if ended {
             this.scope.end(*this.status, *this.grpc);
         } else if let Some(Err(_)) = &frame {
-            this.scope.end_error_ref("body");
+            this.scope.end_error_ref("body", Some(*this.status));
         }
         Poll::Ready(frame)
     }
@@ -854,14 +854,15 @@ impl RequestScope {
 
     /// Ends the server span (once) as failed.
     fn end_with_error(mut self, error_type: &'static str) {
-        self.end_error_ref(error_type)
+        self.end_error_ref(error_type, None)
     }
 
-    fn end_error_ref(&mut self, error_type: &'static str) {
+    /// Ends the server span (once) as failed, with the status sent, if any.
+    fn end_error_ref(&mut self, error_type: &'static str, status: Option<u16>) {
         if self.owns_span {
             self.owns_span = false;
             if let Some(cx) = &self.cx {
-                spans::end_with_error(cx, error_type);
+                spans::end_failed(cx, error_type, status.filter(|s| *s != 0));
             }
         }
     }

@@ -73,7 +73,20 @@ impl Spans {
         let tracer = self.get()?;
         let rpc = rpc();
         let mut attrs = Vec::with_capacity(if rpc.is_some() { 9 } else { 6 });
-        attrs.push(KeyValue::new("http.request.method", method_name(method)));
+        let known = method_name(method);
+        let other = known == "_OTHER";
+        attrs.push(KeyValue::new("http.request.method", known.clone()));
+        if other {
+            // The conventions: a method outside RFC 9110 is `_OTHER`, kept as sent in
+            // `http.request.method_original`, and the span is named `HTTP`. (A method is a
+            // token: no spaces or controls; at most 64 bytes of it are kept.)
+            let original = method.as_str();
+            let cut = original.len().min(64);
+            attrs.push(KeyValue::new(
+                "http.request.method_original",
+                original[..cut].to_owned(),
+            ));
+        }
         let name = match rpc {
             Some(call) => {
                 attrs.push(KeyValue::new("rpc.system", "grpc"));
@@ -81,7 +94,8 @@ impl Spans {
                 attrs.push(KeyValue::new("rpc.method", call.method.to_owned()));
                 Cow::Owned(call.path.to_owned())
             }
-            None => method_name(method),
+            None if other => Cow::Borrowed("HTTP"),
+            None => known,
         };
         attributes(&mut attrs);
         let mut builder = tracer.span_builder(name).with_kind(kind);
@@ -266,8 +280,21 @@ pub(crate) fn end_client(cx: &Context, answer: Option<(http::StatusCode, &http::
 
 /// Ends the span of `cx` as failed (`error.type` set to `kind`).
 pub(crate) fn end_with_error(cx: &Context, error_type: &'static str) {
+    end_failed(cx, error_type, None);
+}
+
+/// Ends the span of `cx` as failed (`error.type` set to `kind`), with the response status
+/// when one was sent (a body cut short or failing after its status line: the conventions
+/// want `http.response.status_code` whenever there was one).
+pub(crate) fn end_failed(cx: &Context, error_type: &'static str, status: Option<u16>) {
     let span = cx.span();
     if span.is_recording() {
+        if let Some(status) = status {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+        }
         span.set_attribute(KeyValue::new("error.type", error_type));
         span.set_status(opentelemetry::trace::Status::error(error_type));
     }

@@ -349,6 +349,14 @@ async fn body_cut_short() {
         cut.status
     );
     assert_eq!(error_type(cut).as_deref(), Some("cancelled"));
+    // The status line was sent: the failed span still says which (the conventions want it
+    // whenever there was one).
+    let status = cut
+        .attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == "http.response.status_code")
+        .map(|kv| kv.value.to_string());
+    assert_eq!(status.as_deref(), Some("200"), "{:?}", cut.attributes);
     for path in ["/full", "/empty"] {
         let span = by_path(path);
         assert!(
@@ -794,6 +802,66 @@ fn grpc_span_names_on_both_runtimes() {
         .build()
         .unwrap()
         .block_on(grpc_span_names());
+}
+
+/// A method outside RFC 9110 is `_OTHER` in `http.request.method`, kept as sent in
+/// `http.request.method_original`, and the span is named `HTTP` (the HTTP conventions); a
+/// client span of a URL without a port says the scheme's default one.
+#[tokio::test(flavor = "current_thread")]
+async fn other_methods_and_default_ports_follow_the_conventions() {
+    use tower::{Layer as _, ServiceExt as _};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let ok = || async { Ok::<_, std::convert::Infallible>(http::Response::new(())) };
+    let server = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("server"))
+        .layer(tower::service_fn(move |_: http::Request<()>| ok()));
+    let client = contextflow_http::InjectContextLayer::new()
+        .with_tracer(provider.tracer("client"))
+        .layer(tower::service_fn(move |_: http::Request<()>| ok()));
+    let purge = || {
+        http::Request::builder()
+            .method(http::Method::from_bytes(b"PURGE").unwrap())
+            .uri("https://cache.example/item")
+            .body(())
+            .unwrap()
+    };
+    server.clone().oneshot(purge()).await.unwrap();
+    client.clone().oneshot(purge()).await.unwrap();
+    for (uri, port) in [
+        ("http://a.example/x", "80"),
+        ("https://a.example/x", "443"),
+        ("http://a.example:8080/x", "8080"),
+    ] {
+        let req = http::Request::builder().uri(uri).body(()).unwrap();
+        client.clone().oneshot(req).await.unwrap();
+        let spans = exporter.get_finished_spans().unwrap();
+        let last = spans.last().unwrap();
+        let got = last
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "server.port")
+            .map(|kv| kv.value.to_string());
+        assert_eq!(got.as_deref(), Some(port), "{uri}");
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    for span in &spans[..2] {
+        assert_eq!(span.name, "HTTP");
+        let attr = |key: &str| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attr("http.request.method").as_deref(), Some("_OTHER"));
+        assert_eq!(
+            attr("http.request.method_original").as_deref(),
+            Some("PURGE")
+        );
+    }
 }
 
 /// A request whose caller set `traceparent` keeps it, and gets no client span of ours (it
