@@ -52,8 +52,10 @@ const POLICY: &str = "contextflow_tenant_isolation";
 ///   `transaction` block. [`acquire`](TxPool::acquire) needs a transaction.
 /// - **Start-up check.** [`TenantPool::new`] refuses (with every problem found) a pool whose
 ///   role is a superuser or has `BYPASSRLS` (also a superuser session that switched role),
-///   owns a table with a tenant column, or can reach such a table that lacks `ENABLE` and
-///   `FORCE ROW LEVEL SECURITY` and a policy, or a view over one without `security_invoker`.
+///   owns a table with a tenant column, or can reach (a column grant is enough) such a table
+///   that lacks `ENABLE` and `FORCE ROW LEVEL SECURITY` and a policy, a view over one (through
+///   any number of views, whatever columns the view keeps) without `security_invoker`, or a
+///   materialized view over one.
 ///
 /// The tenant comes from a context variable of the application's, bound by authenticated code
 /// only (never from a header or a message: see the crate docs). Its [`Display`](fmt::Display)
@@ -640,8 +642,20 @@ const ROLE_SQL: &str = "SELECT current_user::text, r.rolsuper, r.rolbypassrls, \
                         FROM pg_roles r, pg_roles s \
                         WHERE r.rolname = current_user AND s.rolname = session_user";
 
-/// Every relation with a tenant column that the role owns or can read or write.
-const TABLES_SQL: &str = "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
+/// Every relation that the role owns or can read or write (a column grant is enough) and that
+/// has a tenant column, or is a view or materialized view over such a relation (through any
+/// number of views: a view shows its tables' rows whatever columns it keeps).
+const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
+       SELECT a.attrelid FROM pg_attribute a \
+       WHERE a.attname = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+     UNION \
+       SELECT rw.ev_class FROM pg_rewrite rw \
+       JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid \
+                       AND d.refclassid = 'pg_class'::regclass \
+       JOIN tenant_rel t ON t.oid = d.refobjid \
+       WHERE rw.ev_class <> d.refobjid \
+     ) \
+     SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
        c.relkind::text, c.relrowsecurity, c.relforcerowsecurity, \
        pg_has_role(current_user, c.relowner, 'MEMBER'), \
        EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid), \
@@ -650,13 +664,13 @@ const TABLES_SQL: &str = "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.
                  WHERE split_part(o, '=', 1) = 'security_invoker'), false) \
      FROM pg_class c \
      JOIN pg_namespace n ON n.oid = c.relnamespace \
-     JOIN pg_attribute a ON a.attrelid = c.oid \
-     WHERE a.attname = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+     WHERE c.oid IN (SELECT oid FROM tenant_rel) \
        AND c.relkind IN ('r', 'p', 'v', 'm') \
        AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
        AND n.nspname NOT LIKE 'pg\\_%' \
        AND (pg_has_role(current_user, c.relowner, 'MEMBER') \
-            OR has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')) \
+            OR has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE') \
+            OR has_any_column_privilege(c.oid, 'SELECT, INSERT, UPDATE')) \
      ORDER BY 1";
 
 const COLUMN_TYPE_SQL: &str = "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \

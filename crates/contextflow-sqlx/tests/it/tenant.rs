@@ -655,8 +655,14 @@ async fn startup_check_refusals() {
          ALTER TABLE {schema}.no_policy FORCE ROW LEVEL SECURITY;
          CREATE VIEW {schema}.owner_view AS SELECT * FROM {schema}.items;
          CREATE VIEW {schema}.invoker_view WITH (security_invoker = true) AS SELECT * FROM {schema}.items;
+         CREATE VIEW {schema}.columnless_view AS SELECT v FROM {schema}.items;
+         CREATE VIEW {schema}.nested_view AS SELECT v FROM {schema}.columnless_view;
+         CREATE MATERIALIZED VIEW {schema}.totals AS SELECT sum(v) AS total FROM {schema}.items;
+         CREATE TABLE {schema}.column_grant (tenant_id TEXT, v BIGINT);
+         GRANT SELECT (v) ON {schema}.column_grant TO {APP_BAD};
          GRANT SELECT ON {schema}.plain, {schema}.unforced, {schema}.no_policy,
-               {schema}.owner_view, {schema}.invoker_view, {schema}.items TO {APP_BAD};"
+               {schema}.owner_view, {schema}.invoker_view, {schema}.items,
+               {schema}.nested_view, {schema}.totals TO {APP_BAD};"
     ))
     .execute(owner.pool())
     .await
@@ -705,6 +711,30 @@ async fn startup_check_refusals() {
         has(
             &err,
             |r| matches!(r, Refusal::ViewWithoutSecurityInvoker { view } if *view == named("owner_view"))
+        ),
+        "{err}"
+    );
+    // Views and materialized views over a tenant table show its rows whatever their own
+    // columns (a view over a view too, reached through the outer one only), and a table the
+    // role reaches through a column grant is a table it reaches.
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::ViewWithoutSecurityInvoker { view } if *view == named("nested_view"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::MaterializedView { view } if *view == named("totals"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::NotEnabled { table } if *table == named("column_grant"))
         ),
         "{err}"
     );
