@@ -205,23 +205,25 @@ impl<F> ContextFormat<F> {
             return self.write_cut_json(writer, members, partial, event);
         }
         let (members, inner) = line.split_at(inner_start);
-        if !any {
-            return writer.write_str(inner);
-        }
-        match inner.strip_prefix('{') {
-            Some(rest) => {
-                writer.write_str(members)?;
-                if !rest.trim_start().starts_with('}') {
-                    writer.write_char(',')?;
-                }
-                match rename_shadowing_keys(rest, self.fields.names()) {
-                    Some(renamed) => writer.write_str(&renamed),
-                    None => writer.write_str(rest),
-                }
-            }
+        let Some(rest) = inner.strip_prefix('{') else {
             // Not a JSON object: leave it alone rather than corrupt it.
-            None => writer.write_str(inner),
+            return writer.write_str(inner);
+        };
+        // An event field named as a context field is renamed `event.<name>` also when no
+        // context is set (none of ours on the line): `info!(tenant = %input)` must not read as
+        // the line's tenant.
+        let renamed = rename_shadowing_keys(rest, self.fields.names());
+        let rest = renamed.as_deref().unwrap_or(rest);
+        let comma = any && !rest.trim_start().starts_with('}');
+        // The renaming makes the line longer: still within the cap, or cut.
+        if members.len() + usize::from(comma) + rest.len() > self.fields.line_cap() {
+            return self.write_cut_json(writer, members, inner, event);
         }
+        writer.write_str(members)?;
+        if comma {
+            writer.write_char(',')?;
+        }
+        writer.write_str(rest)
     }
 
     /// Writes the short object that replaces a JSON line longer than the cap: `members` (the

@@ -157,6 +157,52 @@ fn json_event_fields_cannot_shadow_context_fields() {
     assert_eq!(lines[0]["event.request_id"], "req-2");
     assert_eq!(lines[0]["event.tenant"], "globex");
     assert_eq!(lines[0]["message"], "refund");
+
+    // No context at all on the line (a background task): the event's fields are still not
+    // the line's request id and tenant.
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .map_event_format(|json| fields().json(json))
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || {
+        info!(request_id = "req-2", tenant = "globex", "refund")
+    });
+    let lines = json_lines(&capture);
+    let obj = lines[0].as_object().unwrap();
+    assert!(!obj.contains_key("request_id"), "{obj:?}");
+    assert!(!obj.contains_key("tenant"), "{obj:?}");
+    assert_eq!(obj["event.request_id"], "req-2");
+    assert_eq!(obj["event.tenant"], "globex");
+}
+
+/// The renaming adds 6 bytes per renamed key: a line that fit before it still fits the cap
+/// after it, or is cut (the short object), never longer.
+#[test]
+fn renamed_json_lines_stay_within_the_cap() {
+    const CAP: usize = 300;
+    for pad in 150..260 {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .without_time()
+            .map_event_format(|json| fields().max_line_len(CAP).json(json))
+            .with_writer(capture.clone())
+            .finish();
+        let message = "m".repeat(pad);
+        with_default(subscriber, || {
+            TENANT.sync_scope("acme", || {
+                info!(tenant = "globex", request_id = "r", "{message}")
+            })
+        });
+        let out = capture.contents();
+        assert!(out.len() <= CAP, "pad {pad}: {} bytes: {out}", out.len());
+        let line: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(line["tenant"], "acme", "pad {pad}: {out}");
+    }
 }
 
 #[test]
