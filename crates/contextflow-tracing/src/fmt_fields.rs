@@ -221,12 +221,77 @@ impl Visit for EscapedVisitor<'_> {
             return;
         }
         self.result = (|| {
-            if name != "message" {
-                self.name(name)?;
+            if name == "message" {
+                return self.value(format_args!("{value:?}"));
             }
-            self.value(format_args!("{value:?}"))
+            self.name(name)?;
+            self.quoted_value(format_args!("{value:?}"))
         })();
     }
+}
+
+thread_local! {
+    /// The buffer a field's value is formatted into before it is written (see
+    /// [`EscapedVisitor::quoted_value`]).
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+impl EscapedVisitor<'_> {
+    /// Writes a field's `Debug` value through the escaper, bounded, as [`value`](Self::value)
+    /// does, except that a cut value never ends inside an escape (`\u{20` of `\u{202e}`) and
+    /// keeps its quotes balanced (`a="AAA…"`): a `Debug` string (`?value`, a `HeaderValue`, an
+    /// `Option<&str>`) left open would have a logfmt reader read on past the cut, through the
+    /// next field's quote, and take its content for top-level fields.
+    fn quoted_value(&mut self, args: fmt::Arguments<'_>) -> fmt::Result {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                let result = self.write_cut_safe(&mut buf, args);
+                buf.clear();
+                buf.shrink_to(4 * 1024);
+                result
+            }
+            // Formatting a value logged (a `Debug` that logs): a buffer of its own.
+            Err(_) => self.write_cut_safe(&mut String::new(), args),
+        })
+    }
+
+    fn write_cut_safe(&mut self, buf: &mut String, args: fmt::Arguments<'_>) -> fmt::Result {
+        let mut out = TextValue::new(&mut *buf, self.max_value_len);
+        match out.write_fmt(args) {
+            Err(_) if out.truncated() => {}
+            Err(err) => return Err(err),
+            Ok(()) => {}
+        }
+        if out.truncated() {
+            buf.truncate(buf.len() - TRUNCATED_MARKER.len());
+            crate::escape::trim_open_escape(buf);
+            let open = has_open_quote(buf);
+            buf.push_str(TRUNCATED_MARKER);
+            if open {
+                buf.push('"');
+            }
+        }
+        self.writer.write_str(buf)
+    }
+}
+
+/// Whether `s` ends inside a double-quoted string (quotes escaped with `\` do not count).
+fn has_open_quote(s: &str) -> bool {
+    let mut open = false;
+    let mut escaped = false;
+    for b in s.bytes() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'\\' => escaped = true,
+            b'"' => open = !open,
+            _ => {}
+        }
+    }
+    open
 }
 
 impl VisitOutput<fmt::Result> for EscapedVisitor<'_> {

@@ -440,11 +440,17 @@ fn a_cut_text_value_closes_its_quote() {
         );
         // A cut that lands inside a `Debug` escape (`\u{202e}` is 8 characters).
         info!(c = "ab\u{202e}cdef", "two");
+        // The same through `?` (a `Debug` value, not a `&str`), and inside an `Option`.
+        let long = "A".repeat(12);
+        info!(a = ?long, b = "x tenant=globex", "three");
+        info!(c = ?"ab\u{202e}cdef", d = ?Some("xyzxyzxyz"), n = 123456789012_u64, "four");
     });
     let out = capture.contents();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], " INFO one a=\"AAAAAAA…\" b=\"x tenan…\"");
     assert_eq!(lines[1], " INFO two c=\"ab…\"");
+    assert_eq!(lines[2], " INFO three a=\"AAAAAAA…\" b=\"x tenan…\"");
+    assert_eq!(lines[3], " INFO four c=\"ab…\" d=Some(\"xy…\" n=12345678…");
 }
 
 /// A line with no context, from a format that starts with the message (no time, no level):
