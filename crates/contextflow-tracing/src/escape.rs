@@ -329,6 +329,9 @@ pub(crate) struct TextLine<'a> {
     cap: usize,
     pending_newline: bool,
     truncated: bool,
+    /// The next character written, if a `[`, is written `\x5b` (see
+    /// [`escape_leading_bracket`](Self::escape_leading_bracket)).
+    leading_bracket: bool,
 }
 
 impl<'a> TextLine<'a> {
@@ -340,7 +343,14 @@ impl<'a> TextLine<'a> {
             cap: cap.max(TRUNCATED_MARKER.len() + 1),
             pending_newline: false,
             truncated: false,
+            leading_bracket: false,
         }
+    }
+
+    /// Has the next character written, if it is a `[`, written as `\x5b` (counted against
+    /// the cap like any escape): a line without context must not start like a context prefix.
+    pub(crate) fn escape_leading_bracket(&mut self) {
+        self.leading_bracket = true;
     }
 
     /// Ends the line: the held-back final newline, or the marker and a newline after a cut.
@@ -391,6 +401,12 @@ impl<'a> TextLine<'a> {
 
 impl Write for TextLine<'_> {
     fn write_char(&mut self, c: char) -> fmt::Result {
+        if self.leading_bracket {
+            self.leading_bracket = false;
+            if c == '[' {
+                return self.emit("\\x5b", true);
+            }
+        }
         // Hot path of tracing-subscriber's message sanitizer, which writes one char at a time.
         if (' '..='~').contains(&c)
             && !self.pending_newline
@@ -405,6 +421,13 @@ impl Write for TextLine<'_> {
     }
 
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.leading_bracket && !s.is_empty() {
+            self.leading_bracket = false;
+            if let Some(rest) = s.strip_prefix('[') {
+                self.emit("\\x5b", true)?;
+                return self.write_str(rest);
+            }
+        }
         // Hot path: formatters write many short pieces (tracing-subscriber's sanitizer writes
         // messages one character at a time).
         if !self.pending_newline

@@ -167,16 +167,15 @@ impl<F> ContextFormat<F> {
         // colours off: a colour code would be escaped like a value's.
         let mut escaper = TextLine::new(line, self.fields.line_cap());
         self.fields.write_text_prefix(&mut escaper)?;
-        let bare = escaper.written() == 0;
+        if escaper.written() == 0 {
+            // No context, and a format that starts with the message (no time, no level): a
+            // message `[req-2 tenant=globex] refund approved` would read as that request's
+            // line. Its `[` is escaped, so only a prefix of ours starts a line with one.
+            escaper.escape_leading_bracket();
+        }
         self.inner
             .format_event(ctx, Writer::new(&mut escaper), event)?;
         escaper.finish();
-        // No context, and a format that starts with the message (no time, no level): a
-        // message `[req-2 tenant=globex] refund approved` would read as that request's line.
-        // Its `[` is escaped, so only a prefix of ours starts a line with one.
-        if bare && line.starts_with('[') {
-            line.replace_range(..1, "\\x5b");
-        }
         writer.write_str(line)
     }
 

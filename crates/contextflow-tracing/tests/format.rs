@@ -487,6 +487,27 @@ fn a_line_without_context_cannot_pass_for_a_requests_line() {
             "[req-1] [req-2 tenant=globex] refund approved"
         ]
     );
+
+    // A long one is cut at the cap with its `[` escaped, not 3 bytes past it.
+    const CAP: usize = 200;
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .without_time()
+        .with_ansi(false)
+        .event_format(
+            fields().max_line_len(CAP).text(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_level(false),
+            ),
+        )
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || info!("[{}", "x".repeat(1000)));
+    let out = capture.contents();
+    assert!(out.starts_with("\\x5bxxx"), "{out}");
+    assert!(out.len() <= CAP, "{} bytes", out.len());
 }
 
 /// Through `ContextLayer` (sinks other than `fmt`'s formatter: OpenTelemetry's appender, any
