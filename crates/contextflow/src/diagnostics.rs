@@ -11,7 +11,8 @@
 //!
 //! - **a read that finds nothing** ([`AsyncLocal::get`](crate::AsyncLocal::get) or
 //!   [`with`](crate::AsyncLocal::with)) in code whose context lost that variable on the way is
-//!   reported once per read site and variable, naming the variable, the read site, the spawn site
+//!   reported once per read site and variable (past 4,096 such pairs, once per read site),
+//!   naming the variable, the read site, the spawn site
 //!   where the context was dropped and where the variable had been set ([`LostContext`]):
 //!
 //!   ```text
@@ -216,8 +217,37 @@ type Sink = Arc<dyn Fn(&Report) + Send + Sync>;
 /// The sink, `None` for the default (standard error).
 static SINK: RwLock<Option<Sink>> = RwLock::new(None);
 static MODE: RwLock<Mode> = RwLock::new(Mode::Report);
-/// The (read site, variable key) pairs reported so far.
-static READS_REPORTED: Mutex<Option<HashSet<(usize, usize)>>> = Mutex::new(None);
+/// The lost reads reported so far.
+static READS_REPORTED: Mutex<ReadsReported> = Mutex::new(ReadsReported {
+    pairs: None,
+    sites: None,
+});
+
+/// The (read site, variable key) pairs of lost reads reported so far, at most
+/// [`MAX_READ_PAIRS`]; past that, the read sites reported since: variables made per request
+/// (an `AsyncLocal` that is not a `static`) would otherwise grow the record without bound.
+struct ReadsReported {
+    pairs: Option<HashSet<(usize, usize)>>,
+    sites: Option<HashSet<usize>>,
+}
+
+/// How many (read site, variable) pairs the lost-read record keeps.
+const MAX_READ_PAIRS: usize = 4096;
+
+impl ReadsReported {
+    /// Records a lost read of variable `key` at `site`; `true` when it is to be reported
+    /// (first seen).
+    fn first(&mut self, site: usize, key: usize) -> bool {
+        let pairs = self.pairs.get_or_insert_with(HashSet::new);
+        if pairs.contains(&(site, key)) {
+            return false;
+        }
+        if pairs.len() < MAX_READ_PAIRS {
+            return pairs.insert((site, key));
+        }
+        self.sites.get_or_insert_with(HashSet::new).insert(site)
+    }
+}
 /// The leaks reported so far.
 #[cfg(feature = "tokio")]
 static LEAKS_REPORTED: Mutex<LeaksReported> = Mutex::new(LeaksReported {
@@ -607,8 +637,7 @@ pub(crate) fn unset_read(
     let first = READS_REPORTED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(HashSet::new)
-        .insert((read_at as *const Location<'static> as usize, key));
+        .first(read_at as *const Location<'static> as usize, key);
     if !first {
         return;
     }
@@ -733,5 +762,29 @@ mod tests {
         record.insert("order 0", other);
         assert!(!record.is_new("order 1", other));
         assert_eq!(record.len(), MAX_LEAK_PAIRS + 2);
+    }
+
+    /// Lost reads of variables made per request keep the record bounded: past
+    /// `MAX_READ_PAIRS` pairs, a read site is reported once more, then never again.
+    #[test]
+    fn the_lost_read_record_is_bounded_under_per_request_variables() {
+        let mut record = ReadsReported {
+            pairs: None,
+            sites: None,
+        };
+        for key in 0..MAX_READ_PAIRS {
+            assert!(record.first(1, key));
+            assert!(!record.first(1, key));
+        }
+        assert!(
+            record.first(1, usize::MAX),
+            "one more report past the bound"
+        );
+        for key in MAX_READ_PAIRS..10 * MAX_READ_PAIRS {
+            assert!(!record.first(1, key));
+        }
+        assert!(record.first(2, 0), "another site");
+        assert_eq!(record.pairs.as_ref().unwrap().len(), MAX_READ_PAIRS);
+        assert_eq!(record.sites.as_ref().unwrap().len(), 2);
     }
 }

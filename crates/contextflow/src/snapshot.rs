@@ -239,32 +239,40 @@ impl Snapshot {
         Snapshot { frame: None }
     }
 
-    /// Whether nothing is set in this snapshot.
+    /// Whether nothing is set in this snapshot (a variable unset by
+    /// [`unset`](crate::AsyncLocal::unset) is not set).
     ///
     /// ```
     /// use contextflow::{AsyncLocal, Snapshot};
     /// static ID: AsyncLocal<u32> = AsyncLocal::new();
+    /// static OTHER: AsyncLocal<u32> = AsyncLocal::new();
     /// assert!(Snapshot::capture().is_empty());
     /// assert!(!ID.sync_scope(1, Snapshot::capture).is_empty());
+    /// assert!(ID.sync_unset(Snapshot::capture).is_empty());
+    /// assert!(ID.sync_scope(1, || ID.sync_unset(Snapshot::capture)).is_empty());
+    /// assert!(!OTHER.sync_scope(2, || ID.sync_unset(Snapshot::capture)).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        #[cfg(feature = "diagnostics")]
-        {
-            // The record of a lost context is no binding.
-            let mut frame = self.variables();
-            // SAFETY: `self` keeps the whole chain alive.
-            while let Some(header) = unsafe { frame.as_ref() } {
-                if !header.is_marker() && !crate::diagnostics::is_loss(header) {
-                    return false;
-                }
-                frame = header.parent_ptr();
+        // The variables unset on the way down: their outer bindings are not set here.
+        let mut unset: Vec<usize> = Vec::new();
+        let mut frame = self.variables();
+        // SAFETY: `self` keeps the whole chain alive.
+        while let Some(header) = unsafe { frame.as_ref() } {
+            // Markers, carried values and (with diagnostics) the record of a lost context
+            // are no bindings.
+            #[cfg(feature = "diagnostics")]
+            let skip =
+                header.is_marker() || header.is_hidden() || crate::diagnostics::is_loss(header);
+            #[cfg(not(feature = "diagnostics"))]
+            let skip = header.is_marker() || header.is_hidden();
+            if header.is_unset() {
+                unset.push(header.key);
+            } else if !skip && !unset.contains(&header.key) {
+                return false;
             }
-            true
+            frame = header.parent_ptr();
         }
-        #[cfg(not(feature = "diagnostics"))]
-        {
-            self.variables().is_null()
-        }
+        true
     }
 
     /// A snapshot of `frame`, as it is.
