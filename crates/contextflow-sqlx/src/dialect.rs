@@ -286,8 +286,8 @@ pub(crate) fn is_sqlite_nested_begin(err: &sqlx::Error) -> bool {
 /// rolled back) rather than trusted.
 ///
 /// - MySQL/MariaDB: a deadlock (error 1213, SQLSTATE `40001`), and a lock wait timeout (error
-///   1205, "Lock wait timeout exceeded"), which rolls the whole transaction back when the
-///   server runs with `innodb_rollback_on_timeout`.
+///   1205, told by its number, in any language, with the `mysql` feature), which rolls the
+///   whole transaction back when the server runs with `innodb_rollback_on_timeout`.
 /// - SQLite: `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY` and `SQLITE_NOMEM` (primary result
 ///   codes 13, 10, 5, 7), after which SQLite "may or may not" have rolled the transaction back.
 pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool {
@@ -297,6 +297,7 @@ pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool
     match dialect {
         Dialect::MySql => {
             db.code().as_deref() == Some("40001")
+                || mysql_error_number(db.as_ref()) == Some(1205)
                 || db.message().starts_with("Lock wait timeout exceeded")
         }
         Dialect::Sqlite => db
@@ -305,6 +306,20 @@ pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool
             .is_some_and(|code| matches!(code & 0xff, 5 | 7 | 10 | 13)),
         _ => false,
     }
+}
+
+/// The server's error number of a MySQL/MariaDB error: 1205 has the generic SQLSTATE `HY000`,
+/// and its message is in the server's language (`lc_messages`).
+#[cfg(feature = "mysql")]
+fn mysql_error_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(sqlx::mysql::MySqlDatabaseError::number)
+}
+
+/// Without sqlx's MySQL driver, no error is a MySQL one (the message check remains).
+#[cfg(not(feature = "mysql"))]
+fn mysql_error_number(_: &dyn sqlx::error::DatabaseError) -> Option<u16> {
+    None
 }
 
 #[cfg(test)]

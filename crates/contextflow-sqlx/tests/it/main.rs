@@ -563,7 +563,66 @@ mod mysql {
         ctx.finish().await;
     }
 
-    tests!(deadlock_poisons_the_transaction);
+    /// A lock wait timeout (error 1205) poisons the transaction (with `innodb_rollback_on_timeout`
+    /// the server rolled it back whole, and what follows would run in autocommit mode) also
+    /// when the server answers in another language: it was told by its English message text.
+    async fn lock_wait_timeout_poisons_in_any_language() {
+        let ctx = setup(2).await;
+        insert(&ctx, 1, 0).await.unwrap();
+        // The contended row, in a table of its own with a key (a lock on the test table, which
+        // has no index, would hold back every insert into it too).
+        let locks = format!("{}_locks", ctx.table);
+        let url = contextflow_testenv::url(contextflow_testenv::Service::MySql);
+        let mut blocker = <sqlx::MySqlConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE {locks} (id BIGINT PRIMARY KEY, n BIGINT NOT NULL);
+             INSERT INTO {locks} VALUES (1, 0);
+             BEGIN; SELECT id FROM {locks} WHERE id = 1 FOR UPDATE"
+        ))
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+        let db = &ctx.db;
+        let result = db
+            .transaction(|| async {
+                db.execute(sqlx::query("SET SESSION lc_messages = 'de_DE'"))
+                    .await?;
+                db.execute(sqlx::query("SET SESSION innodb_lock_wait_timeout = 1"))
+                    .await?;
+                insert(&ctx, 2, 0).await?;
+                let update = format!("UPDATE {locks} SET n = 1 WHERE id = 1");
+                let timed_out = db.execute(sqlx::query(&update)).await.unwrap_err();
+                let message = timed_out.as_database_error().unwrap().message().to_owned();
+                assert!(
+                    !message.starts_with("Lock wait"),
+                    "not in German: {message}"
+                );
+                // Swallowed, as a careless block would: what follows must not commit.
+                let _ = insert(&ctx, 3, 0).await;
+                Ok::<_, TestError>(())
+            })
+            .await;
+        sqlx::raw_sql(&format!("ROLLBACK; DROP TABLE {locks}"))
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        match &result {
+            Err(TestError::Sql(err)) => assert!(
+                TransactionClosed::find(err).is_some_and(|closed| closed.is_poisoned()),
+                "{err}"
+            ),
+            other => panic!("the block committed after a lock wait timeout: {other:?}"),
+        }
+        assert_eq!(ids(&ctx).await, vec![1]);
+        ctx.finish().await;
+    }
+
+    tests!(
+        deadlock_poisons_the_transaction,
+        lock_wait_timeout_poisons_in_any_language
+    );
 }
 
 #[cfg(feature = "sqlite")]
