@@ -497,6 +497,9 @@ pub(crate) struct JsonLine {
     /// A backslash escape being read: its bytes, and how many are still expected.
     escape: EscapeBuf,
     escape_left: usize,
+    /// A `\uXXXX` high surrogate read, waiting for its low half: the pair is one character,
+    /// kept or cut whole (half a pair is JSON that readers refuse).
+    high: Option<EscapeBuf>,
     /// Open containers: depth, and one bit per level (1 = object) for the first 64.
     depth: usize,
     objects: u64,
@@ -516,6 +519,7 @@ impl JsonLine {
             skipping: false,
             escape: EscapeBuf::default(),
             escape_left: 0,
+            high: None,
             depth: 0,
             objects: 0,
             expect_key: false,
@@ -566,6 +570,39 @@ impl JsonLine {
         self.out.push_str(s);
     }
 
+    /// A high surrogate left without its low half: a lone surrogate, which JSON readers
+    /// refuse, written as U+FFFD.
+    fn flush_high(&mut self) {
+        if self.high.take().is_some() {
+            self.push_unit("\\ufffd");
+        }
+    }
+
+    /// A complete escape read from the string: a surrogate pair is put out whole, a lone
+    /// surrogate as U+FFFD, any other escape as it is.
+    fn escape_unit(&mut self, escape: EscapeBuf) {
+        let code = escape
+            .as_str()
+            .strip_prefix("\\u")
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+        match (self.high.take(), code) {
+            (None, Some(0xD800..=0xDBFF)) => self.high = Some(escape),
+            (Some(high), Some(0xDC00..=0xDFFF)) => {
+                let mut pair = EscapeBuf::default();
+                // 6 + 6 bytes: exactly what the buffer holds.
+                let _ = pair.write_str(high.as_str());
+                let _ = pair.write_str(escape.as_str());
+                self.push_unit(pair.as_str());
+            }
+            (Some(_), _) => {
+                self.push_unit("\\ufffd");
+                self.escape_unit(escape);
+            }
+            (None, Some(0xDC00..=0xDFFF)) => self.push_unit("\\ufffd"),
+            (None, _) => self.push_unit(escape.as_str()),
+        }
+    }
+
     /// One unit of string content (a character or a whole escape) of `len` characters.
     fn push_unit(&mut self, s: &str) {
         if self.skipping {
@@ -582,7 +619,11 @@ impl JsonLine {
 
     /// A run of plain string content.
     fn push_run(&mut self, s: &str) {
-        if self.skipping || s.is_empty() {
+        if s.is_empty() {
+            return;
+        }
+        self.flush_high();
+        if self.skipping {
             return;
         }
         // Plain runs are ASCII except for characters checked by the caller; count characters.
@@ -626,6 +667,7 @@ impl JsonLine {
                     // an escaped backslash, the rest as ordinary content, and stay valid.
                     let escape = std::mem::take(&mut self.escape);
                     self.escape_left = 0;
+                    self.flush_high();
                     self.push_unit("\\\\");
                     self.push_run(&escape.as_str()[1..]);
                     continue;
@@ -639,7 +681,7 @@ impl JsonLine {
                 i += 1;
                 if self.escape_left == 0 {
                     let escape = std::mem::take(&mut self.escape);
-                    self.push_unit(escape.as_str());
+                    self.escape_unit(escape);
                 }
                 continue;
             }
@@ -652,6 +694,7 @@ impl JsonLine {
             let Some(&b) = bytes.get(i) else { break };
             match b {
                 b'"' => {
+                    self.flush_high();
                     self.in_string = false;
                     self.skipping = false;
                     self.push("\"");
@@ -669,6 +712,7 @@ impl JsonLine {
                     let c = s[i..].chars().next().unwrap_or('\u{FFFD}');
                     let len = c.len_utf8();
                     if is_escaped(c) {
+                        self.flush_high();
                         self.push_unit(json_escape(c).as_str());
                     } else {
                         self.push_run(&s[i..i + len]);
@@ -971,6 +1015,28 @@ mod tests {
         assert_eq!(text_line(&["x".repeat(20).as_str(), "\n"], 10), "xxxxxx…\n");
         assert_eq!(text_line(&["x".repeat(20).as_str(), "\n"], 10).len(), 10);
         assert_eq!(text_line(&["xxxxx\u{202E}", "\n"], 10), "xxxxx…\n");
+    }
+
+    /// A surrogate pair written as two `\\uXXXX` escapes is one character: a cut keeps or
+    /// drops it whole (half a pair makes the line JSON that serde_json refuses), in whatever
+    /// pieces it arrives; a lone surrogate becomes U+FFFD.
+    #[test]
+    fn surrogate_pairs_are_never_split() {
+        let line = r#"{"m":"ab\ud83d\ude00cd\ude00x\ud83dy\ud83d\ud83d\ude00"}"#;
+        for max in 0..40 {
+            for split in 0..line.len() {
+                let (out, overflow) = json_line(&[&line[..split], &line[split..]], 1000, max);
+                assert!(!overflow);
+                let parsed: Result<serde_json::Value, _> = serde_json::from_str(&out);
+                assert!(parsed.is_ok(), "max {max}, split {split}: {out}");
+            }
+        }
+        let (out, _) = json_line(&[line], 1000, 1000);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            parsed["m"],
+            "ab\u{1F600}cd\u{FFFD}x\u{FFFD}y\u{FFFD}\u{1F600}"
+        );
     }
 
     #[test]
