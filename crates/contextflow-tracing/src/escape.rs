@@ -145,8 +145,9 @@ fn is_bare(c: char) -> bool {
 }
 
 /// Writes a context value for the text prefix: as it is when every character is bare,
-/// otherwise in double quotes with `"` and `\` backslash-escaped and every escaped character
-/// in its text escape. The quoted form is reversible.
+/// otherwise in double quotes with `"` and `\` backslash-escaped, `[` and `]` written `\x5b`
+/// and `\x5d` (so the prefix's first `]` is always its end, even for a reader that ignores
+/// quotes) and every escaped character in its text escape. The quoted form is reversible.
 pub(crate) fn write_text(w: &mut dyn Write, value: &str) -> fmt::Result {
     if !value.is_empty() && value.chars().all(is_bare) {
         return w.write_str(value);
@@ -154,7 +155,7 @@ pub(crate) fn write_text(w: &mut dyn Write, value: &str) -> fmt::Result {
     w.write_char('"')?;
     let mut plain_from = 0;
     for (i, c) in value.char_indices() {
-        if !(is_escaped(c) || matches!(c, '"' | '\\')) {
+        if !(is_escaped(c) || matches!(c, '"' | '\\' | '[' | ']')) {
             continue;
         }
         w.write_str(&value[plain_from..i])?;
@@ -162,6 +163,8 @@ pub(crate) fn write_text(w: &mut dyn Write, value: &str) -> fmt::Result {
         match c {
             '"' => w.write_str("\\\"")?,
             '\\' => w.write_str("\\\\")?,
+            '[' => w.write_str("\\x5b")?,
+            ']' => w.write_str("\\x5d")?,
             c => w.write_str(text_escape(c).as_str())?,
         }
     }
@@ -929,9 +932,10 @@ mod tests {
         assert_eq!(text(""), "\"\"");
         assert_eq!(text("acme corp"), "\"acme corp\"");
         assert_eq!(text("a=b"), "\"a=b\"");
-        assert_eq!(text("x] fake"), "\"x] fake\"");
+        assert_eq!(text("x] fake"), "\"x\\x5d fake\"");
+        assert_eq!(text("a\"] [req-2"), "\"a\\\"\\x5d \\x5breq-2\"");
         assert_eq!(text("a\nb\rc\td"), "\"a\\nb\\rc\\td\"");
-        assert_eq!(text("\x1b[31mred"), "\"\\x1b[31mred\"");
+        assert_eq!(text("\x1b[31mred"), "\"\\x1b\\x5b31mred\"");
         assert_eq!(text("q\"\\"), "\"q\\\"\\\\\"");
         assert_eq!(
             text("a\u{2028}b\u{202E}c\u{85}"),

@@ -453,7 +453,8 @@ impl ContextFields {
 
     /// Writes the text prefix for the current context: `[value1 name2=value2] `, or nothing at
     /// all when no field is set. Values with spaces, `=`, brackets, quotes, control or invisible
-    /// characters are quoted and escaped (`"acme corp"`, `"a\nb"`, `"\x1b[31m"`).
+    /// characters are quoted and escaped (`"acme corp"`, `"a\nb"`, `"\x1b\x5b31m"`): brackets
+    /// too, so the first `]` of a line is the end of its prefix, quotes or not.
     ///
     /// # Errors
     /// When `w` fails.
@@ -465,7 +466,7 @@ impl ContextFields {
     ///
     /// let mut out = String::new();
     /// REQUEST_ID.sync_scope("evil\n[req-2] forged".into(), || fields.write_text_prefix(&mut out))?;
-    /// assert_eq!(out, "[\"evil\\n[req-2] forged\"] ");
+    /// assert_eq!(out, "[\"evil\\n\\x5breq-2\\x5d forged\"] ");
     /// # Ok::<(), std::fmt::Error>(())
     /// ```
     pub fn write_text_prefix(&self, w: &mut dyn Write) -> fmt::Result {

@@ -221,7 +221,7 @@ fn hostile_value_cannot_forge_a_text_line() {
     }
     assert_eq!(
         out,
-        "[\"evil\\n[req-2] forged line\\r\\x1b[31mred\\x1b[0m \\\"quoted\\\" \\\\ \\u{2028}sep\\u{2029}\\u{202e}rtl\\u{85}\\x00\\x07end\"] one event\n"
+        "[\"evil\\n\\x5breq-2\\x5d forged line\\r\\x1b\\x5b31mred\\x1b\\x5b0m \\\"quoted\\\" \\\\ \\u{2028}sep\\u{2029}\\u{202e}rtl\\u{85}\\x00\\x07end\"] one event\n"
     );
 }
 

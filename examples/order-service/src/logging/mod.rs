@@ -219,7 +219,8 @@ mod tests {
             assert_eq!(lines.len(), 2, "{format:?}: {lines:?}");
             match format {
                 LogFormat::Text => {
-                    let want = format!("[req-7 trace_id={trace_id} tenant=\"acme\\n[req-8] x\"] ");
+                    let want =
+                        format!("[req-7 trace_id={trace_id} tenant=\"acme\\n\\x5breq-8\\x5d x\"] ");
                     assert!(lines[0].starts_with(&want), "{}", lines[0]);
                     assert!(lines[0].ends_with("hello"), "{}", lines[0]);
                 }
