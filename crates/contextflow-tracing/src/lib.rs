@@ -133,7 +133,8 @@
 //!   would then show escaped.
 //! - Text prefix: a context value made only of printable, non-space characters other than `"`,
 //!   `\`, `=`, `[`, `]` is printed as it is, any other value in double quotes with `"` and
-//!   `\` backslash-escaped (reversible), so it cannot fake the end of the prefix either; cut
+//!   `\` backslash-escaped and `[`, `]` written `\x5b`, `\x5d` (reversible), so it cannot
+//!   fake the end of the prefix either, not even for a reader that ignores quotes; cut
 //!   at [`DEFAULT_MAX_LEN`] characters ([`ContextFields::max_len`]).
 //! - JSON: [`ContextFields::json`] rewrites the wrapped format's line string by string: every
 //!   string (event fields, message, span fields) keeps at most
