@@ -91,9 +91,23 @@ impl BaggageTo {
         BaggageTo(Some(Arc::new(allow)))
     }
 
-    /// Whether a request to `uri` gets the baggage.
+    /// Whether a request to `uri` gets the baggage. Host names compare without regard to case
+    /// (RFC 3986): the predicate sees the authority in lower case, as `reqwest`'s URLs have it,
+    /// so `PARTNER.example` cannot get past a check for `partner.example`. A URI that cannot
+    /// be rebuilt so gets none.
     pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
-        self.0.as_ref().is_none_or(|allow| allow(uri))
+        let Some(allow) = &self.0 else {
+            return true;
+        };
+        match uri.authority() {
+            Some(authority) if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) => {
+                let mut parts = uri.clone().into_parts();
+                parts.authority =
+                    http::uri::Authority::try_from(authority.as_str().to_ascii_lowercase()).ok();
+                http::Uri::from_parts(parts).is_ok_and(|lower| allow(&lower))
+            }
+            _ => allow(uri),
+        }
     }
 
     /// Whether a filter is set.

@@ -187,6 +187,32 @@ async fn baggage_goes_only_where_the_filter_allows() {
     assert_eq!(outside["x-request-id"], "req-7");
     assert!(outside.contains_key("traceparent"));
     assert_eq!(sorted_baggage(&inside), ["note=a%20b", "userId=alice"]);
+
+    // Host names compare without regard to case: a deny-list is not got past with capitals.
+    let deny = ServiceBuilder::new()
+        .layer(
+            InjectContextLayer::new()
+                .baggage_only_to(|uri| uri.host() != Some("api.partner.example")),
+        )
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+    let (upper, other) = contextflow_otel::scope(incoming(), async {
+        let send = |uri: &'static str| {
+            deny.clone()
+                .oneshot(Request::builder().uri(uri).body(()).unwrap())
+        };
+        (
+            send("https://API.Partner.example/charge")
+                .await
+                .unwrap()
+                .into_body(),
+            send("https://orders.example/x").await.unwrap().into_body(),
+        )
+    })
+    .await;
+    assert!(upper.get("baggage").is_none(), "{upper:?}");
+    assert!(other.contains_key("baggage"), "{other:?}");
 }
 
 /// A second trace format beside W3C's: B3's headers, writing the current span.
