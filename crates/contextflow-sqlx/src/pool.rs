@@ -293,6 +293,9 @@ where
     /// - Registered inside a savepoint that is later rolled back, the hook is dropped with
     ///   the savepoint's work; released, it moves to the enclosing level.
     /// - On rollback (an `Err`, a panic, a dropped block) hooks are dropped, never run.
+    /// - Registered through a snapshot of a block that has ended (committed or not), a hook is
+    ///   not run, and a line at `warn` says so: whether that transaction committed is not
+    ///   known there.
     /// - On a commit whose outcome is unknown ([`CommitUnknown`](crate::CommitUnknown)) they
     ///   are dropped too: the caller gets the error and decides.
     /// - They run one after the other before `transaction` returns; a panicking hook does
@@ -328,9 +331,16 @@ where
     where
         Fut: Future<Output = ()> + Send + 'static,
     {
-        match self.inner.current.get() {
-            Some(level) => level.push_hook(Box::pin(hook)),
-            None => hook.await,
+        let Some(level) = self.inner.current.get() else {
+            return hook.await;
+        };
+        if level.push_hook(Box::pin(hook)).is_err() {
+            // A snapshot of the block's context used after the block ended: whether the
+            // transaction committed is not this code's to know, so the hook is not run.
+            tracing::warn!(
+                target: "contextflow_sqlx",
+                "after_commit called in a transaction that has ended: the hook is dropped"
+            );
         }
     }
 
@@ -783,6 +793,10 @@ where
                 };
             }
         };
+        if !committing {
+            // Rolled back: the hooks go with it, and a hook registered from now on is refused.
+            drop(level.take_hooks());
+        }
         match outcome {
             Ok(Ok(_)) if level.is_rollback_only() => {
                 taken.rollback().await;
@@ -981,7 +995,14 @@ where
                 guard.release(called_at).await?;
                 drop(idle);
                 for hook in level.take_hooks() {
-                    parent.push_hook(hook);
+                    if parent.push_hook(hook).is_err() {
+                        // The enclosing level ended meanwhile (a `Conn` kept past its block
+                        // ended the transaction): nothing will commit.
+                        tracing::warn!(
+                            target: "contextflow_sqlx",
+                            "after-commit hook of a released savepoint dropped: its transaction has ended"
+                        );
+                    }
                 }
                 Ok(value)
             }

@@ -89,7 +89,8 @@ pub(crate) struct Level<DB: Database> {
     pub(crate) depth: usize,
     /// After-commit hooks registered at this level; a savepoint's move to its parent when it
     /// is released, and are dropped when it is rolled back.
-    hooks: StdMutex<Vec<Hook>>,
+    /// `None` once taken for good (the level has ended).
+    hooks: StdMutex<Option<Vec<Hook>>>,
     /// A block joined to this level failed: it may only be rolled back.
     rollback_only: AtomicBool,
     /// Set when this level's savepoint ends (released, rolled back, or its block dropped): a
@@ -529,7 +530,7 @@ where
             shared,
             busy: Arc::new(Mutex::new(())),
             depth: 1,
-            hooks: StdMutex::new(Vec::new()),
+            hooks: StdMutex::new(Some(Vec::new())),
             rollback_only: AtomicBool::new(false),
             ended: Arc::new(AtomicBool::new(false)),
         }
@@ -608,7 +609,7 @@ where
             shared: self.shared.clone(),
             busy: Arc::new(Mutex::new(())),
             depth: self.depth + 1,
-            hooks: StdMutex::new(Vec::new()),
+            hooks: StdMutex::new(Some(Vec::new())),
             rollback_only: AtomicBool::new(false),
             ended: ended.clone(),
         };
@@ -647,19 +648,29 @@ impl<DB: Database> Level<DB> {
         Ok(())
     }
 
-    /// Registers work to run after the top-level commit.
-    pub(crate) fn push_hook(&self, hook: Hook) {
-        self.hooks().push(hook);
+    /// Registers work to run after the top-level commit; hands `hook` back when this level has
+    /// ended (its hooks were taken, or its savepoint ended): nobody would ever run it.
+    pub(crate) fn push_hook(&self, hook: Hook) -> Result<(), Hook> {
+        let mut hooks = self.hooks();
+        match &mut *hooks {
+            // Acquire: pairs with the Release store of the guard that ends the level.
+            Some(hooks) if !self.ended.load(Ordering::Acquire) => {
+                hooks.push(hook);
+                Ok(())
+            }
+            _ => Err(hook),
+        }
     }
 
     /// Whether this level holds after-commit hooks.
     pub(crate) fn has_hooks(&self) -> bool {
-        !self.hooks().is_empty()
+        self.hooks().as_ref().is_some_and(|hooks| !hooks.is_empty())
     }
 
-    /// Takes this level's after-commit hooks.
+    /// Takes this level's after-commit hooks, for good: a hook registered afterwards is
+    /// refused.
     pub(crate) fn take_hooks(&self) -> Vec<Hook> {
-        std::mem::take(&mut *self.hooks())
+        self.hooks().take().unwrap_or_default()
     }
 
     /// Marks this level as only fit for rolling back (a joined block failed).
@@ -673,7 +684,7 @@ impl<DB: Database> Level<DB> {
         self.rollback_only.load(Ordering::Relaxed)
     }
 
-    fn hooks(&self) -> StdMutexGuard<'_, Vec<Hook>> {
+    fn hooks(&self) -> StdMutexGuard<'_, Option<Vec<Hook>>> {
         // Only `Vec` operations run while it is held: no panic, no poisoning.
         self.hooks.lock().unwrap_or_else(PoisonError::into_inner)
     }

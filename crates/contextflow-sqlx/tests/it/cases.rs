@@ -449,6 +449,48 @@ async fn snapshot_after_block_is_closed() {
     ctx.finish().await;
 }
 
+/// `after_commit` through a snapshot of a block that has ended (committed, rolled back, or a
+/// savepoint released or rolled back) has nobody to run its hook: the hook is not run, and a
+/// warning says so, in the caller's context (it was dropped without a word).
+async fn after_commit_after_the_block_ended_is_reported() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let committed = db
+        .transaction(|| async { Ok::<_, TestError>(Snapshot::capture()) })
+        .await
+        .unwrap();
+    let mut rolled_back = None;
+    let _ = db
+        .transaction(|| async {
+            rolled_back = Some(Snapshot::capture());
+            Err::<(), _>(TestError::Refused)
+        })
+        .await;
+    let mut nested = None;
+    db.transaction(|| async {
+        nested = Some(db.transaction(|| async { Ok::<_, TestError>(Snapshot::capture()) }).await?);
+        Ok::<_, TestError>(())
+    })
+    .await
+    .unwrap();
+    for (i, snapshot) in [committed, rolled_back.unwrap(), nested.unwrap()].into_iter().enumerate() {
+        let block = next_id();
+        let ran = ran.clone();
+        BLOCK
+            .scope(block, db.after_commit(async move { ran.lock().unwrap().push(i) }))
+            .with_snapshot(snapshot)
+            .await;
+        let lines = captured(block);
+        assert!(
+            lines.iter().any(|line| line.contains("transaction that has ended")),
+            "{BACKEND} snapshot {i}: {lines:?}"
+        );
+    }
+    assert!(ran.lock().unwrap().is_empty(), "{BACKEND}: a hook of an ended block ran");
+    ctx.finish().await;
+}
+
 /// The same one level down: a snapshot captured inside a nested block, used after the block
 /// ended (its savepoint released, or rolled back), is refused with `TransactionClosed`: its
 /// statements never run in the enclosing transaction, whose own work still commits.
@@ -1269,6 +1311,7 @@ tests!(
     spawned_task_gets_the_pool,
     snapshot_after_block_is_closed,
     snapshot_after_nested_block_is_closed,
+    after_commit_after_the_block_ended_is_reported,
     concurrent_queries_in_one_transaction,
     concurrent_transactions_no_cross_talk,
     issue_9_drop_at_every_await_point,
