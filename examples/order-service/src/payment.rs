@@ -46,6 +46,31 @@ pub enum PaymentError {
     Unavailable(String),
 }
 
+/// The idempotency key of the charge of the order `reference` of `tenant`: what names the
+/// order for its client, unique per tenant. Not the order's id: ids start again with a new
+/// database (a restored backup, a fresh schema), and a provider that keeps its keys would
+/// answer a new order with an old order's payment, charging nothing. The tenant is written in
+/// hex: the key is ASCII (a header value) whatever the tenant's name, and no two (tenant,
+/// reference) pairs give one key (hex has no `-`). Stored on the order row when it is placed:
+/// the resolver asks again with the key the first call used.
+///
+/// ```
+/// use order_service::payment::idempotency_key;
+/// assert_eq!(idempotency_key("acme", "ord-7"), "order-61636d65-ord-7");
+/// assert_ne!(idempotency_key("acme", "eu-7"), idempotency_key("acme-eu", "7"));
+/// assert!(idempotency_key("müller", "r-1").is_ascii());
+/// ```
+pub fn idempotency_key(tenant: &str, reference: &str) -> String {
+    let mut key = String::with_capacity(6 + 2 * tenant.len() + 1 + reference.len());
+    key.push_str("order-");
+    for b in tenant.bytes() {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key.push('-');
+    key.push_str(reference);
+    key
+}
+
 /// The body of `POST /payments`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PaymentRequest {

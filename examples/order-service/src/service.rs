@@ -451,11 +451,7 @@ impl OrderService {
                 info!(total_cents, "resolving a pending order");
                 let decision = match self
                     .payments
-                    .authorize(
-                        &payment_key(&order.tenant, &order.reference),
-                        &order.reference,
-                        total_cents,
-                    )
+                    .authorize(&order.payment_key(), &order.reference, total_cents)
                     .await
                 {
                     // Not a decision here: an earlier call with this key (whose answer was
@@ -519,17 +515,7 @@ impl OrderService {
     }
 }
 
-/// The idempotency key of the charge of the order `reference` of `tenant`: what names the
-/// order for its client, unique per tenant. Not the order's id: ids start again with a new
-/// database (a restored backup, a fresh schema), and a provider that keeps its keys would
-/// answer a new order with an old order's payment, charging nothing.
-///
-/// ```
-/// assert_eq!(order_service::service::payment_key("acme", "ord-7"), "order-acme-ord-7");
-/// ```
-pub fn payment_key(tenant: &str, reference: &str) -> String {
-    format!("order-{tenant}-{reference}")
-}
+pub use crate::payment::idempotency_key as payment_key;
 
 /// Whether `s` is 1 to 64 characters of `[A-Za-z0-9._:-]` (references and SKUs).
 fn is_identifier(s: &str) -> bool {

@@ -149,6 +149,16 @@ impl Db {
         for statement in schema_statements(Backend::Sqlite) {
             db.admin.execute(sqlx::query(&statement)).await?;
         }
+        // A database made by an older build: its orders table gets the payment key column
+        // (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+        let has_key: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pragma_table_info('orders') WHERE name = 'payment_key'",
+        )
+        .fetch_one(&db.admin)
+        .await?;
+        if has_key == 0 {
+            db.admin.execute(sqlx::query(ADD_PAYMENT_KEY)).await?;
+        }
         Ok(db)
     }
 
@@ -271,6 +281,10 @@ impl std::fmt::Display for ConnectError {
 impl std::error::Error for ConnectError {}
 
 /// The statements that create the tables and indexes if they do not exist.
+/// Adds the payment key column to an orders table made by an older build (its rows keep
+/// `NULL`: their charges were made with the key `order-<id>`).
+pub(crate) const ADD_PAYMENT_KEY: &str = "ALTER TABLE orders ADD COLUMN payment_key TEXT";
+
 fn schema_statements(backend: Backend) -> [String; 8] {
     let id_column = match backend {
         Backend::Sqlite => "id INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -297,7 +311,8 @@ fn schema_statements(backend: Backend) -> [String; 8] {
                     confirmation_sent BIGINT NOT NULL DEFAULT 0,
                     request_id TEXT,
                     traceparent TEXT,
-                    created_ms BIGINT NOT NULL DEFAULT 0
+                    created_ms BIGINT NOT NULL DEFAULT 0,
+                    payment_key TEXT
                 )"
         ),
         // A client's reference names one order per tenant: a retry finds the first one.

@@ -47,6 +47,31 @@ pub struct PendingOrder {
     pub request_id: Option<String>,
     /// The `traceparent` of that request's span.
     pub traceparent: Option<String>,
+    /// The idempotency key its charge was asked with; `None` for an order placed by an older
+    /// build, which used `order-<id>`.
+    pub payment_key: Option<String>,
+}
+
+impl PendingOrder {
+    /// The key to ask the provider with again: the one the first call used.
+    ///
+    /// ```
+    /// let legacy = order_service::db::PendingOrder {
+    ///     id: 7,
+    ///     tenant: "acme".into(),
+    ///     reference: "r-7".into(),
+    ///     request_id: None,
+    ///     traceparent: None,
+    ///     payment_key: None,
+    /// };
+    /// assert_eq!(legacy.payment_key(), "order-7");
+    /// ```
+    pub fn payment_key(&self) -> String {
+        match &self.payment_key {
+            Some(key) => key.clone(),
+            None => format!("order-{}", self.id),
+        }
+    }
 }
 
 /// One line of an order.
@@ -86,14 +111,15 @@ impl OrderRepository {
                 self.pool.fetch_one(
                     sqlx::query(
                         "INSERT INTO orders
-                            (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms)
-                         VALUES ($1, $2, 'pending', 0, $3, $4, $5) RETURNING id",
+                            (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms, payment_key)
+                         VALUES ($1, $2, 'pending', 0, $3, $4, $5, $6) RETURNING id",
                     )
                     .bind(tenant.as_str().to_owned())
                     .bind(reference.to_owned())
                     .bind(request_id)
                     .bind(traceparent)
-                    .bind(super::now_ms()),
+                    .bind(super::now_ms())
+                    .bind(crate::payment::idempotency_key(tenant.as_str(), reference)),
                 ),
             )
             .await?;
@@ -125,11 +151,13 @@ impl OrderRepository {
         let values: Vec<String> = (0..lines.len())
             .map(|i| format!("(${}::text, ${}::bigint, {i})", 6 + 2 * i, 7 + 2 * i))
             .collect();
+        // The payment key is the last parameter, after the lines'.
+        let key_param = 6 + 2 * lines.len();
         let sql = format!(
             "WITH o AS (
                 INSERT INTO orders
-                    (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms)
-                VALUES ($1, $2, 'pending', 0, $3, $4, $5) RETURNING id
+                    (tenant_id, reference, status, total_cents, request_id, traceparent, created_ms, payment_key)
+                VALUES ($1, $2, 'pending', 0, $3, $4, $5, ${key_param}) RETURNING id
              ), v (sku, quantity, line) AS (VALUES {}),
              locked AS (
                 SELECT i.sku FROM inventory i
@@ -159,6 +187,7 @@ impl OrderRepository {
             for (sku, quantity) in lines {
                 query = query.bind((*sku).to_owned()).bind(*quantity);
             }
+            let query = query.bind(crate::payment::idempotency_key(tenant.as_str(), reference));
             let rows = statement(
                 "INSERT orders, UPDATE inventory, INSERT order_items",
                 self.pool.fetch_all(query),
@@ -298,7 +327,7 @@ impl OrderRepository {
             .admin
             .fetch_all(
                 sqlx::query(
-                    "SELECT id, tenant_id, reference, request_id, traceparent FROM orders
+                    "SELECT id, tenant_id, reference, request_id, traceparent, payment_key FROM orders
                      WHERE status = 'pending' AND created_ms < $1 AND id > $2
                      ORDER BY id LIMIT $3",
                 )
@@ -315,6 +344,7 @@ impl OrderRepository {
                     reference: row.try_get("reference")?,
                     request_id: row.try_get("request_id")?,
                     traceparent: row.try_get("traceparent")?,
+                    payment_key: row.try_get("payment_key")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

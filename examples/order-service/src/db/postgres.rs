@@ -268,6 +268,12 @@ async fn migrate(admin: &AdminPool<Any>, schema: &str, roles: &Roles) -> Result<
             for statement in super::schema_statements(super::Backend::Postgres) {
                 admin.execute(sqlx::query(&statement)).await?;
             }
+            // A database made by an older build.
+            admin
+                .execute(sqlx::query(
+                    "ALTER TABLE orders ADD COLUMN IF NOT EXISTS payment_key TEXT",
+                ))
+                .await?;
             for table in TENANT_TABLES {
                 admin
                     .enable_row_level_security(table, DEFAULT_COLUMN, DEFAULT_SETTING)

@@ -166,6 +166,57 @@ async fn orders_of_two_databases_with_the_same_ids_are_charged_apart() {
     assert_eq!(provider.stub.charges(), 2);
 }
 
+/// An order left pending by an older build (no stored payment key: its charge was asked for
+/// with `order-<id>`, and the answer was lost) is resolved with that key after the upgrade:
+/// paid with the charge already made, never charged a second time under a new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_pending_from_an_older_build_is_resolved_with_its_old_key() {
+    let (_dir, url) = sqlite();
+    // The orders table as an older build made it (no `payment_key`), with one pending order.
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE orders (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant_id TEXT NOT NULL,
+                reference TEXT NOT NULL,
+                status TEXT NOT NULL,
+                total_cents BIGINT NOT NULL,
+                payment_id TEXT,
+                confirmation_sent BIGINT NOT NULL DEFAULT 0,
+                request_id TEXT,
+                traceparent TEXT,
+                created_ms BIGINT NOT NULL DEFAULT 0
+             );
+             INSERT INTO orders (tenant_id, reference, status, total_cents, created_ms)
+             VALUES ('acme', 'old-1', 'pending', 0, 0);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let (provider, addr, _) = Provider::start(Mode::Answer).await;
+    let first_charge = provider.stub.charge("order-1");
+    let service = start(&url, &format!("http://{addr}"), true).await;
+    service
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+    service.state.outbox.wait_delivered().await;
+    let order = by_reference(&service, "old-1").await;
+    assert_eq!(order.status, "paid");
+    assert_eq!(order.payment_id.as_deref(), Some(first_charge.as_str()));
+    assert_eq!(
+        provider.stub.charges(),
+        1,
+        "charged a second time under a new key"
+    );
+    service.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_decides_it() {
     let (_dir, url) = sqlite();
