@@ -212,8 +212,9 @@ fn is_trace_identity(name: &str) -> bool {
 const MAX_TRACESTATE_MEMBERS: usize = 32;
 
 /// `ours`, then the members of `theirs` (each of the caller's header lines, in order) whose
-/// keys `ours` does not have, up to the 32 members a `tracestate` may have; `ours` alone when
-/// the whole would pass the 512 characters it may have.
+/// keys `ours` does not have, as many as fit in the 32 members and 512 characters a
+/// `tracestate` may have (whole members: one that does not fit is left out, the next may
+/// still fit).
 fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -> String {
     let key = |member: &str| member.split('=').next().unwrap_or("").trim().to_owned();
     let mut keys: Vec<String> = ours
@@ -233,14 +234,11 @@ fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -
             break;
         }
         let member_key = key(member);
-        if !keys.contains(&member_key) {
+        if !keys.contains(&member_key) && merged.len() + 1 + member.len() <= 512 {
             merged.push(',');
             merged.push_str(member);
             keys.push(member_key);
         }
-    }
-    if merged.len() > 512 {
-        return ours.to_owned();
     }
     merged
 }

@@ -339,4 +339,9 @@ async fn a_caller_set_trace_context_wins_whole() {
         members[1..],
         many[..31].iter().map(String::as_str).collect::<Vec<_>>()[..]
     );
+    // Past 512 characters: the members that fit are kept (whole), not all of them dropped.
+    let long = format!("big={}", "x".repeat(400));
+    let big = format!("huge={}", "y".repeat(200));
+    let fitted = sent(vec!["a=1".into(), long.clone(), big, "b=2".into()]).await;
+    assert_eq!(fitted, [format!("congo=t61rcWkgMzE,a=1,{long},b=2")]);
 }
