@@ -49,7 +49,10 @@
 //!     let message = kafka::context(&consumer, &record);
 //!     message.run(|| tracing::info!("order received")); // with the producer's request id
 //!     message.finish();
-//!     records.store_offset_from_message(&record)?;
+//!     if let Err(err) = records.store_offset_from_message(&record) {
+//!         // A partition revoked meanwhile: the record comes again to whoever has it now.
+//!         tracing::warn!(%err, "could not store the record's offset");
+//!     }
 //! }
 //! # }
 //! ```

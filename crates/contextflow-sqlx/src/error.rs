@@ -698,13 +698,13 @@ impl fmt::Display for Refusal {
             Refusal::NoPolicy { table } => write!(f, "table {table}: no policy"),
             Refusal::ViewWithoutSecurityInvoker { view } => write!(
                 f,
-                "view {view}: has a tenant column but not security_invoker = true, so it reads with \
-                 its owner's rights"
+                "view {view}: reads a tenant table but has not security_invoker = true, so it reads \
+                 with its owner's rights"
             ),
             Refusal::MaterializedView { view } => write!(
                 f,
-                "materialized view {view}: has a tenant column, and row-level security does not apply \
-                 to materialized views"
+                "materialized view {view}: reads a tenant table, and row-level security does not \
+                 apply to materialized views"
             ),
         }
     }

@@ -359,8 +359,9 @@
 //!   [`AdminPool::enable_row_level_security`] creates does, so such a connection sees nothing.
 //! - *Views run with their owner's rights*: a view owned by a superuser or by the tables' owner
 //!   shows every tenant's rows, whatever the caller. Create views with `WITH
-//!   (security_invoker = true)` (PostgreSQL 15+); the start-up check refuses a view with a
-//!   tenant column without it, and any materialized view with one.
+//!   (security_invoker = true)` (PostgreSQL 15+); the start-up check refuses a view that
+//!   reads a tenant table (directly or through other views, whatever columns it keeps) without
+//!   it, and any materialized view that reads one.
 //! - *The tables' owner bypasses its own policies* unless `FORCE ROW LEVEL SECURITY` is set, and
 //!   can always turn them off: serve as a role that owns nothing (the check refuses an owner).
 //! - *Poolers in transaction mode* (PgBouncer `pool_mode = transaction`) hand each transaction a

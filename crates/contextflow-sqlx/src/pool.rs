@@ -859,13 +859,17 @@ where
                 async move {
                     run.stage.store(CommitRun::COMMITTING, Ordering::Release);
                     if let Err(err) = taken.commit().await {
+                        // An unknown outcome is logged by `into_error`, whoever takes the error;
+                        // any other failure is the caller's to report, or logged here when the
+                        // caller has gone.
+                        let unknown = matches!(err, CommitError::Unknown(_));
                         let err = err.into_error();
-                        if !caller.load(Ordering::Acquire) {
+                        if !unknown && !caller.load(Ordering::Acquire) {
                             tracing::error!(
                                 target: "contextflow_sqlx",
                                 error = %err,
                                 "the transaction's caller went away during COMMIT, which did not \
-                                 commit (or may not have): its after-commit hooks are dropped"
+                                 commit: its after-commit hooks are dropped"
                             );
                         }
                         return Err(err);
