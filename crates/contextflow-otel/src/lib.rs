@@ -152,13 +152,13 @@ pub static REQUEST_ID: AsyncLocal<RequestId> =
     AsyncLocal::named("request_id").inherit(contextflow::Inherit::Everywhere);
 
 /// An OpenTelemetry [`Context`] stored in [`OTEL_CONTEXT`]; displays as its span's trace id
-/// (32 hex digits, all zeros when the context has no span).
+/// (32 hex digits; nothing when the context has no valid span).
 ///
 /// ```
 /// use opentelemetry::Context;
 /// let cx = contextflow_otel::OtelContext::new(Context::new());
 /// assert_eq!(cx.trace_id(), None);
-/// assert_eq!(cx.to_string(), "00000000000000000000000000000000");
+/// assert_eq!(cx.to_string(), "");
 /// ```
 #[derive(Clone)]
 pub struct OtelContext {
@@ -290,9 +290,24 @@ impl OtelContext {
     }
 }
 
+/// The trace id of the context's span; nothing when it has no valid span (an all-zero id
+/// would put every untraced request's log lines under one trace id). As a context field of
+/// `contextflow-tracing`, a value that writes nothing is left out of the line.
+///
+/// ```
+/// use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState};
+/// let none = contextflow_otel::OtelContext::new(opentelemetry::Context::new());
+/// assert_eq!(none.to_string(), "");
+/// let sc = SpanContext::new(TraceId::from(1u128), SpanId::from(2u64), TraceFlags::SAMPLED, true, TraceState::default());
+/// let traced = contextflow_otel::OtelContext::new(opentelemetry::Context::new().with_remote_span_context(sc));
+/// assert_eq!(traced.to_string(), "00000000000000000000000000000001");
+/// ```
 impl fmt::Display for OtelContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.cx.span().span_context().trace_id(), f)
+        match self.trace_id() {
+            Some(trace_id) => fmt::Display::fmt(&trace_id, f),
+            None => Ok(()),
+        }
     }
 }
 

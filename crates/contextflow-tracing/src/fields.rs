@@ -563,7 +563,9 @@ impl ContextFields {
         result.map(|()| any)
     }
 
-    /// Renders `field`'s current value, bounded, into `scratch`; `false` when it is not set.
+    /// Renders `field`'s current value, bounded, into `scratch`; `false` when it is not set, or
+    /// when its `Display` writes nothing (an empty value says nothing: an OpenTelemetry context
+    /// without a valid span has no trace id to show, not an all-zero one).
     ///
     /// A value whose `Display` logs an event renders [`RECURSIVE_VALUE`] in that event's line:
     /// under a global subscriber tracing does not stop the nested event, which would render
@@ -594,7 +596,7 @@ impl ContextFields {
         if bounded.truncated {
             scratch.push_str(TRUNCATED_MARKER);
         }
-        set
+        set && !scratch.is_empty()
     }
 }
 

@@ -205,6 +205,35 @@ fn renamed_json_lines_stay_within_the_cap() {
     }
 }
 
+/// A value whose `Display` writes nothing (an OpenTelemetry context without a valid span has
+/// no trace id) is left out of the line, in text and JSON, as an unset one.
+#[test]
+fn a_value_that_displays_as_nothing_is_left_out() {
+    let capture = Capture::default();
+    with_default(text_subscriber(&capture), || {
+        REQUEST_ID.sync_scope("req-1".into(), || {
+            TENANT.sync_scope("", || info!("empty tenant"))
+        })
+    });
+    assert_eq!(capture.contents(), "[req-1] empty tenant\n");
+
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .map_event_format(|json| fields().json(json))
+        .with_writer(capture.clone())
+        .finish();
+    with_default(subscriber, || {
+        TENANT.sync_scope("", || info!("empty tenant"))
+    });
+    let lines = json_lines(&capture);
+    assert!(
+        !lines[0].as_object().unwrap().contains_key("tenant"),
+        "{}",
+        lines[0]
+    );
+}
+
 #[test]
 fn hostile_value_cannot_forge_a_text_line() {
     let capture = Capture::default();
