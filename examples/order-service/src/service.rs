@@ -16,7 +16,7 @@
 //!
 //! So no charge exists without an order (the order row commits before the call, and a charge
 //! is keyed by it), and no order stays without a decision (the resolver decides every
-//! `pending` order older than the request deadline).
+//! `pending` order older than `Config::resolve_after`, 60 s, twice the request deadline).
 
 use std::sync::{
     atomic::{AtomicI64, Ordering},
