@@ -154,8 +154,13 @@ impl Synthetic {
             // The event's field of that name keeps its value under another name: the record's
             // field of the context's name is the context's (once per callsite: leaked, as the
             // metadata is).
-            if let Some(at) = names.iter().position(|name| *name == field.name) {
-                names[at] = Box::leak(format!("event.{}", field.name).into_boxed_str());
+            // Every field of that name (an event may repeat one).
+            if names.contains(&field.name) {
+                let renamed: &'static str =
+                    Box::leak(format!("event.{}", field.name).into_boxed_str());
+                for name in names.iter_mut().filter(|name| **name == field.name) {
+                    *name = renamed;
+                }
             }
             context.push(Some(names.len()));
             names.push(field.name);

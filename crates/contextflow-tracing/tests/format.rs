@@ -558,4 +558,20 @@ fn layer_event_fields_cannot_shadow_context_fields() {
     assert_eq!(lines[0]["fields"]["tenant"], "acme");
     assert_eq!(lines[0]["fields"]["event.tenant"], "globex");
     assert_eq!(lines[0]["fields"]["order"], 1);
+
+    // An event that repeats the field: every copy is renamed, the record has one `tenant`.
+    let capture = Capture::default();
+    let sink = tracing_subscriber::fmt::layer()
+        .json()
+        .without_time()
+        .with_writer(capture.clone());
+    let subscriber = tracing_subscriber::registry().with(fields().layer(sink));
+    with_default(subscriber, || {
+        TENANT.sync_scope("acme", || {
+            info!(tenant = "globex", tenant = "initech", "refund")
+        })
+    });
+    let out = capture.contents();
+    assert_eq!(out.matches("\"tenant\":").count(), 1, "{out}");
+    assert_eq!(json_lines(&capture)[0]["fields"]["tenant"], "acme");
 }
