@@ -81,10 +81,14 @@ pub fn analyze(spans: &[SpanRecord]) -> TraceAnalysis {
         analysis.problems.push(problem);
     }
     for consumer in spans.iter().filter(|s| s.kind == SpanKind::Consumer) {
+        // Its own producer: the span it is the child of, in its trace (a link to any other
+        // producer, say the first message's, would be a wrong one).
         let linked = consumer.links.iter().any(|(trace, span)| {
-            by_id
-                .get(&(trace.as_str(), span.as_str()))
-                .is_some_and(|s| s.kind == SpanKind::Producer)
+            *trace == consumer.trace_id
+                && consumer.parent_span_id.as_deref() == Some(span.as_str())
+                && by_id
+                    .get(&(trace.as_str(), span.as_str()))
+                    .is_some_and(|s| s.kind == SpanKind::Producer)
         });
         if !linked {
             analysis.unlinked += 1;
@@ -112,11 +116,15 @@ fn describe(span: &SpanRecord) -> String {
     )
 }
 
-/// The processes a created order's trace must reach: (service, span kind, what it is).
-pub const PATH: [(&str, SpanKind, &str); 4] = [
+/// The spans a created order's trace is made of, each exactly once: (service, span kind,
+/// what it is). A span missing (a call made without its own span) or repeated (a payment
+/// asked for twice) fails the check.
+pub const PATH: [(&str, SpanKind, &str); 6] = [
     (DEMO_CLIENT, SpanKind::Client, "client"),
     (ORDER_SERVICE, SpanKind::Server, "order service"),
+    (ORDER_SERVICE, SpanKind::Client, "payment call"),
     (PAYMENT_SERVICE, SpanKind::Server, "payment stub"),
+    (ORDER_SERVICE, SpanKind::Producer, "queue publish"),
     (ORDER_SERVICE, SpanKind::Consumer, "queue consumer"),
 ];
 
@@ -141,22 +149,27 @@ impl Check for TraceCheck {
                 continue;
             };
             let spans = by_trace.get(want.trace_id.as_str());
-            let missing: Vec<&str> = PATH
-                .iter()
-                .filter(|(service, kind, _)| {
-                    !spans.is_some_and(|spans| {
-                        spans
-                            .iter()
-                            .any(|s| s.service == *service && s.kind == *kind)
-                    })
-                })
-                .map(|(_, _, what)| *what)
-                .collect();
-            if !missing.is_empty() {
+            let mut wrong = Vec::new();
+            for (service, kind, what) in PATH {
+                let n = spans.map_or(0, |spans| {
+                    spans
+                        .iter()
+                        .filter(|s| s.service == service && s.kind == kind)
+                        .count()
+                });
+                if n != 1 {
+                    wrong.push(format!("{n} spans of {what}"));
+                }
+            }
+            let total = spans.map_or(0, Vec::len);
+            if total != PATH.len() {
+                wrong.push(format!("{total} spans in all, not {}", PATH.len()));
+            }
+            if !wrong.is_empty() {
                 incomplete.push(format!(
-                    "{request_id} (trace {}): no span of {}",
+                    "{request_id} (trace {}): {}",
                     want.trace_id,
-                    missing.join(", ")
+                    wrong.join(", ")
                 ));
             }
         }
@@ -172,7 +185,7 @@ impl Check for TraceCheck {
             name: self.name(),
             ok,
             summary: format!(
-                "{} connected, {} fragmented; {} spans from {} over OTLP; {complete}/{} orders' traces reach client, order service, payment stub and queue consumer (linked to its producer: {} unlinked)",
+                "{} connected, {} fragmented; {} spans from {} over OTLP; {complete}/{} orders' traces have one span each of client, order service, payment call, payment stub, queue publish and queue consumer (linked to its producer: {} unlinked)",
                 analysis.connected,
                 analysis.fragmented,
                 run.traces.len(),
@@ -312,12 +325,13 @@ mod tests {
             detail: String::new(),
             order_id: None,
         });
-        // client -> order service -> (payment stub, producer -> consumer)
+        // client -> order service -> (payment call -> payment stub, producer -> consumer)
         let mut traces = good_trace("aa");
         traces[0].service = DEMO_CLIENT.into();
+        traces.push(span("aa", "06", Some("02"), SpanKind::Client));
         traces.push(SpanRecord {
             service: PAYMENT_SERVICE.into(),
-            ..span("aa", "05", Some("02"), SpanKind::Server)
+            ..span("aa", "05", Some("06"), SpanKind::Server)
         });
         let mut run = Run {
             run_id: "x".into(),
@@ -338,6 +352,21 @@ mod tests {
             "{verdict}"
         );
 
+        // The payment asked for twice: one span too many of the call and of the stub.
+        run.traces
+            .push(span("aa", "07", Some("02"), SpanKind::Client));
+        run.traces.push(SpanRecord {
+            service: PAYMENT_SERVICE.into(),
+            ..span("aa", "08", Some("07"), SpanKind::Server)
+        });
+        let verdict = TraceCheck.check(&run);
+        assert!(!verdict.ok);
+        assert!(
+            verdict.to_string().contains("2 spans of payment stub"),
+            "{verdict}"
+        );
+        run.traces.truncate(run.traces.len() - 2);
+
         run.traces.retain(|s| s.span_id != "02");
         let verdict = TraceCheck.check(&run);
         assert!(!verdict.ok);
@@ -348,7 +377,7 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("trace aa: 1 root(s)"), "{shown}");
-        assert!(shown.contains("no span of order service"), "{shown}");
+        assert!(shown.contains("0 spans of order service"), "{shown}");
     }
 
     #[test]
@@ -359,6 +388,10 @@ mod tests {
         assert_eq!((analysis.connected, analysis.unlinked), (1, 1));
         // A link to a span that is not a producer does not count either.
         spans[3].links.push(("aa".into(), "02".into()));
+        assert_eq!(analyze(&spans).unlinked, 1);
+        // Nor a link to another message's producer (say, the first one's, cached).
+        spans.extend(good_trace("bb"));
+        spans[3].links = vec![("bb".into(), "03".into())];
         assert_eq!(analyze(&spans).unlinked, 1);
     }
 }
