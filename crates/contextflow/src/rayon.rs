@@ -42,6 +42,12 @@
 //! `par_chunks(..)`...), before `map`, `filter`, `fold`, `for_each`, `reduce`. Closures
 //! upstream of it (between the source and the adaptor) run without it.
 //!
+//! With an indexed adaptor downstream (`enumerate`, `zip`, `chunks`, `rev`...), rayon drives
+//! the pipeline through producers: there only the items' closures run in the context, while
+//! `fold`'s identity, `map_init`'s init and the reductions between leaves may not, and carried
+//! values (a `tracing` span) are not entered. Put the adaptor *after* the indexed adaptors
+//! (`.enumerate().in_current_context()`), where everything downstream runs in it.
+//!
 //! # Work stealing
 //!
 //! A worker that waits inside a closure (for a nested `join` or a nested parallel iterator)

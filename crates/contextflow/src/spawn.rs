@@ -50,6 +50,11 @@ where
 
 /// Spawns a task that runs inside `snapshot` instead of the current context.
 ///
+/// The task gets what `snapshot` holds, *all* of it: a full [`Snapshot::capture`] keeps the
+/// variables marked [`Inherit::Never`](crate::Inherit::Never) (a database transaction), which
+/// then reach a task that may outlive the code that bound them. To hand a task only what a
+/// spawn would, capture with [`Snapshot::capture_inheritable`].
+///
 /// # Panics
 /// As [`tokio::spawn`]: when called outside a tokio runtime.
 ///

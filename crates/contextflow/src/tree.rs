@@ -164,6 +164,10 @@ pub(crate) fn record_spawn<F>(
 where
     F: Future,
 {
+    // Inside `suppress_flow` a child starts empty: not even the task tree's own node.
+    if crate::flow::is_flow_suppressed() {
+        return Err(fut);
+    }
     let Some(parent) = NODE.get() else {
         return Err(fut);
     };

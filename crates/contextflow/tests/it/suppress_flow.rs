@@ -8,6 +8,38 @@ static REQUEST_ID: AsyncLocal<u32> = AsyncLocal::named("request_id");
 on_both_runtimes! {
     spawns_inside_do_not_inherit => spawns_inside_do_not_inherit;
     spawns_after_inherit_again => spawns_after_inherit_again;
+    spawns_inside_a_root_start_empty => spawns_inside_a_root_start_empty;
+}
+
+/// Under a `tree::Root`, a task spawned inside `suppress_flow` starts empty too: not a child of
+/// the request in its task tree (it carried the tree's own node, and stayed in the request's
+/// tree with everything it spawned in turn).
+async fn spawns_inside_a_root_start_empty() {
+    let root = contextflow::tree::Root::new("request");
+    let (empty, trigger) = root
+        .scope(async {
+            let (spawned, set_spawned) = contextflow::suppress_flow(|| {
+                let mut set = tokio::task::JoinSet::new();
+                contextflow::spawn_in(&mut set, async { Snapshot::capture().is_empty() });
+                (
+                    contextflow::spawn(async {
+                        (
+                            Snapshot::capture().is_empty(),
+                            contextflow::tree::trigger_id(),
+                        )
+                    }),
+                    set,
+                )
+            });
+            let mut set = set_spawned;
+            let in_set = set.join_next().await.unwrap().unwrap();
+            let (empty, trigger) = spawned.await.unwrap();
+            (empty && in_set, trigger)
+        })
+        .await;
+    assert!(empty, "a task spawned inside suppress_flow has a context");
+    assert_eq!(trigger, None);
+    assert!(root.tasks().is_empty(), "{:?}", root.tasks());
 }
 
 async fn spawns_inside_do_not_inherit() {
