@@ -181,6 +181,40 @@ fn compare_json(
     (unreadable, unmatched(&balance, "", verdict))
 }
 
+/// The first key of a JSON object that comes twice, if any (the values are skipped).
+struct TopLevelKeys {
+    repeated: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for TopLevelKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = TopLevelKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TopLevelKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut repeated = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(key.clone()) && repeated.is_none() {
+                        repeated = Some(key);
+                    }
+                }
+                Ok(TopLevelKeys { repeated })
+            }
+        }
+        deserializer.deserialize_map(Keys)
+    }
+}
+
 /// Reads one line of the JSON log format: an object with string members `level` and
 /// `fields.message`, and optional string members `request_id`, `trace_id`, `tenant`.
 ///
@@ -192,6 +226,13 @@ pub fn parse_json_line(line: &str) -> Result<JsonLine, NotARecord> {
     let Value::Object(obj) = value else {
         return Err(NotARecord("not an object".into()));
     };
+    // A key twice at the top level: readers disagree on which one counts (serde_json keeps the
+    // last, others the first), so a second `tenant` could pass for the line's.
+    let keys: TopLevelKeys =
+        serde_json::from_str(line).map_err(|e| NotARecord(format!("invalid JSON: {e}")))?;
+    if let Some(key) = keys.repeated {
+        return Err(NotARecord(format!("the key {key:?} is repeated")));
+    }
     let optional = |key: &str| match obj.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -304,6 +345,10 @@ mod tests {
             (
                 r#"{"level":"INFO","fields":{"message":1}}"#,
                 "fields.message is not a string",
+            ),
+            (
+                r#"{"tenant":"acme","level":"INFO","tenant":"globex"}"#,
+                "the key \"tenant\" is repeated",
             ),
         ] {
             let err = parse_json_line(line).expect_err(line);

@@ -171,6 +171,9 @@ impl<'a> MakeWriter<'a> for LogSink {
     }
 }
 
+/// What [`LogSink`] records after a write that did not end its line.
+pub const MISSING_NEWLINE: &str = "<a log write without its final newline>";
+
 impl io::Write for SinkWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // The fmt layer writes each event with one `write_all` of the whole line; a line that
@@ -178,6 +181,11 @@ impl io::Write for SinkWriter {
         let text = String::from_utf8_lossy(buf);
         let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
         lines.extend(text.lines().map(str::to_string));
+        if !text.is_empty() && !text.ends_with('\n') {
+            // The line has no end: on a real stream the next event would run on in it. A
+            // line of its own that matches no event makes the output check fail.
+            lines.push(MISSING_NEWLINE.to_owned());
+        }
         Ok(buf.len())
     }
 
@@ -261,5 +269,17 @@ mod tests {
                 lines[0].len()
             );
         }
+    }
+
+    /// A write that does not end its line (a format that lost its newline: on a real stream
+    /// every event would run on in one line) leaves a line that matches no event.
+    #[test]
+    fn a_write_without_its_newline_is_recorded() {
+        use std::io::Write as _;
+        let sink = LogSink::new();
+        let mut writer = sink.make_writer();
+        writer.write_all(b"one\n").unwrap();
+        writer.write_all(b"two").unwrap();
+        assert_eq!(sink.take(), ["one", "two", MISSING_NEWLINE]);
     }
 }
