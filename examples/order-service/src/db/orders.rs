@@ -587,6 +587,23 @@ impl OrderRepository {
         ))
     }
 
+    /// How many orders of any tenant (any `tenant_id`, a known one or not) have a reference
+    /// that starts with `prefix`: read through the admin pool, across tenants on purpose (the
+    /// demo's check that no copy of an order sits under a tenant nobody reads as).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn count_all_tenants_with_prefix(&self, prefix: &str) -> Result<i64, RepoError> {
+        let row = self
+            .admin
+            .fetch_one(
+                sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE reference LIKE $1")
+                    .bind(format!("{prefix}%")),
+            )
+            .await?;
+        Ok(row.try_get::<i64, _>("n")?)
+    }
+
     /// The current tenant's orders whose reference starts with `prefix`: `(reference, status,
     /// confirmation_sent)` each (the demo's check that every order sits under the tenant whose
     /// request created it).

@@ -47,8 +47,8 @@ pub struct Attribution {
 }
 
 /// Events per created order that must name its reference (the controller's, the service's and
-/// the payment lines do: 4 per order in a run today).
-const MIN_REFERENCES: usize = 3;
+/// the payment lines do: 4 per order in every run of 2026-11-27).
+const MIN_REFERENCES: usize = 4;
 
 impl Default for ContextCheck {
     fn default() -> Self {
@@ -115,7 +115,8 @@ impl Check for ContextCheck {
 }
 
 /// Targets of the code that runs as the request's tenant: each of their events carries it.
-const TENANT_REQUIRED: [&str; 3] = [
+const TENANT_REQUIRED: [&str; 4] = [
+    "order_service::http::auth",
     "order_service::service",
     "order_service::db",
     "order_service::outbox",

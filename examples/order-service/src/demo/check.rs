@@ -66,6 +66,9 @@ pub struct DatabaseCounts {
     /// tenant), its status and its confirmation count. Counts can agree while orders sit under
     /// each other's tenants; this cannot.
     pub orders: std::collections::BTreeMap<String, StoredOrder>,
+    /// The run's orders under any tenant at all (read across tenants): a copy stored under a
+    /// tenant that none of the demo's reads as (`''`, `default`) shows here only.
+    pub all_tenants: i64,
 }
 
 /// One order as the database holds it.
@@ -212,6 +215,7 @@ impl Check for DatabaseCheck {
             repeated,
             ref by_tenant,
             ref orders,
+            all_tenants,
         } = run.database;
         // Tenant by tenant: each tenant's paid and confirmed orders are exactly the ones its
         // requests created.
@@ -278,6 +282,11 @@ impl Check for DatabaseCheck {
             examples.push(format!(
                 "{} orders no created request accounts for, e.g. {reference}",
                 extra.len()
+            ));
+        }
+        if all_tenants != created {
+            examples.push(format!(
+                "{all_tenants} orders of the run across all tenants, for {created} created"
             ));
         }
         Verdict {
@@ -347,6 +356,7 @@ mod tests {
             database.repeated += counts.2;
             database.by_tenant.insert((*tenant).into(), *counts);
         }
+        database.all_tenants = stored.len() as i64;
         for (request_id, tenant) in stored {
             database
                 .orders
@@ -402,6 +412,25 @@ mod tests {
             verdict.to_string().contains(
                 "order ord-r-1: stored under [\"globex\"], created by a request of tenant acme"
             ),
+            "{verdict}"
+        );
+    }
+
+    /// A copy of an order under a tenant none of the demo's reads as (`''`, `default`) shows
+    /// only in the count across tenants: it fails the check.
+    #[test]
+    fn a_copy_under_an_unread_tenant_fails_the_database_check() {
+        let created = [("r-1", "acme")];
+        let counts = [("acme", (1, 1, 0))];
+        let mut run = run_stored(&created, &counts, &[("r-1", "acme")]);
+        assert!(DatabaseCheck.check(&run).ok);
+        run.database.all_tenants = 2;
+        let verdict = DatabaseCheck.check(&run);
+        assert!(!verdict.ok, "{verdict}");
+        assert!(
+            verdict
+                .to_string()
+                .contains("2 orders of the run across all tenants, for 1 created"),
             "{verdict}"
         );
     }

@@ -213,6 +213,9 @@ async fn run_on(
             order.confirmation_sent = confirmation_sent;
         }
     }
+    database.all_tenants = orders
+        .count_all_tenants_with_prefix(&format!("ord-{run_id}-"))
+        .await?;
     phases.shutdown_start = capture.len();
     service.shutdown().await?;
     Ok((load, phases, database, backend))
