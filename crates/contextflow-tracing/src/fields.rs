@@ -21,7 +21,8 @@ use crate::{
 /// [`text`](ContextFields::text) or [`json`](ContextFields::json). Each field is any
 /// `&'static AsyncLocal<T>` whose `T` implements [`Display`](fmt::Display); the value is read
 /// when the event is formatted, on the thread (and poll) that emitted it, so no span and no
-/// argument is needed at the call site. Variables that are not set are left out.
+/// argument is needed at the call site. Variables that are not set, or whose value displays as
+/// nothing (an OpenTelemetry context without a valid span), are left out.
 ///
 /// Text output starts with `[first other=value ...] `: the first declared field shows its value
 /// alone (it is usually the request id; see [`name_every_field`](Self::name_every_field)), the

@@ -56,13 +56,15 @@
 //! 2026-11-24T17:00:00.000100Z  INFO shop: server listening (no context: no brackets)
 //! ```
 //!
-//! JSON: one key per field that is set, first in the object, always as a JSON string:
+//! JSON: one key per field that is set (and displays as something), first in the object,
+//! always as a JSON string:
 //!
 //! ```text
 //! {"request_id":"req-123","tenant":"acme","timestamp":"...","level":"INFO","fields":{"message":"Order creation started"},"target":"shop::orders"}
 //! ```
 //!
-//! Fields that are not set are left out; an event with none set is printed as the wrapped
+//! Fields that are not set, or whose value displays as nothing (an empty string, an
+//! OpenTelemetry context without a valid span), are left out; an event with none set is printed as the wrapped
 //! format prints it (escaped and bounded). Do not name a field like a key of the wrapped JSON
 //! format (`timestamp`, `level`, `fields`, `target`, `span`, `spans`). `log`-crate records
 //! bridged with `tracing_log::LogTracer` are events like any other and get the same fields.

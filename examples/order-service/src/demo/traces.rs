@@ -183,7 +183,7 @@ impl Check for TraceCheck {
             name: self.name(),
             ok,
             summary: format!(
-                "{} connected, {} fragmented; {} spans from {} over OTLP; {complete}/{} orders' traces have one span each of client, order service, payment call, payment stub, queue publish and queue consumer (linked to its producer: {} unlinked)",
+                "{} connected, {} fragmented; {} spans from {} over OTLP; {complete}/{} orders' traces have one span each of client, order service, payment call, payment stub and queue consumer, and a queue publish (linked to its producer: {} unlinked)",
                 analysis.connected,
                 analysis.fragmented,
                 run.traces.len(),
