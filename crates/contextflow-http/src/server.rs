@@ -143,6 +143,7 @@ use crate::{
 pub struct PropagateContextLayer {
     propagation: Propagation,
     spans: Spans,
+    url_scheme: &'static str,
 }
 
 /// Middleware that runs each request inside the context its headers carry (see the
@@ -169,6 +170,7 @@ pub struct PropagateContext<S> {
     inner: S,
     propagation: Propagation,
     spans: Spans,
+    url_scheme: &'static str,
 }
 
 pin_project! {
@@ -337,7 +339,22 @@ impl PropagateContextLayer {
         PropagateContextLayer {
             propagation: Propagation::global(),
             spans: Spans::global(),
+            url_scheme: "http",
         }
+    }
+
+    /// The `url.scheme` of server spans for requests whose target names none (an HTTP/1.1
+    /// request line carries the path only): `"http"` unless set, as the server receives it
+    /// behind a proxy that ends TLS; `"https"` for a server that ends TLS itself. A request
+    /// whose target has a scheme (HTTP/2's `:scheme`) keeps its own.
+    ///
+    /// ```
+    /// let layer = contextflow_http::PropagateContextLayer::new().with_url_scheme("https");
+    /// # drop(layer);
+    /// ```
+    pub fn with_url_scheme(mut self, scheme: &'static str) -> Self {
+        self.url_scheme = scheme;
+        self
     }
 
     /// Uses `propagator` to read the trace context (B3, Jaeger, Datadog, a composite...)
@@ -414,6 +431,7 @@ impl<S> Layer<S> for PropagateContextLayer {
             inner,
             propagation: self.propagation.clone(),
             spans: self.spans.clone(),
+            url_scheme: self.url_scheme,
         }
     }
 }
@@ -536,6 +554,7 @@ where
         };
         req.extensions_mut().insert(request_id.clone());
 
+        let url_scheme = self.url_scheme;
         let span_cx = self.spans.start(
             SpanKind::Server,
             req.method(),
@@ -543,9 +562,12 @@ where
             &cx,
             |attrs| {
                 attrs.push(KeyValue::new("url.path", req.uri().path().to_owned()));
-                if let Some(scheme) = req.uri().scheme_str() {
-                    attrs.push(KeyValue::new("url.scheme", scheme.to_owned()));
-                }
+                // Required by the conventions: the request's own, or the layer's.
+                let scheme = match req.uri().scheme_str() {
+                    Some(scheme) => opentelemetry::Value::from(scheme.to_owned()),
+                    None => opentelemetry::Value::from(url_scheme),
+                };
+                attrs.push(KeyValue::new("url.scheme", scheme));
                 attrs.push(KeyValue::new(
                     "network.protocol.version",
                     protocol_version(req.version()),

@@ -848,6 +848,14 @@ async fn other_methods_and_default_ports_follow_the_conventions() {
         assert_eq!(got.as_deref(), Some(port), "{uri}");
     }
     let spans = exporter.get_finished_spans().unwrap();
+    // `url.scheme` is required on a server span: the request's own when its target has one.
+    let scheme = |span: &SpanData| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "url.scheme")
+            .map(|kv| kv.value.to_string())
+    };
+    assert_eq!(scheme(&spans[0]).as_deref(), Some("https"));
     for span in &spans[..2] {
         assert_eq!(span.name, "HTTP");
         let attr = |key: &str| {
@@ -862,6 +870,40 @@ async fn other_methods_and_default_ports_follow_the_conventions() {
             Some("PURGE")
         );
     }
+}
+
+/// A request whose target names no scheme (an HTTP/1.1 request line: the path only) gets the
+/// layer's `url.scheme`, `http` unless set (a server that ends TLS itself sets `https`).
+#[tokio::test(flavor = "current_thread")]
+async fn server_spans_always_have_a_url_scheme() {
+    use tower::{Layer as _, ServiceExt as _};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let ok = || async { Ok::<_, std::convert::Infallible>(http::Response::new(())) };
+    for layer in [
+        PropagateContextLayer::new(),
+        PropagateContextLayer::new().with_url_scheme("https"),
+    ] {
+        let server = layer
+            .with_tracer(provider.tracer("server"))
+            .layer(tower::service_fn(move |_: http::Request<()>| ok()));
+        let req = http::Request::builder().uri("/orders").body(()).unwrap();
+        server.oneshot(req).await.unwrap();
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    let schemes: Vec<Option<String>> = spans
+        .iter()
+        .map(|span| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "url.scheme")
+                .map(|kv| kv.value.to_string())
+        })
+        .collect();
+    assert_eq!(schemes, [Some("http".to_owned()), Some("https".to_owned())]);
 }
 
 /// A request whose caller set `traceparent` keeps it, and gets no client span of ours (it
