@@ -253,26 +253,39 @@ impl Snapshot {
     /// assert!(!OTHER.sync_scope(2, || ID.sync_unset(Snapshot::capture)).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        // The variables unset on the way down: their outer bindings are not set here.
-        let mut unset: Vec<usize> = Vec::new();
-        let mut frame = self.variables();
-        // SAFETY: `self` keeps the whole chain alive.
-        while let Some(header) = unsafe { frame.as_ref() } {
-            // Markers, carried values and (with diagnostics) the record of a lost context
-            // are no bindings.
-            #[cfg(feature = "diagnostics")]
-            let skip =
-                header.is_marker() || header.is_hidden() || crate::diagnostics::is_loss(header);
-            #[cfg(not(feature = "diagnostics"))]
-            let skip = header.is_marker() || header.is_hidden();
-            if header.is_unset() {
-                unset.push(header.key);
-            } else if !skip && !unset.contains(&header.key) {
-                return false;
+        self.bindings(self.variables()).next().is_none()
+    }
+
+    /// The bindings a reader of this snapshot sees, from `from` outwards, innermost first:
+    /// the first node of each variable, unless that node unsets it. Markers, carried values
+    /// and (with diagnostics) the record of a lost context are no bindings.
+    fn bindings(&self, from: *const Header) -> impl Iterator<Item = &Header> + '_ {
+        let mut seen: Vec<usize> = Vec::new();
+        let mut frame = from;
+        std::iter::from_fn(move || {
+            // SAFETY: `self` keeps the whole chain alive, and `from` is a node of it.
+            while let Some(header) = unsafe { frame.as_ref() } {
+                frame = header.parent_ptr();
+                #[cfg(feature = "diagnostics")]
+                let skip =
+                    header.is_marker() || header.is_hidden() || crate::diagnostics::is_loss(header);
+                #[cfg(not(feature = "diagnostics"))]
+                let skip = header.is_marker() || header.is_hidden();
+                if seen.contains(&header.key) {
+                    continue;
+                }
+                if header.is_unset() {
+                    seen.push(header.key);
+                    continue;
+                }
+                if skip {
+                    continue;
+                }
+                seen.push(header.key);
+                return Some(header);
             }
-            frame = header.parent_ptr();
-        }
-        true
+            None
+        })
     }
 
     /// A snapshot of `frame`, as it is.
@@ -420,30 +433,15 @@ impl fmt::Debug for Snapshot {
             }
         }
         let mut out = f.debug_struct("Snapshot");
-        let mut seen: Vec<usize> = Vec::new();
-        let mut frame = self.as_ptr();
-        while !frame.is_null() {
-            // SAFETY: `self` keeps the whole chain alive.
-            let header = unsafe { &*frame };
-            #[cfg(feature = "diagnostics")]
-            let skip =
-                header.is_marker() || header.is_hidden() || crate::diagnostics::is_loss(header);
-            #[cfg(not(feature = "diagnostics"))]
-            let skip = header.is_marker() || header.is_hidden();
-            if header.is_unset() {
-                seen.push(header.key);
-            } else if !skip && !seen.contains(&header.key) {
-                seen.push(header.key);
-                let unnamed;
-                let name = if header.name.is_empty() {
-                    unnamed = format!("<unnamed #{}>", header.key);
-                    unnamed.as_str()
-                } else {
-                    header.name
-                };
-                out.field(name, &TypeName(header.type_name()));
-            }
-            frame = header.parent_ptr();
+        for header in self.bindings(self.as_ptr()) {
+            let unnamed;
+            let name = if header.name.is_empty() {
+                unnamed = format!("<unnamed #{}>", header.key);
+                unnamed.as_str()
+            } else {
+                header.name
+            };
+            out.field(name, &TypeName(header.type_name()));
         }
         out.finish()
     }
