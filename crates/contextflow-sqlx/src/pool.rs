@@ -864,13 +864,22 @@ where
                         // caller has gone.
                         let unknown = matches!(err, CommitError::Unknown(_));
                         let err = err.into_error();
-                        if !unknown && !caller.load(Ordering::Acquire) {
-                            tracing::error!(
-                                target: "contextflow_sqlx",
-                                error = %err,
-                                "the transaction's caller went away during COMMIT, which did not \
-                                 commit: its after-commit hooks are dropped"
-                            );
+                        if !caller.load(Ordering::Acquire) {
+                            if unknown {
+                                // The error itself is logged by `into_error`.
+                                tracing::warn!(
+                                    target: "contextflow_sqlx",
+                                    "the transaction's caller went away during COMMIT, whose \
+                                     outcome is unknown: its after-commit hooks are dropped"
+                                );
+                            } else {
+                                tracing::error!(
+                                    target: "contextflow_sqlx",
+                                    error = %err,
+                                    "the transaction's caller went away during COMMIT, which did \
+                                     not commit: its after-commit hooks are dropped"
+                                );
+                            }
                         }
                         return Err(err);
                     }
