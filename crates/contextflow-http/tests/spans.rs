@@ -37,6 +37,15 @@ fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
     })
 }
 
+/// A provider of its own whose spans are kept in the returned exporter.
+fn recording_provider() -> (InMemorySpanExporter, SdkTracerProvider) {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    (exporter, provider)
+}
+
 async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -304,10 +313,7 @@ async fn body_cut_short() {
     use opentelemetry::trace::Status;
     use tower::{Layer as _, ServiceExt as _};
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let svc = PropagateContextLayer::new()
         .with_tracer(provider.tracer("body"))
         .layer(tower::service_fn(|req: http::Request<()>| async move {
@@ -420,10 +426,7 @@ async fn complete_answers_of_bodies_that_never_say_they_ended() {
     use opentelemetry::trace::Status;
     use tower::{Layer as _, ServiceExt as _};
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let svc = PropagateContextLayer::new()
         .with_tracer(provider.tracer("unending"))
         .layer(tower::service_fn(|req: http::Request<()>| async move {
@@ -520,10 +523,7 @@ async fn a_shut_down_provider_passes_the_callers_trace_through() {
 async fn a_reqwest_call_given_up_on_ends_its_span_as_cancelled() {
     use opentelemetry::trace::Status;
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(InjectContextMiddleware::new().with_tracer(provider.tracer("client")))
         .build();
@@ -607,10 +607,7 @@ async fn grpc_status_codes() {
         res
     }
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let server = PropagateContextLayer::new()
         .with_tracer(provider.tracer("server"))
         .layer(tower::service_fn(|req: http::Request<()>| async move {
@@ -706,10 +703,7 @@ fn grpc_status_codes_on_both_runtimes() {
 async fn grpc_span_names() {
     use tower::{Layer as _, ServiceExt as _};
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let ok = || async { Ok::<_, std::convert::Infallible>(http::Response::new(())) };
     let server = PropagateContextLayer::new()
         .with_tracer(provider.tracer("server"))
@@ -811,10 +805,7 @@ fn grpc_span_names_on_both_runtimes() {
 async fn other_methods_and_default_ports_follow_the_conventions() {
     use tower::{Layer as _, ServiceExt as _};
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let ok = || async { Ok::<_, std::convert::Infallible>(http::Response::new(())) };
     let server = PropagateContextLayer::new()
         .with_tracer(provider.tracer("server"))
@@ -878,10 +869,7 @@ async fn other_methods_and_default_ports_follow_the_conventions() {
 async fn server_spans_always_have_a_url_scheme() {
     use tower::{Layer as _, ServiceExt as _};
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let ok = || async { Ok::<_, std::convert::Infallible>(http::Response::new(())) };
     for layer in [
         PropagateContextLayer::new(),
@@ -912,10 +900,7 @@ async fn server_spans_always_have_a_url_scheme() {
 async fn a_caller_set_traceparent_gets_no_client_span() {
     use tower::{Layer as _, ServiceExt as _};
 
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let (exporter, provider) = recording_provider();
     let client = contextflow_http::InjectContextLayer::new()
         .with_tracer(provider.tracer("client"))
         .layer(tower::service_fn(|req: http::Request<()>| async move {

@@ -117,6 +117,16 @@ async fn as_acme<T>(fut: impl std::future::Future<Output = T>) -> T {
     TENANT.scope(TenantId::new("acme"), fut).await
 }
 
+/// Has the resolver decide every pending order now, whatever its age.
+async fn resolve_now(service: &RunningService) {
+    service
+        .state
+        .service
+        .resolve_pending(Duration::ZERO)
+        .await
+        .unwrap();
+}
+
 async fn by_reference(service: &RunningService, reference: &str) -> Order {
     let orders = OrderRepository::new(&service.state.db);
     as_acme(orders.find_by_reference(reference))
@@ -199,12 +209,7 @@ async fn an_order_pending_from_an_older_build_is_resolved_with_its_old_key() {
     let (provider, addr, _) = Provider::start(Mode::Answer).await;
     let first_charge = provider.stub.charge("order-1");
     let service = start(&url, &format!("http://{addr}"), true).await;
-    service
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&service).await;
     service.state.outbox.wait_delivered().await;
     let order = by_reference(&service, "old-1").await;
     assert_eq!(order.status, "paid");
@@ -244,12 +249,7 @@ async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_
     // The provider is back; after a restart the resolver decides the order.
     let (provider, addr, _) = Provider::start(Mode::Answer).await;
     let second = start(&url, &format!("http://{addr}"), true).await;
-    second
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&second).await;
     second.state.outbox.wait_delivered().await;
     let order = by_reference(&second, "down-1").await;
     assert_eq!(order.status, "paid");
@@ -296,19 +296,9 @@ async fn resolver_pays_once(url: &str) {
     assert_eq!(body["status"], "pending");
 
     provider.set(Mode::Answer);
-    service
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&service).await;
     // Resolving again changes nothing: the order is decided.
-    service
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&service).await;
     service.state.outbox.wait_delivered().await;
     let order = by_reference(&service, "fail-1").await;
     assert_eq!(order.status, "paid");
@@ -347,12 +337,7 @@ async fn crash_between_charge_and_decision_is_paid_after_restart_without_a_secon
     let pending = by_reference(&second, "crash-1").await;
     assert_eq!(pending.status, "pending", "the crash left it undecided");
     assert_eq!(payment_key("acme", "crash-1"), key);
-    second
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&second).await;
     second.state.outbox.wait_delivered().await;
     let order = by_reference(&second, "crash-1").await;
     assert_eq!(order.status, "paid");
@@ -515,23 +500,13 @@ async fn a_refusal_while_resolving_leaves_a_charged_order_pending() {
     assert_eq!(provider.stub.charges(), 1, "charged, answer lost");
 
     provider.set(Mode::Reject);
-    service
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&service).await;
     let order = by_reference(&service, "lost-1").await;
     assert_eq!(order.status, "pending", "a charged order was cancelled");
     assert!(apples(&service).await < stock, "stock still reserved");
 
     provider.set(Mode::Answer);
-    service
-        .state
-        .service
-        .resolve_pending(Duration::ZERO)
-        .await
-        .unwrap();
+    resolve_now(&service).await;
     service.state.outbox.wait_delivered().await;
     let order = by_reference(&service, "lost-1").await;
     assert_eq!(order.status, "paid");
