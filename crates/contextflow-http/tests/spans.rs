@@ -37,6 +37,21 @@ fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
     })
 }
 
+/// Runs `test` on a `current_thread` runtime, then on a 2-worker `multi_thread` one.
+fn on_both_runtimes<F: std::future::Future>(test: impl Fn() -> F) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test());
+}
+
 /// A provider of its own whose spans are kept in the returned exporter.
 fn recording_provider() -> (InMemorySpanExporter, SdkTracerProvider) {
     let exporter = InMemorySpanExporter::default();
@@ -194,17 +209,7 @@ async fn one_trace_per_request() {
 #[test]
 fn one_trace_per_request_on_both_runtimes() {
     telemetry();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(one_trace_per_request());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(one_trace_per_request());
+    on_both_runtimes(one_trace_per_request);
 }
 
 /// New traces are sampled by the SDK's sampler, never forced; a caller's decision is kept.
@@ -376,17 +381,7 @@ async fn body_cut_short() {
 
 #[test]
 fn a_body_cut_short_fails_the_server_span_on_both_runtimes() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(body_cut_short());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(body_cut_short());
+    on_both_runtimes(body_cut_short);
 }
 
 /// A body that never says it ended (as tower-http's file bodies): its chunks, then its
@@ -474,17 +469,7 @@ async fn complete_answers_of_bodies_that_never_say_they_ended() {
 
 #[test]
 fn complete_answers_of_unending_bodies_end_their_span_without_error_on_both_runtimes() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(complete_answers_of_bodies_that_never_say_they_ended());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(complete_answers_of_bodies_that_never_say_they_ended());
+    on_both_runtimes(complete_answers_of_bodies_that_never_say_they_ended);
 }
 
 /// A provider shut down while requests still come in makes invalid spans: the handler, and
@@ -684,17 +669,7 @@ async fn grpc_status_codes() {
 
 #[test]
 fn grpc_status_codes_on_both_runtimes() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(grpc_status_codes());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(grpc_status_codes());
+    on_both_runtimes(grpc_status_codes);
 }
 
 /// A gRPC call's spans are named `{service}/{method}` and carry `rpc.system`, `rpc.service`
@@ -785,17 +760,7 @@ async fn grpc_span_names() {
 
 #[test]
 fn grpc_span_names_on_both_runtimes() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(grpc_span_names());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(grpc_span_names());
+    on_both_runtimes(grpc_span_names);
 }
 
 /// A method outside RFC 9110 is `_OTHER` in `http.request.method`, kept as sent in

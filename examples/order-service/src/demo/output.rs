@@ -318,7 +318,7 @@ mod tests {
             prop_assert_eq!(&record.context, &events[0].context);
             prop_assert_eq!(&record.message, &message);
             prop_assert_eq!(record.context.request_id, request_id);
-            let mut verdict = Verdict { name: "t", ok: true, summary: String::new(), counts: vec![], examples: vec![] };
+            let mut verdict = blank_verdict();
             prop_assert_eq!(compare_json(&lines, &events, &mut verdict), (0, 0));
         }
 
@@ -329,6 +329,17 @@ mod tests {
             if parse_json_line(&line).is_ok() {
                 prop_assert!(line.trim_start().starts_with('{'), "{}", line);
             }
+        }
+    }
+
+    /// A verdict to collect a comparison's examples in.
+    fn blank_verdict() -> Verdict {
+        Verdict {
+            name: "t",
+            ok: true,
+            summary: String::new(),
+            counts: vec![],
+            examples: vec![],
         }
     }
 
@@ -366,13 +377,7 @@ mod tests {
         lines.extend(more_lines);
         events.extend(more_events);
         assert_eq!(lines.len(), 2, "{lines:?}");
-        let mut verdict = Verdict {
-            name: "t",
-            ok: true,
-            summary: String::new(),
-            counts: vec![],
-            examples: vec![],
-        };
+        let mut verdict = blank_verdict();
         assert_eq!(compare_text(&lines, &events, &mut verdict), 0, "{lines:?}");
         lines[1] = lines[1].replace("tenant=acme", "tenant=globex");
         assert_eq!(compare_text(&lines, &events, &mut verdict), 2);
@@ -382,13 +387,7 @@ mod tests {
     fn a_changed_line_is_unmatched() {
         let (mut lines, events) = emit(Some("req-1"), Some("acme"), "hello");
         lines[0] = lines[0].replace("acme", "globex");
-        let mut verdict = Verdict {
-            name: "t",
-            ok: true,
-            summary: String::new(),
-            counts: vec![],
-            examples: vec![],
-        };
+        let mut verdict = blank_verdict();
         assert_eq!(compare_json(&lines, &events, &mut verdict), (0, 2));
         lines.push("plain text".into());
         assert_eq!(compare_json(&lines, &events, &mut verdict).0, 1);
