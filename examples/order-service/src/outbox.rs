@@ -32,6 +32,10 @@ use crate::{
 pub const CONFIRMATION: &str = "order.confirmation";
 /// How often the worker looks for rows nobody signalled (rows of a previous run).
 pub const POLL: Duration = Duration::from_millis(500);
+/// How long the worker waits, once woken, for more rows before a pass: a confirmation goes out
+/// this much later, and under load one pass (two round trips to the database, one transaction)
+/// serves the orders of this long.
+pub const GATHER: Duration = Duration::from_millis(10);
 /// How many rows one batch delivers.
 const BATCH: i64 = 256;
 /// The longest one resolver pass may take (each payment call has its own 10 s timeout).
@@ -125,6 +129,10 @@ impl Worker {
                     () = tokio::time::sleep(POLL) => false,
                     () = self.shutdown.wait() => true,
                 };
+                if !stopping {
+                    // Under load, rows of many orders go in one pass rather than a pass each.
+                    tokio::time::sleep(GATHER).await;
+                }
                 let served = *wake.borrow_and_update();
                 // Deliveries first: they never wait for the payment provider.
                 let mut empty = deliverer.deliver_all().await;
@@ -212,44 +220,38 @@ struct Deliverer<'a> {
 }
 
 impl Deliverer<'_> {
-    /// Delivers batches until the outbox is empty or a batch fails; whether it is empty.
+    /// Delivers batches until one is not full (the outbox was empty after it) or one fails;
+    /// whether the outbox was found empty.
     async fn deliver_all(&self) -> bool {
         loop {
-            let batch = match self.outbox.undelivered(BATCH).await {
-                Ok(batch) => batch,
+            match self.deliver_batch().await {
+                Ok(claimed) if claimed < BATCH as usize => return true,
+                Ok(_) => {}
                 Err(err) => {
-                    warn!(error = %err, "outbox read failed; will retry");
+                    warn!(error = %err, "outbox delivery failed; will retry");
                     return false;
                 }
-            };
-            if batch.is_empty() {
-                return true;
-            }
-            if let Err(err) = self.deliver_batch(&batch).await {
-                warn!(error = %err, rows = batch.len(), "outbox delivery failed; will retry");
-                return false;
             }
         }
     }
 
     /// One transaction for a batch, on the admin pool (the batch crosses tenants): claim the
-    /// rows not delivered yet, raise the confirmed orders' `confirmation_sent`, publish the
-    /// events; each row's lines in its own context.
-    /// The batch transaction itself belongs to no request: it logs nothing at INFO.
-    async fn deliver_batch(&self, rows: &[OutboxRow]) -> Result<(), DeliveryError> {
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    /// oldest rows not delivered yet (read and claimed by one statement), raise the confirmed
+    /// orders' `confirmation_sent`, publish the events; each row's lines in its own context.
+    /// How many rows it claimed. The batch transaction itself belongs to no request: it logs
+    /// nothing at INFO.
+    async fn deliver_batch(&self) -> Result<usize, DeliveryError> {
         let claimed = self
             .db
             .admin()
             .transaction(|| async {
-                let mut claimed: std::collections::HashSet<i64> =
-                    self.outbox.claim_batch(&ids).await?.into_iter().collect();
+                let rows = self.outbox.claim_oldest(BATCH).await?;
                 let mut confirmed = Vec::new();
                 let mut aside = Vec::new();
                 // Events the broker did not take (it refused one, or timed out): given back for
                 // a later pass, while the confirmations, which need no broker, go on.
                 let mut unpublished = Vec::new();
-                for row in rows.iter().filter(|r| claimed.contains(&r.id)) {
+                for (i, row) in rows.iter().enumerate() {
                     match row.topic.as_str() {
                         CONFIRMATION => confirmed.push(row.order_id),
                         ORDER_CONFIRMED if !unpublished.is_empty() => unpublished.push(row.id),
@@ -263,30 +265,26 @@ impl Deliverer<'_> {
                                     }
                                 }
                                 Err(err) => {
-                                    aside.push((row, DeliveryError::Payload(err).to_string()))
+                                    aside.push((i, DeliveryError::Payload(err).to_string()))
                                 }
                             }
                         }
-                        other => aside.push((
-                            row,
-                            DeliveryError::UnknownTopic(other.to_owned()).to_string(),
-                        )),
+                        other => aside
+                            .push((i, DeliveryError::UnknownTopic(other.to_owned()).to_string())),
                     }
                 }
                 // A row that can never be delivered must not hold up those behind it (the
                 // batch is read oldest first): set aside, with an error line in its context.
-                let aside_ids: Vec<i64> = aside.iter().map(|(row, _)| row.id).collect();
+                let aside_ids: Vec<i64> = aside.iter().map(|(i, _)| rows[*i].id).collect();
                 self.outbox.set_aside(&aside_ids).await?;
                 self.outbox.release(&unpublished).await?;
-                for id in &unpublished {
-                    claimed.remove(id);
-                }
                 self.orders.mark_confirmed_batch(&confirmed).await?;
-                Ok::<_, DeliveryError>((claimed, aside, !unpublished.is_empty()))
+                Ok::<_, DeliveryError>((rows, aside, !unpublished.is_empty()))
             })
             .await?;
-        let (claimed, aside, broker_failed) = claimed;
-        for (row, err) in &aside {
+        let (rows, aside, broker_failed) = claimed;
+        for (i, err) in &aside {
+            let row = &rows[*i];
             in_row_context(row, async {
                 error!(
                     outbox_id = row.id,
@@ -297,17 +295,14 @@ impl Deliverer<'_> {
             .await;
         }
         // Committed: now the confirmations are sent, exactly once.
-        for row in rows
-            .iter()
-            .filter(|r| claimed.contains(&r.id) && r.topic == CONFIRMATION)
-        {
+        for row in rows.iter().filter(|r| r.topic == CONFIRMATION) {
             in_row_context(row, async { info!("confirmation sent") }).await;
         }
         if broker_failed {
             // The rest waits for the next pass.
             return Err(DeliveryError::QueueClosed);
         }
-        Ok(())
+        Ok(rows.len())
     }
 }
 

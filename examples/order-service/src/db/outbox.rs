@@ -95,25 +95,47 @@ impl OutboxRepository {
         .await
     }
 
-    /// Marks the rows `ids`, of any tenant, delivered, and returns those that were not yet:
-    /// the outbox worker's batch claim, through the admin pool ([`super::Db::admin`]). Call it
-    /// in the admin pool's transaction of the deliveries' effects, so each effect happens once.
+    /// Claims the oldest `limit` undelivered rows of every tenant (marks them delivered) and
+    /// returns them, oldest first: the outbox worker's batch, read and claimed in one
+    /// statement through the admin pool ([`super::Db::admin`]), which reads across tenants on
+    /// purpose (the worker binds each row's own tenant to deliver it). Call it in the admin
+    /// pool's transaction of the deliveries' effects, so each effect happens once: a row that
+    /// another transaction claims first is not returned (its `delivered = 0` no longer holds
+    /// once that one commits), and a batch that does not commit leaves its rows undelivered.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn claim_batch(&self, ids: &[i64]) -> Result<Vec<i64>, RepoError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let batch = super::orders::ids_query(
-            "UPDATE outbox SET delivered = 1 WHERE delivered = 0 AND id IN ({ids}) RETURNING id",
-            ids,
-        );
-        let rows = self.admin.fetch_all(batch.query()).await?;
-        rows.iter()
-            .map(|row| row.try_get::<i64, _>("id"))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(RepoError::Sqlx)
+    pub async fn claim_oldest(&self, limit: i64) -> Result<Vec<OutboxRow>, RepoError> {
+        let rows = self
+            .admin
+            .fetch_all(
+                sqlx::query(
+                    "UPDATE outbox SET delivered = 1
+                     WHERE delivered = 0 AND id IN
+                         (SELECT id FROM outbox WHERE delivered = 0 ORDER BY id LIMIT $1)
+                     RETURNING id, tenant_id, order_id, topic, payload, request_id, traceparent",
+                )
+                .bind(limit),
+            )
+            .await?;
+        let mut rows = rows
+            .iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant_id")?,
+                    order_id: row.try_get("order_id")?,
+                    topic: row.try_get("topic")?,
+                    payload: row.try_get("payload")?,
+                    request_id: row.try_get("request_id")?,
+                    traceparent: row.try_get("traceparent")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(RepoError::Sqlx)?;
+        // `RETURNING` promises no order.
+        rows.sort_unstable_by_key(|row| row.id);
+        Ok(rows)
     }
 
     /// Sets the claimed rows `ids` aside as undeliverable (`delivered = 2`: a payload that does
@@ -146,39 +168,6 @@ impl OutboxRepository {
             super::orders::ids_query("UPDATE outbox SET delivered = 0 WHERE id IN ({ids})", ids);
         self.admin.execute(batch.query()).await?;
         Ok(())
-    }
-
-    /// Up to `limit` undelivered rows of every tenant, oldest first: the worker's batch. This
-    /// reads across tenants on purpose, through the admin pool; the worker binds each row's
-    /// own tenant to deliver it.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub async fn undelivered(&self, limit: i64) -> Result<Vec<OutboxRow>, RepoError> {
-        let rows = self
-            .admin
-            .fetch_all(
-                sqlx::query(
-                    "SELECT id, tenant_id, order_id, topic, payload, request_id, traceparent
-                     FROM outbox WHERE delivered = 0 ORDER BY id LIMIT $1",
-                )
-                .bind(limit),
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    id: row.try_get("id")?,
-                    tenant: row.try_get("tenant_id")?,
-                    order_id: row.try_get("order_id")?,
-                    topic: row.try_get("topic")?,
-                    payload: row.try_get("payload")?,
-                    request_id: row.try_get("request_id")?,
-                    traceparent: row.try_get("traceparent")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(RepoError::Sqlx)
     }
 
     /// Marks one of the current tenant's rows delivered; `false` when it already was (someone

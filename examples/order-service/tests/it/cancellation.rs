@@ -440,6 +440,54 @@ async fn an_undeliverable_outbox_row_is_set_aside_not_blocking() {
     second.shutdown().await.expect("clean shutdown");
 }
 
+/// Two instances of the service on one database, both delivering the outbox while orders
+/// arrive at both: each batch claim takes only rows nobody else claimed, so every order is
+/// confirmed exactly once and nothing stays behind.
+pub(crate) async fn two_instances_confirm_each_order_once(url: &str) {
+    let (_provider, addr, _) = Provider::start(Mode::Answer).await;
+    let provider_url = format!("http://{addr}");
+    let first = start(url, &provider_url, true).await;
+    let second = start(url, &provider_url, true).await;
+    let references: Vec<String> = (0..100).map(|i| format!("both-{i}")).collect();
+    let posts = references.iter().enumerate().map(|(i, reference)| {
+        let service = if i % 2 == 0 { &first } else { &second };
+        post_order(service, reference)
+    });
+    for (status, body) in futures_util::future::join_all(posts).await {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    for service in [&first, &second] {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            service.state.outbox.wait_delivered(),
+        )
+        .await
+        .expect("the outbox drains");
+    }
+    assert_eq!(
+        OutboxRepository::new(&first.state.db)
+            .backlog()
+            .await
+            .unwrap(),
+        0
+    );
+    for reference in &references {
+        assert_eq!(
+            by_reference(&first, reference).await.confirmation_sent,
+            1,
+            "{reference} confirmed once"
+        );
+    }
+    first.shutdown().await.expect("clean shutdown");
+    second.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_sqlite_confirm_each_order_once() {
+    let (_dir, url) = sqlite();
+    two_instances_confirm_each_order_once(&url).await;
+}
+
 /// The confirmation counter counts every confirmation delivered, so the "confirmed exactly
 /// once" checks can fail: two confirmations of one order in one outbox batch raise it by two
 /// (an `IN` list raised it by one).

@@ -7,7 +7,8 @@ use contextflow_testenv::Service;
 use sqlx::Connection as _;
 
 use crate::{
-    rollback::failed_orders_roll_back, start_url, tenant_isolation::isolation_under_concurrency,
+    cancellation::two_instances_confirm_each_order_once, rollback::failed_orders_roll_back,
+    start_url, tenant_isolation::isolation_under_concurrency,
 };
 
 /// `(server URL, schema, URL of the schema)` for a fresh schema; drop it with `drop_schema`.
@@ -135,5 +136,16 @@ async fn postgres_concurrent_orders_of_the_same_products_never_deadlock() {
     assert_eq!(svc.stock("acme", "sku-pear").await, 1_000_000 - 96);
     let svc = std::sync::Arc::into_inner(svc).expect("every task is done");
     svc.service.shutdown().await.expect("clean shutdown");
+    drop_schema(&base, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(cf_service_postgres),
+    ignore = "needs PostgreSQL: set CONTEXTFLOW_PG_URL"
+)]
+async fn postgres_two_instances_confirm_each_order_once() {
+    let (base, schema, url) = fresh_schema().await;
+    two_instances_confirm_each_order_once(&url).await;
     drop_schema(&base, &schema).await;
 }
