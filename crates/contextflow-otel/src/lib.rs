@@ -339,6 +339,14 @@ impl Carrier for ContextCarrier {
         let _attached = cx.clone().attach();
         f()
     }
+
+    fn enter_none(&self, f: &mut dyn FnMut()) {
+        // A snapshot that carries no `Context` (an empty one, or one made under
+        // `suppress_flow`) replaces the thread's: an empty `Context`, not the trace of whatever
+        // the polling thread was doing.
+        let _attached = Context::new().attach();
+        f()
+    }
 }
 
 /// Registers [`ContextCarrier`] for the rest of the process; returns `false` if it already

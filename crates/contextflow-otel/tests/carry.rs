@@ -97,3 +97,55 @@ fn our_variable_answers_where_otel_thread_local_is_not_set() {
     );
     assert_eq!(stored, Some(TraceId::from(10u128)));
 }
+
+/// What runs in a snapshot that carries no `Context` (an empty one, one captured under
+/// `suppress_flow`, a task spawned without context) sees no trace, not the trace of the
+/// request whose poll or closure it happens to run inside.
+fn empty_snapshots(rt: tokio::runtime::Runtime) {
+    rt.block_on(in_remote_context(remote_parent(7), async {
+        let expected = TraceId::from(8u128);
+        assert_eq!(seen(), (Some(expected), expected));
+        let nothing = (None, TraceId::INVALID);
+        assert_eq!(
+            Snapshot::empty().run(seen),
+            nothing,
+            "Snapshot::empty().run"
+        );
+        let suppressed = contextflow::suppress_flow(Snapshot::capture_inheritable);
+        assert_eq!(
+            suppressed.run(seen),
+            nothing,
+            "captured under suppress_flow"
+        );
+        use contextflow::FutureExt as _;
+        let polled = async {
+            tokio::task::yield_now().await;
+            seen()
+        }
+        .with_snapshot(Snapshot::empty())
+        .await;
+        assert_eq!(polled, nothing, "a future polled inside the request");
+        let spawned = contextflow::spawn_without_context(async { seen() })
+            .await
+            .unwrap();
+        assert_eq!(spawned, nothing, "spawn_without_context");
+        // And the request's own context is back afterwards.
+        assert_eq!(seen(), (Some(expected), expected));
+    }));
+}
+
+#[test]
+fn snapshots_without_a_context_replace_the_threads_on_both_runtimes() {
+    contextflow_otel::carry_context();
+    empty_snapshots(
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap(),
+    );
+    empty_snapshots(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap(),
+    );
+}

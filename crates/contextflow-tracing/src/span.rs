@@ -12,6 +12,11 @@ use tracing::Span;
 /// (and, with `tracing-opentelemetry`, is exported later) until the last child that carries it
 /// ends. Start work that outlives the request with `contextflow::spawn_without_context`.
 ///
+/// A snapshot that carries no span (one captured outside every span, an empty one) does not
+/// hide the span current where it runs: tracing has no way to make "no span" current, so its
+/// [`Carrier::enter_none`] is the default, and such a child, polled inside another span (a rayon
+/// job a worker steals inside a span), sees that span.
+///
 /// Register it with [`carry_spans`]; [`ContextFields::text`](crate::ContextFields::text) and
 /// [`ContextFields::json`](crate::ContextFields::json) do so too.
 ///

@@ -66,6 +66,51 @@ pub trait Carrier: Send + Sync + 'static {
     /// Makes `value` current, calls `f`, and restores what was current before. Called around
     /// every poll of the child, while it is dropped, and around `Snapshot::run`.
     fn enter(&self, value: &Self::Value, f: &mut dyn FnMut());
+
+    /// Makes "nothing" current (what [`capture`](Carrier::capture) reports as `None`), calls
+    /// `f`, and restores what was current before. Called where [`enter`](Carrier::enter) would
+    /// be when the snapshot carries no value of this carrier: one made by
+    /// [`Snapshot::empty`](crate::Snapshot::empty), under
+    /// [`suppress_flow`](crate::suppress_flow), by
+    /// [`spawn_without_context`](crate::spawn_without_context), or captured while `capture`
+    /// had nothing. Without it, such a child would see whatever the thread that polls it has
+    /// current, for example the span of another request whose closure a rayon worker is
+    /// running when it steals the job.
+    ///
+    /// The default calls `f` as it is, for a "current" that cannot be emptied (tracing's
+    /// current span is one).
+    ///
+    /// ```
+    /// use contextflow::{carry::{self, Carrier}, Snapshot};
+    /// use std::cell::Cell;
+    ///
+    /// thread_local!(static ROLE: Cell<u32> = const { Cell::new(0) });
+    ///
+    /// struct RoleCarrier;
+    /// impl Carrier for RoleCarrier {
+    ///     type Value = u32;
+    ///     fn capture(&self) -> Option<u32> {
+    ///         Some(ROLE.with(Cell::get)).filter(|r| *r != 0)
+    ///     }
+    ///     fn enter(&self, role: &u32, f: &mut dyn FnMut()) {
+    ///         let prev = ROLE.with(|r| r.replace(*role));
+    ///         f();
+    ///         ROLE.with(|r| r.set(prev));
+    ///     }
+    ///     fn enter_none(&self, f: &mut dyn FnMut()) {
+    ///         self.enter(&0, f)
+    ///     }
+    /// }
+    ///
+    /// carry::register(RoleCarrier);
+    /// ROLE.with(|r| r.set(7));
+    /// // The empty snapshot replaces the thread's role too.
+    /// assert_eq!(Snapshot::empty().run(|| ROLE.with(Cell::get)), 0);
+    /// assert_eq!(ROLE.with(Cell::get), 7);
+    /// ```
+    fn enter_none(&self, f: &mut dyn FnMut()) {
+        f()
+    }
 }
 
 /// Registers `carrier` for the rest of the process. Returns `false` (and changes nothing) if a
@@ -200,13 +245,22 @@ fn registered() -> &'static [&'static dyn ErasedCarrier] {
 /// The key of every carried-value node (hidden; never a variable's key, which start at 2).
 pub(crate) const CARRIED_KEY: usize = 1;
 
-/// A captured value, stored in a hidden node on top of a captured frame. `#[repr(C)]` with the
-/// entry function first, so that [`run_in`] can enter it without knowing `C`.
+/// A captured value, stored in a hidden node on top of a captured frame. `#[repr(C)]` with
+/// its [`CarriedHead`] first, so that [`run_in`] can enter it without knowing `C`.
 #[repr(C)]
 struct Carried<C: Carrier> {
-    enter: unsafe fn(*const (), &mut dyn FnMut()),
+    head: CarriedHead,
     carrier: &'static C,
     value: C::Value,
+}
+
+/// What [`run_in`] reads of a [`Carried`] of any carrier.
+#[repr(C)]
+struct CarriedHead {
+    /// Enters the value ([`Carried::enter`]).
+    enter: unsafe fn(*const (), &mut dyn FnMut()),
+    /// The carrier's place in the registered list (which only grows, so places never change).
+    index: usize,
 }
 
 impl<C: Carrier> Carried<C> {
@@ -221,21 +275,30 @@ impl<C: Carrier> Carried<C> {
 
 trait ErasedCarrier: Send + Sync {
     fn carrier_type(&self) -> TypeId;
-    /// Captures this carrier's current value, if any, as a hidden node on top of `frame`.
-    fn capture_onto(&'static self, frame: Option<NodeRef>) -> Option<NodeRef>;
+    /// [`Carrier::enter_none`].
+    fn enter_none(&self, f: &mut dyn FnMut());
+    /// Captures this carrier's current value, if any, as a hidden node on top of `frame`;
+    /// `index` is the carrier's place in the registered list.
+    fn capture_onto(&'static self, index: usize, frame: Option<NodeRef>) -> Option<NodeRef>;
 }
 
 impl<C: Carrier> ErasedCarrier for C {
     fn carrier_type(&self) -> TypeId {
         TypeId::of::<C>()
     }
-    fn capture_onto(&'static self, frame: Option<NodeRef>) -> Option<NodeRef> {
+    fn enter_none(&self, f: &mut dyn FnMut()) {
+        Carrier::enter_none(self, f)
+    }
+    fn capture_onto(&'static self, index: usize, frame: Option<NodeRef>) -> Option<NodeRef> {
         match Carrier::capture(self) {
             Some(value) => Some(NodeRef::new_hidden(
                 frame,
                 CARRIED_KEY,
                 Carried {
-                    enter: Carried::<C>::enter,
+                    head: CarriedHead {
+                        enter: Carried::<C>::enter,
+                        index,
+                    },
                     carrier: self,
                     value,
                 },
@@ -254,7 +317,10 @@ pub(crate) fn capture_into(frame: Option<NodeRef>) -> Option<NodeRef> {
     }
     carriers
         .iter()
-        .fold(frame, |frame, carrier| carrier.capture_onto(frame))
+        .enumerate()
+        .fold(frame, |frame, (index, carrier)| {
+            carrier.capture_onto(index, frame)
+        })
 }
 
 /// `frame` without the carried values on top of it: the frame a snapshot makes current.
@@ -275,6 +341,8 @@ pub(crate) unsafe fn below_carried(mut frame: *const Header) -> *const Header {
 
 /// Makes `frame` current (without the carried values on top of it, which are entered through
 /// their carriers instead, so they never pile up under later bindings), then calls `f`.
+/// A registered carrier of which `frame` carries no value makes its "nothing" current
+/// ([`Carrier::enter_none`]): the frame replaces the thread's context, carriers' included.
 /// The caller keeps `frame` alive for the call.
 #[inline]
 pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
@@ -283,20 +351,40 @@ pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
         let _entered = current::enter_borrowed(frame);
         return f();
     }
-    // SAFETY: the caller keeps `frame` alive.
-    let top = unsafe { frame.as_ref() };
-    if !top.is_some_and(Header::is_hidden) {
-        let _entered = current::enter_borrowed(frame);
+    let carriers = registered();
+    // Which carriers (by their place in the list) the frame carries a value of; past the
+    // 64th, every carrier counts as carried (its "nothing" is not entered).
+    let mut carried = if carriers.len() >= 64 {
+        0
+    } else {
+        u64::MAX << carriers.len()
+    };
+    let mut node = frame;
+    // SAFETY: the caller keeps the chain alive.
+    while let Some(header) = unsafe { node.as_ref() } {
+        if !header.is_hidden() {
+            break;
+        }
+        // SAFETY: a hidden node holds a `Carried<C>`, which starts with its `CarriedHead`.
+        let index = unsafe { (*header.value_ptr().cast::<CarriedHead>()).index };
+        if index < 64 {
+            carried |= 1 << index;
+        }
+        node = header.parent_ptr();
+    }
+    // `node` is `frame` below its carried values.
+    let _entered = current::enter_borrowed(node);
+    if carried == u64::MAX && node == frame {
         return f();
     }
-    // SAFETY: as above.
-    let _entered = current::enter_borrowed(unsafe { below_carried(frame) });
     let mut f = Some(f);
     let mut out = None;
     nest(frame, &mut || {
-        if let Some(f) = f.take() {
-            out = Some(f());
-        }
+        enter_nones(carriers, carried, &mut || {
+            if let Some(f) = f.take() {
+                out = Some(f());
+            }
+        })
     });
     match out {
         Some(out) => out,
@@ -313,16 +401,26 @@ fn nest(node: *const Header, f: &mut dyn FnMut()) {
     // SAFETY: `run_in`'s caller keeps the chain alive.
     match unsafe { node.as_ref() } {
         Some(header) if header.is_hidden() => {
-            // SAFETY: hidden nodes hold a `Carried<C>`, whose first field is its entry
-            // function, and the value is alive with the node.
+            // SAFETY: hidden nodes hold a `Carried<C>`, which starts with its `CarriedHead`,
+            // and the value is alive with the node.
             unsafe {
                 let value = header.value_ptr();
-                let enter = *value.cast::<unsafe fn(*const (), &mut dyn FnMut())>();
+                let enter = (*value.cast::<CarriedHead>()).enter;
                 enter(value, &mut || nest(header.parent_ptr(), f))
             }
         }
         _ => f(),
     }
+}
+
+/// Enters the "nothing" of each carrier in `carriers` whose bit in `carried` is clear, then
+/// calls `f`.
+fn enter_nones(carriers: &'static [&'static dyn ErasedCarrier], carried: u64, f: &mut dyn FnMut()) {
+    if carried == u64::MAX {
+        return f();
+    }
+    let i = carried.trailing_ones() as usize;
+    carriers[i].enter_none(&mut || enter_nones(carriers, carried | 1 << i, f))
 }
 
 impl<C: Carrier> fmt::Debug for Carried<C> {

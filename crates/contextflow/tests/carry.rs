@@ -187,6 +187,100 @@ fn registering_twice_is_refused() {
     assert!(!carry::register(OtherCarrier));
 }
 
+thread_local! {
+    /// Another library's "current", whose carrier can make "nothing" current.
+    static CLEAR: Cell<u32> = const { Cell::new(0) };
+}
+
+struct ClearingCarrier;
+
+impl Carrier for ClearingCarrier {
+    type Value = u32;
+    fn capture(&self) -> Option<u32> {
+        Some(CLEAR.with(Cell::get)).filter(|v| *v != 0)
+    }
+    fn enter(&self, value: &u32, f: &mut dyn FnMut()) {
+        struct Restore(u32);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CLEAR.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CLEAR.with(|c| c.replace(*value)));
+        f();
+    }
+    fn enter_none(&self, f: &mut dyn FnMut()) {
+        self.enter(&0, f)
+    }
+}
+
+fn install_clearing() {
+    install();
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| assert!(carry::register(ClearingCarrier)));
+}
+
+fn with_clear<R>(v: u32, f: impl FnOnce() -> R) -> R {
+    let prev = CLEAR.with(|c| c.replace(v));
+    let r = f();
+    CLEAR.with(|c| c.set(prev));
+    r
+}
+
+fn both() -> (u32, u32) {
+    (OTHER.with(Cell::get), CLEAR.with(Cell::get))
+}
+
+// Review finding: a snapshot that carried no value of a carrier left the running thread's
+// value visible (another request's OpenTelemetry context, for a job a rayon worker stole).
+#[test]
+fn a_snapshot_without_a_carriers_value_enters_its_nothing() {
+    install_clearing();
+    let other_only = with_other(7, Snapshot::capture_inheritable);
+    assert_eq!(with_clear(5, || other_only.run(both)), (7, 0));
+    // `OtherCarrier` has no "nothing": the thread's value shows through, as before.
+    let clear_only = with_clear(3, Snapshot::capture_inheritable);
+    assert_eq!(
+        with_other(9, || with_clear(5, || clear_only.run(both))),
+        (9, 3)
+    );
+    let variables_only = REQ.sync_scope(2, Snapshot::capture_inheritable);
+    assert_eq!(
+        with_clear(5, || variables_only.run(|| (REQ.get(), both().1))),
+        (Some(2), 0)
+    );
+    assert_eq!(with_clear(5, || Snapshot::empty().run(both)), (0, 0));
+    let suppressed = with_clear(5, || {
+        contextflow::suppress_flow(Snapshot::capture_inheritable)
+    });
+    assert_eq!(with_clear(6, || suppressed.run(both)), (0, 0));
+    // And the thread's value is back afterwards.
+    assert_eq!(
+        with_clear(5, || {
+            Snapshot::empty().run(|| ());
+            both()
+        }),
+        (0, 5)
+    );
+}
+
+async fn a_child_without_a_carriers_value_does_not_see_its_pollers() {
+    install_clearing();
+    let outer = with_clear(4, || {
+        async {
+            let inner = async {
+                tokio::task::yield_now().await;
+                CLEAR.with(Cell::get)
+            }
+            .with_snapshot(Snapshot::empty())
+            .await;
+            (CLEAR.with(Cell::get), inner)
+        }
+        .in_current_context()
+    });
+    assert_eq!(outer.await, (4, 0));
+}
+
 macro_rules! on_both_runtimes {
     ($($name:ident),*) => {$(
         mod $name {
@@ -207,7 +301,8 @@ on_both_runtimes!(
     nothing_is_carried_when_nothing_is_current,
     the_carrier_wraps_every_poll,
     spawn_with_a_full_capture_carries,
-    captures_inside_a_carried_task_replace_the_carried_values
+    captures_inside_a_carried_task_replace_the_carried_values,
+    a_child_without_a_carriers_value_does_not_see_its_pollers
 );
 
 // Review finding: a carrier's capture ran under the registry lock, so registering from it
