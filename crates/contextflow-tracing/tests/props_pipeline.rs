@@ -2,7 +2,8 @@
 //! bidirectional and invisible characters and forged lines, logged as a context field, an
 //! event field (`Display` and `Debug`), the message and a span field, through the text format
 //! (default and escaping field formatter) and the JSON format. Every output is one bounded
-//! line with nothing raw to escape; JSON parses back to the values; a value with nothing to
+//! line with nothing raw to escape; JSON parses back to the values and the text prefix to the
+//! context value (or to a cut of them); a value with nothing to
 //! escape prints exactly as plain `tracing_subscriber` prints it. The share of cases of each
 //! kind is printed and has a floor. `PROPTEST_CASES` sets the number of cases.
 
@@ -103,6 +104,51 @@ fn log_plain(v: &str) {
     span.in_scope(|| tracing::info!(display = %v, debug = ?v, "msg {v}"));
 }
 
+/// Whether `shown` is `want`, or a start of it followed by the truncation marker.
+fn same_or_cut(shown: &str, want: &str) -> bool {
+    shown == want
+        || shown
+            .strip_suffix(TRUNCATED_MARKER)
+            .is_some_and(|kept| want.starts_with(kept))
+}
+
+/// A text prefix value read back: bare, or quoted with `\n`, `\r`, `\t`, `\\`, `\"`, `\xNN`
+/// and `\u{hex}` escapes; `None` when it is neither.
+fn unescape_text(value: &str) -> Option<String> {
+    let Some(quoted) = value.strip_prefix('"') else {
+        return Some(value.to_owned());
+    };
+    let inner = quoted.strip_suffix('"')?;
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next()? {
+            'n' => out.push('\n'),
+            'r' => out.push('\r'),
+            't' => out.push('\t'),
+            '\\' => out.push('\\'),
+            '"' => out.push('"'),
+            'x' => {
+                let hex: String = chars.by_ref().take(2).collect();
+                out.push(char::from(u8::from_str_radix(&hex, 16).ok()?));
+            }
+            'u' => {
+                if chars.next()? != '{' {
+                    return None;
+                }
+                let hex: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 fn has_raw(s: &str) -> bool {
     s.contains(RAW)
 }
@@ -168,6 +214,24 @@ fn every_output_is_one_bounded_clean_line() {
                 prop_assert!(out.len() <= LINE_CAP, "{}: {}", name, out.len());
                 was_cut |= out.contains(TRUNCATED_MARKER) && !v.contains(TRUNCATED_MARKER);
             }
+            // The text prefix reads back to the tenant (or to a cut of it).
+            if !v.is_empty() {
+                for (name, out) in [("text", text.contents()), ("escaped", escaped.contents())] {
+                    let prefix = out
+                        .strip_prefix('[')
+                        .and_then(|rest| rest.split_once("] "))
+                        .map(|(prefix, _)| prefix);
+                    let back = prefix.and_then(unescape_text);
+                    prop_assert!(
+                        back.as_deref().is_some_and(|back| same_or_cut(back, &v)),
+                        "{}: prefix {:?} of {:?} does not read back to {:?}",
+                        name,
+                        back,
+                        out,
+                        v
+                    );
+                }
+            }
             let out = json.contents();
             prop_assert_eq!(out.matches('\n').count(), 1, "{:?}", out);
             prop_assert!(!has_raw(&out), "{:?}", out);
@@ -179,6 +243,25 @@ fn every_output_is_one_bounded_clean_line() {
                     let kept = shown.strip_suffix(TRUNCATED_MARKER);
                     prop_assert!(kept.is_some_and(|k| v.starts_with(k)), "{:?}", shown);
                     was_cut = true;
+                }
+                // The other values parse back too: the tenant, the message, the span's field.
+                let message = format!("msg {v}");
+                for (shown, want) in [
+                    (&parsed["tenant"], &v),
+                    (&parsed["fields"]["message"], &message),
+                    (&parsed["span"]["reference"], &v),
+                ] {
+                    if want.is_empty() && shown.is_null() {
+                        continue;
+                    }
+                    let shown = shown.as_str();
+                    prop_assert!(
+                        shown.is_some_and(|shown| same_or_cut(shown, want)),
+                        "{:?} for {:?} in {}",
+                        shown,
+                        want,
+                        out
+                    );
                 }
             }
             // Nothing to escape and short: exactly what plain fmt prints, after the prefix.

@@ -456,6 +456,14 @@ proptest! {
             0..12,
         )
     ) {
+        // The oracle, from the raw pairs: the carried request id is used only when the first
+        // MAX_PAIRS pairs hold exactly one `x-request-id`, and a repeated one never is.
+        let copies: Vec<&str> = pairs
+            .iter()
+            .take(contextflow_otel::carrier::MAX_PAIRS)
+            .filter(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
+            .map(|(_, value)| value.as_str())
+            .collect();
         let metadata = Pairs::new(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let id: RequestId = Consumer::new()
             .without_spans()
@@ -463,6 +471,12 @@ proptest! {
         let id = id.as_str();
         prop_assert!(!id.is_empty() && id.len() <= 128);
         prop_assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        // `PARENT` is a valid request id (visible ASCII, under 128 bytes).
+        if copies == [PARENT] {
+            prop_assert_eq!(id, PARENT, "the one carried x-request-id is used");
+        } else if copies.len() > 1 {
+            prop_assert!(!copies.contains(&id), "a repeated x-request-id is never used: {}", id);
+        }
     }
 }
 

@@ -59,6 +59,70 @@ pub(crate) fn captured(block: u64) -> Vec<String> {
         .collect()
 }
 
+/// What a block's captured lines say about a COMMIT whose caller went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CommitReport {
+    /// A line says it committed.
+    pub(crate) committed: bool,
+    /// A line says it did not commit.
+    pub(crate) not_committed: bool,
+    /// A line says the outcome is unknown for good.
+    pub(crate) unknown: bool,
+}
+
+impl CommitReport {
+    /// Reads `lines` (from [`captured`]); the interim "outcome unknown until the connection is
+    /// examined" is no verdict.
+    pub(crate) fn of(lines: &[String]) -> CommitReport {
+        let says = |needles: &[&str]| {
+            lines
+                .iter()
+                .any(|line| needles.iter().any(|needle| line.contains(needle)))
+        };
+        CommitReport {
+            committed: says(&[
+                "dropped COMMIT resolved: committed",
+                "during COMMIT, which committed",
+            ]),
+            not_committed: says(&[
+                "dropped COMMIT resolved: rolled back",
+                "during COMMIT, which did not commit",
+                "not committed: the task that was to run COMMIT",
+            ]),
+            unknown: says(&[
+                "outcome unknown; connection closed",
+                "may or may not have committed",
+                "whose outcome is unknown",
+            ]),
+        }
+    }
+
+    /// Whether any line speaks of a COMMIT whose caller went away.
+    pub(crate) fn any(self) -> bool {
+        self.committed || self.not_committed || self.unknown
+    }
+
+    /// Panics (with `what`) unless the report agrees with what the database holds: `present`
+    /// says whether the block's work is there.
+    pub(crate) fn assert_agrees(self, present: bool, what: &str) {
+        assert!(
+            !(self.committed && self.not_committed),
+            "{what}: the lines say both committed and not committed"
+        );
+        if present {
+            assert!(
+                !self.not_committed,
+                "{what}: committed, but reported as not committed"
+            );
+        } else {
+            assert!(
+                !self.committed,
+                "{what}: not committed, but reported as committed"
+            );
+        }
+    }
+}
+
 struct Capture;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {

@@ -410,11 +410,15 @@ async fn tenant_drop_at_every_await_point() {
             .await
             .unwrap();
         let present = committed.contains(&(polls as i64));
-        let unknown = captured(block).iter().any(|line| line.contains("COMMIT"));
-        // Present exactly when it committed; a drop during COMMIT may go either way, and says so.
+        let lines = captured(block);
+        let report = crate::support::CommitReport::of(&lines);
+        report.assert_agrees(present, &format!("poll {polls}: {lines:?}"));
+        // Present exactly when it committed; a drop during COMMIT may commit, and then says so
+        // (or that it cannot tell).
         assert!(
-            present == outcome.is_some() || unknown,
-            "poll {polls}: {committed:?}"
+            present == outcome.is_some()
+                || (outcome.is_none() && present && (report.committed || report.unknown)),
+            "poll {polls}: {committed:?} {lines:?}"
         );
         if outcome.is_some() {
             break;

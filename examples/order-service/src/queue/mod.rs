@@ -634,11 +634,13 @@ mod tests {
                 .any(|l| l.starts_with("message on an unknown topic topic=order.unknown")),
             "{lines:#?}"
         );
-        assert!(
+        assert_eq!(
             lines
                 .iter()
-                .any(|l| l.starts_with("audit: order confirmed order_id=7")),
-            "{lines:#?}"
+                .filter(|l| l.starts_with("audit: order confirmed order_id=7"))
+                .count(),
+            1,
+            "message 3, published twice, is handled once: {lines:#?}"
         );
     }
 
