@@ -723,8 +723,8 @@ impl<T: Send + Sync + 'static, F> Scope<T, F> {
         let this = unsafe { self.get_unchecked_mut() };
         match std::mem::replace(&mut this.binding, BindingState::Taken) {
             BindingState::Pending { value, .. } => value,
-            // SAFETY: a `Node` binding holds a value node made for a `T`, or an unset node,
-            // which `try_take` refuses.
+            // SAFETY: a `Node` binding holds a value node made for a `T` or an alias of one
+            // (after a re-frame), or an unset node, which `try_take` refuses.
             BindingState::Node(node) => match unsafe { node.try_take::<T>() } {
                 Ok(value) => Some(value),
                 Err(node) => {

@@ -389,20 +389,24 @@ impl NodeRef {
         }
     }
 
-    /// Takes the value back out of a value node that nothing else refers to (no other
-    /// reference to the node, no alias of its value), freeing the node; otherwise gives the
-    /// node back.
+    /// Takes the value back out of a binding node that nothing else refers to (no other
+    /// reference to the node, no other node sharing its value), freeing the node; otherwise
+    /// gives the node back. The node is the value node itself, or an alias of it whose value
+    /// node nothing links to any more (a scope re-framed under another parent: its first node
+    /// was released, and only the alias holds the value).
     ///
     /// # Safety
-    /// `self` must be a value node made for a `T` (by `new_value` with a `T`, not `new_unset`).
+    /// `self` must be a binding of a `T` (a value node made by `new_value` with a `T`, or an
+    /// alias of one), not an unset or hidden node.
     pub(crate) unsafe fn try_take<T: Send + Sync + 'static>(self) -> Result<T, NodeRef> {
         let header = self.header();
-        let owner = header.owner.as_ptr().cast::<Header>();
+        let owner = header.owner.as_ptr();
         // SAFETY: our count keeps the value node alive.
-        let value_refs = unsafe { &(*header.owner.as_ptr()).value_refs };
+        let value_refs = unsafe { &(*owner).value_refs };
         // Acquire, as in `Drop`: other owners' uses of the node happen-before our taking it.
-        if owner.cast_const() != self.as_ptr()
-            || header.is_unset()
+        // A value node's own link holds a value count while it is linked, so an alias that
+        // sees a value count of 1 (its own) knows its value node is linked from nowhere.
+        if header.is_unset()
             || header.borrowed.load(Ordering::Relaxed)
             || header.refs.load(Ordering::Acquire) != 1
             || value_refs.load(Ordering::Acquire) != 1
@@ -410,19 +414,29 @@ impl NodeRef {
             return Err(self);
         }
         let this = ManuallyDrop::new(self);
-        let raw = this.ptr.as_ptr().cast::<ValueNode<T>>();
-        // SAFETY: both counts are ours alone, so nobody else can reach the node: take its
-        // parent (released normally when dropped), move the value out, and free the block
-        // without dropping the moved value. The node type matches by the caller's contract.
+        let node = this.ptr.as_ptr();
+        let is_alias = owner.cast::<Header>() != node;
+        let raw = owner.cast::<ValueNode<T>>();
+        // SAFETY: both counts are ours alone, so nobody else can reach either block: move the
+        // value out of the value node and free it without dropping the moved value; free the
+        // alias, if the node is one (its fields need no drop; the value node's parent was
+        // taken when its link count reached zero). The parent is released last, when nothing
+        // is left half-freed, since its values' destructors may panic. The node type matches
+        // by the caller's contract.
         unsafe {
-            release_parked((*raw).head.header.guard_saved.load(Ordering::Relaxed));
-            drop((*raw).head.header.parent.take());
+            debug_assert!(!is_alias || (*raw).head.header.parent.is_none());
+            release_parked((*node).guard_saved.load(Ordering::Relaxed));
+            let parent = (*node).parent.take();
             let value = ptr::read(ptr::addr_of!((*raw).value));
             if ValueNode::<T>::POOLED {
                 pool::free_block(raw.cast());
             } else {
                 dealloc(raw.cast(), Layout::new::<ValueNode<T>>());
             }
+            if is_alias {
+                pool::free_block(node.cast());
+            }
+            drop(parent);
             Ok(value)
         }
     }

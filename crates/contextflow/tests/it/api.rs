@@ -93,6 +93,95 @@ async fn take_value_refuses_while_a_snapshot_shares_it() {
     );
 }
 
+/// Counts the drops of its values.
+struct Counted(Arc<std::sync::atomic::AtomicUsize>, u32);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+static COUNTED: AsyncLocal<Counted> = AsyncLocal::named("counted");
+
+// Review finding: a scope polled under another frame than its first (re-framed: its binding
+// node rebuilt under the new parent, sharing the value) refused to give the value back, though
+// nothing else shared it.
+#[test]
+fn take_value_after_the_scope_was_polled_under_another_frame() {
+    let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    // The inner future captures a snapshot while `capture` is set.
+    let capture = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let captured = Arc::new(Mutex::new(None));
+    let (flag, slot) = (capture.clone(), captured.clone());
+    let mut fut = pin!(COUNTED.scope(
+        Counted(drops.clone(), 7),
+        std::future::poll_fn(move |_| {
+            assert_eq!(COUNTED.with(|c| c.map(|c| c.1)), Some(7));
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                *slot.lock().unwrap() = Some(Snapshot::capture());
+            }
+            Poll::<()>::Pending
+        })
+    ));
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    // Polled under another frame, twice (an alias of an alias).
+    REQ.sync_scope(1, || assert!(fut.as_mut().poll(&mut cx).is_pending()));
+    REQ.sync_scope(2, || assert!(fut.as_mut().poll(&mut cx).is_pending()));
+    // A snapshot taken inside the re-framed scope shares the value: refused while it lives.
+    capture.store(true, std::sync::atomic::Ordering::SeqCst);
+    REQ.sync_scope(3, || assert!(fut.as_mut().poll(&mut cx).is_pending()));
+    capture.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(fut.as_mut().take_value().is_none(), "a snapshot shares it");
+    let inside = captured.lock().unwrap().take().unwrap();
+    assert_eq!(inside.get(&REQ), Some(3));
+    assert_eq!(inside.with(&COUNTED, |c| c.map(|c| c.1)), Some(7));
+    drop(inside);
+    // Nothing shares it now: the value comes back, once, and is dropped once.
+    assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let value = fut
+        .as_mut()
+        .take_value()
+        .expect("nothing else shares the value");
+    assert_eq!(value.1, 7);
+    assert!(fut.as_mut().take_value().is_none(), "taken already");
+    assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop(value);
+    assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A snapshot taken under the first frame holds the first node, which holds the value: refused
+/// until it is dropped, then given back.
+#[test]
+fn take_value_after_a_re_frame_waits_for_a_snapshot_of_the_first_frame() {
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let snapshot = Arc::new(Mutex::new(None));
+    let keep = snapshot.clone();
+    let mut fut = pin!(REQ.scope(
+        11,
+        std::future::poll_fn(move |_| {
+            keep.lock().unwrap().get_or_insert_with(Snapshot::capture);
+            Poll::<()>::Pending
+        })
+    ));
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    LOG.sync_scope(Mutex::default(), || {
+        assert!(fut.as_mut().poll(&mut cx).is_pending())
+    });
+    assert_eq!(
+        fut.as_mut().take_value(),
+        None,
+        "the first frame's snapshot shares it"
+    );
+    let first = snapshot.lock().unwrap().take().unwrap();
+    assert_eq!(first.get(&REQ), Some(11));
+    drop(first);
+    assert_eq!(fut.as_mut().take_value(), Some(11));
+}
+
 #[test]
 fn take_value_before_the_first_poll_and_polling_afterwards() {
     let mut fut = pin!(REQ.scope(9, async { REQ.get() }));
