@@ -20,7 +20,11 @@
 //!    there, not in OpenTelemetry's context: code that runs with only OpenTelemetry's context,
 //!    outside contextflow's, has no request id to forward);
 //! 5. echoes the request id on the response, unless the handler set one, and ends the span when
-//!    the body ends (or is dropped), with `http.response.status_code`.
+//!    the body ends (or is dropped), with `http.response.status_code`. The span fails, with
+//!    `error.type`, when the answer was not delivered: `cancelled` (the client went away
+//!    before or during the body), `body` (the body failed), `content_length_mismatch` (the
+//!    body ended short of its declared `Content-Length` or went past it; not for the answers
+//!    that declare a length they do not send: to `HEAD`, `1xx`, `204`, `304`).
 //!
 //! A request id that an earlier layer put in the request's extensions is used as it is.
 //!
@@ -244,6 +248,8 @@ pin_project! {
         // at 0 the answer is complete, even if the body never says it ended (a server stops
         // polling once the declared length is written, and drops the body).
         remaining: Option<u64>,
+        // Whether the body sent more than its declared length.
+        overlong: bool,
         // The `grpc-status` of a gRPC answer: from the response's headers (trailers-only), or
         // from the trailers when they come.
         grpc: Option<u8>,
@@ -272,6 +278,11 @@ pin_project! {
     }
 }
 
+/// Whether an answer with `status` never has a body (RFC 9110, section 6.4.1).
+fn no_body(status: u16) -> bool {
+    status < 200 || status == 204 || status == 304
+}
+
 /// The response's declared length: its one `Content-Length` header, if that is a number.
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
@@ -295,6 +306,8 @@ struct RequestScope {
     /// An HTTP/2 request (gRPC runs on nothing else): only then is the answer's `grpc-status`
     /// looked for.
     http2: bool,
+    /// A `HEAD` request: its answer declares a length it does not send.
+    head: bool,
 }
 
 /// How a request's bindings are entered.
@@ -584,6 +597,7 @@ where
             cx: Some(cx),
             owns_span,
             http2: req.version() == http::Version::HTTP_2,
+            head: req.method() == http::Method::HEAD,
         };
         // `call` itself runs in the context too: layers such as `TraceLayer` make their span here.
         let inner = scope.run(|| self.inner.call(req));
@@ -648,8 +662,10 @@ where
                     None
                 };
                 // The declared length (without one, the body's exact size hint, on first poll):
-                // it decides how a span of ours ends, so without one it is not looked up.
-                let remaining = if scope.owns_span {
+                // it decides how a span of ours ends, so without one it is not looked up. An
+                // answer that has no body (to `HEAD`; `1xx`, `204`, `304`) declares the length
+                // of one it does not send: none to count.
+                let remaining = if scope.owns_span && !scope.head && !no_body(status) {
                     content_length(res.headers())
                 } else {
                     None
@@ -659,6 +675,7 @@ where
                     status,
                     polled: false,
                     remaining,
+                    overlong: false,
                     grpc,
                     inner: Some(body),
                 }))
@@ -699,10 +716,12 @@ impl<B> ContextBody<B> {
                 cx: None,
                 owns_span: false,
                 http2: false,
+                head: false,
             },
             status: 0,
             polled: false,
             remaining: None,
+            overlong: false,
             grpc: None,
             inner: Some(body),
         }
@@ -780,7 +799,13 @@ impl<B: Body> Body for ContextBody<B> {
                     if let (Some(remaining), Some(data)) =
                         (this.remaining.as_mut(), frame.data_ref())
                     {
-                        *remaining = remaining.saturating_sub(data.remaining() as u64);
+                        match remaining.checked_sub(data.remaining() as u64) {
+                            Some(left) => *remaining = left,
+                            None => {
+                                *remaining = 0;
+                                *this.overlong = true;
+                            }
+                        }
                     }
                     inner
                         .as_ref()
@@ -802,7 +827,15 @@ impl<B: Body> Body for ContextBody<B> {
             }
         }
         if ended {
-            this.scope.end(*this.status, *this.grpc);
+            // A body that ends short of its declared length, or went past it, is an answer the
+            // server cannot deliver (HTTP/1.1 closes the connection, HTTP/2 resets the stream).
+            let short = this.remaining.is_some_and(|left| left > 0);
+            if short || *this.overlong {
+                this.scope
+                    .end_error_ref("content_length_mismatch", Some(*this.status));
+            } else {
+                this.scope.end(*this.status, *this.grpc);
+            }
         } else if let Some(Err(_)) = &frame {
             this.scope.end_error_ref("body", Some(*this.status));
         }
@@ -844,6 +877,7 @@ impl RequestScope {
             cx: None,
             owns_span: false,
             http2: false,
+            head: false,
         }
     }
 

@@ -472,6 +472,72 @@ fn complete_answers_of_unending_bodies_end_their_span_without_error_on_both_runt
     on_both_runtimes(complete_answers_of_bodies_that_never_say_they_ended);
 }
 
+/// A body that ends short of its declared `Content-Length`, or goes past it, is an answer the
+/// server cannot deliver: the span fails (`content_length_mismatch`). Answers that declare the
+/// length of a body they do not send (to `HEAD`, a `304`) do not.
+async fn content_length_mismatches() {
+    use http_body_util::BodyExt as _;
+    use opentelemetry::trace::Status;
+    use tower::{Layer as _, ServiceExt as _};
+
+    let (exporter, provider) = recording_provider();
+    let svc = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("lengths"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            let (declared, body, status) = match req.uri().path() {
+                "/short" => ("5", "abc", 200),
+                "/long" => ("2", "abc", 200),
+                "/exact" => ("3", "abc", 200),
+                "/head" => ("5", "", 200),
+                "/not-modified" => ("5", "", 304),
+                other => unreachable!("{other}"),
+            };
+            let mut res = http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(body.as_bytes()),
+            ));
+            *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            res.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from_static(declared),
+            );
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+    for path in ["/short", "/long", "/exact", "/head", "/not-modified"] {
+        let method = if path == "/head" { "HEAD" } else { "GET" };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap();
+        let body = svc.clone().oneshot(req).await.unwrap().into_body();
+        body.collect().await.unwrap();
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    for path in ["/short", "/long"] {
+        let span = span_for_path(&spans, path);
+        assert!(matches!(span.status, Status::Error { .. }), "{path}");
+        assert_eq!(
+            error_type(span).as_deref(),
+            Some("content_length_mismatch"),
+            "{path}"
+        );
+    }
+    for path in ["/exact", "/head", "/not-modified"] {
+        let span = span_for_path(&spans, path);
+        assert!(
+            !matches!(span.status, Status::Error { .. }),
+            "{path}: {:?}",
+            span.status
+        );
+        assert_eq!(error_type(span), None, "{path}");
+    }
+}
+
+#[test]
+fn content_length_mismatches_fail_the_server_span_on_both_runtimes() {
+    on_both_runtimes(content_length_mismatches);
+}
+
 /// A provider shut down while requests still come in makes invalid spans: the handler, and
 /// every call it makes, still sees the caller's trace.
 #[tokio::test(flavor = "current_thread")]
