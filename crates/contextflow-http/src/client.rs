@@ -92,22 +92,33 @@ impl BaggageTo {
     }
 
     /// Whether a request to `uri` gets the baggage. Host names compare without regard to case
-    /// (RFC 3986): the predicate sees the authority in lower case, as `reqwest`'s URLs have it,
-    /// so `PARTNER.example` cannot get past a check for `partner.example`. A URI that cannot
-    /// be rebuilt so gets none.
+    /// and to one trailing dot (RFC 3986; `partner.example.` is `partner.example` in DNS): the
+    /// predicate sees the authority in lower case, as `reqwest`'s URLs have it, and without the
+    /// dot, so `PARTNER.example` or `partner.example.` cannot get past a check for
+    /// `partner.example`. With a filter, a URI without a host (a tonic channel's requests: the
+    /// channel adds the host below the layers) gets none, as does one that cannot be rebuilt.
     pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
         let Some(allow) = &self.0 else {
             return true;
         };
-        match uri.authority() {
-            Some(authority) if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) => {
-                let mut parts = uri.clone().into_parts();
-                parts.authority =
-                    http::uri::Authority::try_from(authority.as_str().to_ascii_lowercase()).ok();
-                http::Uri::from_parts(parts).is_ok_and(|lower| allow(&lower))
-            }
-            _ => allow(uri),
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let host = authority.host();
+        let upper = authority.as_str().bytes().any(|b| b.is_ascii_uppercase());
+        let dot = host.len() > 1 && host.ends_with('.');
+        if !upper && !dot {
+            return allow(uri);
         }
+        let mut text = authority.as_str().to_ascii_lowercase();
+        if dot {
+            // `[userinfo@]host[:port]`: userinfo has no unescaped `@`.
+            let start = text.rfind('@').map_or(0, |at| at + 1);
+            text.remove(start + host.len() - 1);
+        }
+        let mut parts = uri.clone().into_parts();
+        parts.authority = http::uri::Authority::try_from(text).ok();
+        parts.authority.is_some() && http::Uri::from_parts(parts).is_ok_and(|uri| allow(&uri))
     }
 
     /// Whether a filter is set.
@@ -240,11 +251,39 @@ impl InjectContextLayer {
     /// every request, as OpenTelemetry's propagators do. The trace context and the request id
     /// are written in any case.
     ///
+    /// A request `allow` refuses leaves with no `baggage` header at all: one the caller put on
+    /// it (copied from the incoming request, say) is removed too. `allow` sees the authority
+    /// in lower case and without a trailing dot; prefer an allow-list (hosts that may have the
+    /// baggage) to a deny-list. A request without a host gets no baggage when a filter is set:
+    /// tonic's `Channel` adds the host below the layers, so its requests carry only a path;
+    /// give each channel's stack its own layer, with or without baggage. Redirects: put
+    /// tower-http's `FollowRedirectLayer` outside this layer (so each hop is judged by its own
+    /// URI), or follow only same-host redirects; a redirect followed below this layer re-sends
+    /// the first request's headers to the new host.
+    ///
     /// ```
+    /// use http::Uri;
+    /// use tower::{Layer as _, ServiceExt as _};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let layer = contextflow_http::InjectContextLayer::new().baggage_only_to(|uri| {
-    ///     uri.host().is_none_or(|host| host.ends_with(".internal"))
+    ///     uri.host().is_some_and(|host| host.ends_with(".internal"))
     /// });
-    /// # drop(layer);
+    /// let svc = layer.layer(tower::service_fn(|req: http::Request<()>| async move {
+    ///     let sent = req.headers().contains_key("baggage");
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(sent))
+    /// }));
+    /// let sent = |uri: &'static str| {
+    ///     let mut req = http::Request::new(());
+    ///     *req.uri_mut() = Uri::from_static(uri);
+    ///     // Copied from an incoming request, say.
+    ///     req.headers_mut().insert("baggage", "user=alice".parse().unwrap());
+    ///     svc.clone().oneshot(req)
+    /// };
+    /// assert!(sent("http://orders.internal/").await.unwrap().into_body());
+    /// assert!(!sent("https://api.partner.example/").await.unwrap().into_body());
+    /// assert!(!sent("/pkg.Service/Method").await.unwrap().into_body(), "no host: none");
+    /// # }
     /// ```
     pub fn baggage_only_to<F>(mut self, allow: F) -> Self
     where

@@ -261,9 +261,13 @@ impl<'a> HeaderInjector<'a> {
         }
     }
 
-    /// Leaves `baggage` out (a destination outside the trust boundary).
+    /// Leaves `baggage` out (a destination outside the trust boundary): none is written, and
+    /// one the caller put on the request (copied from an incoming request, say) is removed.
     pub(crate) fn without_baggage(mut self, skip: bool) -> Self {
         self.skip_baggage = skip;
+        if skip {
+            self.headers.remove(contextflow_otel::BAGGAGE);
+        }
         self
     }
 }

@@ -112,7 +112,20 @@
 //! what the service added) into every request, as OpenTelemetry's propagators do. Baggage
 //! must not leak beyond the system's trust boundary (W3C Baggage, "Privacy Considerations"):
 //! for a client that also calls third parties, restrict it with `baggage_only_to` (a predicate
-//! on the request's URI); the trace context and the request id still go.
+//! on the request's URI); the trace context and the request id still go. A request the
+//! predicate refuses leaves with no `baggage` at all, also one the handler copied from the
+//! incoming request; with a filter, a request without a host (tonic's channels add it below
+//! the layers) gets none. The handler sees the incoming propagation headers as they came
+//! (only `x-request-id` is replaced): copying them onto an outgoing request forwards them
+//! unchecked; let the client layer write them instead.
+//!
+//! Where the client layer goes: outside tower-http's `FollowRedirectLayer` (each hop judged by
+//! its own URI; a redirect followed below the layer re-sends the first request's headers,
+//! baggage included, to the new host, and tower-http's `FilterCredentials` does not strip
+//! them), and outside any layer that moves `call` to a task of its own (tower's `Buffer`): the
+//! layer reads the context of the task that calls it, so below a `Buffer` it would write the
+//! context of the buffer's worker task, not the caller's. Build such clients outside any
+//! request.
 //!
 //! # Features
 //!

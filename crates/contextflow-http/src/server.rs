@@ -21,8 +21,9 @@
 //!    outside contextflow's, has no request id to forward);
 //! 5. echoes the request id on the response, unless the handler set one, and ends the span when
 //!    the body ends (or is dropped), with `http.response.status_code`. The span fails, with
-//!    `error.type`, when the answer was not delivered: `cancelled` (the client went away
-//!    before or during the body), `body` (the body failed), `content_length_mismatch` (the
+//!    `error.type`, when the answer was not delivered: `panic` (the handler panicked: put
+//!    tower-http's `CatchPanicLayer` inside this layer, so its answer and its log line have the
+//!    request's context), `cancelled` (the client went away before or during the body), `body` (the body failed), `content_length_mismatch` (the
 //!    body ended short of its declared `Content-Length` or went past it; not for the answers
 //!    that declare a length they do not send: to `HEAD`, `1xx`, `204`, `304`).
 //!
@@ -203,6 +204,8 @@ pin_project! {
         inner: Option<F>,
         scope: Option<RequestScope>,
         request_id: Option<HeaderValue>,
+        // Set while the inner future is polled: still set in `Drop` when that poll panicked.
+        polling: bool,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -212,8 +215,9 @@ pin_project! {
             if let Some(mut scope) = this.scope.take() {
                 if inner.is_some() {
                     scope.run(|| inner.set(None));
-                    // The client went away before the response: the span ends here.
-                    scope.end_with_error("cancelled");
+                    // The handler panicked, or the client went away before the response: the
+                    // span ends here.
+                    scope.end_with_error(if *this.polling { "panic" } else { "cancelled" });
                 }
             }
         }
@@ -605,6 +609,7 @@ where
             inner: Some(inner),
             scope: Some(scope),
             request_id: Some(id_value),
+            polling: false,
         }
     }
 }
@@ -637,10 +642,12 @@ where
                 Poll::Pending => Some(Poll::Pending),
             }
         };
+        *this.polling = true;
         let result = match this.scope.as_mut() {
             Some(scope) => scope.run(|| poll(&mut inner)),
             None => poll(&mut inner),
         };
+        *this.polling = false;
         let Some(Poll::Ready((result, snapshot))) = result else {
             return Poll::Pending;
         };

@@ -538,6 +538,54 @@ fn content_length_mismatches_fail_the_server_span_on_both_runtimes() {
     on_both_runtimes(content_length_mismatches);
 }
 
+/// A handler that panics fails its server span as `panic`, not as `cancelled` (which would
+/// blame the client); a request given up on before its answer is still `cancelled`.
+async fn a_handler_panic_is_not_a_cancellation() {
+    use opentelemetry::trace::Status;
+    use tower::{Layer as _, ServiceExt as _};
+
+    let (exporter, provider) = recording_provider();
+    let svc =
+        PropagateContextLayer::new()
+            .with_tracer(provider.tracer("panics"))
+            .layer(tower::service_fn(|req: http::Request<()>| async move {
+                match req.uri().path() {
+                    "/boom" => {
+                        tokio::task::yield_now().await;
+                        panic!("handler failed")
+                    }
+                    _ => {
+                        std::future::pending::<
+                            Result<http::Response<String>, std::convert::Infallible>,
+                        >()
+                        .await
+                    }
+                }
+            }));
+    let request = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
+    let failed = tokio::spawn(svc.clone().oneshot(request("/boom"))).await;
+    assert!(failed.unwrap_err().is_panic());
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        svc.clone().oneshot(request("/slow")),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    let spans = exporter.get_finished_spans().unwrap();
+    let boom = span_for_path(&spans, "/boom");
+    assert!(matches!(boom.status, Status::Error { .. }));
+    assert_eq!(error_type(boom).as_deref(), Some("panic"));
+    assert_eq!(
+        error_type(span_for_path(&spans, "/slow")).as_deref(),
+        Some("cancelled")
+    );
+}
+
+#[test]
+fn a_handler_panic_fails_the_span_as_a_panic_on_both_runtimes() {
+    on_both_runtimes(a_handler_panic_is_not_a_cancellation);
+}
+
 /// A provider shut down while requests still come in makes invalid spans: the handler, and
 /// every call it makes, still sees the caller's trace.
 #[tokio::test(flavor = "current_thread")]

@@ -213,6 +213,45 @@ async fn baggage_goes_only_where_the_filter_allows() {
     .await;
     assert!(upper.get("baggage").is_none(), "{upper:?}");
     assert!(other.contains_key("baggage"), "{other:?}");
+
+    // Nor with a trailing dot (the same host in DNS), with or without user info and a port.
+    let dotted = contextflow_otel::scope(incoming(), async {
+        let mut seen = Vec::new();
+        for uri in [
+            "https://api.partner.example./charge",
+            "https://user@API.partner.example.:8443/charge",
+        ] {
+            let req = Request::builder().uri(uri).body(()).unwrap();
+            seen.push(deny.clone().oneshot(req).await.unwrap().into_body());
+        }
+        seen
+    })
+    .await;
+    for headers in &dotted {
+        assert!(headers.get("baggage").is_none(), "{headers:?}");
+    }
+
+    // A request without a host (a tonic channel's: the channel adds it below the layers) gets
+    // none with a filter; a `baggage` header the caller copied onto a refused request is
+    // removed, not sent on.
+    let (hostless, copied) = contextflow_otel::scope(incoming(), async {
+        let hostless = Request::builder()
+            .uri("/pkg.Orders/Create")
+            .body(())
+            .unwrap();
+        let copied = Request::builder()
+            .uri("https://api.partner.example/charge")
+            .header("baggage", "userId=alice,tenant=acme")
+            .body(())
+            .unwrap();
+        (
+            deny.clone().oneshot(hostless).await.unwrap().into_body(),
+            deny.clone().oneshot(copied).await.unwrap().into_body(),
+        )
+    })
+    .await;
+    assert!(hostless.get("baggage").is_none(), "{hostless:?}");
+    assert!(copied.get("baggage").is_none(), "{copied:?}");
 }
 
 /// A second trace format beside W3C's: B3's headers, writing the current span.
