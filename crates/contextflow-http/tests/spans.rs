@@ -545,11 +545,10 @@ async fn a_handler_panic_is_not_a_cancellation() {
     use tower::{Layer as _, ServiceExt as _};
 
     let (exporter, provider) = recording_provider();
-    let svc =
-        PropagateContextLayer::new()
-            .with_tracer(provider.tracer("panics"))
-            .layer(tower::service_fn(|req: http::Request<()>| async move {
-                match req.uri().path() {
+    let svc = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("panics"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            match req.uri().path() {
                     "/boom" => {
                         tokio::task::yield_now().await;
                         panic!("handler failed")
@@ -561,7 +560,7 @@ async fn a_handler_panic_is_not_a_cancellation() {
                         .await
                     }
                 }
-            }));
+        }));
     let request = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
     let failed = tokio::spawn(svc.clone().oneshot(request("/boom"))).await;
     assert!(failed.unwrap_err().is_panic());

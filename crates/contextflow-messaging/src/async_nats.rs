@@ -17,15 +17,23 @@
 //! // Publish, inside a request: the request's context goes into the headers.
 //! nats::publish(&client, "orders.created", "{}".into()).await?;
 //!
-//! // Consume, in a task of its own: each message's handler runs in the message's context.
+//! // Consume, in a task of its own started from an empty context: each message's handler runs
+//! // in the message's context, and nothing of whoever started the loop (its tenant, its user).
+//! // Core NATS pushes messages as fast as they come: at most 64 handlers run at once.
 //! let consumer = nats::consumer("orders.created");
 //! let mut messages = client.subscribe("orders.created").await?;
-//! while let Some(message) = messages.next().await {
-//!     let context = nats::context(&consumer, &message);
-//!     contextflow::spawn(context.scope(async move {
-//!         tracing::info!(bytes = message.payload.len(), "order received"); // with the producer's request id
-//!     }));
-//! }
+//! let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+//! let consuming = contextflow::spawn_without_context(async move {
+//!     while let Some(message) = messages.next().await {
+//!         let Ok(slot) = slots.clone().acquire_owned().await else { break };
+//!         let context = nats::context(&consumer, &message);
+//!         contextflow::spawn(context.scope(async move {
+//!             tracing::info!(bytes = message.payload.len(), "order received"); // with the producer's request id
+//!             drop(slot);
+//!         }));
+//!     }
+//! });
+//! consuming.await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -586,6 +586,9 @@ impl Driver {
         loop {
             let wake_at = match next {
                 Some(at) if wall_based => Some(at.min(Instant::now() + CLOCK_CHECK)),
+                // Nothing left on this clock: a clock stepped back may give the schedule
+                // times again.
+                None if wall_based => Some(Instant::now() + CLOCK_CHECK),
                 other => other,
             };
             let due = async {
@@ -618,23 +621,19 @@ impl Driver {
                     }
                 }
                 () = due => {
-                    let Some(due_at) = next else { continue };
                     if wall_based {
                         if let Some(fresh) = clock.stepped() {
-                            // The same wall time, on the re-anchored clock (due at once if it
-                            // has passed).
-                            let due_wall = clock.wall_at(due_at);
-                            let queued_wall = queued.map(|at| clock.wall_at(at));
+                            (next, queued) =
+                                reanchor(&self.job.schedule, &clock, &fresh, next, queued);
                             clock = fresh;
-                            next = Some(clock.instant_at(due_wall));
-                            queued = queued_wall.map(|wall| clock.instant_at(wall));
                             tracing::info!(job = %self.job.name, "system clock stepped: schedule re-anchored");
                             continue;
                         }
-                        if Instant::now() < due_at {
-                            // Only a clock check.
-                            continue;
-                        }
+                    }
+                    let Some(due_at) = next else { continue };
+                    if wall_based && Instant::now() < due_at {
+                        // Only a clock check.
+                        continue;
                     }
                     next = self.job.schedule.next(&clock, due_at);
                     if let Some(at) = next {
@@ -694,9 +693,10 @@ impl Driver {
                         .copied()
                         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
                         .unwrap_or("(not a string)");
-                    // Bounded: a panic message can be anything.
+                    // Bounded, and quoted with its controls escaped (`Debug`): a panic message
+                    // can be anything, a payload's text included.
                     let message: String = message.chars().take(512).collect();
-                    tracing::error!(panic = %message, "scheduled run panicked");
+                    tracing::error!(panic = ?message, "scheduled run panicked");
                     end.finish(Some("panic"));
                 }
             }
@@ -706,6 +706,38 @@ impl Driver {
             contextflow_otel::scope(cx, JOB_RUN.scope(run, body)).with_snapshot(Snapshot::empty());
         runs.spawn(fut);
     }
+}
+
+/// The next due time and the queued run's due time, moved from the `old` anchoring of the
+/// wall clock to the `fresh` one after the system clock was stepped. A due time keeps its wall
+/// time (due at once if that has passed): a small step back does not run again what already
+/// ran. A step back of more than [`BIG_STEP_BACK`] (a clock that was far ahead, corrected), or
+/// a schedule that had nothing left on the old clock, starts again from the fresh clock's
+/// now, as cron does: waiting for the wall clock to come back to the old due time would
+/// silence the job for the size of the step.
+fn reanchor(
+    schedule: &Schedule,
+    old: &Clock,
+    fresh: &Clock,
+    next: Option<Instant>,
+    queued: Option<Instant>,
+) -> (Option<Instant>, Option<Instant>) {
+    let back = old
+        .expected_wall(fresh)
+        .duration_since(fresh.wall)
+        .unwrap_or_default();
+    let next = match next {
+        Some(at) if back <= BIG_STEP_BACK => Some(fresh.instant_at(old.wall_at(at))),
+        _ => schedule.next(fresh, fresh.instant),
+    };
+    let queued = queued.map(|at| {
+        if back <= BIG_STEP_BACK {
+            fresh.instant_at(old.wall_at(at))
+        } else {
+            fresh.instant
+        }
+    });
+    (next, queued)
 }
 
 /// A fresh, valid trace context for a run without a tracer: a random trace id under a random
@@ -766,6 +798,10 @@ const CLOCK_CHECK: Duration = Duration::from_secs(60);
 /// How far the system clock may move against the monotonic one before a cron job's schedule is
 /// re-anchored.
 const MAX_CLOCK_DRIFT: Duration = Duration::from_secs(2);
+/// A step of the system clock back by more than this is a correction of a clock that was
+/// wrong, not a small adjustment: the schedule starts again from the corrected now (Vixie
+/// cron's threshold for a time change).
+const BIG_STEP_BACK: Duration = Duration::from_secs(3 * 3600);
 
 /// tokio's clock, anchored to the system clock when a job starts (and again when the system
 /// clock is stepped): cron expressions are wall times, waits are tokio instants (so paused
@@ -790,12 +826,17 @@ impl Clock {
     /// real monotonic clock since this one was made; `None` otherwise.
     fn stepped(&self) -> Option<Clock> {
         let fresh = Clock::now();
-        let expected = self.wall + fresh.real.saturating_duration_since(self.real);
+        let expected = self.expected_wall(&fresh);
         let drift = match fresh.wall.duration_since(expected) {
             Ok(ahead) => ahead,
             Err(behind) => behind.duration(),
         };
         (drift > MAX_CLOCK_DRIFT).then_some(fresh)
+    }
+
+    /// The wall time `later` should read had the system clock not been stepped since `self`.
+    fn expected_wall(&self, later: &Clock) -> SystemTime {
+        self.wall + later.real.saturating_duration_since(self.real)
     }
 
     fn wall_at(&self, at: Instant) -> SystemTime {
@@ -830,5 +871,66 @@ mod clock_tests {
             let on_fresh = fresh.instant_at(due);
             assert_eq!(on_fresh - fresh.instant, Duration::from_secs(10));
         }
+    }
+
+    /// A clock anchored `ahead` of the real wall clock (a machine booted with a wrong clock),
+    /// and the fresh anchoring after the correction.
+    fn corrected(ahead: Duration) -> (Clock, Clock) {
+        let now = Clock::now();
+        let wrong = Clock {
+            wall: now.wall + ahead,
+            ..now
+        };
+        (wrong, now)
+    }
+
+    // Review finding: a clock stepped back by a day left a job due a day later (its next due
+    // time kept its wall time on the wrong clock), silent until the clock caught up.
+    #[tokio::test]
+    async fn a_big_step_back_starts_the_schedule_again_from_now() {
+        let every_five_minutes = Schedule::cron("0 */5 * * * *").unwrap();
+        let (wrong, fresh) = corrected(Duration::from_secs(86_400));
+        let next = every_five_minutes.next(&wrong, wrong.instant);
+        assert!(next.is_some());
+        let (next, queued) = reanchor(
+            &every_five_minutes,
+            &wrong,
+            &fresh,
+            next,
+            Some(wrong.instant),
+        );
+        let wait = next.expect("still scheduled") - fresh.instant;
+        assert!(
+            wait <= Duration::from_secs(300),
+            "due within 5 minutes, not {wait:?}"
+        );
+        assert_eq!(
+            queued,
+            Some(fresh.instant),
+            "a queued run is not held back a day"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_small_step_back_does_not_run_again_what_ran() {
+        let every_five_minutes = Schedule::cron("0 */5 * * * *").unwrap();
+        let (wrong, fresh) = corrected(Duration::from_secs(600));
+        let next = every_five_minutes.next(&wrong, wrong.instant).unwrap();
+        let (moved, _) = reanchor(&every_five_minutes, &wrong, &fresh, Some(next), None);
+        // The same wall time: ten minutes later on the corrected clock.
+        assert_eq!(
+            moved.unwrap() - fresh.instant,
+            (next - wrong.instant) + Duration::from_secs(600)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_schedule_with_nothing_left_is_looked_at_again() {
+        // Every day at 02:30, with nothing left on the old clock (as a year-limited expression
+        // judged past on a wrong clock would have).
+        let daily = Schedule::cron("0 30 2 * * *").unwrap();
+        let (wrong, fresh) = corrected(Duration::from_secs(60));
+        let (next, _) = reanchor(&daily, &wrong, &fresh, None, None);
+        assert!(next.is_some());
     }
 }

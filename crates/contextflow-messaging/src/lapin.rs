@@ -31,6 +31,9 @@
 //! // `contextflow::spawn_without_context`): each delivery's handler runs in the delivery's
 //! // context, and nothing of whoever started the loop.
 //! let consumer = amqp::consumer("orders");
+//! // At most 32 unacknowledged deliveries at once: the broker holds the rest back, so the
+//! // handlers in flight are bounded.
+//! channel.basic_qos(32, BasicQosOptions::default()).await?;
 //! let mut deliveries = channel
 //!     .basic_consume("orders", "worker", BasicConsumeOptions::default(), FieldTable::default())
 //!     .await?;

@@ -11,41 +11,69 @@
 //!
 //! ```no_run
 //! use contextflow_messaging::rumqttc as mqtt;
+//! use futures_util::FutureExt as _;
 //! use rumqttc::v5::{mqttbytes::{v5::Packet, QoS}, AsyncClient, Event, MqttOptions};
+//! use std::panic::AssertUnwindSafe;
 //!
 //! # #[allow(dead_code)]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let mut options = MqttOptions::new("worker", "127.0.0.1", 1883);
 //! // A QoS 1 message is acknowledged once its handler is done, not as it arrives (rumqttc's
-//! // default): a crash in the handler then leaves it to be sent again.
+//! // default), in a session the broker keeps across reconnections (not a clean start, and an
+//! // expiry: MQTT 5's default of 0 ends the session with the connection): a message whose
+//! // handler had not finished when the connection dropped is sent again.
 //! options.set_manual_acks(true);
+//! options.set_clean_start(false);
+//! options.set_session_expiry_interval(Some(3600));
 //! let (client, mut events) = AsyncClient::new(options, 64);
-//! client.subscribe("orders/created", QoS::AtLeastOnce).await?;
 //! // Publish, inside a request: the request's context goes into the user properties.
 //! mqtt::publish(&client, "orders/created", QoS::AtLeastOnce, false, "{}").await?;
 //!
-//! // Consume: each message's handler runs in the context its user properties carry.
+//! // Consume, in a task of its own started from an empty context: each message's handler runs
+//! // in the context its user properties carry, and nothing of whoever started the loop.
 //! let consumer = mqtt::consumer("orders/created");
-//! loop {
-//!     match events.poll().await {
-//!         Ok(Event::Incoming(Packet::Publish(message))) => {
-//!             let context = mqtt::context(&consumer, &message);
-//!             let client = client.clone();
-//!             contextflow::spawn(context.scope(async move {
-//!                 tracing::info!(bytes = message.payload.len(), "order received"); // with the producer's request id
-//!                 if let Err(err) = client.ack(&message).await {
-//!                     tracing::warn!(%err, "could not acknowledge the message");
+//! let consuming = contextflow::spawn_without_context(async move {
+//!     loop {
+//!         match events.poll().await {
+//!             // Connected without a session (the first time, or the broker lost it):
+//!             // subscribe (again); rumqttc does not.
+//!             Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
+//!                 if let Err(err) = client.subscribe("orders/created", QoS::AtLeastOnce).await {
+//!                     tracing::warn!(%err, "could not subscribe");
 //!                 }
-//!             }));
-//!         }
-//!         Ok(_) => {}
-//!         // rumqttc reconnects on the next poll: keep polling, after a pause.
-//!         Err(err) => {
-//!             tracing::warn!(%err, "MQTT connection lost");
-//!             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+//!             }
+//!             Ok(Event::Incoming(Packet::Publish(message))) => {
+//!                 let context = mqtt::context(&consumer, &message);
+//!                 let client = client.clone();
+//!                 contextflow::spawn(context.scope(async move {
+//!                     let handled = AssertUnwindSafe(async {
+//!                         tracing::info!("order received"); // with the producer's request id
+//!                     })
+//!                     .catch_unwind()
+//!                     .await;
+//!                     // MQTT has no negative acknowledgement: a handler that panicked is
+//!                     // acknowledged too (its message set aside with an error line), or its
+//!                     // message would hold one of the broker's in-flight slots until the
+//!                     // connection ends.
+//!                     if handled.is_err() {
+//!                         tracing::error!(pkid = message.pkid, "handler panicked; message dropped");
+//!                     }
+//!                     if let Err(err) = client.ack(&message).await {
+//!                         tracing::warn!(%err, "could not acknowledge the message");
+//!                     }
+//!                 }));
+//!             }
+//!             Ok(_) => {}
+//!             // rumqttc reconnects on the next poll: keep polling, after a pause.
+//!             Err(err) => {
+//!                 tracing::warn!(%err, "MQTT connection lost");
+//!                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+//!             }
 //!         }
 //!     }
-//! }
+//! });
+//! consuming.await?;
+//! # Ok(())
 //! # }
 //! ```
 //!
