@@ -140,7 +140,9 @@
 //! (the RPC conventions before their v1.38 renames, which `rpc.grpc.status_code` below also
 //! follows). The path comes from the peer: only one made of protobuf identifiers, at most 256
 //! bytes, names a span; any other is named by its HTTP method. A server span of a method the
-//! service does not have is still named by the path the caller sent.
+//! service does not have (answered `UNIMPLEMENTED`, as tonic answers an unknown path) is
+//! renamed `grpc` when it ends, so a caller cannot make up span names; its `rpc.service` and
+//! `rpc.method` keep what the caller sent.
 //!
 //! gRPC answers a failed call with HTTP 200 and a `grpc-status`; the spans record it as
 //! `rpc.grpc.status_code` and fail as the RPC conventions say (a server span for `UNKNOWN`,

@@ -229,6 +229,9 @@ pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
     (code <= 16).then_some(code)
 }
 
+/// gRPC's `UNIMPLEMENTED`: the server has no such method.
+const UNIMPLEMENTED: u8 = 12;
+
 /// Ends the span of `cx` with the response status: an error status for 5xx on a server span,
 /// for 4xx and 5xx on a client span. A gRPC answer (`grpc`, its `grpc-status`) is recorded as
 /// `rpc.grpc.status_code` and fails the span as the RPC conventions say: any code but `OK` on
@@ -257,6 +260,12 @@ pub(crate) fn end_with_status(cx: &Context, status: u16, kind: SpanKind, grpc: O
             };
             if grpc_failed {
                 failed = Some(code.to_string());
+            }
+            if kind == SpanKind::Server && code == UNIMPLEMENTED {
+                // A method the service does not have: the name came from the caller, who could
+                // make up one per call. Named after the system instead, as the RPC conventions
+                // name a span whose method is not recognized.
+                span.update_name("grpc");
             }
         }
         if let Some(error_type) = failed {

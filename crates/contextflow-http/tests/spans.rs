@@ -871,6 +871,53 @@ async fn grpc_span_names() {
     }
 }
 
+/// A call to a method the server does not have (answered `UNIMPLEMENTED`, as tonic answers an
+/// unknown path) does not name the server span after whatever path the caller made up.
+async fn unimplemented_grpc_methods_do_not_name_spans() {
+    use tower::{Layer as _, ServiceExt as _};
+
+    let (exporter, provider) = recording_provider();
+    let server = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("server"))
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            let mut res = http::Response::new(());
+            res.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            let code = if req.uri().path() == "/pkg.Svc/Get" {
+                "0"
+            } else {
+                "12"
+            };
+            res.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(code));
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+    for path in ["/pkg.Svc/Get", "/pkg.Svc/Made_up_1", "/made.Up/X"] {
+        let req = http::Request::builder()
+            .method(http::Method::POST)
+            .version(http::Version::HTTP_2)
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        server.clone().oneshot(req).await.unwrap();
+    }
+    let names: Vec<String> = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .map(|span| span.name.into_owned())
+        .collect();
+    assert_eq!(names, ["pkg.Svc/Get", "grpc", "grpc"]);
+}
+
+#[test]
+fn unimplemented_grpc_methods_do_not_name_spans_on_both_runtimes() {
+    on_both_runtimes(unimplemented_grpc_methods_do_not_name_spans);
+}
+
 #[test]
 fn grpc_span_names_on_both_runtimes() {
     on_both_runtimes(grpc_span_names);
