@@ -59,6 +59,8 @@ pub(crate) enum ClosedReason {
     EndedOutside,
     /// A joined block (`Propagation::Required` or `Mandatory`) failed.
     RollbackOnly,
+    /// A statement's future was dropped before its result: it may have run.
+    StatementDropped,
 }
 
 /// A query would wait for a connection that the same task holds: it fails at once instead of
@@ -358,6 +360,9 @@ impl fmt::Display for TransactionClosed {
             }
             ClosedReason::RollbackOnly => {
                 "a block that joined the current transaction failed; the transaction can only be rolled back"
+            }
+            ClosedReason::StatementDropped => {
+                "a statement of the current transaction was dropped before its result (a timeout around it, say); it may have run, so the transaction can only be rolled back"
             }
         })
     }

@@ -116,9 +116,15 @@ async fn rows<'e, 'q: 'e, DB, E>(
     // and `fetch_all` stop at the first error and drop the stream, so an error handed out
     // first would never be recorded (and a transaction the server aborted could "commit").
     let mut failed = None;
+    // Until the statement's first item, dropping the stream leaves its outcome unknown: the
+    // transaction is poisoned then. After it, the caller knows the statement ran.
+    let in_flight = target.arm();
     {
         let mut stream = target.conn().fetch_many(query);
         while let Some(item) = stream.next().await {
+            if let Some(flag) = &in_flight {
+                flag.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Err(err) = item {
                 failed = Some(err);
                 break;

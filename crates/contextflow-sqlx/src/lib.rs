@@ -139,9 +139,10 @@
 //! | the block panics | rolled back, then the panic continues |
 //! | the block's future is dropped (client disconnect, timeout, aborted task), at any point: `BEGIN`, a query, `SAVEPOINT`, `COMMIT`, `ROLLBACK` | rolled back, and the connection returns to the pool only once the server confirmed no transaction is open on it; otherwise it is closed |
 //! | dropped while `COMMIT` is in flight, with after-commit hooks (on a tokio runtime) | the `COMMIT` and then the hooks finish in a task of their own, which logs that the caller had gone: the hooks of a transaction that committed always run |
-//! | dropped while `COMMIT` is in flight, no hooks | outcome unknown: logged at `warn` in the dropping code's context, then resolved (committed / rolled back) in a second log line |
+//! | dropped while `COMMIT` is in flight, no hooks | outcome unknown: logged at `warn` in the dropping code's context, then resolved (committed / rolled back) in a second log line (on MySQL after a failed statement or a raw [`Conn`], when the check before `COMMIT` rides with it, the connection is closed and the outcome stays unknown: logged at `error`) |
+//! | inside a block, a statement's future dropped before its result (a timeout around one query) | it may have run: the transaction is poisoned ([`TransactionClosed`]); later statements fail and the block ends in that error, rolled back (the connection cleaned up, or closed, in the background). A row stream dropped after its first item is not such a case |
 //! | the connection breaks during `COMMIT` | [`CommitUnknown`] error, logged at `error`; after-commit hooks do not run |
-//! | `transaction` inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only |
+//! | `transaction` inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only, and end every savepoint opened beneath it in other tasks (their later statements get [`TransactionClosed`]) |
 //! | [`transaction_with`](TxPool::transaction_with) and a [`Propagation`] | join, require, refuse, or begin an independent transaction |
 //! | a query outside any block | runs on the pool, committed on its own |
 //! | a task started with [`contextflow::spawn`] (or `tokio::spawn`) inside a block | gets the pool, not the transaction |

@@ -426,7 +426,7 @@ where
     {
         let called_at = Location::caller();
         async move {
-            let mut target = self.target(called_at).await?;
+            let mut target = self.target(called_at).await?.in_flight();
             let result = target.conn().execute(query).await;
             target.complete(result).await
         }
@@ -459,7 +459,7 @@ where
     {
         let called_at = Location::caller();
         async move {
-            let mut target = self.target(called_at).await?;
+            let mut target = self.target(called_at).await?.in_flight();
             let result = target.conn().fetch_one(query).await;
             // No row is an answer, not a failure of the transaction.
             match result {
@@ -524,7 +524,7 @@ where
     {
         let called_at = Location::caller();
         async move {
-            let mut target = self.target(called_at).await?;
+            let mut target = self.target(called_at).await?.in_flight();
             let result = target.conn().fetch_all(query).await;
             target.complete(result).await
         }
@@ -538,7 +538,7 @@ where
     where
         Q: Execute<'q, DB> + 'q,
     {
-        let mut target = self.target(called_at).await?;
+        let mut target = self.target(called_at).await?.in_flight();
         let result = target.conn().fetch_optional(query).await;
         target.complete(result).await
     }
@@ -1254,10 +1254,28 @@ where
         result
     }
 
+    /// A statement's future holds the target from now until [`complete`](Target::complete):
+    /// a transaction's target dropped before that (the caller gave up on the statement)
+    /// poisons the transaction, since the statement may have run.
+    pub(crate) fn in_flight(mut self) -> Self {
+        self.arm();
+        self
+    }
+
+    /// As [`in_flight`](Target::in_flight), for a row stream: the flag to clear at its first
+    /// item (`None` outside a transaction).
+    pub(crate) fn arm(&mut self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        match self {
+            Target::Tx(guard) => Some(guard.arm()),
+            Target::Pool { .. } => None,
+        }
+    }
+
     /// As [`complete`](Target::complete), when the error went elsewhere (a stream).
     pub(crate) async fn end(self, failure: Option<Failure>) -> Result<(), sqlx::Error> {
         match self {
             Target::Tx(mut guard) => {
+                guard.disarm();
                 if let Some(failure) = failure {
                     guard.note_failure(failure);
                 }

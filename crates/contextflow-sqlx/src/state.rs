@@ -47,7 +47,7 @@ pub(crate) struct Shared<DB: Database> {
     /// and the depth of its level:
     /// the top-level block's end waits for them, except for one of its own task, which would
     /// wait for itself forever.
-    savepoints: StdMutex<Vec<(u64, Owner, usize)>>,
+    savepoints: StdMutex<Vec<OpenSavepoint>>,
     /// The tenant the transaction was opened for (tenant pools only).
     tenant: Option<Box<str>>,
 }
@@ -63,6 +63,20 @@ pub(crate) struct Slot<DB: Database> {
     errored: bool,
     /// User code had the raw connection: anything may have been run on it.
     raw: bool,
+}
+
+/// A savepoint open now, in [`Shared::savepoints`].
+struct OpenSavepoint {
+    number: u64,
+    /// The task that opened it.
+    owner: Owner,
+    /// The depth of its level.
+    depth: usize,
+    /// Its level's `ended` flag.
+    ended: Arc<AtomicBool>,
+    /// Set when an enclosing savepoint was rolled back, which undid this one on the server
+    /// too: its guard then issues nothing more for it.
+    gone: Arc<AtomicBool>,
 }
 
 /// A guard parked in user code, and where it came from.
@@ -106,6 +120,11 @@ pub(crate) struct TxGuard<DB: Database> {
     /// The level's `busy` lock; declared after `slot`, so released after it.
     _busy: OwnedMutexGuard<()>,
     shared: Arc<Shared<DB>>,
+    /// Set while a statement's future holds the guard and has seen nothing of the statement's
+    /// result: dropped then (the caller gave up on it), its outcome is unknown, and the
+    /// transaction is poisoned. Shared, so that a row stream, whose statement borrows the
+    /// guard, can clear it at its first row.
+    in_flight: Option<Arc<AtomicBool>>,
 }
 
 /// Records that a [`TxGuard`] sits in user code (a `Conn`, a stream between two rows), so that
@@ -152,6 +171,10 @@ pub(crate) struct SavepointGuard<DB: Database> {
     number: Option<u64>,
     /// The savepoint's number, for `Shared::savepoints`.
     id: u64,
+    /// The depth of its level.
+    depth: usize,
+    /// Set when an enclosing savepoint's rollback undid this one (see [`OpenSavepoint`]).
+    gone: Arc<AtomicBool>,
     /// `Slot::errored` when the savepoint was opened.
     errored_before: bool,
     /// The level's `ended` flag, set as soon as the savepoint starts to end.
@@ -393,6 +416,19 @@ where
 }
 
 impl<DB: Database> TxGuard<DB> {
+    /// A statement's future holds the guard from now on (see the field); the flag to clear
+    /// once its result is known.
+    pub(crate) fn arm(&mut self) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(true));
+        self.in_flight = Some(flag.clone());
+        flag
+    }
+
+    /// The statement's result is known (see [`arm`](TxGuard::arm)).
+    pub(crate) fn disarm(&mut self) {
+        self.in_flight = None;
+    }
+
     /// The transaction's connection.
     pub(crate) fn conn(&mut self) -> &mut DB::Connection {
         self.slot.tracked().raw()
@@ -408,6 +444,23 @@ impl<DB: Database> TxGuard<DB> {
         Parker {
             shared: self.shared.clone(),
             parked: false,
+        }
+    }
+}
+
+impl<DB: Database> Drop for TxGuard<DB> {
+    fn drop(&mut self) {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+        {
+            // The caller gave up on a statement that may have run (a timeout around an
+            // INSERT, say): committing would keep a write the caller believes absent, and a
+            // retry would make it twice.
+            self.slot
+                .poisoned
+                .get_or_insert(ClosedReason::StatementDropped);
         }
     }
 }
@@ -488,8 +541,15 @@ where
             return Err(CommitError::Closed(ClosedReason::Ended));
         };
         if let Some(reason) = self.poisoned {
-            // The rollback's own error is less useful than the reason we roll back.
-            let _ = tracked.rollback().await;
+            if reason == ClosedReason::StatementDropped {
+                // The driver may still owe the dropped statement's answer (sqlx-mysql panics
+                // on a connection left so): the clean-up of an abandoned connection, which
+                // rolls it back in the background and closes it if the driver fails, takes it.
+                drop(tracked);
+            } else {
+                // The rollback's own error is less useful than the reason we roll back.
+                let _ = tracked.rollback().await;
+            }
             return Err(CommitError::Closed(reason));
         }
         if let Some((number, _)) = self.pending {
@@ -514,7 +574,12 @@ where
     /// closes it; the error is not reported over the one that caused the rollback.
     pub(crate) async fn rollback(mut self) {
         if let Some(mut tracked) = self.tracked.take() {
-            let _ = tracked.rollback().await;
+            if self.poisoned == Some(ClosedReason::StatementDropped) {
+                // As in `commit`: left to the clean-up of an abandoned connection.
+                drop(tracked);
+            } else {
+                let _ = tracked.rollback().await;
+            }
         }
     }
 }
@@ -549,6 +614,7 @@ where
             slot,
             _busy: busy,
             shared: self.shared.clone(),
+            in_flight: None,
         })
     }
 
@@ -573,7 +639,7 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .any(|(_, owner, depth)| *depth > self.depth && *owner == current)
+            .any(|open| open.depth > self.depth && open.owner == current)
         {
             return Err(ConnectionBusy::in_transaction(None, called_at));
         }
@@ -605,6 +671,7 @@ where
             result?;
         }
         let ended = Arc::new(AtomicBool::new(false));
+        let gone = Arc::new(AtomicBool::new(false));
         let level = Level {
             shared: self.shared.clone(),
             busy: Arc::new(Mutex::new(())),
@@ -617,13 +684,21 @@ where
             .savepoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((number, Owner::current(), self.depth + 1));
+            .push(OpenSavepoint {
+                number,
+                owner: Owner::current(),
+                depth: self.depth + 1,
+                ended: ended.clone(),
+                gone: gone.clone(),
+            });
         let guard = SavepointGuard {
             shared: self.shared.clone(),
             number: Some(number),
             id: number,
+            depth: self.depth + 1,
             errored_before,
             ended,
+            gone,
             _parent_busy: parent_busy,
         };
         Ok((level, guard))
@@ -748,6 +823,11 @@ where
             return Ok(());
         };
         self.ended.store(true, Ordering::Release);
+        if self.gone.load(Ordering::Acquire) {
+            // An enclosing savepoint was rolled back, and this one with it: its work is gone.
+            self.number = None;
+            return Err(TransactionClosed::ended());
+        }
         // On error (the transaction is poisoned, or a `Conn` escaped the block), `number` stays
         // set and `Drop` records the rollback. It also stays set until the savepoint is gone: if
         // this future is dropped with the `RELEASE` in flight, `Drop` records the rollback, as
@@ -759,6 +839,7 @@ where
             .exec(&format!("RELEASE SAVEPOINT {}", name(number)))
             .await;
         if let Err(err) = result {
+            self.end_beneath();
             slot.rollback_to(number, self.errored_before).await.ok();
             self.number = None;
             return Err(err);
@@ -773,6 +854,11 @@ where
             return;
         };
         self.ended.store(true, Ordering::Release);
+        if self.gone.load(Ordering::Acquire) {
+            self.number = None;
+            return;
+        }
+        self.end_beneath();
         // When `lock_slot` fails, `number` stays set and `Drop` records the rollback (or the
         // transaction may only be rolled back as a whole anyway); `rollback_to` poisons the
         // transaction when it fails.
@@ -783,14 +869,43 @@ where
     }
 }
 
+impl<DB: Database> SavepointGuard<DB> {
+    /// This savepoint is about to be rolled back: the savepoints open beneath it (in other
+    /// tasks: a snapshot of its context outlived its block) are undone with it on the server,
+    /// so their levels end now (a later statement through them gets `TransactionClosed`
+    /// instead of running, unseen, in the enclosing transaction) and their guards issue
+    /// nothing more. Savepoints form a stack: one deeper than this, open now, is inside it.
+    fn end_beneath(&self) {
+        for open in self
+            .shared
+            .savepoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|open| open.depth > self.depth)
+        {
+            // Release: pairs with the Acquire loads in `check_open` and the guard's methods.
+            open.gone.store(true, Ordering::Release);
+            open.ended.store(true, Ordering::Release);
+        }
+    }
+}
+
 impl<DB: Database> Drop for SavepointGuard<DB> {
     fn drop(&mut self) {
         self.ended.store(true, Ordering::Release);
+        if self.gone.load(Ordering::Acquire) {
+            // Undone with an enclosing savepoint: nothing to roll back.
+            self.number = None;
+        }
+        if self.number.is_some() {
+            self.end_beneath();
+        }
         self.shared
             .savepoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(number, _, _)| *number != self.id);
+            .retain(|open| open.number != self.id);
         if let Some(number) = self.number.take() {
             // Cannot await here: record the rollback; it runs before the connection's next
             // use, and the parent level's queries wait for `_parent_busy`, released after this.

@@ -1303,6 +1303,119 @@ async fn hooks_outlive_a_caller_dropped_after_the_commit() {
     ctx.finish().await;
 }
 
+/// Review finding: a statement whose future the block dropped (a timeout around it) may have
+/// run; the block went on and committed, keeping a write the caller believed absent (or, with
+/// a retry, making it twice). Now the transaction is poisoned: the block ends in an error and
+/// nothing of it is committed. A stream dropped after its first row is not such a case: the
+/// caller saw the statement run.
+async fn a_dropped_statement_poisons_the_transaction() {
+    let ctx = setup_slow(1).await;
+    for (tag, through_executor) in [(1_i64, false), (2, true)] {
+        let result = ctx
+            .db
+            .transaction(|| async {
+                insert(&ctx, tag * 10, tag).await?;
+                // A slow insert (it counts half a million rows first), so that it is still
+                // running on any backend when the caller gives up on it.
+                let sql = sql(&format!(
+                    "INSERT INTO {} (id, tag) SELECT count(*), $1 FROM \
+                     (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 500000) \
+                     SELECT n FROM c) AS counted",
+                    ctx.table
+                ));
+                let query = sqlx::query(&sql).bind(tag);
+                // Polled once (the statement sent), then given up on.
+                let gave_up = if through_executor {
+                    DropAfter::new(query.execute(&ctx.db), 1).await.is_none()
+                } else {
+                    DropAfter::new(ctx.db.execute(query), 1).await.is_none()
+                };
+                assert!(gave_up, "{BACKEND}: the statement suspended");
+                Ok::<_, TestError>(())
+            })
+            .await;
+        let err = match result {
+            Err(TestError::Sql(err)) => err,
+            other => panic!("{BACKEND} {tag}: the block committed: {other:?}"),
+        };
+        assert!(
+            contextflow_sqlx::TransactionClosed::find(&err).is_some_and(|c| c.is_poisoned()),
+            "{BACKEND} {tag}: {err}"
+        );
+        assert_eq!(committed_with_tag(&ctx, tag).await, 0, "{BACKEND} {tag}");
+        assert_pool_clean(&ctx, 1).await;
+    }
+    // A row stream dropped after its first row: the block commits.
+    let read = sql(&format!("SELECT id FROM {} WHERE tag = $1", ctx.table));
+    ctx.db
+        .transaction(|| async {
+            insert(&ctx, 31, 3).await?;
+            insert(&ctx, 32, 3).await?;
+            let mut rows = sqlx::query(&read).bind(3_i64).fetch(&ctx.db);
+            assert!(futures_util::StreamExt::next(&mut rows).await.is_some());
+            drop(rows);
+            Ok::<_, TestError>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(committed_with_tag(&ctx, 3).await, 2, "{BACKEND}");
+    ctx.finish().await;
+}
+
+/// Review finding: a nested block that started a savepoint in another task (a snapshot of its
+/// context) and then failed rolled that savepoint back on the server with its own, but the
+/// other task's block went on: its next statement ran, unseen, in the enclosing transaction
+/// (committed with it), and its end poisoned the enclosing transaction. Now the savepoints
+/// beneath a rolled-back one end with it.
+async fn a_rolled_back_savepoint_ends_the_savepoints_beneath_it() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let insert_sql = |id: i64| sql(&format!("INSERT INTO {} (id, tag) VALUES ({id}, 0)", ctx.table));
+    let (inserted_tx, inserted_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let grandchild = std::sync::Mutex::new(None);
+    let (first, second) = (insert_sql(2), insert_sql(3));
+    db.transaction(|| async {
+        insert(&ctx, 1, 0).await?;
+        let failed = db
+            .transaction(|| async {
+                let db2 = db.clone();
+                let task = tokio::spawn(
+                    async move {
+                        db2.transaction(|| async {
+                            db2.execute(sqlx::query(&first)).await?;
+                            inserted_tx.send(()).unwrap();
+                            go_rx.await.unwrap();
+                            // Its enclosing block was rolled back meanwhile.
+                            db2.execute(sqlx::query(&second)).await?;
+                            Ok::<_, TestError>(())
+                        })
+                        .await
+                    }
+                    .with_snapshot(Snapshot::capture()),
+                );
+                *grandchild.lock().unwrap() = Some(task);
+                inserted_rx.await.unwrap();
+                Err::<(), _>(TestError::Refused)
+            })
+            .await;
+        assert!(matches!(failed, Err(TestError::Refused)));
+        insert(&ctx, 4, 0).await?;
+        go_tx.send(()).unwrap();
+        let task = grandchild.lock().unwrap().take().unwrap();
+        let outcome = task.await.unwrap();
+        assert!(
+            matches!(&outcome, Err(TestError::Sql(err)) if contextflow_sqlx::TransactionClosed::find(err).is_some()),
+            "{BACKEND}: the grandchild's block ends with its enclosing one: {outcome:?}"
+        );
+        Ok::<_, TestError>(())
+    })
+    .await
+    .expect("the enclosing transaction is not poisoned");
+    assert_eq!(ids(&ctx).await, vec![1, 4], "{BACKEND}");
+    ctx.finish().await;
+}
+
 tests!(
     commit,
     rollback_on_error,
@@ -1337,4 +1450,6 @@ tests!(
     hooks_outlive_a_caller_dropped_after_the_commit,
     a_conn_kept_past_its_block_ends_the_transaction,
     a_savepoint_of_the_same_task_kept_past_its_block_is_refused,
+    a_dropped_statement_poisons_the_transaction,
+    a_rolled_back_savepoint_ends_the_savepoints_beneath_it,
 );
