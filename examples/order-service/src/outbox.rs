@@ -124,14 +124,19 @@ impl Worker {
             let mut last_resolve = tokio::time::Instant::now();
             let mut resolve_every = POLL;
             loop {
-                let stopping = tokio::select! {
+                let mut stopping = tokio::select! {
+                    biased;
+                    () = self.shutdown.wait() => true,
                     _ = wake.changed() => false,
                     () = tokio::time::sleep(POLL) => false,
-                    () = self.shutdown.wait() => true,
                 };
                 if !stopping {
                     // Under load, rows of many orders go in one pass rather than a pass each.
-                    tokio::time::sleep(GATHER).await;
+                    stopping = tokio::select! {
+                        biased;
+                        () = self.shutdown.wait() => true,
+                        () = tokio::time::sleep(GATHER) => false,
+                    };
                 }
                 let served = *wake.borrow_and_update();
                 // Deliveries first: they never wait for the payment provider.
@@ -220,12 +225,25 @@ struct Deliverer<'a> {
 }
 
 impl Deliverer<'_> {
-    /// Delivers batches until one is not full (the outbox was empty after it) or one fails;
-    /// whether the outbox was found empty.
+    /// Delivers batches until one is not full (the outbox had nothing more for this worker
+    /// after it) or one fails; whether the outbox was found empty. Once the queue refuses an
+    /// event, the events wait for a later pass while the confirmations, which need no queue,
+    /// go on: batches of confirmations only, so that events given back (oldest first) cannot
+    /// hold them up.
     async fn deliver_all(&self) -> bool {
+        let mut topic = None;
         loop {
-            match self.deliver_batch().await {
-                Ok(claimed) if claimed < BATCH as usize => return true,
+            match self.deliver_batch(topic).await {
+                Ok(batch) if batch.broker_failed => {
+                    if topic.is_none() {
+                        warn!(
+                            error = %DeliveryError::QueueClosed,
+                            "outbox events not delivered; will retry (confirmations go on)"
+                        );
+                    }
+                    topic = Some(CONFIRMATION);
+                }
+                Ok(batch) if batch.claimed < BATCH as usize => return topic.is_none(),
                 Ok(_) => {}
                 Err(err) => {
                     warn!(error = %err, "outbox delivery failed; will retry");
@@ -236,16 +254,16 @@ impl Deliverer<'_> {
     }
 
     /// One transaction for a batch, on the admin pool (the batch crosses tenants): claim the
-    /// oldest rows not delivered yet (read and claimed by one statement), raise the confirmed
+    /// oldest rows not delivered yet (of `topic` only, when given; read and claimed by one
+    /// statement), raise the confirmed
     /// orders' `confirmation_sent`, publish the events; each row's lines in its own context.
-    /// How many rows it claimed. The batch transaction itself belongs to no request: it logs
-    /// nothing at INFO.
-    async fn deliver_batch(&self) -> Result<usize, DeliveryError> {
+    /// The batch transaction itself belongs to no request: it logs nothing at INFO.
+    async fn deliver_batch(&self, topic: Option<&str>) -> Result<Batch, DeliveryError> {
         let claimed = self
             .db
             .admin()
             .transaction(|| async {
-                let rows = self.outbox.claim_oldest(BATCH).await?;
+                let rows = self.outbox.claim_oldest(BATCH, topic).await?;
                 let mut confirmed = Vec::new();
                 let mut aside = Vec::new();
                 // Events the broker did not take (it refused one, or timed out): given back for
@@ -298,12 +316,19 @@ impl Deliverer<'_> {
         for row in rows.iter().filter(|r| r.topic == CONFIRMATION) {
             in_row_context(row, async { info!("confirmation sent") }).await;
         }
-        if broker_failed {
-            // The rest waits for the next pass.
-            return Err(DeliveryError::QueueClosed);
-        }
-        Ok(rows.len())
+        Ok(Batch {
+            claimed: rows.len(),
+            broker_failed,
+        })
     }
+}
+
+/// What one batch did.
+struct Batch {
+    /// How many rows it claimed (those given back included).
+    claimed: usize,
+    /// Whether the queue refused one of its events: those were given back for a later pass.
+    broker_failed: bool,
 }
 
 /// Runs `fut` in `row`'s context: its request id and trace, its tenant, an `outbox.deliver`

@@ -15,6 +15,8 @@ pub struct OutboxRepository {
     pool: TxPool<Any>,
     /// Cross-tenant queries (the outbox worker's, the resolver's).
     admin: TxPool<Any>,
+    /// Which database: the batch claim is written for each.
+    backend: super::Backend,
 }
 
 /// An undelivered outbox row, with the context of the request that wrote it.
@@ -42,6 +44,7 @@ impl OutboxRepository {
         OutboxRepository {
             pool: db.pool().clone(),
             admin: db.admin().clone(),
+            backend: db.backend(),
         }
     }
 
@@ -98,26 +101,41 @@ impl OutboxRepository {
     /// Claims the oldest `limit` undelivered rows of every tenant (marks them delivered) and
     /// returns them, oldest first: the outbox worker's batch, read and claimed in one
     /// statement through the admin pool ([`super::Db::admin`]), which reads across tenants on
-    /// purpose (the worker binds each row's own tenant to deliver it). Call it in the admin
-    /// pool's transaction of the deliveries' effects, so each effect happens once: a row that
-    /// another transaction claims first is not returned (its `delivered = 0` no longer holds
-    /// once that one commits), and a batch that does not commit leaves its rows undelivered.
+    /// purpose (the worker binds each row's own tenant to deliver it). With `topic`, only rows
+    /// of that topic. Call it in the admin pool's transaction of the deliveries' effects, so
+    /// each effect happens once: a row that another transaction claims first is not returned
+    /// (its `delivered = 0` no longer holds once that one commits; on PostgreSQL, rows another
+    /// instance's batch holds are skipped rather than waited for), and a batch that does not
+    /// commit leaves its rows undelivered.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn claim_oldest(&self, limit: i64) -> Result<Vec<OutboxRow>, RepoError> {
-        let rows = self
-            .admin
-            .fetch_all(
-                sqlx::query(
-                    "UPDATE outbox SET delivered = 1
-                     WHERE delivered = 0 AND id IN
-                         (SELECT id FROM outbox WHERE delivered = 0 ORDER BY id LIMIT $1)
-                     RETURNING id, tenant_id, order_id, topic, payload, request_id, traceparent",
-                )
-                .bind(limit),
-            )
-            .await?;
+    pub async fn claim_oldest(
+        &self,
+        limit: i64,
+        topic: Option<&str>,
+    ) -> Result<Vec<OutboxRow>, RepoError> {
+        // SQLite has one writer at a time: its transaction holds the whole database.
+        let lock = match self.backend {
+            super::Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            super::Backend::Sqlite => "",
+        };
+        let of_topic = if topic.is_some() {
+            "AND topic = $2"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE outbox SET delivered = 1
+             WHERE delivered = 0 AND id IN
+                 (SELECT id FROM outbox WHERE delivered = 0 {of_topic} ORDER BY id LIMIT $1 {lock})
+             RETURNING id, tenant_id, order_id, topic, payload, request_id, traceparent"
+        );
+        let mut query = sqlx::query(&sql).bind(limit);
+        if let Some(topic) = topic {
+            query = query.bind(topic.to_owned());
+        }
+        let rows = self.admin.fetch_all(query).await?;
         let mut rows = rows
             .iter()
             .map(|row| {
