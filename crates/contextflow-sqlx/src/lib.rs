@@ -143,7 +143,7 @@
 //! | inside a block, a statement's future dropped before its result (a timeout around one query) | it may have run: the transaction is poisoned ([`TransactionClosed`]); later statements fail and the block ends in that error, rolled back (the connection cleaned up, or closed, in the background). A row stream dropped after its first item is not such a case |
 //! | the connection breaks during `COMMIT` | [`CommitUnknown`] error, logged at `error`; after-commit hooks do not run |
 //! | `transaction` inside a block | a `SAVEPOINT`: `Ok` releases it, `Err`, panic or drop roll back its work only, and end every savepoint opened beneath it in other tasks (their later statements get [`TransactionClosed`]) |
-//! | [`transaction_with`](TxPool::transaction_with) and a [`Propagation`] | join, require, refuse, or begin an independent transaction |
+//! | [`transaction_with`](TxPool::transaction_with) and a [`Propagation`] | join, require, refuse, or begin an independent transaction; a block joined from another task (a snapshot of the context) is waited for by the end of the level it joined: all of its work is committed or none, and its failure rolls that level back |
 //! | a query outside any block | runs on the pool, committed on its own |
 //! | a task started with [`contextflow::spawn`] (or `tokio::spawn`) inside a block | gets the pool, not the transaction |
 //! | concurrent queries inside one block (`join!`) | run one at a time on the transaction's connection |

@@ -1005,6 +1005,14 @@ where
                         return Err(E::from(err));
                     }
                 };
+                // A block joined to this level in another task may have failed meanwhile.
+                if level.is_rollback_only() {
+                    drop(idle);
+                    guard.rollback(called_at).await;
+                    return Err(E::from(TransactionClosed::error(
+                        ClosedReason::RollbackOnly,
+                    )));
+                }
                 guard.release(called_at).await?;
                 drop(idle);
                 for hook in level.take_hooks() {
@@ -1330,6 +1338,9 @@ where
             }
         }
     }
+    // Declared before `mark`, so dropped after it: the level's end, which waits for this
+    // block, sees its mark.
+    let _running = level.joined();
     let mut mark = Mark(Some(level));
     let result = f().await;
     if result.is_ok() {

@@ -112,6 +112,18 @@ pub(crate) struct Level<DB: Database> {
     /// block) gets [`TransactionClosed`](crate::TransactionClosed) instead of running, unseen,
     /// in the enclosing transaction. Never set on the top level, which ends with its slot.
     ended: Arc<AtomicBool>,
+    /// The blocks joined to this level (`Required`, `Mandatory`) that are running, by the task
+    /// that runs each: the level's end (commit, release) waits for those of other tasks, so
+    /// that a joined block is never half committed.
+    joins: StdMutex<Vec<Owner>>,
+    /// Notified when a joined block ends.
+    joins_done: tokio::sync::Notify,
+}
+
+/// A block joined to a level, running ([`Level::joined`]).
+pub(crate) struct JoinGuard<'a, DB: Database> {
+    level: &'a Level<DB>,
+    owner: Owner,
 }
 
 /// Exclusive use of the transaction's connection, for one query or a `Conn`.
@@ -598,6 +610,8 @@ where
             hooks: StdMutex::new(Some(Vec::new())),
             rollback_only: AtomicBool::new(false),
             ended: Arc::new(AtomicBool::new(false)),
+            joins: StdMutex::new(Vec::new()),
+            joins_done: tokio::sync::Notify::new(),
         }
     }
 
@@ -626,6 +640,7 @@ where
         &self,
         called_at: &'static Location<'static>,
     ) -> Result<OwnedMutexGuard<()>, sqlx::Error> {
+        self.joins_ended(called_at).await?;
         if let Ok(idle) = self.busy.clone().try_lock_owned() {
             return Ok(idle);
         }
@@ -644,6 +659,28 @@ where
             return Err(ConnectionBusy::in_transaction(None, called_at));
         }
         self.shared.lock_checked(&self.busy, called_at).await
+    }
+
+    /// Waits until no block joined to this level runs in another task. One of this very task
+    /// still running (its future kept past the block) would never end: an error instead.
+    async fn joins_ended(&self, called_at: &'static Location<'static>) -> Result<(), sqlx::Error> {
+        let current = Owner::current();
+        loop {
+            let notified = self.joins_done.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before looking, so an end between the look and the wait is not lost.
+            notified.as_mut().enable();
+            {
+                let joins = self.joins.lock().unwrap_or_else(PoisonError::into_inner);
+                if joins.is_empty() {
+                    return Ok(());
+                }
+                if joins.contains(&current) {
+                    return Err(ConnectionBusy::in_transaction(None, called_at));
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Opens a savepoint beneath this level: returns the new level and the guard that ends it.
@@ -679,6 +716,8 @@ where
             hooks: StdMutex::new(Some(Vec::new())),
             rollback_only: AtomicBool::new(false),
             ended: ended.clone(),
+            joins: StdMutex::new(Vec::new()),
+            joins_done: tokio::sync::Notify::new(),
         };
         self.shared
             .savepoints
@@ -706,6 +745,16 @@ where
 }
 
 impl<DB: Database> Level<DB> {
+    /// Records a block joined to this level as running until the guard is dropped.
+    pub(crate) fn joined(&self) -> JoinGuard<'_, DB> {
+        let owner = Owner::current();
+        self.joins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(owner);
+        JoinGuard { level: self, owner }
+    }
+
     /// Ends this level for every later statement (they get [`TransactionClosed`]).
     pub(crate) fn mark_ended(&self) {
         // Release: pairs with the Acquire load in `check_open`.
@@ -751,7 +800,9 @@ impl<DB: Database> Level<DB> {
     /// Marks this level as only fit for rolling back (a joined block failed).
     pub(crate) fn set_rollback_only(&self) {
         // Relaxed: read by the code that ends this level, which runs after the joined block
-        // on the same task (or after awaiting it), so the store happens-before the load.
+        // on the same task (or after awaiting it), or, for a joined block of another task,
+        // after `idle` saw it end (its `JoinGuard`, dropped after this store, releases the
+        // `joins` lock that `idle` then takes), so the store happens-before the load.
         self.rollback_only.store(true, Ordering::Relaxed);
     }
 
@@ -804,6 +855,21 @@ impl<DB: Database> Drop for RootGuard<DB> {
             }
         };
         drop(tracked);
+    }
+}
+
+impl<DB: Database> Drop for JoinGuard<'_, DB> {
+    fn drop(&mut self) {
+        let mut joins = self
+            .level
+            .joins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = joins.iter().position(|owner| *owner == self.owner) {
+            joins.swap_remove(at);
+        }
+        drop(joins);
+        self.level.joins_done.notify_waiters();
     }
 }
 

@@ -1416,6 +1416,63 @@ async fn a_rolled_back_savepoint_ends_the_savepoints_beneath_it() {
     ctx.finish().await;
 }
 
+/// Review finding: a block joined (`Required`) from another task was not waited for: the
+/// enclosing block's commit took whatever it had written so far, and its later failure marked
+/// a transaction that had committed already. Now the level's end waits for it: all of its
+/// work or none is committed, and its failure rolls the transaction back.
+async fn a_joined_block_of_another_task_is_never_half_committed() {
+    for fail in [true, false] {
+        let ctx = setup(2).await;
+        let db = &ctx.db;
+        let insert_sql = |id: i64| sql(&format!("INSERT INTO {} (id, tag) VALUES ({id}, 0)", ctx.table));
+        let (first, second) = (insert_sql(2), insert_sql(3));
+        let (started_tx, started_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let outcome = db
+            .transaction(|| async {
+                insert(&ctx, 1, 0).await?;
+                let db2 = db.clone();
+                let task = tokio::spawn(
+                    async move {
+                        db2.transaction_with(Propagation::Required, || async {
+                            db2.execute(sqlx::query(&first)).await?;
+                            started_tx.send(()).unwrap();
+                            go_rx.await.unwrap();
+                            db2.execute(sqlx::query(&second)).await?;
+                            if fail {
+                                return Err(TestError::Refused);
+                            }
+                            Ok(())
+                        })
+                        .await
+                    }
+                    .with_snapshot(Snapshot::capture()),
+                );
+                started_rx.await.unwrap();
+                // The enclosing block ends while the joined one is half done.
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    let _ = go_tx.send(());
+                });
+                Ok::<_, TestError>(task)
+            })
+            .await;
+        if fail {
+            let err = match outcome {
+                Err(TestError::Sql(err)) => err,
+                other => panic!("{BACKEND}: committed around a failed joined block: {other:?}"),
+            };
+            assert!(contextflow_sqlx::TransactionClosed::find(&err).is_some(), "{BACKEND}: {err}");
+            assert_eq!(ids(&ctx).await, Vec::<i64>::new(), "{BACKEND}");
+        } else {
+            let task = outcome.expect("committed");
+            assert!(task.await.unwrap().is_ok());
+            assert_eq!(ids(&ctx).await, vec![1, 2, 3], "{BACKEND}");
+        }
+        ctx.finish().await;
+    }
+}
+
 tests!(
     commit,
     rollback_on_error,
@@ -1452,4 +1509,5 @@ tests!(
     a_savepoint_of_the_same_task_kept_past_its_block_is_refused,
     a_dropped_statement_poisons_the_transaction,
     a_rolled_back_savepoint_ends_the_savepoints_beneath_it,
+    a_joined_block_of_another_task_is_never_half_committed,
 );
