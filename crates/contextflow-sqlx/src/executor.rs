@@ -47,6 +47,28 @@ where
         Box::pin(Gen::new(move |out| rows(self, query, called_at, out)))
     }
 
+    /// As [`TxPool::execute`] (not sqlx's default, which collects a row stream): given up on
+    /// before its result, the statement poisons the transaction it runs in.
+    #[track_caller]
+    fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<DB::QueryResult, sqlx::Error>>
+    where
+        'p: 'e,
+        E: 'q + Execute<'q, DB>,
+    {
+        Box::pin(TxPool::execute(self, query))
+    }
+
+    /// As [`TxPool::fetch_all`] (not sqlx's default, which collects a row stream): given up on
+    /// before all its rows, the statement poisons the transaction it runs in.
+    #[track_caller]
+    fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<DB::Row>, sqlx::Error>>
+    where
+        'p: 'e,
+        E: 'q + Execute<'q, DB>,
+    {
+        Box::pin(TxPool::fetch_all(self, query))
+    }
+
     #[track_caller]
     fn fetch_optional<'e, 'q: 'e, E>(
         self,

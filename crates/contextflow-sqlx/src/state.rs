@@ -640,25 +640,42 @@ where
         &self,
         called_at: &'static Location<'static>,
     ) -> Result<OwnedMutexGuard<()>, sqlx::Error> {
-        self.joins_ended(called_at).await?;
-        if let Ok(idle) = self.busy.clone().try_lock_owned() {
-            return Ok(idle);
-        }
-        // A savepoint beneath this level opened by this very task and still open (its future
-        // kept past the block): waiting would never end. (Savepoints form a stack: one open
-        // at a greater depth while this level is active is beneath it; ancestors are not.)
         let current = Owner::current();
-        if self
-            .shared
-            .savepoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .any(|open| open.depth > self.depth && open.owner == current)
-        {
-            return Err(ConnectionBusy::in_transaction(None, called_at));
+        loop {
+            // What this very task holds would never end while it waits: an error instead. A
+            // savepoint beneath this level opened by this task and still open (its future kept
+            // past the block; savepoints form a stack: one open at a greater depth while this
+            // level is active is beneath it, ancestors are not), or a `Conn` of this task
+            // (checked by `lock_checked`, also before waiting for a joined block that may
+            // itself wait for that `Conn`).
+            if self
+                .shared
+                .savepoints
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .any(|open| open.depth > self.depth && open.owner == current)
+            {
+                return Err(ConnectionBusy::in_transaction(None, called_at));
+            }
+            if let Some(parked) = *self.shared.parked() {
+                if parked.owner == current {
+                    return Err(ConnectionBusy::in_transaction(Some(parked.at), called_at));
+                }
+            }
+            self.joins_ended(called_at).await?;
+            let idle = self.shared.lock_checked(&self.busy, called_at).await?;
+            // A block joined meanwhile (it started between the wait and the lock): wait for it
+            // too, without holding the level.
+            if self
+                .joins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
+                return Ok(idle);
+            }
         }
-        self.shared.lock_checked(&self.busy, called_at).await
     }
 
     /// Waits until no block joined to this level runs in another task. One of this very task
@@ -900,6 +917,11 @@ where
         // for any dropped block (when the `RELEASE` did reach the server, that rollback fails
         // and poisons the transaction: its outcome is unknown, so it is rolled back whole).
         let mut slot = self.shared.lock_slot(called_at).await?;
+        if self.gone.load(Ordering::Acquire) {
+            // Undone meanwhile, by an enclosing savepoint's rollback that went first.
+            self.number = None;
+            return Err(TransactionClosed::ended());
+        }
         let result = slot
             .tracked()
             .exec(&format!("RELEASE SAVEPOINT {}", name(number)))
@@ -930,7 +952,11 @@ where
         // transaction when it fails.
         if let Ok(mut slot) = self.shared.lock_slot(called_at).await {
             self.number = None;
-            slot.rollback_to(number, self.errored_before).await.ok();
+            // Undone meanwhile by an enclosing savepoint's rollback that went first: nothing
+            // left to roll back.
+            if !self.gone.load(Ordering::Acquire) {
+                slot.rollback_to(number, self.errored_before).await.ok();
+            }
         }
     }
 }

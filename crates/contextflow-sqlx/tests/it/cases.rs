@@ -1473,6 +1473,56 @@ async fn a_joined_block_of_another_task_is_never_half_committed() {
     }
 }
 
+/// Review finding: with a `Conn` of the block's task kept past the block, the commit waited
+/// for a block joined from another task, which waited for that `Conn`: neither ever ended.
+/// The kept `Conn` is found first, as without a joined block.
+async fn a_kept_conn_and_a_joined_block_do_not_hang_the_commit() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let stash = Mutex::new(None);
+    let joined = Mutex::new(None);
+    let (started_tx, started_rx) = oneshot::channel();
+    let select = sql("SELECT 1");
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        db.transaction(|| async {
+            let db2 = db.clone();
+            let task = tokio::spawn(
+                async move {
+                    db2.transaction_with(Propagation::Required, || async {
+                        started_tx.send(()).unwrap();
+                        // The enclosing block ends meanwhile, keeping its `Conn`.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        db2.execute(sqlx::query(&select)).await?;
+                        Ok::<_, TestError>(())
+                    })
+                    .await
+                }
+                .with_snapshot(Snapshot::capture()),
+            );
+            *joined.lock().unwrap() = Some(task);
+            started_rx.await.unwrap();
+            let conn = db.acquire().await?;
+            *stash.lock().unwrap() = Some(conn);
+            Ok::<_, TestError>(())
+        }),
+    )
+    .await
+    .expect("the commit does not hang");
+    let Err(TestError::Sql(err)) = result else {
+        panic!("{BACKEND}: {result:?}")
+    };
+    assert!(ConnectionBusy::find(&err).is_some(), "{BACKEND}: {err}");
+    drop(stash.lock().unwrap().take());
+    let task = joined.lock().unwrap().take().unwrap();
+    let joined_outcome = tokio::time::timeout(std::time::Duration::from_secs(20), task)
+        .await
+        .expect("the joined block ends")
+        .unwrap();
+    assert!(joined_outcome.is_err(), "{BACKEND}: its transaction has ended");
+    ctx.finish().await;
+}
+
 tests!(
     commit,
     rollback_on_error,
@@ -1510,4 +1560,5 @@ tests!(
     a_dropped_statement_poisons_the_transaction,
     a_rolled_back_savepoint_ends_the_savepoints_beneath_it,
     a_joined_block_of_another_task_is_never_half_committed,
+    a_kept_conn_and_a_joined_block_do_not_hang_the_commit,
 );
