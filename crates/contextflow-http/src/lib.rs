@@ -141,8 +141,11 @@
 //! follows). The path comes from the peer: only one made of protobuf identifiers, at most 256
 //! bytes, names a span; any other is named by its HTTP method. A server span of a method the
 //! service does not have (answered `UNIMPLEMENTED`, as tonic answers an unknown path) is
-//! renamed `grpc` when it ends, so a caller cannot make up span names; its `rpc.service` and
-//! `rpc.method` keep what the caller sent.
+//! renamed `grpc` when it ends, so that calls to made-up paths do not each make a span name;
+//! its `rpc.service` and `rpc.method` keep what the caller sent. A call refused before the
+//! service's router (an authentication layer inside this one answering `UNAUTHENTICATED`),
+//! or cut short, keeps the name the caller's path gave it, and samplers see that name at the
+//! span's start.
 //!
 //! gRPC answers a failed call with HTTP 200 and a `grpc-status`; the spans record it as
 //! `rpc.grpc.status_code` and fail as the RPC conventions say (a server span for `UNKNOWN`,

@@ -254,6 +254,8 @@ pin_project! {
         remaining: Option<u64>,
         // Whether the body sent more than its declared length.
         overlong: bool,
+        // Set while the inner body is polled: still set in `Drop` when that poll panicked.
+        polling: bool,
         // The `grpc-status` of a gRPC answer: from the response's headers (trailers-only), or
         // from the trailers when they come.
         grpc: Option<u8>,
@@ -273,7 +275,15 @@ pin_project! {
             if inner.is_some() {
                 this.scope.run(|| inner.set(None));
             }
-            if cut_short {
+            if *this.polling {
+                // The body panicked while it was polled.
+                this.scope.end_error_ref("panic", Some(*this.status));
+            } else if *this.overlong {
+                // Past its declared length: the server cut it there (HTTP/1.1) or reset the
+                // stream (HTTP/2), and stopped polling.
+                this.scope
+                    .end_error_ref("content_length_mismatch", Some(*this.status));
+            } else if cut_short {
                 this.scope.end_error_ref("cancelled", Some(*this.status));
             } else {
                 this.scope.end(*this.status, *this.grpc);
@@ -683,6 +693,7 @@ where
                     polled: false,
                     remaining,
                     overlong: false,
+                    polling: false,
                     grpc,
                     inner: Some(body),
                 }))
@@ -729,6 +740,7 @@ impl<B> ContextBody<B> {
             polled: false,
             remaining: None,
             overlong: false,
+            polling: false,
             grpc: None,
             inner: Some(body),
         }
@@ -793,7 +805,8 @@ impl<B: Body> Body for ContextBody<B> {
                     .and_then(|b| b.size_hint().exact());
             }
         }
-        let (frame, ended) = ready!(this.scope.run(|| {
+        *this.polling = true;
+        let polled = this.scope.run(|| {
             let Some(body) = inner.as_mut().as_pin_mut() else {
                 return Poll::Ready((None, true));
             };
@@ -827,7 +840,9 @@ impl<B: Body> Body for ContextBody<B> {
                 inner.set(None);
             }
             Poll::Ready((frame, ended))
-        }));
+        });
+        *this.polling = false;
+        let (frame, ended) = ready!(polled);
         if let Some(Ok(trailers)) = frame.as_ref().map(|f| f.as_ref().map(Frame::trailers_ref)) {
             if let Some(code) = trailers.and_then(spans::grpc_status) {
                 *this.grpc = Some(code);

@@ -585,6 +585,79 @@ fn a_handler_panic_fails_the_span_as_a_panic_on_both_runtimes() {
     on_both_runtimes(a_handler_panic_is_not_a_cancellation);
 }
 
+/// A body that panics while the server polls it fails the span as `panic`; one that goes past
+/// its declared length, and is then dropped by the server without saying it ended, as
+/// `content_length_mismatch`.
+async fn streaming_body_failures() {
+    use http_body_util::BodyExt as _;
+    use tower::{Layer as _, ServiceExt as _};
+
+    struct Panicking;
+    impl http_body::Body for Panicking {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            panic!("the body failed")
+        }
+    }
+
+    let (exporter, provider) = recording_provider();
+    let layer = PropagateContextLayer::new().with_tracer(provider.tracer("bodies"));
+    let panicking = layer
+        .clone()
+        .layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Panicking))
+        }));
+    let overlong = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+        let mut res = http::Response::new(Unending {
+            chunks: vec!["abcdefgh"],
+            trailers: false,
+        });
+        res.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("5"),
+        );
+        Ok::<_, std::convert::Infallible>(res)
+    }));
+    let request = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
+    let body = panicking
+        .oneshot(request("/panics"))
+        .await
+        .unwrap()
+        .into_body();
+    let failed = tokio::spawn(async move {
+        let mut body = body;
+        body.frame().await
+    })
+    .await;
+    assert!(failed.unwrap_err().is_panic());
+    let mut body = overlong
+        .oneshot(request("/overlong"))
+        .await
+        .unwrap()
+        .into_body();
+    body.frame().await.unwrap().unwrap();
+    // A server stops here: the declared length is written (and more).
+    drop(body);
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(
+        error_type(span_for_path(&spans, "/panics")).as_deref(),
+        Some("panic")
+    );
+    assert_eq!(
+        error_type(span_for_path(&spans, "/overlong")).as_deref(),
+        Some("content_length_mismatch")
+    );
+}
+
+#[test]
+fn streaming_body_failures_on_both_runtimes() {
+    on_both_runtimes(streaming_body_failures);
+}
+
 /// A provider shut down while requests still come in makes invalid spans: the handler, and
 /// every call it makes, still sees the caller's trace.
 #[tokio::test(flavor = "current_thread")]

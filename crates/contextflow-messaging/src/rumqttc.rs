@@ -36,9 +36,10 @@
 //!     loop {
 //!         match events.poll().await {
 //!             // Connected without a session (the first time, or the broker lost it):
-//!             // subscribe (again); rumqttc does not.
+//!             // subscribe (again); rumqttc does not. Without waiting: only this loop empties
+//!             // the client's request queue, which the handlers' acknowledgements may have filled.
 //!             Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
-//!                 if let Err(err) = client.subscribe("orders/created", QoS::AtLeastOnce).await {
+//!                 if let Err(err) = client.try_subscribe("orders/created", QoS::AtLeastOnce) {
 //!                     tracing::warn!(%err, "could not subscribe");
 //!                 }
 //!             }

@@ -343,8 +343,14 @@ impl Carrier for ContextCarrier {
     fn enter_none(&self, f: &mut dyn FnMut()) {
         // A snapshot that carries no `Context` (an empty one, or one made under
         // `suppress_flow`) replaces the thread's: an empty `Context`, not the trace of whatever
-        // the polling thread was doing.
-        let _attached = Context::new().attach();
+        // the polling thread was doing. Telemetry suppressed there (an exporter's own work)
+        // stays suppressed.
+        let empty = if Context::is_current_telemetry_suppressed() {
+            Context::new().with_telemetry_suppressed()
+        } else {
+            Context::new()
+        };
+        let _attached = empty.attach();
         f()
     }
 }

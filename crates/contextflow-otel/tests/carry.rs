@@ -149,3 +149,13 @@ fn snapshots_without_a_context_replace_the_threads_on_both_runtimes() {
             .unwrap(),
     );
 }
+
+/// An empty snapshot entered where telemetry is suppressed (an exporter's own work) keeps it
+/// suppressed: only the trace is replaced.
+#[test]
+fn an_empty_snapshot_keeps_telemetry_suppressed() {
+    contextflow_otel::carry_context();
+    let _suppressed = Context::enter_telemetry_suppressed_scope();
+    assert!(Context::is_current_telemetry_suppressed());
+    assert!(Snapshot::empty().run(Context::is_current_telemetry_suppressed));
+}

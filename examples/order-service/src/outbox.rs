@@ -226,7 +226,9 @@ struct Deliverer<'a> {
 
 impl Deliverer<'_> {
     /// Delivers batches until one is not full (the outbox had nothing more for this worker
-    /// after it) or one fails; whether the outbox was found empty. Once the queue refuses an
+    /// after it) or one fails; whether the outbox was found empty: of rows this worker could
+    /// take (on PostgreSQL, rows another instance's batch holds are skipped; that instance
+    /// delivers them, or gives them back for a later pass). Once the queue refuses an
     /// event, the events wait for a later pass while the confirmations, which need no queue,
     /// go on: batches of confirmations only, so that events given back (oldest first) cannot
     /// hold them up.
