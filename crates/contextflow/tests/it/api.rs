@@ -152,6 +152,28 @@ fn take_value_after_the_scope_was_polled_under_another_frame() {
     assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+static BIG: AsyncLocal<[u64; 64]> = AsyncLocal::named("big");
+
+/// The same after a re-frame, for a value too large for the node pool (its value node comes
+/// from the allocator, the alias from the pool).
+#[test]
+fn take_value_after_a_re_frame_of_a_large_value() {
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = pin!(BIG.scope(
+        [7; 64],
+        std::future::poll_fn(|_| {
+            assert_eq!(BIG.with(|v| v.map(|v| v[63])), Some(7));
+            Poll::<()>::Pending
+        })
+    ));
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    REQ.sync_scope(1, || assert!(fut.as_mut().poll(&mut cx).is_pending()));
+    REQ.sync_scope(2, || assert!(fut.as_mut().poll(&mut cx).is_pending()));
+    assert_eq!(fut.as_mut().take_value(), Some([7; 64]));
+    assert_eq!(fut.as_mut().take_value(), None);
+}
+
 /// A snapshot taken under the first frame holds the first node, which holds the value: refused
 /// until it is dropped, then given back.
 #[test]
