@@ -379,8 +379,11 @@ pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
     }
     let mut f = Some(f);
     let mut out = None;
-    nest(frame, &mut || {
-        enter_nones(carriers, carried, &mut || {
+    // The "nothing"s outermost: what a carried value's entry makes current for another
+    // carrier as a side effect (a tracing span that activates its OpenTelemetry context) is
+    // not then undone.
+    enter_nones(carriers, carried, &mut || {
+        nest(frame, &mut || {
             if let Some(f) = f.take() {
                 out = Some(f());
             }
