@@ -28,6 +28,9 @@ pub const BAGGAGE: &str = "baggage";
 const MAX_MEMBERS: usize = 64;
 /// At most this many bytes in the formatted list.
 const MAX_BYTES: usize = 8192;
+/// The most bytes of one `baggage` value that are parsed (four times the list's limit, for
+/// OWS, encoding and members that replace earlier ones); the rest is dropped unread.
+const MAX_RAW_LEN: usize = 32 * 1024;
 
 /// A parsed `baggage` list (at most 64 members, at most 8,192 bytes once formatted).
 ///
@@ -173,10 +176,18 @@ impl Baggage {
             if !is_token(key.as_str().as_bytes()) {
                 continue;
             }
-            let Some(properties) =
-                parse_properties(metadata.as_str().as_bytes().split(|&b| b == b';'))
-            else {
-                continue;
+            let metadata = metadata.as_str();
+            let properties = if metadata.is_empty() {
+                Vec::new()
+            } else {
+                parse_properties(metadata.as_bytes().split(|&b| b == b';')).unwrap_or_else(|| {
+                    // Metadata that is not W3C properties: the member goes without it.
+                    tracing::debug!(
+                        key = key.as_str(),
+                        "baggage metadata is not W3C properties; left out"
+                    );
+                    Vec::new()
+                })
             };
             let _ = out.push(BaggageMember {
                 key: key.as_str().to_owned(),
@@ -282,10 +293,17 @@ impl Baggage {
         self.members.is_empty()
     }
 
-    /// Appends the valid members of `value`; returns how many were dropped.
+    /// Appends the valid members of `value`; returns how many were dropped. Past
+    /// [`MAX_RAW_LEN`] bytes of a value, the rest is dropped without being parsed.
     fn append_bytes(&mut self, value: &[u8]) -> usize {
         let mut dropped = 0;
+        let mut read = 0;
         for raw in value.split(|&b| b == b',') {
+            read += raw.len() + 1;
+            if read > MAX_RAW_LEN + 1 {
+                dropped += 1;
+                continue;
+            }
             let raw = trim_ows(raw);
             if raw.is_empty() {
                 continue;

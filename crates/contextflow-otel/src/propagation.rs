@@ -89,8 +89,9 @@ pub struct BaggagePropagator {
 
 /// The request id (`x-request-id`) as a `TextMapPropagator`.
 ///
-/// Extraction always leaves a [`RequestId`] in the context: the caller's when valid, else a
-/// fresh one (a malformed or repeated value is dropped with a `debug` log). Injection writes
+/// Extraction always leaves a [`RequestId`] in the context: the caller's when valid, else the
+/// one the context already had, else a fresh one (a malformed or repeated value is dropped
+/// with a `debug` log). Injection writes
 /// the context's request id, or the current one ([`REQUEST_ID`]).
 ///
 /// ```
@@ -300,7 +301,7 @@ fn extract_trace_context(cx: &Context, source: &impl Source) -> Context {
     } else {
         cx
     };
-    if source.first(TRACESTATE).is_none() {
+    if !present(source, TRACESTATE) {
         return cx.with_remote_span_context(
             parent.to_remote_span_context(opentelemetry::trace::TraceState::default()),
         );
@@ -395,7 +396,7 @@ impl TextMapPropagator for BaggagePropagator {
 
 /// [`BaggagePropagator`]'s extraction from any [`Source`].
 fn extract_baggage(cx: &Context, source: &impl Source) -> Context {
-    if source.first(BAGGAGE).is_none() {
+    if !present(source, BAGGAGE) {
         return cx.clone();
     }
     let Some(values) = source.all(BAGGAGE) else {
@@ -442,14 +443,24 @@ impl RequestIdPropagator {
     }
 }
 
+/// Whether `key` has a value in `source`: its first one, or, when that one is out of bounds
+/// (or not text), any other.
+fn present(source: &impl Source, key: &str) -> bool {
+    source.first(key).is_some() || source.all(key).is_some_and(|values| !values.is_empty())
+}
+
 /// [`RequestIdPropagator::extract_id`] from any [`Source`].
 fn extract_request_id(source: &impl Source) -> RequestId {
-    if source.first(X_REQUEST_ID).is_none() {
-        return RequestId::new();
+    read_request_id(source).unwrap_or_else(RequestId::new)
+}
+
+/// The carrier's request id, when it has exactly one and it is valid (a malformed or repeated
+/// one is dropped with a `debug` log).
+fn read_request_id(source: &impl Source) -> Option<RequestId> {
+    if !present(source, X_REQUEST_ID) {
+        return None;
     }
-    let Some(values) = source.single(X_REQUEST_ID) else {
-        return RequestId::new();
-    };
+    let values = source.single(X_REQUEST_ID)?;
     let (parsed, first) = match values {
         Ok(one) => (RequestId::parse_bytes(one), one),
         Err(first) => (
@@ -457,14 +468,15 @@ fn extract_request_id(source: &impl Source) -> RequestId {
             first,
         ),
     };
-    parsed.unwrap_or_else(|err| {
-        tracing::debug!(
-            reason = %err,
-            value = %Escaped(first),
-            "dropped malformed request id; made a new one"
-        );
-        RequestId::new()
-    })
+    parsed
+        .map_err(|err| {
+            tracing::debug!(
+                reason = %err,
+                value = %Escaped(first),
+                "dropped malformed request id"
+            );
+        })
+        .ok()
 }
 
 impl TextMapPropagator for RequestIdPropagator {
@@ -479,7 +491,13 @@ impl TextMapPropagator for RequestIdPropagator {
     }
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
-        cx.with_value(RequestIdPropagator::extract_id(extractor))
+        match read_request_id(&Unbounded(extractor)) {
+            Some(id) => cx.with_value(id),
+            // Nothing usable in the carrier: a request id already in the context stays (as
+            // OpenTelemetry asks of a propagator that reads nothing), else a fresh one.
+            None if cx.get::<RequestId>().is_some() => cx.clone(),
+            None => cx.with_value(RequestId::new()),
+        }
     }
 
     fn fields(&self) -> FieldIter<'_> {
@@ -586,7 +604,8 @@ impl Propagation {
     /// [`TraceContextPropagator`] given to [`with_propagator`](Self::with_propagator)), the
     /// fields are read straight from the carrier with no allocation for absent fields and no
     /// `Vec` per lookup; with any other propagator, the same as `extract_parts`. The result is
-    /// the same either way.
+    /// the same either way, but for values that are not text (see
+    /// [`FieldValues`](crate::carrier::FieldValues)).
     ///
     /// ```
     /// use contextflow_otel::{carrier::{FieldValues, Pairs}, Propagation};

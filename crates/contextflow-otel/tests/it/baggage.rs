@@ -230,3 +230,26 @@ fn w3c_baggage_test_vectors() {
     long.insert("a", &"0123456789".repeat(819)).unwrap();
     assert_eq!(long.to_string().len(), 8192);
 }
+
+/// Review findings: a member whose OpenTelemetry metadata is not W3C properties was dropped
+/// whole (now it goes without the metadata); a `baggage` value is parsed up to a bound, not
+/// to its end.
+#[test]
+fn otel_metadata_and_raw_bounds() {
+    let mut otel = opentelemetry::baggage::Baggage::new();
+    otel.insert_with_metadata("user", "alice", "ttl 60");
+    otel.insert_with_metadata("k", "v", "p=1");
+    let ours = Baggage::from_otel(&otel);
+    assert_eq!(ours.get("user"), Some("alice"));
+    assert_eq!(
+        ours.member("k").map(|m| m.to_string()).as_deref(),
+        Some("k=v;p=1")
+    );
+    // 40 KiB of members (each replacing the last), then one more: the bound stops the parse.
+    let mut raw = "a=1,".repeat(10 * 1024);
+    raw.push_str("late=1");
+    let (parsed, dropped) = Baggage::from_values([raw.as_bytes()]);
+    assert_eq!(parsed.get("late"), None);
+    assert_eq!(parsed.get("a"), Some("1"));
+    assert!(dropped > 0);
+}

@@ -277,3 +277,20 @@ fn over_long_values_are_ignored_by_extract() {
     let cx = contextflow_otel::extract(&Pairs::new([("traceparent", long.as_str())]));
     assert!(!cx.span().span_context().is_valid());
 }
+
+/// Review finding: whether a field was there at all was judged by its first value only: a
+/// first `baggage` line over the bounds hid a valid second one.
+#[test]
+fn a_field_is_present_when_any_of_its_values_is() {
+    let big = format!("k={}", "v".repeat(9000));
+    let carrier =
+        contextflow_otel::carrier::Pairs::new([("baggage", big.as_str()), ("baggage", "env=prod")]);
+    let (cx, _) = Propagation::global().extract_parts(&Context::new(), &carrier);
+    assert_eq!(
+        cx.baggage()
+            .get("env")
+            .map(|v| v.as_str().to_owned())
+            .as_deref(),
+        Some("prod")
+    );
+}

@@ -68,3 +68,25 @@ fn duplicate_values_are_replaced() {
     assert_ne!(id.as_str(), "b");
     assert_eq!(id.as_str().len(), 36);
 }
+
+/// Review finding: extraction from a carrier with no usable request id replaced the one the
+/// context already had with a fresh one; OpenTelemetry asks a propagator that reads nothing
+/// to keep what is there.
+#[test]
+fn a_carrier_without_a_usable_id_keeps_the_contexts() {
+    use opentelemetry::{propagation::TextMapPropagator, Context};
+    let outer = Context::new().with_value(RequestId::parse_bytes(b"r-outer").unwrap());
+    let propagator = RequestIdPropagator::new();
+    for carrier in [
+        Pairs::new([("other", "1")]),
+        Pairs::new([("x-request-id", "two words")]),
+        Pairs::new([("x-request-id", "a"), ("x-request-id", "b")]),
+    ] {
+        let cx = propagator.extract_with_context(&outer, &carrier);
+        assert_eq!(cx.get::<RequestId>().unwrap().as_str(), "r-outer");
+    }
+    let cx = propagator.extract_with_context(&outer, &Pairs::new([("x-request-id", "r-new")]));
+    assert_eq!(cx.get::<RequestId>().unwrap().as_str(), "r-new");
+    let fresh = propagator.extract_with_context(&Context::new(), &Pairs::new([("other", "1")]));
+    assert_eq!(fresh.get::<RequestId>().unwrap().as_str().len(), 36);
+}
