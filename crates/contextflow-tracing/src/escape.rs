@@ -145,9 +145,10 @@ fn is_bare(c: char) -> bool {
 }
 
 /// Writes a context value for the text prefix: as it is when every character is bare,
-/// otherwise in double quotes with `"` and `\` backslash-escaped, `[` and `]` written `\x5b`
-/// and `\x5d` (so the prefix's first `]` is always its end, even for a reader that ignores
-/// quotes) and every escaped character in its text escape. The quoted form is reversible.
+/// otherwise in double quotes with `"` and `\` backslash-escaped, `[`, `]` and `=` written
+/// `\x5b`, `\x5d` and `\x3d` (so the prefix's first `]` is always its end, and no `name=value`
+/// appears inside a value, even for a reader that ignores quotes) and every escaped character
+/// in its text escape. The quoted form is reversible.
 pub(crate) fn write_text(w: &mut dyn Write, value: &str) -> fmt::Result {
     if !value.is_empty() && value.chars().all(is_bare) {
         return w.write_str(value);
@@ -155,7 +156,7 @@ pub(crate) fn write_text(w: &mut dyn Write, value: &str) -> fmt::Result {
     w.write_char('"')?;
     let mut plain_from = 0;
     for (i, c) in value.char_indices() {
-        if !(is_escaped(c) || matches!(c, '"' | '\\' | '[' | ']')) {
+        if !(is_escaped(c) || matches!(c, '"' | '\\' | '[' | ']' | '=')) {
             continue;
         }
         w.write_str(&value[plain_from..i])?;
@@ -165,6 +166,7 @@ pub(crate) fn write_text(w: &mut dyn Write, value: &str) -> fmt::Result {
             '\\' => w.write_str("\\\\")?,
             '[' => w.write_str("\\x5b")?,
             ']' => w.write_str("\\x5d")?,
+            '=' => w.write_str("\\x3d")?,
             c => w.write_str(text_escape(c).as_str())?,
         }
     }
@@ -931,7 +933,10 @@ mod tests {
     fn other_values_are_quoted_and_escaped() {
         assert_eq!(text(""), "\"\"");
         assert_eq!(text("acme corp"), "\"acme corp\"");
-        assert_eq!(text("a=b"), "\"a=b\"");
+        assert_eq!(text("a=b"), "\"a\\x3db\"");
+        // Review finding: `name=value` inside a quoted value read as a field by a reader
+        // that ignores quotes.
+        assert_eq!(text("r tenant=globex x"), "\"r tenant\\x3dglobex x\"");
         assert_eq!(text("x] fake"), "\"x\\x5d fake\"");
         assert_eq!(text("a\"] [req-2"), "\"a\\\"\\x5d \\x5breq-2\"");
         assert_eq!(text("a\nb\rc\td"), "\"a\\nb\\rc\\td\"");

@@ -455,7 +455,8 @@ impl ContextFields {
     /// Writes the text prefix for the current context: `[value1 name2=value2] `, or nothing at
     /// all when no field is set. Values with spaces, `=`, brackets, quotes, control or invisible
     /// characters are quoted and escaped (`"acme corp"`, `"a\nb"`, `"\x1b\x5b31m"`): brackets
-    /// too, so the first `]` of a line is the end of its prefix, quotes or not.
+    /// and `=` too (`\x5b`, `\x5d`, `\x3d`), so the first `]` of a line is the end of its
+    /// prefix and no `name=value` hides in a value, quotes or not.
     ///
     /// # Errors
     /// When `w` fails.

@@ -143,16 +143,6 @@ impl EscapedVisitor<'_> {
         let name = name.strip_prefix("r#").unwrap_or(name);
         write!(self.writer, "{name}=")
     }
-
-    /// Writes `args` through the escaper, bounded.
-    fn value(&mut self, args: fmt::Arguments<'_>) -> fmt::Result {
-        let mut value = TextValue::new(&mut self.writer, self.max_value_len);
-        match value.write_fmt(args) {
-            // Our own cut: the marker is written and the rest of the value is not wanted.
-            Err(_) if value.truncated() => Ok(()),
-            result => result,
-        }
-    }
 }
 
 impl Visit for EscapedVisitor<'_> {
@@ -222,7 +212,8 @@ impl Visit for EscapedVisitor<'_> {
         }
         self.result = (|| {
             if name == "message" {
-                return self.value(format_args!("{value:?}"));
+                // Cut as a field's value is: never inside an escape that `Debug` wrote.
+                return self.quoted_value(format_args!("{value:?}"));
             }
             self.name(name)?;
             self.quoted_value(format_args!("{value:?}"))

@@ -147,20 +147,21 @@ impl Synthetic {
         let original = names.len();
         let mut context = Vec::new();
         for field in fields.list() {
-            if names.len() >= MAX_FIELDS {
-                context.push(None);
-                continue;
-            }
             // The event's field of that name keeps its value under another name: the record's
             // field of the context's name is the context's (once per callsite: leaked, as the
-            // metadata is).
-            // Every field of that name (an event may repeat one).
+            // metadata is). Every field of that name (an event may repeat one), also when the
+            // context field itself finds no room: a record never shows an event's value under
+            // a context field's name.
             if names.contains(&field.name) {
                 let renamed: &'static str =
                     Box::leak(format!("event.{}", field.name).into_boxed_str());
                 for name in names.iter_mut().filter(|name| **name == field.name) {
                     *name = renamed;
                 }
+            }
+            if names.len() >= MAX_FIELDS {
+                context.push(None);
+                continue;
             }
             context.push(Some(names.len()));
             names.push(field.name);

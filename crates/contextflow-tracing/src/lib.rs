@@ -112,7 +112,7 @@
 //! Values often come from a request (a header, a message attribute, an order reference), so
 //! every value of every event is treated as hostile, not only the context fields:
 //!
-//! - Escaped everywhere: every control character (C0 with newline, carriage return, tab and
+//! - Escaped in every line this crate writes: every control character (C0 with newline, carriage return, tab and
 //!   ESC; DEL; C1), U+2028/U+2029, the bidirectional controls (U+202A..U+202E,
 //!   U+2066..U+2069, U+200E/U+200F/U+061C) and invisible format characters (zero-width
 //!   characters, word joiner, BOM, soft hyphen, variation selectors, Hangul fillers, the tag
@@ -127,7 +127,11 @@
 //!   formatter ([`ContextFields::escaped_fields`]) each value is also cut at
 //!   [`ContextFields::max_value_len`] characters ([`DEFAULT_MAX_VALUE_LEN`], 2048, escapes
 //!   included) with the marker, and formatting stops there. A value without anything to
-//!   escape is printed byte for byte as `tracing_subscriber` prints it. ANSI colours: a colour
+//!   escape is printed byte for byte as `tracing_subscriber` prints it: a `%value` (`Display`)
+//!   event or span field is not quoted, so its text may hold spaces, `=` or braces that look
+//!   like other fields (`reference=x tenant=globex`); the line is still one line, and the
+//!   context is only ever the `[...]` prefix, which no value can fake. Log untrusted text as
+//!   `?value` (quoted) where a reader splits fields on spaces. ANSI colours: a colour
 //!   code cannot be told from one in a value, so the wrapped format always writes without
 //!   colours, through the escaper and its bound, whatever the layer's ANSI setting (on by
 //!   default in `tracing_subscriber`). With colours on, use [`EscapedFields`], which stores span
@@ -135,9 +139,13 @@
 //!   would then show escaped.
 //! - Text prefix: a context value made only of printable, non-space characters other than `"`,
 //!   `\`, `=`, `[`, `]` is printed as it is, any other value in double quotes with `"` and
-//!   `\` backslash-escaped and `[`, `]` written `\x5b`, `\x5d` (reversible), so it cannot
-//!   fake the end of the prefix either, not even for a reader that ignores quotes; cut
-//!   at [`DEFAULT_MAX_LEN`] characters ([`ContextFields::max_len`]).
+//!   `\` backslash-escaped and `[`, `]`, `=` written `\x5b`, `\x5d`, `\x3d` (reversible), so it
+//!   cannot fake the end of the prefix or another field either, not even for a reader that
+//!   ignores quotes; cut at [`DEFAULT_MAX_LEN`] characters ([`ContextFields::max_len`]).
+//! - [`ContextLayer`] (for sinks other than `fmt`: OpenTelemetry's log appender, other JSON
+//!   layers) hands the sink the values as they are, bounded but not escaped: a structured
+//!   sink keeps them as data, and the sink that prints them escapes them (with `fmt`, use
+//!   [`ContextFields::text`] or [`ContextFields::json`], which escape everything above).
 //! - JSON: [`ContextFields::json`] rewrites the wrapped format's line string by string: every
 //!   string (event fields, message, span fields) keeps at most
 //!   [`ContextFields::max_value_len`] characters of its escaped form, then the marker. A line

@@ -574,4 +574,76 @@ fn layer_event_fields_cannot_shadow_context_fields() {
     let out = capture.contents();
     assert_eq!(out.matches("\"tenant\":").count(), 1, "{out}");
     assert_eq!(json_lines(&capture)[0]["fields"]["tenant"], "acme");
+
+    // Review finding: an event with so many fields of its own that the context field finds
+    // no room (tracing's 32) kept its `tenant` under that name.
+    let capture = Capture::default();
+    let sink = tracing_subscriber::fmt::layer()
+        .json()
+        .without_time()
+        .with_writer(capture.clone());
+    let subscriber = tracing_subscriber::registry().with(fields().layer(sink));
+    with_default(subscriber, || {
+        TENANT.sync_scope("acme", || {
+            info!(
+                f1 = 1,
+                f2 = 2,
+                f3 = 3,
+                f4 = 4,
+                f5 = 5,
+                f6 = 6,
+                f7 = 7,
+                f8 = 8,
+                f9 = 9,
+                f10 = 10,
+                f11 = 11,
+                f12 = 12,
+                f13 = 13,
+                f14 = 14,
+                f15 = 15,
+                f16 = 16,
+                f17 = 17,
+                f18 = 18,
+                f19 = 19,
+                f20 = 20,
+                f21 = 21,
+                f22 = 22,
+                f23 = 23,
+                f24 = 24,
+                f25 = 25,
+                f26 = 26,
+                f27 = 27,
+                f28 = 28,
+                f29 = 29,
+                f30 = 30,
+                tenant = "globex",
+                "refund"
+            )
+        })
+    });
+    let line = &json_lines(&capture)[0]["fields"];
+    assert_ne!(line["tenant"], "globex", "{line}");
+    assert_eq!(line["event.tenant"], "globex", "{line}");
+}
+
+/// Review finding: a message cut at its bound could end inside an escape its `Debug` wrote
+/// (`"ab\u{202…`): a reader that unescapes would read on past the cut.
+#[test]
+fn a_cut_message_never_ends_inside_an_escape() {
+    let log = contextflow_tracing::MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(10))
+        .without_time()
+        .with_ansi(false)
+        .with_writer(log.clone())
+        .finish();
+    with_default(subscriber, || info!("{:?}", "ab\u{202e}"));
+    let out = log.contents();
+    let cut = out
+        .split(contextflow_tracing::TRUNCATED_MARKER)
+        .next()
+        .unwrap();
+    let open_escape = cut.rfind("\\u{").is_some_and(|at| !cut[at..].contains('}'));
+    assert!(!open_escape, "{out}");
+    assert!(out.contains(contextflow_tracing::TRUNCATED_MARKER), "{out}");
 }
