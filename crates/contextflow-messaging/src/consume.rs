@@ -1,5 +1,8 @@
 //! The consume side, shared by every transport: each message's handler runs in a scope of its
-//! own, made from the message's metadata and nothing else.
+//! own: the trace and request id from the message's metadata and nothing else, over the frame
+//! of whoever polls it (start the consumer loop from an empty context, or
+//! [`isolate`](Consumer::isolate) the tenant and the user, so that the loop's never reach a
+//! message).
 //!
 //! For each message, a [`Consumer`]:
 //!
@@ -51,8 +54,10 @@
 //! # Tenant and user
 //!
 //! A message never sets the tenant or the user: anyone who can publish to the queue could
-//! otherwise act as any tenant. By default the handler has neither, and finds them the way the
-//! application's authenticated code does (from the order it loads, for example):
+//! otherwise act as any tenant. By default the handler gets neither from the message (and,
+//! with [`Consumer::isolate`] or a loop started from an empty context, none from the loop
+//! either), and finds them the way the application's authenticated code does (from the order
+//! it loads, for example):
 //!
 //! ```
 //! use contextflow::AsyncLocal;
@@ -139,6 +144,8 @@ pub struct Consumer {
     system: Option<&'static str>,
     destination: Option<Arc<str>>,
     trust: Option<Arc<TrustFn>>,
+    /// Variables unset for every handler ([`Consumer::isolate`]).
+    isolated: Arc<Bindings>,
 }
 
 /// The context one message (or one batch) is handled in: the extracted OpenTelemetry context
@@ -155,6 +162,8 @@ pub struct Consumer {
 pub struct MessageContext {
     cx: Context,
     request_id: RequestId,
+    /// The consumer's [`isolate`](Consumer::isolate)d variables, unset first.
+    isolated: Arc<Bindings>,
     /// What a trusted consumer's `verify` returned: bound inside the request id.
     trusted: Bindings,
     owns_span: bool,
@@ -171,9 +180,9 @@ pub struct MessageContext {
 /// let bindings = Bindings::new().bind(&USER, 42);
 /// assert_eq!(bindings.len(), 1);
 /// ```
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Bindings {
-    binds: Vec<Box<BindFn>>,
+    binds: Vec<Arc<BindFn>>,
 }
 
 /// One binding: runs its argument with the variable bound (to a clone of the value) over the
@@ -241,6 +250,7 @@ impl Consumer {
             system: None,
             destination: None,
             trust: None,
+            isolated: Arc::default(),
         }
     }
 
@@ -335,6 +345,32 @@ impl Consumer {
         self
     }
 
+    /// Unsets `var` for every handler of this consumer: the handler's context is layered over
+    /// the frame of whoever polls it, so a tenant or a user bound there (a consumer loop
+    /// started inside a request, or with `contextflow::spawn` from one) would otherwise reach
+    /// every message, also one that [`trust`](Consumer::trust)'s check refuses. A trusted
+    /// consumer's [`Bindings`] still bind it.
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// use contextflow_messaging::Consumer;
+    /// use contextflow_otel::carrier::Pairs;
+    ///
+    /// static TENANT: AsyncLocal<String> = AsyncLocal::named("tenant");
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let consumer = Consumer::new().isolate(&TENANT);
+    /// let seen = TENANT
+    ///     .scope("loop-tenant".into(), consumer.scope(&Pairs::default(), async { TENANT.get() }))
+    ///     .await;
+    /// assert_eq!(seen, None);
+    /// # }
+    /// ```
+    pub fn isolate<T: Send + Sync + 'static>(mut self, var: &'static AsyncLocal<T>) -> Self {
+        self.isolated = Arc::new((*self.isolated).clone().unset(var));
+        self
+    }
+
     /// The context of one message: extracted from `metadata`, with a consumer span that is a
     /// child of the producer's when there is a tracer. Its span is ended by
     /// [`MessageContext::scope`]'s future or by [`MessageContext::finish`].
@@ -349,6 +385,9 @@ impl Consumer {
     /// message.finish();
     /// ```
     pub fn context(&self, metadata: &dyn Extractor) -> MessageContext {
+        // Nothing of the loop's current OpenTelemetry context, also for a propagator that
+        // reads the current context rather than the one it is given (OpenTelemetry's no-op).
+        let _empty = Context::new().attach();
         let (cx, request_id) = self.propagation.extract_parts(&Context::new(), metadata);
         let cx = cx.with_value(request_id.clone());
         // A child of the producer's span, and linked to it: the messaging conventions ask a
@@ -384,6 +423,8 @@ impl Consumer {
         &self,
         metadata: impl IntoIterator<Item = &'a dyn Extractor>,
     ) -> MessageContext {
+        // As in `context`: nothing of the loop's current OpenTelemetry context.
+        let _empty = Context::new().attach();
         let mut links = Vec::new();
         let mut count = 0;
         for one in metadata {
@@ -497,6 +538,7 @@ impl Consumer {
         let mut message = MessageContext {
             cx,
             request_id,
+            isolated: self.isolated.clone(),
             trusted: Bindings::new(),
             owns_span,
         };
@@ -579,10 +621,12 @@ impl MessageContext {
         let otel = contextflow_otel::OtelContext::new(self.cx.clone());
         contextflow_otel::OTEL_CONTEXT.sync_scope(otel, || {
             contextflow_otel::REQUEST_ID.sync_scope(self.request_id.clone(), || {
-                self.trusted.run(|| {
-                    // The guard detaches on drop, also when `f` panics.
-                    let _attached = self.cx.clone().attach();
-                    f()
+                self.isolated.run(|| {
+                    self.trusted.run(|| {
+                        // The guard detaches on drop, also when `f` panics.
+                        let _attached = self.cx.clone().attach();
+                        f()
+                    })
                 })
             })
         })
@@ -659,8 +703,24 @@ impl Bindings {
     where
         T: Clone + Send + Sync + 'static,
     {
-        self.binds.push(Box::new(move |inner: &mut dyn FnMut()| {
+        self.binds.push(Arc::new(move |inner: &mut dyn FnMut()| {
             var.sync_scope(value.clone(), inner)
+        }));
+        self
+    }
+
+    /// Adds an unset of `var`: the handler does not see a value of `var` from the frame it is
+    /// polled in (later bindings may bind it again).
+    ///
+    /// ```
+    /// use contextflow::AsyncLocal;
+    /// static USER: AsyncLocal<String> = AsyncLocal::new();
+    /// let bindings = contextflow_messaging::Bindings::new().unset(&USER);
+    /// assert_eq!(bindings.len(), 1);
+    /// ```
+    pub fn unset<T: Send + Sync + 'static>(mut self, var: &'static AsyncLocal<T>) -> Self {
+        self.binds.push(Arc::new(move |inner: &mut dyn FnMut()| {
+            var.sync_unset(inner)
         }));
         self
     }

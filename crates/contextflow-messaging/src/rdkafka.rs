@@ -62,7 +62,9 @@
 //! that accepts it).
 
 use opentelemetry::propagation::Extractor;
-use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{
+    BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage,
+};
 
 use crate::{Consumed, Consumer, MessageContext, Publisher};
 
@@ -308,8 +310,10 @@ pub mod raw {
 
 // ===== publish =====
 
-/// `headers` with the current context written into them by `publisher` (other headers kept:
-/// Kafka headers are a list, so pass headers without propagation fields).
+/// `headers` with the current context written into them by `publisher`: the headers named by
+/// its fields (any case) are replaced, others kept. Kafka headers are a list, and a record
+/// re-published with its headers (to a retry topic) would otherwise carry two of each, which
+/// a consumer drops as repeated.
 ///
 /// ```
 /// use contextflow_messaging::{rdkafka::inject, Publisher};
@@ -321,6 +325,15 @@ pub mod raw {
 /// });
 /// let header = headers.get(0);
 /// assert_eq!((header.key, header.value), ("x-request-id", Some(b"r-2".as_slice())));
+///
+/// // Re-published with its headers (to a retry topic, say): replaced, not doubled.
+/// let again = REQUEST_ID.sync_scope("r-3".parse::<RequestId>()?, || {
+///     let kept = headers.insert(rdkafka::message::Header { key: "order", value: Some("7") });
+///     inject(&Publisher::new(), kept)
+/// });
+/// let ids: Vec<_> = again.iter().filter(|h| h.key == "x-request-id").map(|h| h.value).collect();
+/// assert_eq!(ids, [Some(b"r-3".as_slice())]);
+/// assert!(again.iter().any(|h| h.key == "order"));
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
@@ -328,6 +341,21 @@ pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
     publisher.inject(&mut contextflow_otel::carrier::InjectFn(
         |k: &str, v: String| pairs.push((k.to_owned(), v)),
     ));
+    let fields = publisher.fields();
+    let ours = |name: &str| fields.iter().any(|f| f.eq_ignore_ascii_case(name));
+    let headers = if headers.iter().any(|h| ours(h.key)) {
+        headers
+            .iter()
+            .filter(|h| !ours(h.key))
+            .fold(OwnedHeaders::new(), |kept, h| {
+                kept.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                })
+            })
+    } else {
+        headers
+    };
     pairs.iter().fold(headers, |headers, (key, value)| {
         headers.insert(Header {
             key,

@@ -149,8 +149,12 @@ impl Spans {
             .with_attributes(attrs)
             .with_links(links.into_iter().map(Link::with_context).collect());
         let span = tracer.build_with_context(builder, parent);
-        if !span.is_recording() && span.span_context() == parent.span().span_context() {
-            // A no-op tracer passes the parent through: there is no span to own.
+        if !span.span_context().is_valid()
+            || (!span.is_recording() && span.span_context() == parent.span().span_context())
+        {
+            // A no-op tracer passes the parent through: there is no span to own. An SDK that
+            // returns an invalid span (its provider shut down while messages still drain)
+            // would hide the producer's trace from the handler and its publishes.
             return None;
         }
         Some(parent.with_span(span))

@@ -605,7 +605,7 @@ impl Propagation {
     /// fields are read straight from the carrier with no allocation for absent fields and no
     /// `Vec` per lookup; with any other propagator, the same as `extract_parts`. The result is
     /// the same either way, but for values that are not text (see
-    /// [`FieldValues`](crate::carrier::FieldValues)).
+    /// [`FieldValues`]).
     ///
     /// ```
     /// use contextflow_otel::{carrier::{FieldValues, Pairs}, Propagation};

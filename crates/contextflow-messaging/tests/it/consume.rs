@@ -506,3 +506,70 @@ fn a_request_id_bound_inside_a_message_is_the_one_published() {
     message.finish();
     assert_eq!(ids, ["msg-1", "order-17"]);
 }
+
+/// Review finding: the handler's context is layered over the frame of whoever polls it, so the
+/// loop's tenant reached every message, also one the trust check refused. `isolate` unsets it.
+#[tokio::test(flavor = "current_thread")]
+async fn an_isolated_variable_never_comes_from_the_loop() {
+    let refuse = |_: &dyn Extractor| None;
+    let accept = |_: &dyn Extractor| Some(Bindings::new().bind(&TENANT, "acme".to_owned()));
+    let seen = |consumer: Consumer| {
+        TENANT.scope("loop-tenant".to_owned(), async move {
+            consumer
+                .scope(&Pairs::default(), async { TENANT.get() })
+                .await
+        })
+    };
+    // As documented without `isolate`: the loop's binding stays visible.
+    assert_eq!(
+        seen(Consumer::new().trust(refuse)).await.as_deref(),
+        Some("loop-tenant")
+    );
+    assert_eq!(
+        seen(Consumer::new().isolate(&TENANT).trust(refuse)).await,
+        None
+    );
+    assert_eq!(
+        seen(Consumer::new().isolate(&TENANT).trust(accept))
+            .await
+            .as_deref(),
+        Some("acme")
+    );
+}
+
+/// Review findings: extraction read the loop's current OpenTelemetry context through a
+/// propagator that reads the current context (OpenTelemetry's no-op); a consumer span that the
+/// SDK returned invalid (its provider shut down) hid the producer's trace from the handler.
+#[tokio::test(flavor = "current_thread")]
+async fn the_loops_trace_never_reaches_a_message_and_a_dead_provider_keeps_the_producers() {
+    use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
+    let loop_cx = Context::new().with_remote_span_context(SpanContext::new(
+        TraceId::from(7u128),
+        SpanId::from(7u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    let noop =
+        Consumer::new().with_propagator(opentelemetry::trace::noop::NoopTextMapPropagator::new());
+    let seen = {
+        let _loop = loop_cx.attach();
+        noop.scope(&Pairs::default(), async {
+            contextflow_otel::current_trace_id()
+        })
+        .await
+    };
+    assert_ne!(seen, Some(TraceId::from(7u128)));
+
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(InMemorySpanExporter::default())
+        .build();
+    let consumer = Consumer::new().with_tracer(provider.tracer("late"));
+    provider.shutdown().unwrap();
+    let seen = consumer
+        .scope(&Pairs::new([("traceparent", PARENT)]), async {
+            contextflow_otel::current_trace_id().map(|id| id.to_string())
+        })
+        .await;
+    assert_eq!(seen.as_deref(), Some(TRACE));
+}
