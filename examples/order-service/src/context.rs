@@ -11,9 +11,10 @@
 //!   it checked the bearer token. Nothing read from a request (a header, the body, baggage)
 //!   ever sets it directly.
 //!
-//! All three are inherited by tasks spawned with [`contextflow::spawn`], so the confirmation
-//! job logs under the request that started it. The database transaction is *not* here: it is
-//! bound by `contextflow_sqlx::TxPool`, never inherited.
+//! All three are inherited by tasks spawned with [`contextflow::spawn`], so work a request
+//! starts logs under it. The confirmation is not such a task: the outbox worker delivers it
+//! later, in a context rebuilt from the outbox row. The database transaction is *not* here:
+//! it is bound by `contextflow_sqlx::TxPool`, never inherited.
 
 use std::fmt;
 

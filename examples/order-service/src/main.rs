@@ -46,7 +46,17 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err}");
+            if args.iter().any(|a| a == "--json") {
+                // With `--json` every line is a JSON record, a fatal error's too.
+                let record = serde_json::json!({
+                    "level": "ERROR",
+                    "fields": { "message": err.to_string() },
+                    "target": "order_service",
+                });
+                eprintln!("{record}");
+            } else {
+                eprintln!("error: {err}");
+            }
             ExitCode::FAILURE
         }
     }

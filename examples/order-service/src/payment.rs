@@ -51,20 +51,34 @@ pub enum PaymentError {
 /// database (a restored backup, a fresh schema), and a provider that keeps its keys would
 /// answer a new order with an old order's payment, charging nothing. The tenant is written in
 /// hex: the key is ASCII (a header value) whatever the tenant's name, and no two (tenant,
-/// reference) pairs give one key (hex has no `-`). Stored on the order row when it is placed:
-/// the resolver asks again with the key the first call used.
+/// reference) pairs give one key (hex has no `-`). A tenant name too long for the key to stay
+/// within the provider's 128 bytes is written as `h` and 32 hex digits of its SHA-256 instead
+/// (`h` is no hex digit: the two forms never meet). Stored on the order row when it is
+/// placed: the resolver asks again with the key the first call used.
 ///
 /// ```
 /// use order_service::payment::idempotency_key;
 /// assert_eq!(idempotency_key("acme", "ord-7"), "order-61636d65-ord-7");
 /// assert_ne!(idempotency_key("acme", "eu-7"), idempotency_key("acme-eu", "7"));
 /// assert!(idempotency_key("müller", "r-1").is_ascii());
+/// let long = idempotency_key(&"t".repeat(40), &"r".repeat(64));
+/// assert!(long.starts_with("order-h") && long.len() <= 128);
 /// ```
 pub fn idempotency_key(tenant: &str, reference: &str) -> String {
-    let mut key = String::with_capacity(6 + 2 * tenant.len() + 1 + reference.len());
+    use std::fmt::Write as _;
+    const HEX_BUDGET: usize = 128 - "order-".len() - 1 - 64;
+    let mut key = String::with_capacity(6 + 2 * tenant.len().min(32) + 1 + reference.len());
     key.push_str("order-");
-    for b in tenant.bytes() {
-        key.push_str(&format!("{b:02x}"));
+    if 2 * tenant.len() <= HEX_BUDGET {
+        for b in tenant.bytes() {
+            let _ = write!(key, "{b:02x}");
+        }
+    } else {
+        use sha2::Digest as _;
+        key.push('h');
+        for b in &sha2::Sha256::digest(tenant.as_bytes())[..16] {
+            let _ = write!(key, "{b:02x}");
+        }
     }
     key.push('-');
     key.push_str(reference);

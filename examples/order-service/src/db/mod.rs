@@ -95,10 +95,23 @@ impl Db {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(ConnectError::Config(format!(
-                "unsupported database url scheme {:?} (sqlite:// or postgres://)",
-                url.split(':').next().unwrap_or_default()
-            )));
+            // Never the text itself: a libpq `key=value` string holds its password in clear.
+            let scheme = url
+                .split_once("://")
+                .map(|(scheme, _)| scheme)
+                .filter(|scheme| {
+                    scheme.len() <= 32
+                        && scheme.starts_with(|c: char| c.is_ascii_lowercase())
+                        && scheme.bytes().all(|b| {
+                            b.is_ascii_lowercase() || b.is_ascii_digit() || b"+.-".contains(&b)
+                        })
+                });
+            return Err(ConnectError::Config(match scheme {
+                Some(scheme) => {
+                    format!("unsupported database url scheme {scheme:?} (sqlite:// or postgres://)")
+                }
+                None => "DATABASE_URL is not a URL (sqlite://... or postgres://...)".to_owned(),
+            }));
         };
         if backend == Backend::Postgres {
             // A few connections per core of a small server: on this 2-core machine 8 gave

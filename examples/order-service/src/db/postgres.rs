@@ -20,7 +20,8 @@
 //! connections and log lines can be told apart on a shared server.
 //!
 //! When the superuser URL carries a password, the application role gets one derived from it
-//! (`sha256` of the role name and that password, computed by the server): every instance
+//! (`sha256` of the role name and that password, computed here, never sent as a query
+//! parameter the server could log): every instance
 //! derives the same, and nobody without the superuser's password can.
 
 use std::time::Duration;

@@ -97,6 +97,15 @@ where
         .try_init()
 }
 
+/// INFO and above, but for sqlx's warning about a connect parameter it does not know, which
+/// prints the parameter's value: a password given as `?sslpassword=` or `?PASSWORD=` in
+/// `DATABASE_URL` would reach the log.
+fn targets() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("sqlx_postgres::options", LevelFilter::ERROR)
+}
+
 /// The `fmt` layer in `format`, with the context fields, at INFO and above.
 pub fn fmt_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
 where
@@ -113,7 +122,7 @@ where
                 // rejected body's text, a reference not yet validated), not only the line.
                 .fmt_fields(fields.escaped_fields())
                 .map_event_format(|f| fields.text(f))
-                .with_filter(LevelFilter::INFO),
+                .with_filter(targets()),
         ),
         LogFormat::Json => Box::new(
             tracing_subscriber::fmt::layer()
@@ -122,7 +131,7 @@ where
                 .with_span_list(true)
                 .with_writer(writer)
                 .map_event_format(|f| fields.json(f))
-                .with_filter(LevelFilter::INFO),
+                .with_filter(targets()),
         ),
     }
 }
