@@ -343,7 +343,24 @@ pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
     ));
     let fields = publisher.fields();
     let ours = |name: &str| fields.iter().any(|f| f.eq_ignore_ascii_case(name));
-    let headers = if headers.iter().any(|h| ours(h.key)) {
+    // Read through the raw list: rdkafka's own reader panics on a name that is not UTF-8.
+    let (clash, all_text) = {
+        let list = raw::List::owned(&headers);
+        (0..list.count()).filter_map(|i| list.get(i)).fold(
+            (false, true),
+            |(clash, all_text), (name, _)| {
+                let text = std::str::from_utf8(name).ok();
+                (clash || text.is_some_and(&ours), all_text && text.is_some())
+            },
+        )
+    };
+    if clash && !all_text {
+        // rdkafka cannot write such a name back: keep the list as it is, ours appended.
+        tracing::debug!(
+            "headers with a name that is not UTF-8: propagation headers appended, not replaced"
+        );
+    }
+    let headers = if clash && all_text {
         headers
             .iter()
             .filter(|h| !ours(h.key))

@@ -212,8 +212,9 @@ impl Visit for EscapedVisitor<'_> {
         }
         self.result = (|| {
             if name == "message" {
-                // Cut as a field's value is: never inside an escape that `Debug` wrote.
-                return self.quoted_value(format_args!("{value:?}"));
+                // Cut as a field's value is (never inside an escape that `Debug` wrote), but
+                // not closed with a quote: the message is not a quoted value.
+                return self.cut_value(format_args!("{value:?}"), false);
             }
             self.name(name)?;
             self.quoted_value(format_args!("{value:?}"))
@@ -234,20 +235,30 @@ impl EscapedVisitor<'_> {
     /// `Option<&str>`) left open would have a logfmt reader read on past the cut, through the
     /// next field's quote, and take its content for top-level fields.
     fn quoted_value(&mut self, args: fmt::Arguments<'_>) -> fmt::Result {
+        self.cut_value(args, true)
+    }
+
+    /// As [`quoted_value`](Self::quoted_value); `balance` closes a quote the cut left open.
+    fn cut_value(&mut self, args: fmt::Arguments<'_>, balance: bool) -> fmt::Result {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
                 buf.clear();
-                let result = self.write_cut_safe(&mut buf, args);
+                let result = self.write_cut_safe(&mut buf, args, balance);
                 buf.clear();
                 buf.shrink_to(4 * 1024);
                 result
             }
             // Formatting a value logged (a `Debug` that logs): a buffer of its own.
-            Err(_) => self.write_cut_safe(&mut String::new(), args),
+            Err(_) => self.write_cut_safe(&mut String::new(), args, balance),
         })
     }
 
-    fn write_cut_safe(&mut self, buf: &mut String, args: fmt::Arguments<'_>) -> fmt::Result {
+    fn write_cut_safe(
+        &mut self,
+        buf: &mut String,
+        args: fmt::Arguments<'_>,
+        balance: bool,
+    ) -> fmt::Result {
         let mut out = TextValue::new(&mut *buf, self.max_value_len);
         match out.write_fmt(args) {
             Err(_) if out.truncated() => {}
@@ -257,7 +268,7 @@ impl EscapedVisitor<'_> {
         if out.truncated() {
             buf.truncate(buf.len() - TRUNCATED_MARKER.len());
             crate::escape::trim_open_escape(buf);
-            let open = has_open_quote(buf);
+            let open = balance && has_open_quote(buf);
             buf.push_str(TRUNCATED_MARKER);
             if open {
                 buf.push('"');

@@ -646,4 +646,18 @@ fn a_cut_message_never_ends_inside_an_escape() {
     let open_escape = cut.rfind("\\u{").is_some_and(|at| !cut[at..].contains('}'));
     assert!(!open_escape, "{out}");
     assert!(out.contains(contextflow_tracing::TRUNCATED_MARKER), "{out}");
+    // A message is no quoted value: a quote in its text is not closed at the cut.
+    log.clear();
+    with_default(
+        tracing_subscriber::fmt()
+            .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(10))
+            .without_time()
+            .with_ansi(false)
+            .with_writer(log.clone())
+            .finish(),
+        || info!("5\" screen, and more text"),
+    );
+    let out = log.contents();
+    let ending = format!("{}\n", contextflow_tracing::TRUNCATED_MARKER);
+    assert!(out.ends_with(&ending), "{out:?}");
 }

@@ -280,3 +280,36 @@ fn headers_generator_reaches_the_accept_path() {
     println!("headers: {accepted}/{total} reached the accept path");
     assert!(accepted * 10 >= total, "{accepted}/{total}");
 }
+
+/// Review finding: `inject`, replacing the propagation headers of a record re-published with
+/// its headers, read them through rdkafka's `Headers`, which panics on a name that is not
+/// UTF-8. Now: replaced (any case) when every name is text, appended otherwise, never a panic.
+#[test]
+fn inject_replaces_propagation_headers_and_survives_names_that_are_not_utf8() {
+    use contextflow_otel::REQUEST_ID;
+    let publish = |headers: OwnedHeaders| {
+        REQUEST_ID.sync_scope("r-new".parse::<RequestId>().unwrap(), || {
+            kafka::inject(&Publisher::new(), headers)
+        })
+    };
+    let ids = |headers: &OwnedHeaders| {
+        let extractor = HeaderExtractor::new(Some(headers));
+        extractor.get_all("x-request-id").unwrap_or_default().len()
+    };
+    let text = publish(raw_headers(&[
+        (b"X-Request-Id".to_vec(), Some(b"r-old".to_vec())),
+        (b"order".to_vec(), Some(b"7".to_vec())),
+    ]));
+    assert_eq!(ids(&text), 1);
+    assert_eq!(
+        HeaderExtractor::new(Some(&text)).get("x-request-id"),
+        Some("r-new")
+    );
+    assert_eq!(HeaderExtractor::new(Some(&text)).get("order"), Some("7"));
+    let mixed = publish(raw_headers(&[
+        (b"\xff\xfe".to_vec(), Some(b"x".to_vec())),
+        (b"x-request-id".to_vec(), Some(b"r-old".to_vec())),
+    ]));
+    // Appended: the old and the new (a consumer drops both as repeated; no panic).
+    assert_eq!(ids(&mixed), 2);
+}

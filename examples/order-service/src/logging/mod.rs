@@ -92,7 +92,8 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     tracing_subscriber::registry()
-        .with(capture.clone().with_filter(LevelFilter::INFO))
+        // The same filter as the lines': every captured event has its line.
+        .with(capture.clone().with_filter(targets()))
         .with(fmt_layer(format, writer))
         .try_init()
 }
