@@ -630,15 +630,19 @@ fn layer_event_fields_cannot_shadow_context_fields() {
 /// (`"ab\u{202…`): a reader that unescapes would read on past the cut.
 #[test]
 fn a_cut_message_never_ends_inside_an_escape() {
-    let log = contextflow_tracing::MemoryWriter::new();
-    let subscriber = tracing_subscriber::fmt()
-        .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(10))
-        .without_time()
-        .with_ansi(false)
-        .with_writer(log.clone())
-        .finish();
-    with_default(subscriber, || info!("{:?}", "ab\u{202e}"));
-    let out = log.contents();
+    /// The line `message` makes with values cut at 10 characters.
+    fn line(message: &str) -> String {
+        let log = contextflow_tracing::MemoryWriter::new();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(10))
+            .without_time()
+            .with_ansi(false)
+            .with_writer(log.clone())
+            .finish();
+        with_default(subscriber, || info!("{message}"));
+        log.contents()
+    }
+    let out = line(&format!("{:?}", "ab\u{202e}"));
     let cut = out
         .split(contextflow_tracing::TRUNCATED_MARKER)
         .next()
@@ -647,17 +651,7 @@ fn a_cut_message_never_ends_inside_an_escape() {
     assert!(!open_escape, "{out}");
     assert!(out.contains(contextflow_tracing::TRUNCATED_MARKER), "{out}");
     // A message is no quoted value: a quote in its text is not closed at the cut.
-    log.clear();
-    with_default(
-        tracing_subscriber::fmt()
-            .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(10))
-            .without_time()
-            .with_ansi(false)
-            .with_writer(log.clone())
-            .finish(),
-        || info!("5\" screen, and more text"),
-    );
-    let out = log.contents();
+    let out = line("5\" screen, and more text");
     let ending = format!("{}\n", contextflow_tracing::TRUNCATED_MARKER);
     assert!(out.ends_with(&ending), "{out:?}");
 }

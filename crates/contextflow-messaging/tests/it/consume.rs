@@ -456,14 +456,9 @@ proptest! {
             0..12,
         )
     ) {
-        // The oracle, from the raw pairs: the carried request id is used only when the first
-        // MAX_PAIRS pairs hold exactly one `x-request-id`, and a repeated one never is.
-        let copies: Vec<&str> = pairs
-            .iter()
-            .take(contextflow_otel::carrier::MAX_PAIRS)
-            .filter(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
-            .map(|(_, value)| value.as_str())
-            .collect();
+        // The carried request id is used only when there is exactly one copy, and a repeated
+        // one never is.
+        let copies = crate::request_id_copies(&pairs);
         let metadata = Pairs::new(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let id: RequestId = Consumer::new()
             .without_spans()

@@ -182,15 +182,9 @@ proptest! {
     /// carried one whenever the only `x-request-id` among the first pairs is the valid one.
     #[test]
     fn arbitrary_user_properties_never_panic(pairs in pairs()) {
-        // The oracle, from the raw pairs (not through the extractor under test): a request id
-        // is used only when the first MAX_PAIRS pairs hold exactly one `x-request-id`, in any
-        // spelling.
-        let copies: Vec<&str> = pairs
-            .iter()
-            .take(contextflow_otel::carrier::MAX_PAIRS)
-            .filter(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
-            .map(|(_, value)| value.as_str())
-            .collect();
+        // The carried request id is used only when there is exactly one copy, and a repeated
+        // one never is.
+        let copies = crate::request_id_copies(&pairs);
         let carried = match copies.as_slice() {
             [one] => Some(*one),
             _ => None,
