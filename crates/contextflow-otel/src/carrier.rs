@@ -170,6 +170,11 @@ pub(crate) trait Source {
     fn single(&self, key: &str) -> Option<Result<&[u8], &[u8]>>;
     /// `Extractor::get_all` through the bounds.
     fn all(&self, key: &str) -> Option<Vec<&[u8]>>;
+    /// Whether `key` has a value within the bounds: its first one, or, when that one is out of
+    /// bounds (or not text), any other.
+    fn present(&self, key: &str) -> bool {
+        self.first(key).is_some() || self.all(key).is_some_and(|values| !values.is_empty())
+    }
 }
 
 /// [`Bounded`]'s bounds over a [`FieldValues`] carrier, allocating only for `all`.
@@ -408,6 +413,17 @@ impl<E: FieldValues, const N: usize> Source for ScannedFields<'_, '_, E, N> {
             .filter_map(|v| check_bytes(key, v))
             .collect();
         (!all.is_empty()).then_some(all)
+    }
+
+    fn present(&self, key: &str) -> bool {
+        let Some(seen) = self.seen(key) else {
+            return self.carrier.present(key);
+        };
+        // Most requests carry no `tracestate` or `baggage`: settled without a `Vec`.
+        [seen.first, seen.second]
+            .into_iter()
+            .flatten()
+            .any(|v| check_bytes(key, v).is_some())
     }
 }
 

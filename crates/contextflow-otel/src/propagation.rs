@@ -443,10 +443,9 @@ impl RequestIdPropagator {
     }
 }
 
-/// Whether `key` has a value in `source`: its first one, or, when that one is out of bounds
-/// (or not text), any other.
+/// Whether `key` has a value in `source` ([`Source::present`]).
 fn present(source: &impl Source, key: &str) -> bool {
-    source.first(key).is_some() || source.all(key).is_some_and(|values| !values.is_empty())
+    source.present(key)
 }
 
 /// [`RequestIdPropagator::extract_id`] from any [`Source`].

@@ -67,18 +67,20 @@ impl RequestId {
     /// ```
     #[allow(clippy::new_without_default)] // a `Default` that is random each time would surprise
     pub fn new() -> Self {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut bytes = ids::random_bytes();
         bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
         bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
-                                             // Where each byte's two digits go in `8-4-4-4-12`.
-        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
-        let mut text = [b'-'; 36];
-        for (b, &at) in bytes.iter().zip(&AT) {
-            text[at] = HEX[usize::from(b >> 4)];
-            text[at + 1] = HEX[usize::from(b & 0x0f)];
+        let mut digits = [0u8; 32];
+        for (out, word) in digits.chunks_exact_mut(8).zip(bytes.chunks_exact(4)) {
+            out.copy_from_slice(&hex_word(word.try_into().unwrap_or_default()));
         }
-        // Hex digits and dashes are ASCII, so this is valid UTF-8.
+        // `8-4-4-4-12`.
+        let mut text = [b'-'; 36];
+        text[..8].copy_from_slice(&digits[..8]);
+        text[9..13].copy_from_slice(&digits[8..12]);
+        text[14..18].copy_from_slice(&digits[12..16]);
+        text[19..23].copy_from_slice(&digits[16..20]);
+        text[24..].copy_from_slice(&digits[20..]);
         RequestId(std::str::from_utf8(&text).unwrap_or("-").into())
     }
 
@@ -147,6 +149,22 @@ impl fmt::Display for InvalidRequestId {
 
 impl std::error::Error for InvalidRequestId {}
 
+/// The sixteen lower-case hex digits of four bytes, computed a word at a time (no table
+/// lookup per digit).
+fn hex_word(bytes: [u8; 4]) -> [u8; 8] {
+    const NIBBLES: u64 = 0x000f_000f_000f_000f;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // Byte `i` of the input goes to byte `2 * i`: its high nibble there, its low nibble in
+    // byte `2 * i + 1` (little-endian, so in text order).
+    let x = u64::from(u32::from_le_bytes(bytes));
+    let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    let x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    let values = ((x >> 4) & NIBBLES) | ((x & NIBBLES) << 8);
+    // A value of 10 or more (bit 4 of value + 6) becomes a letter: 'a' is '0' + 10 + 39.
+    let letters = ((values + ONES * 6) >> 4) & ONES;
+    (values + ONES * u64::from(b'0') + letters * 39).to_le_bytes()
+}
+
 fn validate(bytes: &[u8]) -> Result<(), InvalidRequestId> {
     if bytes.is_empty() {
         Err(InvalidRequestId::new("empty"))
@@ -156,5 +174,47 @@ fn validate(bytes: &[u8]) -> Result<(), InvalidRequestId> {
         Err(InvalidRequestId::new("not visible ASCII"))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The word-at-a-time digits are those of `{:02x}`, byte by byte.
+        #[test]
+        fn hex_word_matches_format(bytes in any::<[u8; 4]>()) {
+            let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            prop_assert_eq!(&hex_word(bytes)[..], expected.as_bytes());
+        }
+    }
+
+    #[test]
+    fn hex_word_edges() {
+        assert_eq!(&hex_word([0x00, 0x09, 0x0a, 0xff]), b"00090aff");
+        assert_eq!(&hex_word([0x90, 0xa0, 0xf9, 0x5c]), b"90a0f95c");
+    }
+
+    #[test]
+    fn fresh_ids_are_uuid_v4_text() {
+        for _ in 0..1_000 {
+            let id = RequestId::new();
+            let text = id.as_str().as_bytes();
+            assert_eq!(text.len(), 36);
+            for (i, &c) in text.iter().enumerate() {
+                if [8, 13, 18, 23].contains(&i) {
+                    assert_eq!(c, b'-', "{id}");
+                } else {
+                    assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase(), "{id}");
+                }
+            }
+            assert_eq!(text[14], b'4', "version: {id}");
+            assert!(
+                matches!(text[19], b'8' | b'9' | b'a' | b'b'),
+                "variant: {id}"
+            );
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! Every node whose layout fits [`BLOCK`] is allocated as a whole block with that one layout,
 //! which makes blocks interchangeable: a block freed on another thread (a snapshot dropped by a
 //! spawned task) simply joins that thread's cache. Each cache holds at most [`MAX_CACHED`]
-//! blocks (16 KiB) and returns them to the allocator when its thread exits.
+//! blocks (18 KiB) and returns them to the allocator when its thread exits.
 
 use std::{
     alloc::{alloc, dealloc, handle_alloc_error, Layout},
@@ -13,15 +13,16 @@ use std::{
 };
 
 /// Size and alignment of a block. A value node's head is 112 bytes on 64-bit targets (checked
-/// by `node::tests::node_sizes`), which leaves room for values up to 16 bytes (a `u64` id, an
-/// `Arc`, a `&'static str`); larger values (a `String`) are allocated at their exact size.
-/// Small blocks keep the memory of many live tasks compact. The feature `diagnostics` adds one
-/// pointer to the head (the binding's site), and 16 bytes to the block.
+/// by `node::tests::node_sizes`), which leaves room for values up to 32 bytes (a `u64` id, an
+/// `Arc`, a `&'static str`, a `String`, OpenTelemetry's 24-byte `Context`: the one value
+/// every HTTP request binds); larger values are allocated at their exact size. Small blocks
+/// keep the memory of many live tasks compact. The feature `diagnostics` adds one pointer to
+/// the head (the binding's site), and 16 bytes to the block.
 pub(super) const BLOCK: Layout = match Layout::from_size_align(
     if cfg!(feature = "diagnostics") {
-        144
+        160
     } else {
-        128
+        144
     },
     16,
 ) {
