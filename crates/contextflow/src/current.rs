@@ -141,6 +141,24 @@ pub(crate) fn current_ptr() -> *const Header {
     (raw & !OWNED) as *const Header
 }
 
+/// [`current_ptr`] without its debug-build check for a guard of another task, for
+/// destructors.
+#[inline]
+pub(crate) fn current_ptr_unchecked() -> *const Header {
+    (CURRENT.with(Cell::get) & !OWNED) as *const Header
+}
+
+/// The parent for a binding made now: the current frame without the guard marker at its top
+/// (a `Snapshot::enter` guard's), or null. A marker binds nothing, and one inside a chain
+/// would keep what its guard parks there (the frame saved by a guard dropped out of order)
+/// alive for as long as a capture of the chain lives. Alive as long as [`current_ptr`]'s.
+#[inline]
+pub(crate) fn parent_ptr() -> *const Header {
+    // SAFETY: the current frame is alive until it changes (see `current_ptr`), and so is the
+    // chain below it.
+    unsafe { node::skip_markers(current_ptr()) }
+}
+
 /// The current frame's innermost node when a construct further up this thread's stack owns it
 /// (a scope being polled, `sync_scope`, `Snapshot::run`: the common case), so that it stays
 /// alive for the caller's whole call; `None` when nothing is set or when an enter guard's frame

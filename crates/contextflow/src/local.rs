@@ -298,9 +298,10 @@ impl<T: Send + Sync + 'static> AsyncLocal<T> {
     #[cfg_attr(feature = "diagnostics", track_caller)]
     pub fn sync_scope<R>(&self, value: T, f: impl FnOnce() -> R) -> R {
         let site = Site::caller();
-        let parent = current::current_ptr();
-        // SAFETY: `parent` is the current frame, kept alive by its owner (a construct further up
-        // this stack) until after `node` is gone: `node` is dropped at the end of this call. The
+        let parent = current::parent_ptr();
+        // SAFETY: `parent` is the current frame (or the frame below its guard marker, which the
+        // marker holds), kept alive by its owner (a construct further up this stack) until after
+        // `node` is gone: `node` is dropped at the end of this call. The
         // node stays on this thread unless shared, and sharing goes through `node::share`.
         let node = unsafe {
             NodeRef::new_value_borrowing(parent, self.key(), self.name, self.inherit, value, site)
@@ -616,12 +617,27 @@ impl<T: Send + Sync + 'static> BindingState<T> {
     /// may have destructors that panic.
     #[inline]
     pub(crate) fn frame_and_old(&mut self) -> (*const Header, Option<NodeRef>) {
-        let parent = current::current_ptr();
+        self.frame_and_old_under(current::current_ptr())
+    }
+
+    /// As [`frame_and_old`](Self::frame_and_old), for a destructor: without the debug-build
+    /// check for a guard of another task (which panics, and a destructor must drop what it
+    /// owns first).
+    #[inline]
+    pub(crate) fn frame_and_old_in_drop(&mut self) -> (*const Header, Option<NodeRef>) {
+        self.frame_and_old_under(current::current_ptr_unchecked())
+    }
+
+    #[inline]
+    fn frame_and_old_under(&mut self, current: *const Header) -> (*const Header, Option<NodeRef>) {
+        // A new node's parent never is a guard's marker (see `current::parent_ptr`).
+        // SAFETY: `current` is the current frame, alive until it changes.
+        let parent = unsafe { node::skip_markers(current) };
         match self {
             BindingState::Node(node) if node.header().parent_ptr() == parent => {
                 (node.as_ptr(), None)
             }
-            BindingState::Taken => (parent, None),
+            BindingState::Taken => (current, None),
             _ => self.bind_under(parent),
         }
     }
@@ -631,7 +647,8 @@ impl<T: Send + Sync + 'static> BindingState<T> {
         let parent = if parent.is_null() {
             None
         } else {
-            // SAFETY: `parent` is this thread's current frame, alive for this call.
+            // SAFETY: `parent` is this thread's current frame (below its guard marker, if any),
+            // alive for this call.
             Some(unsafe { node::share(parent) })
         };
         // The node this binding had, released by the caller once `self` holds the new one:
@@ -758,7 +775,7 @@ impl<T: Send + Sync + 'static, F> Drop for Scope<T, F> {
         // The node the binding had under another frame is released last: its old parent's
         // values may have destructors that panic, and the inner future is dropped first, inside
         // the context, either way.
-        let (frame, old) = self.binding.frame_and_old();
+        let (frame, old) = self.binding.frame_and_old_in_drop();
         let entered = current::enter_borrowed(frame);
         // SAFETY: dropped exactly once, in place (allowed for pinned data), and never used
         // again; the frame's nodes are other fields, dropped after this body returns.

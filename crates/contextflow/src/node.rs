@@ -425,7 +425,8 @@ impl NodeRef {
         // by the caller's contract.
         unsafe {
             debug_assert!(!is_alias || (*raw).head.header.parent.is_none());
-            release_parked((*node).guard_saved.load(Ordering::Relaxed));
+            // Released last, as the parent: a frame parked by an exited guard.
+            let _parked = ReleaseParked((*node).guard_saved.load(Ordering::Relaxed));
             let parent = (*node).parent.take();
             let value = ptr::read(ptr::addr_of!((*raw).value));
             if ValueNode::<T>::POOLED {
@@ -465,13 +466,14 @@ impl NodeRef {
         // parent holds no count; a counted one (the node was shared, then released by the
         // sharers) is released normally. The node type matches by the caller's contract.
         unsafe {
-            let parent = (*raw).head.header.parent.take();
+            let mut parent = (*raw).head.header.parent.take();
             if (*raw).head.header.borrowed.load(Ordering::Relaxed) {
-                mem::forget(parent);
-            } else {
-                drop(parent);
+                mem::forget(parent.take());
             }
-            // Freed after the value is dropped, also when its destructor panics.
+            // The value first, then the block, then the parent (as `Drop` does), also when a
+            // destructor panics: a parent released first whose values' destructor panics
+            // would leak this value. Locals drop in reverse order.
+            let _parent = parent;
             let _free = FreeOnDrop(raw);
             ptr::drop_in_place(ptr::addr_of_mut!((*raw).value));
         }
@@ -580,8 +582,10 @@ impl Drop for NodeRef {
                 }
                 fence(Ordering::Acquire);
             }
-            // An exited guard's node that nobody restored: release the frame it parked.
-            release_parked(header.guard_saved.load(Ordering::Relaxed));
+            // An exited guard's node that nobody restored: the frame it parked is released
+            // after the node (at the end of this iteration, also when a destructor panics), so
+            // that a panicking destructor there cannot leak this node and its chain.
+            let _parked = ReleaseParked(header.guard_saved.load(Ordering::Relaxed));
             // SAFETY: the count reached zero, so we are the only one with access; the parent
             // slot is taken exactly once, here.
             let parent = unsafe { (*ptr.as_ptr()).parent.take() };
@@ -679,6 +683,15 @@ impl Header {
         // SAFETY: by the caller's contract `value` points at a live `T` (kept alive by the
         // value count that this header holds).
         unsafe { self.value.cast::<T>().as_ref() }
+    }
+}
+
+/// [`release_parked`] when dropped.
+struct ReleaseParked(usize);
+
+impl Drop for ReleaseParked {
+    fn drop(&mut self) {
+        release_parked(self.0);
     }
 }
 

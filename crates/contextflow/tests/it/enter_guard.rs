@@ -298,3 +298,48 @@ fn a_guard_within_one_task_is_fine_on_every_runtime() {
     });
     assert_eq!(seen, (Some(3), None), "read only by the task that made it");
 }
+
+/// A scope future dropped while another task's guard is (wrongly) current: its destructor
+/// does not stop at the debug-build report, and drops the future it owns.
+#[cfg(all(debug_assertions, feature = "tokio"))]
+#[test]
+fn a_scope_dropped_under_another_tasks_guard_still_drops_its_future() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    struct SetOnDrop(Arc<AtomicBool>);
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let flag = SetOnDrop(dropped.clone());
+    let dropper = local.block_on(&rt, async move {
+        let holder = tokio::task::spawn_local(async {
+            let guard = LEAKY.enter(4);
+            tokio::task::yield_now().await; // wrong: the binding stays on the thread
+            tokio::task::yield_now().await;
+            drop(guard);
+        });
+        let dropper = tokio::task::spawn_local(async move {
+            let fut = A.scope(5, async move {
+                let _flag = flag;
+            });
+            drop(fut);
+        });
+        let dropper = dropper.await;
+        holder.await.unwrap();
+        dropper
+    });
+    assert!(dropper.is_ok(), "the destructor did not panic");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the inner future was dropped"
+    );
+}

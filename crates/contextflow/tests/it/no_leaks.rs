@@ -154,3 +154,44 @@ fn many_variables_and_rebinding_keep_every_visible_value() {
         assert_eq!(second.get(var), Some(i + 1000), "variable {i}");
     }
 }
+
+/// A guard of `Snapshot::enter` dropped out of order parks the frame it saved (here the one
+/// holding a private value) in its marker node. A binding made while that marker was current
+/// must not chain through the marker: a capture of it would keep the saved frame, and the
+/// private value, alive for as long as the capture lives (a thread spawned there, for its
+/// whole life), where no lookup can reach it.
+#[test]
+fn a_binding_over_an_escaped_guard_does_not_keep_what_the_guard_saved() {
+    static OTHER: AsyncLocal<u32> = AsyncLocal::named("other");
+    let live = Arc::new(AtomicUsize::new(0));
+    let empty = Snapshot::empty();
+    let (guard, child) = PRIVATE.sync_scope(Counted::new(&live), || {
+        let guard = empty.enter();
+        (guard, OTHER.sync_scope(1, Snapshot::capture_inheritable))
+    });
+    drop(guard);
+    assert_eq!(child.get(&OTHER), Some(1));
+    assert_eq!(
+        live.load(Ordering::SeqCst),
+        0,
+        "the private value is dropped once its scope ends"
+    );
+    drop(child);
+}
+
+/// The same through a `Binding` (what `scope`'s futures and middleware use).
+#[test]
+fn a_binding_entered_over_an_escaped_guard_does_not_keep_what_the_guard_saved() {
+    static OTHER: AsyncLocal<u32> = AsyncLocal::named("other");
+    let live = Arc::new(AtomicUsize::new(0));
+    let empty = Snapshot::empty();
+    let mut binding = contextflow::Binding::new(&OTHER, 1);
+    let (guard, child) = PRIVATE.sync_scope(Counted::new(&live), || {
+        let guard = empty.enter();
+        (guard, binding.run(Snapshot::capture_inheritable))
+    });
+    drop(guard);
+    assert_eq!(child.get(&OTHER), Some(1));
+    assert_eq!(live.load(Ordering::SeqCst), 0);
+    drop((child, binding));
+}

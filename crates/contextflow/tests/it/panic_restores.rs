@@ -135,3 +135,36 @@ async fn panicking_task_does_not_leak_into_next_task() {
 on_both_runtimes! {
     panicking_task_does_not_leak_into_next_task => panicking_task_does_not_leak_into_next_task;
 }
+
+/// Sets its flag when dropped.
+struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A `sync_scope` whose node outlives the frame it was made under (a capture gave it a
+/// counted parent, and that frame's guard was dropped inside): when the scope ends, the
+/// parent's last release runs a destructor that panics. The scope's own value is still
+/// dropped, not leaked with its node.
+#[test]
+fn a_panicking_parent_does_not_leak_a_sync_scope_value() {
+    static HELD: AsyncLocal<DropFlag> = AsyncLocal::named("held");
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guard = FRAGILE.enter(PanicsOnDrop);
+    let flag = DropFlag(dropped.clone());
+    let r = catch_unwind(AssertUnwindSafe(move || {
+        HELD.sync_scope(flag, move || {
+            let captured = Snapshot::capture();
+            drop(guard);
+            drop(captured);
+        })
+    }));
+    assert!(r.is_err(), "the parent's destructor panicked");
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the scope's value was dropped"
+    );
+    assert!(!FRAGILE.with(|v| v.is_some()));
+}
