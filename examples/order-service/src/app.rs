@@ -29,7 +29,10 @@ pub struct Config {
     pub tokens: TokenTable,
     /// What clients may send, and how slowly.
     pub limits: Limits,
-    /// How long each step of the shutdown may take before it is reported as failed.
+    /// How long each step of the shutdown may take before it is reported as failed (and its
+    /// task aborted). The order server's step takes at least what a request may still take:
+    /// the head's grace ([`SHUTDOWN_HEAD_GRACE`](crate::http::server::SHUTDOWN_HEAD_GRACE))
+    /// plus [`Limits::request_timeout`], and a second.
     pub shutdown_step_timeout: Duration,
     /// The payment provider's base URL; `None` starts the in-process stub.
     pub payment_url: Option<String>,
@@ -65,6 +68,9 @@ pub struct RunningService {
     payment_server: JoinHandle<()>,
     consumer: JoinHandle<()>,
     step_timeout: Duration,
+    /// The order server's step: at least what a request may take once the shutdown began (its
+    /// head's grace, then the request timeout), so that no request in flight is cut short.
+    orders_step_timeout: Duration,
 }
 
 /// A shutdown step that did not finish in time (or whose task failed): nothing was left
@@ -276,6 +282,11 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         payment_server,
         consumer,
         step_timeout: config.shutdown_step_timeout,
+        orders_step_timeout: config.shutdown_step_timeout.max(
+            crate::http::server::SHUTDOWN_HEAD_GRACE.min(config.limits.head_timeout)
+                + config.limits.request_timeout
+                + Duration::from_secs(1),
+        ),
     })
 }
 
@@ -295,13 +306,13 @@ impl RunningService {
         self.orders_shutdown.begin();
         record(
             &mut first_error,
-            step("order server", limit, self.orders_server).await,
+            step_task("order server", self.orders_step_timeout, self.orders_server).await,
         );
         info!("shutdown: draining the outbox and queued messages");
         self.worker_shutdown.begin();
         record(
             &mut first_error,
-            step("outbox worker", limit, self.worker).await,
+            step_task("outbox worker", limit, self.worker).await,
         );
         let queue = self.state.queue.clone();
         let drain = async move {
@@ -313,7 +324,7 @@ impl RunningService {
         self.payment_shutdown.begin();
         record(
             &mut first_error,
-            step("payment stub", limit, self.payment_server).await,
+            step_task("payment stub", limit, self.payment_server).await,
         );
         self.consumer.abort();
         // Last, the database: every step above may still have used it.
@@ -351,6 +362,26 @@ impl RunningService {
             let _ = task.await;
         }
     }
+}
+
+/// Waits for a task's shutdown step, at most `limit`; a task still running then is aborted
+/// (and waited for), so that the steps after it (the payment stub, the database) are not
+/// pulled from under it while it runs.
+async fn step_task(
+    name: &'static str,
+    limit: Duration,
+    mut task: JoinHandle<()>,
+) -> Result<(), ShutdownError> {
+    let result = step(name, limit, &mut task).await;
+    if result.is_err() && !task.is_finished() {
+        tracing::warn!(
+            step = name,
+            "shutdown: step not finished in time: its task is aborted"
+        );
+        task.abort();
+        let _ = task.await;
+    }
+    result
 }
 
 /// Waits for one shutdown step, at most `limit`.

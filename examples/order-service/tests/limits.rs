@@ -34,6 +34,7 @@ const SHORT: Limits = Limits {
     max_body_bytes: 4096,
     max_headers: 100,
     max_connections: 4,
+    write_timeout: Duration::from_millis(500),
 };
 
 async fn start(payment_url: Option<String>) -> (RunningService, tempfile::TempDir) {
@@ -267,4 +268,107 @@ async fn connections_past_the_limit_wait_for_a_free_one() {
     );
     drop(open);
     service.shutdown().await.expect("clean shutdown");
+}
+
+/// A client that pipelines requests and never reads the answers: once the socket has taken no
+/// answer byte for `write_timeout`, the server closes the connection (it would otherwise hold
+/// one of the `max_connections` slots for as long as the client likes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_no_answers_is_disconnected() {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    let (service, _dir) = start(None).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let stream = socket.connect(service.addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    // Requests sent whole, in chunks, until the connection fails.
+    const CHUNK: usize = 256;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let sending = tokio::spawn(async move {
+        let chunk = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n".repeat(CHUNK);
+        while writer.write_all(&chunk).await.is_ok() {
+            counter.fetch_add(CHUNK, Ordering::SeqCst);
+        }
+    });
+    // The server stops reading once its socket is full of answers, and gives up on the
+    // connection 500 ms later (the buffers take a few seconds to fill).
+    let gave_up = "client took no answer bytes in time: connection closed";
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while !capture()
+            .events()
+            .iter()
+            .any(|e| e.summary().contains(gave_up))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the server gave up on the connection");
+    // What is left to read ends (the server closed the connection), and sending fails.
+    let mut answers = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server closed the connection");
+    tokio::time::timeout(Duration::from_secs(60), sending)
+        .await
+        .expect("sending fails once the connection is closed")
+        .expect("task");
+    let answered = String::from_utf8_lossy(&answers)
+        .matches("HTTP/1.1 200")
+        .count();
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent > 0, "requests were sent");
+    assert!(
+        answered < sent,
+        "the server gave up on the connection: {answered} answers to {sent} requests"
+    );
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// A request whose head is still arriving when the shutdown begins has a short grace, then
+/// gets `503` with a JSON error: no request starts long after the signal, and the shutdown
+/// does not wait for the head timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_still_arriving_at_shutdown_gets_503_after_the_grace() {
+    let limits = Limits {
+        head_timeout: Duration::from_secs(60),
+        ..SHORT
+    };
+    let (service, _dir) = start_with(limits, None).await;
+    let mut stream = TcpStream::connect(service.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /orders HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(service.shutdown());
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered within the grace, not the head timeout")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    json_error(body, "shutting down");
+    logged("request head not received within the grace: answered 503").await;
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the shutdown ends")
+        .expect("task")
+        .expect("clean shutdown");
 }

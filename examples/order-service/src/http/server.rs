@@ -11,12 +11,21 @@
 //!   line naming the peer and the reason. Below that, [`super::limits`] answers more than
 //!   [`Limits::max_headers`] fields with a JSON `431`.
 //! - **body** and **whole request**: enforced per request by [`super::limits`].
+//! - **answers**: a client that stops reading them (pipelining requests without reading the
+//!   answers, or a stalled reader) is disconnected once the socket has taken no byte for
+//!   [`Limits::write_timeout`], so it cannot hold one of the [`Limits::max_connections`]
+//!   slots forever.
 //!
 //! Shutdown: [`Shutdown::begin`] stores the signal in a `watch` channel, so a server that
 //! checks it later still sees it. The accept loop stops at once; open connections finish the
-//! request in flight and close.
+//! request in flight and close. A request whose head is still arriving has
+//! [`SHUTDOWN_HEAD_GRACE`] (at most the head timeout) to arrive whole; after that it gets `503`
+//! with a JSON error and the connection closes, so that no request starts long after the
+//! signal (the rest of the shutdown waits for the requests in flight).
 
 use std::{
+    error::Error as _,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -46,6 +55,10 @@ pub const HARD_MAX_HEADERS: usize = 256;
 /// The most bytes of a request head hyper buffers; more gets hyper's bare `431`.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// How long a request head still arriving when the shutdown begins may take to arrive whole
+/// (at most [`Limits::head_timeout`]).
+pub const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(1);
+
 /// How long the accept loop waits after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -65,11 +78,14 @@ pub struct Limits {
     /// The most connections open at once; more wait in the listener's backlog until one
     /// closes (each may hold a head and a body buffer, so memory stays bounded).
     pub max_connections: usize,
+    /// How long an answer may wait on a socket that takes no byte (a client that does not
+    /// read) before the connection is closed.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
     /// 10 s for the head, 10 s for the body, 30 s for the request, 64 KiB of body, 100
-    /// headers, 1,024 connections.
+    /// headers, 1,024 connections, 30 s for a socket to take an answer's bytes.
     fn default() -> Self {
         Limits {
             head_timeout: Duration::from_secs(10),
@@ -78,6 +94,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 1024,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -173,7 +190,7 @@ async fn connection(
     shutdown: Shutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = SharedStream::new(stream);
+    let stream = SharedStream::new(stream, limits.write_timeout);
     let raw = stream.clone();
     let mut builder = http1::Builder::new();
     builder
@@ -181,13 +198,31 @@ async fn connection(
         .header_read_timeout(limits.head_timeout)
         .max_headers(HARD_MAX_HEADERS)
         .max_buf_size(MAX_HEAD_BYTES);
-    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    let service = Dispatch {
+        inner: TowerToHyperService::new(router),
+        dispatched: raw.dispatched.clone(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = shutdown.wait() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // hyper closes an idle connection at once, but reads a head that has started
+            // until the head timeout: give it a short grace instead.
+            let grace = tokio::time::sleep(SHUTDOWN_HEAD_GRACE.min(limits.head_timeout));
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = grace => {
+                    if raw.head_started() && !raw.dispatched() {
+                        warn!(%peer, grace_ms = SHUTDOWN_HEAD_GRACE.as_millis() as u64,
+                            "shutdown: request head not received within the grace: answered 503");
+                        raw.try_write_all(&shutting_down_answer());
+                        return;
+                    }
+                    conn.await
+                }
+            }
         }
     };
     let Err(err) = result else { return };
@@ -199,6 +234,9 @@ async fn connection(
         } else {
             debug!(%peer, "idle connection closed");
         }
+    } else if io_error_kind(&err) == Some(io::ErrorKind::TimedOut) {
+        warn!(%peer, timeout_ms = limits.write_timeout.as_millis() as u64,
+            "client took no answer bytes in time: connection closed");
     } else if err.is_parse_too_large() {
         warn!(%peer, error = %err, "request head too large (header count or size): hyper answered 431");
     } else if err.is_parse() {
@@ -207,6 +245,48 @@ async fn connection(
         debug!(%peer, error = %err, "client closed the connection mid-request");
     } else {
         debug!(%peer, error = %err, "connection error");
+    }
+}
+
+/// The kind of the I/O error under a connection's error, if it is one.
+fn io_error_kind(err: &hyper::Error) -> Option<io::ErrorKind> {
+    let mut source = err.source();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io.kind());
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The answer to a request head still arriving when the shutdown's grace ran out.
+fn shutting_down_answer() -> Vec<u8> {
+    let body = r#"{"error":"the server is shutting down","request_id":null}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// hyper's service, noting when a request is handed to it.
+struct Dispatch<S> {
+    inner: S,
+    dispatched: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for Dispatch<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.dispatched.store(true, Ordering::Relaxed);
+        self.inner.call(req)
     }
 }
 
@@ -223,24 +303,50 @@ fn timeout_answer() -> Vec<u8> {
 // ===== SharedStream =====
 
 /// A TCP stream hyper reads and writes while the connection task keeps a handle, to answer a
-/// head timeout itself. It knows whether part of a request head arrived since the last answer.
-#[derive(Clone, Debug)]
+/// head timeout itself. It knows whether part of a request head arrived since the last answer,
+/// and whether that request was handed to the service; a write that waits on a full socket
+/// for longer than its timeout fails with `TimedOut`.
+#[derive(Debug)]
 struct SharedStream {
     stream: Arc<TcpStream>,
     head_started: Arc<AtomicBool>,
+    dispatched: Arc<AtomicBool>,
+    write_timeout: Duration,
+    /// Armed while a write waits for the socket to take bytes.
+    write_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Clone for SharedStream {
+    fn clone(&self) -> Self {
+        SharedStream {
+            stream: self.stream.clone(),
+            head_started: self.head_started.clone(),
+            dispatched: self.dispatched.clone(),
+            write_timeout: self.write_timeout,
+            write_deadline: None,
+        }
+    }
 }
 
 impl SharedStream {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: TcpStream, write_timeout: Duration) -> Self {
         SharedStream {
             stream: Arc::new(stream),
             head_started: Arc::new(AtomicBool::new(false)),
+            dispatched: Arc::new(AtomicBool::new(false)),
+            write_timeout,
+            write_deadline: None,
         }
     }
 
     /// Whether bytes of a request arrived after the last answer was written.
     fn head_started(&self) -> bool {
         self.head_started.load(Ordering::Relaxed)
+    }
+
+    /// Whether the request those bytes began was handed to the service.
+    fn dispatched(&self) -> bool {
+        self.dispatched.load(Ordering::Relaxed)
     }
 
     /// Writes `bytes` without waiting; gives up on a full socket (the client is not reading).
@@ -283,12 +389,27 @@ impl AsyncWrite for SharedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
         loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_write(buf) {
+            if let Poll::Pending = this.stream.poll_write_ready(cx)? {
+                // The socket is full: the client is not reading. Wait at most the timeout.
+                let timeout = this.write_timeout;
+                let deadline = this
+                    .write_deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                ready!(deadline.as_mut().poll(cx));
+                this.write_deadline = None;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no answer bytes in time",
+                )));
+            }
+            match this.stream.try_write(buf) {
                 Ok(n) => {
+                    this.write_deadline = None;
                     // An answer is going out: the request it answers was received whole.
-                    self.head_started.store(false, Ordering::Relaxed);
+                    this.head_started.store(false, Ordering::Relaxed);
+                    this.dispatched.store(false, Ordering::Relaxed);
                     return Poll::Ready(Ok(n));
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
