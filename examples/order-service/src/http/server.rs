@@ -391,7 +391,7 @@ impl AsyncWrite for SharedStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            if let Poll::Pending = this.stream.poll_write_ready(cx)? {
+            if this.stream.poll_write_ready(cx)?.is_pending() {
                 // The socket is full: the client is not reading. Wait at most the timeout.
                 let timeout = this.write_timeout;
                 let deadline = this
