@@ -246,7 +246,7 @@ impl Injector for HeaderInjector<'_> {
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn inject(publisher: &Publisher, headers: HeaderMap) -> HeaderMap {
-    let fields = publisher.fields();
+    let fields = publisher.replaced_fields();
     let mut kept = HeaderMap::new();
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();

@@ -241,7 +241,7 @@ impl Injector for HeaderInjector<'_> {
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn inject(publisher: &Publisher, properties: BasicProperties) -> BasicProperties {
-    let fields = publisher.fields();
+    let fields = publisher.replaced_fields();
     let mut headers = match properties.headers() {
         Some(headers) => FieldTable::from(
             headers

@@ -86,4 +86,18 @@ impl Publisher {
     pub fn fields(&self) -> Vec<String> {
         self.propagation.fields()
     }
+
+    /// The metadata keys a republished message loses before this publisher writes its own:
+    /// [`fields`](Self::fields) and always the default ones (`traceparent`, `tracestate`,
+    /// `baggage`, `x-request-id`), so that a publisher with a narrower propagator does not
+    /// pass on the first send's baggage or trace as if it were the current context's.
+    pub(crate) fn replaced_fields(&self) -> Vec<String> {
+        let mut fields = self.fields();
+        for field in ["traceparent", "tracestate", "baggage", "x-request-id"] {
+            if !fields.iter().any(|f| f.eq_ignore_ascii_case(field)) {
+                fields.push(field.to_owned());
+            }
+        }
+        fields
+    }
 }

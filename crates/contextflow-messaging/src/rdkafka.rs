@@ -341,7 +341,7 @@ pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
     publisher.inject(&mut contextflow_otel::carrier::InjectFn(
         |k: &str, v: String| pairs.push((k.to_owned(), v)),
     ));
-    let fields = publisher.fields();
+    let fields = publisher.replaced_fields();
     let ours = |name: &str| fields.iter().any(|f| f.eq_ignore_ascii_case(name));
     // Read through the raw list: rdkafka's own reader panics on a name that is not UTF-8.
     let (clash, all_text) = {

@@ -255,7 +255,7 @@ impl Injector for UserPropertiesInjector<'_> {
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn inject(publisher: &Publisher, mut properties: PublishProperties) -> PublishProperties {
-    let fields = publisher.fields();
+    let fields = publisher.replaced_fields();
     let mut pairs = Vec::with_capacity(properties.user_properties.len() + fields.len());
     publisher.inject(&mut UserPropertiesInjector::new(&mut pairs));
     pairs.extend(

@@ -243,3 +243,25 @@ fn header_extractor_reads_only_utf8_strings() {
     assert_eq!(extractor.get("int"), None);
     assert_eq!(extractor.keys().len(), 4);
 }
+
+/// Review finding: a republished message kept the first send's `baggage` under a publisher
+/// whose propagator writes none.
+#[test]
+fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
+    let publisher = contextflow_messaging::Publisher::new()
+        .with_propagator(contextflow_otel::TraceContextPropagator::new());
+    let mut old = FieldTable::default();
+    old.insert("baggage".into(), AMQPValue::LongString("user=alice".into()));
+    old.insert("attempt".into(), AMQPValue::LongInt(2));
+    let properties = contextflow_otel::REQUEST_ID
+        .sync_scope("r-2".parse::<RequestId>().unwrap(), || {
+            amqp::inject(&publisher, BasicProperties::default().with_headers(old))
+        });
+    let headers = properties.headers().clone().unwrap_or_default();
+    let keys: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+    assert!(!keys.contains(&"baggage"), "{keys:?}");
+    assert!(
+        keys.contains(&"attempt") && keys.contains(&"x-request-id"),
+        "{keys:?}"
+    );
+}

@@ -313,3 +313,25 @@ fn inject_replaces_propagation_headers_and_survives_names_that_are_not_utf8() {
     // Appended: the old and the new (a consumer drops both as repeated; no panic).
     assert_eq!(ids(&mixed), 2);
 }
+
+/// Review finding: a republished record kept the first send's `baggage` under a publisher
+/// whose propagator writes none.
+#[test]
+fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
+    let publisher =
+        Publisher::new().with_propagator(contextflow_otel::TraceContextPropagator::new());
+    let headers =
+        contextflow_otel::REQUEST_ID.sync_scope("r-2".parse::<RequestId>().unwrap(), || {
+            kafka::inject(
+                &publisher,
+                raw_headers(&[
+                    (b"baggage".to_vec(), Some(b"user=alice".to_vec())),
+                    (b"attempt".to_vec(), Some(b"2".to_vec())),
+                ]),
+            )
+        });
+    let extractor = HeaderExtractor::new(Some(&headers));
+    assert_eq!(extractor.get("baggage"), None);
+    assert_eq!(extractor.get("attempt"), Some("2"));
+    assert_eq!(extractor.get("x-request-id"), Some("r-2"));
+}

@@ -221,3 +221,32 @@ fn user_properties_generator_reaches_the_accept_path() {
     println!("user properties: {accepted}/{total} reached the accept path");
     assert!(accepted * 10 >= total, "{accepted}/{total}");
 }
+
+/// Review finding: a republished message kept the first send's `baggage` under a publisher
+/// whose propagator writes none.
+#[test]
+fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
+    let publisher = contextflow_messaging::Publisher::new()
+        .with_propagator(contextflow_otel::TraceContextPropagator::new());
+    let old = PublishProperties {
+        user_properties: vec![
+            ("baggage".into(), "user=alice".into()),
+            ("attempt".into(), "2".into()),
+        ],
+        ..PublishProperties::default()
+    };
+    let properties = contextflow_otel::REQUEST_ID
+        .sync_scope("r-2".parse::<RequestId>().unwrap(), || {
+            mqtt::inject(&publisher, old)
+        });
+    let names: Vec<&str> = properties
+        .user_properties
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert!(!names.contains(&"baggage"), "{names:?}");
+    assert!(
+        names.contains(&"attempt") && names.contains(&"x-request-id"),
+        "{names:?}"
+    );
+}

@@ -292,3 +292,21 @@ fn header_injector_skips_values_nats_cannot_carry() {
     assert_eq!(headers.len(), 1);
     assert_eq!(headers.get("baggage").map(|v| v.as_str()), Some("k=v"));
 }
+
+/// Review finding: a message republished by a publisher whose propagator writes no baggage
+/// kept the first send's `baggage`, passed on as if it were the current context's.
+#[test]
+fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
+    let publisher = contextflow_messaging::Publisher::new()
+        .with_propagator(contextflow_otel::TraceContextPropagator::new());
+    let mut old = HeaderMap::new();
+    old.insert("Baggage", "user=alice");
+    old.insert("attempt", "2");
+    let headers = contextflow_otel::REQUEST_ID
+        .sync_scope("r-2".parse::<RequestId>().unwrap(), || {
+            nats::inject(&publisher, old)
+        });
+    assert!(headers.get("baggage").is_none(), "{headers:?}");
+    assert_eq!(headers.get("attempt").map(|v| v.as_str()), Some("2"));
+    assert_eq!(headers.get("x-request-id").map(|v| v.as_str()), Some("r-2"));
+}
