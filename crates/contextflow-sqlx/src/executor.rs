@@ -129,6 +129,12 @@ async fn rows<'e, 'q: 'e, DB, E>(
         Err(err) => return out.send(Err(err)).await,
     };
     let dialect = target.dialect();
+    // A tenant pool's statement outside a block runs in a transaction of its own, committed
+    // once the statement has run: its rows are held back until then. Handed out first, a
+    // caller that stops after the first row (`try_next`) would drop the stream before the
+    // `COMMIT`, and the clean-up would roll back a write whose row the caller holds.
+    let own_transaction = matches!(target, Target::Pool { wrapped: true, .. });
+    let mut held = Vec::new();
     // Declared after `target`, so dropped (and the record cleared) before it.
     let mut parker = match &target {
         Target::Tx(guard) => Some(guard.parker()),
@@ -151,6 +157,10 @@ async fn rows<'e, 'q: 'e, DB, E>(
                 failed = Some(err);
                 break;
             }
+            if own_transaction {
+                held.push(item);
+                continue;
+            }
             // Between two rows the stream sits in the caller's code, holding the connection.
             if let Some(parker) = &mut parker {
                 parker.park(called_at);
@@ -164,6 +174,12 @@ async fn rows<'e, 'q: 'e, DB, E>(
     drop(parker);
     let failure = failed.as_ref().map(|err| Failure::of(dialect, err));
     let ended = target.end(failure).await;
+    if failed.is_none() && ended.is_ok() {
+        // Committed (only a statement of its own holds rows back).
+        for item in held {
+            out.send(item).await;
+        }
+    }
     if let Some(err) = failed {
         out.send(Err(err)).await;
     }

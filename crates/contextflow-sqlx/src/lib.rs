@@ -282,7 +282,10 @@
 //! filter every query, including one that forgets its `WHERE`. No statement runs without a
 //! tenant; a transaction keeps the tenant it began with. Its start-up check refuses a role that
 //! would bypass the policies. Cross-tenant work (migrations, reports) goes through the separate
-//! [`AdminPool`] type.
+//! [`AdminPool`] type. A statement outside a block is committed before its rows are handed out
+//! (`fetch` then yields them from memory), so a caller that stops after the first row of an
+//! `INSERT ... RETURNING` holds the id of a row that exists; a large read streams inside a
+//! [`transaction`](TxPool::transaction) block.
 //!
 //! A service started from a superuser `DATABASE_URL` migrates as an owner role and serves as
 //! an application role that is subject to the policies:

@@ -754,7 +754,41 @@ async fn startup_check_refusals() {
     rls.finish().await;
 }
 
+/// Review finding: outside a block, a tenant pool's statement runs in a transaction of its
+/// own, and a row stream handed its rows out before the `COMMIT`. A caller that took the first
+/// row (`try_next`) and dropped the stream held the id of an inserted row that the clean-up
+/// then rolled back. Now the rows come once the statement is committed.
+async fn a_write_read_as_a_stream_is_committed_before_its_first_row() {
+    let rls = Rls::setup().await;
+    let db = rls.tenant_pool(2).await;
+    let insert = format!(
+        "INSERT INTO {}.items (tenant_id, v) VALUES \
+         (current_setting('app.tenant_id'), 1), (current_setting('app.tenant_id'), 2) \
+         RETURNING id",
+        rls.schema
+    );
+    let count = format!("SELECT count(*) FROM {}.items WHERE id = $1", rls.schema);
+    TENANT
+        .scope("acme".into(), async {
+            let mut rows = sqlx::query_scalar::<_, i64>(&insert).fetch(&*db);
+            let id = rows.try_next().await.unwrap().expect("a row");
+            drop(rows);
+            // The clean-up of a dropped connection runs in the background: give it time.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let n: i64 = sqlx::query_scalar(&count)
+                .bind(id)
+                .fetch_one(&*db)
+                .await
+                .unwrap();
+            assert_eq!(n, 1, "the row whose id the caller holds exists");
+        })
+        .await;
+    db.pool().close().await;
+    rls.finish().await;
+}
+
 rls_tests!(
+    a_write_read_as_a_stream_is_committed_before_its_first_row,
     isolation_under_load,
     fail_closed_without_tenant,
     tenant_is_fixed_per_transaction,
