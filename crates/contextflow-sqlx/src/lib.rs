@@ -440,7 +440,12 @@
 //! on a server with `innodb_rollback_on_timeout`: contextflow-sqlx marks the transaction
 //! poisoned on either error, so nothing after it runs and the block ends in
 //! [`TransactionClosed`]. (SQLite likewise, on `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY`
-//! and `SQLITE_NOMEM`, after which it may have rolled the transaction back.) DDL (`CREATE TABLE`, ...) commits implicitly: keep it out of blocks.
+//! and `SQLITE_NOMEM`, after which it may have rolled the transaction back. Any other error
+//! on SQLite may have ended it too, with a code that does not say so: a `UNIQUE ON CONFLICT
+//! ROLLBACK` column, `INSERT OR ROLLBACK`, a trigger's `RAISE(ROLLBACK, ...)`. After such an
+//! error the next statement, savepoint or commit first asks the connection, in process,
+//! whether the transaction is still open, and finds it [`TransactionClosed`] if not.) DDL
+//! (`CREATE TABLE`, ...) commits implicitly: keep it out of blocks.
 //!
 //! **SQLite.** One writer at a time: a block holds the database's write lock from its first
 //! write until it ends, and other writers wait up to the connection's busy timeout (sqlx's

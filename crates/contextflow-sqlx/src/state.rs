@@ -63,6 +63,12 @@ pub(crate) struct Slot<DB: Database> {
     errored: bool,
     /// User code had the raw connection: anything may have been run on it.
     raw: bool,
+    /// A statement failed on SQLite with an error that may have ended the whole transaction
+    /// (`INSERT OR ROLLBACK`, a `UNIQUE ON CONFLICT ROLLBACK` column, a trigger's
+    /// `RAISE(ROLLBACK, ...)`, an interrupt): its error code does not say. The next use asks
+    /// the connection first, so that later statements do not run, and commit one by one,
+    /// outside the transaction.
+    unverified: bool,
 }
 
 /// A savepoint open now, in [`Shared::savepoints`].
@@ -241,6 +247,7 @@ where
                 poisoned: None,
                 errored: false,
                 raw: false,
+                unverified: false,
             })),
             pending: StdMutex::new(None),
             next_savepoint: AtomicU64::new(1),
@@ -261,6 +268,17 @@ where
         }
         if slot.tracked.is_none() {
             return Err(TransactionClosed::ended());
+        }
+        if slot.unverified {
+            slot.unverified = false;
+            let open = match slot.tracked.as_mut() {
+                Some(tracked) => tracked.verify_open().await?,
+                None => true,
+            };
+            if !open {
+                slot.poisoned = Some(ClosedReason::RolledBackByServer);
+                return Err(TransactionClosed::error(ClosedReason::RolledBackByServer));
+            }
         }
         if let Some((number, errored_before)) = self.take_pending() {
             slot.rollback_to(number, errored_before).await?;
@@ -396,6 +414,8 @@ where
             self.errored = true;
             if dialect::rolled_back_by_server(dialect, err) {
                 self.poisoned = Some(ClosedReason::RolledBackByServer);
+            } else if dialect == Dialect::Sqlite && matches!(err, sqlx::Error::Database(_)) {
+                self.unverified = true;
             }
         }
     }
@@ -412,6 +432,8 @@ where
         self.slot.errored = true;
         if failure.rolled_back_by_server {
             self.slot.poisoned = Some(ClosedReason::RolledBackByServer);
+        } else if failure.from_server && self.dialect() == Dialect::Sqlite {
+            self.slot.unverified = true;
         }
     }
 

@@ -176,7 +176,7 @@ where
     }
 
     /// Whether the transaction is still open and usable (PostgreSQL, SQLite).
-    async fn verify_open(&mut self) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn verify_open(&mut self) -> Result<bool, sqlx::Error> {
         match self.dialect {
             Dialect::Postgres => {
                 let dialect = self.dialect;

@@ -745,8 +745,63 @@ mod sqlite {
         ctx.finish().await;
     }
 
+    /// Review finding: on SQLite an error may end the whole transaction with a code that does
+    /// not say so (`UNIQUE ON CONFLICT ROLLBACK`, `INSERT OR ROLLBACK`, a trigger's
+    /// `RAISE(ROLLBACK, ...)`); the block went on, and every later statement committed on its
+    /// own, outside it. Now the next statement asks the connection first and finds the
+    /// transaction closed.
+    async fn a_conflict_that_rolls_back_the_transaction_closes_the_block() {
+        let ctx = setup(2).await;
+        let unique = format!("{}_u", ctx.table);
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE {unique} (k INTEGER UNIQUE ON CONFLICT ROLLBACK); \
+             INSERT INTO {unique} VALUES (1)"
+        ))
+        .execute(ctx.db.pool())
+        .await
+        .unwrap();
+        let conflict = format!("INSERT INTO {unique} VALUES (1)");
+        let result = ctx
+            .db
+            .transaction(|| async {
+                insert(&ctx, 1, 0).await?;
+                // Swallowed, as an "insert or ignore" written by hand would.
+                assert!(ctx.db.execute(sqlx::query(&conflict)).await.is_err());
+                let after = insert(&ctx, 2, 0).await;
+                let err = after.expect_err("the transaction is gone: refused");
+                assert!(
+                    TransactionClosed::find(&err).is_some_and(|closed| closed.is_poisoned()),
+                    "{err}"
+                );
+                Ok::<_, sqlx::Error>(())
+            })
+            .await;
+        assert!(result.is_err(), "nothing to commit: {result:?}");
+        assert_eq!(
+            ids(&ctx).await,
+            Vec::<i64>::new(),
+            "no row stored outside it"
+        );
+        // The nested form: a savepoint opened after the failure is refused too.
+        let result = ctx
+            .db
+            .transaction(|| async {
+                insert(&ctx, 3, 0).await?;
+                let _ = ctx.db.execute(sqlx::query(&conflict)).await;
+                ctx.db
+                    .transaction_with(Propagation::Nested, || async { insert(&ctx, 4, 0).await })
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+            .await;
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(ids(&ctx).await, Vec::<i64>::new());
+        ctx.finish().await;
+    }
+
     tests!(
         begin_immediate_serializes_writers,
-        readers_proceed_beside_the_writer
+        readers_proceed_beside_the_writer,
+        a_conflict_that_rolls_back_the_transaction_closes_the_block
     );
 }
