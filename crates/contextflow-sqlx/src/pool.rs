@@ -306,6 +306,10 @@ where
     ///   line at `warn` (or `error` when it did not commit) says the caller had gone.
     /// - The transaction a [`Propagation::RequiresNew`](crate::Propagation) block suspended is
     ///   not bound around its hooks either.
+    /// - With a [`TenantPool`](crate::TenantPool), a hook registered under another tenant than
+    ///   the transaction's (which its statements would refuse) would act for the wrong tenant:
+    ///   it is dropped with a line at `error`, and the transaction can only roll back (its
+    ///   block ends in [`TransactionClosed`]).
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")]
@@ -327,13 +331,36 @@ where
     /// # Ok(()) }
     /// # #[cfg(not(feature = "sqlite"))] fn main() {}
     /// ```
-    pub async fn after_commit<Fut>(&self, hook: Fut)
+    #[track_caller]
+    pub fn after_commit<Fut>(&self, hook: Fut) -> impl Future<Output = ()> + Send + '_
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let called_at = Location::caller();
+        async move { self.after_commit_at(hook, called_at).await }
+    }
+
+    async fn after_commit_at<Fut>(&self, hook: Fut, called_at: &'static Location<'static>)
     where
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Some(level) = self.inner.current.get() else {
             return hook.await;
         };
+        if let Err(err) = self.check_tenant_in(&level, called_at) {
+            // Registered under another tenant than the block's (which its statements would
+            // refuse): run with the block's context, the hook would act for the wrong tenant.
+            // It is not run, and the transaction cannot commit, so the event is not lost
+            // unnoticed: the block ends in `TransactionClosed` (rollback-only).
+            tracing::error!(
+                target: "contextflow_sqlx",
+                error = %err,
+                "after_commit called under another tenant than the transaction's: the hook is \
+                 dropped and the transaction will roll back"
+            );
+            level.set_rollback_only();
+            return;
+        }
         if level.push_hook(Box::pin(hook)).is_err() {
             // A snapshot of the block's context used after the block ended: whether the
             // transaction committed is not this code's to know, so the hook is not run.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use contextflow::AsyncLocal;
 use contextflow_sqlx::{
     AdminPool, PropagationError, Refusal, SetupError, TenantError, TenantErrorKind, TenantPool,
-    DEFAULT_COLUMN, DEFAULT_SETTING,
+    TransactionClosed, DEFAULT_COLUMN, DEFAULT_SETTING,
 };
 use futures_util::TryStreamExt as _;
 use sqlx::{
@@ -787,7 +787,53 @@ async fn a_write_read_as_a_stream_is_committed_before_its_first_row() {
     rls.finish().await;
 }
 
+/// Review finding: a hook registered under another tenant than the transaction's was
+/// accepted, and ran in the block's context, acting for the block's tenant. Now it is dropped
+/// and the block cannot commit.
+async fn a_hook_registered_under_another_tenant_ends_the_block() {
+    let rls = Rls::setup().await;
+    let items = Items {
+        db: rls.tenant_pool(2).await,
+        schema: rls.schema.clone(),
+    };
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ran.clone();
+    let result = TENANT
+        .scope("acme".into(), async {
+            items
+                .db
+                .transaction(|| async {
+                    items.add(1).await?;
+                    TENANT
+                        .scope(
+                            "globex".into(),
+                            items.db.after_commit(async move {
+                                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }),
+                        )
+                        .await;
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+        })
+        .await;
+    let err = result.expect_err("the block cannot commit");
+    assert!(TransactionClosed::find(&err).is_some(), "{err}");
+    assert!(
+        !ran.load(std::sync::atomic::Ordering::SeqCst),
+        "the hook never ran"
+    );
+    let rows = TENANT
+        .scope("acme".into(), items.all_tenants())
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "rolled back: {rows:?}");
+    items.db.pool().close().await;
+    rls.finish().await;
+}
+
 rls_tests!(
+    a_hook_registered_under_another_tenant_ends_the_block,
     a_write_read_as_a_stream_is_committed_before_its_first_row,
     isolation_under_load,
     fail_closed_without_tenant,
