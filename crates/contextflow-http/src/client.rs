@@ -121,6 +121,31 @@ impl BaggageTo {
         parts.authority.is_some() && http::Uri::from_parts(parts).is_ok_and(|uri| allow(&uri))
     }
 
+    /// [`allows`](Self::allows) for a request that may carry a `Host` header: with a filter,
+    /// the host it names must pass too (a gateway at the URI's host forwards by `Host`), and
+    /// more than one, or one that is not an authority, gets no baggage.
+    pub(crate) fn allows_request(&self, uri: &http::Uri, headers: &http::HeaderMap) -> bool {
+        if self.0.is_none() {
+            return true;
+        }
+        if !self.allows(uri) {
+            return false;
+        }
+        let mut hosts = headers.get_all(http::header::HOST).iter();
+        let Some(host) = hosts.next() else {
+            return true;
+        };
+        if hosts.next().is_some() {
+            return false;
+        }
+        let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
+            return false;
+        };
+        let mut parts = uri.clone().into_parts();
+        parts.authority = Some(authority);
+        http::Uri::from_parts(parts).is_ok_and(|named| self.allows(&named))
+    }
+
     /// Whether a filter is set.
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
     pub(crate) fn is_filtered(&self) -> bool {
@@ -256,7 +281,9 @@ impl InjectContextLayer {
     /// in lower case and without a trailing dot; prefer an allow-list (hosts that may have the
     /// baggage) to a deny-list. A request without a host gets no baggage when a filter is set:
     /// tonic's `Channel` adds the host below the layers, so its requests carry only a path;
-    /// give each channel's stack its own layer, with or without baggage. Redirects: put
+    /// give each channel's stack its own layer, with or without baggage. A request with a
+    /// `Host` header gets the baggage only if the host it names passes too (a gateway at the
+    /// URI's host forwards by `Host`). Redirects: put
     /// tower-http's `FollowRedirectLayer` outside this layer (so each hop is judged by its own
     /// URI), or follow only same-host redirects; a redirect followed below this layer re-sends
     /// the first request's headers to the new host.
@@ -384,7 +411,7 @@ where
             )
         };
         let cx = span.as_ref().unwrap_or(&current);
-        let skip_baggage = !self.baggage_to.allows(req.uri());
+        let skip_baggage = !self.baggage_to.allows_request(req.uri(), req.headers());
         self.propagation.inject(
             cx,
             &mut HeaderInjector::new(req.headers_mut()).without_baggage(skip_baggage),

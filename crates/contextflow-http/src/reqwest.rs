@@ -98,8 +98,10 @@ impl InjectContextMiddleware {
 
     /// Writes the `baggage` header only into requests whose URI `allow` accepts (see
     /// [`InjectContextLayer::baggage_only_to`](crate::InjectContextLayer::baggage_only_to)).
-    /// reqwest follows a redirect with the first request's headers: with a filter, also give
-    /// the client a redirect policy that stays on the hosts it allows.
+    /// reqwest follows redirects below the middleware, with the first request's headers
+    /// (`baggage` included) and only the credentials removed on a change of host: with a
+    /// filter, give the client [`redirect_policy`](Self::redirect_policy) too, or a 302 from
+    /// an allowed host to another one carries the baggage there.
     ///
     /// ```
     /// let middleware = contextflow_http::InjectContextMiddleware::new()
@@ -112,6 +114,46 @@ impl InjectContextMiddleware {
     {
         self.baggage_to = crate::client::BaggageTo::new(allow);
         self
+    }
+}
+
+impl InjectContextMiddleware {
+    /// A redirect policy for the `reqwest::Client` under this middleware that follows a
+    /// redirect (at most 10, as reqwest's default) only to a URL the
+    /// [`baggage_only_to`](Self::baggage_only_to) filter accepts; a redirect elsewhere is not
+    /// followed: the caller gets the `3xx` answer (its `Location` says where), and decides.
+    /// Without a filter, reqwest's default.
+    ///
+    /// ```
+    /// use contextflow_http::InjectContextMiddleware;
+    /// use reqwest_middleware::ClientBuilder;
+    ///
+    /// let middleware = InjectContextMiddleware::new()
+    ///     .baggage_only_to(|uri| uri.host().is_some_and(|h| h.ends_with(".internal")));
+    /// let client = reqwest::Client::builder()
+    ///     .redirect(middleware.redirect_policy())
+    ///     .build()?;
+    /// let client = ClientBuilder::new(client).with(middleware).build();
+    /// # drop(client);
+    /// # Ok::<(), reqwest::Error>(())
+    /// ```
+    pub fn redirect_policy(&self) -> ::reqwest::redirect::Policy {
+        if !self.baggage_to.is_filtered() {
+            return ::reqwest::redirect::Policy::default();
+        }
+        let baggage_to = self.baggage_to.clone();
+        ::reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                return attempt.error("too many redirects");
+            }
+            let allowed = http::Uri::try_from(attempt.url().as_str())
+                .is_ok_and(|uri| baggage_to.allows(&uri));
+            if allowed {
+                attempt.follow()
+            } else {
+                attempt.stop()
+            }
+        })
     }
 }
 
@@ -149,7 +191,7 @@ impl Middleware for InjectContextMiddleware {
         let cx = span.as_ref().unwrap_or(&current);
         // A URL `http` cannot read gets no baggage when a filter is set.
         let skip_baggage = match &uri {
-            Ok(uri) => !self.baggage_to.allows(uri),
+            Ok(uri) => !self.baggage_to.allows_request(uri, req.headers()),
             Err(_) => self.baggage_to.is_filtered(),
         };
         self.propagation.inject(

@@ -254,6 +254,46 @@ async fn baggage_goes_only_where_the_filter_allows() {
     assert!(copied.get("baggage").is_none(), "{copied:?}");
 }
 
+/// Review finding: the filter saw only the URI. A request to an allowed host that names
+/// another in its `Host` header (a gateway forwards by `Host`) carried the baggage there.
+#[tokio::test(flavor = "current_thread")]
+async fn baggage_filter_reads_the_host_header_too() {
+    let client = ServiceBuilder::new()
+        .layer(
+            InjectContextLayer::new()
+                .baggage_only_to(|uri| uri.host().is_some_and(|h| h.ends_with(".internal"))),
+        )
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+    let send = |host: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut req = Request::builder().uri("http://egress.internal/charge");
+            if let Some(host) = host {
+                req = req.header("host", host);
+            }
+            client
+                .oneshot(req.body(()).unwrap())
+                .await
+                .unwrap()
+                .into_body()
+        }
+    };
+    let (partner, same, bad) = contextflow_otel::scope(incoming(), async {
+        (
+            send(Some("api.partner.example")).await,
+            send(Some("Egress.Internal:8080")).await,
+            send(Some("not a host")).await,
+        )
+    })
+    .await;
+    assert!(partner.get("baggage").is_none(), "{partner:?}");
+    assert_eq!(partner["x-request-id"], "req-7");
+    assert_eq!(sorted_baggage(&same), ["note=a%20b", "userId=alice"]);
+    assert!(bad.get("baggage").is_none(), "{bad:?}");
+}
+
 /// A second trace format beside W3C's: B3's headers, writing the current span.
 #[derive(Debug)]
 struct OtherFormat;

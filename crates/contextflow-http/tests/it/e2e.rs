@@ -188,3 +188,69 @@ async fn a_thousand_concurrent_requests_never_mix_contexts() {
     }
     assert_eq!(ids.len(), REQUESTS, "every request kept its own id");
 }
+
+/// Review finding: reqwest follows redirects below the middleware, with the first request's
+/// headers: a `302` from an allowed host to another one carried the baggage there. With
+/// `redirect_policy`, a redirect the filter refuses is not followed (the caller gets the
+/// `302`); one it accepts is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_policy_keeps_baggage_inside_the_filter() {
+    use axum::response::Redirect;
+    use contextflow_otel::carrier::Pairs;
+    // Echoes the baggage it got ("-" for none), and counts its calls.
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let echo = Router::new().route(
+        "/echo",
+        get(move |headers: http::HeaderMap| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                headers
+                    .get("baggage")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            }
+        }),
+    );
+    let echo_port = serve(echo).await.port();
+    let redirects = Router::new()
+        .route(
+            "/away",
+            get(move || async move { Redirect::to(&format!("http://localhost:{echo_port}/echo")) }),
+        )
+        .route(
+            "/near",
+            get(move || async move { Redirect::to(&format!("http://127.0.0.1:{echo_port}/echo")) }),
+        );
+    let from = serve(redirects).await;
+    let middleware =
+        InjectContextMiddleware::new().baggage_only_to(|uri| uri.host() == Some("127.0.0.1"));
+    let http = reqwest::Client::builder()
+        .redirect(middleware.redirect_policy())
+        .build()
+        .unwrap();
+    let client = ClientBuilder::new(http).with(middleware).build();
+    let incoming = contextflow_otel::extract(&Pairs::new([("baggage", "userId=alice")]));
+    let (away, near) = contextflow_otel::scope(incoming, async {
+        let away = client
+            .get(format!("http://{from}/away"))
+            .send()
+            .await
+            .unwrap();
+        let near = client
+            .get(format!("http://{from}/near"))
+            .send()
+            .await
+            .unwrap();
+        (away.status(), near.text().await.unwrap())
+    })
+    .await;
+    assert_eq!(away, http::StatusCode::SEE_OTHER, "not followed");
+    assert_eq!(near, "userId=alice", "followed, inside the filter");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the allowed host was called"
+    );
+}
