@@ -55,7 +55,7 @@ use tower_service::Service;
 
 use crate::{
     spans::{self, Spans},
-    HeaderInjector, TRACEPARENT,
+    HeaderInjector,
 };
 
 /// A [`Layer`] that wraps HTTP clients in [`InjectContext`].
@@ -399,7 +399,7 @@ where
         let current = contextflow_otel::current_context();
         // A request whose caller set `traceparent` keeps it (see `HeaderInjector`): a client
         // span of ours would be the parent of nothing, so none is started.
-        let span = if req.headers().contains_key(TRACEPARENT) {
+        let span = if crate::headers::caller_traceparent(req.headers_mut()) {
             None
         } else {
             self.spans.start(

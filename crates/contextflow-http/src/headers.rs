@@ -51,11 +51,13 @@ pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
 
 /// An [`Injector`] into an [`http::HeaderMap`] that leaves alone the headers already there.
 ///
-/// A trace context the caller set wins whole: when the request already has a `traceparent`,
+/// A trace context the caller set wins whole: when the request already has a valid
+/// `traceparent` (one value that parses: a malformed or repeated one is replaced by ours),
 /// no trace-identity header is added (not our `tracestate`, nor another format's, such as B3's
 /// or Datadog's, which would name a second parent); other fields (baggage, the request id, a
 /// custom propagator's own) still are. A `tracestate` the caller set without a `traceparent`
-/// is kept, after our members when we write one (theirs with a key we write are dropped).
+/// is kept, after our members when we write one (theirs with a key we write are dropped, and
+/// so are members that break the W3C grammar, which would make a receiver drop the list).
 ///
 /// ```
 /// use contextflow_http::HeaderInjector;
@@ -233,6 +235,12 @@ fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -
         if keys.len() == MAX_TRACESTATE_MEMBERS {
             break;
         }
+        // A member that breaks the grammar would make a receiver drop the whole list, ours
+        // included: left out.
+        if contextflow_otel::TraceState::parse_bytes(member.as_bytes()).is_err() {
+            tracing::debug!("left out a caller's tracestate member that breaks the W3C grammar");
+            continue;
+        }
         let member_key = key(member);
         if !keys.contains(&member_key) && merged.len() + 1 + member.len() <= 512 {
             merged.push(',');
@@ -241,6 +249,24 @@ fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -
         }
     }
     merged
+}
+
+/// Whether the caller set a `traceparent` to keep: one valid value. A malformed or repeated
+/// one (copied on by a proxy, say) would break the trace: it is removed here, and ours is
+/// written instead.
+pub(crate) fn caller_traceparent(headers: &mut HeaderMap) -> bool {
+    let mut values = headers.get_all(TRACEPARENT).iter();
+    match (values.next(), values.next()) {
+        (None, _) => false,
+        (Some(one), None) if contextflow_otel::TraceParent::parse_bytes(one.as_bytes()).is_ok() => {
+            true
+        }
+        _ => {
+            tracing::debug!("removed a caller's malformed or repeated traceparent");
+            headers.remove(TRACEPARENT);
+            false
+        }
+    }
 }
 
 // ===== impl HeaderInjector =====
@@ -253,7 +279,7 @@ impl<'a> HeaderInjector<'a> {
     /// let _injector = contextflow_http::HeaderInjector::new(&mut headers);
     /// ```
     pub fn new(headers: &'a mut HeaderMap) -> Self {
-        let caller_set_traceparent = headers.contains_key(TRACEPARENT);
+        let caller_set_traceparent = caller_traceparent(headers);
         HeaderInjector {
             headers,
             caller_set_traceparent,

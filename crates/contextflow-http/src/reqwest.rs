@@ -9,7 +9,7 @@ use reqwest_middleware::{Middleware, Next, Result};
 use crate::{
     client::client_attributes,
     spans::{self, Spans},
-    HeaderInjector, TRACEPARENT,
+    HeaderInjector,
 };
 
 /// Writes the current context into each request sent through a
@@ -176,7 +176,7 @@ impl Middleware for InjectContextMiddleware {
         // A caller-set `traceparent` is kept (see `HeaderInjector`): no span of ours, which
         // would be the parent of nothing.
         let span = match &uri {
-            _ if req.headers().contains_key(TRACEPARENT) => None,
+            _ if crate::headers::caller_traceparent(req.headers_mut()) => None,
             Ok(uri) => self.spans.start(
                 SpanKind::Client,
                 req.method(),
