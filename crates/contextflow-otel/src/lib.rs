@@ -543,6 +543,26 @@ pub fn in_remote_context<F: Future>(parent: SpanContext, fut: F) -> OtelScope<F>
 /// frame without OpenTelemetry's thread-local, such as `Snapshot::run` with no carrier
 /// registered), else `Context::current()`.
 ///
+/// So a context attached with OpenTelemetry's own `attach` on top of the request's is seen
+/// only when it has a span: without one, contextflow cannot tell it from a thread-local left
+/// over by other code. To change what goes out of a request without a span (baggage cleared
+/// before a call to a third party, or added), run the call in [`sync_scope`] or [`scope`]
+/// with the new context, which sets both:
+///
+/// ```
+/// use opentelemetry::baggage::BaggageExt as _;
+/// use contextflow_otel::carrier::Pairs;
+///
+/// let incoming = contextflow_otel::extract(&Pairs::new([("baggage", "user=alice")]));
+/// contextflow_otel::sync_scope(incoming, || {
+///     let cleared = contextflow_otel::current_context().with_cleared_baggage();
+///     contextflow_otel::sync_scope(cleared, || {
+///         assert_eq!(contextflow_otel::current_context().baggage().len(), 0);
+///     });
+///     assert_eq!(contextflow_otel::current_context().baggage().len(), 1);
+/// });
+/// ```
+///
 /// ```
 /// use opentelemetry::trace::TraceContextExt;
 /// assert!(!contextflow_otel::current_context().has_active_span());
