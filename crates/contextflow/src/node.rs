@@ -28,6 +28,7 @@
 use std::{
     alloc::{alloc, dealloc, handle_alloc_error, Layout},
     mem::{self, ManuallyDrop},
+    panic::{self, AssertUnwindSafe},
     ptr::{self, NonNull},
 };
 
@@ -425,8 +426,8 @@ impl NodeRef {
         // by the caller's contract.
         unsafe {
             debug_assert!(!is_alias || (*raw).head.header.parent.is_none());
-            // Released last, as the parent: a frame parked by an exited guard.
-            let _parked = ReleaseParked((*node).guard_saved.load(Ordering::Relaxed));
+            // Released last, after the parent: a frame parked by an exited guard.
+            let parked = (*node).guard_saved.load(Ordering::Relaxed);
             let parent = (*node).parent.take();
             let value = ptr::read(ptr::addr_of!((*raw).value));
             if ValueNode::<T>::POOLED {
@@ -437,7 +438,7 @@ impl NodeRef {
             if is_alias {
                 pool::free_block(node.cast());
             }
-            drop(parent);
+            release_then_parked(move || drop(parent), parked);
             Ok(value)
         }
     }
@@ -466,16 +467,30 @@ impl NodeRef {
         // parent holds no count; a counted one (the node was shared, then released by the
         // sharers) is released normally. The node type matches by the caller's contract.
         unsafe {
-            let mut parent = (*raw).head.header.parent.take();
-            if (*raw).head.header.borrowed.load(Ordering::Relaxed) {
-                mem::forget(parent.take());
+            let parent = (*raw).head.header.parent.take();
+            // The value first, then the block (also when its destructor panics), then the
+            // parent, as `Drop` does: a parent released first whose values' destructor panics
+            // would leak this value.
+            let drop_value = || {
+                let _free = FreeOnDrop(raw);
+                ptr::drop_in_place(ptr::addr_of_mut!((*raw).value));
+            };
+            match parent {
+                Some(parent) if !(*raw).head.header.borrowed.load(Ordering::Relaxed) => {
+                    // A panic of the value's destructor waits until the parent is released, so
+                    // that a second one there does not abort the process.
+                    let dropped = panic::catch_unwind(AssertUnwindSafe(drop_value));
+                    drop(parent);
+                    if let Err(payload) = dropped {
+                        panic::resume_unwind(payload);
+                    }
+                }
+                // A borrowed parent holds no count: nothing to release.
+                parent => {
+                    mem::forget(parent);
+                    drop_value();
+                }
             }
-            // The value first, then the block, then the parent (as `Drop` does), also when a
-            // destructor panics: a parent released first whose values' destructor panics
-            // would leak this value. Locals drop in reverse order.
-            let _parent = parent;
-            let _free = FreeOnDrop(raw);
-            ptr::drop_in_place(ptr::addr_of_mut!((*raw).value));
         }
     }
 
@@ -583,9 +598,10 @@ impl Drop for NodeRef {
                 fence(Ordering::Acquire);
             }
             // An exited guard's node that nobody restored: the frame it parked is released
-            // after the node (at the end of this iteration, also when a destructor panics), so
-            // that a panicking destructor there cannot leak this node and its chain.
-            let _parked = ReleaseParked(header.guard_saved.load(Ordering::Relaxed));
+            // after the node, so that a panicking destructor there cannot leak this node and
+            // its chain.
+            let parked = header.guard_saved.load(Ordering::Relaxed);
+            let release_link = header.release_link;
             // SAFETY: the count reached zero, so we are the only one with access; the parent
             // slot is taken exactly once, here.
             let parent = unsafe { (*ptr.as_ptr()).parent.take() };
@@ -593,12 +609,12 @@ impl Drop for NodeRef {
                 // A borrowed parent holds no count: nothing to release.
                 mem::forget(parent);
                 // SAFETY: as below.
-                unsafe { (header.release_link)(ptr) };
+                release_then_parked(|| unsafe { release_link(ptr) }, parked);
                 return;
             }
             // SAFETY: `release_link` matches the node kind (set at construction) and is
             // called once, after the link count reached zero.
-            unsafe { (header.release_link)(ptr) };
+            release_then_parked(|| unsafe { release_link(ptr) }, parked);
             next = parent.map(|p| ManuallyDrop::new(p).ptr);
         }
     }
@@ -686,12 +702,24 @@ impl Header {
     }
 }
 
-/// [`release_parked`] when dropped.
-struct ReleaseParked(usize);
+/// Runs `release`, then releases the frame parked in `parked` (see [`release_parked`]), also
+/// when `release` panics: that panic waits until the parked frame is released, so that a
+/// second one there does not abort the process, and nothing is leaked.
+#[inline]
+fn release_then_parked(release: impl FnOnce(), parked: usize) {
+    if parked == 0 {
+        release();
+    } else {
+        release_then_parked_cold(release, parked);
+    }
+}
 
-impl Drop for ReleaseParked {
-    fn drop(&mut self) {
-        release_parked(self.0);
+#[cold]
+fn release_then_parked_cold(release: impl FnOnce(), parked: usize) {
+    let released = panic::catch_unwind(AssertUnwindSafe(release));
+    release_parked(parked);
+    if let Err(payload) = released {
+        panic::resume_unwind(payload);
     }
 }
 
