@@ -308,8 +308,8 @@ where
     ///   not bound around its hooks either.
     /// - With a [`TenantPool`](crate::TenantPool), a hook registered under another tenant than
     ///   the transaction's (which its statements would refuse) would act for the wrong tenant:
-    ///   it is dropped with a line at `error`, and the transaction can only roll back (its
-    ///   block ends in [`TransactionClosed`]).
+    ///   it is dropped with a line at `error`, and the innermost block (a nested one's
+    ///   savepoint, or the transaction) can only roll back: it ends in [`TransactionClosed`].
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")]

@@ -270,15 +270,20 @@ where
             return Err(TransactionClosed::ended());
         }
         if slot.unverified {
-            slot.unverified = false;
+            // Poisoned until the answer says otherwise: a probe that fails, or whose future is
+            // dropped (its `BEGIN` may still run and open a new, empty transaction), leaves the
+            // transaction to be rolled back, its connection to the clean-up.
+            slot.poisoned = Some(ClosedReason::StatementDropped);
             let open = match slot.tracked.as_mut() {
                 Some(tracked) => tracked.verify_open().await?,
                 None => true,
             };
+            slot.unverified = false;
             if !open {
                 slot.poisoned = Some(ClosedReason::RolledBackByServer);
                 return Err(TransactionClosed::error(ClosedReason::RolledBackByServer));
             }
+            slot.poisoned = None;
         }
         if let Some((number, errored_before)) = self.take_pending() {
             slot.rollback_to(number, errored_before).await?;

@@ -50,9 +50,12 @@ const POLICY: &str = "contextflow_tenant_isolation";
 ///   `set_config`, the statement, `COMMIT`: two more round trips, as `BEGIN` and
 ///   `set_config` travel in one message); group them in a
 ///   `transaction` block. [`acquire`](TxPool::acquire) needs a transaction. Such a
-///   statement's transaction commits when its result is complete: a row stream
-///   ([`fetch`](sqlx::Executor::fetch)) dropped before its end rolls the statement back, also
-///   an `INSERT ... RETURNING` whose first row was read; inside a block the block decides.
+///   statement's transaction commits before its rows are handed out: a row stream
+///   ([`fetch`](sqlx::Executor::fetch)) yields them from memory once the statement has
+///   committed, so a caller that stops after the first row of an `INSERT ... RETURNING` holds
+///   the id of a row that exists (and a stream dropped before its first row leaves nothing
+///   committed). A read too large to hold in memory streams inside a `transaction` block,
+///   where the block decides.
 /// - **Start-up check.** [`TenantPool::new`] refuses (with every problem found) a pool whose
 ///   role is a superuser or has `BYPASSRLS` (also a superuser session that switched role),
 ///   owns a table with a tenant column, or can reach (a column grant is enough) such a table
