@@ -119,10 +119,11 @@ impl InjectContextMiddleware {
 
 impl InjectContextMiddleware {
     /// A redirect policy for the `reqwest::Client` under this middleware that follows a
-    /// redirect (at most 10, as reqwest's default) only to a URL the
-    /// [`baggage_only_to`](Self::baggage_only_to) filter accepts; a redirect elsewhere is not
-    /// followed: the caller gets the `3xx` answer (its `Location` says where), and decides.
-    /// Without a filter, reqwest's default.
+    /// redirect (at most 10, as reqwest's default) of a request that carried baggage only to
+    /// a URL the [`baggage_only_to`](Self::baggage_only_to) filter accepts; a redirect
+    /// elsewhere is not followed: the caller gets the `3xx` answer (its `Location` says where),
+    /// and decides. The redirects of a request the filter refused (no baggage) are followed
+    /// anywhere. Without a filter, reqwest's default.
     ///
     /// ```
     /// use contextflow_http::InjectContextMiddleware;
@@ -142,13 +143,18 @@ impl InjectContextMiddleware {
             return ::reqwest::redirect::Policy::default();
         }
         let baggage_to = self.baggage_to.clone();
+        let allows = move |url: &::reqwest::Url| {
+            http::Uri::try_from(url.as_str()).is_ok_and(|uri| baggage_to.allows(&uri))
+        };
         ::reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 10 {
+            // `previous` holds the first URL too; reqwest's default stops past 10.
+            if attempt.previous().len() > 10 {
                 return attempt.error("too many redirects");
             }
-            let allowed = http::Uri::try_from(attempt.url().as_str())
-                .is_ok_and(|uri| baggage_to.allows(&uri));
-            if allowed {
+            // A first request the filter refused carried no baggage: its redirects are
+            // followed anywhere (an `http` to `https` hop of a third-party API, say).
+            let carried = attempt.previous().first().is_some_and(&allows);
+            if !carried || allows(attempt.url()) {
                 attempt.follow()
             } else {
                 attempt.stop()

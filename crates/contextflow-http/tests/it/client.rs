@@ -153,19 +153,28 @@ async fn poll_ready_is_delegated() {
     fut.await.unwrap();
 }
 
+/// A client layer that sends baggage only to `*.internal` hosts, over a service that answers
+/// with the headers it got.
+fn internal_only_client(
+) -> tower::util::BoxCloneSyncService<Request<()>, Response<HeaderMap>, Infallible> {
+    tower::util::BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(
+                InjectContextLayer::new()
+                    .baggage_only_to(|uri| uri.host().is_some_and(|h| h.ends_with(".internal"))),
+            )
+            .service(service_fn(|req: Request<()>| async move {
+                Ok::<_, Infallible>(Response::new(req.headers().clone()))
+            })),
+    )
+}
+
 /// With `baggage_only_to`, a request to a host outside the trust boundary carries the trace
 /// context and the request id, not the baggage its callers upstream put in (W3C Baggage:
 /// baggage must not leak beyond the system's trust boundary); one to an allowed host does.
 #[tokio::test(flavor = "current_thread")]
 async fn baggage_goes_only_where_the_filter_allows() {
-    let client = ServiceBuilder::new()
-        .layer(
-            InjectContextLayer::new()
-                .baggage_only_to(|uri| uri.host().is_some_and(|h| h.ends_with(".internal"))),
-        )
-        .service(service_fn(|req: Request<()>| async move {
-            Ok::<_, Infallible>(Response::new(req.headers().clone()))
-        }));
+    let client = internal_only_client();
     let send_to = |uri: &'static str| {
         let client = client.clone();
         async move {
@@ -258,14 +267,7 @@ async fn baggage_goes_only_where_the_filter_allows() {
 /// another in its `Host` header (a gateway forwards by `Host`) carried the baggage there.
 #[tokio::test(flavor = "current_thread")]
 async fn baggage_filter_reads_the_host_header_too() {
-    let client = ServiceBuilder::new()
-        .layer(
-            InjectContextLayer::new()
-                .baggage_only_to(|uri| uri.host().is_some_and(|h| h.ends_with(".internal"))),
-        )
-        .service(service_fn(|req: Request<()>| async move {
-            Ok::<_, Infallible>(Response::new(req.headers().clone()))
-        }));
+    let client = internal_only_client();
     let send = |host: Option<&'static str>| {
         let client = client.clone();
         async move {
