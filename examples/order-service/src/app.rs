@@ -32,7 +32,7 @@ pub struct Config {
     /// How long each step of the shutdown may take before it is reported as failed (and its
     /// task aborted). The order server's step takes at least what a request may still take:
     /// the head's grace ([`SHUTDOWN_HEAD_GRACE`](crate::http::server::SHUTDOWN_HEAD_GRACE))
-    /// plus [`Limits::request_timeout`], and a second.
+    /// plus [`Limits::request_timeout`] and [`Limits::write_timeout`], and a second.
     pub shutdown_step_timeout: Duration,
     /// The payment provider's base URL; `None` starts the in-process stub.
     pub payment_url: Option<String>,
@@ -285,6 +285,7 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
         orders_step_timeout: config.shutdown_step_timeout.max(
             crate::http::server::SHUTDOWN_HEAD_GRACE.min(config.limits.head_timeout)
                 + config.limits.request_timeout
+                + config.limits.write_timeout
                 + Duration::from_secs(1),
         ),
     })
@@ -364,6 +365,9 @@ impl RunningService {
     }
 }
 
+/// How long a shutdown step's aborted task is waited for.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
 /// Waits for a task's shutdown step, at most `limit`; a task still running then is aborted
 /// (and waited for), so that the steps after it (the payment stub, the database) are not
 /// pulled from under it while it runs.
@@ -379,7 +383,9 @@ async fn step_task(
             "shutdown: step not finished in time: its task is aborted"
         );
         task.abort();
-        let _ = task.await;
+        // An aborted task stops at its next await; one stuck in blocking code does not, and
+        // the shutdown goes on without it.
+        let _ = tokio::time::timeout(ABORT_WAIT, task).await;
     }
     result
 }

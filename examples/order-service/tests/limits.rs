@@ -372,3 +372,59 @@ async fn a_head_still_arriving_at_shutdown_gets_503_after_the_grace() {
         .expect("task")
         .expect("clean shutdown");
 }
+
+/// Review finding: the shutdown's 503 took "bytes arrived since the last write" for a head
+/// still arriving, but a request whose handler runs writes `100 Continue` and then receives
+/// its body: the 503 cut it off mid-way. Requests in flight are now counted until their
+/// answer is done, and such a request is answered by its handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_shutdown_is_not_cut_by_the_grace() {
+    let limits = Limits {
+        head_timeout: Duration::from_secs(60),
+        body_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(20),
+        ..SHORT
+    };
+    let (service, _dir) = start_with(limits, None).await;
+    let mut stream = TcpStream::connect(service.addr).await.expect("connect");
+    let body = br#"{"reference":"continue-1","items":[]}"#;
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer token-acme\r\n\
+         content-type: application/json\r\nexpect: 100-continue\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut interim = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut interim))
+        .await
+        .expect("100 Continue")
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&interim[..n]).starts_with("HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&interim[..n])
+    );
+    // Part of the body, then the shutdown, then the rest after the grace.
+    stream.write_all(&body[..10]).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(service.shutdown());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(&body[10..]).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        !text.starts_with("HTTP/1.1 503") && text.starts_with("HTTP/1.1 "),
+        "answered by the handler: {text}"
+    );
+    assert!(!text.contains("shutting down"), "{text}");
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("the shutdown ends")
+        .expect("task")
+        .expect("clean shutdown");
+}

@@ -30,7 +30,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     task::{ready, Context, Poll},
@@ -200,7 +200,7 @@ async fn connection(
         .max_buf_size(MAX_HEAD_BYTES);
     let service = Dispatch {
         inner: TowerToHyperService::new(router),
-        dispatched: raw.dispatched.clone(),
+        in_flight: raw.in_flight.clone(),
     };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -214,7 +214,7 @@ async fn connection(
             tokio::select! {
                 result = conn.as_mut() => result,
                 () = grace => {
-                    if raw.head_started() && !raw.dispatched() {
+                    if raw.head_started() && !raw.in_flight() {
                         warn!(%peer, grace_ms = SHUTDOWN_HEAD_GRACE.as_millis() as u64,
                             "shutdown: request head not received within the grace: answered 503");
                         raw.try_write_all(&shutting_down_answer());
@@ -270,23 +270,68 @@ fn shutting_down_answer() -> Vec<u8> {
     .into_bytes()
 }
 
-/// hyper's service, noting when a request is handed to it.
+/// hyper's service, counting the requests in flight: from the request's hand-over until its
+/// answer's body is done (or dropped).
 struct Dispatch<S> {
     inner: S,
-    dispatched: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
 }
 
-impl<S, R> hyper::service::Service<R> for Dispatch<S>
+/// One request in flight, until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`].
+struct InFlightBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<S, R, B> hyper::service::Service<R> for Dispatch<S>
 where
-    S: hyper::service::Service<R>,
+    S: hyper::service::Service<R, Response = hyper::Response<B>>,
+    S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = hyper::Response<InFlightBody<B>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn call(&self, req: R) -> Self::Future {
-        self.dispatched.store(true, Ordering::Relaxed);
-        self.inner.call(req)
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight = InFlight(self.in_flight.clone());
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let res = answer.await?;
+            Ok(res.map(|inner| InFlightBody {
+                inner,
+                _in_flight: in_flight,
+            }))
+        })
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -304,13 +349,13 @@ fn timeout_answer() -> Vec<u8> {
 
 /// A TCP stream hyper reads and writes while the connection task keeps a handle, to answer a
 /// head timeout itself. It knows whether part of a request head arrived since the last answer,
-/// and whether that request was handed to the service; a write that waits on a full socket
+/// and how many requests are in the service; a write that waits on a full socket
 /// for longer than its timeout fails with `TimedOut`.
 #[derive(Debug)]
 struct SharedStream {
     stream: Arc<TcpStream>,
     head_started: Arc<AtomicBool>,
-    dispatched: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
     write_timeout: Duration,
     /// Armed while a write waits for the socket to take bytes.
     write_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -321,7 +366,7 @@ impl Clone for SharedStream {
         SharedStream {
             stream: self.stream.clone(),
             head_started: self.head_started.clone(),
-            dispatched: self.dispatched.clone(),
+            in_flight: self.in_flight.clone(),
             write_timeout: self.write_timeout,
             write_deadline: None,
         }
@@ -333,7 +378,7 @@ impl SharedStream {
         SharedStream {
             stream: Arc::new(stream),
             head_started: Arc::new(AtomicBool::new(false)),
-            dispatched: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             write_timeout,
             write_deadline: None,
         }
@@ -344,9 +389,10 @@ impl SharedStream {
         self.head_started.load(Ordering::Relaxed)
     }
 
-    /// Whether the request those bytes began was handed to the service.
-    fn dispatched(&self) -> bool {
-        self.dispatched.load(Ordering::Relaxed)
+    /// Whether a request was handed to the service and its answer is not done: an interim
+    /// `100 Continue` or a pipelined request's bytes do not make a head that has started.
+    fn in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
     }
 
     /// Writes `bytes` without waiting; gives up on a full socket (the client is not reading).
@@ -409,7 +455,6 @@ impl AsyncWrite for SharedStream {
                     this.write_deadline = None;
                     // An answer is going out: the request it answers was received whole.
                     this.head_started.store(false, Ordering::Relaxed);
-                    this.dispatched.store(false, Ordering::Relaxed);
                     return Poll::Ready(Ok(n));
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
