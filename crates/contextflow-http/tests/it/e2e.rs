@@ -261,3 +261,37 @@ async fn redirect_policy_keeps_baggage_inside_the_filter() {
     assert_eq!(outside, "-", "followed, with no baggage");
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// `redirect_policy` follows as many redirects as reqwest's default policy (10), then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_policy_stops_a_loop_as_reqwest_does() {
+    use axum::response::Redirect;
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    let looping = Router::new().route(
+        "/loop/{n}",
+        get(move |Path(n): Path<u32>| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Redirect::to(&format!("/loop/{}", n + 1)) }
+        }),
+    );
+    let addr = serve(looping).await;
+    let middleware =
+        InjectContextMiddleware::new().baggage_only_to(|uri| uri.host() == Some("127.0.0.1"));
+    let http = reqwest::Client::builder()
+        .redirect(middleware.redirect_policy())
+        .build()
+        .unwrap();
+    let client = ClientBuilder::new(http).with(middleware).build();
+    let err = client
+        .get(format!("http://{addr}/loop/0"))
+        .send()
+        .await
+        .expect_err("a redirect loop fails");
+    assert!(err.is_redirect(), "{err}");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        11,
+        "the first request and 10 redirects"
+    );
+}

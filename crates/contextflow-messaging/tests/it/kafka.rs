@@ -325,7 +325,7 @@ fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
             kafka::inject(
                 &publisher,
                 raw_headers(&[
-                    (b"baggage".to_vec(), Some(b"user=alice".to_vec())),
+                    (b"Baggage".to_vec(), Some(b"user=alice".to_vec())),
                     (b"attempt".to_vec(), Some(b"2".to_vec())),
                 ]),
             )

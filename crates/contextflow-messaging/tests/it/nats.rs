@@ -300,7 +300,7 @@ fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
     let publisher = contextflow_messaging::Publisher::new()
         .with_propagator(contextflow_otel::TraceContextPropagator::new());
     let mut old = HeaderMap::new();
-    old.insert("baggage", "user=alice");
+    old.insert("Baggage", "user=alice");
     old.insert("attempt", "2");
     let headers = contextflow_otel::REQUEST_ID
         .sync_scope("r-2".parse::<RequestId>().unwrap(), || {

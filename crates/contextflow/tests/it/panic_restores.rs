@@ -168,3 +168,31 @@ fn a_panicking_parent_does_not_leak_a_sync_scope_value() {
     );
     assert!(!FRAGILE.with(|v| v.is_some()));
 }
+
+/// Panics in its destructor, also while the thread is already unwinding.
+struct AlwaysPanics;
+impl Drop for AlwaysPanics {
+    fn drop(&mut self) {
+        panic!("destructor fails");
+    }
+}
+
+/// Two destructors that panic in one release (the scope's value, then its parent's): the
+/// first panic waits until the parent is released, so the second does not abort the process
+/// (a panic while unwinding), and one panic reaches the caller.
+#[test]
+fn two_panicking_destructors_in_one_release_do_not_abort() {
+    static OUTER: AsyncLocal<AlwaysPanics> = AsyncLocal::named("outer");
+    static INNER: AsyncLocal<AlwaysPanics> = AsyncLocal::named("inner");
+    let guard = OUTER.enter(AlwaysPanics);
+    let r = catch_unwind(AssertUnwindSafe(move || {
+        INNER.sync_scope(AlwaysPanics, move || {
+            let captured = Snapshot::capture();
+            drop(guard);
+            drop(captured);
+        })
+    }));
+    assert!(r.is_err(), "a destructor's panic reached the caller");
+    assert!(!OUTER.with(|v| v.is_some()));
+    assert!(!INNER.with(|v| v.is_some()));
+}
