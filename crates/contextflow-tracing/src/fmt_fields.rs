@@ -222,6 +222,9 @@ impl Visit for EscapedVisitor<'_> {
     }
 }
 
+/// What stands for the rest of a value whose `Debug` or `Display` failed.
+const FMT_ERROR_MARKER: &str = "<fmt error>";
+
 thread_local! {
     /// The buffer a field's value is formatted into before it is written (see
     /// [`EscapedVisitor::quoted_value`]).
@@ -260,16 +263,23 @@ impl EscapedVisitor<'_> {
         balance: bool,
     ) -> fmt::Result {
         let mut out = TextValue::new(&mut *buf, self.max_value_len);
-        match out.write_fmt(args) {
-            Err(_) if out.truncated() => {}
-            Err(err) => return Err(err),
-            Ok(()) => {}
-        }
-        if out.truncated() {
+        let written = out.write_fmt(args);
+        let truncated = out.truncated();
+        if truncated {
             buf.truncate(buf.len() - TRUNCATED_MARKER.len());
             crate::escape::trim_open_escape(buf);
             let open = balance && has_open_quote(buf);
             buf.push_str(TRUNCATED_MARKER);
+            if open {
+                buf.push('"');
+            }
+        } else if written.is_err() {
+            // A `Debug` or `Display` that fails: what it wrote, then a marker, and the line
+            // goes on. An error here would make tracing-subscriber drop the event, or, for a
+            // span, print its raw field values to stderr.
+            crate::escape::trim_open_escape(buf);
+            let open = balance && has_open_quote(buf);
+            buf.push_str(FMT_ERROR_MARKER);
             if open {
                 buf.push('"');
             }

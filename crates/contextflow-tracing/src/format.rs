@@ -33,8 +33,9 @@ use crate::{
 /// - JSON: `F` must write one JSON object per event (as `tracing_subscriber`'s `Json` format
 ///   does); the fields become its first keys: `{"request_id":"req-123","tenant":"acme",
 ///   "timestamp":...}`, and every string of the line is escaped and cut at
-///   [`ContextFields::max_value_len`] characters. Output that is not an object is passed
-///   through (escaped and bounded the same way).
+///   [`ContextFields::max_value_len`] characters. Output that is not an object (a text format
+///   given to `json` by mistake) becomes one escaped string member, `"line"`, of an object
+///   with the context keys: still one JSON object per event, never a raw newline.
 ///
 /// With no field set there is no prefix (no empty brackets) and no extra key.
 ///
@@ -205,8 +206,21 @@ impl<F> ContextFormat<F> {
         }
         let (members, inner) = line.split_at(inner_start);
         let Some(rest) = inner.strip_prefix('{') else {
-            // Not a JSON object: leave it alone rather than corrupt it.
-            return writer.write_str(inner);
+            // Not a JSON object (a text format given to `json`): written raw it would carry
+            // newlines and look-alike prefixes, without the context. It becomes one escaped
+            // string member of an object with the context members instead.
+            let mut out = String::with_capacity(members.len() + inner.len() + 16);
+            out.push_str(members);
+            if any {
+                out.push(',');
+            }
+            out.push_str("\"line\":");
+            escape::write_json(&mut out, inner.strip_suffix('\n').unwrap_or(inner))?;
+            out.push_str("}\n");
+            if out.len() > self.fields.line_cap() {
+                return self.write_cut_json(writer, members, inner, event);
+            }
+            return writer.write_str(&out);
         };
         // An event field named as a context field is renamed `event.<name>` also when no
         // context is set (none of ours on the line): `info!(tenant = %input)` must not read as

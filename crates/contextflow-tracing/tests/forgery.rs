@@ -453,3 +453,67 @@ fn an_error_chain_that_loops_is_listed_up_to_a_bound() {
     assert!(out.contains("error.sources=[e, e, "), "{out:?}");
     assert!(out.contains(", e, ...]"), "{out:?}");
 }
+
+/// Review finding: `json` over a format that does not write JSON (`fields.json(format())`, a
+/// misconfiguration that compiles) passed the inner text through raw: a message with a newline
+/// made a forged second line, and the context was lost. Now the text is one escaped string
+/// member of an object with the context.
+#[test]
+fn json_over_a_text_format_still_makes_one_object_per_event() {
+    let log = MemoryWriter::new();
+    let dispatch: Dispatch = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(log.clone())
+        .event_format(fields().json(format().without_time()))
+        .finish()
+        .into();
+    tracing::dispatcher::with_default(&dispatch, log_forged_reference_every_way);
+    let lines = log.lines();
+    assert_eq!(lines.len(), 5, "{}", log.contents());
+    for line in &lines {
+        assert_clean(line);
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("invalid JSON {line}: {e}"));
+        assert_eq!(v["request_id"], "req-1", "{line}");
+        assert_eq!(v["tenant"], "acme", "{line}");
+        assert!(
+            v["line"].as_str().is_some_and(|l| l.contains("INFO")),
+            "{line}"
+        );
+    }
+}
+
+/// Review finding: a field whose `Display` fails made `EscapedFields` return the error, and
+/// tracing-subscriber then dropped the event (or, for a span, printed the span's raw field
+/// values to stderr). Now the value shows a marker and the line goes on, escaped.
+#[test]
+fn a_value_whose_display_fails_is_marked_and_the_line_goes_on() {
+    struct Fails;
+    impl std::fmt::Display for Fails {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("part")?;
+            Err(std::fmt::Error)
+        }
+    }
+    impl std::fmt::Debug for Fails {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            std::fmt::Display::fmt(self, f)
+        }
+    }
+    let log = MemoryWriter::new();
+    tracing::dispatcher::with_default(&text_escaped(&log), || {
+        REQUEST_ID.sync_scope("req-1".into(), || {
+            let reference = FORGED;
+            let span = info_span!("controller", %reference, bad = %Fails);
+            span.in_scope(|| info!(bad = ?Fails, %reference, "after a failing value"));
+        })
+    });
+    let lines = log.lines();
+    assert_eq!(lines.len(), 1, "{}", log.contents());
+    let line = &lines[0];
+    assert_clean(line);
+    assert!(line.starts_with("[req-1]"), "{line}");
+    assert!(line.contains("after a failing value"), "{line}");
+    assert_eq!(line.matches("<fmt error>").count(), 2, "{line}");
+    assert!(!line.contains('\n'), "{line}");
+}
