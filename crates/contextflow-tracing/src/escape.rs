@@ -352,8 +352,9 @@ impl<'a> TextLine<'a> {
         }
     }
 
-    /// Has the next character written, if it is a `[`, written as `\x5b` (counted against
-    /// the cap like any escape): a line without context must not start like a context prefix.
+    /// Has the first character written after any leading white space, if it is a `[`,
+    /// written as `\x5b` (counted against the cap like any escape): a line without context
+    /// must not start like a context prefix.
     pub(crate) fn escape_leading_bracket(&mut self) {
         self.leading_bracket = true;
     }
@@ -411,6 +412,13 @@ impl Write for TextLine<'_> {
             if c == '[' {
                 return self.emit("\\x5b", true);
             }
+            if c.is_whitespace() {
+                // ` [req-2 tenant=globex]` reads as a prefix too (to a reader that trims the
+                // line): the escape waits past leading white space.
+                self.write_char(c)?;
+                self.leading_bracket = true;
+                return Ok(());
+            }
         }
         // Hot path of tracing-subscriber's message sanitizer, which writes one char at a time.
         if (' '..='~').contains(&c)
@@ -427,11 +435,16 @@ impl Write for TextLine<'_> {
 
     fn write_str(&mut self, s: &str) -> fmt::Result {
         if self.leading_bracket && !s.is_empty() {
-            self.leading_bracket = false;
-            if let Some(rest) = s.strip_prefix('[') {
-                self.emit("\\x5b", true)?;
-                return self.write_str(rest);
+            // Character by character until the escape is settled (past leading white space).
+            let mut rest = s;
+            while self.leading_bracket {
+                let Some(c) = rest.chars().next() else {
+                    return Ok(());
+                };
+                self.write_char(c)?;
+                rest = &rest[c.len_utf8()..];
             }
+            return self.write_str(rest);
         }
         // Hot path: formatters write many short pieces (tracing-subscriber's sanitizer writes
         // messages one character at a time).

@@ -61,6 +61,11 @@ use crate::{fields::with_scratch, ContextFields};
 ///   event's own are left out (an event with 32 fields gets none).
 /// - The parent span is the event's. The metadata is made once per event callsite and kept for
 ///   the life of the process (as `tracing-log` does for `log` records).
+/// - Spans reach the wrapped layer as they are: a span field with a context field's name
+///   (`info_span!("call", tenant = %body.tenant)`) is not renamed. A sink that copies span
+///   fields onto its records (OpenTelemetry's appender with span attributes turned on) would
+///   then show it beside, or instead of, the context's `tenant`: keep the context fields'
+///   names out of what such a sink copies, or out of span fields.
 /// - A `log`-crate record (through `tracing-log`) keeps its `log.*` fields, and its metadata is
 ///   the bridge's (target `log`).
 /// - Put per-layer filters around the wrapper, not inside it: the wrapper cannot forward

@@ -506,6 +506,8 @@ fn a_line_without_context_cannot_pass_for_a_requests_line() {
         let header = "[req-2 tenant=globex] refund approved";
         info!("{header}");
         REQUEST_ID.sync_scope("req-1".into(), || info!("{header}"));
+        // After leading white space too (a reader that trims the line sees a prefix).
+        info!(" \t{header}");
     });
     let out = capture.contents();
     let lines: Vec<&str> = out.lines().collect();
@@ -513,7 +515,8 @@ fn a_line_without_context_cannot_pass_for_a_requests_line() {
         lines,
         [
             "\\x5breq-2 tenant=globex] refund approved",
-            "[req-1] [req-2 tenant=globex] refund approved"
+            "[req-1] [req-2 tenant=globex] refund approved",
+            " \\t\\x5breq-2 tenant=globex] refund approved"
         ]
     );
 
