@@ -189,6 +189,17 @@ async fn a_thousand_concurrent_requests_never_mix_contexts() {
     assert_eq!(ids.len(), REQUESTS, "every request kept its own id");
 }
 
+/// A client whose middleware sends baggage to 127.0.0.1 only, with its redirect policy.
+fn client_with_redirect_policy() -> ClientWithMiddleware {
+    let middleware =
+        InjectContextMiddleware::new().baggage_only_to(|uri| uri.host() == Some("127.0.0.1"));
+    let http = reqwest::Client::builder()
+        .redirect(middleware.redirect_policy())
+        .build()
+        .unwrap();
+    ClientBuilder::new(http).with(middleware).build()
+}
+
 /// Review finding: reqwest follows redirects below the middleware, with the first request's
 /// headers: a `302` from an allowed host to another one carried the baggage there. With
 /// `redirect_policy`, a redirect the filter refuses is not followed (the caller gets the
@@ -224,13 +235,7 @@ async fn redirect_policy_keeps_baggage_inside_the_filter() {
             get(move || async move { Redirect::to(&format!("http://127.0.0.1:{echo_port}/echo")) }),
         );
     let from = serve(redirects).await;
-    let middleware =
-        InjectContextMiddleware::new().baggage_only_to(|uri| uri.host() == Some("127.0.0.1"));
-    let http = reqwest::Client::builder()
-        .redirect(middleware.redirect_policy())
-        .build()
-        .unwrap();
-    let client = ClientBuilder::new(http).with(middleware).build();
+    let client = client_with_redirect_policy();
     let incoming = contextflow_otel::extract(&Pairs::new([("baggage", "userId=alice")]));
     let (away, near, outside) = contextflow_otel::scope(incoming, async {
         let away = client
@@ -276,13 +281,7 @@ async fn redirect_policy_stops_a_loop_as_reqwest_does() {
         }),
     );
     let addr = serve(looping).await;
-    let middleware =
-        InjectContextMiddleware::new().baggage_only_to(|uri| uri.host() == Some("127.0.0.1"));
-    let http = reqwest::Client::builder()
-        .redirect(middleware.redirect_policy())
-        .build()
-        .unwrap();
-    let client = ClientBuilder::new(http).with(middleware).build();
+    let client = client_with_redirect_policy();
     let err = client
         .get(format!("http://{addr}/loop/0"))
         .send()
