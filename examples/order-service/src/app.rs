@@ -39,6 +39,10 @@ pub struct Config {
     /// How old a `pending` order must be before the resolver decides it (longer than a
     /// request may take).
     pub resolve_after: Duration,
+    /// How long one resolver pass goes on asking the provider about pending orders; the call
+    /// in progress then ends the pass (a call is never cut off; each has its own 10 s
+    /// timeout).
+    pub resolve_budget: Duration,
     /// Whether to run the outbox worker (off only in tests of a restart before delivery).
     pub deliver_outbox: bool,
     /// Where the payment stub's spans go (its own `service.name`); `None`: OpenTelemetry's
@@ -111,6 +115,7 @@ impl Config {
             shutdown_step_timeout: Duration::from_secs(30),
             payment_url: None,
             resolve_after: Duration::from_secs(60),
+            resolve_budget: Duration::from_secs(5),
             deliver_outbox: true,
             telemetry: None,
             queue: crate::queue::QueueUrl::InProcess,
@@ -149,6 +154,7 @@ impl std::fmt::Debug for Config {
             .field("shutdown_step_timeout", &self.shutdown_step_timeout)
             .field("payment_url", &self.payment_url.as_deref().map(redact_url))
             .field("resolve_after", &self.resolve_after)
+            .field("resolve_budget", &self.resolve_budget)
             .field("deliver_outbox", &self.deliver_outbox)
             .finish()
     }
@@ -246,6 +252,7 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
             queue: queue.clone(),
             service: service.clone(),
             resolve_after: config.resolve_after,
+            resolve_budget: config.resolve_budget,
             shutdown: worker_shutdown.clone(),
         }
         .start(signal.clone())

@@ -38,8 +38,6 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub const GATHER: Duration = Duration::from_millis(10);
 /// How many rows one batch delivers.
 const BATCH: i64 = 256;
-/// The longest one resolver pass may take (each payment call has its own 10 s timeout).
-const RESOLVE_BUDGET: Duration = Duration::from_secs(5);
 /// The longest wait between resolver passes while the provider gives no answers.
 const MAX_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -71,6 +69,9 @@ pub struct Worker {
     pub service: OrderService,
     /// How old a `pending` order must be before the resolver decides it.
     pub resolve_after: Duration,
+    /// How long one resolver pass goes on asking about orders (see
+    /// [`OrderService::resolve_pending_within`]).
+    pub resolve_budget: Duration,
     /// When to stop.
     pub shutdown: Shutdown,
 }
@@ -143,35 +144,33 @@ impl Worker {
                 let mut empty = deliverer.deliver_all().await;
                 if last_resolve.elapsed() >= resolve_every || stopping {
                     last_resolve = tokio::time::Instant::now();
-                    // Bounded: a provider that hangs costs this long per pass, not 10 s per
-                    // pending order (an order cut off mid-decision stays pending: the next
-                    // pass asks again with the same key).
-                    match tokio::time::timeout(
-                        RESOLVE_BUDGET,
-                        self.service.resolve_pending(self.resolve_after),
-                    )
-                    .await
+                    // Bounded: a provider that hangs costs the budget and one call's
+                    // timeout per pass, not 10 s per pending order; the orders not asked
+                    // about wait for the next pass.
+                    match self
+                        .service
+                        .resolve_pending_within(self.resolve_after, self.resolve_budget)
+                        .await
                     {
-                        Ok(Ok(outcome)) => {
+                        Ok(outcome) => {
                             resolve_every = if outcome.undecided > 0 && outcome.decided == 0 {
                                 // The provider gives no answers: ask less often.
                                 (resolve_every * 2).min(MAX_RESOLVE_INTERVAL)
                             } else {
                                 POLL
                             };
+                            if outcome.left {
+                                warn!(
+                                    budget_ms = self.resolve_budget.as_millis() as u64,
+                                    "resolver pass ended at its budget: the rest next pass"
+                                );
+                            }
                             if outcome.decided > 0 {
                                 // Their confirmations, now rather than next pass.
                                 empty = deliverer.deliver_all().await;
                             }
                         }
-                        Ok(Err(err)) => warn!(error = %err, "resolver pass failed"),
-                        Err(_) => {
-                            resolve_every = (resolve_every * 2).min(MAX_RESOLVE_INTERVAL);
-                            warn!(
-                                budget_ms = RESOLVE_BUDGET.as_millis() as u64,
-                                "resolver pass cut short: the rest next pass"
-                            );
-                        }
+                        Err(err) => warn!(error = %err, "resolver pass failed"),
                     }
                 }
                 signal.passes.send_replace(Pass { served, empty });

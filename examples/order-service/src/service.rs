@@ -100,6 +100,14 @@ pub enum ServiceError {
         /// Why the provider did not answer.
         why: String,
     },
+    /// The reference names an earlier order of the tenant whose lines differ from this
+    /// request's: not a retry of it, and not placed (`422`).
+    ReferenceReused {
+        /// The reference.
+        reference: String,
+        /// The earlier order.
+        order_id: i64,
+    },
     /// The database failed, or a repository ran without a tenant.
     Repo(RepoError),
 }
@@ -125,6 +133,8 @@ pub struct Resolved {
     pub decided: usize,
     /// Orders the provider gave no answer for: still pending.
     pub undecided: usize,
+    /// Whether the pass ended at its budget with orders it did not ask about.
+    pub left: bool,
 }
 
 // ===== impl OrderService =====
@@ -158,7 +168,7 @@ impl OrderService {
             let (order_id, total_cents, items) = match reserved {
                 Ok(reserved) => reserved,
                 Err(ServiceError::Repo(err)) if err.is_unique_violation() => {
-                    return self.existing(&order.reference).await;
+                    return self.existing(order).await;
                 }
                 Err(err) => return Err(err),
             };
@@ -186,6 +196,12 @@ impl OrderService {
             let placed = self
                 .decide(order_id, &order.reference, total_cents, items, decision)
                 .await?;
+            if placed.status == "cancelled" {
+                // The resolver cancelled it while this request waited for the provider: the
+                // client gets the decision that stands.
+                warn!(order_id, "order cancelled meanwhile: declined");
+                return Err(ServiceError::Payment(PaymentError::Declined));
+            }
             info!(reference = %order.reference, order_id, status = %placed.status, "order placed");
             Ok(Placed::Created(placed))
         }
@@ -355,16 +371,30 @@ impl OrderService {
             Err(PaymentError::Declined) => {
                 // In sku order, the order in which reservations lock the same rows: no cycle.
                 items.sort_by(|a, b| a.sku.cmp(&b.sku));
-                self.db
+                let cancelled = self
+                    .db
                     .transaction(|| async {
-                        if self.orders.cancel(order_id).await? {
-                            for item in &items {
-                                self.inventory.release(&item.sku, item.quantity).await?;
-                            }
+                        if !self.orders.cancel(order_id).await? {
+                            return Ok::<_, ServiceError>(false);
                         }
-                        Ok::<_, ServiceError>(())
+                        for item in &items {
+                            self.inventory.release(&item.sku, item.quantity).await?;
+                        }
+                        Ok(true)
                     })
                     .await?;
+                if !cancelled {
+                    let current = self.current(order_id).await?;
+                    if current.status == "paid" {
+                        // Decided already, the other way (the provider answered another
+                        // caller of the same key with a charge): the order stands, paid.
+                        error!(
+                            order_id,
+                            "payment declined for an order already paid: the order stands"
+                        );
+                        return Ok(current);
+                    }
+                }
                 warn!(
                     order_id,
                     "payment declined: order cancelled, stock released"
@@ -385,13 +415,34 @@ impl OrderService {
         }
     }
 
-    /// The first order placed with `reference`.
-    async fn existing(&self, reference: &str) -> Result<Placed, ServiceError> {
+    /// The first order placed with `new`'s reference, when `new` is a retry of it: the same
+    /// quantity of each product, in any order of lines. Otherwise the reference is reused for
+    /// another order, which is refused: answering with the first order would tell the client
+    /// that this one was placed.
+    async fn existing(&self, new: &NewOrder) -> Result<Placed, ServiceError> {
         let order = self
             .orders
-            .find_by_reference(reference)
+            .find_by_reference(&new.reference)
             .await?
             .ok_or_else(|| ServiceError::Repo(RepoError::Sqlx(sqlx::Error::RowNotFound)))?;
+        let requested = new
+            .items
+            .iter()
+            .map(|line| (line.sku.as_str(), line.quantity));
+        let recorded = order
+            .items
+            .iter()
+            .map(|line| (line.sku.as_str(), line.quantity));
+        if quantities_by_sku(requested) != quantities_by_sku(recorded) {
+            warn!(
+                order_id = order.id,
+                "reference already used by an order with other lines: refused"
+            );
+            return Err(ServiceError::ReferenceReused {
+                reference: new.reference.clone(),
+                order_id: order.id,
+            });
+        }
         info!(order_id = order.id, status = %order.status, "order already placed with this reference");
         Ok(Placed::Existing(order))
     }
@@ -416,6 +467,24 @@ impl OrderService {
         &self,
         min_age: std::time::Duration,
     ) -> Result<Resolved, ServiceError> {
+        self.resolve_pending_within(min_age, std::time::Duration::MAX)
+            .await
+    }
+
+    /// [`resolve_pending`](Self::resolve_pending), asking about no more orders once `budget`
+    /// has passed (it asks about one at least): the pass then ends after the call in
+    /// progress, which is never cut off (a call cut off at a budget shorter than the
+    /// provider's answer would leave every order pending while the provider is slow, and
+    /// might have charged it), so a pass takes at most `budget` plus one call's timeout.
+    ///
+    /// # Errors
+    /// As [`resolve_pending`](Self::resolve_pending).
+    pub async fn resolve_pending_within(
+        &self,
+        min_age: std::time::Duration,
+        budget: std::time::Duration,
+    ) -> Result<Resolved, ServiceError> {
+        let started = tokio::time::Instant::now();
         let before = crate::db::now_ms() - min_age.as_millis() as i64;
         let from = self.resolve_from.load(Ordering::Relaxed);
         let mut pending = self
@@ -434,6 +503,11 @@ impl OrderService {
         }
         let mut resolved = Resolved::default();
         for order in pending {
+            // At least one order per pass, however long reading the list took.
+            if resolved.decided + resolved.undecided > 0 && started.elapsed() >= budget {
+                resolved.left = true;
+                break;
+            }
             // Before asking: a pass cut short (its time budget) starts after this order next
             // time, so one order the provider hangs on does not keep the others from being asked.
             self.resolve_from.store(order.id, Ordering::Relaxed);
@@ -443,6 +517,12 @@ impl OrderService {
                 tracing::info_span!("resolver", order_id = order.id, reference = %order.reference);
             let work = TENANT.scope(TenantId::new(order.tenant.clone()), async {
                 let current = self.current(order.id).await?;
+                if current.status != "pending" {
+                    // Decided since the list was read (its request, or another instance's
+                    // resolver): asking the provider again could charge a cancelled order.
+                    info!(status = %current.status, "pending order decided meanwhile");
+                    return Ok(true);
+                }
                 let total_cents = current
                     .items
                     .iter()
@@ -585,9 +665,28 @@ impl std::fmt::Display for ServiceError {
                 f,
                 "payment provider unavailable ({why}); order {order_id} is pending and will be completed or cancelled"
             ),
+            ServiceError::ReferenceReused {
+                reference,
+                order_id,
+            } => write!(
+                f,
+                "reference {reference:?} is already used by order {order_id}, whose lines differ from this request's"
+            ),
             ServiceError::Repo(err) => write!(f, "{err}"),
         }
     }
+}
+
+/// The units of each product in `lines`, by product: what makes two requests the same order
+/// (lines may repeat a product or come in another order).
+fn quantities_by_sku<'a>(
+    lines: impl Iterator<Item = (&'a str, i64)>,
+) -> std::collections::BTreeMap<&'a str, i64> {
+    let mut total = std::collections::BTreeMap::new();
+    for (sku, quantity) in lines {
+        *total.entry(sku).or_insert(0) += quantity;
+    }
+    total
 }
 
 impl std::error::Error for ServiceError {}

@@ -67,9 +67,9 @@ impl IntoResponse for ApiError {
 impl From<ServiceError> for ApiError {
     fn from(err: ServiceError) -> Self {
         let status = match &err {
-            ServiceError::Invalid(_) | ServiceError::UnknownProduct(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ServiceError::Invalid(_)
+            | ServiceError::UnknownProduct(_)
+            | ServiceError::ReferenceReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ServiceError::InsufficientStock { .. } => StatusCode::CONFLICT,
             ServiceError::Payment(PaymentError::Declined) => StatusCode::PAYMENT_REQUIRED,
             ServiceError::Payment(PaymentError::Unavailable(_) | PaymentError::Refused(_)) => {

@@ -40,6 +40,10 @@ enum Mode {
     InProgress,
     /// Charges the key (once), then answers `500`: the charge's answer is lost.
     ChargeThenFail,
+    /// Waits, then charges the key (once) and answers: a slow provider.
+    AnswerAfter(Duration),
+    /// `402`: declined.
+    Decline,
 }
 
 /// A payment provider the test steers, charging through a [`Stub`] that outlives services.
@@ -87,6 +91,14 @@ async fn answer(State(p): State<Provider>, headers: HeaderMap) -> Response {
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
         Mode::InProgress => StatusCode::CONFLICT.into_response(),
+        Mode::Decline => StatusCode::PAYMENT_REQUIRED.into_response(),
+        Mode::AnswerAfter(delay) => {
+            tokio::time::sleep(delay).await;
+            Json(PaymentResponse {
+                payment_id: p.stub.charge(&key),
+            })
+            .into_response()
+        }
         Mode::ChargeThenHang => {
             p.stub.charge(&key);
             let _ = p.charged.send(key);
@@ -260,6 +272,109 @@ async fn provider_refusing_connections_leaves_the_order_pending_until_a_restart_
     );
     assert_eq!(order.confirmation_sent, 1);
     second.shutdown().await.expect("clean shutdown");
+}
+
+/// A provider slower than the resolver's budget still gets its orders decided: the budget
+/// stops the pass from asking about more orders, it never cuts off a call (which left every
+/// order pending for as long as the provider stayed that slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_slower_than_the_resolver_budget_still_gets_its_orders_decided() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::Fail).await;
+    let mut config = Config::local(&url);
+    config.payment_url = Some(format!("http://{addr}"));
+    config.resolve_after = Duration::ZERO;
+    config.resolve_budget = Duration::from_millis(20);
+    let service = app::start(config).await.expect("service starts");
+    let (status, body) = post_order(&service, "slow-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    provider.set(Mode::AnswerAfter(Duration::from_millis(300)));
+    // The worker's passes back off while the provider fails (0.5 s, doubling): a few seconds.
+    let waited = tokio::time::Instant::now();
+    while by_reference(&service, "slow-1").await.status == "pending" {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the worker's resolver never decided the order"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    service.state.outbox.wait_delivered().await;
+    let order = by_reference(&service, "slow-1").await;
+    assert_eq!(order.status, "paid");
+    assert_eq!(order.confirmation_sent, 1);
+    assert_eq!(provider.stub.charges(), 1);
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// The resolver (of another instance, or one whose `resolve_after` is shorter than a request)
+/// declines an order while its request still waits for the provider: the request answers the
+/// decision that stands (`402`), not `201` with a cancelled order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_cancelled_while_its_request_waits_is_answered_as_declined() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::AnswerAfter(Duration::from_secs(2))).await;
+    let service = start(&url, &format!("http://{addr}"), false).await;
+    let stock = apples(&service).await;
+    let request = tokio::spawn({
+        let addr = service.addr;
+        async move {
+            let response = reqwest::Client::new()
+                .post(format!("http://{addr}/orders"))
+                .header("authorization", "Bearer token-acme")
+                .json(&order("raced-1", &[("sku-apple", 3)]))
+                .send()
+                .await
+                .expect("send");
+            json_answer(response).await
+        }
+    });
+    let orders = OrderRepository::new(&service.state.db);
+    while as_acme(orders.find_by_reference("raced-1"))
+        .await
+        .unwrap()
+        .is_none()
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    provider.set(Mode::Decline);
+    resolve_now(&service).await;
+    assert_eq!(by_reference(&service, "raced-1").await.status, "cancelled");
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(by_reference(&service, "raced-1").await.status, "cancelled");
+    assert_eq!(apples(&service).await, stock, "the stock is released once");
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// A pass past its budget asks about no more orders and says so; the next pass asks about
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_pass_past_its_budget_leaves_the_rest_to_the_next() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::Fail).await;
+    let service = start(&url, &format!("http://{addr}"), false).await;
+    for reference in ["budget-1", "budget-2"] {
+        let (status, body) = post_order(&service, reference).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    provider.set(Mode::AnswerAfter(Duration::from_millis(50)));
+    let resolver = &service.state.service;
+    let first = resolver
+        .resolve_pending_within(Duration::ZERO, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!((first.decided, first.undecided, first.left), (1, 0, true));
+    let second = resolver
+        .resolve_pending_within(Duration::ZERO, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!((second.decided, second.undecided), (1, 0), "{second:?}");
+    for reference in ["budget-1", "budget-2"] {
+        assert_eq!(by_reference(&service, reference).await.status, "paid");
+    }
+    assert_eq!(provider.stub.charges(), 2);
+    service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

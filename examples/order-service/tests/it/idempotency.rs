@@ -1,5 +1,6 @@
 //! A reference names one order per tenant: a retry gets the first order back (`200`, same
-//! id), never a second one, also when the duplicates arrive concurrently.
+//! id), never a second one, also when the duplicates arrive concurrently; a request with a used
+//! reference and other lines is refused (`422`).
 
 use std::sync::Arc;
 
@@ -27,14 +28,35 @@ pub(crate) async fn retry_returns_first(svc: &TestService) {
         .post_order("token-acme", order("idem-1", &[("sku-apple", 2)]))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
-    // Same reference, even another body: the first order, unchanged.
+    // The same order again, its lines split and reordered: the first order, unchanged.
     let (status, again) = svc
-        .post_order("token-acme", order("idem-1", &[("sku-pear", 5)]))
+        .post_order(
+            "token-acme",
+            order("idem-1", &[("sku-apple", 1), ("sku-apple", 1)]),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{again}");
     assert_eq!(again["id"], first["id"]);
     assert_eq!(again["items"], first["items"]);
+    // Same reference, other lines: not a retry, refused, and nothing placed or charged.
+    let pears = svc.stock("acme", "sku-pear").await;
+    for lines in [
+        &[("sku-pear", 5)][..],
+        &[("sku-apple", 3)],
+        &[("sku-apple", 2), ("sku-pear", 1)],
+    ] {
+        let (status, refused) = svc.post_order("token-acme", order("idem-1", lines)).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{lines:?}: {refused}"
+        );
+        let message = refused["error"].as_str().expect("a JSON error");
+        assert!(message.contains("already used by order"), "{message}");
+        assert!(refused["request_id"].is_string(), "{refused}");
+    }
     assert_eq!(svc.stock("acme", "sku-apple").await, stock - 2);
+    assert_eq!(svc.stock("acme", "sku-pear").await, pears);
     // Another tenant may use the same reference.
     let (status, other) = svc
         .post_order("token-globex", order("idem-1", &[("sku-apple", 1)]))
