@@ -29,7 +29,9 @@
 //! ```
 //!
 //! With feature `tokio`, `tokio::process::Command` has the same method.
-//! Only what a propagator writes crosses: never the tenant, the user or a transaction.
+//! Only what a propagator writes crosses: never the tenant, the user or a transaction. Inside
+//! [`contextflow::suppress_flow`] nothing crosses (the variables are only removed): a
+//! long-lived child started there does not keep the request's ids or trace.
 
 use std::ffi::OsString;
 
@@ -94,6 +96,12 @@ pub fn from_env() -> Context {
 pub fn from_env_with(propagation: &Propagation) -> Context {
     let mut values: Vec<(String, String)> = Vec::new();
     for field in propagation.fields() {
+        // A field listed twice in two spellings (`x-request-id` by us, `X-Request-ID` by a
+        // composed propagator) is one variable: read once, or the extractor sees it repeated
+        // and drops it.
+        if values.iter().any(|(f, _)| f.eq_ignore_ascii_case(&field)) {
+            continue;
+        }
         let name = env_name(&field);
         let Some(value) = std::env::var_os(&name) else {
             continue;
@@ -154,10 +162,13 @@ impl EnvChanges {
             }
         }
         let mut set = Vec::new();
-        propagation.inject(
-            &contextflow_otel::current_context(),
-            &mut EnvInjector(&mut set),
-        );
+        // Inside `contextflow::suppress_flow` a child starts empty, as a spawned task does.
+        if !contextflow::is_flow_suppressed() {
+            propagation.inject(
+                &contextflow_otel::current_context(),
+                &mut EnvInjector(&mut set),
+            );
+        }
         EnvChanges { remove, set }
     }
 }

@@ -62,9 +62,7 @@
 //! that accepts it).
 
 use opentelemetry::propagation::Extractor;
-use rdkafka::message::{
-    BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage,
-};
+use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders, OwnedMessage};
 
 use crate::{Consumed, Consumer, MessageContext, Publisher};
 
@@ -276,6 +274,11 @@ pub mod raw {
             })
         }
 
+        /// The list's pointer, for a call that changes it.
+        fn as_mut_ptr(self) -> *mut rd::rd_kafka_headers_t {
+            self.ptr.as_ptr()
+        }
+
         /// How many headers the list holds.
         pub(super) fn count(self) -> usize {
             // SAFETY: a live list for `'a` (see the constructors).
@@ -306,14 +309,46 @@ pub mod raw {
             Some((name, value))
         }
     }
+
+    /// `headers` with the header `name` (its bytes, UTF-8 or not; no NUL) = `value` (`None`:
+    /// a null value) added at the end. rdkafka's `OwnedHeaders::insert` takes a `&str` name
+    /// only.
+    pub(super) fn add(headers: OwnedHeaders, name: &[u8], value: Option<&[u8]>) -> OwnedHeaders {
+        debug_assert!(
+            !name.contains(&0),
+            "a header name read from a list has no NUL"
+        );
+        let (value_ptr, value_len) = match value {
+            Some(v) => (v.as_ptr().cast::<c_void>(), v.len() as isize),
+            None => (ptr::null(), 0),
+        };
+        // SAFETY: `headers` is a live list that this function owns (taken by value: nothing
+        // else reads or changes it during the call), made writable by `OwnedHeaders::new*`
+        // (rdkafka's own `insert` makes the same call on it); librdkafka copies `name.len()`
+        // bytes of the name and `value_len` bytes of the value, both live for the call.
+        let err = unsafe {
+            rd::rd_kafka_header_add(
+                List::owned(&headers).as_mut_ptr(),
+                name.as_ptr().cast::<c_char>(),
+                name.len() as isize,
+                value_ptr,
+                value_len,
+            )
+        };
+        debug_assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        headers
+    }
 }
 
 // ===== publish =====
 
 /// `headers` with the current context written into them by `publisher`: the headers named by
-/// its fields (any case) are replaced, others kept. Kafka headers are a list, and a record
-/// re-published with its headers (to a retry topic) would otherwise carry two of each, which
-/// a consumer drops as repeated.
+/// its fields or the default ones (`traceparent`, `tracestate`, `baggage`, `x-request-id`;
+/// any case) are replaced, the others kept in their order, after the propagation headers
+/// (a consumer reads the first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers).
+/// Kafka headers are a list, and a record re-published with its headers (to a retry topic)
+/// would otherwise carry two of each, which a consumer drops as repeated. Header names that
+/// are not UTF-8 are kept as they are.
 ///
 /// ```
 /// use contextflow_messaging::{rdkafka::inject, Publisher};
@@ -341,44 +376,34 @@ pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
     publisher.inject(&mut contextflow_otel::carrier::InjectFn(
         |k: &str, v: String| pairs.push((k.to_owned(), v)),
     ));
-    let fields = publisher.replaced_fields();
-    let ours = |name: &str| fields.iter().any(|f| f.eq_ignore_ascii_case(name));
-    // Read through the raw list: rdkafka's own reader panics on a name that is not UTF-8.
-    let (clash, all_text) = {
-        let list = raw::List::owned(&headers);
-        (0..list.count()).filter_map(|i| list.get(i)).fold(
-            (false, true),
-            |(clash, all_text), (name, _)| {
-                let text = std::str::from_utf8(name).ok();
-                (clash || text.is_some_and(&ours), all_text && text.is_some())
-            },
-        )
-    };
-    if clash && !all_text {
-        // rdkafka cannot write such a name back: keep the list as it is, ours appended.
-        tracing::debug!(
-            "headers with a name that is not UTF-8: propagation headers appended, not replaced"
-        );
-    }
-    let headers = if clash && all_text {
-        headers
-            .iter()
-            .filter(|h| !ours(h.key))
-            .fold(OwnedHeaders::new(), |kept, h| {
-                kept.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                })
+    let write_ours = |list: OwnedHeaders| {
+        pairs.iter().fold(list, |list, (key, value)| {
+            list.insert(Header {
+                key,
+                value: Some(value.as_str()),
             })
-    } else {
-        headers
-    };
-    pairs.iter().fold(headers, |headers, (key, value)| {
-        headers.insert(Header {
-            key,
-            value: Some(value.as_str()),
         })
-    })
+    };
+    // Read through the raw list: rdkafka's own reader panics on a name that is not UTF-8.
+    let old = raw::List::owned(&headers);
+    let count = old.count();
+    if count == 0 {
+        return write_ours(headers);
+    }
+    let fields = publisher.replaced_fields();
+    let ours = |name: &[u8]| {
+        fields
+            .iter()
+            .any(|f| f.as_bytes().eq_ignore_ascii_case(name))
+    };
+    // A new list, ours first: a consumer reads the first MAX_PAIRS headers, and a record with
+    // many headers of its own would push ours out of them. The others follow in their order,
+    // names that are not UTF-8 included (copied as bytes).
+    let fresh = write_ours(OwnedHeaders::new_with_capacity(pairs.len() + count));
+    (0..count)
+        .filter_map(|i| old.get(i))
+        .filter(|(name, _)| !ours(name))
+        .fold(fresh, |list, (name, value)| raw::add(list, name, value))
 }
 
 // ===== consume =====

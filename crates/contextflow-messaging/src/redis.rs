@@ -215,8 +215,40 @@ where
     F: ToRedisArgs + Send + Sync,
     V: ToRedisArgs + Send + Sync,
 {
-    let publisher = Publisher::new();
-    let names = publisher.fields();
+    add_with(&Publisher::new(), con, key, items).await
+}
+
+/// [`add`] with the propagation fields that `publisher` writes. An application item named
+/// like one of `publisher`'s fields, or like one of the default fields (`traceparent`,
+/// `tracestate`, `baggage`, `x-request-id`, in any case), is left out, so a job re-queued
+/// with its old fields through a publisher with a narrower propagator does not pass on the
+/// first request's baggage or trace as the current one's.
+///
+/// # Errors
+///
+/// Those of the `XADD` command.
+///
+/// ```no_run
+/// # #[allow(dead_code)]
+/// # async fn run(mut con: redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+/// use contextflow_messaging::Publisher;
+///
+/// let publisher = Publisher::new().with_propagator(contextflow_otel::TraceContextPropagator::new());
+/// let id = contextflow_messaging::redis::add_with(&publisher, &mut con, "jobs:email", &[("to", "a@example.com")]).await?;
+/// assert!(id.contains('-'));
+/// # Ok(()) }
+/// ```
+pub async fn add_with<F, V>(
+    publisher: &Publisher,
+    con: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    items: &[(F, V)],
+) -> RedisResult<String>
+where
+    F: ToRedisArgs + Send + Sync,
+    V: ToRedisArgs + Send + Sync,
+{
+    let names = publisher.replaced_fields();
     let mut cmd = redis::cmd("XADD");
     cmd.arg(key).arg("*");
     for (field, value) in items {
@@ -232,7 +264,7 @@ where
             cmd.arg(field).arg(value);
         }
     }
-    cmd.arg(fields(&publisher)).query_async(con).await
+    cmd.arg(fields(publisher)).query_async(con).await
 }
 
 // ===== consume =====

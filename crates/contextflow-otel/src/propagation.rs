@@ -725,7 +725,8 @@ impl Propagation {
                 }
             }),
         };
-        if !fields.iter().any(|f| f == X_REQUEST_ID) {
+        // Header names are case-insensitive: `X-Request-ID` listed by a propagator is ours.
+        if !fields.iter().any(|f| f.eq_ignore_ascii_case(X_REQUEST_ID)) {
             fields.push(X_REQUEST_ID.to_owned());
         }
         fields

@@ -14,7 +14,7 @@ use opentelemetry::{
 };
 use proptest::prelude::*;
 use rdkafka::{
-    message::{Header, OwnedHeaders, OwnedMessage},
+    message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
     Message as _, Timestamp,
 };
 use tokio::task::JoinSet;
@@ -149,6 +149,29 @@ const VALID_ID: &str = "kafka-42";
 /// Headers with any bytes as names (no NUL: librdkafka's names are C strings), added through
 /// librdkafka itself: rdkafka's `OwnedHeaders::insert` takes names as `&str` only, while any
 /// producer (librdkafka's C API, Java's, Go's) may write a name that is not UTF-8.
+/// Header `i` of `headers` as bytes, through librdkafka (rdkafka's reader panics on a name
+/// that is not UTF-8).
+fn raw_header(headers: &OwnedHeaders, i: usize) -> (&[u8], Option<&[u8]>) {
+    use rdkafka::bindings as rd;
+    let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+    // SAFETY: `headers` is a live list (a `&BorrowedHeaders` is the list's pointer, as rdkafka
+    // 0.33 makes it), only read; librdkafka hands out the name (NUL-terminated) and the value
+    // (`size` bytes) that the list owns, borrowed here for as long as `headers` is.
+    unsafe {
+        let err = rd::rd_kafka_header_get_all(
+            std::ptr::from_ref(headers.as_borrowed()).cast_mut().cast(),
+            i,
+            &mut name,
+            &mut value,
+            &mut size,
+        );
+        assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        let name = std::ffi::CStr::from_ptr(name).to_bytes();
+        let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast(), size));
+        (name, value)
+    }
+}
+
 fn raw_headers(headers: &[(Vec<u8>, Option<Vec<u8>>)]) -> OwnedHeaders {
     use rdkafka::bindings as rd;
     let all = OwnedHeaders::new_with_capacity(headers.len());
@@ -281,9 +304,11 @@ fn headers_generator_reaches_the_accept_path() {
     assert!(accepted * 10 >= total, "{accepted}/{total}");
 }
 
-/// Review finding: `inject`, replacing the propagation headers of a record re-published with
+/// Review findings: `inject`, replacing the propagation headers of a record re-published with
 /// its headers, read them through rdkafka's `Headers`, which panics on a name that is not
-/// UTF-8. Now: replaced (any case) when every name is text, appended otherwise, never a panic.
+/// UTF-8; then, with such a name among the headers, it appended its headers after the old
+/// ones, which a consumer dropped as repeated. Now: replaced (any case), the other headers
+/// kept in their order, names that are not UTF-8 included, never a panic.
 #[test]
 fn inject_replaces_propagation_headers_and_survives_names_that_are_not_utf8() {
     use contextflow_otel::REQUEST_ID;
@@ -309,9 +334,45 @@ fn inject_replaces_propagation_headers_and_survives_names_that_are_not_utf8() {
     let mixed = publish(raw_headers(&[
         (b"\xff\xfe".to_vec(), Some(b"x".to_vec())),
         (b"x-request-id".to_vec(), Some(b"r-old".to_vec())),
+        (b"empty".to_vec(), None),
     ]));
-    // Appended: the old and the new (a consumer drops both as repeated; no panic).
-    assert_eq!(ids(&mixed), 2);
+    assert_eq!(ids(&mixed), 1);
+    let list: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..mixed.count())
+        .map(|i| {
+            let (name, value) = raw_header(&mixed, i);
+            (name.to_vec(), value.map(<[u8]>::to_vec))
+        })
+        .collect();
+    assert_eq!(
+        list,
+        [
+            (b"x-request-id".to_vec(), Some(b"r-new".to_vec())),
+            (b"\xff\xfe".to_vec(), Some(b"x".to_vec())),
+            (b"empty".to_vec(), None),
+        ]
+    );
+}
+
+/// Review finding: a record with many headers of its own got the propagation headers after
+/// them, past the first MAX_PAIRS that a consumer reads: it lost its context.
+#[test]
+fn inject_puts_the_propagation_headers_first() {
+    use contextflow_otel::carrier::MAX_PAIRS;
+    let own: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..MAX_PAIRS + 10)
+        .map(|i| (format!("app-{i}").into_bytes(), Some(b"v".to_vec())))
+        .collect();
+    let headers = contextflow_otel::REQUEST_ID
+        .sync_scope("r-many".parse::<RequestId>().unwrap(), || {
+            kafka::inject(&Publisher::new(), raw_headers(&own))
+        });
+    assert_eq!(headers.count(), MAX_PAIRS + 11);
+    let cx = kafka::context(
+        &Consumer::new().without_spans(),
+        &record(Vec::new(), headers.clone()),
+    );
+    assert_eq!(cx.request_id().as_str(), "r-many");
+    cx.finish();
+    assert_eq!(raw_header(&headers, 1).0, b"app-0");
 }
 
 /// Review finding: a republished record kept the first send's `baggage` under a publisher

@@ -86,6 +86,35 @@ fn any_propagator_removes_the_default_variables() {
     assert_eq!(seen["baggage"], "", "{seen:?}");
 }
 
+/// Review finding: a propagator listing the request id's header in another case
+/// (`X-Request-ID`) made the child read `CONTEXTFLOW_REQUEST_ID` twice, as a repeated field,
+/// and drop it: every child got a fresh request id.
+#[test]
+fn a_field_listed_in_two_spellings_is_read_once() {
+    let mut cmd = child();
+    cmd.env("ENV_CHILD_PROPAGATION", "lists-request-id");
+    contextflow_otel::sync_scope(request(), || cmd.inject_context());
+    let seen = parse(cmd.output().unwrap());
+    assert_eq!(seen["request_id"], "job-42", "{seen:?}");
+    assert_eq!(seen["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+}
+
+/// Inside `suppress_flow` a child process starts empty, as a spawned task does: a daemon
+/// started from a request does not keep its ids; the inherited variables are still removed.
+#[test]
+fn inside_suppress_flow_nothing_crosses() {
+    let mut cmd = child();
+    cmd.env("CONTEXTFLOW_REQUEST_ID", "stale");
+    contextflow_otel::sync_scope(request(), || {
+        contextflow::suppress_flow(|| cmd.inject_context());
+    });
+    let seen = parse(cmd.output().unwrap());
+    assert_eq!(seen["trace_id"], "-", "{seen:?}");
+    assert_ne!(seen["request_id"], "job-42");
+    assert_ne!(seen["request_id"], "stale");
+    assert_eq!(seen["baggage"], "");
+}
+
 #[test]
 fn outside_a_context_stale_inherited_values_are_removed() {
     let mut cmd = child();

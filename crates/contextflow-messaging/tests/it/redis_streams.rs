@@ -541,6 +541,38 @@ async fn add_leaves_out_items_named_like_propagation_fields() {
     let _: usize = con.del(&key).await.unwrap();
 }
 
+/// A job re-queued through a publisher whose propagator does not write `baggage` loses its
+/// old `baggage` item: the consumer would take it for the current request's.
+#[tokio::test(flavor = "current_thread")]
+#[cfg_attr(
+    not(cf_service_redis),
+    ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+)]
+async fn requeue_with_a_narrower_propagator_drops_the_old_baggage() {
+    let mut con = connect().await;
+    let key = format!("contextflow-add-narrow-{}", RequestId::new());
+    let publisher = contextflow_messaging::Publisher::new()
+        .with_propagator(contextflow_otel::TraceContextPropagator::new());
+    let id: RequestId = "job-10".parse().unwrap();
+    contextflow_otel::REQUEST_ID
+        .scope(id, async {
+            streams::add_with(
+                &publisher,
+                &mut con,
+                &key,
+                &[("BAGGAGE", "user=alice"), ("attempt", "2")],
+            )
+            .await
+            .unwrap()
+        })
+        .await;
+    let streams::Entries(entries) = con.xrange_all(&key).await.unwrap();
+    let mut names: Vec<&str> = entries[0].map.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["attempt", "x-request-id"]);
+    let _: usize = con.del(&key).await.unwrap();
+}
+
 #[test]
 fn field_extractor_reads_only_strings() {
     let fields = HashMap::from([
