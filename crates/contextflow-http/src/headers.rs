@@ -225,7 +225,7 @@ fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -
         .filter(|m| !m.is_empty())
         .map(key)
         .collect();
-    let mut merged = ours.to_owned();
+    let mut merged = ours.trim().to_owned();
     let members = theirs
         .into_iter()
         .flat_map(|line| line.split(','))
@@ -242,8 +242,11 @@ fn merge_tracestate<'t>(ours: &str, theirs: impl IntoIterator<Item = &'t str>) -
             continue;
         }
         let member_key = key(member);
-        if !keys.contains(&member_key) && merged.len() + 1 + member.len() <= 512 {
-            merged.push(',');
+        let comma = usize::from(!merged.is_empty());
+        if !keys.contains(&member_key) && merged.len() + comma + member.len() <= 512 {
+            if comma == 1 {
+                merged.push(',');
+            }
             merged.push_str(member);
             keys.push(member_key);
         }
@@ -320,8 +323,18 @@ impl Injector for HeaderInjector<'_> {
                 .map(HeaderValue::to_str)
                 .collect();
             match theirs {
+                // An empty list (OpenTelemetry SDK's W3C propagator writes one for a span
+                // without members) is not sent: the W3C text says to avoid an empty header.
+                Ok(theirs) if theirs.is_empty() && value.trim().is_empty() => return,
                 Ok(theirs) if theirs.is_empty() => value,
-                Ok(theirs) => merge_tracestate(&value, theirs),
+                Ok(theirs) => {
+                    let merged = merge_tracestate(&value, theirs);
+                    if merged.is_empty() {
+                        self.headers.remove(&TRACESTATE);
+                        return;
+                    }
+                    merged
+                }
                 Err(_) => return,
             }
         } else if self.headers.contains_key(&name) {

@@ -373,6 +373,44 @@ async fn malformed_caller_trace_headers_are_replaced_or_left_out() {
     assert_eq!(headers["tracestate"], "congo=t61rcWkgMzE,good=2");
 }
 
+/// Review finding: OpenTelemetry SDK's W3C propagator writes `tracestate` even when the span
+/// has no members: the request went out with an empty `tracestate:` header (which the W3C
+/// text says to avoid), or, with the caller's members, a list that started with a comma.
+#[tokio::test(flavor = "current_thread")]
+async fn an_empty_tracestate_is_not_sent() {
+    let client = ServiceBuilder::new()
+        .layer(
+            InjectContextLayer::new()
+                .with_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new()),
+        )
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+    let without_members = contextflow_otel::extract(&Pairs::new([(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )]));
+    let (alone, with_theirs, bad_theirs) = contextflow_otel::scope(without_members, async {
+        let send = |state: Option<&'static str>| {
+            let mut req = Request::builder();
+            if let Some(state) = state {
+                req = req.header("tracestate", state);
+            }
+            client.clone().oneshot(req.body(()).unwrap())
+        };
+        (
+            send(None).await.unwrap().into_body(),
+            send(Some("a=1, b=2")).await.unwrap().into_body(),
+            send(Some("Bad=1")).await.unwrap().into_body(),
+        )
+    })
+    .await;
+    assert!(alone.contains_key("traceparent"), "{alone:?}");
+    assert!(alone.get("tracestate").is_none(), "{alone:?}");
+    assert_eq!(with_theirs["tracestate"], "a=1,b=2");
+    assert!(bad_theirs.get("tracestate").is_none(), "{bad_theirs:?}");
+}
+
 /// A trace context the caller set wins whole: no second format naming our span as another
 /// parent; and a `tracestate` the caller set without a `traceparent` goes out after our
 /// members.
