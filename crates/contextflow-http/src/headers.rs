@@ -179,8 +179,11 @@ impl contextflow_otel::carrier::FieldValues for HeaderExtractor<'_> {
     }
 }
 
+/// The value as text: UTF-8 (the bytes of `obs-text`, such as `café`, included, so that the
+/// propagator drops only the baggage member they spoil, as the byte-based fast path does);
+/// a value that is not UTF-8 reads as `"\0"`, which no propagator accepts.
 fn as_str(value: &HeaderValue) -> &str {
-    value.to_str().unwrap_or("\0")
+    std::str::from_utf8(value.as_bytes()).unwrap_or("\0")
 }
 
 /// Headers that name a trace and its parent, in the formats in use: when the caller set a

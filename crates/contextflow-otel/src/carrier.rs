@@ -89,9 +89,9 @@ pub(crate) struct Bounded<'a>(pub(crate) &'a dyn Extractor);
 ///
 /// `field_values(key)` must yield exactly what `get_all(key)` returns, in the same order, as
 /// bytes (and nothing when `get_all` returns `None`), with one allowed difference: a value
-/// that is not text, which an `Extractor` cannot hand out as it is (an HTTP header with bytes
-/// outside visible ASCII), is raw bytes here. The fast path then drops only the `baggage`
-/// members those bytes spoil, where the `Extractor` path loses the whole value.
+/// that is not text, which an `Extractor` cannot hand out as it is (an HTTP header value that
+/// is not UTF-8), is raw bytes here. The fast path then drops only the `baggage` members those
+/// bytes spoil, where the `Extractor` path loses the whole value.
 ///
 /// ```
 /// use contextflow_otel::carrier::{FieldValues, Pairs};

@@ -21,6 +21,7 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
         Just(b"r-1".to_vec()),
         Just(b"two words".to_vec()),
         Just(b"caf\xc3\xa9".to_vec()),
+        Just(b"env=prod,note=caf\xc3\xa9,user=al".to_vec()),
         Just(b"".to_vec()),
         Just(vec![b'a'; 8193]),
         Just(vec![b'a'; 129]),
