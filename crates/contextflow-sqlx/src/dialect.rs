@@ -285,9 +285,13 @@ pub(crate) fn is_sqlite_nested_begin(err: &sqlx::Error) -> bool {
 /// autocommit mode, each committed on its own, so the transaction is poisoned (it can only be
 /// rolled back) rather than trusted.
 ///
-/// - MySQL/MariaDB: a deadlock (error 1213, SQLSTATE `40001`), and a lock wait timeout (error
-///   1205, told by its number, in any language, with the `mysql` feature), which rolls the
-///   whole transaction back when the server runs with `innodb_rollback_on_timeout`.
+/// - MySQL/MariaDB: a deadlock (error 1213, SQLSTATE `40001`); a lock wait timeout (error
+///   1205), which rolls the whole transaction back when the server runs with
+///   `innodb_rollback_on_timeout`; MariaDB's snapshot isolation conflict (error 1020, "Record
+///   has changed since last read", the default from MariaDB 11.6.2 with
+///   `innodb_snapshot_isolation`), which rolls it back as a deadlock does; and InnoDB's lock
+///   table full (error 1206). The numbers are told in any language with the `mysql` feature
+///   (their SQLSTATE is the generic `HY000`), the English messages without it.
 /// - SQLite: `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY` and `SQLITE_NOMEM` (primary result
 ///   codes 13, 10, 5, 7), after which SQLite "may or may not" have rolled the transaction back.
 pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool {
@@ -297,8 +301,14 @@ pub(crate) fn rolled_back_by_server(dialect: Dialect, err: &sqlx::Error) -> bool
     match dialect {
         Dialect::MySql => {
             db.code().as_deref() == Some("40001")
-                || mysql_error_number(db.as_ref()) == Some(1205)
+                || matches!(mysql_error_number(db.as_ref()), Some(1020 | 1205 | 1206))
                 || db.message().starts_with("Lock wait timeout exceeded")
+                || db
+                    .message()
+                    .starts_with("Record has changed since last read")
+                || db
+                    .message()
+                    .starts_with("The total number of locks exceeds")
         }
         Dialect::Sqlite => db
             .code()

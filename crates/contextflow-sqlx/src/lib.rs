@@ -436,16 +436,22 @@
 //! the block's error, and retrying means running the block again.
 //!
 //! **MySQL/MariaDB.** A deadlock (1213) makes the server roll the whole transaction back and
-//! run the statements that follow in autocommit mode, and so does a lock wait timeout (1205)
-//! on a server with `innodb_rollback_on_timeout`: contextflow-sqlx marks the transaction
-//! poisoned on either error, so nothing after it runs and the block ends in
-//! [`TransactionClosed`]. (SQLite likewise, on `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY`
+//! run the statements that follow in autocommit mode, and so do a lock wait timeout (1205)
+//! on a server with `innodb_rollback_on_timeout`, MariaDB's snapshot isolation conflict
+//! (1020, with `innodb_snapshot_isolation`, the default from 11.6.2) and a full lock table
+//! (1206): contextflow-sqlx marks the transaction poisoned on any of these, so nothing after
+//! it runs and the block ends in [`TransactionClosed`]. (SQLite likewise, on `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY`
 //! and `SQLITE_NOMEM`, after which it may have rolled the transaction back. Any other error
 //! on SQLite may have ended it too, with a code that does not say so: a `UNIQUE ON CONFLICT
 //! ROLLBACK` column, `INSERT OR ROLLBACK`, a trigger's `RAISE(ROLLBACK, ...)`. After such an
 //! error the next statement, savepoint or commit first asks the connection, in process,
-//! whether the transaction is still open, and finds it [`TransactionClosed`] if not.) DDL
-//! (`CREATE TABLE`, ...) commits implicitly: keep it out of blocks.
+//! whether the transaction is still open, and finds it [`TransactionClosed`] if not.) On
+//! MySQL/MariaDB, DDL (`CREATE TABLE`, ...), `LOCK TABLES`, `BEGIN` and sqlx's own `begin()`
+//! on a block's connection (contextflow-sqlx opens the transaction itself, so sqlx sees none
+//! and sends `BEGIN`, not a `SAVEPOINT`) commit what the block wrote so far, implicitly: keep
+//! them out of blocks, and nest with [`TxPool::transaction`] (a savepoint) instead. The
+//! commit then finds the transaction gone and ends the block in [`TransactionClosed`], but
+//! what was written before is committed.
 //!
 //! **SQLite.** One writer at a time: a block holds the database's write lock from its first
 //! write until it ends, and other writers wait up to the connection's busy timeout (sqlx's

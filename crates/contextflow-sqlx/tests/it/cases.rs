@@ -39,10 +39,15 @@ async fn insert(ctx: &Ctx, id: i64, tag: i64) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Committed ids, read on the sqlx pool (outside any transaction).
+/// Committed ids, read on a connection of their own (not one of the pool's, which a block
+/// might have left inside a transaction that shows its own uncommitted rows).
 async fn ids(ctx: &Ctx) -> Vec<i64> {
+    use sqlx::{ConnectOptions as _, Connection as _};
     let sql = format!("SELECT id FROM {} ORDER BY id", ctx.table);
-    sqlx::query_scalar(&sql).fetch_all(ctx.db.pool()).await.unwrap()
+    let mut conn = ctx.db.pool().connect_options().connect().await.unwrap();
+    let ids = sqlx::query_scalar(&sql).fetch_all(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    ids
 }
 
 /// Rows matching `condition` (with `$1` = `tag`) as seen through the `TxPool`.

@@ -622,9 +622,62 @@ mod mysql {
         ctx.finish().await;
     }
 
+    /// Review finding: MariaDB's snapshot isolation conflict (error 1020, the default from
+    /// 11.6.2) rolls the whole transaction back, as a deadlock does, but was not taken for
+    /// that: a block that swallowed it went on in autocommit mode, and its next write was
+    /// committed on its own although the block then failed.
+    async fn snapshot_isolation_conflict_poisons_the_transaction() {
+        let ctx = setup(2).await;
+        insert(&ctx, 1, 0).await.unwrap();
+        let url = contextflow_testenv::url(contextflow_testenv::Service::MySql);
+        let mut other = <sqlx::MySqlConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let db = &ctx.db;
+        let table = &ctx.table;
+        let result = db
+            .transaction(|| async {
+                db.execute(sqlx::query("SET SESSION innodb_snapshot_isolation = ON"))
+                    .await?;
+                insert(&ctx, 2, 0).await?;
+                // The snapshot: a consistent read of the row.
+                let seen: Vec<i64> =
+                    sqlx::query_scalar(&format!("SELECT tag FROM {table} WHERE id = 1"))
+                        .fetch_all(db)
+                        .await?;
+                assert_eq!(seen, [0]);
+                // Another session changes the row and commits after that snapshot.
+                sqlx::query(&format!("UPDATE {table} SET tag = 5 WHERE id = 1"))
+                    .execute(&mut other)
+                    .await
+                    .unwrap();
+                let update = format!("UPDATE {table} SET tag = 6 WHERE id = 1");
+                let conflict = db.execute(sqlx::query(&update)).await.unwrap_err();
+                let number = conflict
+                    .as_database_error()
+                    .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+                    .map(sqlx::mysql::MySqlDatabaseError::number);
+                assert_eq!(number, Some(1020), "{conflict}");
+                // Swallowed, as a careless block would: what follows must not commit.
+                let _ = insert(&ctx, 3, 0).await;
+                Ok::<_, TestError>(())
+            })
+            .await;
+        match &result {
+            Err(TestError::Sql(err)) => assert!(
+                TransactionClosed::find(err).is_some_and(|closed| closed.is_poisoned()),
+                "{err}"
+            ),
+            other => panic!("the block committed after a snapshot conflict: {other:?}"),
+        }
+        assert_eq!(ids(&ctx).await, vec![1]);
+        ctx.finish().await;
+    }
+
     tests!(
         deadlock_poisons_the_transaction,
-        lock_wait_timeout_poisons_in_any_language
+        lock_wait_timeout_poisons_in_any_language,
+        snapshot_isolation_conflict_poisons_the_transaction
     );
 }
 
