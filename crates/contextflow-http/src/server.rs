@@ -21,11 +21,18 @@
 //!    outside contextflow's, has no request id to forward);
 //! 5. echoes the request id on the response, unless the handler set one, and ends the span when
 //!    the body ends (or is dropped), with `http.response.status_code`. The span fails, with
-//!    `error.type`, when the answer was not delivered: `panic` (the handler panicked: put
-//!    tower-http's `CatchPanicLayer` inside this layer, so its answer and its log line have the
-//!    request's context), `cancelled` (the client went away before or during the body), `body` (the body failed), `content_length_mismatch` (the
-//!    body ended short of its declared `Content-Length` or went past it; not for the answers
-//!    that declare a length they do not send: to `HEAD`, `1xx`, `204`, `304`).
+//!    `error.type`, when the answer was not delivered: `panic` (the handler, an inner layer's
+//!    `call` or the body panicked: put tower-http's `CatchPanicLayer` inside this layer, so
+//!    its answer and its log line have the request's context), `cancelled` (the client went
+//!    away before or during the body: a body with something to send that the server drops
+//!    before polling it counts too; one that said it had nothing to send, through
+//!    `is_end_stream`, as servers ask, does not), `body` (the body failed),
+//!    `content_length_mismatch` (the body ended short of its declared `Content-Length` or
+//!    went past it; not for the answers that declare a length they do not send: to `HEAD`,
+//!    `1xx`, `204`, `304`).
+//!
+//! The request's trace and baggage come from its headers only, never from an OpenTelemetry
+//! context left attached on the thread that polls it.
 //!
 //! A request id that an earlier layer put in the request's extensions is used as it is.
 //!
@@ -106,6 +113,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::atomic::{AtomicBool, Ordering},
     task::{ready, Context, Poll},
 };
 
@@ -248,6 +256,10 @@ pin_project! {
         status: u16,
         // Whether `poll_frame` ran: a body dropped after that but before its end was cut short.
         polled: bool,
+        // Whether `is_end_stream` said the body had nothing to send (a server asks before it
+        // polls, and does not poll such a body): dropped unpolled, it lost nothing. Atomic:
+        // `is_end_stream` takes `&self`, and the body stays `Sync` when its inner one is.
+        said_empty: AtomicBool,
         // The bytes still owed of a declared length (`Content-Length`, or an exact size hint):
         // at 0 the answer is complete, even if the body never says it ended (a server stops
         // polling once the declared length is written, and drops the body).
@@ -269,22 +281,29 @@ pin_project! {
             let this = this.project();
             let mut inner = this.inner;
             // A body dropped after its first poll but before its end (the client went away
-            // mid-stream) failed, whatever the status line said; one the server never polled
-            // (nothing to send: `HEAD`, `204`, an empty body) did not.
-            let cut_short = *this.polled && inner.is_some() && *this.remaining != Some(0);
+            // mid-stream) failed, whatever the status line said; so did one dropped before its
+            // first poll that had something to send (the client reset the stream as the
+            // handler finished); one with nothing to send (`HEAD`, `204`, `304`, a `2xx` to
+            // `CONNECT`, a `Content-Length: 0`, a body that said it was empty) did not.
+            let had_data = *this.polled
+                || !(this.scope.head
+                    || no_body(*this.status)
+                    || (this.scope.connect && (200..300).contains(this.status))
+                    || this.said_empty.load(Ordering::Relaxed));
+            let cut_short = had_data && inner.is_some() && *this.remaining != Some(0);
             if inner.is_some() {
                 this.scope.run(|| inner.set(None));
             }
             if *this.polling {
                 // The body panicked while it was polled.
-                this.scope.end_error_ref("panic", Some(*this.status));
+                this.scope.end_error_ref("panic", Some(*this.status), *this.grpc);
             } else if *this.overlong {
                 // Past its declared length: the server cut it there (HTTP/1.1) or reset the
                 // stream (HTTP/2), and stopped polling.
                 this.scope
-                    .end_error_ref("content_length_mismatch", Some(*this.status));
+                    .end_error_ref("content_length_mismatch", Some(*this.status), *this.grpc);
             } else if cut_short {
-                this.scope.end_error_ref("cancelled", Some(*this.status));
+                this.scope.end_error_ref("cancelled", Some(*this.status), *this.grpc);
             } else {
                 this.scope.end(*this.status, *this.grpc);
             }
@@ -322,6 +341,8 @@ struct RequestScope {
     http2: bool,
     /// A `HEAD` request: its answer declares a length it does not send.
     head: bool,
+    /// A `CONNECT` request: a `2xx` answer has no body (the connection becomes a tunnel).
+    connect: bool,
 }
 
 /// How a request's bindings are entered.
@@ -540,9 +561,12 @@ where
             headers: HeaderExtractor(req.headers()),
             request_ids: Cell::new(None),
         };
+        // From an empty context, not the thread's current one: a request's trace and baggage
+        // come from its headers only, never from whatever another request's code left attached
+        // on this thread (an OpenTelemetry guard held across an `.await`).
         let (cx, extracted_id) = self
             .propagation
-            .extract_parts_from(&opentelemetry::Context::current(), &carrier);
+            .extract_parts_from(&opentelemetry::Context::new(), &carrier);
         let id_headers = carrier.request_ids.get();
         let request_id = match req.extensions().get::<RequestId>() {
             Some(set_earlier) => set_earlier.clone(),
@@ -612,9 +636,13 @@ where
             owns_span,
             http2: req.version() == http::Version::HTTP_2,
             head: req.method() == http::Method::HEAD,
+            connect: req.method() == http::Method::CONNECT,
         };
         // `call` itself runs in the context too: layers such as `TraceLayer` make their span here.
-        let inner = scope.run(|| self.inner.call(req));
+        // A panic in it (an inner layer's, before any future exists) ends the span as one.
+        let panicking = EndOnPanic(&mut scope);
+        let inner = panicking.0.run(|| self.inner.call(req));
+        std::mem::forget(panicking);
         ResponseFuture {
             inner: Some(inner),
             scope: Some(scope),
@@ -691,6 +719,7 @@ where
                     scope,
                     status,
                     polled: false,
+                    said_empty: AtomicBool::new(false),
                     remaining,
                     overlong: false,
                     polling: false,
@@ -735,9 +764,11 @@ impl<B> ContextBody<B> {
                 owns_span: false,
                 http2: false,
                 head: false,
+                connect: false,
             },
             status: 0,
             polled: false,
+            said_empty: AtomicBool::new(false),
             remaining: None,
             overlong: false,
             polling: false,
@@ -854,12 +885,13 @@ impl<B: Body> Body for ContextBody<B> {
             let short = this.remaining.is_some_and(|left| left > 0);
             if short || *this.overlong {
                 this.scope
-                    .end_error_ref("content_length_mismatch", Some(*this.status));
+                    .end_error_ref("content_length_mismatch", Some(*this.status), *this.grpc);
             } else {
                 this.scope.end(*this.status, *this.grpc);
             }
         } else if let Some(Err(_)) = &frame {
-            this.scope.end_error_ref("body", Some(*this.status));
+            this.scope
+                .end_error_ref("body", Some(*this.status), *this.grpc);
         }
         Poll::Ready(frame)
     }
@@ -867,7 +899,13 @@ impl<B: Body> Body for ContextBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             // A plain accessor: no need to enter the request's context.
-            Some(inner) => inner.is_end_stream(),
+            Some(inner) => {
+                let empty = inner.is_end_stream();
+                if empty {
+                    self.said_empty.store(true, Ordering::Relaxed);
+                }
+                empty
+            }
             None => true,
         }
     }
@@ -890,6 +928,16 @@ impl<B> fmt::Debug for ContextBody<B> {
     }
 }
 
+/// Ends the request's span as `panic` when dropped: armed around the inner service's `call`,
+/// and forgotten once it returned.
+struct EndOnPanic<'a>(&'a mut RequestScope);
+
+impl Drop for EndOnPanic<'_> {
+    fn drop(&mut self) {
+        self.0.end_error_ref("panic", None, None);
+    }
+}
+
 // ===== impl RequestScope =====
 
 impl RequestScope {
@@ -900,6 +948,7 @@ impl RequestScope {
             owns_span: false,
             http2: false,
             head: false,
+            connect: false,
         }
     }
 
@@ -932,15 +981,15 @@ impl RequestScope {
 
     /// Ends the server span (once) as failed.
     fn end_with_error(mut self, error_type: &'static str) {
-        self.end_error_ref(error_type, None)
+        self.end_error_ref(error_type, None, None)
     }
 
-    /// Ends the server span (once) as failed, with the status sent, if any.
-    fn end_error_ref(&mut self, error_type: &'static str, status: Option<u16>) {
+    /// Ends the server span (once) as failed, with the status and gRPC status sent, if any.
+    fn end_error_ref(&mut self, error_type: &'static str, status: Option<u16>, grpc: Option<u8>) {
         if self.owns_span {
             self.owns_span = false;
             if let Some(cx) = &self.cx {
-                spans::end_failed(cx, error_type, status.filter(|s| *s != 0));
+                spans::end_failed(cx, error_type, status.filter(|s| *s != 0), grpc);
             }
         }
     }

@@ -289,13 +289,18 @@ pub(crate) fn end_client(cx: &Context, answer: Option<(http::StatusCode, &http::
 
 /// Ends the span of `cx` as failed (`error.type` set to `kind`).
 pub(crate) fn end_with_error(cx: &Context, error_type: &'static str) {
-    end_failed(cx, error_type, None);
+    end_failed(cx, error_type, None, None);
 }
 
 /// Ends the span of `cx` as failed (`error.type` set to `kind`), with the response status
 /// when one was sent (a body cut short or failing after its status line: the conventions
 /// want `http.response.status_code` whenever there was one).
-pub(crate) fn end_failed(cx: &Context, error_type: &'static str, status: Option<u16>) {
+pub(crate) fn end_failed(
+    cx: &Context,
+    error_type: &'static str,
+    status: Option<u16>,
+    grpc: Option<u8>,
+) {
     let span = cx.span();
     if span.is_recording() {
         if let Some(status) = status {
@@ -303,6 +308,13 @@ pub(crate) fn end_failed(cx: &Context, error_type: &'static str, status: Option<
                 "http.response.status_code",
                 i64::from(status),
             ));
+        }
+        if let Some(code) = grpc {
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+            if code == UNIMPLEMENTED {
+                // As in `end_with_status`: not named after a path the caller made up.
+                span.update_name("grpc");
+            }
         }
         span.set_attribute(KeyValue::new("error.type", error_type));
         span.set_status(opentelemetry::trace::Status::error(error_type));

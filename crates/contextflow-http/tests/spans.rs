@@ -349,17 +349,33 @@ async fn body_cut_short() {
         .unwrap()
         .into_body();
     assert_eq!(full.collect().await.unwrap().to_bytes(), "abc");
-    drop(svc.clone().oneshot(request("/empty")).await.unwrap());
+    // A server asks whether there is anything to send before it polls: nothing, not polled.
+    let empty = svc.clone().oneshot(request("/empty")).await.unwrap();
+    assert!(http_body::Body::is_end_stream(empty.body()));
+    drop(empty);
+    // Dropped before its first poll with something to send (the client reset the stream as
+    // the handler finished): cut short too.
+    drop(svc.clone().oneshot(request("/unpolled")).await.unwrap());
+    // Nothing to send by the method or the status: not cut short, though never polled.
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("example.com:443")
+        .body(())
+        .unwrap();
+    drop(svc.clone().oneshot(connect).await.unwrap());
 
     let spans = exporter.get_finished_spans().unwrap();
     let by_path = |path: &str| span_for_path(&spans, path);
+    for path in ["/cut", "/unpolled"] {
+        let cut = by_path(path);
+        assert!(
+            matches!(cut.status, Status::Error { .. }),
+            "{path}: {:?}",
+            cut.status
+        );
+        assert_eq!(error_type(cut).as_deref(), Some("cancelled"), "{path}");
+    }
     let cut = by_path("/cut");
-    assert!(
-        matches!(cut.status, Status::Error { .. }),
-        "{:?}",
-        cut.status
-    );
-    assert_eq!(error_type(cut).as_deref(), Some("cancelled"));
     // The status line was sent: the failed span still says which (the conventions want it
     // whenever there was one).
     let status = cut
@@ -368,6 +384,15 @@ async fn body_cut_short() {
         .find(|kv| kv.key.as_str() == "http.response.status_code")
         .map(|kv| kv.value.to_string());
     assert_eq!(status.as_deref(), Some("200"), "{:?}", cut.attributes);
+    let connect = spans
+        .iter()
+        .find(|s| {
+            s.attributes.iter().any(|kv| {
+                kv.key.as_str() == "http.request.method" && kv.value.as_str() == "CONNECT"
+            })
+        })
+        .expect("the CONNECT request's span");
+    assert_eq!(error_type(connect), None, "{:?}", connect.attributes);
     for path in ["/full", "/empty"] {
         let span = by_path(path);
         assert!(
@@ -578,6 +603,53 @@ async fn a_handler_panic_is_not_a_cancellation() {
         error_type(span_for_path(&spans, "/slow")).as_deref(),
         Some("cancelled")
     );
+}
+
+/// Review finding: a panic in the inner service's `call` itself (an inner layer's code, before
+/// any future exists) dropped the span unended: it was exported without `error.type` or an
+/// error status. Now it ends as `panic`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_panic_in_an_inner_call_fails_the_span_as_a_panic() {
+    use opentelemetry::trace::Status;
+    use tower::Layer as _;
+
+    #[derive(Clone)]
+    struct PanicsInCall;
+
+    impl tower::Service<http::Request<()>> for PanicsInCall {
+        type Response = http::Response<String>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            panic!("a validator failed")
+        }
+    }
+
+    let (exporter, provider) = recording_provider();
+    let mut svc = PropagateContextLayer::new()
+        .with_tracer(provider.tracer("call-panics"))
+        .layer(PanicsInCall);
+    let request = http::Request::builder().uri("/call").body(()).unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(tower::Service::call(&mut svc, request));
+    }));
+    assert!(panicked.is_err());
+    let spans = exporter.get_finished_spans().unwrap();
+    let span = span_for_path(&spans, "/call");
+    assert!(
+        matches!(span.status, Status::Error { .. }),
+        "{:?}",
+        span.status
+    );
+    assert_eq!(error_type(span).as_deref(), Some("panic"));
 }
 
 #[test]
@@ -953,7 +1025,8 @@ async fn unimplemented_grpc_methods_do_not_name_spans() {
     let server = PropagateContextLayer::new()
         .with_tracer(provider.tracer("server"))
         .layer(tower::service_fn(|req: http::Request<()>| async move {
-            let mut res = http::Response::new(());
+            // A trailers-only answer, as tonic sends one: the status in the headers, no body.
+            let mut res = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
             res.headers_mut().insert(
                 "content-type",
                 http::HeaderValue::from_static("application/grpc"),
@@ -975,7 +1048,9 @@ async fn unimplemented_grpc_methods_do_not_name_spans() {
             .header("content-type", "application/grpc")
             .body(())
             .unwrap();
-        server.clone().oneshot(req).await.unwrap();
+        let res = server.clone().oneshot(req).await.unwrap();
+        // As a server does: nothing to send, so the body is not polled.
+        assert!(http_body::Body::is_end_stream(res.body()));
     }
     let names: Vec<String> = exporter
         .get_finished_spans()

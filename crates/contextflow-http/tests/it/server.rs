@@ -104,6 +104,40 @@ async fn a_non_ascii_baggage_member_drops_only_itself() {
     );
 }
 
+/// Review finding: extraction started from the thread's current OpenTelemetry context, so an
+/// OpenTelemetry guard that another request's code left attached on a worker thread (held
+/// across an `.await`) made that request's span the parent, and its baggage the baggage, of
+/// every header-less request polled there. A server's request starts from its headers only.
+#[test]
+fn a_context_left_attached_on_the_thread_is_not_inherited() {
+    use opentelemetry::{
+        trace::{SpanId, TraceFlags, TraceId, TraceState},
+        KeyValue,
+    };
+    std::thread::spawn(|| {
+        let leftover = OtelContext::new()
+            .with_remote_span_context(SpanContext::new(
+                TraceId::from_hex(TRACE).unwrap(),
+                SpanId::from_hex(PARENT).unwrap(),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            ))
+            .with_baggage([KeyValue::new("user", "mallory")]);
+        // Never detached on this thread, as a guard dropped out of order leaves it.
+        std::mem::forget(leftover.attach());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_, seen) = runtime.block_on(call(request().body(String::new()).unwrap()));
+        assert!(!seen.trace.is_valid(), "{:?}", seen.trace);
+        assert!(seen.baggage.is_empty(), "{:?}", seen.baggage);
+    })
+    .join()
+    .unwrap();
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn continues_the_callers_trace() {
     let req = request()
