@@ -410,9 +410,17 @@ impl Write for TextLine<'_> {
         if self.leading_bracket {
             self.leading_bracket = false;
             if c == '[' {
+                if std::mem::take(&mut self.pending_newline) {
+                    // A newline held back (it might have ended the line) comes first.
+                    self.emit("\\n", true)?;
+                }
+                if self.truncated {
+                    return Ok(());
+                }
                 return self.emit("\\x5b", true);
             }
-            if c.is_whitespace() {
+            // U+2800 (braille blank) is not white space, but shows as a space.
+            if c.is_whitespace() || c == '\u{2800}' {
                 // ` [req-2 tenant=globex]` reads as a prefix too (to a reader that trims the
                 // line): the escape waits past leading white space.
                 self.write_char(c)?;

@@ -288,20 +288,19 @@ impl EscapedVisitor<'_> {
     }
 }
 
-/// Whether `s` ends inside a double-quoted string (quotes escaped with `\` do not count).
+/// Whether `s` ends inside a double-quoted string (quotes escaped with `\` do not count, nor
+/// does the quote of a `char`'s `Debug`, `'"'`).
 fn has_open_quote(s: &str) -> bool {
-    let mut open = false;
-    let mut escaped = false;
-    for b in s.bytes() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match b {
-            b'\\' => escaped = true,
+    let bytes = s.as_bytes();
+    let (mut open, mut i) = (false, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 1,
             b'"' => open = !open,
+            b'\'' if !open && bytes.get(i + 1..i + 3) == Some(b"\"'".as_slice()) => i += 2,
             _ => {}
         }
+        i += 1;
     }
     open
 }

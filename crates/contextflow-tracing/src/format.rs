@@ -205,10 +205,12 @@ impl<F> ContextFormat<F> {
             return self.write_cut_json(writer, members, partial, event);
         }
         let (members, inner) = line.split_at(inner_start);
-        let Some(rest) = inner.strip_prefix('{') else {
-            // Not a JSON object (a text format given to `json`): written raw it would carry
-            // newlines and look-alike prefixes, without the context. It becomes one escaped
-            // string member of an object with the context members instead.
+        let object = inner.strip_prefix('{').filter(|rest| closes_one_line(rest));
+        let Some(rest) = object else {
+            // Not one JSON object on one line (a text format given to `json`, whose text may
+            // even start with `{`): written raw it would carry newlines and look-alike
+            // prefixes or objects, without the context. It becomes one escaped string member
+            // of an object with the context members instead.
             let mut out = String::with_capacity(members.len() + inner.len() + 16);
             out.push_str(members);
             if any {
@@ -326,6 +328,40 @@ impl<F> ContextFormat<F> {
 
 /// The prefix given to an event's top-level key that has a context field's name.
 const SHADOWED_PREFIX: &str = "event.";
+
+/// Whether `rest`, the text after an object's opening `{`, closes that object once and ends
+/// there (a final newline aside), with no raw control character outside its strings: one
+/// object on one line. A text format given to `json` writes text that may start with `{`
+/// (its message) and go on with a newline and a look-alike object.
+fn closes_one_line(rest: &str) -> bool {
+    let bytes = rest.as_bytes();
+    let (mut depth, mut in_string, mut i) = (1usize, false, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return matches!(&rest[i + 1..], "" | "\n");
+                    }
+                }
+                0..=0x1f | 0x7f => return false,
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    false
+}
 
 /// `rest` (a JSON object after its opening brace, as the inner format wrote it) with each
 /// top-level key that is one of `names` renamed `event.<name>`; `None` when there is none (the

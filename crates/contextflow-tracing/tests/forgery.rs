@@ -483,6 +483,37 @@ fn json_over_a_text_format_still_makes_one_object_per_event() {
     }
 }
 
+/// Review finding: with a text format that starts with the message, a message starting with
+/// `{` passed the one-object check: its raw newline and the look-alike object after it made a
+/// forged JSON record. Now anything but one object on one line is the escaped `"line"`.
+#[test]
+fn json_over_a_text_format_with_a_brace_message_makes_one_object() {
+    let log = MemoryWriter::new();
+    let dispatch: Dispatch = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(log.clone())
+        .event_format(fields().json(format().without_time().with_level(false).with_target(false)))
+        .finish()
+        .into();
+    let forged = "{}\n{\"request\\u005fid\":\"req-2\",\"level\":\"ERROR\",\"fields\":{\"message\":\"forged\"}}";
+    tracing::dispatcher::with_default(&dispatch, || {
+        REQUEST_ID.sync_scope("req-1".into(), || {
+            info!("{forged}");
+            info!("{{}} {{\"request_id\":\"req-3\"}}");
+        })
+    });
+    let lines = log.lines();
+    assert_eq!(lines.len(), 2, "{}", log.contents());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("invalid JSON {line}: {e}"));
+        assert_eq!(v["request_id"], "req-1", "{line}");
+        assert!(v["line"].is_string(), "{line}");
+    }
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert!(first["line"].as_str().unwrap().contains("forged"));
+}
+
 /// Review finding: a field whose `Display` fails made `EscapedFields` return the error, and
 /// tracing-subscriber then dropped the event (or, for a span, printed the span's raw field
 /// values to stderr). Now the value shows a marker and the line goes on, escaped.

@@ -508,6 +508,10 @@ fn a_line_without_context_cannot_pass_for_a_requests_line() {
         REQUEST_ID.sync_scope("req-1".into(), || info!("{header}"));
         // After leading white space too (a reader that trims the line sees a prefix).
         info!(" \t{header}");
+        // Review findings: after a newline, the escapes came out in the wrong order
+        // (`\x5b\n`); after U+2800 (a blank that is not white space) the `[` stayed raw.
+        info!("\n{header}");
+        info!("\u{2800}{header}");
     });
     let out = capture.contents();
     let lines: Vec<&str> = out.lines().collect();
@@ -516,7 +520,9 @@ fn a_line_without_context_cannot_pass_for_a_requests_line() {
         [
             "\\x5breq-2 tenant=globex] refund approved",
             "[req-1] [req-2 tenant=globex] refund approved",
-            " \\t\\x5breq-2 tenant=globex] refund approved"
+            " \\t\\x5breq-2 tenant=globex] refund approved",
+            "\\n\\x5breq-2 tenant=globex] refund approved",
+            "\u{2800}\\x5breq-2 tenant=globex] refund approved"
         ]
     );
 
@@ -657,4 +663,24 @@ fn a_cut_message_never_ends_inside_an_escape() {
     let out = line("5\" screen, and more text");
     let ending = format!("{}\n", contextflow_tracing::TRUNCATED_MARKER);
     assert!(out.ends_with(&ending), "{out:?}");
+}
+
+/// Review finding: a `char`'s `Debug` (`'"'`) counted as an opening quote, so a value cut
+/// after it was left with its real string open, and the next field read as inside it.
+#[test]
+fn a_cut_value_closes_its_string_past_a_quote_char() {
+    let log = contextflow_tracing::MemoryWriter::new();
+    let subscriber = tracing_subscriber::fmt()
+        .fmt_fields(contextflow_tracing::EscapedFields::new().max_value_len(16))
+        .without_time()
+        .with_ansi(false)
+        .with_writer(log.clone())
+        .finish();
+    with_default(
+        subscriber,
+        || info!(d = ?('"', "A".repeat(50)), b = "x", "m"),
+    );
+    let out = log.contents();
+    let cut = format!("{}\"", contextflow_tracing::TRUNCATED_MARKER);
+    assert!(out.contains(&cut), "{out:?}");
 }
