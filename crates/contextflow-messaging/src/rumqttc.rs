@@ -13,7 +13,7 @@
 //! use contextflow_messaging::rumqttc as mqtt;
 //! use futures_util::FutureExt as _;
 //! use rumqttc::v5::{mqttbytes::{v5::Packet, QoS}, AsyncClient, Event, MqttOptions};
-//! use std::panic::AssertUnwindSafe;
+//! use std::{panic::AssertUnwindSafe, sync::{atomic::{AtomicU64, Ordering}, Arc}};
 //!
 //! # #[allow(dead_code)]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -32,20 +32,31 @@
 //! // Consume, in a task of its own started from an empty context: each message's handler runs
 //! // in the context its user properties carry, and nothing of whoever started the loop.
 //! let consumer = mqtt::consumer("orders/created");
+//! // Which connection a message came on: a packet id is only valid on its connection, and the
+//! // broker may give the id of a message still being handled to another message after a
+//! // reconnection (it sends the first one again, with its id): an acknowledgement from the
+//! // old connection's handler would then acknowledge the new message before it is handled.
+//! let connection = Arc::new(AtomicU64::new(0));
 //! let consuming = contextflow::spawn_without_context(async move {
 //!     loop {
 //!         match events.poll().await {
-//!             // Connected without a session (the first time, or the broker lost it):
-//!             // subscribe (again); rumqttc does not. Without waiting: only this loop empties
-//!             // the client's request queue, which the handlers' acknowledgements may have filled.
-//!             Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
-//!                 if let Err(err) = client.try_subscribe("orders/created", QoS::AtLeastOnce) {
-//!                     tracing::warn!(%err, "could not subscribe");
+//!             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+//!                 connection.fetch_add(1, Ordering::SeqCst);
+//!                 // Connected without a session (the first time, or the broker lost it):
+//!                 // subscribe (again); rumqttc does not. Without waiting: only this loop
+//!                 // empties the client's request queue, which the handlers'
+//!                 // acknowledgements may have filled.
+//!                 if !ack.session_present {
+//!                     if let Err(err) = client.try_subscribe("orders/created", QoS::AtLeastOnce) {
+//!                         tracing::warn!(%err, "could not subscribe");
+//!                     }
 //!                 }
 //!             }
 //!             Ok(Event::Incoming(Packet::Publish(message))) => {
 //!                 let context = mqtt::context(&consumer, &message);
 //!                 let client = client.clone();
+//!                 let (connection, received_on) =
+//!                     (connection.clone(), connection.load(Ordering::SeqCst));
 //!                 contextflow::spawn(context.scope(async move {
 //!                     let handled = AssertUnwindSafe(async {
 //!                         tracing::info!("order received"); // with the producer's request id
@@ -59,7 +70,11 @@
 //!                     if handled.is_err() {
 //!                         tracing::error!(pkid = message.pkid, "handler panicked; message dropped");
 //!                     }
-//!                     if let Err(err) = client.ack(&message).await {
+//!                     if connection.load(Ordering::SeqCst) != received_on {
+//!                         // Received on an earlier connection: the broker sends it again on
+//!                         // this one (handled twice: at least once), and that copy is acked.
+//!                         tracing::debug!(pkid = message.pkid, "reconnected since: not acknowledged");
+//!                     } else if let Err(err) = client.ack(&message).await {
 //!                         tracing::warn!(%err, "could not acknowledge the message");
 //!                     }
 //!                 }));

@@ -451,7 +451,9 @@
 //! and sends `BEGIN`, not a `SAVEPOINT`) commit what the block wrote so far, implicitly: keep
 //! them out of blocks, and nest with [`TxPool::transaction`] (a savepoint) instead. The
 //! commit then finds the transaction gone and ends the block in [`TransactionClosed`], but
-//! what was written before is committed.
+//! what was written before is committed. Keep the server's `autocommit` on (its default) for
+//! the pool's sessions: under `autocommit = 0` a statement outside a block opens a
+//! transaction that nothing commits, and the pool closes that connection, the write with it.
 //!
 //! **SQLite.** One writer at a time: a block holds the database's write lock from its first
 //! write until it ends, and other writers wait up to the connection's busy timeout (sqlx's
