@@ -353,6 +353,13 @@ impl Carrier for ContextCarrier {
         let _attached = empty.attach();
         f()
     }
+
+    /// Inside the other carriers: entering a tracing span (`contextflow-tracing`'s carrier)
+    /// with `tracing-opentelemetry`'s context activation attaches the span's own context,
+    /// which must not replace the one captured at the spawn.
+    fn innermost(&self) -> bool {
+        true
+    }
 }
 
 /// Registers [`ContextCarrier`] for the rest of the process; returns `false` if it already
@@ -450,22 +457,35 @@ pub(crate) fn bind<R>(cx: &Context, f: impl FnOnce() -> R) -> R {
     })
 }
 
-/// A [`Snapshot`] of the current frame with `cx` bound as by [`scope`] (without attaching
-/// it: pair it with `cx` where OpenTelemetry's current context must follow, as the server
-/// layers do).
+/// A [`Snapshot`] of the current frame with `cx` bound as by [`scope`]. With
+/// [`carry_context`] registered, the snapshot also carries `cx` as OpenTelemetry's current
+/// context (captured with `cx` attached for the moment of the capture): code run in it
+/// ([`Snapshot::run`], [`contextflow::spawn_with`]) sees `cx`, not whatever context was
+/// current where the snapshot was made. Without it, attach `cx` inside the snapshot's `run`.
 ///
 /// ```
 /// use contextflow_otel::{carrier::Pairs, REQUEST_ID};
-/// let cx = contextflow_otel::extract(&Pairs::new([("x-request-id", "r-5")]));
+/// use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState};
+///
+/// contextflow_otel::carry_context();
+/// let parent = SpanContext::new(TraceId::from(5u128), SpanId::from(6u64), TraceFlags::SAMPLED, true, TraceState::default());
+/// let cx = contextflow_otel::extract(&Pairs::new([("x-request-id", "r-5")])).with_remote_span_context(parent);
 /// let snapshot = contextflow_otel::snapshot_with(&cx);
 /// assert_eq!(snapshot.get(&REQUEST_ID).unwrap().as_str(), "r-5");
+/// // Made where another context is current: `cx` is what runs in it.
+/// let other = SpanContext::new(TraceId::from(7u128), SpanId::from(8u64), TraceFlags::SAMPLED, true, TraceState::default());
+/// let _elsewhere = opentelemetry::Context::new().with_remote_span_context(other).attach();
+/// let snapshot = contextflow_otel::snapshot_with(&cx);
+/// assert_eq!(snapshot.run(contextflow_otel::current_trace_id), Some(TraceId::from(5u128)));
 /// ```
 pub fn snapshot_with(cx: &Context) -> Snapshot {
+    let _attached = cx.clone().attach();
     bind(cx, Snapshot::capture)
 }
 
 /// A [`Snapshot`] of the current frame with [`OTEL_CONTEXT`] bound to `cx` and [`REQUEST_ID`]
-/// to `request_id` (what a server layer binds for a request).
+/// to `request_id` (what a server layer binds for a request); like [`snapshot_with`], it
+/// carries `cx` as OpenTelemetry's current context when [`carry_context`] is registered.
 ///
 /// ```
 /// use contextflow_otel::{RequestId, REQUEST_ID};
@@ -475,6 +495,8 @@ pub fn snapshot_with(cx: &Context) -> Snapshot {
 /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
 /// ```
 pub fn snapshot_with_request(cx: &Context, request_id: RequestId) -> Snapshot {
+    // As in `snapshot_with`: a carried OpenTelemetry context is `cx`, not the caller's.
+    let _attached = cx.clone().attach();
     OTEL_CONTEXT.sync_scope(OtelContext::new(cx.clone()), || {
         REQUEST_ID.sync_scope(request_id, Snapshot::capture)
     })
@@ -545,7 +567,9 @@ pub fn in_remote_context<F: Future>(parent: SpanContext, fut: F) -> OtelScope<F>
 ///
 /// So a context attached with OpenTelemetry's own `attach` on top of the request's is seen
 /// only when it has a span: without one, contextflow cannot tell it from a thread-local left
-/// over by other code. To change what goes out of a request without a span (baggage cleared
+/// over by other code. One thing of it is always kept: a suppression of telemetry
+/// (`Context::enter_telemetry_suppressed_scope`, what the SDK's processors do around an
+/// export) makes the returned context suppressed too. To change what goes out of a request without a span (baggage cleared
 /// before a call to a third party, or added), run the call in [`sync_scope`] or [`scope`]
 /// with the new context, which sets both:
 ///
@@ -570,9 +594,16 @@ pub fn in_remote_context<F: Future>(parent: SpanContext, fut: F) -> OtelScope<F>
 pub fn current_context() -> Context {
     let cx = match Context::map_current(|cx| cx.has_active_span().then(|| cx.clone())) {
         Some(cx) => cx,
-        None => OTEL_CONTEXT
-            .with(|cx| cx.map(|cx| cx.cx.clone()))
-            .unwrap_or_else(Context::current),
+        None => match OTEL_CONTEXT.with(|cx| cx.map(|cx| cx.cx.clone())) {
+            // Telemetry suppressed on this thread (the SDK's own work: an exporter's call)
+            // stays suppressed in the request's context: a span parented on it is not
+            // recorded.
+            Some(cx) if Context::is_current_telemetry_suppressed() => {
+                cx.with_telemetry_suppressed()
+            }
+            Some(cx) => cx,
+            None => Context::current(),
+        },
     };
     // The innermost request id wins: a context that carries one (a cron run's, a consumed
     // message's) may have a `REQUEST_ID` binding made inside it, for one piece of its work.

@@ -111,6 +111,60 @@ pub trait Carrier: Send + Sync + 'static {
     fn enter_none(&self, f: &mut dyn FnMut()) {
         f()
     }
+
+    /// Whether this carrier's value is entered inside the other carriers' values (around
+    /// each poll of a child, its [`enter`](Carrier::enter) runs last), so that what it makes
+    /// current wins over what another carrier's `enter` makes current as a side effect. The
+    /// default is `false`: carriers are then entered in the order they were registered, the
+    /// first one innermost; those that answer `true` are inside all of those, in the same
+    /// order among themselves.
+    ///
+    /// `contextflow-otel`'s carrier of `opentelemetry::Context` answers `true`: entering a
+    /// tracing span with `tracing-opentelemetry`'s context activation attaches that span's
+    /// OpenTelemetry context, which would otherwise replace the context captured at the
+    /// spawn (a request's remote parent, its baggage, a suppression of telemetry).
+    ///
+    /// ```
+    /// use contextflow::carry::{self, Carrier};
+    /// use std::cell::Cell;
+    ///
+    /// thread_local!(static SEEN: Cell<u32> = const { Cell::new(0) });
+    ///
+    /// /// Makes `SEEN` 1 as a side effect of entering its own value.
+    /// struct Outer;
+    /// impl Carrier for Outer {
+    ///     type Value = ();
+    ///     fn capture(&self) -> Option<()> { Some(()) }
+    ///     fn enter(&self, _: &(), f: &mut dyn FnMut()) {
+    ///         let prev = SEEN.with(|s| s.replace(1));
+    ///         f();
+    ///         SEEN.with(|s| s.set(prev));
+    ///     }
+    /// }
+    ///
+    /// /// Carries `SEEN` itself: entered inside `Outer`, so its value wins.
+    /// struct Inner;
+    /// impl Carrier for Inner {
+    ///     type Value = u32;
+    ///     fn capture(&self) -> Option<u32> { Some(SEEN.with(Cell::get)) }
+    ///     fn enter(&self, seen: &u32, f: &mut dyn FnMut()) {
+    ///         let prev = SEEN.with(|s| s.replace(*seen));
+    ///         f();
+    ///         SEEN.with(|s| s.set(prev));
+    ///     }
+    ///     fn innermost(&self) -> bool { true }
+    /// }
+    ///
+    /// // Registered after `Outer`, yet entered inside it.
+    /// carry::register(Outer);
+    /// carry::register(Inner);
+    /// SEEN.with(|s| s.set(7));
+    /// let child = contextflow::thread::spawn(|| SEEN.with(Cell::get));
+    /// assert_eq!(child.join().unwrap(), 7);
+    /// ```
+    fn innermost(&self) -> bool {
+        false
+    }
 }
 
 /// Registers `carrier` for the rest of the process. Returns `false` (and changes nothing) if a
@@ -135,14 +189,28 @@ pub fn register<C: Carrier>(carrier: C) -> bool {
     // another registration panicked; the list itself is intact.
     let mut retired = WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let old = registered();
-    if old.iter().any(|c| c.carrier_type() == TypeId::of::<C>()) {
+    if old
+        .iter()
+        .any(|c| c.carrier.carrier_type() == TypeId::of::<C>())
+    {
         return false;
     }
-    let mut list: Vec<&'static dyn ErasedCarrier> = old.to_vec();
+    let mut list: Vec<Entry> = old.to_vec();
     // Leaked on purpose: carriers live for the rest of the process, and a capture on another
     // thread may be reading the previous list at this moment, so no list is ever freed either
     // (one per registration: a handful per process).
-    list.push(Box::leak(Box::new(carrier)));
+    let entry = Entry {
+        carrier: Box::leak(Box::new(carrier)),
+        index: old.len(),
+    };
+    // In capture order: the innermost first (each capture goes on top of the previous one,
+    // and the top is entered outermost).
+    let at = if entry.carrier.innermost() {
+        list.iter().take_while(|e| e.carrier.innermost()).count()
+    } else {
+        list.len()
+    };
+    list.insert(at, entry);
     // Kept reachable (not freed: a capture may still read it), so leak checkers see a list
     // that is still referenced rather than a lost one.
     retired.push(CARRIERS.load(Ordering::Relaxed) as usize);
@@ -183,13 +251,22 @@ pub fn is_active() -> bool {
 pub fn is_registered<C: Carrier>() -> bool {
     registered()
         .iter()
-        .any(|c| c.carrier_type() == TypeId::of::<C>())
+        .any(|c| c.carrier.carrier_type() == TypeId::of::<C>())
 }
 
 // ===== internals =====
 
-/// The registered carriers: a leaked, never-freed list, replaced as a whole on registration
-/// (copy on write), so that captures read it with one atomic load and no lock.
+/// A registered carrier and its place in the order of registration (which never changes: a
+/// captured value records it, to tell which carriers a frame carries).
+#[derive(Clone, Copy)]
+struct Entry {
+    carrier: &'static dyn ErasedCarrier,
+    index: usize,
+}
+
+/// The registered carriers, in capture order (see [`Carrier::innermost`]): a leaked,
+/// never-freed list, replaced as a whole on registration (copy on write), so that captures
+/// read it with one atomic load and no lock.
 static CARRIERS: Registry = Registry::new(std::ptr::null_mut());
 /// Serializes registrations, and keeps the lists that registrations replaced (their addresses),
 /// which are never freed.
@@ -197,7 +274,7 @@ static WRITER: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
 /// The registry's atomic pointer (std's, even under loom: a `static` needs a `const`
 /// constructor; the loom model drives [`publish`] and [`read`] with loom's own).
-type Registry = std::sync::atomic::AtomicPtr<Vec<&'static dyn ErasedCarrier>>;
+type Registry = std::sync::atomic::AtomicPtr<Vec<Entry>>;
 
 /// The one thing a list pointer needs: load and store, so the loom model checks this code.
 pub(crate) trait ListPtr<T> {
@@ -238,7 +315,7 @@ pub(crate) fn read<T, P: ListPtr<Vec<T>>>(slot: &P) -> &'static [T] {
     unsafe { ptr.as_ref() }.map_or(&[], |list| list.as_slice())
 }
 
-fn registered() -> &'static [&'static dyn ErasedCarrier] {
+fn registered() -> &'static [Entry] {
     read(&CARRIERS)
 }
 
@@ -259,7 +336,7 @@ struct Carried<C: Carrier> {
 struct CarriedHead {
     /// Enters the value ([`Carried::enter`]).
     enter: unsafe fn(*const (), &mut dyn FnMut()),
-    /// The carrier's place in the registered list (which only grows, so places never change).
+    /// The carrier's place in the order of registration ([`Entry::index`]).
     index: usize,
 }
 
@@ -275,6 +352,8 @@ impl<C: Carrier> Carried<C> {
 
 trait ErasedCarrier: Send + Sync {
     fn carrier_type(&self) -> TypeId;
+    /// [`Carrier::innermost`].
+    fn innermost(&self) -> bool;
     /// [`Carrier::enter_none`].
     fn enter_none(&self, f: &mut dyn FnMut());
     /// Captures this carrier's current value, if any, as a hidden node on top of `frame`;
@@ -285,6 +364,9 @@ trait ErasedCarrier: Send + Sync {
 impl<C: Carrier> ErasedCarrier for C {
     fn carrier_type(&self) -> TypeId {
         TypeId::of::<C>()
+    }
+    fn innermost(&self) -> bool {
+        Carrier::innermost(self)
     }
     fn enter_none(&self, f: &mut dyn FnMut()) {
         Carrier::enter_none(self, f)
@@ -315,12 +397,9 @@ pub(crate) fn capture_into(frame: Option<NodeRef>) -> Option<NodeRef> {
     if carriers.is_empty() {
         return frame;
     }
-    carriers
-        .iter()
-        .enumerate()
-        .fold(frame, |frame, (index, carrier)| {
-            carrier.capture_onto(index, frame)
-        })
+    carriers.iter().fold(frame, |frame, entry| {
+        entry.carrier.capture_onto(entry.index, frame)
+    })
 }
 
 /// `frame` without the carried values on top of it: the frame a snapshot makes current.
@@ -352,8 +431,8 @@ pub(crate) fn run_in<R>(frame: *const Header, f: impl FnOnce() -> R) -> R {
         return f();
     }
     let carriers = registered();
-    // Which carriers (by their place in the list) the frame carries a value of; past the
-    // 64th, every carrier counts as carried (its "nothing" is not entered).
+    // Which carriers (by their place in the order of registration) the frame carries a value
+    // of; past the 64th, every carrier counts as carried (its "nothing" is not entered).
     let mut carried = if carriers.len() >= 64 {
         0
     } else {
@@ -416,14 +495,19 @@ fn nest(node: *const Header, f: &mut dyn FnMut()) {
     }
 }
 
-/// Enters the "nothing" of each carrier in `carriers` whose bit in `carried` is clear, then
-/// calls `f`.
-fn enter_nones(carriers: &'static [&'static dyn ErasedCarrier], carried: u64, f: &mut dyn FnMut()) {
+/// Enters the "nothing" of each carrier in `carriers` whose bit (its [`Entry::index`]) in
+/// `carried` is clear, then calls `f`.
+fn enter_nones(carriers: &'static [Entry], carried: u64, f: &mut dyn FnMut()) {
     if carried == u64::MAX {
         return f();
     }
     let i = carried.trailing_ones() as usize;
-    carriers[i].enter_none(&mut || enter_nones(carriers, carried | 1 << i, f))
+    let rest = &mut || enter_nones(carriers, carried | 1 << i, f);
+    match carriers.iter().find(|entry| entry.index == i) {
+        Some(entry) => entry.carrier.enter_none(rest),
+        // Every index below the list's length is in it (registration appends one each time).
+        None => rest(),
+    }
 }
 
 impl<C: Carrier> fmt::Debug for Carried<C> {

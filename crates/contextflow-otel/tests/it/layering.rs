@@ -135,3 +135,45 @@ fn futures_executor<F: std::future::Future>(fut: F) -> F::Output {
         .unwrap()
         .block_on(fut)
 }
+
+/// Review finding: `current_context` fell back to the request's context when the current one
+/// had no span, and dropped a suppression of telemetry made inside the request (the SDK's own
+/// export work): a client span parented on it was recorded again.
+fn suppression_is_kept() {
+    let request = contextflow_otel::extract(&Pairs::new([("x-request-id", "req-quiet")]));
+    contextflow_otel::sync_scope(request, || {
+        assert!(!contextflow_otel::current_context().is_telemetry_suppressed());
+        let _quiet = Context::enter_telemetry_suppressed_scope();
+        let cx = contextflow_otel::current_context();
+        assert!(cx.is_telemetry_suppressed());
+        assert_eq!(
+            cx.get::<contextflow_otel::RequestId>()
+                .map(|id| id.as_str()),
+            Some("req-quiet"),
+            "still the request's context"
+        );
+    });
+}
+
+#[test]
+fn a_suppression_of_telemetry_is_kept_by_current_context() {
+    suppression_is_kept();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppression_of_telemetry_is_kept_by_current_context_multi_thread() {
+    let request = contextflow_otel::extract(&Pairs::new([("x-request-id", "req-quiet")]));
+    contextflow_otel::scope(request, async {
+        tokio::task::yield_now().await;
+        tokio::task::spawn_blocking(suppression_is_kept)
+            .await
+            .unwrap();
+        let quiet = {
+            let _quiet = Context::enter_telemetry_suppressed_scope();
+            contextflow_otel::current_context().is_telemetry_suppressed()
+        };
+        assert!(quiet);
+        assert!(!contextflow_otel::current_context().is_telemetry_suppressed());
+    })
+    .await;
+}
