@@ -282,24 +282,24 @@ pub(crate) trait ListPtr<T> {
     fn store_release(&self, ptr: *mut T);
 }
 
-impl<T> ListPtr<T> for std::sync::atomic::AtomicPtr<T> {
-    fn load_acquire(&self) -> *mut T {
-        self.load(Ordering::Acquire)
-    }
-    fn store_release(&self, ptr: *mut T) {
-        self.store(ptr, Ordering::Release)
-    }
+/// One body for std's atomic pointer and loom's (whose `Ordering` is std's), so that the
+/// loom model checks the orderings that ship.
+macro_rules! list_ptr {
+    ($($atomic:ident)::+) => {
+        impl<T> ListPtr<T> for $($atomic)::+<T> {
+            fn load_acquire(&self) -> *mut T {
+                self.load(Ordering::Acquire)
+            }
+            fn store_release(&self, ptr: *mut T) {
+                self.store(ptr, Ordering::Release)
+            }
+        }
+    };
 }
 
+list_ptr!(std::sync::atomic::AtomicPtr);
 #[cfg(all(test, loom))]
-impl<T> ListPtr<T> for loom::sync::atomic::AtomicPtr<T> {
-    fn load_acquire(&self) -> *mut T {
-        self.load(loom::sync::atomic::Ordering::Acquire)
-    }
-    fn store_release(&self, ptr: *mut T) {
-        self.store(ptr, loom::sync::atomic::Ordering::Release)
-    }
-}
+list_ptr!(loom::sync::atomic::AtomicPtr);
 
 /// Publishes `list` as the registered list. The previous list is leaked (see [`register`]).
 pub(crate) fn publish<T, P: ListPtr<Vec<T>>>(slot: &P, list: Vec<T>) {

@@ -827,26 +827,25 @@ pub(crate) mod keys {
         fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize>;
     }
 
-    impl Atomic for std::sync::atomic::AtomicUsize {
-        fn fetch_add_relaxed(&self, n: usize) -> usize {
-            self.fetch_add(n, std::sync::atomic::Ordering::Relaxed)
-        }
-        fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize> {
-            use std::sync::atomic::Ordering::Relaxed;
-            self.compare_exchange(current, new, Relaxed, Relaxed)
-        }
+    /// One body for std's atomic and loom's (whose `Ordering` is std's), so that the loom
+    /// model checks the operations that ship.
+    macro_rules! atomic {
+        ($atomic:ty) => {
+            impl Atomic for $atomic {
+                fn fetch_add_relaxed(&self, n: usize) -> usize {
+                    self.fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+                }
+                fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize> {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.compare_exchange(current, new, Relaxed, Relaxed)
+                }
+            }
+        };
     }
 
+    atomic!(std::sync::atomic::AtomicUsize);
     #[cfg(all(test, loom))]
-    impl Atomic for loom::sync::atomic::AtomicUsize {
-        fn fetch_add_relaxed(&self, n: usize) -> usize {
-            self.fetch_add(n, loom::sync::atomic::Ordering::Relaxed)
-        }
-        fn cas_relaxed(&self, current: usize, new: usize) -> Result<usize, usize> {
-            use loom::sync::atomic::Ordering::Relaxed;
-            self.compare_exchange(current, new, Relaxed, Relaxed)
-        }
-    }
+    atomic!(loom::sync::atomic::AtomicUsize);
 
     /// Gives `slot` a key from `next` unless another thread got there first, in which case
     /// the winner's key is used by everyone. Keys are never 0 and never reused.

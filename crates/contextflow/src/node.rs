@@ -23,7 +23,9 @@
 //! parent, captures that leave bindings out) is in `node/chain.rs`, the per-thread lookup cache
 //! and frame ids in `node/cache.rs`, the block cache in `node/pool.rs`. With `current.rs` (the
 //! thread-local slot), this is most of the crate's `unsafe` code; it is covered by the loom
-//! models in `node/loom_tests.rs` (the counts) and by the whole test suite run under valgrind.
+//! models in `node/loom_tests.rs` (the counts) and by the whole test suite run under valgrind
+//! in a build without the block cache (`--cfg contextflow_no_pool`), where a freed node is
+//! freed memory to valgrind.
 
 use std::{
     alloc::{alloc, dealloc, handle_alloc_error, Layout},

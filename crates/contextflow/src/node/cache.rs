@@ -74,38 +74,33 @@ pub(crate) trait IdSlot {
     fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64>;
 }
 
-impl IdSlot for AtomicU64 {
-    fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.compare_exchange(current, new, Relaxed, Relaxed)
-    }
-}
-
-#[cfg(all(test, loom))]
-impl IdSlot for loom::sync::atomic::AtomicU64 {
-    fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64> {
-        use loom::sync::atomic::Ordering::Relaxed;
-        self.compare_exchange(current, new, Relaxed, Relaxed)
-    }
-}
-
 /// The one atomic operation id reservation needs, so that the loom model checks this code.
 pub(crate) trait FetchAdd {
     fn fetch_add_relaxed(&self, n: u64) -> u64;
 }
 
-impl FetchAdd for AtomicU64 {
-    fn fetch_add_relaxed(&self, n: u64) -> u64 {
-        self.fetch_add(n, std::sync::atomic::Ordering::Relaxed)
-    }
+/// One body for std's atomic and loom's (whose `Ordering` is std's), so that the loom models
+/// check the operations that ship.
+macro_rules! id_atomic {
+    ($atomic:ty) => {
+        impl IdSlot for $atomic {
+            fn cas_relaxed(&self, current: u64, new: u64) -> Result<u64, u64> {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.compare_exchange(current, new, Relaxed, Relaxed)
+            }
+        }
+
+        impl FetchAdd for $atomic {
+            fn fetch_add_relaxed(&self, n: u64) -> u64 {
+                self.fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+            }
+        }
+    };
 }
 
+id_atomic!(AtomicU64);
 #[cfg(all(test, loom))]
-impl FetchAdd for loom::sync::atomic::AtomicU64 {
-    fn fetch_add_relaxed(&self, n: u64) -> u64 {
-        self.fetch_add(n, loom::sync::atomic::Ordering::Relaxed)
-    }
-}
+id_atomic!(loom::sync::atomic::AtomicU64);
 
 /// Reserves a block of [`ID_BLOCK`] ids from `next`; blocks never overlap.
 #[cold]

@@ -130,10 +130,8 @@ fn alias_keeps_the_value_while_both_threads_release() {
             drop(node)
         });
         // SAFETY: `alias` is alive; key 3 holds a `Counted`.
-        assert_eq!(
-            unsafe { Header::find(alias.as_ptr(), 3).map(|h| h.value::<Counted>().read()) },
-            Some(7)
-        );
+        let seen = unsafe { Header::find(alias.as_ptr(), 3).map(|h| h.value::<Counted>().read()) };
+        assert_eq!(seen, Some(7));
         drop(alias);
         t.join().unwrap();
         assert_eq!(parent_drops.load(Ordering::SeqCst), 1);

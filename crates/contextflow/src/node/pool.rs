@@ -32,6 +32,12 @@ pub(super) const BLOCK: Layout = match Layout::from_size_align(
 
 const MAX_CACHED: usize = 128;
 
+/// Whether freed blocks are kept for reuse. Built with `--cfg contextflow_no_pool`, every
+/// block goes back to the allocator when freed (and comes from it), so that valgrind sees a
+/// node used after it was freed: a block in the cache is still allocated memory to it. CI
+/// runs the core's tests under valgrind in that build.
+const POOLED: bool = !cfg!(contextflow_no_pool);
+
 /// Whether a value of layout `layout` is allocated from the pool.
 pub(super) const fn fits(layout: Layout) -> bool {
     layout.size() <= BLOCK.size() && layout.align() <= BLOCK.align()
@@ -70,6 +76,9 @@ thread_local! {
 /// A block of layout [`BLOCK`], from this thread's cache or the allocator. Never null.
 #[inline]
 pub(super) fn alloc_block() -> *mut u8 {
+    if !POOLED {
+        return alloc_fresh();
+    }
     let cached = CACHE
         .try_with(|c| {
             let block = c.head.get();
@@ -84,6 +93,11 @@ pub(super) fn alloc_block() -> *mut u8 {
     if !cached.is_null() {
         return cached;
     }
+    alloc_fresh()
+}
+
+/// A block of layout [`BLOCK`] from the allocator. Never null.
+fn alloc_fresh() -> *mut u8 {
     // SAFETY: `BLOCK` has a non-zero size.
     let block = unsafe { alloc(BLOCK) };
     if block.is_null() {
@@ -98,18 +112,19 @@ pub(super) fn alloc_block() -> *mut u8 {
 /// `block` must come from [`alloc_block`], hold no live value, and not be used again.
 #[inline]
 pub(super) unsafe fn free_block(block: *mut u8) {
-    let cached = CACHE
-        .try_with(|c| {
-            if c.len.get() >= MAX_CACHED {
-                return false;
-            }
-            // SAFETY: the block is ours and at least a pointer in size and alignment.
-            unsafe { block.cast::<*mut u8>().write(c.head.get()) };
-            c.head.set(block);
-            c.len.set(c.len.get() + 1);
-            true
-        })
-        .unwrap_or(false);
+    let cached = POOLED
+        && CACHE
+            .try_with(|c| {
+                if c.len.get() >= MAX_CACHED {
+                    return false;
+                }
+                // SAFETY: the block is ours and at least a pointer in size and alignment.
+                unsafe { block.cast::<*mut u8>().write(c.head.get()) };
+                c.head.set(block);
+                c.len.set(c.len.get() + 1);
+                true
+            })
+            .unwrap_or(false);
     if !cached {
         // SAFETY: allocated with `BLOCK` (by the contract) and unused from now on.
         unsafe { dealloc(block, BLOCK) };
