@@ -14,6 +14,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(super) struct Nats {
     client: async_nats::Client,
     subject: String,
+    /// How many times the connection was lost: a publish is delivered only if none was lost
+    /// between its write and the server's answer to the round trip after it.
+    disconnections: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Nats {
@@ -24,12 +27,19 @@ impl Nats {
         // line a start-up line, not one outside every request in the middle of the load.
         let connected = std::sync::Arc::new(tokio::sync::Notify::new());
         let signal = connected.clone();
+        let disconnections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost = disconnections.clone();
         let client = async_nats::ConnectOptions::new()
             .event_callback(move |event| {
                 let signal = signal.clone();
+                let lost = lost.clone();
                 async move {
-                    if matches!(event, async_nats::Event::Connected) {
-                        signal.notify_one();
+                    match event {
+                        async_nats::Event::Connected => signal.notify_one(),
+                        async_nats::Event::Disconnected => {
+                            lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        _ => {}
                     }
                 }
             })
@@ -41,6 +51,7 @@ impl Nats {
         Ok(Nats {
             client,
             subject: subject.to_owned(),
+            disconnections,
         })
     }
 
@@ -59,12 +70,38 @@ impl Nats {
             topic: topic.to_owned(),
             payload,
         })?;
+        let lost_before = self
+            .disconnections
+            .load(std::sync::atomic::Ordering::SeqCst);
         self.client
             .publish_with_headers(self.subject.clone(), headers, body.into())
             .await?;
-        // The publish only queues the message in the client: the outbox marks the row
-        // delivered once the server has it (core NATS keeps nothing beyond that).
-        self.client.flush().await?;
+        // The publish only queues the message in the client, and a flush only writes it to the
+        // socket: the outbox marks the row delivered once the server has it (core NATS keeps
+        // nothing beyond that). The server answers a request after it has read everything the
+        // connection sent before it (here "no responders": nobody serves that subject), and a
+        // connection lost in between (the client reconnects and drops what it had buffered,
+        // while a flush waiting then is released by the new connection's first flush) makes
+        // the message undelivered: the outbox publishes it again, and the consumer handles
+        // its id once.
+        match self
+            .client
+            .request(format!("{}.delivered", self.subject), Default::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Err(err) => return Err(err.into()),
+        }
+        if self
+            .disconnections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != lost_before
+        {
+            return Err(
+                "NATS connection lost while publishing: the server may not have the message".into(),
+            );
+        }
         Ok(())
     }
 

@@ -48,7 +48,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub(super) struct Redis {
     client: redis::Client,
-    publish: MultiplexedConnection,
+    /// The publishing connection; `None` after it failed (a multiplexed connection does not
+    /// reconnect by itself): the next publish makes a new one.
+    publish: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
     key: String,
 }
 
@@ -77,18 +79,34 @@ impl Redis {
     /// Connects to `url` and makes the stream `key` with the audit consumer's group.
     pub(super) async fn connect(url: &str, key: &str) -> Result<Redis, BoxError> {
         let client = redis::Client::open(url)?;
-        // The client's default response timeout (500 ms) fails a publish on a loaded machine.
-        let config = AsyncConnectionConfig::new().set_response_timeout(Some(PUBLISH_TIMEOUT));
-        let mut publish = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut publish = publishing_connection(&client).await?;
         create_group(&mut publish, key).await?;
         let _: bool = publish.expire(key, TTL_SECS).await?;
         Ok(Redis {
             client,
-            publish,
+            publish: std::sync::Arc::new(std::sync::Mutex::new(Some(publish))),
             key: key.to_owned(),
         })
+    }
+
+    /// The publishing connection, made again if the last one failed.
+    async fn publishing(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        let current = self
+            .publish
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match current {
+            Some(con) => Ok(con),
+            None => {
+                let con = publishing_connection(&self.client).await?;
+                *self
+                    .publish
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(con.clone());
+                Ok(con)
+            }
+        }
     }
 
     /// Queues message `id` (`XADD`) with the current context in the entry's fields.
@@ -103,8 +121,20 @@ impl Redis {
             topic: topic.to_owned(),
             payload,
         })?;
-        let mut con = self.publish.clone();
-        contextflow_messaging::redis::add(&mut con, &self.key, &[(ENVELOPE, body)]).await?;
+        let mut con = self.publishing().await?;
+        let added =
+            contextflow_messaging::redis::add(&mut con, &self.key, &[(ENVELOPE, body)]).await;
+        if let Err(err) = &added {
+            if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
+                // Redis restarted, or the connection broke: the next publish reconnects (the
+                // outbox keeps this row for it).
+                *self
+                    .publish
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            }
+        }
+        added?;
         Ok(())
     }
 
@@ -125,9 +155,24 @@ impl Redis {
     }
 }
 
-/// `XGROUP CREATE key GROUP $ MKSTREAM`, where a group that exists already is fine.
+/// A connection for publishing.
+async fn publishing_connection(
+    client: &redis::Client,
+) -> Result<MultiplexedConnection, redis::RedisError> {
+    // The client's default response timeout (500 ms) fails a publish on a loaded machine.
+    let config = AsyncConnectionConfig::new().set_response_timeout(Some(PUBLISH_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// `XGROUP CREATE key GROUP 0 MKSTREAM`, where a group that exists already is fine. From the
+/// stream's first entry, not its end (`$`): a group made again after the stream vanished
+/// (expired, evicted, flushed) and was made again by a publish (`XADD` makes a missing stream)
+/// must read the entries published since, or those events are marked delivered and never
+/// handled. A stream that already has a group keeps it (`BUSYGROUP`).
 async fn create_group(con: &mut MultiplexedConnection, key: &str) -> Result<(), redis::RedisError> {
-    let created: Result<(), redis::RedisError> = con.xgroup_create_mkstream(key, GROUP, "$").await;
+    let created: Result<(), redis::RedisError> = con.xgroup_create_mkstream(key, GROUP, "0").await;
     match created {
         Err(err) if err.code() != Some("BUSYGROUP") => Err(err),
         _ => Ok(()),
@@ -232,5 +277,79 @@ fn job(entry: StreamId) -> Job {
         id: entry.id,
         envelope,
         incoming,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn queue(key: &str) -> Redis {
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Redis);
+        Redis::connect(&url, key).await.expect("connect to Redis")
+    }
+
+    /// Review finding: when the stream vanished (expired, evicted, flushed), a publish made it
+    /// again without the consumer group, and the consumer made the group again at the
+    /// stream's end: the events published in between were marked delivered and never handled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(cf_service_redis),
+        ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+    )]
+    async fn an_event_published_after_the_stream_vanished_is_consumed() {
+        let key = format!("order-service-test-{}", uuid::Uuid::new_v4().simple());
+        let redis = queue(&key).await;
+        let mut jobs = redis.jobs("c1").await.unwrap();
+        let mut con = redis.publishing().await.unwrap();
+        let _: i64 = con.del(&key).await.unwrap();
+        redis
+            .publish(7, "order.confirmed", serde_json::json!({"order_id": 7}))
+            .await
+            .unwrap();
+        let job = tokio::time::timeout(Duration::from_secs(15), jobs.next())
+            .await
+            .expect("the event is consumed");
+        assert_eq!(job.envelope.map(|e| e.id), Some(7));
+        let _: i64 = con.del(&key).await.unwrap();
+    }
+
+    /// Review finding: the publishing connection never reconnected: once it broke, every
+    /// publish failed until the process restarted.
+    #[tokio::test(flavor = "current_thread")]
+    #[cfg_attr(
+        not(cf_service_redis),
+        ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
+    )]
+    async fn a_broken_publishing_connection_is_made_again() {
+        let key = format!("order-service-test-{}", uuid::Uuid::new_v4().simple());
+        let redis = queue(&key).await;
+        // Redis drops the publishing connection (as a restart would).
+        let mut con = redis.publishing().await.unwrap();
+        let id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let mut admin = publishing_connection(&redis.client).await.unwrap();
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let payload = || serde_json::json!({"order_id": 8});
+        // The first publish after the break may fail (the outbox keeps its row); one of the
+        // next ones goes through on a new connection.
+        let mut delivered = false;
+        for _ in 0..3 {
+            if redis.publish(8, "order.confirmed", payload()).await.is_ok() {
+                delivered = true;
+                break;
+            }
+        }
+        assert!(delivered, "publishing never recovered");
+        let _: i64 = admin.del(&key).await.unwrap();
     }
 }
