@@ -1,9 +1,11 @@
 //! The queue on RabbitMQ (`--queue amqp://...`): a message is a JSON envelope, its
 //! propagation fields AMQP headers written with `contextflow_messaging::lapin`'s carrier.
 //!
-//! One connection, two channels: publishes go out on one; the audit consumer reads the
-//! service's queue on the other, in a task of its own, and acknowledges each delivery once it
-//! is handled.
+//! Two connections: publishes go out on one (made again when it closes: a broker restart, a
+//! broken link); the audit consumer reads the service's queue on the other, in a task of its
+//! own, acknowledges each delivery once it is handled, and connects again when its stream
+//! ends. The queue outlives its consumer for [`QUEUE_EXPIRES_MS`] (not auto-delete), so the
+//! messages the broker confirmed wait there while the consumer reconnects.
 
 use futures_util::StreamExt as _;
 use lapin::{
@@ -12,7 +14,7 @@ use lapin::{
         ConfirmSelectOptions, QueueDeclareOptions,
     },
     publisher_confirm::Confirmation,
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
 use serde::{Deserialize, Serialize};
@@ -27,13 +29,25 @@ pub(super) struct Envelope {
     pub(super) payload: serde_json::Value,
 }
 
-/// A connection to RabbitMQ and the service's queue.
-#[derive(Clone, Debug)]
+/// How long the service's queue lives unused (no consumer, no declaration) before RabbitMQ
+/// deletes it: long enough for the consumer to reconnect, short enough that a stopped
+/// service leaves nothing behind for long.
+pub(super) const QUEUE_EXPIRES_MS: i64 = 120_000;
+
+/// RabbitMQ and the service's queue.
+#[derive(Debug)]
 pub(super) struct Amqp {
-    publish: Channel,
-    consume: Channel,
+    url: String,
     queue: String,
-    _connection: std::sync::Arc<Connection>,
+    /// The publishing connection and its confirming channel; made again once closed.
+    publisher: tokio::sync::Mutex<Link>,
+}
+
+/// A connection and one channel on it.
+#[derive(Debug)]
+struct Link {
+    connection: Connection,
+    channel: Channel,
 }
 
 /// One received message: its envelope, the context its headers carry, and how to ack it.
@@ -45,38 +59,61 @@ pub(super) struct Received {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl Amqp {
-    /// Connects to `url` and declares `queue` (not durable, deleted with its last consumer).
-    pub(super) async fn connect(url: &str, queue: &str) -> Result<Amqp, BoxError> {
+impl Link {
+    /// A connection to `url`, a channel on it, and `queue` declared.
+    async fn open(url: &str, queue: &str) -> Result<Link, BoxError> {
         let properties = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio::current());
         let connection = Connection::connect(url, properties).await?;
-        let publish = connection.create_channel().await?;
-        // Publisher confirms: a publish returns once the broker has taken the message, so the
-        // outbox marks a row delivered only then (without them it returns as soon as the
-        // frames are written).
-        publish
+        let channel = connection.create_channel().await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(QUEUE_EXPIRES_MS));
+        channel
+            .queue_declare(queue, QueueDeclareOptions::default(), arguments)
+            .await?;
+        Ok(Link {
+            connection,
+            channel,
+        })
+    }
+
+    /// A publishing link: publisher confirms on, so a publish returns once the broker has
+    /// taken the message and the outbox marks a row delivered only then (without them it
+    /// returns as soon as the frames are written).
+    async fn publisher(url: &str, queue: &str) -> Result<Link, BoxError> {
+        let link = Link::open(url, queue).await?;
+        link.channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let consume = connection.create_channel().await?;
-        consume
-            .queue_declare(
-                queue,
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        consume.basic_qos(256, BasicQosOptions::default()).await?;
+        Ok(link)
+    }
+
+    fn is_open(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+impl Amqp {
+    /// Connects to `url` and declares `queue` (not durable; deleted after
+    /// [`QUEUE_EXPIRES_MS`] unused).
+    pub(super) async fn connect(url: &str, queue: &str) -> Result<Amqp, BoxError> {
+        let publisher = Link::publisher(url, queue).await?;
         Ok(Amqp {
-            publish,
-            consume,
+            url: url.to_owned(),
             queue: queue.to_owned(),
-            _connection: std::sync::Arc::new(connection),
+            publisher: tokio::sync::Mutex::new(publisher),
         })
+    }
+
+    /// The publishing channel, connected again if it closed.
+    async fn publishing(&self) -> Result<Channel, BoxError> {
+        let mut link = self.publisher.lock().await;
+        if !link.is_open() {
+            tracing::info!("RabbitMQ publishing connection closed: connecting again");
+            *link = Link::publisher(&self.url, &self.queue).await?;
+        }
+        Ok(link.channel.clone())
     }
 
     /// Publishes message `id` with the current context in its headers; returns once the broker
@@ -98,7 +135,8 @@ impl Amqp {
         // Mandatory: a message no queue takes (the queue gone with its consumer's channel) comes
         // back to us instead of being confirmed and dropped, so the outbox keeps its row.
         let confirmation = self
-            .publish
+            .publishing()
+            .await?
             .basic_publish(
                 "",
                 &self.queue,
@@ -125,13 +163,18 @@ impl Amqp {
         }
     }
 
-    /// The deliveries of the service's queue, one at a time (`None` when the stream ends).
+    /// The deliveries of the service's queue, one at a time, on a connection of their own
+    /// (`None` when the stream ends: its connection or channel closed; call again to go on).
     pub(super) async fn deliveries(
         &self,
         tag: &str,
     ) -> Result<impl futures_util::Stream<Item = Received> + Send + Unpin, BoxError> {
-        let consumer = self
-            .consume
+        let link = Link::open(&self.url, &self.queue).await?;
+        link.channel
+            .basic_qos(256, BasicQosOptions::default())
+            .await?;
+        let consumer = link
+            .channel
             .basic_consume(
                 &self.queue,
                 tag,
@@ -139,7 +182,9 @@ impl Amqp {
                 FieldTable::default(),
             )
             .await?;
-        Ok(consumer.filter_map(|delivery| {
+        Ok(consumer.filter_map(move |delivery| {
+            // The connection lives as long as its stream.
+            let _link = &link;
             futures_util::future::ready(match delivery {
                 Ok(delivery) => {
                     // Metadata is input: validated and bounded by contextflow-otel.
@@ -178,8 +223,59 @@ mod tests {
 
     use super::*;
 
-    /// A message no queue takes (the service's queue deleted, as RabbitMQ does with an
-    /// auto-delete queue when its consumer's channel closes) is an error, so the outbox keeps
+    /// Review finding: nothing connected again after RabbitMQ dropped the connection (a
+    /// restart, a broken link): the consumer had ended, the auto-delete queue went with the
+    /// messages the broker had confirmed, and every later publish failed until the service
+    /// restarted. Now both sides connect again, the queue waits for its consumer, and every
+    /// event published is consumed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(cf_service_amqp),
+        ignore = "needs RabbitMQ: set CONTEXTFLOW_AMQP_URL"
+    )]
+    async fn both_sides_connect_again_after_the_broker_drops_them() {
+        use crate::queue::{test_proxy::Proxy, OrderConfirmed, Queue, QueueUrl, ORDER_CONFIRMED};
+
+        let url = contextflow_testenv::url(contextflow_testenv::Service::Amqp);
+        let (scheme_and_auth, rest) = url
+            .split_once('@')
+            .expect("amqp://user:pass@host:port/vhost");
+        let (server, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+        let proxy = Proxy::start(server.to_owned()).await;
+        let through = format!("{scheme_and_auth}@{}/{vhost}", proxy.addr);
+        let name = format!("order-service-test-{}", uuid::Uuid::new_v4().simple());
+        let (queue, consumer) = Queue::open(&QueueUrl::parse(&through).unwrap(), &name, 16)
+            .await
+            .unwrap();
+        let event = |i: i64| OrderConfirmed {
+            order_id: i,
+            reference: format!("r-{i}"),
+            tenant: "acme".into(),
+        };
+        assert!(queue.publish(ORDER_CONFIRMED, 1, &event(1)).await);
+        tokio::time::timeout(std::time::Duration::from_secs(20), queue.wait_idle())
+            .await
+            .expect("the first event is consumed");
+        proxy.drop_all();
+        // A publish may fail while the broker is away (its outbox row waits); one goes through
+        // on a new connection.
+        let mut published = false;
+        for _ in 0..50 {
+            if queue.publish(ORDER_CONFIRMED, 2, &event(2)).await {
+                published = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(published, "publishing never connected again");
+        tokio::time::timeout(std::time::Duration::from_secs(30), queue.wait_idle())
+            .await
+            .expect("the consumer connected again and consumed the event");
+        consumer.abort();
+    }
+
+    /// A message no queue takes (the service's queue deleted, as RabbitMQ does once it
+    /// expires) is an error, so the outbox keeps
     /// its row; RabbitMQ confirms such a message and drops it unless it is mandatory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[cfg_attr(
@@ -193,7 +289,9 @@ mod tests {
         amqp.publish(1, "order.confirmed", serde_json::json!({}))
             .await
             .expect("the queue takes it");
-        amqp.consume
+        amqp.publishing()
+            .await
+            .unwrap()
             .queue_delete(&queue, QueueDeleteOptions::default())
             .await
             .expect("delete the queue");

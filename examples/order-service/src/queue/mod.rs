@@ -224,33 +224,38 @@ impl Queue {
         };
         let pending = Arc::new(Pending::default());
         let mut audit = Audit::new(pending.clone());
-        let mut deliveries = amqp.deliveries("order-service-audit").await?;
+        let amqp = Arc::new(amqp);
+        let first = amqp.deliveries("order-service-audit").await?;
+        let consuming = amqp.clone();
         let consumer = contextflow::spawn_without_context(async move {
-            while let Some(received) = deliveries.next().await {
-                match &received.envelope {
-                    Some(envelope) => {
-                        let message = Message {
-                            id: envelope.id,
-                            topic: known_topic(&envelope.topic),
-                            headers: HeaderMap::new(),
-                            payload: envelope.payload.clone(),
-                        };
-                        audit.handle(message, received.incoming.clone()).await;
+            let mut deliveries = Some(first);
+            let mut failures = 0u32;
+            loop {
+                let Some(mut stream) = deliveries.take() else {
+                    // Connect again, after a pause that grows while the broker stays away.
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << failures.min(6)))
+                        .await;
+                    match consuming.deliveries("order-service-audit").await {
+                        Ok(stream) => {
+                            info!("RabbitMQ consumer connected again");
+                            deliveries = Some(stream);
+                        }
+                        Err(err) => {
+                            failures += 1;
+                            warn!(error = %err, failures, "RabbitMQ consumer could not connect");
+                        }
                     }
-                    None => {
-                        // Not ours to count: a body that is not an envelope never was published here.
-                        contextflow_otel::sync_scope(received.incoming.clone(), || {
-                            warn!("malformed message on the queue; dropped")
-                        });
-                    }
-                }
-                received.ack().await;
+                    continue;
+                };
+                failures = 0;
+                consume_amqp(&mut stream, &mut audit).await;
+                // The stream ended: the connection or channel closed (a broker restart, a
+                // broken link). The queue outlives it for a while, with the messages the
+                // broker confirmed: connect again and go on.
+                warn!("RabbitMQ consumer stopped: its connection closed; connecting again");
             }
-            // The channel closed: at shutdown, or on a channel error (the queue then goes with
-            // it, and publishes come back unrouted, so the outbox keeps their rows).
-            info!("the RabbitMQ consumer stopped: its channel closed");
         });
-        let transport = Transport::Amqp(Arc::new(amqp));
+        let transport = Transport::Amqp(amqp);
         Ok((Queue { transport, pending }, consumer))
     }
 
@@ -473,6 +478,33 @@ fn producer_span(topic: &'static str) -> Context {
     parent.with_span(span)
 }
 
+/// Handles the deliveries of `stream` until it ends, acknowledging each once handled.
+async fn consume_amqp(
+    stream: &mut (impl futures_util::Stream<Item = amqp::Received> + Unpin),
+    audit: &mut Audit,
+) {
+    while let Some(received) = stream.next().await {
+        match &received.envelope {
+            Some(envelope) => {
+                let message = Message {
+                    id: envelope.id,
+                    topic: known_topic(&envelope.topic),
+                    headers: HeaderMap::new(),
+                    payload: envelope.payload.clone(),
+                };
+                audit.handle(message, received.incoming.clone()).await;
+            }
+            None => {
+                // Not ours to count: a body that is not an envelope never was published here.
+                contextflow_otel::sync_scope(received.incoming.clone(), || {
+                    warn!("malformed message on the queue; dropped")
+                });
+            }
+        }
+        received.ack().await;
+    }
+}
+
 /// `incoming` (the message's extracted context) with a `process` consumer span for `topic`:
 /// a child of the producer's span, with a link to it.
 fn consumer_span(topic: &'static str, incoming: Context) -> Context {
@@ -509,6 +541,91 @@ async fn consume(message: Message) {
             Err(err) => warn!(error = %err, "malformed order.confirmed event"),
         },
         other => warn!(topic = other, "message on an unknown topic"),
+    }
+}
+
+/// A TCP proxy in front of a broker whose connections the tests break.
+#[cfg(test)]
+mod test_proxy {
+    use std::{
+        net::SocketAddr,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+    };
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+        sync::watch,
+    };
+
+    /// Forwards each connection to the server; see its methods for the breaks.
+    pub(super) struct Proxy {
+        pub(super) addr: SocketAddr,
+        swallow: Arc<AtomicBool>,
+        drop_all: watch::Sender<u64>,
+    }
+
+    impl Proxy {
+        /// A proxy on 127.0.0.1 in front of `server` (`host:port`).
+        pub(super) async fn start(server: String) -> Proxy {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let swallow = Arc::new(AtomicBool::new(false));
+            let (drop_all, _) = watch::channel(0);
+            let (swallowing, dropping) = (swallow.clone(), drop_all.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(upstream) = TcpStream::connect(&server).await else {
+                        continue;
+                    };
+                    let swallow = swallowing.clone();
+                    let mut dropped = dropping.subscribe();
+                    tokio::spawn(async move {
+                        let (mut client_read, mut client_write) = client.into_split();
+                        let (mut server_read, mut server_write) = upstream.into_split();
+                        let down = tokio::spawn(async move {
+                            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        });
+                        let mut buf = vec![0; 64 * 1024];
+                        loop {
+                            let n = tokio::select! {
+                                read = client_read.read(&mut buf) => match read {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => n,
+                                },
+                                _ = dropped.changed() => break,
+                            };
+                            if swallow.swap(false, Ordering::SeqCst) {
+                                break;
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        down.abort();
+                    });
+                }
+            });
+            Proxy {
+                addr,
+                swallow,
+                drop_all,
+            }
+        }
+
+        /// The next bytes a client sends are swallowed, and that connection closed (as a
+        /// broken link between the client's write and the server's read would).
+        pub(super) fn swallow_next_write(&self) {
+            self.swallow.store(true, Ordering::SeqCst);
+        }
+
+        /// Closes every open connection (as a broker restart would); new ones go through.
+        pub(super) fn drop_all(&self) {
+            self.drop_all.send_modify(|n| *n += 1);
+        }
     }
 }
 

@@ -125,56 +125,9 @@ impl Nats {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::{
-            atomic::{AtomicBool, Ordering},
-            Arc,
-        },
-        time::Duration,
-    };
-
-    use tokio::{
-        io::{AsyncReadExt as _, AsyncWriteExt as _},
-        net::{TcpListener, TcpStream},
-    };
+    use std::time::Duration;
 
     use super::*;
-
-    /// A TCP proxy in front of the NATS server that, once `cut` is set, swallows the next bytes
-    /// the client sends and closes that connection (as a server restart or a broken link
-    /// between the write and the server's read would), then forwards new connections again.
-    async fn proxy(server: String, cut: Arc<AtomicBool>) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let upstream = TcpStream::connect(&server).await.unwrap();
-                let cut = cut.clone();
-                tokio::spawn(async move {
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = upstream.into_split();
-                    let down = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                    });
-                    let mut buf = vec![0; 64 * 1024];
-                    loop {
-                        let n = match client_read.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if cut.swap(false, Ordering::SeqCst) {
-                            break;
-                        }
-                        if server_write.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    down.abort();
-                });
-            }
-        });
-        format!("nats://{addr}")
-    }
 
     /// Review finding: a message lost with its connection counted as delivered: async-nats
     /// drops what it had buffered when it reconnects, and a flush waiting then is released by
@@ -184,15 +137,15 @@ mod tests {
     async fn a_message_lost_with_its_connection_is_not_delivered() {
         let url = contextflow_testenv::url(contextflow_testenv::Service::Nats);
         let server = url.trim_start_matches("nats://").to_owned();
-        let cut = Arc::new(AtomicBool::new(false));
-        let through = proxy(server, cut.clone()).await;
+        let proxy = super::super::test_proxy::Proxy::start(server).await;
+        let through = format!("nats://{}", proxy.addr);
         let subject = format!("order-service-test.{}", uuid::Uuid::new_v4().simple());
         let nats = Nats::connect(&through, &subject).await.unwrap();
         let payload = || serde_json::json!({"order_id": 9});
         nats.publish(1, "order.confirmed", payload())
             .await
             .expect("delivered while the connection holds");
-        cut.store(true, Ordering::SeqCst);
+        proxy.swallow_next_write();
         let lost = tokio::time::timeout(
             Duration::from_secs(20),
             nats.publish(2, "order.confirmed", payload()),
