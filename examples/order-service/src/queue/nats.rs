@@ -9,14 +9,16 @@ use super::amqp::Envelope;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How long a publish waits for the server's answer to its round trip.
+const ECHO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a publish waiting for that answer checks for a new connection.
+const ECHO_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A connection to NATS and the service's subject.
 #[derive(Clone, Debug)]
 pub(super) struct Nats {
     client: async_nats::Client,
     subject: String,
-    /// How many times the connection was lost: a publish is delivered only if none was lost
-    /// between its write and the server's answer to the round trip after it.
-    disconnections: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Nats {
@@ -27,19 +29,12 @@ impl Nats {
         // line a start-up line, not one outside every request in the middle of the load.
         let connected = std::sync::Arc::new(tokio::sync::Notify::new());
         let signal = connected.clone();
-        let disconnections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let lost = disconnections.clone();
         let client = async_nats::ConnectOptions::new()
             .event_callback(move |event| {
                 let signal = signal.clone();
-                let lost = lost.clone();
                 async move {
-                    match event {
-                        async_nats::Event::Connected => signal.notify_one(),
-                        async_nats::Event::Disconnected => {
-                            lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        _ => {}
+                    if matches!(event, async_nats::Event::Connected) {
+                        signal.notify_one();
                     }
                 }
             })
@@ -51,7 +46,6 @@ impl Nats {
         Ok(Nats {
             client,
             subject: subject.to_owned(),
-            disconnections,
         })
     }
 
@@ -70,34 +64,53 @@ impl Nats {
             topic: topic.to_owned(),
             payload,
         })?;
-        let lost_before = self
-            .disconnections
-            .load(std::sync::atomic::Ordering::SeqCst);
+        // Connections made so far (the client counts each one as it is made, before it is
+        // used): a publish is delivered only if none was made between its write and the
+        // server's answer to the round trip after it.
+        let connects = || {
+            self.client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let connects_before = connects();
         self.client
             .publish_with_headers(self.subject.clone(), headers, body.into())
             .await?;
         // The publish only queues the message in the client, and a flush only writes it to the
         // socket: the outbox marks the row delivered once the server has it (core NATS keeps
-        // nothing beyond that). The server answers a request after it has read everything the
-        // connection sent before it (here "no responders": nobody serves that subject), and a
-        // connection lost in between (the client reconnects and drops what it had buffered,
-        // while a flush waiting then is released by the new connection's first flush) makes
-        // the message undelivered: the outbox publishes it again, and the consumer handles
-        // its id once.
-        match self
-            .client
-            .request(format!("{}.delivered", self.subject), Default::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => {}
-            Err(err) => return Err(err.into()),
+        // nothing beyond that). The round trip: a marker published to an inbox of this
+        // client's own, subscribed to just before, comes back once the server has read
+        // everything the connection sent before it (other subscribers, a debugging `>` one,
+        // cannot answer for it). A connection lost in between (the client reconnects and drops
+        // what it had buffered, while a flush waiting then is released by the new
+        // connection's first flush) makes the message undelivered: the outbox publishes it
+        // again (the queue bounds the wait), and the consumer handles its id once.
+        let marker = self.client.new_inbox();
+        let mut echo = self.client.subscribe(marker.clone()).await?;
+        self.client.publish(marker, Default::default()).await?;
+        self.client.flush().await?;
+        let lost = || "NATS connection lost while publishing: the server may not have the message";
+        let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
+        loop {
+            tokio::select! {
+                answer = echo.next() => match answer {
+                    Some(_) => break,
+                    None => return Err("NATS subscription closed before the server answered".into()),
+                },
+                // A marker lost with its connection never comes back: stop as soon as the
+                // client has connected again.
+                () = tokio::time::sleep(ECHO_CHECK) => {
+                    if connects() != connects_before {
+                        return Err(lost().into());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err("NATS server did not answer the round trip in time".into());
+                    }
+                }
+            }
         }
-        if self
-            .disconnections
-            .load(std::sync::atomic::Ordering::SeqCst)
-            != lost_before
-        {
+        if connects() != connects_before {
             return Err(
                 "NATS connection lost while publishing: the server may not have the message".into(),
             );
@@ -142,9 +155,18 @@ mod tests {
         let subject = format!("order-service-test.{}", uuid::Uuid::new_v4().simple());
         let nats = Nats::connect(&through, &subject).await.unwrap();
         let payload = || serde_json::json!({"order_id": 9});
-        nats.publish(1, "order.confirmed", payload())
-            .await
-            .expect("delivered while the connection holds");
+        // Another client watching every subject (an operator's `nats sub '>'`) does not hold
+        // up the round trip.
+        let watcher = async_nats::connect(&url).await.unwrap();
+        let _everything = watcher.subscribe(">").await.unwrap();
+        watcher.flush().await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            nats.publish(1, "order.confirmed", payload()),
+        )
+        .await
+        .expect("answered at once")
+        .expect("delivered while the connection holds");
         proxy.swallow_next_write();
         let lost = tokio::time::timeout(
             Duration::from_secs(20),
