@@ -26,7 +26,8 @@
 //!    its answer and its log line have the request's context), `cancelled` (the client went
 //!    away before or during the body: a body with something to send that the server drops
 //!    before polling it counts too; one that said it had nothing to send, through
-//!    `is_end_stream`, as servers ask, does not), `body` (the body failed),
+//!    `is_end_stream` or an exact `size_hint` of 0, as servers ask, does not), `body` (the
+//!    body failed),
 //!    `content_length_mismatch` (the body ended short of its declared `Content-Length` or
 //!    went past it; not for the answers that declare a length they do not send: to `HEAD`,
 //!    `1xx`, `204`, `304`).
@@ -256,8 +257,9 @@ pin_project! {
         status: u16,
         // Whether `poll_frame` ran: a body dropped after that but before its end was cut short.
         polled: bool,
-        // Whether `is_end_stream` said the body had nothing to send (a server asks before it
-        // polls, and does not poll such a body): dropped unpolled, it lost nothing. Atomic:
+        // Whether `is_end_stream` or an exact `size_hint` of 0 said the body had nothing to
+        // send (a server asks before it polls, and does not poll such a body): dropped
+        // unpolled, it lost nothing. Atomic:
         // `is_end_stream` takes `&self`, and the body stays `Sync` when its inner one is.
         said_empty: AtomicBool,
         // The bytes still owed of a declared length (`Content-Length`, or an exact size hint):
@@ -912,7 +914,15 @@ impl<B: Body> Body for ContextBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Some(inner) => inner.size_hint(),
+            Some(inner) => {
+                let hint = inner.size_hint();
+                if hint.exact() == Some(0) {
+                    // Nothing to send, as `is_end_stream` would say: hyper writes
+                    // `Content-Length: 0` for such a body and drops it unpolled.
+                    self.said_empty.store(true, Ordering::Relaxed);
+                }
+                hint
+            }
             None => SizeHint::with_exact(0),
         }
     }

@@ -290,6 +290,26 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// An empty body that does not say it ended (`is_end_stream` is false), only that its exact
+/// size is 0, as `WithTrailers` over an empty body does.
+struct SizedEmpty;
+
+impl http_body::Body for SizedEmpty {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(None)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(0)
+    }
+}
+
 /// The finished span whose `url.path` is `path`.
 fn span_for_path<'s>(spans: &'s [SpanData], path: &str) -> &'s SpanData {
     spans
@@ -322,12 +342,12 @@ async fn body_cut_short() {
     let svc = PropagateContextLayer::new()
         .with_tracer(provider.tracer("body"))
         .layer(tower::service_fn(|req: http::Request<()>| async move {
-            let chunks = if req.uri().path() == "/empty" {
-                vec![]
-            } else {
-                vec!["c", "b", "a"]
+            let body = match req.uri().path() {
+                "/empty" => http_body_util::Either::Left(Chunks(vec![])),
+                "/sized-empty" => http_body_util::Either::Right(SizedEmpty),
+                _ => http_body_util::Either::Left(Chunks(vec!["c", "b", "a"])),
             };
-            Ok::<_, std::convert::Infallible>(http::Response::new(Chunks(chunks)))
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
         }));
     let request = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
 
@@ -353,6 +373,11 @@ async fn body_cut_short() {
     let empty = svc.clone().oneshot(request("/empty")).await.unwrap();
     assert!(http_body::Body::is_end_stream(empty.body()));
     drop(empty);
+    // Or it reads an exact size of 0 (hyper's HTTP/1 writes `Content-Length: 0` and drops the
+    // body unpolled when `is_end_stream` says no).
+    let sized = svc.clone().oneshot(request("/sized-empty")).await.unwrap();
+    assert_eq!(http_body::Body::size_hint(sized.body()).exact(), Some(0));
+    drop(sized);
     // Dropped before its first poll with something to send (the client reset the stream as
     // the handler finished): cut short too.
     drop(svc.clone().oneshot(request("/unpolled")).await.unwrap());
@@ -393,7 +418,7 @@ async fn body_cut_short() {
         })
         .expect("the CONNECT request's span");
     assert_eq!(error_type(connect), None, "{:?}", connect.attributes);
-    for path in ["/full", "/empty"] {
+    for path in ["/full", "/empty", "/sized-empty"] {
         let span = by_path(path);
         assert!(
             !matches!(span.status, Status::Error { .. }),
