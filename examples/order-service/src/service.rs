@@ -100,6 +100,14 @@ pub enum ServiceError {
         /// Why the provider did not answer.
         why: String,
     },
+    /// The order was cancelled (by the resolver, after a decline) while its own call to the
+    /// provider went on and charged it: the order stays cancelled, the charge must be voided
+    /// by an operator (an `ERROR` line says so), and the client must not take it for a
+    /// decline and pay again (`409`).
+    CancelledAfterCharge {
+        /// The cancelled order.
+        order_id: i64,
+    },
     /// The reference names an earlier order of the tenant whose lines differ from this
     /// request's: not a retry of it, and not placed (`422`).
     ReferenceReused {
@@ -197,10 +205,10 @@ impl OrderService {
                 .decide(order_id, &order.reference, total_cents, items, decision)
                 .await?;
             if placed.status == "cancelled" {
-                // The resolver cancelled it while this request waited for the provider: the
-                // client gets the decision that stands.
-                warn!(order_id, "order cancelled meanwhile: declined");
-                return Err(ServiceError::Payment(PaymentError::Declined));
+                // The resolver cancelled it while this request waited for the provider, which
+                // then charged it (`decide` logged the charge to void): not a `201` for a
+                // cancelled order, nor a `402`, which would invite paying again.
+                return Err(ServiceError::CancelledAfterCharge { order_id });
             }
             info!(reference = %order.reference, order_id, status = %placed.status, "order placed");
             Ok(Placed::Created(placed))
@@ -664,6 +672,10 @@ impl std::fmt::Display for ServiceError {
             ServiceError::PaymentPending { order_id, why } => write!(
                 f,
                 "payment provider unavailable ({why}); order {order_id} is pending and will be completed or cancelled"
+            ),
+            ServiceError::CancelledAfterCharge { order_id } => write!(
+                f,
+                "order {order_id} was cancelled while its payment was processed; its charge will be voided"
             ),
             ServiceError::ReferenceReused {
                 reference,

@@ -70,7 +70,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::Invalid(_)
             | ServiceError::UnknownProduct(_)
             | ServiceError::ReferenceReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ServiceError::InsufficientStock { .. } => StatusCode::CONFLICT,
+            ServiceError::InsufficientStock { .. } | ServiceError::CancelledAfterCharge { .. } => {
+                StatusCode::CONFLICT
+            }
             ServiceError::Payment(PaymentError::Declined) => StatusCode::PAYMENT_REQUIRED,
             ServiceError::Payment(PaymentError::Unavailable(_) | PaymentError::Refused(_)) => {
                 StatusCode::BAD_GATEWAY

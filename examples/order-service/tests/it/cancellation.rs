@@ -308,10 +308,11 @@ async fn a_provider_slower_than_the_resolver_budget_still_gets_its_orders_decide
 }
 
 /// The resolver (of another instance, or one whose `resolve_after` is shorter than a request)
-/// declines an order while its request still waits for the provider: the request answers the
-/// decision that stands (`402`), not `201` with a cancelled order.
+/// declines an order while its request still waits for the provider, which then charges it:
+/// the order stays cancelled, and the request answers `409` saying the charge will be voided,
+/// not `201` with a cancelled order, nor `402`, which would invite paying again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_order_cancelled_while_its_request_waits_is_answered_as_declined() {
+async fn an_order_cancelled_while_its_request_waits_is_answered_409() {
     let (_dir, url) = sqlite();
     let (provider, addr, _) = Provider::start(Mode::AnswerAfter(Duration::from_secs(2))).await;
     let service = start(&url, &format!("http://{addr}"), false).await;
@@ -341,7 +342,10 @@ async fn an_order_cancelled_while_its_request_waits_is_answered_as_declined() {
     resolve_now(&service).await;
     assert_eq!(by_reference(&service, "raced-1").await.status, "cancelled");
     let (status, body) = request.await.unwrap();
-    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let message = body["error"].as_str().expect("a JSON error");
+    assert!(message.contains("will be voided"), "{message}");
+    assert_eq!(provider.stub.charges(), 1, "the request's call charged it");
     assert_eq!(by_reference(&service, "raced-1").await.status, "cancelled");
     assert_eq!(apples(&service).await, stock, "the stock is released once");
     service.shutdown().await.expect("clean shutdown");
