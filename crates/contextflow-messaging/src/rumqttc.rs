@@ -80,8 +80,11 @@
 //!                 }));
 //!             }
 //!             Ok(_) => {}
-//!             // rumqttc reconnects on the next poll: keep polling, after a pause.
+//!             // rumqttc reconnects on the next poll: keep polling, after a pause. The
+//!             // connection is gone: a handler that ends from now on does not acknowledge (its
+//!             // acknowledgement would go out on the next connection).
 //!             Err(err) => {
+//!                 connection.fetch_add(1, Ordering::SeqCst);
 //!                 tracing::warn!(%err, "MQTT connection lost");
 //!                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 //!             }
