@@ -205,7 +205,9 @@ impl<F> ContextFormat<F> {
             return self.write_cut_json(writer, members, partial, event);
         }
         let (members, inner) = line.split_at(inner_start);
-        let object = inner.strip_prefix('{').filter(|rest| closes_one_line(rest));
+        let object = is_one_json_object_line(inner)
+            .then(|| inner.strip_prefix('{'))
+            .flatten();
         let Some(rest) = object else {
             // Not one JSON object on one line (a text format given to `json`, whose text may
             // even start with `{`): written raw it would carry newlines and look-alike
@@ -329,38 +331,160 @@ impl<F> ContextFormat<F> {
 /// The prefix given to an event's top-level key that has a context field's name.
 const SHADOWED_PREFIX: &str = "event.";
 
-/// Whether `rest`, the text after an object's opening `{`, closes that object once and ends
-/// there (a final newline aside), with no raw control character outside its strings: one
-/// object on one line. A text format given to `json` writes text that may start with `{`
-/// (its message) and go on with a newline and a look-alike object.
-fn closes_one_line(rest: &str) -> bool {
-    let bytes = rest.as_bytes();
-    let (mut depth, mut in_string, mut i) = (1usize, false, 0);
-    while i < bytes.len() {
-        let b = bytes[i];
-        if in_string {
-            match b {
-                b'\\' => i += 1,
-                b'"' => in_string = false,
-                _ => {}
-            }
-        } else {
-            match b {
-                b'"' => in_string = true,
-                b'{' | b'[' => depth += 1,
-                b'}' | b']' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return matches!(&rest[i + 1..], "" | "\n");
-                    }
+/// Whether `line` is one JSON object (RFC 8259) on one line: the object, then nothing but a
+/// final newline, with no raw newline or other control character anywhere (JSON allows none
+/// inside strings, and only space, tab, CR and LF between tokens; CR and LF would break the
+/// line). A text format given to `json` writes text that may start with `{` (its message) and
+/// go on with a newline and a look-alike object, or just not be JSON (`{x}`). Nesting deeper
+/// than 128 levels counts as not JSON (a bound on the work, and no JSON format of events
+/// nests that deep).
+fn is_one_json_object_line(line: &str) -> bool {
+    let body = line.strip_suffix('\n').unwrap_or(line);
+    let mut json = JsonCheck {
+        bytes: body.as_bytes(),
+        at: 0,
+    };
+    json.skip_space();
+    if json.peek() != Some(b'{') || !json.value(0) {
+        return false;
+    }
+    json.skip_space();
+    json.at == json.bytes.len()
+}
+
+/// A strict JSON checker over bytes (see [`is_one_json_object_line`]).
+struct JsonCheck<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl JsonCheck<'_> {
+    const MAX_DEPTH: usize = 128;
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn eat(&mut self, b: u8) -> bool {
+        let found = self.peek() == Some(b);
+        self.at += usize::from(found);
+        found
+    }
+
+    /// Space and tab only: a CR or LF would end the line.
+    fn skip_space(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.at += 1;
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> bool {
+        match self.peek() {
+            Some(b'{') => depth < Self::MAX_DEPTH && self.container(depth, b'}', true),
+            Some(b'[') => depth < Self::MAX_DEPTH && self.container(depth, b']', false),
+            Some(b'"') => self.string(),
+            Some(b't') => self.word(b"true"),
+            Some(b'f') => self.word(b"false"),
+            Some(b'n') => self.word(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => false,
+        }
+    }
+
+    /// An object (`keyed`: `"key": value` members) or an array, at the opening bracket.
+    fn container(&mut self, depth: usize, close: u8, keyed: bool) -> bool {
+        self.at += 1;
+        self.skip_space();
+        if self.eat(close) {
+            return true;
+        }
+        loop {
+            if keyed {
+                if !self.string() {
+                    return false;
                 }
-                0..=0x1f | 0x7f => return false,
+                self.skip_space();
+                if !self.eat(b':') {
+                    return false;
+                }
+                self.skip_space();
+            }
+            if !self.value(depth + 1) {
+                return false;
+            }
+            self.skip_space();
+            if self.eat(close) {
+                return true;
+            }
+            if !self.eat(b',') {
+                return false;
+            }
+            self.skip_space();
+        }
+    }
+
+    fn string(&mut self) -> bool {
+        if !self.eat(b'"') {
+            return false;
+        }
+        while let Some(b) = self.peek() {
+            self.at += 1;
+            match b {
+                b'"' => return true,
+                b'\\' => match self.peek() {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.at += 1,
+                    Some(b'u') => {
+                        let hex = self.bytes.get(self.at + 1..self.at + 5);
+                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            return false;
+                        }
+                        self.at += 5;
+                    }
+                    _ => return false,
+                },
+                0..=0x1f => return false,
                 _ => {}
             }
         }
-        i += 1;
+        false
     }
-    false
+
+    fn word(&mut self, word: &[u8]) -> bool {
+        let found = self.bytes[self.at..].starts_with(word);
+        self.at += if found { word.len() } else { 0 };
+        found
+    }
+
+    fn number(&mut self) -> bool {
+        self.eat(b'-');
+        let digits = |json: &mut Self| {
+            let start = json.at;
+            while json.peek().is_some_and(|b| b.is_ascii_digit()) {
+                json.at += 1;
+            }
+            json.at - start
+        };
+        match self.peek() {
+            Some(b'0') => self.at += 1,
+            Some(b'1'..=b'9') => {
+                digits(self);
+            }
+            _ => return false,
+        }
+        if self.eat(b'.') && digits(self) == 0 {
+            return false;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if !self.eat(b'+') {
+                self.eat(b'-');
+            }
+            if digits(self) == 0 {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// `rest` (a JSON object after its opening brace, as the inner format wrote it) with each
@@ -464,4 +588,46 @@ fn with_line(f: impl FnOnce(&mut String)) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_one_json_object_line as one;
+
+    #[test]
+    fn one_json_object_on_one_line() {
+        for ok in [
+            "{}\n",
+            "{}",
+            r#"{"a":1,"b":[true,false,null,-0.5e+3,"x\"y\\z\u00e9"],"c":{"d":[]}}"#,
+            "{ \"a\" :\t{ } }\n",
+            "{\"é\":\"ü\"}",
+        ] {
+            assert!(one(ok), "{ok:?}");
+        }
+        for bad in [
+            "{x}",
+            "{} {}",
+            "{}\n{\"request_id\":\"req-2\"}",
+            "{\"a\":\n1}",
+            "{\"a\":\"b\nc\"}",
+            "{\"a\" 1}",
+            "{\"a\":01}",
+            "{\"a\":1.}",
+            "{\"a\":1,}",
+            "{\"a\":\"\\x\"}",
+            "{\"a\":\"\\u12\"}",
+            "{\"a\":tru}",
+            "[1]",
+            "{",
+            "",
+            "{}\n\n",
+        ] {
+            assert!(!one(bad), "{bad:?}");
+        }
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(!one(&deep));
+        let fine = format!("{{\"a\":{}1{}}}", "[".repeat(100), "]".repeat(100));
+        assert!(one(&fine));
+    }
 }

@@ -500,10 +500,12 @@ fn json_over_a_text_format_with_a_brace_message_makes_one_object() {
         REQUEST_ID.sync_scope("req-1".into(), || {
             info!("{forged}");
             info!("{{}} {{\"request_id\":\"req-3\"}}");
+            // Balanced, one line, not JSON: a shipper would drop the line.
+            info!("{{x}}");
         })
     });
     let lines = log.lines();
-    assert_eq!(lines.len(), 2, "{}", log.contents());
+    assert_eq!(lines.len(), 3, "{}", log.contents());
     for line in &lines {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("invalid JSON {line}: {e}"));
