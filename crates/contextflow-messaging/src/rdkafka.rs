@@ -344,8 +344,10 @@ pub mod raw {
 
 /// `headers` with the current context written into them by `publisher`: the headers named by
 /// its fields or the default ones (`traceparent`, `tracestate`, `baggage`, `x-request-id`;
-/// any case) are replaced, the others kept in their order, after the propagation headers
-/// (a consumer reads the first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) headers).
+/// any case) are replaced, the others kept in their order. The propagation headers go after
+/// the others, or, when headers are replaced or there are so many that they would fall past
+/// the first [`MAX_PAIRS`](contextflow_otel::carrier::MAX_PAIRS) (all a consumer reads),
+/// before them, in a new list.
 /// Kafka headers are a list, and a record re-published with its headers (to a retry topic)
 /// would otherwise carry two of each, which a consumer drops as repeated. Header names that
 /// are not UTF-8 are kept as they are.
@@ -396,6 +398,13 @@ pub fn inject(publisher: &Publisher, headers: OwnedHeaders) -> OwnedHeaders {
             .iter()
             .any(|f| f.as_bytes().eq_ignore_ascii_case(name))
     };
+    let clash = (0..count)
+        .filter_map(|i| old.get(i))
+        .any(|(name, _)| ours(name));
+    if !clash && count + pairs.len() <= contextflow_otel::carrier::MAX_PAIRS {
+        // Nothing to replace, and ours stay within the headers a consumer reads: appended.
+        return write_ours(headers);
+    }
     // A new list, ours first: a consumer reads the first MAX_PAIRS headers, and a record with
     // many headers of its own would push ours out of them. The others follow in their order,
     // names that are not UTF-8 included (copied as bytes).
