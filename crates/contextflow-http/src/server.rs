@@ -26,7 +26,7 @@
 //!    its answer and its log line have the request's context), `cancelled` (the client went
 //!    away before or during the body: a body with something to send that the server drops
 //!    before polling it counts too; one that said it had nothing to send, through
-//!    `is_end_stream` or an exact `size_hint` of 0, as servers ask, does not), `body` (the
+//!    `is_end_stream`, or on HTTP/1 an exact `size_hint` of 0, as servers ask, does not), `body` (the
 //!    body failed),
 //!    `content_length_mismatch` (the body ended short of its declared `Content-Length` or
 //!    went past it; not for the answers that declare a length they do not send: to `HEAD`,
@@ -916,9 +916,11 @@ impl<B: Body> Body for ContextBody<B> {
         match &self.inner {
             Some(inner) => {
                 let hint = inner.size_hint();
-                if hint.exact() == Some(0) {
-                    // Nothing to send, as `is_end_stream` would say: hyper writes
-                    // `Content-Length: 0` for such a body and drops it unpolled.
+                if hint.exact() == Some(0) && !self.scope.http2 {
+                    // Nothing to send, as `is_end_stream` would say: hyper's HTTP/1 writes
+                    // `Content-Length: 0` for such a body and drops it unpolled. (Not on
+                    // HTTP/2, where a body without data may still have trailers to send, a
+                    // gRPC status among them, and is polled for them.)
                     self.said_empty.store(true, Ordering::Relaxed);
                 }
                 hint

@@ -434,11 +434,20 @@ impl JsonCheck<'_> {
                 b'\\' => match self.peek() {
                     Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.at += 1,
                     Some(b'u') => {
-                        let hex = self.bytes.get(self.at + 1..self.at + 5);
-                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                            return false;
+                        // A surrogate must come in a pair (high, then low), as JSON readers
+                        // require.
+                        match self.unit(self.at + 1) {
+                            Some(0xd800..=0xdbff) => {
+                                let low = self.bytes.get(self.at + 5..self.at + 7) == Some(b"\\u")
+                                    && matches!(self.unit(self.at + 7), Some(0xdc00..=0xdfff));
+                                if !low {
+                                    return false;
+                                }
+                                self.at += 11;
+                            }
+                            Some(0xdc00..=0xdfff) | None => return false,
+                            Some(_) => self.at += 5,
                         }
-                        self.at += 5;
                     }
                     _ => return false,
                 },
@@ -447,6 +456,15 @@ impl JsonCheck<'_> {
             }
         }
         false
+    }
+
+    /// The four hex digits at `at`, as a UTF-16 code unit.
+    fn unit(&self, at: usize) -> Option<u16> {
+        let hex = std::str::from_utf8(self.bytes.get(at..at + 4)?).ok()?;
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u16::from_str_radix(hex, 16).ok()
     }
 
     fn word(&mut self, word: &[u8]) -> bool {
@@ -602,6 +620,7 @@ mod tests {
             r#"{"a":1,"b":[true,false,null,-0.5e+3,"x\"y\\z\u00e9"],"c":{"d":[]}}"#,
             "{ \"a\" :\t{ } }\n",
             "{\"é\":\"ü\"}",
+            "{\"a\":\"\\ud83d\\ude00\",\"b\":-0.0,\"c\":1e-7}",
         ] {
             assert!(one(ok), "{ok:?}");
         }
@@ -617,6 +636,9 @@ mod tests {
             "{\"a\":1,}",
             "{\"a\":\"\\x\"}",
             "{\"a\":\"\\u12\"}",
+            "{\"a\":\"\\ud800\"}",
+            "{\"a\":\"\\udc00\"}",
+            "{\"a\":\"\\ud800\\u0041\"}",
             "{\"a\":tru}",
             "[1]",
             "{",

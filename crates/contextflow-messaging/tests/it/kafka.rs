@@ -353,6 +353,39 @@ fn inject_replaces_propagation_headers_and_survives_names_that_are_not_utf8() {
     );
 }
 
+/// A record with a few headers of its own, none of ours among them: ours are appended, the
+/// list is not made again, and the consumer reads them.
+#[test]
+fn inject_appends_to_a_few_other_headers() {
+    let headers =
+        contextflow_otel::REQUEST_ID.sync_scope("r-few".parse::<RequestId>().unwrap(), || {
+            kafka::inject(
+                &Publisher::new(),
+                raw_headers(&[
+                    (b"order".to_vec(), Some(b"7".to_vec())),
+                    (b"\xff".to_vec(), None),
+                ]),
+            )
+        });
+    let list: Vec<Vec<u8>> = (0..headers.count())
+        .map(|i| raw_header(&headers, i).0.to_vec())
+        .collect();
+    assert_eq!(
+        list,
+        [
+            b"order".to_vec(),
+            b"\xff".to_vec(),
+            b"x-request-id".to_vec()
+        ]
+    );
+    let cx = kafka::context(
+        &Consumer::new().without_spans(),
+        &record(Vec::new(), headers.clone()),
+    );
+    assert_eq!(cx.request_id().as_str(), "r-few");
+    cx.finish();
+}
+
 /// Review finding: a record with many headers of its own got the propagation headers after
 /// them, past the first MAX_PAIRS that a consumer reads: it lost its context.
 #[test]

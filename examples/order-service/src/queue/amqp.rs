@@ -256,7 +256,30 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(20), queue.wait_idle())
             .await
             .expect("the first event is consumed");
+        // The broker drops both connections and stays away for a moment: the queue outlives
+        // its consumer (an auto-delete queue was deleted with it, and the events it held).
+        proxy.refuse_new(true);
         proxy.drop_all();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let direct = Link::open(&url, &format!("{name}-probe")).await.unwrap();
+        direct
+            .channel
+            .queue_declare(
+                &name,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue outlives its consumer");
+        direct
+            .channel
+            .queue_delete(&format!("{name}-probe"), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        proxy.refuse_new(false);
         // A publish may fail while the broker is away (its outbox row waits); one goes through
         // on a new connection.
         let mut published = false;

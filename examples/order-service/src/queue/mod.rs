@@ -565,6 +565,7 @@ mod test_proxy {
     pub(super) struct Proxy {
         pub(super) addr: SocketAddr,
         swallow: Arc<AtomicBool>,
+        refuse: Arc<AtomicBool>,
         drop_all: watch::Sender<u64>,
     }
 
@@ -574,10 +575,16 @@ mod test_proxy {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let swallow = Arc::new(AtomicBool::new(false));
+            let refuse = Arc::new(AtomicBool::new(false));
             let (drop_all, _) = watch::channel(0);
-            let (swallowing, dropping) = (swallow.clone(), drop_all.clone());
+            let (swallowing, refusing, dropping) =
+                (swallow.clone(), refuse.clone(), drop_all.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if refusing.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
                     let Ok(upstream) = TcpStream::connect(&server).await else {
                         continue;
                     };
@@ -612,8 +619,14 @@ mod test_proxy {
             Proxy {
                 addr,
                 swallow,
+                refuse,
                 drop_all,
             }
+        }
+
+        /// Closes new connections at once while `refuse` is set (the broker away).
+        pub(super) fn refuse_new(&self, refuse: bool) {
+            self.refuse.store(refuse, Ordering::SeqCst);
         }
 
         /// The next bytes a client sends are swallowed, and that connection closed (as a

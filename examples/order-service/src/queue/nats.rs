@@ -85,7 +85,8 @@ impl Nats {
         // cannot answer for it). A connection lost in between (the client reconnects and drops
         // what it had buffered, while a flush waiting then is released by the new
         // connection's first flush) makes the message undelivered: the outbox publishes it
-        // again (the queue bounds the wait), and the consumer handles its id once.
+        // again (the queue bounds the wait), and the consumer handles its id once. (The
+        // service's NATS user needs permission to publish to and subscribe on `_INBOX.>`.)
         let marker = self.client.new_inbox();
         let mut echo = self.client.subscribe(marker.clone()).await?;
         self.client.publish(marker, Default::default()).await?;
