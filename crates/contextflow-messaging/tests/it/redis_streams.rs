@@ -503,6 +503,27 @@ async fn an_entry_with_a_binary_field_name_does_not_fail_the_others() {
     let _: usize = con.del(&key).await.unwrap();
 }
 
+/// Adds `items` through `publisher` in a request with the id `id`, and returns the entry's
+/// fields as written, sorted by name.
+async fn added_fields(
+    publisher: &contextflow_messaging::Publisher,
+    id: &str,
+    items: &[(&str, &str)],
+) -> Vec<(String, Value)> {
+    let mut con = connect().await;
+    let key = format!("contextflow-add-items-{}", RequestId::new());
+    let id: RequestId = id.parse().unwrap();
+    contextflow_otel::REQUEST_ID
+        .scope(id, streams::add_with(publisher, &mut con, &key, items))
+        .await
+        .unwrap();
+    let streams::Entries(entries) = con.xrange_all(&key).await.unwrap();
+    let _: usize = con.del(&key).await.unwrap();
+    let mut fields: Vec<(String, Value)> = entries[0].map.clone().into_iter().collect();
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
+    fields
+}
+
 /// `add` writes the current context's propagation fields, not an application item spelled
 /// like one (a job re-queued with its old fields would otherwise carry two `x-request-id`s, or
 /// an old `baggage` where the current context has none).
@@ -512,33 +533,29 @@ async fn an_entry_with_a_binary_field_name_does_not_fail_the_others() {
     ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
 )]
 async fn add_leaves_out_items_named_like_propagation_fields() {
-    let mut con = connect().await;
-    let key = format!("contextflow-add-items-{}", RequestId::new());
-    let id: RequestId = "job-9".parse().unwrap();
-    contextflow_otel::REQUEST_ID
-        .scope(id, async {
-            streams::add(
-                &mut con,
-                &key,
-                &[
-                    ("Baggage", "user=al"),
-                    ("X-Request-ID", "old"),
-                    ("to", "a@example.com"),
-                ],
-            )
-            .await
-            .unwrap()
-        })
-        .await;
-    let streams::Entries(entries) = con.xrange_all(&key).await.unwrap();
-    let mut names: Vec<&str> = entries[0].map.keys().map(String::as_str).collect();
-    names.sort_unstable();
-    assert_eq!(names, ["to", "x-request-id"]);
+    let fields = added_fields(
+        &contextflow_messaging::Publisher::new(),
+        "job-9",
+        &[
+            ("Baggage", "user=al"),
+            ("X-Request-ID", "old"),
+            ("to", "a@example.com"),
+        ],
+    )
+    .await;
     assert_eq!(
-        entries[0].map["x-request-id"],
-        Value::BulkString(b"job-9".to_vec())
+        fields,
+        [
+            (
+                "to".to_owned(),
+                Value::BulkString(b"a@example.com".to_vec())
+            ),
+            (
+                "x-request-id".to_owned(),
+                Value::BulkString(b"job-9".to_vec())
+            ),
+        ]
     );
-    let _: usize = con.del(&key).await.unwrap();
 }
 
 /// A job re-queued through a publisher whose propagator does not write `baggage` loses its
@@ -549,28 +566,16 @@ async fn add_leaves_out_items_named_like_propagation_fields() {
     ignore = "needs Redis: set CONTEXTFLOW_REDIS_URL"
 )]
 async fn requeue_with_a_narrower_propagator_drops_the_old_baggage() {
-    let mut con = connect().await;
-    let key = format!("contextflow-add-narrow-{}", RequestId::new());
     let publisher = contextflow_messaging::Publisher::new()
         .with_propagator(contextflow_otel::TraceContextPropagator::new());
-    let id: RequestId = "job-10".parse().unwrap();
-    contextflow_otel::REQUEST_ID
-        .scope(id, async {
-            streams::add_with(
-                &publisher,
-                &mut con,
-                &key,
-                &[("BAGGAGE", "user=alice"), ("attempt", "2")],
-            )
-            .await
-            .unwrap()
-        })
-        .await;
-    let streams::Entries(entries) = con.xrange_all(&key).await.unwrap();
-    let mut names: Vec<&str> = entries[0].map.keys().map(String::as_str).collect();
-    names.sort_unstable();
+    let fields = added_fields(
+        &publisher,
+        "job-10",
+        &[("BAGGAGE", "user=alice"), ("attempt", "2")],
+    )
+    .await;
+    let names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, ["attempt", "x-request-id"]);
-    let _: usize = con.del(&key).await.unwrap();
 }
 
 #[test]

@@ -89,21 +89,22 @@ impl Redis {
         })
     }
 
-    /// The publishing connection, made again if the last one failed.
-    async fn publishing(&self) -> Result<MultiplexedConnection, redis::RedisError> {
-        let current = self
-            .publish
+    /// The slot of the publishing connection (a poisoned lock only means a panic while it was
+    /// held: the slot holds a connection or none, either is fine).
+    fn publish_slot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.publish
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+    }
+
+    /// The publishing connection, made again if the last one failed.
+    async fn publishing(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        let current = self.publish_slot().clone();
         match current {
             Some(con) => Ok(con),
             None => {
                 let con = publishing_connection(&self.client).await?;
-                *self
-                    .publish
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(con.clone());
+                *self.publish_slot() = Some(con.clone());
                 Ok(con)
             }
         }
@@ -128,10 +129,7 @@ impl Redis {
             if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
                 // Redis restarted, or the connection broke: the next publish reconnects (the
                 // outbox keeps this row for it).
-                *self
-                    .publish
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                *self.publish_slot() = None;
             }
         }
         added?;
