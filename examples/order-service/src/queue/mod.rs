@@ -228,31 +228,27 @@ impl Queue {
         let first = amqp.deliveries("order-service-audit").await?;
         let consuming = amqp.clone();
         let consumer = contextflow::spawn_without_context(async move {
-            let mut deliveries = Some(first);
-            let mut failures = 0u32;
+            let mut stream = first;
             loop {
-                let Some(mut stream) = deliveries.take() else {
-                    // Connect again, after a pause that grows while the broker stays away.
-                    tokio::time::sleep(std::time::Duration::from_millis(100 << failures.min(6)))
-                        .await;
-                    match consuming.deliveries("order-service-audit").await {
-                        Ok(stream) => {
-                            info!("RabbitMQ consumer connected again");
-                            deliveries = Some(stream);
-                        }
-                        Err(err) => {
-                            failures += 1;
-                            warn!(error = %err, failures, "RabbitMQ consumer could not connect");
-                        }
-                    }
-                    continue;
-                };
-                failures = 0;
                 consume_amqp(&mut stream, &mut audit).await;
                 // The stream ended: the connection or channel closed (a broker restart, a
                 // broken link). The queue outlives it for a while, with the messages the
                 // broker confirmed: connect again and go on.
                 warn!("RabbitMQ consumer stopped: its connection closed; connecting again");
+                let mut failures = 0u32;
+                stream = loop {
+                    // After a pause that grows while the broker stays away.
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << failures.min(6)))
+                        .await;
+                    match consuming.deliveries("order-service-audit").await {
+                        Ok(stream) => break stream,
+                        Err(err) => {
+                            failures += 1;
+                            warn!(error = %err, failures, "RabbitMQ consumer could not connect");
+                        }
+                    }
+                };
+                info!("RabbitMQ consumer connected again");
             }
         });
         let transport = Transport::Amqp(amqp);
