@@ -57,7 +57,10 @@ pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
 /// or Datadog's, which would name a second parent); other fields (baggage, the request id, a
 /// custom propagator's own) still are. A `tracestate` the caller set without a `traceparent`
 /// is kept, after our members when we write one (theirs with a key we write are dropped, and
-/// so are members that break the W3C grammar, which would make a receiver drop the list).
+/// so are members that break the W3C grammar or are not text, which would make a receiver
+/// drop the list, and members beyond 32 or 512 characters); when the propagator writes no
+/// `tracestate` (a span without members), the caller's is checked the same way when the
+/// injector is dropped.
 ///
 /// ```
 /// use contextflow_http::HeaderInjector;
@@ -68,6 +71,7 @@ pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
 /// let mut injector = HeaderInjector::new(&mut headers);
 /// injector.set("x-request-id", "theirs".into());
 /// injector.set("baggage", "a=1".into());
+/// drop(injector); // its last check runs on drop: the headers are read after it
 /// assert_eq!(headers["x-request-id"], "mine");
 /// assert_eq!(headers["baggage"], "a=1");
 /// # Ok::<(), http::header::InvalidHeaderValue>(())
@@ -77,6 +81,8 @@ pub struct HeaderInjector<'a> {
     headers: &'a mut HeaderMap,
     caller_set_traceparent: bool,
     skip_baggage: bool,
+    /// Whether the propagator wrote `tracestate` (the caller's members were merged then).
+    wrote_tracestate: bool,
 }
 
 /// Reads the context an incoming request's headers carry, with the global propagation
@@ -290,6 +296,7 @@ impl<'a> HeaderInjector<'a> {
             headers,
             caller_set_traceparent,
             skip_baggage: false,
+            wrote_tracestate: false,
         }
     }
 
@@ -301,6 +308,65 @@ impl<'a> HeaderInjector<'a> {
             self.headers.remove(contextflow_otel::BAGGAGE);
         }
         self
+    }
+
+    /// Writes `ours` then the caller's members (of every `tracestate` line it set), but for
+    /// keys we write, members that break the grammar, lines that are not text, and what does
+    /// not fit; nothing at all when that leaves an empty list (OpenTelemetry SDK's W3C
+    /// propagator writes one for a span without members, and the W3C text says to avoid an
+    /// empty header).
+    fn put_tracestate(&mut self, ours: &str) {
+        self.wrote_tracestate = true;
+        let mut lines = 0;
+        let theirs: Vec<&str> = self
+            .headers
+            .get_all(&TRACESTATE)
+            .iter()
+            .filter_map(|line| {
+                lines += 1;
+                let text = line.to_str().ok();
+                if text.is_none() {
+                    tracing::debug!("left out a caller's tracestate line that is not text");
+                }
+                text
+            })
+            .collect();
+        let merged = if theirs.is_empty() {
+            ours.trim().to_owned()
+        } else {
+            merge_tracestate(ours, theirs)
+        };
+        if merged.is_empty() {
+            if lines > 0 {
+                self.headers.remove(&TRACESTATE);
+            }
+            return;
+        }
+        match HeaderValue::try_from(merged) {
+            Ok(value) => {
+                self.headers.insert(TRACESTATE, value);
+            }
+            Err(_) => {
+                tracing::debug!("propagator wrote an invalid tracestate; skipped");
+                if lines > 0 {
+                    self.headers.remove(&TRACESTATE);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for HeaderInjector<'_> {
+    /// A propagator that wrote no `tracestate` (a span without members, or none at all) left
+    /// the caller's unchecked: it is checked now, unless the caller's own valid `traceparent`
+    /// goes with it (a trace context the caller set wins whole).
+    fn drop(&mut self) {
+        if !self.wrote_tracestate
+            && !self.caller_set_traceparent
+            && self.headers.contains_key(&TRACESTATE)
+        {
+            self.put_tracestate("");
+        }
     }
 }
 
@@ -315,36 +381,12 @@ impl Injector for HeaderInjector<'_> {
         {
             return;
         }
-        let value = if name == TRACESTATE {
-            // The caller's members (of every `tracestate` line it set) after ours, but for
-            // keys we write; a caller's line that is not visible ASCII keeps the caller's as
-            // they are.
-            let theirs: Result<Vec<&str>, _> = self
-                .headers
-                .get_all(&TRACESTATE)
-                .iter()
-                .map(HeaderValue::to_str)
-                .collect();
-            match theirs {
-                // An empty list (OpenTelemetry SDK's W3C propagator writes one for a span
-                // without members) is not sent: the W3C text says to avoid an empty header.
-                Ok(theirs) if theirs.is_empty() && value.trim().is_empty() => return,
-                Ok(theirs) if theirs.is_empty() => value,
-                Ok(theirs) => {
-                    let merged = merge_tracestate(&value, theirs);
-                    if merged.is_empty() {
-                        self.headers.remove(&TRACESTATE);
-                        return;
-                    }
-                    merged
-                }
-                Err(_) => return,
-            }
-        } else if self.headers.contains_key(&name) {
+        if name == TRACESTATE {
+            return self.put_tracestate(&value);
+        }
+        if self.headers.contains_key(&name) {
             return;
-        } else {
-            value
-        };
+        }
         match HeaderValue::try_from(value) {
             Ok(value) => {
                 self.headers.insert(name, value);

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use contextflow::FutureExt as _;
 use contextflow_http::InjectContextLayer;
 use contextflow_otel::{carrier::Pairs, TraceParent};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use opentelemetry::Context as OtelContext;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 
@@ -409,6 +409,76 @@ async fn an_empty_tracestate_is_not_sent() {
     assert!(alone.get("tracestate").is_none(), "{alone:?}");
     assert_eq!(with_theirs["tracestate"], "a=1,b=2");
     assert!(bad_theirs.get("tracestate").is_none(), "{bad_theirs:?}");
+}
+
+/// Review finding: contextflow's own W3C propagator writes no `tracestate` for a span without
+/// members, so the caller's went out unchecked (a malformed member, 40 members, a line that is
+/// not text), and a W3C receiver drops such a list whole. Now it is checked the same way as
+/// when ours is merged; a caller's valid `traceparent` still keeps its `tracestate` whole.
+#[tokio::test(flavor = "current_thread")]
+async fn a_callers_tracestate_is_checked_when_ours_is_empty() {
+    let client = ServiceBuilder::new()
+        .layer(InjectContextLayer::new())
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+    let without_members = contextflow_otel::extract(&Pairs::new([(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )]));
+    let forty: String = (0..40)
+        .map(|i| format!("k{i}=v"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let sent = |headers: Vec<(&'static str, HeaderValue)>| {
+        let client = client.clone();
+        let without_members = without_members.clone();
+        async move {
+            let mut req = Request::new(());
+            for (name, value) in headers {
+                req.headers_mut().append(name, value);
+            }
+            contextflow_otel::scope(without_members, client.oneshot(req))
+                .await
+                .unwrap()
+                .into_body()
+        }
+    };
+    let text = |s: &str| HeaderValue::from_str(s).unwrap();
+
+    let bad = sent(vec![("tracestate", text("Bad=1"))]).await;
+    assert!(bad.contains_key("traceparent"), "{bad:?}");
+    assert!(bad.get("tracestate").is_none(), "{bad:?}");
+
+    let many = sent(vec![("tracestate", text(&forty))]).await;
+    let members: Vec<&str> = many["tracestate"].to_str().unwrap().split(',').collect();
+    assert_eq!(members.len(), 32, "{many:?}");
+    assert_eq!(members[31], "k31=v");
+
+    let mixed = sent(vec![
+        (
+            "tracestate",
+            HeaderValue::from_bytes(b"caf\xc3\xa9=1").unwrap(),
+        ),
+        ("tracestate", text("good=2, Bad=3")),
+    ])
+    .await;
+    let lines: Vec<_> = mixed.get_all("tracestate").iter().collect();
+    assert_eq!(lines, [text("good=2")], "{mixed:?}");
+
+    let fine = sent(vec![("tracestate", text("a=1, b=2"))]).await;
+    assert_eq!(fine["tracestate"], "a=1,b=2");
+
+    // The caller's own trace context goes out whole, as it was set.
+    let theirs = sent(vec![
+        (
+            "traceparent",
+            text("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ),
+        ("tracestate", text("Bad=1")),
+    ])
+    .await;
+    assert_eq!(theirs["tracestate"], "Bad=1");
 }
 
 /// A trace context the caller set wins whole: no second format naming our span as another
