@@ -274,6 +274,32 @@ pub enum Refusal {
         /// `schema.table`.
         table: String,
     },
+    /// The pool's role can become (`SET ROLE`, as a member) a role that is a superuser or has
+    /// `BYPASSRLS`: one statement would take every later user of that connection out of
+    /// row-level security.
+    CanBecome {
+        /// The pool's role.
+        role: String,
+        /// The role it can become.
+        target: String,
+    },
+    /// A table with a tenant column has a permissive policy that applies to the pool's role
+    /// and reads neither the tenant setting nor a function of the database's own (`USING
+    /// (true)`, say): permissive policies are combined with `OR`, so every tenant sees and
+    /// writes what it allows. A policy that calls a function of its own is trusted to read
+    /// the setting there.
+    PolicyIgnoresTenant {
+        /// `schema.table`.
+        table: String,
+        /// The policies, by name, comma-separated.
+        policies: String,
+    },
+    /// The pool's role may `TRUNCATE` a table with a tenant column: row-level security does
+    /// not apply to `TRUNCATE`, which empties the table for every tenant.
+    CanTruncate {
+        /// `schema.table`.
+        table: String,
+    },
     /// A view with a tenant column runs with its owner's rights (no `security_invoker`), so the
     /// owner's exemption from row-level security applies to everyone who reads it.
     ViewWithoutSecurityInvoker {
@@ -701,6 +727,21 @@ impl fmt::Display for Refusal {
                 "table {table}: row-level security is not forced (ALTER TABLE .. FORCE ROW LEVEL SECURITY)"
             ),
             Refusal::NoPolicy { table } => write!(f, "table {table}: no policy"),
+            Refusal::CanBecome { role, target } => write!(
+                f,
+                "role {role} is a member of {target}, a superuser or BYPASSRLS role: SET ROLE \
+                 {target} would leave row-level security for every later user of the connection"
+            ),
+            Refusal::PolicyIgnoresTenant { table, policies } => write!(
+                f,
+                "table {table}: permissive policy {policies} does not read the tenant setting, \
+                 and permissive policies are combined with OR"
+            ),
+            Refusal::CanTruncate { table } => write!(
+                f,
+                "table {table}: the pool's role may TRUNCATE it, and row-level security does not \
+                 apply to TRUNCATE"
+            ),
             Refusal::ViewWithoutSecurityInvoker { view } => write!(
                 f,
                 "view {view}: reads a tenant table but has not security_invoker = true, so it reads \

@@ -368,6 +368,11 @@
 //!   it, and any materialized view that reads one.
 //! - *The tables' owner bypasses its own policies* unless `FORCE ROW LEVEL SECURITY` is set, and
 //!   can always turn them off: serve as a role that owns nothing (the check refuses an owner).
+//! - *Permissive policies are combined with `OR`*: one `USING (true)` policy beside the
+//!   tenant's opens the table to every tenant. The check refuses a permissive policy for the
+//!   pool's role that reads neither the setting nor a function of the database's own.
+//! - *`TRUNCATE` ignores row-level security*, and so does a role the pool's role can `SET
+//!   ROLE` to that has `BYPASSRLS`: the check refuses both.
 //! - *Poolers in transaction mode* (PgBouncer `pool_mode = transaction`) hand each transaction a
 //!   different server connection: transaction-local settings are exactly right there, while
 //!   session settings, `SET ROLE`, advisory locks and prepared statements are not; the tenant

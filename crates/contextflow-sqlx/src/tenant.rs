@@ -58,10 +58,13 @@ const POLICY: &str = "contextflow_tenant_isolation";
 ///   where the block decides.
 /// - **Start-up check.** [`TenantPool::new`] refuses (with every problem found) a pool whose
 ///   role is a superuser or has `BYPASSRLS` (also a superuser session that switched role),
-///   owns a table with a tenant column, or can reach (a column grant is enough) such a table
-///   that lacks `ENABLE` and `FORCE ROW LEVEL SECURITY` and a policy, a view over one (through
-///   any number of views, whatever columns the view keeps) without `security_invoker`, or a
-///   materialized view over one.
+///   can become such a role (`SET ROLE`, as a member of it), owns a table with a tenant
+///   column, or can reach (a column grant is enough) such a table that lacks `ENABLE` and
+///   `FORCE ROW LEVEL SECURITY` and a policy, that has a permissive policy for the role that
+///   reads neither the setting nor a function of the database's own (`USING (true)`:
+///   permissive policies are combined with `OR`), or that the role may `TRUNCATE` (row-level
+///   security does not apply to it); a view over one (through any number of views, whatever
+///   columns the view keeps) without `security_invoker`, or a materialized view over one.
 ///
 /// The tenant comes from a context variable of the application's, bound by authenticated code
 /// only (never from a header or a message: see the crate docs). Its [`Display`](fmt::Display)
@@ -170,6 +173,7 @@ pub(crate) mod sealed {
         fn check<'c>(
             conn: &'c mut Self::Connection,
             column: &'c str,
+            setting: &'c str,
         ) -> BoxFuture<'c, Result<Vec<Refusal>, sqlx::Error>>;
 
         /// The SQL type of `table.column`, as `format_type` writes it.
@@ -385,7 +389,7 @@ where
                 database: dialect.name().to_owned(),
             }]));
         }
-        let refusals = DB::check(&mut conn, &self.column).await?;
+        let refusals = DB::check(&mut conn, &self.column, &self.setting).await?;
         drop(conn);
         if !refusals.is_empty() {
             return Err(SetupError::Refused(refusals));
@@ -648,6 +652,11 @@ const ROLE_SQL: &str = "SELECT current_user::text, r.rolsuper, r.rolbypassrls, \
                         FROM pg_roles r, pg_roles s \
                         WHERE r.rolname = current_user AND s.rolname = session_user";
 
+/// The roles the pool's role can become (`SET ROLE`) that are superusers or have `BYPASSRLS`.
+const ESCAPE_ROLES_SQL: &str = "SELECT rolname::text FROM pg_roles \
+                                WHERE (rolsuper OR rolbypassrls) AND rolname <> current_user \
+                                AND pg_has_role(current_user, oid, 'MEMBER') ORDER BY 1";
+
 /// Every relation that the role owns or can read or write (a column grant is enough) and that
 /// has a tenant column, or is a view or materialized view over such a relation (through any
 /// number of views: a view shows its tables' rows whatever columns it keeps).
@@ -663,11 +672,24 @@ const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
      ) \
      SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
        c.relkind::text, c.relrowsecurity, c.relforcerowsecurity, \
-       pg_has_role(current_user, c.relowner, 'MEMBER'), \
+       COALESCE(pg_has_role(current_user, c.relowner, 'MEMBER'), false), \
        EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid), \
        COALESCE((SELECT bool_or(lower(split_part(o, '=', 2)) IN ('true', 'on', '1', 'yes')) \
                  FROM unnest(c.reloptions) AS o \
-                 WHERE split_part(o, '=', 1) = 'security_invoker'), false) \
+                 WHERE split_part(o, '=', 1) = 'security_invoker'), false), \
+       COALESCE((SELECT string_agg(quote_ident(p.polname), ', ' ORDER BY p.polname) \
+                 FROM pg_policy p \
+                 WHERE p.polrelid = c.oid AND p.polpermissive \
+                   AND EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid) \
+                               WHERE CASE WHEN r.oid = 0 THEN true \
+                                     ELSE pg_has_role(current_user, r.oid, 'MEMBER') END) \
+                   AND NOT EXISTS (SELECT 1 FROM pg_depend d \
+                                   WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid \
+                                     AND d.refclassid = 'pg_proc'::regclass) \
+                   AND (strpos(COALESCE(pg_get_expr(p.polqual, p.polrelid), $2), $2) = 0 \
+                        OR strpos(COALESCE(pg_get_expr(p.polwithcheck, p.polrelid), $2), $2) = 0)), \
+                ''), \
+       COALESCE(c.relkind IN ('r', 'p') AND has_table_privilege(c.oid, 'TRUNCATE'), false) \
      FROM pg_class c \
      JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE c.oid IN (SELECT oid FROM tenant_rel) \
@@ -675,7 +697,7 @@ const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
        AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
        AND n.nspname NOT LIKE 'pg\\_%' \
        AND (pg_has_role(current_user, c.relowner, 'MEMBER') \
-            OR has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE') \
+            OR has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE') \
             OR has_any_column_privilege(c.oid, 'SELECT, INSERT, UPDATE')) \
      ORDER BY 1";
 
@@ -706,6 +728,7 @@ macro_rules! rls_database {
             fn check<'c>(
                 conn: &'c mut Self::Connection,
                 column: &'c str,
+                setting: &'c str,
             ) -> BoxFuture<'c, Result<Vec<Refusal>, sqlx::Error>> {
                 Box::pin(async move {
                     use sqlx::Row as _;
@@ -720,10 +743,24 @@ macro_rules! rls_database {
                         });
                     }
                     if role.try_get::<bool, _>(2)? {
-                        refusals.push(Refusal::BypassRls { role: name });
+                        refusals.push(Refusal::BypassRls { role: name.clone() });
                     }
+                    for target in sqlx::query_scalar::<_, String>(ESCAPE_ROLES_SQL)
+                        .fetch_all(&mut *conn)
+                        .await?
+                    {
+                        refusals.push(Refusal::CanBecome {
+                            role: name.clone(),
+                            target,
+                        });
+                    }
+                    // How a policy names the setting: a quoted literal (`current_setting(
+                    // 'app.tenant_id'::text, true)` as PostgreSQL prints it back). The name
+                    // is letters, digits, `_` and `.` only.
+                    let literal = format!("'{setting}'");
                     let tables = sqlx::query(TABLES_SQL)
                         .bind(column)
+                        .bind(literal)
                         .fetch_all(&mut *conn)
                         .await?;
                     if tables.is_empty() {
@@ -741,6 +778,8 @@ macro_rules! rls_database {
                         let owned: bool = row.try_get(4)?;
                         let has_policy: bool = row.try_get(5)?;
                         let invoker: bool = row.try_get(6)?;
+                        let ignoring: String = row.try_get(7)?;
+                        let truncate: bool = row.try_get(8)?;
                         match kind.as_str() {
                             "v" if !invoker => {
                                 refusals.push(Refusal::ViewWithoutSecurityInvoker { view: table })
@@ -756,6 +795,15 @@ macro_rules! rls_database {
                                 }
                                 if !forced {
                                     refusals.push(Refusal::NotForced { table: table.clone() });
+                                }
+                                if truncate {
+                                    refusals.push(Refusal::CanTruncate { table: table.clone() });
+                                }
+                                if !ignoring.is_empty() {
+                                    refusals.push(Refusal::PolicyIgnoresTenant {
+                                        table: table.clone(),
+                                        policies: ignoring,
+                                    });
                                 }
                                 if !has_policy {
                                     refusals.push(Refusal::NoPolicy { table });

@@ -664,6 +664,26 @@ async fn startup_check_refusals() {
          CREATE MATERIALIZED VIEW {schema}.totals AS SELECT sum(v) AS total FROM {schema}.items;
          CREATE TABLE {schema}.column_grant (tenant_id TEXT, v BIGINT);
          GRANT SELECT (v) ON {schema}.column_grant TO {APP_BAD};
+         CREATE TABLE {schema}.open_policy (tenant_id TEXT);
+         ALTER TABLE {schema}.open_policy ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE {schema}.open_policy FORCE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON {schema}.open_policy
+           USING (tenant_id = current_setting('app.tenant_id', true));
+         CREATE POLICY everyone ON {schema}.open_policy USING (true);
+         CREATE POLICY inserts ON {schema}.open_policy FOR INSERT WITH CHECK (true);
+         CREATE POLICY elsewhere ON {schema}.open_policy TO {APP} USING (true);
+         CREATE POLICY narrowing ON {schema}.open_policy AS RESTRICTIVE USING (true);
+         CREATE FUNCTION {schema}.current_tenant() RETURNS TEXT LANGUAGE sql STABLE
+           AS $$ SELECT current_setting('app.tenant_id', true) $$;
+         CREATE TABLE {schema}.by_function (tenant_id TEXT);
+         ALTER TABLE {schema}.by_function ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE {schema}.by_function FORCE ROW LEVEL SECURITY;
+         CREATE POLICY p ON {schema}.by_function USING (tenant_id = {schema}.current_tenant());
+         GRANT SELECT ON {schema}.open_policy, {schema}.by_function TO {APP_BAD};
+         GRANT SELECT ON {schema}.by_function TO {APP};
+         GRANT TRUNCATE ON {schema}.items TO {APP_BAD};
+         CREATE TABLE {schema}.truncate_only (tenant_id TEXT);
+         GRANT TRUNCATE ON {schema}.truncate_only TO {APP_BAD};
          GRANT SELECT ON {schema}.plain, {schema}.unforced, {schema}.no_policy,
                {schema}.owner_view, {schema}.invoker_view, {schema}.items,
                {schema}.nested_view, {schema}.totals TO {APP_BAD};"
@@ -672,6 +692,11 @@ async fn startup_check_refusals() {
     .await
     .unwrap();
     owner.pool().close().await;
+    // A role that can become a BYPASSRLS role (cluster-wide; granted again on each run).
+    sqlx::raw_sql(&format!("GRANT {BYPASS} TO {APP_BAD}"))
+        .execute(&rls.superuser)
+        .await
+        .unwrap();
     let err = TenantPool::new(rls.pool_as(APP_BAD, 1).await, &TENANT)
         .await
         .unwrap_err();
@@ -742,6 +767,39 @@ async fn startup_check_refusals() {
         ),
         "{err}"
     );
+    // Review finding: any policy at all passed, `USING (true)` included (permissive policies
+    // are combined with OR); TRUNCATE, which row-level security does not cover, was not
+    // looked at; nor roles the pool's role can `SET ROLE` to.
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::PolicyIgnoresTenant { table, policies }
+                if *table == named("open_policy") && policies == "everyone, inserts")
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::CanTruncate { table } if *table == named("items"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::CanTruncate { table } if *table == named("truncate_only"))
+        ),
+        "{err}"
+    );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::CanBecome { role, target } if role == APP_BAD && target == BYPASS)
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("by_function"), "{err}");
     assert!(!err.to_string().contains("invoker_view"), "{err}");
     assert!(!has(
         &err,
