@@ -17,9 +17,14 @@
 //! construct that entered something else) parks its saved frame in its node, and the frame is
 //! unwound as soon as it would become current again.
 
-use std::{cell::Cell, fmt, marker::PhantomData};
+use std::{
+    cell::Cell,
+    fmt,
+    marker::PhantomData,
+    panic::{self, AssertUnwindSafe},
+};
 
-use crate::node::{self, Header, NodeRef};
+use crate::node::{self, Header, NodeRef, COPY, EXITED, OWNED, TAGS};
 
 /// Restores the previous context when dropped; returned by
 /// [`AsyncLocal::enter`](crate::AsyncLocal::enter) and [`Snapshot::enter`](crate::Snapshot::enter).
@@ -121,8 +126,6 @@ impl fmt::Debug for EnterGuard {
     }
 }
 
-const OWNED: usize = 1;
-
 thread_local! {
     // A `const` initializer and no destructor: the compiler makes this a plain TLS slot, and
     // access never fails, even during thread teardown.
@@ -136,16 +139,16 @@ pub(crate) fn current_ptr() -> *const Header {
     let raw = CURRENT.with(Cell::get);
     #[cfg(all(debug_assertions, feature = "tokio"))]
     if raw & OWNED != 0 {
-        foreign::check(raw & !OWNED);
+        foreign::check(raw & !TAGS);
     }
-    (raw & !OWNED) as *const Header
+    (raw & !TAGS) as *const Header
 }
 
 /// [`current_ptr`] without its debug-build check for a guard of another task, for
 /// destructors.
 #[inline]
 pub(crate) fn current_ptr_unchecked() -> *const Header {
-    (CURRENT.with(Cell::get) & !OWNED) as *const Header
+    (CURRENT.with(Cell::get) & !TAGS) as *const Header
 }
 
 /// The parent for a binding made now: the current frame without the guard marker at its top
@@ -181,8 +184,8 @@ pub(crate) fn with_current<R>(f: impl FnOnce(*const Header) -> R) -> R {
         // Owned by the slot: `f` could drop the enter guard and with it the slot's reference,
         // so hold one of our own (only under `AsyncLocal::enter`, off the hot path).
         #[cfg(all(debug_assertions, feature = "tokio"))]
-        foreign::check(raw & !OWNED);
-        let ptr = (raw & !OWNED) as *const Header;
+        foreign::check(raw & !TAGS);
+        let ptr = (raw & !TAGS) as *const Header;
         // SAFETY: the slot owns a count on `ptr`, so it is alive now.
         let _hold = unsafe { NodeRef::clone_raw(ptr) };
         f(ptr)
@@ -244,26 +247,32 @@ impl Drop for Entered {
     #[inline]
     fn drop(&mut self) {
         let replaced = CURRENT.with(|c| c.replace(self.prev));
+        // An enter guard was forgotten or moved while we were entered: its frame is no longer
+        // current, and the slot's reference to it is released (after the slot is restored, in
+        // case the value's destructor reads the context, and after the unwinding below, also
+        // when a destructor there panics).
+        let _released = (replaced & OWNED != 0).then(|| SlotRef(replaced));
         if self.prev & OWNED != 0 {
             // The frame we restore belongs to an enter guard, which may have been dropped while
             // we were entered (moved into this closure or future).
             unwind_exited();
         }
-        if replaced & OWNED != 0 {
-            // An enter guard was forgotten or moved while we were entered; its frame is no
-            // longer current, so release the slot's reference (after the slot is restored, in
-            // case the value's destructor reads the context).
-            // SAFETY: an owned slot carries one count, which is ours to release now.
-            drop(unsafe { NodeRef::from_raw((replaced & !OWNED) as *const Header) });
-        }
+    }
+}
+
+/// An owned slot value released without being restored: unless a copy, it was the one
+/// reference through which its guard's node could be made current again, so the node is
+/// orphaned (its guard, exiting later, releases the frame it saved instead of parking it in
+/// the node, where a capture of the node would keep it alive).
+struct SlotRef(usize);
+
+impl Drop for SlotRef {
+    fn drop(&mut self) {
+        node::release_parked(self.0);
     }
 }
 
 // ===== enter guards =====
-
-/// Marks a guard's frame whose guard has been dropped while the frame was not current (see
-/// [`exit_owned`]); stored with the frame to restore in the node's `guard_saved` word.
-const EXITED: usize = 0b10;
 
 /// Enters `node`, a node made for this guard alone, with a count owned by the slot. Returns the
 /// previous frame, as an owned reference (bit set) or null, for [`exit_owned`].
@@ -276,9 +285,10 @@ pub(crate) fn enter_owned(node: &NodeRef) -> usize {
             prev
         } else {
             // Borrowed from a construct that may be gone by the time this guard is dropped
-            // (a guard held across `.await` in a `!Send` future): take a reference of our own.
+            // (a guard held across `.await` in a `!Send` future): take a reference of our own,
+            // marked as a copy (it never makes an enter guard's node current as that guard's).
             // SAFETY: the borrowed frame is this thread's current frame, alive now.
-            unsafe { node::share(prev as *const Header) }.into_raw() as usize | OWNED
+            unsafe { node::share(prev as *const Header) }.into_raw() as usize | OWNED | COPY
         }
     })
 }
@@ -290,6 +300,7 @@ pub(crate) fn enter_owned(node: &NodeRef) -> usize {
 /// another frame (`sync_scope`, `Snapshot::run`, a poll): `saved` is then parked in the node,
 /// and whoever later makes the node current again (the construct restoring it, or the guard
 /// entered after this one) finds it exited and restores `saved` instead ([`unwind_exited`]).
+/// When nobody can any more (the node is orphaned), `saved` is released at once.
 pub(crate) fn exit_owned(node: &NodeRef, saved: usize) {
     let ours = node.as_ptr() as usize | OWNED;
     let released = CURRENT.with(|c| {
@@ -302,8 +313,10 @@ pub(crate) fn exit_owned(node: &NodeRef, saved: usize) {
     });
     match released {
         Some(raw) => {
-            // SAFETY: the slot's count on our node, replaced above and no longer referenced.
-            drop(unsafe { NodeRef::from_raw((raw & !OWNED) as *const Header) });
+            // The slot's count on our node, replaced above and no longer referenced: released
+            // after the unwinding, also when a destructor there panics.
+            // SAFETY: an owned slot value holds one count, ours to release now.
+            let _ours = unsafe { NodeRef::from_raw((raw & !TAGS) as *const Header) };
             unwind_exited();
         }
         None => node.header().park_guard_saved(saved | EXITED),
@@ -311,17 +324,21 @@ pub(crate) fn exit_owned(node: &NodeRef, saved: usize) {
 }
 
 /// While the current frame is the node of a guard that has exited, replaces it with the frame
-/// that guard had saved. Cold: called only when an owned frame has just been restored.
+/// that guard had saved. Cold: called only when an owned frame has just been restored. A
+/// destructor that panics (a value of a released node) does not stop the unwinding: the panic
+/// goes on once the slot holds a frame whose guard is live.
 #[cold]
 fn unwind_exited() {
+    let mut panicked = None;
     loop {
         let released = CURRENT.with(|c| {
             let cur = c.get();
-            if cur & OWNED == 0 {
+            // A copy is a construct's frame, not a guard's: it never exits.
+            if cur & OWNED == 0 || cur & COPY != 0 {
                 return None;
             }
             // SAFETY: an owned slot holds a count on this node.
-            let header = unsafe { &*((cur & !OWNED) as *const Header) };
+            let header = unsafe { &*((cur & !TAGS) as *const Header) };
             let saved = header.take_guard_saved();
             if saved & EXITED == 0 {
                 return None;
@@ -329,11 +346,15 @@ fn unwind_exited() {
             c.set(saved & !EXITED);
             Some(cur)
         });
-        match released {
-            // SAFETY: the slot's count on the exited guard's node, replaced above.
-            Some(raw) => drop(unsafe { NodeRef::from_raw((raw & !OWNED) as *const Header) }),
-            None => return,
+        let Some(raw) = released else { break };
+        // SAFETY: the slot's count on the exited guard's node, replaced above.
+        let node = unsafe { NodeRef::from_raw((raw & !TAGS) as *const Header) };
+        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| drop(node))) {
+            panicked.get_or_insert(payload);
         }
+    }
+    if let Some(payload) = panicked {
+        panic::resume_unwind(payload);
     }
 }
 

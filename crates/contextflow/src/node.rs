@@ -645,11 +645,37 @@ impl Header {
         self.flags & HIDDEN != 0
     }
 
-    /// Parks the frame an exited guard should restore (see `current::exit_owned`).
+    /// Parks the frame an exited guard should restore (see `current::exit_owned`), unless
+    /// the node is orphaned (nobody will make it current again to restore it): then the frame
+    /// is released at once, and so nothing holding this node (a capture of its frame) keeps
+    /// it, and what it holds, alive.
     pub(crate) fn park_guard_saved(&self, saved: usize) {
-        // Relaxed: read back on this thread, or by the last owner after the Release/Acquire of
-        // the link count.
-        release_parked(self.guard_saved.swap(saved, Ordering::Relaxed));
+        // AcqRel: the word is also written by whoever orphans the node, possibly on another
+        // thread (releasing the parked frame of a node it dropped last); a parked frame is
+        // read back on this thread, or by the last owner after the Release/Acquire of the
+        // link count.
+        let mut current = self.guard_saved.load(Ordering::Acquire);
+        loop {
+            if current == ORPHANED {
+                return release_parked(saved);
+            }
+            match self.guard_saved.compare_exchange(
+                current,
+                saved,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(old) => return release_parked(old),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Marks the node orphaned: the slot's reference to this guard's node is released without
+    /// the node being made current again, so nobody will restore the frame its guard saved.
+    /// A frame already parked is released now; one parked later is released at once.
+    pub(crate) fn orphan(&self) {
+        release_parked(self.guard_saved.swap(ORPHANED, Ordering::AcqRel));
     }
 
     /// Takes the parked frame, 0 if none.
@@ -725,13 +751,38 @@ fn release_then_parked_cold(release: impl FnOnce(), parked: usize) {
     }
 }
 
-/// Releases the owned frame in a parked `guard_saved` word, if any (bit 0: owned, bit 1:
-/// exited; the rest is the node pointer).
-fn release_parked(parked: usize) {
-    let frame = parked & !0b11;
-    if parked & 0b01 != 0 && frame != 0 {
+/// In a slot value (the current frame, or a frame an enter guard saved): the slot owns a
+/// count on the node.
+pub(crate) const OWNED: usize = 0b001;
+
+/// In a `guard_saved` word: the guard has exited, and the rest of the word is the frame to
+/// restore instead of the node's.
+pub(crate) const EXITED: usize = 0b010;
+
+/// In an owned slot value: the count is a copy taken of a frame a construct borrowed (see
+/// `current::enter_owned`), not the one reference through which an enter guard's node is
+/// made current and restored.
+pub(crate) const COPY: usize = 0b100;
+
+/// The tag bits of slot values and `guard_saved` words (nodes are aligned to 8 bytes).
+pub(crate) const TAGS: usize = OWNED | EXITED | COPY;
+
+/// A whole `guard_saved` word: the node is orphaned (see [`Header::orphan`]). No parked word
+/// equals it: `COPY` comes with `OWNED` and a pointer.
+pub(crate) const ORPHANED: usize = COPY;
+
+/// Releases the owned frame in a parked `guard_saved` word, if any (see the tags above). The
+/// parked frame, unless a copy, is the one reference through which an enter guard's node was
+/// to be made current again: released unrestored, that node is orphaned first.
+pub(crate) fn release_parked(parked: usize) {
+    let frame = parked & !TAGS;
+    if parked & OWNED != 0 && frame != 0 {
         // SAFETY: a parked frame is an owned count that nothing else refers to.
-        drop(unsafe { NodeRef::from_raw(frame as *const Header) });
+        let frame = unsafe { NodeRef::from_raw(frame as *const Header) };
+        if parked & COPY == 0 {
+            frame.header().orphan();
+        }
+        drop(frame);
     }
 }
 

@@ -14,7 +14,7 @@ use loom::{
     thread,
 };
 
-use super::{cache, capture, share, Header, NodeRef, Site};
+use super::{cache, capture, share, Header, NodeRef, Site, EXITED, OWNED, TAGS};
 use crate::Inherit;
 
 /// A value that counts its drops, with a payload that the models' threads read and the
@@ -296,13 +296,13 @@ fn a_parked_guard_frame_is_released_once_by_the_last_owner() {
             // node.
             marker
                 .header()
-                .park_guard_saved(saved.into_raw() as usize | 0b01 | 0b10);
+                .park_guard_saved(saved.into_raw() as usize | OWNED | EXITED);
             let t = thread::spawn(move || drop(other));
             if take_back {
                 let taken = marker.header().take_guard_saved();
                 assert_ne!(taken, 0, "parked here, taken only here");
                 // SAFETY: the parked word owns one count on the frame.
-                drop(unsafe { NodeRef::from_raw((taken & !0b11) as *const Header) });
+                drop(unsafe { NodeRef::from_raw((taken & !TAGS) as *const Header) });
             }
             drop(marker);
             t.join().unwrap();
@@ -313,6 +313,42 @@ fn a_parked_guard_frame_is_released_once_by_the_last_owner() {
             );
         });
     }
+}
+
+#[test]
+fn an_orphaned_guard_node_releases_what_its_guard_saved_once() {
+    // A guard's node `g` whose one slot reference is parked in another exited guard's marker,
+    // released last on another thread (which orphans `g`), while this thread's guard of `g`
+    // exits out of order and parks its saved frame in `g`: whichever comes second releases
+    // the saved frame, once, and the other thread reads `g`'s parked word only through the
+    // atomic word.
+    explore("orphaned guard node against its guard's parking", || {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let saved = NodeRef::new_value(
+            None,
+            2,
+            "saved",
+            Inherit::Always,
+            Counted::new(drops.clone()),
+        );
+        let g = NodeRef::new_value(None, 3, "g", Inherit::Always, Counted::new(drops.clone()));
+        let marker = NodeRef::new_marker(None);
+        // `g`'s slot reference, parked in the marker as the frame its guard saved.
+        marker
+            .header()
+            .park_guard_saved(g.clone().into_raw() as usize | OWNED | EXITED);
+        let t = thread::spawn(move || drop(marker));
+        g.header()
+            .park_guard_saved(saved.into_raw() as usize | OWNED | EXITED);
+        t.join().unwrap();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "the saved frame is released once g is orphaned, while g lives"
+        );
+        drop(g);
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+    });
 }
 
 #[test]

@@ -343,3 +343,61 @@ fn a_scope_dropped_under_another_tasks_guard_still_drops_its_future() {
         "the inner future was dropped"
     );
 }
+
+/// Review finding: a value's destructor that panicked while dropped guards were unwound
+/// stopped the unwinding with an exited guard's frame current: its value stayed visible after
+/// every guard was gone (the next task polled on the thread saw it).
+#[test]
+fn a_panicking_value_does_not_stop_the_unwinding_of_exited_guards() {
+    static X: AsyncLocal<u32> = AsyncLocal::named("x");
+    static Y: AsyncLocal<PanicsOnDrop> = AsyncLocal::named("y");
+    static Z: AsyncLocal<u32> = AsyncLocal::named("z");
+    struct PanicsOnDrop;
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("a value's destructor panics");
+        }
+    }
+    isolated(|| {
+        let a = X.enter(1);
+        let b = Y.enter(PanicsOnDrop);
+        // Both dropped inside a construct: parked, and unwound when the construct restores
+        // `b`'s frame, where `b`'s node is released last.
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Z.sync_scope(3, || drop((a, b)))
+        }));
+        assert!(dropped.is_err(), "the destructor's panic goes on");
+        assert_eq!(X.get(), None, "every guard is gone");
+        assert!(!Y.is_set());
+        assert_eq!(Z.get(), None);
+    });
+}
+
+/// Review finding (while fixing the guard parking): inside `Snapshot::run` over a capture
+/// of a guard's frame, a guard entered and left in order restored a copy of that frame, and
+/// the unwinding took it for the guard's own: the run's frame was replaced by what the
+/// (already exited) guard had saved, and the guard's frame, once really restored, stayed
+/// current after every guard was gone.
+#[test]
+fn a_guard_inside_a_run_over_an_exited_guards_frame_keeps_the_run_frame() {
+    static X: AsyncLocal<u32> = AsyncLocal::named("x");
+    static Y: AsyncLocal<u32> = AsyncLocal::named("y");
+    static Z: AsyncLocal<u32> = AsyncLocal::named("z");
+    isolated(|| {
+        let g = X.enter(1);
+        let snapshot = Snapshot::capture();
+        let h = Y.enter(2);
+        drop(g); // out of order: parked
+        snapshot.run(|| {
+            let k = Z.enter(3);
+            drop(k);
+            assert_eq!(X.get(), Some(1), "the run's frame, as captured");
+            assert_eq!(Y.get(), None);
+        });
+        assert_eq!(Y.get(), Some(2));
+        assert_eq!(X.get(), Some(1), "h's frame includes g's");
+        drop(h);
+        assert_eq!(X.get(), None, "every guard is gone");
+        assert_eq!(Y.get(), None);
+    });
+}

@@ -179,6 +179,30 @@ fn a_binding_over_an_escaped_guard_does_not_keep_what_the_guard_saved() {
     drop(child);
 }
 
+/// Review finding: the same through an enter guard made over the escaped `Snapshot::enter`
+/// guard. The guard's node saved the marker's frame, and parked it there when the guard was
+/// dropped out of order; a capture of the guard's frame then kept the marker, the frame the
+/// marker parked, and the private value, alive for the capture's whole life.
+#[test]
+fn a_guard_over_an_escaped_guard_does_not_keep_what_the_guard_saved() {
+    static OTHER: AsyncLocal<u32> = AsyncLocal::named("other");
+    let live = Arc::new(AtomicUsize::new(0));
+    let (marker, guard, child) = PRIVATE.sync_scope(Counted::new(&live), || {
+        let marker = Snapshot::empty().enter();
+        let guard = OTHER.enter(1);
+        (marker, guard, Snapshot::capture_inheritable())
+    });
+    drop(guard);
+    drop(marker);
+    assert_eq!(child.get(&OTHER), Some(1));
+    assert_eq!(
+        live.load(Ordering::SeqCst),
+        0,
+        "the private value is dropped once its scope and the guards end"
+    );
+    drop(child);
+}
+
 /// The same through a `Binding` (what `scope`'s futures and middleware use).
 #[test]
 fn a_binding_entered_over_an_escaped_guard_does_not_keep_what_the_guard_saved() {
