@@ -29,9 +29,15 @@
 //!         Some(ROLE.with(Cell::get)).filter(|r| *r != 0)
 //!     }
 //!     fn enter(&self, role: &u32, f: &mut dyn FnMut()) {
-//!         let prev = ROLE.with(|r| r.replace(*role));
+//!         // Restored also when `f` panics (a panicking poll): the worker polls other tasks next.
+//!         struct Restore(u32);
+//!         impl Drop for Restore {
+//!             fn drop(&mut self) {
+//!                 ROLE.with(|r| r.set(self.0));
+//!             }
+//!         }
+//!         let _restore = Restore(ROLE.with(|r| r.replace(*role)));
 //!         f();
-//!         ROLE.with(|r| r.set(prev));
 //!     }
 //! }
 //!
@@ -63,8 +69,10 @@ pub trait Carrier: Send + Sync + 'static {
     /// carry (nothing is then stored).
     fn capture(&self) -> Option<Self::Value>;
 
-    /// Makes `value` current, calls `f`, and restores what was current before. Called around
-    /// every poll of the child, while it is dropped, and around `Snapshot::run`.
+    /// Makes `value` current, calls `f`, and restores what was current before, also when `f`
+    /// panics (a runtime catches a task's panic and goes on polling other tasks on the same
+    /// thread: restore in a drop guard). Called around every poll of the child, while it is
+    /// dropped, and around `Snapshot::run`.
     fn enter(&self, value: &Self::Value, f: &mut dyn FnMut());
 
     /// Makes "nothing" current (what [`capture`](Carrier::capture) reports as `None`), calls
@@ -93,9 +101,15 @@ pub trait Carrier: Send + Sync + 'static {
     ///         Some(ROLE.with(Cell::get)).filter(|r| *r != 0)
     ///     }
     ///     fn enter(&self, role: &u32, f: &mut dyn FnMut()) {
-    ///         let prev = ROLE.with(|r| r.replace(*role));
+    ///         // Restored also when `f` panics (a panicking poll): the worker polls other tasks next.
+    ///         struct Restore(u32);
+    ///         impl Drop for Restore {
+    ///             fn drop(&mut self) {
+    ///                 ROLE.with(|r| r.set(self.0));
+    ///             }
+    ///         }
+    ///         let _restore = Restore(ROLE.with(|r| r.replace(*role)));
     ///         f();
-    ///         ROLE.with(|r| r.set(prev));
     ///     }
     ///     fn enter_none(&self, f: &mut dyn FnMut()) {
     ///         self.enter(&0, f)
