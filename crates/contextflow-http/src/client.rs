@@ -10,7 +10,9 @@
 //! [`HeaderInjector`]); a request that already carries a `traceparent` gets no client span
 //! (it would be the parent of nothing). Call it from the request's task, or from a task
 //! started with `contextflow::spawn`, which inherits the context; a plain `tokio::spawn` does
-//! not.
+//! not. Place retry and redirect-following layers *outside* (before) this one: each attempt
+//! then gets a client span and a parent id of its own, where below it every attempt
+//! re-sends the same headers under one span.
 //!
 //! ```
 //! use contextflow_http::{InjectContextLayer, RequestId, REQUEST_ID};
@@ -452,6 +454,11 @@ impl<F> fmt::Debug for ClientFuture<F> {
 /// `server.address`, `server.port` and `url.full` of an outgoing request.
 pub(crate) fn client_attributes(uri: &http::Uri, attrs: &mut Vec<KeyValue>) {
     if let Some(host) = uri.host() {
+        // An IPv6 literal without its URL brackets, as the conventions give it (`::1`).
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         attrs.push(KeyValue::new("server.address", host.to_owned()));
     }
     // Required: also when the URL leaves the scheme's default port out (reqwest's always do).
@@ -507,6 +514,29 @@ const REDACTED_QUERY_KEYS: [&str; 4] = ["AWSAccessKeyId", "Signature", "sig", "X
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: an IPv6 literal kept its URL brackets in `server.address`.
+    #[test]
+    fn server_address_of_an_ipv6_literal_has_no_brackets() {
+        let address = |uri: &str| {
+            let mut attrs = Vec::new();
+            client_attributes(&uri.parse().unwrap(), &mut attrs);
+            attrs
+                .into_iter()
+                .find(|kv| kv.key.as_str() == "server.address")
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(address("http://[::1]:8080/").as_deref(), Some("::1"));
+        assert_eq!(
+            address("https://[2001:db8::7]/x").as_deref(),
+            Some("2001:db8::7")
+        );
+        assert_eq!(
+            address("http://pay.example/").as_deref(),
+            Some("pay.example")
+        );
+        assert_eq!(address("http://127.0.0.1:9/").as_deref(), Some("127.0.0.1"));
+    }
 
     #[test]
     fn url_full_never_carries_credentials() {

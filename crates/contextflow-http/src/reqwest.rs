@@ -22,6 +22,13 @@ use crate::{
 /// The context is read when the `send` future is first polled, in the task that polls it:
 /// the request's own task, or one started with `contextflow::spawn`.
 ///
+/// One client span and one `traceparent` cover whatever happens below the middleware: put a
+/// retry middleware (`reqwest-retry`) *before* this one in the chain, so that each attempt
+/// gets a span and a parent id of its own (after it, every attempt re-sends the same
+/// headers under one span); reqwest's own redirects are followed below any middleware, so
+/// the hops of a redirect share the first request's span, whose `url.full` and
+/// `server.address` name the first URL.
+///
 /// ```
 /// use contextflow_http::InjectContextMiddleware;
 /// use reqwest_middleware::ClientBuilder;
