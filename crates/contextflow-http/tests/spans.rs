@@ -1225,3 +1225,57 @@ async fn a_caller_set_traceparent_gets_no_client_span() {
         "{sent}"
     );
 }
+
+/// Review finding (tests): nothing checked that a client span fails on a `4xx` (the
+/// conventions: a client's `4xx` is an error, where a server's is not), nor that the tower
+/// client's future ends its span as cancelled when dropped before the answer.
+#[tokio::test(flavor = "current_thread")]
+async fn client_spans_fail_on_4xx_and_end_when_given_up_on() {
+    use opentelemetry::trace::Status;
+    use tower::{Layer as _, ServiceExt as _};
+
+    let (exporter, provider) = recording_provider();
+    let answer = |status: u16| {
+        contextflow_http::InjectContextLayer::new()
+            .with_tracer(provider.tracer("client"))
+            .layer(tower::service_fn(move |_: http::Request<()>| async move {
+                let mut res = http::Response::new(());
+                *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok::<_, std::convert::Infallible>(res)
+            }))
+    };
+    let req = || {
+        http::Request::builder()
+            .uri("http://a.example/x")
+            .body(())
+            .unwrap()
+    };
+    for status in [200, 404, 503] {
+        answer(status).oneshot(req()).await.unwrap();
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 3, "{spans:?}");
+    assert!(!matches!(spans[0].status, Status::Error { .. }), "200");
+    for (span, status) in spans[1..].iter().zip(["404", "503"]) {
+        assert!(
+            matches!(span.status, Status::Error { .. }),
+            "{status}: {:?}",
+            span.status
+        );
+        assert_eq!(error_type(span).as_deref(), Some(status));
+    }
+
+    exporter.reset();
+    let never = contextflow_http::InjectContextLayer::new()
+        .with_tracer(provider.tracer("client"))
+        .layer(tower::service_fn(|_: http::Request<()>| {
+            std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>()
+        }));
+    let gave_up =
+        tokio::time::timeout(std::time::Duration::from_millis(20), never.oneshot(req())).await;
+    assert!(gave_up.is_err(), "never answers");
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 1, "the dropped call's span ended: {spans:?}");
+    assert!(matches!(spans[0].status, Status::Error { .. }));
+    assert_eq!(error_type(&spans[0]).as_deref(), Some("cancelled"));
+}
