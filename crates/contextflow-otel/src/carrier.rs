@@ -37,7 +37,8 @@
 //! Everything read is untrusted: [`extract`](crate::extract) ignores values longer than
 //! [`MAX_VALUE_LEN`] and keys beyond [`MAX_PAIRS`] (with a `debug` log), and each
 //! propagator validates its own fields, dropping a malformed one with a `debug` log that shows
-//! the value escaped and cut to 64 bytes.
+//! the value escaped and cut to 64 bytes (baggage's only by its size: it carries user and
+//! session data).
 
 use std::fmt;
 
@@ -211,9 +212,12 @@ impl<'a> Pairs<'a> {
     /// assert!(opentelemetry::trace::TraceContextExt::has_active_span(&cx));
     /// ```
     pub fn new(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        Pairs {
-            pairs: pairs.into_iter().take(MAX_PAIRS).collect(),
+        let mut pairs = pairs.into_iter();
+        let kept: Vec<_> = pairs.by_ref().take(MAX_PAIRS).collect();
+        if pairs.next().is_some() {
+            tracing::debug!("ignored the pairs of a carrier past its first 64");
         }
+        Pairs { pairs: kept }
     }
 }
 
@@ -259,9 +263,10 @@ impl<F> fmt::Debug for InjectFn<F> {
 impl Bounded<'_> {
     fn check<'v>(&self, key: &str, value: &'v str) -> Option<&'v str> {
         if value.len() > MAX_VALUE_LEN {
+            // The value is not logged: it may be baggage, which carries user and session data.
             tracing::debug!(
                 key = %Escaped(key.as_bytes()),
-                value = %Escaped(value.as_bytes()),
+                bytes = value.len(),
                 "ignored an over-long propagation field"
             );
             return None;

@@ -394,6 +394,16 @@ impl TextMapPropagator for BaggagePropagator {
     }
 }
 
+/// `cx` holding `id` when it holds another request id (the outer context's, kept by the
+/// extraction), so that the context and the id given back never disagree; as it is otherwise
+/// (no id in it: nothing to add).
+fn agreeing(cx: Context, id: &RequestId) -> Context {
+    match cx.get::<RequestId>() {
+        Some(held) if !held.same(id) => cx.with_value(id.clone()),
+        _ => cx,
+    }
+}
+
 /// [`BaggagePropagator`]'s extraction from any [`Source`].
 fn extract_baggage(cx: &Context, source: &impl Source) -> Context {
     if !present(source, BAGGAGE) {
@@ -404,9 +414,10 @@ fn extract_baggage(cx: &Context, source: &impl Source) -> Context {
     };
     let (baggage, dropped) = Baggage::from_values(values.iter().copied());
     if dropped > 0 {
+        // The members' values are not logged: baggage carries user and session data.
         tracing::debug!(
             dropped,
-            value = %Escaped(values.first().copied().unwrap_or(b"")),
+            bytes = values.iter().map(|v| v.len()).sum::<usize>(),
             "dropped malformed or excess baggage members"
         );
     }
@@ -594,7 +605,10 @@ impl Propagation {
                 let id = id.clone();
                 (cx, id)
             }
-            _ => (cx, RequestIdPropagator::extract_id(&bounded)),
+            _ => {
+                let id = RequestIdPropagator::extract_id(&bounded);
+                (agreeing(cx, &id), id)
+            }
         }
     }
 
@@ -656,7 +670,8 @@ impl Propagation {
         } else {
             cx
         };
-        (cx, extract_request_id(source))
+        let id = extract_request_id(source);
+        (agreeing(cx, &id), id)
     }
 
     /// Reads only what the trace propagator carries (no request id).

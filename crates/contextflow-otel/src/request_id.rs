@@ -3,7 +3,8 @@
 //! An incoming `x-request-id` is honoured only when it is 1 to 128 bytes of visible ASCII
 //! (`0x21..=0x7e`): anything longer, empty, or holding spaces, control characters or non-ASCII
 //! bytes is replaced by a new UUID v4, so a client cannot push megabytes, terminal escapes or
-//! log-forging newlines through it.
+//! log-forging newlines through it. Spaces and tabs around the value are not part of it (as
+//! around any HTTP field value), whatever the transport: the same id on every hop.
 
 use std::{fmt, str::FromStr, sync::Arc};
 
@@ -84,7 +85,9 @@ impl RequestId {
         RequestId(std::str::from_utf8(&text).unwrap_or("-").into())
     }
 
-    /// Checks a value given as bytes: 1 to 128 bytes, each visible ASCII (`0x21..=0x7e`).
+    /// Checks a value given as bytes: 1 to 128 bytes, each visible ASCII (`0x21..=0x7e`),
+    /// once the spaces and tabs around it are left out (HTTP's optional whitespace, which
+    /// an HTTP parser drops and other transports keep).
     ///
     /// # Errors
     ///
@@ -93,9 +96,15 @@ impl RequestId {
     /// ```
     /// use contextflow_otel::RequestId;
     /// assert!(RequestId::parse_bytes(b"abc").is_ok());
+    /// assert_eq!(RequestId::parse_bytes(b" abc\t")?.as_str(), "abc");
     /// assert!(RequestId::parse_bytes(b"caf\xc3\xa9").is_err());
+    /// # Ok::<(), contextflow_otel::InvalidRequestId>(())
     /// ```
     pub fn parse_bytes(value: &[u8]) -> Result<Self, InvalidRequestId> {
+        let ows = |b: &u8| *b == b' ' || *b == b'\t';
+        let start = value.iter().position(|b| !ows(b)).unwrap_or(value.len());
+        let end = value.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+        let value = &value[start..end];
         validate(value)?;
         // Validated as visible ASCII, so the lossy conversion never replaces anything.
         Ok(RequestId(String::from_utf8_lossy(value).into()))
