@@ -133,6 +133,9 @@ async fn serve(mut config: Config, format: LogFormat) -> Result<ExitCode, BoxErr
         config.telemetry = Some(telemetry.clone());
         tracing::info!(?telemetry, "exporting spans over OTLP/HTTP");
     }
+    // Registered before the service accepts connections: a signal that comes at once shuts
+    // it down gracefully too (unregistered, SIGTERM would end the process on the spot).
+    let stop = StopSignal::register()?;
     let service = app::start(config).await?;
     let addr = service.addr;
     // The banner is part of the log stream: with `--json` it is JSON records like every line.
@@ -154,7 +157,9 @@ async fn serve(mut config: Config, format: LogFormat) -> Result<ExitCode, BoxErr
         println!("       curl -s http://{addr}/orders/1 -H 'Authorization: Bearer token-acme'");
         println!("  Ctrl-C to stop");
     }
-    stop_signal().await?;
+    if let Err(error) = stop.recv().await {
+        tracing::error!(%error, "waiting for a stop signal failed: shutting down");
+    }
     tracing::info!("shutdown: signal received");
     let stopped = service.shutdown().await;
     if let Some(telemetry) = telemetry {
@@ -167,18 +172,44 @@ async fn serve(mut config: Config, format: LogFormat) -> Result<ExitCode, BoxErr
 }
 
 /// Ctrl-C, or SIGTERM on Unix.
-async fn stop_signal() -> std::io::Result<()> {
+struct StopSignal {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result,
-            _ = term.recv() => Ok(()),
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    /// Takes the signals over from their default action (ending the process).
+    fn register() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignal {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(StopSignal {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
+
+    /// Waits for one of them.
+    async fn recv(mut self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => Ok(()),
+                _ = self.terminate.recv() => Ok(()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            tokio::signal::ctrl_c().await
+        }
     }
 }
 

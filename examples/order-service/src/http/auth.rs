@@ -38,13 +38,21 @@ impl std::fmt::Debug for TokenTable {
 
 impl TokenTable {
     /// A table from `(token, tenant)` pairs.
+    ///
+    /// # Panics
+    ///
+    /// When a token is listed twice: one tenant's clients would be served as the other's.
     pub fn new<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        TokenTable(Arc::new(
-            pairs
-                .into_iter()
-                .map(|(token, tenant)| (token.to_string(), TenantId::new(tenant)))
-                .collect(),
-        ))
+        let mut table = HashMap::new();
+        for (token, tenant) in pairs {
+            let previous = table.insert(token.to_string(), TenantId::new(tenant));
+            assert!(
+                previous.is_none(),
+                "a token is listed twice in the token table (tenants {:?} and {tenant:?})",
+                previous.as_ref().map(TenantId::as_str).unwrap_or_default()
+            );
+        }
+        TokenTable(Arc::new(table))
     }
 
     /// The table of [`DEMO_TOKENS`].
@@ -179,5 +187,27 @@ mod tests {
             )),
             "a repeated header is refused, even when one of them is valid"
         );
+    }
+}
+
+#[cfg(test)]
+mod token_table_tests {
+    use super::TokenTable;
+
+    /// Review finding: a token listed for two tenants was silently given to the last one.
+    #[test]
+    #[should_panic(expected = "a token is listed twice")]
+    fn a_token_listed_twice_is_refused() {
+        TokenTable::new([("t", "acme"), ("t", "globex")]);
+    }
+
+    #[test]
+    fn the_demo_table_maps_each_token() {
+        let table = TokenTable::demo();
+        assert_eq!(
+            table.tenant("token-globex").map(|t| t.as_str()),
+            Some("globex")
+        );
+        assert!(table.tenant("token-unknown").is_none());
     }
 }

@@ -1,5 +1,5 @@
 //! Per-request limits, inside the request span so each refusal is logged with the request's
-//! context: more than [`Limits::max_headers`] header fields (`431`), a request not answered
+//! context: more than [`Limits::max_headers`] header fields besides `x-request-id` (`431`), a request not answered
 //! within [`Limits::request_timeout`] (`503`), and the body deadline the JSON extractor
 //! enforces ([`Limits::body_timeout`], `408`). The body size limit is axum's
 //! `DefaultBodyLimit`, whose refusal (`413`) the extractor turns into a JSON error too.
@@ -21,7 +21,11 @@ pub struct BodyTimeout(pub Duration);
 
 /// Enforces `limits` on one request.
 pub async fn enforce(State(limits): State<Limits>, mut req: Request, next: Next) -> Response {
-    let headers = req.headers().len();
+    // `x-request-id` is not counted: the context layer outside has rewritten it (added one
+    // when the client sent none, folded repeats into one), so its count here says nothing
+    // of what the client sent. The limit is on the other fields.
+    let ids = req.headers().get_all("x-request-id").iter().count();
+    let headers = req.headers().len() - ids;
     if headers > limits.max_headers {
         return ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
