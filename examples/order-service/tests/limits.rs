@@ -380,6 +380,52 @@ async fn a_head_still_arriving_at_shutdown_gets_503_after_the_grace() {
         .expect("clean shutdown");
 }
 
+/// Review finding: on a kept-alive connection hyper takes the connection for idle until a
+/// whole head has come, and closed it at once on shutdown: a second request's head that had
+/// started got no answer at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_arriving_on_a_kept_alive_connection_at_shutdown_gets_503() {
+    let limits = Limits {
+        head_timeout: Duration::from_secs(60),
+        ..SHORT
+    };
+    let (service, _dir) = start_with(limits, None).await;
+    let mut stream = TcpStream::connect(service.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut first))
+        .await
+        .expect("the first answer")
+        .expect("read");
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 404"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    stream
+        .write_all(b"POST /orders HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(service.shutdown());
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    logged("request head still arriving on a kept-alive connection: answered 503").await;
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the shutdown ends")
+        .expect("task")
+        .expect("clean shutdown");
+}
+
 /// Review finding: the shutdown's 503 took "bytes arrived since the last write" for a head
 /// still arriving, but a request whose handler runs writes `100 Continue` and then receives
 /// its body: the 503 cut it off mid-way. Requests in flight are now counted until their

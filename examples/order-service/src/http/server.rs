@@ -212,7 +212,17 @@ async fn connection(
             // until the head timeout: give it a short grace instead.
             let grace = tokio::time::sleep(SHUTDOWN_HEAD_GRACE.min(limits.head_timeout));
             tokio::select! {
-                result = conn.as_mut() => result,
+                result = conn.as_mut() => {
+                    // hyper takes a kept-alive connection for idle until a whole head has
+                    // come, and closes it at once: a head that had started gets its answer.
+                    if result.is_ok() && raw.head_started() && !raw.in_flight() {
+                        warn!(%peer, "shutdown: request head still arriving on a kept-alive \
+                            connection: answered 503");
+                        raw.try_write_all(&shutting_down_answer());
+                        return;
+                    }
+                    result
+                }
                 () = grace => {
                     if raw.head_started() && !raw.in_flight() {
                         warn!(%peer, grace_ms = SHUTDOWN_HEAD_GRACE.as_millis() as u64,
