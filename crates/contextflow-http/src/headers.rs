@@ -334,25 +334,24 @@ impl<'a> HeaderInjector<'a> {
         let merged = if theirs.is_empty() {
             ours.trim().to_owned()
         } else {
-            merge_tracestate(ours, theirs)
+            merge_tracestate(ours, theirs.iter().copied())
         };
-        if merged.is_empty() {
+        let value = match HeaderValue::try_from(merged) {
+            Ok(value) => value,
+            Err(_) => {
+                // Ours is not a header value: the caller's members alone (checked, so valid).
+                tracing::debug!("propagator wrote an invalid tracestate; skipped");
+                let theirs = merge_tracestate("", theirs.iter().copied());
+                HeaderValue::try_from(theirs).unwrap_or_else(|_| HeaderValue::from_static(""))
+            }
+        };
+        if value.is_empty() {
             if lines > 0 {
                 self.headers.remove(&TRACESTATE);
             }
             return;
         }
-        match HeaderValue::try_from(merged) {
-            Ok(value) => {
-                self.headers.insert(TRACESTATE, value);
-            }
-            Err(_) => {
-                tracing::debug!("propagator wrote an invalid tracestate; skipped");
-                if lines > 0 {
-                    self.headers.remove(&TRACESTATE);
-                }
-            }
-        }
+        self.headers.insert(TRACESTATE, value);
     }
 }
 

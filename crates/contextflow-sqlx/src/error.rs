@@ -283,11 +283,18 @@ pub enum Refusal {
         /// The role it can become.
         target: String,
     },
+    /// The pool's role (or the session's user) has `CREATEROLE`: it could grant itself a
+    /// role that bypasses row-level security.
+    CreateRole {
+        /// The pool's role.
+        role: String,
+    },
     /// A table with a tenant column has a permissive policy that applies to the pool's role
     /// and reads neither the tenant setting nor a function of the database's own (`USING
     /// (true)`, say): permissive policies are combined with `OR`, so every tenant sees and
     /// writes what it allows. A policy that calls a function of its own is trusted to read
-    /// the setting there.
+    /// the setting there, and a table whose restrictive policy for the same command reads it
+    /// is not refused (restrictive policies are combined with `AND`).
     PolicyIgnoresTenant {
         /// `schema.table`.
         table: String,
@@ -731,6 +738,11 @@ impl fmt::Display for Refusal {
                 f,
                 "role {role} is a member of {target}, a superuser or BYPASSRLS role: SET ROLE \
                  {target} would leave row-level security for every later user of the connection"
+            ),
+            Refusal::CreateRole { role } => write!(
+                f,
+                "role {role} (or the session's user) has CREATEROLE: it could grant itself a role \
+                 that bypasses row-level security"
             ),
             Refusal::PolicyIgnoresTenant { table, policies } => write!(
                 f,

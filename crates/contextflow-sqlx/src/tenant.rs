@@ -58,11 +58,14 @@ const POLICY: &str = "contextflow_tenant_isolation";
 ///   where the block decides.
 /// - **Start-up check.** [`TenantPool::new`] refuses (with every problem found) a pool whose
 ///   role is a superuser or has `BYPASSRLS` (also a superuser session that switched role),
-///   can become such a role (`SET ROLE`, as a member of it), owns a table with a tenant
+///   can become such a role (`SET ROLE`, as a member of it, or `RESET ROLE`), has
+///   `CREATEROLE` (it could grant itself one), owns a table with a tenant
 ///   column, or can reach (a column grant is enough) such a table that lacks `ENABLE` and
 ///   `FORCE ROW LEVEL SECURITY` and a policy, that has a permissive policy for the role that
 ///   reads neither the setting nor a function of the database's own (`USING (true)`:
-///   permissive policies are combined with `OR`), or that the role may `TRUNCATE` (row-level
+///   permissive policies are combined with `OR`) unless a restrictive policy for the same
+///   command does (restrictive policies are combined with `AND`; "reads the setting" is a
+///   look at the policy's text, not a proof), or that the role may `TRUNCATE` (row-level
 ///   security does not apply to it); a view over one (through any number of views, whatever
 ///   columns the view keeps) without `security_invoker`, or a materialized view over one.
 ///
@@ -648,14 +651,19 @@ fn configuration(message: String) -> SetupError {
 /// The role check: `(role, is superuser, has BYPASSRLS, session user, session user is
 /// superuser)`.
 const ROLE_SQL: &str = "SELECT current_user::text, r.rolsuper, r.rolbypassrls, \
-                        session_user::text, s.rolsuper \
+                        session_user::text, s.rolsuper, r.rolcreaterole OR s.rolcreaterole \
                         FROM pg_roles r, pg_roles s \
                         WHERE r.rolname = current_user AND s.rolname = session_user";
 
-/// The roles the pool's role can become (`SET ROLE`) that are superusers or have `BYPASSRLS`.
+/// The roles that are superusers or have `BYPASSRLS` and that the connection can become:
+/// `SET ROLE` to a role the current or the session user is a member of (PostgreSQL checks
+/// the session user's memberships), or `RESET ROLE` back to the session user. A superuser
+/// session user is reported on its own.
 const ESCAPE_ROLES_SQL: &str = "SELECT rolname::text FROM pg_roles \
                                 WHERE (rolsuper OR rolbypassrls) AND rolname <> current_user \
-                                AND pg_has_role(current_user, oid, 'MEMBER') ORDER BY 1";
+                                AND NOT (rolsuper AND rolname = session_user) \
+                                AND (pg_has_role(current_user, oid, 'MEMBER') \
+                                     OR pg_has_role(session_user, oid, 'MEMBER')) ORDER BY 1";
 
 /// Every relation that the role owns or can read or write (a column grant is enough) and that
 /// has a tenant column, or is a view or materialized view over such a relation (through any
@@ -682,12 +690,24 @@ const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
                  WHERE p.polrelid = c.oid AND p.polpermissive \
                    AND EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid) \
                                WHERE CASE WHEN r.oid = 0 THEN true \
-                                     ELSE pg_has_role(current_user, r.oid, 'MEMBER') END) \
+                                     ELSE pg_has_role(current_user, r.oid, 'USAGE') END) \
                    AND NOT EXISTS (SELECT 1 FROM pg_depend d \
                                    WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid \
                                      AND d.refclassid = 'pg_proc'::regclass) \
                    AND (strpos(COALESCE(pg_get_expr(p.polqual, p.polrelid), $2), $2) = 0 \
-                        OR strpos(COALESCE(pg_get_expr(p.polwithcheck, p.polrelid), $2), $2) = 0)), \
+                        OR strpos(COALESCE(pg_get_expr(p.polwithcheck, p.polrelid), $2), $2) = 0) \
+                   AND NOT EXISTS (SELECT 1 FROM pg_policy q \
+                                   WHERE q.polrelid = c.oid AND NOT q.polpermissive \
+                                     AND (q.polcmd = '*' OR q.polcmd = p.polcmd) \
+                                     AND EXISTS (SELECT 1 FROM unnest(q.polroles) AS r(oid) \
+                                                 WHERE CASE WHEN r.oid = 0 THEN true \
+                                                       ELSE pg_has_role(current_user, r.oid, 'USAGE') END) \
+                                     AND (EXISTS (SELECT 1 FROM pg_depend d \
+                                                  WHERE d.classid = 'pg_policy'::regclass \
+                                                    AND d.objid = q.oid \
+                                                    AND d.refclassid = 'pg_proc'::regclass) \
+                                          OR (strpos(COALESCE(pg_get_expr(q.polqual, q.polrelid), $2), $2) > 0 \
+                                              AND strpos(COALESCE(pg_get_expr(q.polwithcheck, q.polrelid), $2), $2) > 0)))), \
                 ''), \
        COALESCE(c.relkind IN ('r', 'p') AND has_table_privilege(c.oid, 'TRUNCATE'), false) \
      FROM pg_class c \
@@ -744,6 +764,9 @@ macro_rules! rls_database {
                     }
                     if role.try_get::<bool, _>(2)? {
                         refusals.push(Refusal::BypassRls { role: name.clone() });
+                    }
+                    if role.try_get::<bool, _>(5)? {
+                        refusals.push(Refusal::CreateRole { role: name.clone() });
                     }
                     for target in sqlx::query_scalar::<_, String>(ESCAPE_ROLES_SQL)
                         .fetch_all(&mut *conn)

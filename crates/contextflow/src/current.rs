@@ -247,28 +247,24 @@ impl Drop for Entered {
     #[inline]
     fn drop(&mut self) {
         let replaced = CURRENT.with(|c| c.replace(self.prev));
-        // An enter guard was forgotten or moved while we were entered: its frame is no longer
-        // current, and the slot's reference to it is released (after the slot is restored, in
-        // case the value's destructor reads the context, and after the unwinding below, also
-        // when a destructor there panics).
-        let _released = (replaced & OWNED != 0).then(|| SlotRef(replaced));
-        if self.prev & OWNED != 0 {
-            // The frame we restore belongs to an enter guard, which may have been dropped while
-            // we were entered (moved into this closure or future).
-            unwind_exited();
+        // The frame we restore may belong to an enter guard dropped while we were entered
+        // (moved into this closure or future): unwound. An enter guard forgotten or moved while
+        // we were entered leaves its frame in the slot: no longer current, its slot reference
+        // is released, after the slot is restored (the value's destructor may read the
+        // context) and after the unwinding.
+        let unwind = self.prev & OWNED != 0;
+        let release = replaced & OWNED != 0;
+        if unwind || release {
+            unwind_then_release(unwind, || {
+                if release {
+                    // Unless a copy, the one reference through which its guard's node could
+                    // be made current again: the node is orphaned (its guard, exiting later,
+                    // releases the frame it saved instead of parking it in the node, where a
+                    // capture of the node would keep it alive).
+                    node::release_parked(replaced);
+                }
+            });
         }
-    }
-}
-
-/// An owned slot value released without being restored: unless a copy, it was the one
-/// reference through which its guard's node could be made current again, so the node is
-/// orphaned (its guard, exiting later, releases the frame it saved instead of parking it in
-/// the node, where a capture of the node would keep it alive).
-struct SlotRef(usize);
-
-impl Drop for SlotRef {
-    fn drop(&mut self) {
-        node::release_parked(self.0);
     }
 }
 
@@ -312,23 +308,34 @@ pub(crate) fn exit_owned(node: &NodeRef, saved: usize) {
         }
     });
     match released {
-        Some(raw) => {
+        Some(raw) => unwind_then_release(true, || {
             // The slot's count on our node, replaced above and no longer referenced: released
-            // after the unwinding, also when a destructor there panics.
+            // after the unwinding.
             // SAFETY: an owned slot value holds one count, ours to release now.
-            let _ours = unsafe { NodeRef::from_raw((raw & !TAGS) as *const Header) };
-            unwind_exited();
-        }
+            drop(unsafe { NodeRef::from_raw((raw & !TAGS) as *const Header) });
+        }),
         None => node.header().park_guard_saved(saved | EXITED),
     }
 }
 
-/// While the current frame is the node of a guard that has exited, replaces it with the frame
-/// that guard had saved. Cold: called only when an owned frame has just been restored. A
-/// destructor that panics (a value of a released node) does not stop the unwinding: the panic
-/// goes on once the slot holds a frame whose guard is live.
+/// Unwinds exited guards' frames (when `unwind`), then runs `release`, each also when the
+/// other panics (a value's destructor): the first panic goes on once both are done, and a
+/// second one is dropped rather than aborting the process.
 #[cold]
-fn unwind_exited() {
+fn unwind_then_release(unwind: bool, release: impl FnOnce()) {
+    let mut panicked = if unwind { unwind_exited() } else { None };
+    if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(release)) {
+        panicked.get_or_insert(payload);
+    }
+    if let Some(payload) = panicked {
+        panic::resume_unwind(payload);
+    }
+}
+
+/// While the current frame is the node of a guard that has exited, replaces it with the frame
+/// that guard had saved. A destructor that panics (a value of a released node) does not stop
+/// the unwinding: the first panic is returned once the slot holds a frame whose guard is live.
+fn unwind_exited() -> Option<Box<dyn std::any::Any + Send>> {
     let mut panicked = None;
     loop {
         let released = CURRENT.with(|c| {
@@ -353,9 +360,7 @@ fn unwind_exited() {
             panicked.get_or_insert(payload);
         }
     }
-    if let Some(payload) = panicked {
-        panic::resume_unwind(payload);
-    }
+    panicked
 }
 
 /// The debug-build check that an enter guard's binding is not seen from another task (a guard

@@ -679,8 +679,16 @@ async fn startup_check_refusals() {
          ALTER TABLE {schema}.by_function ENABLE ROW LEVEL SECURITY;
          ALTER TABLE {schema}.by_function FORCE ROW LEVEL SECURITY;
          CREATE POLICY p ON {schema}.by_function USING (tenant_id = {schema}.current_tenant());
-         GRANT SELECT ON {schema}.open_policy, {schema}.by_function TO {APP_BAD};
-         GRANT SELECT ON {schema}.by_function TO {APP};
+         CREATE TABLE {schema}.restricted (tenant_id TEXT);
+         ALTER TABLE {schema}.restricted ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE {schema}.restricted FORCE ROW LEVEL SECURITY;
+         CREATE POLICY everyone ON {schema}.restricted USING (true);
+         CREATE POLICY tenant ON {schema}.restricted AS RESTRICTIVE
+           USING (tenant_id = current_setting('app.tenant_id', true))
+           WITH CHECK (tenant_id = current_setting('app.tenant_id', true));
+         GRANT SELECT ON {schema}.open_policy, {schema}.by_function, {schema}.restricted
+           TO {APP_BAD};
+         GRANT SELECT ON {schema}.by_function, {schema}.restricted TO {APP};
          GRANT TRUNCATE ON {schema}.items TO {APP_BAD};
          CREATE TABLE {schema}.truncate_only (tenant_id TEXT);
          GRANT TRUNCATE ON {schema}.truncate_only TO {APP_BAD};
@@ -693,10 +701,12 @@ async fn startup_check_refusals() {
     .unwrap();
     owner.pool().close().await;
     // A role that can become a BYPASSRLS role (cluster-wide; granted again on each run).
-    sqlx::raw_sql(&format!("GRANT {BYPASS} TO {APP_BAD}"))
-        .execute(&rls.superuser)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!(
+        "GRANT {BYPASS} TO {APP_BAD}; ALTER ROLE {APP_BAD} CREATEROLE"
+    ))
+    .execute(&rls.superuser)
+    .await
+    .unwrap();
     let err = TenantPool::new(rls.pool_as(APP_BAD, 1).await, &TENANT)
         .await
         .unwrap_err();
@@ -799,6 +809,16 @@ async fn startup_check_refusals() {
         ),
         "{err}"
     );
+    assert!(
+        has(
+            &err,
+            |r| matches!(r, Refusal::CreateRole { role } if role == APP_BAD)
+        ),
+        "{err}"
+    );
+    // A permissive `USING (true)` under a restrictive policy that reads the setting is safe
+    // (restrictive policies are combined with AND).
+    assert!(!err.to_string().contains("restricted"), "{err}");
     assert!(!err.to_string().contains("by_function"), "{err}");
     assert!(!err.to_string().contains("invoker_view"), "{err}");
     assert!(!has(
