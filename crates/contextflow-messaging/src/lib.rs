@@ -38,7 +38,13 @@
 //! - [`Consumer`]: one per queue; [`Consumer::scope`] runs a handler in the message's
 //!   context, with a consumer span that is a child of the producer's (a batch's span links to
 //!   each message's context instead), and a fresh request id when the message has none.
-//! - [`Publisher`]: writes the current context into an outgoing message.
+//! - [`Publisher`]: writes the current context into an outgoing message. The synchronous
+//!   writers (`inject`, `redis::fields`) read the context at the call; the `async` publish
+//!   helpers (`lapin::publish`, `async_nats::publish`, `rumqttc::publish`, `redis::add`), like
+//!   any `async fn`, read it when their future is first polled, so that
+//!   `REQUEST_ID.scope(id, redis::add(..))` publishes under `id`. A publish future made in one
+//!   context and awaited in another (pushed into a set the consumer loop polls) takes the
+//!   poller's: bind it where it is made with `contextflow::FutureExt::in_current_context`.
 //! - [`process`]: the OpenTelemetry environment-variable carrier for child processes.
 //!
 //! Any transport's metadata becomes a carrier with `contextflow_otel::carrier::Pairs` (read)
