@@ -108,7 +108,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{Context as TaskContext, Poll},
 };
 
@@ -167,6 +170,8 @@ pub struct MessageContext {
     /// What a trusted consumer's `verify` returned: bound inside the request id.
     trusted: Bindings,
     owns_span: bool,
+    /// Set once the consumer span has been ended (by `finish`, the future, or `Drop`).
+    ended: AtomicBool,
 }
 
 /// Bindings of the application's own variables (the tenant, the user) that a trusted consumer
@@ -541,6 +546,7 @@ impl Consumer {
             isolated: self.isolated.clone(),
             trusted: Bindings::new(),
             owns_span,
+            ended: AtomicBool::new(false),
         };
         if let (Some(verify), Some(metadata)) = (&self.trust, metadata) {
             match message.run(|| verify(metadata)) {
@@ -651,7 +657,8 @@ impl MessageContext {
     }
 
     /// Ends the consumer span, if one was started (for handlers run with
-    /// [`run`](Self::run)).
+    /// [`run`](Self::run)). Dropping the message context ends it too: as finished, or as
+    /// failed (`error.type = "panic"`) when the drop comes from a panic.
     ///
     /// ```
     /// let message = contextflow_messaging::Consumer::new().context(&contextflow_otel::carrier::Pairs::default());
@@ -662,9 +669,18 @@ impl MessageContext {
     }
 
     fn end(&self, error_type: Option<&'static str>) {
-        if self.owns_span {
+        if self.owns_span && !self.ended.swap(true, Ordering::Relaxed) {
             spans::end(&self.cx, error_type);
         }
+    }
+}
+
+impl Drop for MessageContext {
+    /// Ends the consumer span if nothing did: as failed with `error.type = "panic"` when the
+    /// drop comes from a panic (a handler given to [`run`](Self::run) panicked before
+    /// [`finish`](Self::finish)), as finished otherwise.
+    fn drop(&mut self) {
+        self.end(std::thread::panicking().then_some("panic"));
     }
 }
 

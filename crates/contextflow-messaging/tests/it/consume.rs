@@ -387,6 +387,52 @@ fn panicking_handler_span_is_marked() {
     );
 }
 
+/// Review finding: a handler given to `MessageContext::run` that panicked skipped the
+/// recipe's `finish`, and the span was exported as a success when the context was dropped.
+/// Now the drop ends it as a panic; a context dropped without `finish` otherwise ends it as
+/// finished, and `finish` ends it once.
+#[test]
+fn a_panicking_sync_handler_span_is_marked() {
+    let (provider, exporter) = telemetry();
+    let consumer = Consumer::new()
+        .with_tracer(provider.tracer("test-sync-panic"))
+        .destination("orders-sync-panic");
+    let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let message = consumer.context(&Pairs::default());
+        message.run(|| panic!("the handler fails"));
+        message.finish();
+    }));
+    assert!(panicked.is_err());
+    let message = consumer.context(&Pairs::default());
+    message.run(|| ());
+    drop(message);
+    let message = consumer.context(&Pairs::default());
+    message.finish();
+    let spans = exporter.get_finished_spans().unwrap();
+    let ours: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "process orders-sync-panic")
+        .collect();
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    assert!(
+        ours[0]
+            .attributes
+            .contains(&KeyValue::new("error.type", "panic")),
+        "{:?}",
+        ours[0].attributes
+    );
+    for span in &ours[1..] {
+        assert!(
+            !span
+                .attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "error.type"),
+            "{:?}",
+            span.attributes
+        );
+    }
+}
+
 /// Whose poll panicked decides the label, not whether a panic is unwinding: a handler whose
 /// panic was caught (the future dropped after unwinding ended) failed as a panic; a sibling
 /// handler dropped while another one's panic unwinds through their task was cancelled.
