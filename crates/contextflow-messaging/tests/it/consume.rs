@@ -306,13 +306,19 @@ fn batch_span_links_each_message_context() {
     let consumer = Consumer::new()
         .with_tracer(provider.tracer("test-batch"))
         .destination("orders-batch");
-    let a = Pairs::new([("traceparent", PARENT)]);
-    let b = Pairs::new([(
-        "traceparent",
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-    )]);
-    let c = Pairs::new([("traceparent", "garbage")]);
+    // Each message brings its own request id: the batch's is a fresh one, none of theirs
+    // (the first message's would put the whole batch under one request).
+    let a = Pairs::new([("traceparent", PARENT), ("x-request-id", "msg-a")]);
+    let b = Pairs::new([
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("x-request-id", "msg-b"),
+    ]);
+    let c = Pairs::new([("traceparent", "garbage"), ("x-request-id", "msg-c")]);
     let id = consumer.run_batch(&[&a, &b, &c]);
+    assert!(!id.starts_with("msg-"), "{id}");
     let spans = exporter.get_finished_spans().unwrap();
     let span = spans
         .iter()

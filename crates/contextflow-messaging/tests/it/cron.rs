@@ -101,10 +101,20 @@ async fn registration_in_a_request_does_not_leak() {
             ),
         )
         .await;
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        runs.push(rx.recv().await.unwrap());
-    }
+    // The runs happen while the registering request goes on: they never change what it
+    // sees (a run's context entered on the registrar's task and left there would).
+    let registrar: contextflow_otel::RequestId = "registrar-2".parse().unwrap();
+    let (runs, seen_by_registrar) = contextflow_otel::REQUEST_ID
+        .scope(registrar, async {
+            let mut runs = Vec::new();
+            for _ in 0..3 {
+                runs.push(rx.recv().await.unwrap());
+            }
+            let id = contextflow_otel::current_request_id().map(|id| id.as_str().to_owned());
+            (runs, id)
+        })
+        .await;
+    assert_eq!(seen_by_registrar.as_deref(), Some("registrar-2"));
     running.shutdown().await;
     for s in &runs {
         assert_eq!(s.tenant, None, "{s:?}");
@@ -118,7 +128,7 @@ async fn registration_in_a_request_does_not_leak() {
     let ids: HashSet<_> = runs.iter().map(|s| s.run.run_id().clone()).collect();
     let traces: HashSet<_> = runs.iter().map(|s| s.trace_id).collect();
     assert_eq!((ids.len(), traces.len()), (3, 3));
-    // And the registering code's context is where it was: nowhere, here.
+    // And outside every scope there is no request id, the runs' included.
     assert_eq!(contextflow_otel::current_request_id(), None);
 }
 

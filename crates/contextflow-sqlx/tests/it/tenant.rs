@@ -76,6 +76,14 @@ impl Rls {
         .execute(&mut *tx)
         .await
         .unwrap();
+        // The "bad" role can become a BYPASSRLS role and has CREATEROLE (cluster-wide, under
+        // the lock: concurrent role updates fail).
+        sqlx::raw_sql(&format!(
+            "GRANT {BYPASS} TO {APP_BAD}; ALTER ROLE {APP_BAD} CREATEROLE"
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
         let schema = unique("cf_sqlx_rls");
         sqlx::raw_sql(&format!(
@@ -700,13 +708,6 @@ async fn startup_check_refusals() {
     .await
     .unwrap();
     owner.pool().close().await;
-    // A role that can become a BYPASSRLS role (cluster-wide; granted again on each run).
-    sqlx::raw_sql(&format!(
-        "GRANT {BYPASS} TO {APP_BAD}; ALTER ROLE {APP_BAD} CREATEROLE"
-    ))
-    .execute(&rls.superuser)
-    .await
-    .unwrap();
     let err = TenantPool::new(rls.pool_as(APP_BAD, 1).await, &TENANT)
         .await
         .unwrap_err();
