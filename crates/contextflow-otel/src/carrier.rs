@@ -244,6 +244,22 @@ impl Extractor for Pairs<'_> {
     }
 }
 
+impl FieldValues for Pairs<'_> {
+    /// The values of `key`, any ASCII case.
+    ///
+    /// ```
+    /// use contextflow_otel::carrier::{FieldValues, Pairs};
+    /// let pairs = Pairs::new([("X-Request-ID", "r-1"), ("host", "h")]);
+    /// assert_eq!(pairs.field_values("x-request-id").collect::<Vec<_>>(), [b"r-1"]);
+    /// ```
+    fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
+        self.pairs
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|&(_, v)| v.as_bytes())
+    }
+}
+
 // ===== impl InjectFn =====
 
 impl<F: FnMut(&str, String)> Injector for InjectFn<F> {

@@ -351,12 +351,37 @@ async fn a_client_that_reads_no_answers_is_disconnected() {
 /// does not wait for the head timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_still_arriving_at_shutdown_gets_503_after_the_grace() {
+    let text = answer_to_a_head_at_shutdown(None).await;
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    json_error(body, "shutting down");
+    logged("request head not received within the grace: answered 503").await;
+}
+
+/// Starts the service (a long head timeout), sends `first` (a whole request, whose answer is
+/// read) if given, then the start of a head, and begins the shutdown: returns what the
+/// connection receives (within 10 s, not the head timeout), once the shutdown has ended
+/// cleanly.
+async fn answer_to_a_head_at_shutdown(first: Option<&[u8]>) -> String {
     let limits = Limits {
         head_timeout: Duration::from_secs(60),
         ..SHORT
     };
     let (service, _dir) = start_with(limits, None).await;
     let mut stream = TcpStream::connect(service.addr).await.expect("connect");
+    if let Some(first) = first {
+        stream.write_all(first).await.expect("write");
+        let mut answer = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .expect("the first answer")
+            .expect("read");
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 404"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+    }
     stream
         .write_all(b"POST /orders HTTP/1.1\r\nHost: t\r\n")
         .await
@@ -368,16 +393,12 @@ async fn a_head_still_arriving_at_shutdown_gets_503_after_the_grace() {
         .await
         .expect("answered within the grace, not the head timeout")
         .expect("read");
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    json_error(body, "shutting down");
-    logged("request head not received within the grace: answered 503").await;
     tokio::time::timeout(Duration::from_secs(10), stopping)
         .await
         .expect("the shutdown ends")
         .expect("task")
         .expect("clean shutdown");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Review finding: on a kept-alive connection hyper takes the connection for idle until a
@@ -385,45 +406,10 @@ async fn a_head_still_arriving_at_shutdown_gets_503_after_the_grace() {
 /// started got no answer at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_arriving_on_a_kept_alive_connection_at_shutdown_gets_503() {
-    let limits = Limits {
-        head_timeout: Duration::from_secs(60),
-        ..SHORT
-    };
-    let (service, _dir) = start_with(limits, None).await;
-    let mut stream = TcpStream::connect(service.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .expect("write");
-    let mut first = vec![0; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut first))
-        .await
-        .expect("the first answer")
-        .expect("read");
-    assert!(
-        first[..n].starts_with(b"HTTP/1.1 404"),
-        "{:?}",
-        String::from_utf8_lossy(&first[..n])
-    );
-    stream
-        .write_all(b"POST /orders HTTP/1.1\r\nHost: t\r\n")
-        .await
-        .expect("write");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let stopping = tokio::spawn(service.shutdown());
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .expect("read");
-    let text = String::from_utf8_lossy(&answer);
+    let text =
+        answer_to_a_head_at_shutdown(Some(b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")).await;
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     logged("request head still arriving on a kept-alive connection: answered 503").await;
-    tokio::time::timeout(Duration::from_secs(10), stopping)
-        .await
-        .expect("the shutdown ends")
-        .expect("task")
-        .expect("clean shutdown");
 }
 
 /// Review finding: the shutdown's 503 took "bytes arrived since the last write" for a head

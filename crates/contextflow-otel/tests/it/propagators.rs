@@ -272,30 +272,8 @@ fn a_trace_propagator_that_carries_the_request_id_does_not_double_it() {
 
     // Review finding: with no id in the carrier, the context given back kept the outer id
     // while the id given back was a fresh one (a caller binding both saw two ids).
-    use opentelemetry::propagation::Extractor;
-    struct Fields<'a>(Pairs<'a>);
-    impl Extractor for Fields<'_> {
-        fn get(&self, key: &str) -> Option<&str> {
-            self.0.get(key)
-        }
-        fn keys(&self) -> Vec<&str> {
-            self.0.keys()
-        }
-        fn get_all(&self, key: &str) -> Option<Vec<&str>> {
-            self.0.get_all(key)
-        }
-    }
-    impl contextflow_otel::carrier::FieldValues for Fields<'_> {
-        fn field_values<'s>(&'s self, key: &str) -> impl Iterator<Item = &'s [u8]> {
-            self.0
-                .get_all(key)
-                .unwrap_or_default()
-                .into_iter()
-                .map(str::as_bytes)
-        }
-    }
     for propagation in [p.clone(), Propagation::global()] {
-        let carrier = Fields(Pairs::new([("traceparent", TP)]));
+        let carrier = Pairs::new([("traceparent", TP)]);
         for (cx, id) in [
             propagation.extract_parts(&outer, &carrier),
             propagation.extract_parts_from(&outer, &carrier),
