@@ -173,7 +173,8 @@ impl ContextFields {
     ///
     /// # Panics
     /// When `name` is empty or has a character other than ASCII letters, digits, `_`, `-` and
-    /// `.` (names are code, not input; this keeps them valid as JSON keys and readable in text).
+    /// `.` (names are code, not input; this keeps them valid as JSON keys and readable in text),
+    /// or is already the name of a field of the list.
     ///
     /// ```
     /// use contextflow::AsyncLocal;
@@ -196,7 +197,7 @@ impl ContextFields {
     /// must not log itself.
     ///
     /// # Panics
-    /// When `name` is invalid, as [`field`](Self::field).
+    /// When `name` is invalid or taken, as [`field`](Self::field).
     ///
     /// ```
     /// use std::sync::atomic::{AtomicU32, Ordering};
@@ -225,6 +226,13 @@ impl ContextFields {
         assert!(
             is_valid_name(name),
             "contextflow-tracing: invalid field name {name:?} (use ASCII letters, digits, `_`, `-`, `.`)"
+        );
+        // Two context fields of one name would be told apart by renaming one as if it were
+        // the event's own field (`event.<name>`): a record would show a context value under
+        // an event field's name.
+        assert!(
+            !self.fields.iter().any(|field| field.name == name),
+            "contextflow-tracing: the context field {name:?} is given twice"
         );
         let mut fields = self.fields.to_vec();
         fields.push(Field { name, source });

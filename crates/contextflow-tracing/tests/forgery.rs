@@ -415,6 +415,17 @@ fn empty_field_name_panics() {
     let _ = ContextFields::new().field_fn("", || Some(1));
 }
 
+/// Review finding: two context fields of one name were told apart by renaming the first as
+/// the event's own (`event.tenant`): a record showed a context value under an event field's
+/// name.
+#[test]
+#[should_panic(expected = "contextflow-tracing: the context field \"tenant\" is given twice")]
+fn a_context_field_name_given_twice_panics() {
+    let _ = ContextFields::new()
+        .field("tenant", &TENANT)
+        .field_fn("tenant", || Some(1));
+}
+
 /// An error whose `source()` is itself: listing its chain must end.
 #[derive(Debug)]
 struct SelfSourced;
