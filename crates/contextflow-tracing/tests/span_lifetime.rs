@@ -91,7 +91,8 @@ fn a_request_span_closes_when_its_last_child_ends() {
     let books = books();
     for (closed_before, (flavor, rt)) in runtimes().into_iter().enumerate() {
         let (release, wait) = tokio::sync::oneshot::channel::<()>();
-        let child = rt.block_on(async {
+        let child = {
+            let _runtime = rt.enter();
             let span = info_span!("request");
             let child = span.in_scope(|| {
                 contextflow::spawn(async move {
@@ -101,7 +102,7 @@ fn a_request_span_closes_when_its_last_child_ends() {
             });
             drop(span);
             child
-        });
+        };
         assert_eq!(
             books.of("request")[2],
             closed_before,
