@@ -675,7 +675,10 @@ const ESCAPE_ROLES_SQL: &str = "SELECT rolname::text FROM pg_roles \
 
 /// Every relation that the role owns or can read or write (a column grant is enough) and that
 /// has a tenant column, or is a view or materialized view over such a relation (through any
-/// number of views: a view shows its tables' rows whatever columns it keeps).
+/// number of views: a view shows its tables' rows whatever columns it keeps). `pol` is each
+/// policy's facts: whether it applies to the pool's role (`PUBLIC` is role 0), whether it
+/// calls a function of the database's own, and whether both its expressions name the setting
+/// (`$2`, the setting's quoted literal).
 const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
        SELECT a.attrelid FROM pg_attribute a \
        WHERE a.attname = $1 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -685,6 +688,18 @@ const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
                        AND d.refclassid = 'pg_class'::regclass \
        JOIN tenant_rel t ON t.oid = d.refobjid \
        WHERE rw.ev_class <> d.refobjid \
+     ), \
+     pol AS ( \
+       SELECT p.polrelid, p.polname, p.polpermissive, p.polcmd, \
+         EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid) \
+                 WHERE CASE WHEN r.oid = 0 THEN true \
+                       ELSE pg_has_role(current_user, r.oid, 'USAGE') END) AS applies, \
+         EXISTS (SELECT 1 FROM pg_depend d \
+                 WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid \
+                   AND d.refclassid = 'pg_proc'::regclass) AS calls, \
+         strpos(COALESCE(pg_get_expr(p.polqual, p.polrelid), $2), $2) > 0 \
+           AND strpos(COALESCE(pg_get_expr(p.polwithcheck, p.polrelid), $2), $2) > 0 AS reads \
+       FROM pg_policy p WHERE p.polrelid IN (SELECT oid FROM tenant_rel) \
      ) \
      SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
        c.relkind::text, c.relrowsecurity, c.relforcerowsecurity, \
@@ -694,28 +709,13 @@ const TABLES_SQL: &str = "WITH RECURSIVE tenant_rel(oid) AS ( \
                  FROM unnest(c.reloptions) AS o \
                  WHERE split_part(o, '=', 1) = 'security_invoker'), false), \
        COALESCE((SELECT string_agg(quote_ident(p.polname), ', ' ORDER BY p.polname) \
-                 FROM pg_policy p \
-                 WHERE p.polrelid = c.oid AND p.polpermissive \
-                   AND EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid) \
-                               WHERE CASE WHEN r.oid = 0 THEN true \
-                                     ELSE pg_has_role(current_user, r.oid, 'USAGE') END) \
-                   AND NOT EXISTS (SELECT 1 FROM pg_depend d \
-                                   WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid \
-                                     AND d.refclassid = 'pg_proc'::regclass) \
-                   AND (strpos(COALESCE(pg_get_expr(p.polqual, p.polrelid), $2), $2) = 0 \
-                        OR strpos(COALESCE(pg_get_expr(p.polwithcheck, p.polrelid), $2), $2) = 0) \
-                   AND NOT EXISTS (SELECT 1 FROM pg_policy q \
+                 FROM pol p \
+                 WHERE p.polrelid = c.oid AND p.polpermissive AND p.applies \
+                   AND NOT (p.calls OR p.reads) \
+                   AND NOT EXISTS (SELECT 1 FROM pol q \
                                    WHERE q.polrelid = c.oid AND NOT q.polpermissive \
-                                     AND (q.polcmd = '*' OR q.polcmd = p.polcmd) \
-                                     AND EXISTS (SELECT 1 FROM unnest(q.polroles) AS r(oid) \
-                                                 WHERE CASE WHEN r.oid = 0 THEN true \
-                                                       ELSE pg_has_role(current_user, r.oid, 'USAGE') END) \
-                                     AND (EXISTS (SELECT 1 FROM pg_depend d \
-                                                  WHERE d.classid = 'pg_policy'::regclass \
-                                                    AND d.objid = q.oid \
-                                                    AND d.refclassid = 'pg_proc'::regclass) \
-                                          OR (strpos(COALESCE(pg_get_expr(q.polqual, q.polrelid), $2), $2) > 0 \
-                                              AND strpos(COALESCE(pg_get_expr(q.polwithcheck, q.polrelid), $2), $2) > 0)))), \
+                                     AND q.applies AND (q.calls OR q.reads) \
+                                     AND (q.polcmd = '*' OR q.polcmd = p.polcmd))), \
                 ''), \
        COALESCE(c.relkind IN ('r', 'p') AND has_table_privilege(c.oid, 'TRUNCATE'), false) \
      FROM pg_class c \
