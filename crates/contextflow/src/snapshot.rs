@@ -507,11 +507,28 @@ impl<S: futures_core::Stream> futures_core::Stream for WithContext<S> {
 
 impl<F> Drop for WithContext<F> {
     fn drop(&mut self) {
-        let inner = &mut self.inner;
-        // SAFETY: dropped exactly once, in place, never used again; the snapshot is another
-        // field, dropped after this body returns.
-        carry::run_in(self.snapshot.as_ptr(), || unsafe {
-            ManuallyDrop::drop(inner)
+        /// The inner future until it is dropped: a carrier that panics before calling the
+        /// closure below (a subscriber's `on_enter`) would otherwise leak it, and with it
+        /// every value and guard it owns.
+        struct Pending<'a, F>(Option<&'a mut ManuallyDrop<F>>);
+        impl<F> Drop for Pending<'_, F> {
+            fn drop(&mut self) {
+                if let Some(inner) = self.0.take() {
+                    // SAFETY: the future is dropped in place once (taken out of the `Option`)
+                    // and never used again: `WithContext` is being dropped.
+                    unsafe { ManuallyDrop::drop(inner) }
+                }
+            }
+        }
+        let frame = self.snapshot.as_ptr();
+        let mut pending = Pending(Some(&mut self.inner));
+        carry::run_in(frame, || {
+            if let Some(inner) = pending.0.take() {
+                // SAFETY: dropped exactly once (taken out of the `Option` first), in place,
+                // never used again; the snapshot is another field, dropped after this body
+                // returns.
+                unsafe { ManuallyDrop::drop(inner) }
+            }
         })
     }
 }

@@ -341,3 +341,64 @@ fn a_carrier_may_register_another_while_capturing() {
     );
     assert!(!carry::register(Other), "already registered");
 }
+
+thread_local! {
+    /// Whether `PanickyCarrier` captures a value on this thread.
+    static PANICKY_CAPTURES: Cell<bool> = const { Cell::new(false) };
+    /// Whether `PanickyCarrier::enter` panics on this thread.
+    static PANICKY_ARMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A carrier whose `enter` panics before calling `f` (a subscriber's `on_enter` that panics),
+/// when armed on this thread; it captures only where asked, so other tests never meet it.
+struct PanickyCarrier;
+
+impl Carrier for PanickyCarrier {
+    type Value = ();
+    fn capture(&self) -> Option<()> {
+        PANICKY_CAPTURES.with(Cell::get).then_some(())
+    }
+    fn enter(&self, _: &(), f: &mut dyn FnMut()) {
+        assert!(!PANICKY_ARMED.with(Cell::get), "the carrier's enter panics");
+        f();
+    }
+}
+
+/// Review finding: `WithContext`'s drop ran the inner future's drop inside the carriers; one
+/// that panicked before calling it leaked the future, and everything it owned (values, a
+/// transaction handle, a task-tree guard), for the life of the process.
+#[test]
+fn a_carrier_that_panics_in_a_drop_does_not_leak_the_future() {
+    use std::{
+        future::Future as _,
+        sync::{atomic::AtomicBool, Arc},
+        task::{Context, Poll, Waker},
+    };
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| assert!(carry::register(PanickyCarrier)));
+
+    struct SetOnDrop(Arc<AtomicBool>);
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let owned = SetOnDrop(dropped.clone());
+    PANICKY_CAPTURES.with(|c| c.set(true));
+    let mut fut = Box::pin(
+        async move {
+            let _owned = owned;
+            std::future::pending::<()>().await
+        }
+        .in_current_context(),
+    );
+    PANICKY_CAPTURES.with(|c| c.set(false));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert_eq!(fut.as_mut().poll(&mut cx), Poll::Pending);
+    PANICKY_ARMED.with(|a| a.set(true));
+    let dropping = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(fut)));
+    PANICKY_ARMED.with(|a| a.set(false));
+    assert!(dropping.is_err(), "the carrier's panic reaches the dropper");
+    assert!(dropped.load(Ordering::SeqCst), "the inner future was dropped");
+}
