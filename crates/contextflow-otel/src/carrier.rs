@@ -278,16 +278,7 @@ impl<F> fmt::Debug for InjectFn<F> {
 
 impl Bounded<'_> {
     fn check<'v>(&self, key: &str, value: &'v str) -> Option<&'v str> {
-        if value.len() > MAX_VALUE_LEN {
-            // The value is not logged: it may be baggage, which carries user and session data.
-            tracing::debug!(
-                key = %Escaped(key.as_bytes()),
-                bytes = value.len(),
-                "ignored an over-long propagation field"
-            );
-            return None;
-        }
-        Some(value)
+        check_bytes(key, value.as_bytes()).map(|_| value)
     }
 }
 
@@ -455,12 +446,14 @@ fn is_single_valued(key: &str) -> bool {
         || key.eq_ignore_ascii_case(crate::request_id::X_REQUEST_ID)
 }
 
-/// `Bounded::check` for bytes.
+/// `Some(value)` when `value` is within the bounds; otherwise `None`, with a debug line giving
+/// the field's name and size (never its value).
 fn check_bytes<'v>(key: &str, value: &'v [u8]) -> Option<&'v [u8]> {
     if value.len() > MAX_VALUE_LEN {
+        // The value is not logged: it may be baggage, which carries user and session data.
         tracing::debug!(
             key = %Escaped(key.as_bytes()),
-            value = %Escaped(value),
+            bytes = value.len(),
             "ignored an over-long propagation field"
         );
         return None;

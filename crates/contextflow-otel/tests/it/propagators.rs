@@ -310,3 +310,50 @@ fn a_field_is_present_when_any_of_its_values_is() {
         Some("prod")
     );
 }
+
+/// Review finding: the `FieldValues` path (the HTTP server's default) logged the first 64
+/// bytes of an over-long field, baggage included, where the `Extractor` path logs its size.
+#[test]
+fn an_over_long_baggage_is_logged_by_its_size_on_every_path() {
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    struct Capture(Arc<Mutex<String>>);
+    struct Visit<'a>(&'a mut String);
+    impl tracing::field::Visit for Visit<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.push_str(&format!("{}={value:?} ", field.name()));
+        }
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let mut line = self.0.lock().unwrap();
+            event.record(&mut Visit(&mut line));
+            line.push('\n');
+        }
+    }
+
+    let baggage = format!("user=alice-secret,pad={}", "a".repeat(8200));
+    let carrier = Pairs::new([("traceparent", TP), ("baggage", baggage.as_str())]);
+    for propagation in [Propagation::global(), Propagation::with_propagator(default_propagator())] {
+        for fast in [false, true] {
+            let log = Arc::new(Mutex::new(String::new()));
+            let subscriber = tracing_subscriber::registry().with(Capture(log.clone()));
+            let cx = tracing::subscriber::with_default(subscriber, || {
+                if fast {
+                    propagation.extract_parts_from(&Context::new(), &carrier).0
+                } else {
+                    propagation.extract_parts(&Context::new(), &carrier).0
+                }
+            });
+            assert!(cx.baggage().is_empty());
+            let log = log.lock().unwrap();
+            assert!(!log.contains("alice"), "fast path {fast}: {log}");
+            assert!(log.contains(&format!("bytes={}", baggage.len())), "fast path {fast}: {log}");
+        }
+    }
+}
