@@ -293,9 +293,11 @@ where
     /// - Registered inside a savepoint that is later rolled back, the hook is dropped with
     ///   the savepoint's work; released, it moves to the enclosing level.
     /// - On rollback (an `Err`, a panic, a dropped block) hooks are dropped, never run.
-    /// - Registered through a snapshot of a block that has ended (committed or not), a hook is
-    ///   not run, and a line at `warn` says so: whether that transaction committed is not
-    ///   known there.
+    /// - Registered through a snapshot of a block that has ended (committed or not), or whose
+    ///   end has begun (its own code returned and the blocks joined to it in other tasks
+    ///   ended: it is committing or releasing), a hook is not run, and a line at `warn` says
+    ///   so: whether that transaction committed is not known there, and no statement can
+    ///   join it any more.
     /// - On a commit whose outcome is unknown ([`CommitUnknown`](crate::CommitUnknown)) they
     ///   are dropped too: the caller gets the error and decides.
     /// - They run one after the other before `transaction` returns; a panicking hook does
@@ -347,6 +349,15 @@ where
         let Some(level) = self.inner.current.get() else {
             return hook.await;
         };
+        if !level.accepts_hooks() {
+            // Checked before the tenant: a level whose end has begun can no longer be made
+            // rollback-only, so the wrong-tenant branch below would promise a rollback.
+            tracing::warn!(
+                target: "contextflow_sqlx",
+                "after_commit called in a transaction that has ended: the hook is dropped"
+            );
+            return;
+        }
         if let Err(err) = self.check_tenant_in(&level, called_at) {
             // Registered under another tenant than the block's (which its statements would
             // refuse): run with the block's context, the hook would act for the wrong tenant.
@@ -792,6 +803,10 @@ where
         let taken = if committing {
             match level.idle(called_at).await {
                 Ok(idle) => {
+                    // No joined block runs now; one joined from here on can run no statement
+                    // of this transaction, so its hooks are refused (they would run after the
+                    // commit for work that never happened).
+                    level.seal_hooks();
                     let taken = shared.take(called_at).await;
                     drop(idle);
                     taken
@@ -1032,6 +1047,8 @@ where
                         return Err(E::from(err));
                     }
                 };
+                // As in `root`: a block joined from here on cannot reach this savepoint's work.
+                level.seal_hooks();
                 // A block joined to this level in another task may have failed meanwhile.
                 if level.is_rollback_only() {
                     drop(idle);
@@ -1040,18 +1057,24 @@ where
                         ClosedReason::RollbackOnly,
                     )));
                 }
-                guard.release(called_at).await?;
+                // The hooks move to the parent while the savepoint still holds it: released
+                // first, the parent's end could take its hooks before these arrive.
+                guard
+                    .release(called_at, || {
+                        for hook in level.take_hooks() {
+                            if parent.push_hook(hook).is_err() {
+                                // The enclosing level ended meanwhile (a `Conn` kept past its
+                                // block ended the transaction): nothing will commit.
+                                tracing::warn!(
+                                    target: "contextflow_sqlx",
+                                    "after-commit hook of a released savepoint dropped: its \
+                                     transaction has ended"
+                                );
+                            }
+                        }
+                    })
+                    .await?;
                 drop(idle);
-                for hook in level.take_hooks() {
-                    if parent.push_hook(hook).is_err() {
-                        // The enclosing level ended meanwhile (a `Conn` kept past its block
-                        // ended the transaction): nothing will commit.
-                        tracing::warn!(
-                            target: "contextflow_sqlx",
-                            "after-commit hook of a released savepoint dropped: its transaction has ended"
-                        );
-                    }
-                }
                 Ok(value)
             }
             Ok(Err(err)) => {

@@ -109,8 +109,7 @@ pub(crate) struct Level<DB: Database> {
     pub(crate) depth: usize,
     /// After-commit hooks registered at this level; a savepoint's move to its parent when it
     /// is released, and are dropped when it is rolled back.
-    /// `None` once taken for good (the level has ended).
-    hooks: StdMutex<Option<Vec<Hook>>>,
+    hooks: StdMutex<Hooks>,
     /// A block joined to this level failed: it may only be rolled back.
     rollback_only: AtomicBool,
     /// Set when this level's savepoint ends (released, rolled back, or its block dropped): a
@@ -124,6 +123,15 @@ pub(crate) struct Level<DB: Database> {
     joins: StdMutex<Vec<Owner>>,
     /// Notified when a joined block ends.
     joins_done: tokio::sync::Notify,
+}
+
+/// A level's after-commit hooks, and whether it still takes new ones.
+struct Hooks {
+    list: Vec<Hook>,
+    /// False once the level's end has begun (its joined blocks have ended and it goes on to
+    /// commit or release) or its hooks were taken: a hook registered then belongs to work
+    /// that can no longer reach the commit (its statements get `TransactionClosed`).
+    accepting: bool,
 }
 
 /// A block joined to a level, running ([`Level::joined`]).
@@ -634,7 +642,10 @@ where
             shared,
             busy: Arc::new(Mutex::new(())),
             depth: 1,
-            hooks: StdMutex::new(Some(Vec::new())),
+            hooks: StdMutex::new(Hooks {
+                list: Vec::new(),
+                accepting: true,
+            }),
             rollback_only: AtomicBool::new(false),
             ended: Arc::new(AtomicBool::new(false)),
             joins: StdMutex::new(Vec::new()),
@@ -757,7 +768,10 @@ where
             shared: self.shared.clone(),
             busy: Arc::new(Mutex::new(())),
             depth: self.depth + 1,
-            hooks: StdMutex::new(Some(Vec::new())),
+            hooks: StdMutex::new(Hooks {
+                list: Vec::new(),
+                accepting: true,
+            }),
             rollback_only: AtomicBool::new(false),
             ended: ended.clone(),
             joins: StdMutex::new(Vec::new()),
@@ -817,28 +831,44 @@ impl<DB: Database> Level<DB> {
     }
 
     /// Registers work to run after the top-level commit; hands `hook` back when this level has
-    /// ended (its hooks were taken, or its savepoint ended): nobody would ever run it.
+    /// ended or is ending (its hooks were sealed or taken, or its savepoint ended): nobody
+    /// would ever run it, or it would run for work that cannot commit.
     pub(crate) fn push_hook(&self, hook: Hook) -> Result<(), Hook> {
         let mut hooks = self.hooks();
-        match &mut *hooks {
-            // Acquire: pairs with the Release store of the guard that ends the level.
-            Some(hooks) if !self.ended.load(Ordering::Acquire) => {
-                hooks.push(hook);
-                Ok(())
-            }
-            _ => Err(hook),
+        // Acquire: pairs with the Release store of the guard that ends the level.
+        if hooks.accepting && !self.ended.load(Ordering::Acquire) {
+            hooks.list.push(hook);
+            Ok(())
+        } else {
+            Err(hook)
         }
+    }
+
+    /// Whether [`push_hook`](Self::push_hook) would take a hook now.
+    pub(crate) fn accepts_hooks(&self) -> bool {
+        self.hooks().accepting && !self.ended.load(Ordering::Acquire)
+    }
+
+    /// Refuses every hook registered from now on, keeping those registered so far: called
+    /// when the level's end begins (after `idle`), before its connection is taken or its
+    /// savepoint released. A block joined from then on (a snapshot of the context used in
+    /// another task) cannot run a statement in this level any more, so a hook it registered
+    /// would announce work that never happened.
+    pub(crate) fn seal_hooks(&self) {
+        self.hooks().accepting = false;
     }
 
     /// Whether this level holds after-commit hooks.
     pub(crate) fn has_hooks(&self) -> bool {
-        self.hooks().as_ref().is_some_and(|hooks| !hooks.is_empty())
+        !self.hooks().list.is_empty()
     }
 
     /// Takes this level's after-commit hooks, for good: a hook registered afterwards is
     /// refused.
     pub(crate) fn take_hooks(&self) -> Vec<Hook> {
-        self.hooks().take().unwrap_or_default()
+        let mut hooks = self.hooks();
+        hooks.accepting = false;
+        std::mem::take(&mut hooks.list)
     }
 
     /// Marks this level as only fit for rolling back (a joined block failed).
@@ -854,7 +884,7 @@ impl<DB: Database> Level<DB> {
         self.rollback_only.load(Ordering::Relaxed)
     }
 
-    fn hooks(&self) -> StdMutexGuard<'_, Option<Vec<Hook>>> {
+    fn hooks(&self) -> StdMutexGuard<'_, Hooks> {
         // Only `Vec` operations run while it is held: no panic, no poisoning.
         self.hooks.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -925,9 +955,13 @@ where
 {
     /// Releases the savepoint (its work becomes part of the enclosing level). If that fails
     /// (PostgreSQL refuses when a statement inside failed), rolls it back and returns the error.
+    /// Releases the savepoint, then calls `released` while the parent level is still held
+    /// (its `busy` lock), so that what `released` hands the parent (the savepoint's hooks)
+    /// is there before the parent's end can begin.
     pub(crate) async fn release(
         mut self,
         called_at: &'static Location<'static>,
+        released: impl FnOnce(),
     ) -> Result<(), sqlx::Error> {
         let Some(number) = self.number else {
             return Ok(());
@@ -960,6 +994,8 @@ where
             return Err(err);
         }
         self.number = None;
+        released();
+        // `self` (with the parent's `busy` lock) is dropped on return, after `released`.
         Ok(())
     }
 

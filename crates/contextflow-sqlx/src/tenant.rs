@@ -895,6 +895,33 @@ macro_rules! delegate_executor {
                 Executor::fetch_many(&self.db, query)
             }
 
+            // `execute` and `fetch_all` must be `&TxPool`'s own, not sqlx's defaults (which
+            // collect a row stream, whose statement counts as answered at its first item):
+            // given up on before its result, a statement poisons the transaction it runs in.
+            #[track_caller]
+            fn execute<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<DB::QueryResult, sqlx::Error>>
+            where
+                'p: 'e,
+                E: 'q + Execute<'q, DB>,
+            {
+                Executor::execute(&self.db, query)
+            }
+
+            #[track_caller]
+            fn fetch_all<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<Vec<DB::Row>, sqlx::Error>>
+            where
+                'p: 'e,
+                E: 'q + Execute<'q, DB>,
+            {
+                Executor::fetch_all(&self.db, query)
+            }
+
             #[track_caller]
             fn fetch_optional<'e, 'q: 'e, E>(
                 self,

@@ -911,7 +911,139 @@ async fn a_hook_registered_under_another_tenant_ends_the_block() {
     rls.finish().await;
 }
 
+/// Review finding: `&TenantPool` and `&AdminPool` left `execute` and `fetch_all` to sqlx's
+/// defaults, which collect a row stream, whose statement counts as answered at its first
+/// item. A statement given up on after its first result (a timeout) then did not poison the
+/// block, and the `COMMIT` kept the writes its caller was told had timed out. `&*db` (the
+/// `TxPool`) was right; the wrappers now are too.
+async fn a_statement_given_up_on_through_the_wrapper_poisons_the_block() {
+    let rls = Rls::setup().await;
+    let db = rls.tenant_pool(2).await;
+    // The `INSERT`'s result reaches the client with the first 8 KiB of rows; the statement
+    // then sleeps in the middle of its rows.
+    let sql = format!(
+        "INSERT INTO {}.items (tenant_id, v) VALUES (current_setting('app.tenant_id'), 1); \
+         SELECT repeat('x', 100), pg_sleep(CASE WHEN i = 1000 THEN 2 ELSE 0 END) \
+         FROM generate_series(1, 2000) i",
+        rls.schema
+    );
+    for fetch_all in [false, true] {
+        let result = TENANT
+            .scope("acme".into(), async {
+                db.transaction(|| async {
+                    let wait = std::time::Duration::from_millis(500);
+                    let gave_up = if fetch_all {
+                        tokio::time::timeout(wait, sqlx::raw_sql(&sql).fetch_all(&db))
+                            .await
+                            .is_err()
+                    } else {
+                        tokio::time::timeout(wait, sqlx::raw_sql(&sql).execute(&db))
+                            .await
+                            .is_err()
+                    };
+                    assert!(gave_up, "the statement outlives the timeout");
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+            })
+            .await;
+        let err = result.expect_err("the block cannot commit");
+        assert!(TransactionClosed::find(&err).is_some(), "fetch_all {fetch_all}: {err}");
+        let n: i64 = TENANT
+            .scope(
+                "acme".into(),
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {}.items", rls.schema))
+                    .fetch_one(&db),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "fetch_all {fetch_all}: the write was rolled back");
+    }
+    db.pool().close().await;
+    rls.finish().await;
+}
+
+/// Review finding: a block joined to a transaction (a snapshot of its context used in another
+/// task) after the transaction's end had begun registered its hook, then failed its statement
+/// (the connection was taken): the hook still ran after the `COMMIT`, announcing a write that
+/// never happened. A deferred constraint trigger that sleeps holds the `COMMIT` open while the
+/// other task joins.
+async fn a_hook_registered_while_the_block_commits_is_refused() {
+    use contextflow::{FutureExt as _, Snapshot};
+    use contextflow_sqlx::Propagation;
+
+    let rls = Rls::setup().await;
+    let schema = rls.schema.clone();
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {schema}.slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {schema}.items
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.slow_commit();"
+    ))
+    .execute(&rls.superuser)
+    .await
+    .unwrap();
+    let items = Items {
+        db: rls.tenant_pool(2).await,
+        schema: schema.clone(),
+    };
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (late_tx, late_rx) = tokio::sync::oneshot::channel();
+    TENANT
+        .scope("acme".into(), async {
+            items
+                .db
+                .transaction(|| async {
+                    items.add(1).await?;
+                    let db = items.db.clone();
+                    let flag = ran.clone();
+                    let insert = format!(
+                        "INSERT INTO {schema}.items (tenant_id, v) \
+                         VALUES (current_setting('app.tenant_id'), 2)"
+                    );
+                    tokio::spawn(
+                        async move {
+                            // The block has returned by now and its COMMIT is in flight.
+                            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                            let joined = db
+                                .transaction_with(Propagation::Required, || async {
+                                    db.after_commit(async move {
+                                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                                    })
+                                    .await;
+                                    sqlx::query(&insert).execute(&db).await?;
+                                    Ok::<_, sqlx::Error>(())
+                                })
+                                .await;
+                            late_tx.send(joined).unwrap();
+                        }
+                        .with_snapshot(Snapshot::capture()),
+                    );
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+        })
+        .await
+        .unwrap();
+    let joined = late_rx.await.unwrap();
+    let err = joined.expect_err("the late block's statement cannot run");
+    assert!(TransactionClosed::find(&err).is_some(), "{err}");
+    assert!(
+        !ran.load(std::sync::atomic::Ordering::SeqCst),
+        "the late block's hook never ran"
+    );
+    let rows = TENANT
+        .scope("acme".into(), items.all_tenants())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "only the block's own row: {rows:?}");
+    items.db.pool().close().await;
+    rls.finish().await;
+}
+
 rls_tests!(
+    a_hook_registered_while_the_block_commits_is_refused,
+    a_statement_given_up_on_through_the_wrapper_poisons_the_block,
     a_hook_registered_under_another_tenant_ends_the_block,
     a_write_read_as_a_stream_is_committed_before_its_first_row,
     isolation_under_load,
