@@ -129,8 +129,11 @@ impl InjectContextMiddleware {
     /// redirect (at most 10, as reqwest's default) of a request that carried baggage only to
     /// a URL the [`baggage_only_to`](Self::baggage_only_to) filter accepts; a redirect
     /// elsewhere is not followed: the caller gets the `3xx` answer (its `Location` says where),
-    /// and decides. The redirects of a request the filter refused (no baggage) are followed
-    /// anywhere. Without a filter, reqwest's default.
+    /// and decides. The redirects of a request whose URL the filter refused (no baggage) are
+    /// followed anywhere. The policy sees URLs only: a request to an accepted URL counts as
+    /// carrying baggage even when it carried none (none in its context, or refused by its
+    /// `Host` header), so its redirects elsewhere stop too, on the safe side. Without a
+    /// filter, reqwest's default.
     ///
     /// ```
     /// use contextflow_http::InjectContextMiddleware;

@@ -57,7 +57,12 @@
 //! starts), so tests can use tokio's paused time. A job on a cron expression checks the system
 //! clock at least once a minute and re-anchors its schedule when the clock was stepped (NTP
 //! correcting a stale boot clock, a suspend that the monotonic clock does not count), so
-//! `"0 30 2 * * *"` keeps firing at 02:30 UTC on the wall clock.
+//! `"0 30 2 * * *"` keeps firing at 02:30 UTC on the wall clock. As cron does, a step of up
+//! to 3 hours keeps each due time's wall time (a step back does not run again what ran; a
+//! step forward runs a missed time once, late), while a bigger step either way starts the
+//! schedule again from the corrected now (nothing missed is run). A job on a fixed period
+//! waits on the monotonic clock, whatever the system clock does; the wall time its runs
+//! report ([`JobRun::scheduled`]) follows the stepped clock.
 //!
 //! # Why not `tokio-cron-scheduler`
 //!
@@ -630,6 +635,13 @@ impl Driver {
                             continue;
                         }
                     }
+                    else if let Some(fresh) = clock.stepped() {
+                        // A fixed period runs on the monotonic clock, unmoved by a step; only
+                        // the wall time a run reports (`JobRun::scheduled`) needs the fresh
+                        // anchoring, or it would stay off by every step and suspend since the
+                        // job started.
+                        clock = fresh;
+                    }
                     let Some(due_at) = next else { continue };
                     if wall_based && Instant::now() < due_at {
                         // Only a clock check.
@@ -711,10 +723,12 @@ impl Driver {
 /// The next due time and the queued run's due time, moved from the `old` anchoring of the
 /// wall clock to the `fresh` one after the system clock was stepped. A due time keeps its wall
 /// time (due at once if that has passed): a small step back does not run again what already
-/// ran. A step back of more than [`BIG_STEP_BACK`] (a clock that was far ahead, corrected), or
-/// a schedule that had nothing left on the old clock, starts again from the fresh clock's
-/// now, as cron does: waiting for the wall clock to come back to the old due time would
-/// silence the job for the size of the step.
+/// ran, and a small step forward (a suspend, a daylight-saving-like hour) runs the missed
+/// time once, late. A step of more than [`BIG_STEP`] either way (a clock that was far
+/// ahead or far behind, corrected), or a schedule that had nothing left on the old clock,
+/// starts again from the fresh clock's now, as cron does: waiting for the wall clock to come
+/// back to the old due time would silence the job for the size of the step, and a due time
+/// days old run at once would run a nightly job at boot time, off its schedule.
 fn reanchor(
     schedule: &Schedule,
     old: &Clock,
@@ -722,16 +736,19 @@ fn reanchor(
     next: Option<Instant>,
     queued: Option<Instant>,
 ) -> (Option<Instant>, Option<Instant>) {
-    let back = old
-        .expected_wall(fresh)
-        .duration_since(fresh.wall)
-        .unwrap_or_default();
+    let expected = old.expected_wall(fresh);
+    let back = expected.duration_since(fresh.wall).unwrap_or_default();
+    let ahead = fresh.wall.duration_since(expected).unwrap_or_default();
     let next = match next {
-        Some(at) if back <= BIG_STEP_BACK => Some(fresh.instant_at(old.wall_at(at))),
+        Some(at) if back <= BIG_STEP && ahead <= BIG_STEP => {
+            Some(fresh.instant_at(old.wall_at(at)))
+        }
         _ => schedule.next(fresh, fresh.instant),
     };
+    // A queued run was due already: it stays due at once, unless the clock went back a
+    // little (then it keeps its wall time).
     let queued = queued.map(|at| {
-        if back <= BIG_STEP_BACK {
+        if back <= BIG_STEP {
             fresh.instant_at(old.wall_at(at))
         } else {
             fresh.instant
@@ -798,10 +815,10 @@ const CLOCK_CHECK: Duration = Duration::from_secs(60);
 /// How far the system clock may move against the monotonic one before a cron job's schedule is
 /// re-anchored.
 const MAX_CLOCK_DRIFT: Duration = Duration::from_secs(2);
-/// A step of the system clock back by more than this is a correction of a clock that was
-/// wrong, not a small adjustment: the schedule starts again from the corrected now (Vixie
-/// cron's threshold for a time change).
-const BIG_STEP_BACK: Duration = Duration::from_secs(3 * 3600);
+/// A step of the system clock by more than this (back or forward) is a correction of a clock
+/// that was wrong, not a small adjustment: the schedule starts again from the corrected now
+/// (Vixie cron's threshold for a time change).
+const BIG_STEP: Duration = Duration::from_secs(3 * 3600);
 
 /// tokio's clock, anchored to the system clock when a job starts (and again when the system
 /// clock is stepped): cron expressions are wall times, waits are tokio instants (so paused
@@ -922,6 +939,39 @@ mod clock_tests {
             moved.unwrap() - fresh.instant,
             (next - wrong.instant) + Duration::from_secs(600)
         );
+    }
+
+    // Review finding: a clock far behind (a board without a battery-backed clock, a restored
+    // VM), corrected by NTP, made a nightly job's stale due time (days old) run at once, at
+    // boot time, off its schedule.
+    #[tokio::test]
+    async fn a_big_step_forward_starts_the_schedule_again_from_now() {
+        let daily = Schedule::cron("0 30 2 * * *").unwrap();
+        let three_days = Duration::from_secs(3 * 86_400);
+        let now = Clock::now();
+        let behind = Clock {
+            wall: now.wall - three_days,
+            ..now
+        };
+        let fresh = Clock::now();
+        let next = daily.next(&behind, behind.instant);
+        let (moved, queued) = reanchor(&daily, &behind, &fresh, next, Some(behind.instant));
+        let at = |c: &Clock, i: Instant| c.wall_at(i);
+        assert_eq!(
+            moved.map(|i| at(&fresh, i)),
+            daily.next(&fresh, fresh.instant).map(|i| at(&fresh, i)),
+            "the next 02:30 of the corrected clock"
+        );
+        assert_eq!(queued, Some(fresh.instant), "a queued run stays due");
+        // A small step forward runs the missed time once, at once.
+        let behind = Clock {
+            wall: now.wall - Duration::from_secs(600),
+            ..now
+        };
+        let every_minute = Schedule::cron("0 * * * * *").unwrap();
+        let next = every_minute.next(&behind, behind.instant);
+        let (moved, _) = reanchor(&every_minute, &behind, &fresh, next, None);
+        assert_eq!(moved, Some(fresh.instant));
     }
 
     #[tokio::test]

@@ -400,5 +400,8 @@ fn a_carrier_that_panics_in_a_drop_does_not_leak_the_future() {
     let dropping = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(fut)));
     PANICKY_ARMED.with(|a| a.set(false));
     assert!(dropping.is_err(), "the carrier's panic reaches the dropper");
-    assert!(dropped.load(Ordering::SeqCst), "the inner future was dropped");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the inner future was dropped"
+    );
 }

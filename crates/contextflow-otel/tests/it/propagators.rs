@@ -339,7 +339,10 @@ fn an_over_long_baggage_is_logged_by_its_size_on_every_path() {
 
     let baggage = format!("user=alice-secret,pad={}", "a".repeat(8200));
     let carrier = Pairs::new([("traceparent", TP), ("baggage", baggage.as_str())]);
-    for propagation in [Propagation::global(), Propagation::with_propagator(default_propagator())] {
+    for propagation in [
+        Propagation::global(),
+        Propagation::with_propagator(default_propagator()),
+    ] {
         for fast in [false, true] {
             let log = Arc::new(Mutex::new(String::new()));
             let subscriber = tracing_subscriber::registry().with(Capture(log.clone()));
@@ -353,7 +356,10 @@ fn an_over_long_baggage_is_logged_by_its_size_on_every_path() {
             assert!(cx.baggage().is_empty());
             let log = log.lock().unwrap();
             assert!(!log.contains("alice"), "fast path {fast}: {log}");
-            assert!(log.contains(&format!("bytes={}", baggage.len())), "fast path {fast}: {log}");
+            assert!(
+                log.contains(&format!("bytes={}", baggage.len())),
+                "fast path {fast}: {log}"
+            );
         }
     }
 }

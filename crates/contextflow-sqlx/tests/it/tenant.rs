@@ -948,7 +948,10 @@ async fn a_statement_given_up_on_through_the_wrapper_poisons_the_block() {
             })
             .await;
         let err = result.expect_err("the block cannot commit");
-        assert!(TransactionClosed::find(&err).is_some(), "fetch_all {fetch_all}: {err}");
+        assert!(
+            TransactionClosed::find(&err).is_some(),
+            "fetch_all {fetch_all}: {err}"
+        );
         let n: i64 = TENANT
             .scope(
                 "acme".into(),
