@@ -258,6 +258,12 @@ impl Installed {
     /// How many live tasks of the runtime hold an entry (a captured frame): 0 once every task
     /// spawned on it has ended.
     ///
+    /// One case keeps an entry past its task: a plain spawn from a thread outside the runtime
+    /// (through a `Handle`) racing the runtime's shutdown on another thread, where tokio may
+    /// shut the new task down (its terminate hook) before the spawning thread runs the spawn
+    /// hook. That entry, and the frame it holds, lives until the last `Installed` and
+    /// `Handle` of the runtime are dropped.
+    ///
     /// ```
     /// use contextflow::{AsyncLocal, Inherit};
     /// static ID: AsyncLocal<u32> = AsyncLocal::new().inherit(Inherit::Everywhere);
