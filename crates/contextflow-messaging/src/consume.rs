@@ -390,6 +390,16 @@ impl Consumer {
     /// message.finish();
     /// ```
     pub fn context(&self, metadata: &dyn Extractor) -> MessageContext {
+        self.context_described(metadata, self.info())
+    }
+
+    /// [`context`](Self::context), with a consumer span that `info` describes (a transport's
+    /// own per-message attributes).
+    pub(crate) fn context_described(
+        &self,
+        metadata: &dyn Extractor,
+        info: SpanInfo<'_>,
+    ) -> MessageContext {
         // Nothing of the loop's current OpenTelemetry context, also for a propagator that
         // reads the current context rather than the one it is given (OpenTelemetry's no-op).
         let _empty = Context::new().attach();
@@ -403,7 +413,7 @@ impl Consumer {
         } else {
             Vec::new()
         };
-        let span_cx = self.spans.start(&self.info(), &cx, links, None);
+        let span_cx = self.spans.start(&info, &cx, links, None);
         self.finish_context(cx, span_cx, request_id, Some(metadata))
     }
 
@@ -524,10 +534,11 @@ impl Consumer {
         out
     }
 
-    fn info(&self) -> SpanInfo<'_> {
+    pub(crate) fn info(&self) -> SpanInfo<'_> {
         SpanInfo {
             system: self.system,
             destination: self.destination.as_deref(),
+            ..SpanInfo::default()
         }
     }
 

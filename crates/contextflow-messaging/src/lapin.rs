@@ -70,9 +70,12 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties, Channel,
 };
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::{
+    propagation::{Extractor, Injector},
+    KeyValue,
+};
 
-use crate::{Consumed, Consumer, MessageContext, Publisher};
+use crate::{spans::SpanInfo, Consumed, Consumer, MessageContext, Publisher};
 
 /// The `messaging.system` of RabbitMQ consumer spans.
 pub const SYSTEM: &str = "rabbitmq";
@@ -291,6 +294,13 @@ pub async fn publish(
 
 /// A [`Consumer`] for the RabbitMQ queue `queue` (`messaging.system = "rabbitmq"`).
 ///
+/// Through [`context`] and [`scope`], each message's `process` span follows the RabbitMQ
+/// conventions: `messaging.destination.name` is the exchange the message was published to
+/// (empty for the default exchange), `messaging.rabbitmq.destination.routing_key` its
+/// routing key (when not empty), `messaging.rabbitmq.message.delivery_tag` its delivery tag,
+/// and `messaging.destination.subscription.name` the queue. The span is named after the
+/// exchange, or after the queue for the default exchange.
+///
 /// ```
 /// let consumer = contextflow_messaging::lapin::consumer("orders");
 /// # drop(consumer);
@@ -310,7 +320,32 @@ pub fn consumer(queue: &str) -> Consumer {
 /// # }
 /// ```
 pub fn context(consumer: &Consumer, delivery: &Delivery) -> MessageContext {
-    consumer.context(&HeaderExtractor::from_properties(&delivery.properties))
+    consumer.context_described(
+        &HeaderExtractor::from_properties(&delivery.properties),
+        described(consumer, delivery),
+    )
+}
+
+/// The span attributes of `delivery`, as the RabbitMQ conventions name them.
+fn described<'a>(consumer: &'a Consumer, delivery: &'a Delivery) -> SpanInfo<'a> {
+    let mut extra = Vec::with_capacity(2);
+    if !delivery.routing_key.as_str().is_empty() {
+        extra.push(KeyValue::new(
+            "messaging.rabbitmq.destination.routing_key",
+            delivery.routing_key.as_str().to_owned(),
+        ));
+    }
+    extra.push(KeyValue::new(
+        "messaging.rabbitmq.message.delivery_tag",
+        i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX),
+    ));
+    let info = consumer.info();
+    SpanInfo {
+        system: info.system,
+        destination: Some(delivery.exchange.as_str()),
+        subscription: info.destination,
+        extra,
+    }
 }
 
 /// Runs `handler` for `delivery` in the context its headers carry; see [`Consumer::scope`].
@@ -332,10 +367,7 @@ pub fn scope<F: std::future::Future>(
     delivery: &Delivery,
     handler: F,
 ) -> Consumed<F> {
-    consumer.scope(
-        &HeaderExtractor::from_properties(&delivery.properties),
-        handler,
-    )
+    context(consumer, delivery).scope(handler)
 }
 
 #[cfg(test)]

@@ -29,9 +29,16 @@ pub(crate) enum Spans {
 }
 
 /// What a consumer span describes.
+#[derive(Default)]
 pub(crate) struct SpanInfo<'a> {
     pub(crate) system: Option<&'static str>,
+    /// `messaging.destination.name` (for RabbitMQ, the exchange: empty for the default one).
     pub(crate) destination: Option<&'a str>,
+    /// `messaging.destination.subscription.name`: what the consumer reads from, where that is
+    /// not the destination (a RabbitMQ queue).
+    pub(crate) subscription: Option<&'a str>,
+    /// The system's own attributes of this message (a RabbitMQ routing key, delivery tag).
+    pub(crate) extra: Vec<KeyValue>,
 }
 
 /// The global provider's tracer for one consumer or scheduler. While the global provider is
@@ -121,11 +128,18 @@ impl Spans {
         batch: Option<usize>,
     ) -> Option<Context> {
         let tracer = self.get()?;
-        let name = match info.destination {
+        // The destination names the span; an empty one (RabbitMQ's default exchange) gives
+        // way to the subscription (the queue), the low-cardinality name the consumer was made
+        // with.
+        let name = match info
+            .destination
+            .filter(|d| !d.is_empty())
+            .or(info.subscription)
+        {
             Some(destination) => format!("process {destination}"),
             None => "process".to_owned(),
         };
-        let mut attrs = Vec::with_capacity(5);
+        let mut attrs = Vec::with_capacity(6 + info.extra.len());
         attrs.push(KeyValue::new("messaging.operation.type", "process"));
         attrs.push(KeyValue::new("messaging.operation.name", "process"));
         if let Some(system) = info.system {
@@ -137,6 +151,13 @@ impl Spans {
                 destination.to_owned(),
             ));
         }
+        if let Some(subscription) = info.subscription {
+            attrs.push(KeyValue::new(
+                "messaging.destination.subscription.name",
+                subscription.to_owned(),
+            ));
+        }
+        attrs.extend(info.extra.iter().cloned());
         if let Some(count) = batch {
             attrs.push(KeyValue::new(
                 "messaging.batch.message_count",
@@ -273,6 +294,7 @@ mod tests {
         let info = SpanInfo {
             system: Some("test"),
             destination: Some("orders"),
+            ..SpanInfo::default()
         };
         let cx = spans.start(&info, &Context::new(), Vec::new(), None);
         let cx = cx.expect("a span once the SDK is there");

@@ -268,3 +268,112 @@ fn republish_with_a_narrower_propagator_drops_the_old_baggage() {
         "{keys:?}"
     );
 }
+
+/// The consumer span follows the RabbitMQ conventions: the exchange as
+/// `messaging.destination.name` (empty for the default one), the routing key, the delivery
+/// tag, and the queue as the subscription. It used to name the queue as the destination.
+#[tokio::test(flavor = "current_thread")]
+#[cfg_attr(
+    not(cf_service_amqp),
+    ignore = "needs RabbitMQ: set CONTEXTFLOW_AMQP_URL"
+)]
+async fn consumer_spans_name_the_exchange_routing_key_and_queue() {
+    use lapin::options::QueueBindOptions;
+    use opentelemetry::{trace::TracerProvider as _, Value};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("contextflow-messaging-semconv-{}", RequestId::new());
+    let declare = QueueDeclareOptions {
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(&queue, declare, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            &queue,
+            "amq.direct",
+            &queue,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for exchange in ["", "amq.direct"] {
+        channel
+            .basic_publish(
+                exchange,
+                &queue,
+                BasicPublishOptions::default(),
+                b"",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut deliveries = channel
+        .basic_consume(
+            &queue,
+            "contextflow-messaging-semconv",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consumer = amqp::consumer(&queue).with_tracer(provider.tracer("amqp-semconv"));
+    let mut tags = Vec::new();
+    for _ in 0..2 {
+        let delivery = deliveries.next().await.unwrap().unwrap();
+        tags.push(delivery.delivery_tag);
+        amqp::scope(&consumer, &delivery, async {}).await;
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    for (span, (exchange, tag)) in spans.iter().zip([("", tags[0]), ("amq.direct", tags[1])]) {
+        let attr = |key: &str| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.clone())
+        };
+        assert_eq!(
+            attr("messaging.destination.name"),
+            Some(Value::from(exchange.to_owned()))
+        );
+        assert_eq!(
+            attr("messaging.destination.subscription.name"),
+            Some(Value::from(queue.clone()))
+        );
+        assert_eq!(
+            attr("messaging.rabbitmq.destination.routing_key"),
+            Some(Value::from(queue.clone()))
+        );
+        assert_eq!(
+            attr("messaging.rabbitmq.message.delivery_tag"),
+            Some(Value::I64(tag as i64))
+        );
+        assert_eq!(attr("messaging.system"), Some(Value::from("rabbitmq")));
+        let name = if exchange.is_empty() {
+            &queue
+        } else {
+            exchange
+        };
+        assert_eq!(span.name, format!("process {name}"));
+    }
+    channel
+        .queue_delete(&queue, QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    connection.close(200, "OK").await.unwrap();
+}
