@@ -297,7 +297,9 @@ where
     ///   end has begun (its own code returned and the blocks joined to it in other tasks
     ///   ended: it is committing or releasing), a hook is not run, and a line at `warn` says
     ///   so: whether that transaction committed is not known there, and no statement can
-    ///   join it any more.
+    ///   join it any more. Work done through a snapshot in another task belongs in a block
+    ///   joined to the transaction (`transaction_with(Propagation::Required, ..)`), whose end
+    ///   the transaction waits for, hooks included.
     /// - On a commit whose outcome is unknown ([`CommitUnknown`](crate::CommitUnknown)) they
     ///   are dropped too: the caller gets the error and decides.
     /// - They run one after the other before `transaction` returns; a panicking hook does
@@ -805,7 +807,10 @@ where
                 Ok(idle) => {
                     // No joined block runs now; one joined from here on can run no statement
                     // of this transaction, so its hooks are refused (they would run after the
-                    // commit for work that never happened).
+                    // commit for work that never happened). A task that uses a snapshot of the
+                    // block outside any block of its own is not waited for: a hook it
+                    // registers from now on is refused too, as one registered after the
+                    // commit always was (register hooks in the block or a block joined to it).
                     level.seal_hooks();
                     let taken = shared.take(called_at).await;
                     drop(idle);

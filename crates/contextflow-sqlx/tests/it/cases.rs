@@ -1207,6 +1207,51 @@ async fn release_waits_for_a_savepoint_open_in_another_task() {
     ctx.finish().await;
 }
 
+/// A savepoint opened in another task (with the block's context) registers a hook and is
+/// released while the block's end waits for it: the hook reaches the transaction before the
+/// transaction's end can take its hooks, and runs after the commit.
+async fn hooks_of_a_savepoint_released_in_another_task_run_after_the_commit() {
+    let ctx = setup(2).await;
+    let db = &ctx.db;
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started_rx) = oneshot::channel();
+    let task = db
+        .transaction(|| async {
+            insert(&ctx, 1, 0).await?;
+            let db2 = db.clone();
+            let flag = ran.clone();
+            let insert2 = sql(&format!("INSERT INTO {} (id, tag) VALUES (2, 0)", ctx.table));
+            let task = tokio::spawn(
+                async move {
+                    db2.transaction(|| async {
+                        db2.execute(sqlx::query(&insert2)).await?;
+                        started_tx.send(()).unwrap();
+                        // The block's end is waiting for this savepoint by now.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        db2.after_commit(async move {
+                            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        })
+                        .await;
+                        Ok::<_, TestError>(())
+                    })
+                    .await
+                }
+                .with_snapshot(Snapshot::capture()),
+            );
+            started_rx.await.unwrap();
+            Ok::<_, TestError>(task)
+        })
+        .await
+        .unwrap();
+    task.await.unwrap().unwrap();
+    assert!(
+        ran.load(std::sync::atomic::Ordering::SeqCst),
+        "the released savepoint's hook ran"
+    );
+    assert_eq!(ids(&ctx).await, vec![1, 2]);
+    ctx.finish().await;
+}
+
 /// The hooks of a `RequiresNew` block run after its own commit, outside every transaction:
 /// their queries go to the pool, not into the suspended outer transaction (whose rollback
 /// would undo them although the inner block committed).
@@ -1558,6 +1603,7 @@ tests!(
     after_commit_hooks,
     commit_waits_for_a_savepoint_open_in_another_task,
     release_waits_for_a_savepoint_open_in_another_task,
+    hooks_of_a_savepoint_released_in_another_task_run_after_the_commit,
     requires_new_hooks_run_outside_the_suspended_transaction,
     hooks_outlive_a_caller_dropped_after_the_commit,
     a_conn_kept_past_its_block_ends_the_transaction,
