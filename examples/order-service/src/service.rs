@@ -14,6 +14,10 @@
 //!    and the resolver ([`OrderService::resolve_pending`]) finishes it later, in the context
 //!    of the request that placed it.
 //!
+//! Steps 2 and 3 run in a task of their own, with the request's context: a request cut off
+//! after step 1 (its deadline, a client that went away) does not cut them off, so its order
+//! is decided at once all the same.
+//!
 //! So no charge exists without an order (the order row commits before the call, and a charge
 //! is keyed by it), and no order stays without a decision (the resolver decides every
 //! `pending` order older than `Config::resolve_after`, 60 s, twice the request deadline).
@@ -180,30 +184,29 @@ impl OrderService {
                 }
                 Err(err) => return Err(err),
             };
-            let decision = match self
-                .payments
-                .authorize(
-                    &payment_key(
-                        &context::tenant().map(|t| t.to_string()).unwrap_or_default(),
-                        &order.reference,
-                    ),
-                    &order.reference,
-                    total_cents,
-                )
-                .await
-            {
-                // The order's first call: nothing was charged with its key before, so a
-                // refused request is a decision, not a reason to keep it pending and ask again
-                // forever.
-                Err(PaymentError::Refused(status)) => {
-                    warn!(status, "payment provider refused the request: declined");
-                    Err(PaymentError::Declined)
+            // The order exists from here: its charge and its decision run to their end in a
+            // task of their own (with this request's context), whatever becomes of the
+            // request: past its deadline (a `503`) or after its client went away, the order
+            // is still decided at once, not left to the resolver a minute later, and a retry
+            // with the same reference finds it decided.
+            let service = self.clone();
+            let reference = order.reference.clone();
+            let settle = contextflow::spawn(async move {
+                service
+                    .charge_and_decide(order_id, &reference, total_cents, items)
+                    .await
+            });
+            let placed = match settle.await {
+                Ok(placed) => placed?,
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                // The runtime is shutting down: the order stays pending for the resolver.
+                Err(_) => {
+                    return Err(ServiceError::PaymentPending {
+                        order_id,
+                        why: "the service is shutting down".into(),
+                    })
                 }
-                decision => decision,
             };
-            let placed = self
-                .decide(order_id, &order.reference, total_cents, items, decision)
-                .await?;
             if placed.status == "cancelled" {
                 // The resolver cancelled it while this request waited for the provider, which
                 // then charged it (`decide` logged the charge to void): not a `201` for a
@@ -215,6 +218,32 @@ impl OrderService {
         }
         .instrument(tracing::info_span!("service", op = "place_order"))
         .await
+    }
+
+    /// Steps 2 and 3 of a recorded order: the order's first call to the provider, then the
+    /// decision.
+    async fn charge_and_decide(
+        &self,
+        order_id: i64,
+        reference: &str,
+        total_cents: i64,
+        items: Vec<OrderItem>,
+    ) -> Result<Order, ServiceError> {
+        let key = payment_key(
+            &context::tenant().map(|t| t.to_string()).unwrap_or_default(),
+            reference,
+        );
+        let decision = match self.payments.authorize(&key, reference, total_cents).await {
+            // The order's first call: nothing was charged with its key before, so a refused
+            // request is a decision, not a reason to keep it pending and ask again forever.
+            Err(PaymentError::Refused(status)) => {
+                warn!(status, "payment provider refused the request: declined");
+                Err(PaymentError::Declined)
+            }
+            decision => decision,
+        };
+        self.decide(order_id, reference, total_cents, items, decision)
+            .await
     }
 
     /// Step 1, inside a transaction: the order row, each line's stock, the lines.

@@ -40,10 +40,14 @@ pub async fn enforce(State(limits): State<Limits>, mut req: Request, next: Next)
         .insert(BodyTimeout(limits.body_timeout));
     match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
         Ok(response) => response,
+        // The outcome is unknown to the client: an order recorded before the deadline is
+        // still charged and decided (`OrderService::place_order`), so the message says how to
+        // learn it instead of implying that nothing happened.
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "request not completed within {} ms",
+                "request not completed within {} ms; its outcome is unknown: an order it \
+                 recorded is still decided, and a retry with the same reference returns it",
                 limits.request_timeout.as_millis()
             ),
         )

@@ -162,6 +162,41 @@ fn sqlite() -> (tempfile::TempDir, String) {
     (dir, url)
 }
 
+/// Review finding: a request cut off by its deadline after its order was recorded took the
+/// charge and the decision down with it: the client got a `503` while the provider charged,
+/// and the order stayed pending until a resolver pass a minute later. Those steps now run to
+/// their end in a task of their own: the order is paid without the resolver, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_still_decides_its_recorded_order() {
+    let (_dir, url) = sqlite();
+    let (provider, addr, _) = Provider::start(Mode::AnswerAfter(Duration::from_millis(600))).await;
+    let mut config = Config::local(&url);
+    config.payment_url = Some(format!("http://{addr}"));
+    config.limits.request_timeout = Duration::from_millis(200);
+    let service = app::start(config).await.expect("service starts");
+    let (status, body) = post_order(&service, "late-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("outcome is unknown"),
+        "{body}"
+    );
+    // The resolver only looks at orders a minute old: a decision now is the request's own.
+    let mut order = by_reference(&service, "late-1").await;
+    for _ in 0..300 {
+        if order.status != "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        order = by_reference(&service, "late-1").await;
+    }
+    assert_eq!(order.status, "paid");
+    assert_eq!(provider.stub.charges(), 1);
+    service.shutdown().await.expect("clean shutdown");
+}
+
 /// Two databases (a fresh one after a restore, a second instance) hand out the same order
 /// ids; one provider keeps every idempotency key. Each order is charged for itself: a key made
 /// of the order id got the second order the first one's payment, charging nothing.
