@@ -141,7 +141,9 @@ impl Write for EscapeBuf {
 
 /// Whether `c` may appear in the text prefix as it is, outside quotes.
 fn is_bare(c: char) -> bool {
-    !(c.is_whitespace() || is_escaped(c) || matches!(c, '"' | '\\' | '=' | '[' | ']'))
+    // U+2800 (braille blank) is not white space, but shows as a space: bare, it would make
+    // one value look like two fields.
+    !(c.is_whitespace() || is_escaped(c) || matches!(c, '"' | '\\' | '=' | '[' | ']' | '\u{2800}'))
 }
 
 /// Writes a context value for the text prefix: as it is when every character is bare,

@@ -286,7 +286,10 @@ impl ContextFields {
     /// [`DEFAULT_MAX_LINE_LEN`]). A longer text line is cut and ends with
     /// [`TRUNCATED_MARKER`]; a longer JSON line is replaced by a short valid object with the
     /// context fields, `timestamp`, `level`, the message (cut), `target` and
-    /// `"truncated":true`.
+    /// `"truncated":true`; under a bound too small for that, the context values are cut
+    /// shorter, then the message and the context are left out, then the target (a JSON line
+    /// is never shorter than `{"level":"DEBUG","truncated":true}` and its newline, 36 bytes,
+    /// whatever the bound).
     ///
     /// ```
     /// use contextflow_tracing::{ContextFields, MemoryWriter};

@@ -243,17 +243,26 @@ impl EscapedVisitor<'_> {
 
     /// As [`quoted_value`](Self::quoted_value); `balance` closes a quote the cut left open.
     fn cut_value(&mut self, args: fmt::Arguments<'_>, balance: bool) -> fmt::Result {
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        // `try_with`: a thread-local's destructor may log or make a span after `SCRATCH` is
+        // gone (a panic there would abort the process); it gets a buffer of its own.
+        let mut args = Some(args);
+        let scratch = SCRATCH.try_with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
+                let args = args.take().expect("taken once");
                 buf.clear();
                 let result = self.write_cut_safe(&mut buf, args, balance);
                 buf.clear();
                 buf.shrink_to(4 * 1024);
-                result
+                Some(result)
             }
             // Formatting a value logged (a `Debug` that logs): a buffer of its own.
-            Err(_) => self.write_cut_safe(&mut String::new(), args, balance),
-        })
+            Err(_) => None,
+        });
+        match (scratch, args) {
+            (Ok(Some(result)), _) => result,
+            (_, Some(args)) => self.write_cut_safe(&mut String::new(), args, balance),
+            (_, None) => Ok(()),
+        }
     }
 
     fn write_cut_safe(

@@ -197,10 +197,22 @@ impl<F> ContextFormat<F> {
         let any = self.fields.write_json_members(line)?;
         let inner_start = line.len();
         let mut watch = JsonWatch::new(line, self.fields.line_cap(), self.fields.value_cap());
-        // `Writer::new` has ANSI colours off, which is what JSON wants.
-        self.inner
-            .format_event(ctx, Writer::new(&mut watch), event)?;
-        if !watch.finish() {
+        // `Writer::new` has ANSI colours off, which is what JSON wants. A value whose `Display`
+        // or `Debug` fails (a date formatted with a bad pattern) makes the JSON serializer
+        // under tracing-subscriber's formatter panic, in the caller's `info!`: the event
+        // becomes the short object instead (the context, the level, the message).
+        let formatted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.format_event(ctx, Writer::new(&mut watch), event)
+        }));
+        let fits = watch.finish();
+        match formatted {
+            Ok(result) => result?,
+            Err(_) => {
+                let (members, _) = line.split_at(inner_start);
+                return self.write_cut_json(writer, members, "", event);
+            }
+        }
+        if !fits {
             let (members, partial) = line.split_at(inner_start);
             return self.write_cut_json(writer, members, partial, event);
         }
@@ -323,6 +335,14 @@ impl<F> ContextFormat<F> {
         out.push_str(",\"target\":");
         let target: String = meta.target().chars().take(64).collect();
         escape::write_json(&mut out, &target)?;
+        out.push_str(",\"truncated\":true}\n");
+        if out.len() <= cap {
+            return writer.write_str(&out);
+        }
+        // The shortest valid record (36 bytes at most): no bound can be smaller.
+        out.clear();
+        out.push_str("{\"level\":");
+        escape::write_json(&mut out, meta.level().as_str())?;
         out.push_str(",\"truncated\":true}\n");
         writer.write_str(&out)
     }

@@ -561,3 +561,69 @@ fn a_value_whose_display_fails_is_marked_and_the_line_goes_on() {
     assert_eq!(line.matches("<fmt error>").count(), 2, "{line}");
     assert!(!line.contains('\n'), "{line}");
 }
+
+/// Review finding: in JSON, a value whose `Display` fails (a date formatted with a bad
+/// pattern) made the JSON serializer under tracing-subscriber's formatter panic inside the
+/// caller's `info!`. Now the event becomes the short object with the context.
+#[test]
+fn json_survives_a_value_whose_display_fails() {
+    struct Fails;
+    impl std::fmt::Display for Fails {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("part")?;
+            Err(std::fmt::Error)
+        }
+    }
+    let log = MemoryWriter::new();
+    let logged = std::panic::catch_unwind(|| {
+        tracing::dispatcher::with_default(&json(&log), || {
+            REQUEST_ID.sync_scope("req-1".into(), || info!(when = %Fails, "a failing value"))
+        })
+    });
+    assert!(logged.is_ok(), "logging does not panic");
+    let lines = log.lines();
+    assert_eq!(lines.len(), 1, "{}", log.contents());
+    let v: serde_json::Value = serde_json::from_str(&lines[0])
+        .unwrap_or_else(|e| panic!("invalid JSON {}: {e}", lines[0]));
+    assert_eq!(v["request_id"], "req-1", "{}", lines[0]);
+    assert_eq!(v["level"], "INFO", "{}", lines[0]);
+}
+
+/// Review finding: under a small bound, the last JSON fallback (level and target) was written
+/// whatever its length: 75 bytes under a bound of 48.
+#[test]
+fn a_json_line_keeps_a_small_bound() {
+    let log = MemoryWriter::new();
+    let dispatch: Dispatch = tracing_subscriber::fmt()
+        .json()
+        .without_time()
+        .with_writer(log.clone())
+        .map_event_format(|f| fields().max_line_len(48).json(f))
+        .finish()
+        .into();
+    tracing::dispatcher::with_default(&dispatch, || {
+        REQUEST_ID.sync_scope(
+            "req-1".into(),
+            || info!(target: "order_service::http::handlers", "{}", "m".repeat(500)),
+        )
+    });
+    let lines = log.lines();
+    assert_eq!(lines.len(), 1, "{}", log.contents());
+    assert!(lines[0].len() < 48, "{:?}", lines[0]);
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["truncated"], true);
+}
+
+/// Review finding: U+2800 (braille blank), which shows as a space, was written bare in the
+/// text prefix: `req-9⠀tenant=globex` read as a second field.
+#[test]
+fn a_blank_that_is_not_white_space_is_quoted_in_the_prefix() {
+    let log = MemoryWriter::new();
+    tracing::dispatcher::with_default(&text(&log), || {
+        REQUEST_ID.sync_scope("req-9\u{2800}tenant\u{A78A}globex".into(), || {
+            info!("hello")
+        })
+    });
+    let line = log.contents();
+    assert!(line.starts_with("[\"req-9"), "{line}");
+}
