@@ -135,16 +135,19 @@ impl Db {
             .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    // WAL with NORMAL sync: durable against crashes of the process, one fsync
-                    // per checkpoint rather than per commit, readers beside the writer. sqlx
-                    // sets no journal mode itself (without this, SQLite's default rollback
-                    // journal made and deleted a `-journal` file, with fsyncs, per write
+                    // WAL with FULL sync: every commit is on disk before it returns, readers
+                    // beside the writer. NORMAL (one fsync per checkpoint) survives a crash of
+                    // the process but may lose the last commits to a power cut or an OS
+                    // crash, and step 1's commit is what makes a charge safe: an order lost
+                    // after its charge would be a charge without an order. sqlx sets no
+                    // journal mode itself (without this, SQLite's default rollback journal
+                    // made and deleted a `-journal` file, with fsyncs, per write
                     // transaction). WAL is recorded in the database file; an in-memory
                     // database answers "memory" and stays as it is.
                     sqlx::query("PRAGMA journal_mode = WAL")
                         .execute(&mut *conn)
                         .await?;
-                    sqlx::query("PRAGMA synchronous = NORMAL")
+                    sqlx::query("PRAGMA synchronous = FULL")
                         .execute(&mut *conn)
                         .await?;
                     Ok(())
