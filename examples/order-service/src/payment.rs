@@ -215,11 +215,19 @@ impl std::error::Error for PaymentError {}
 /// The header that names a charge.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// The stub's state: which keys it charged. Clones share it, so a test can keep a stub alive
-/// across a restart of the service.
+/// The stub's state: which keys it charged, and for which amount. Clones share it, so a test
+/// can keep a stub alive across a restart of the service.
 #[derive(Clone, Debug, Default)]
 pub struct Stub {
-    charges: Arc<Mutex<HashMap<String, String>>>,
+    charges: Arc<Mutex<HashMap<String, Charge>>>,
+}
+
+/// One charge of the stub: its payment, and the amount asked for (`None` for a charge a test
+/// made directly, which any amount matches).
+#[derive(Clone, Debug)]
+struct Charge {
+    payment_id: String,
+    amount_cents: Option<i64>,
 }
 
 impl Stub {
@@ -229,7 +237,11 @@ impl Stub {
     }
 
     /// The router: `POST /payments` authorizes everything except references starting with
-    /// `decline` (`402 Payment Required`); a request without an `idempotency-key` is a `400`.
+    /// `decline` (`402 Payment Required`); a request without an `idempotency-key` is a `400`;
+    /// a key charged before answers that charge's payment, unless the request asks for
+    /// another amount (`422`, as real providers refuse a key reused with other parameters):
+    /// the same tenant and reference in a restored or second database is another order, and
+    /// must not be taken for paid by the first one's charge.
     pub fn router(&self) -> Router {
         self.router_with(PropagateContextLayer::new())
     }
@@ -255,7 +267,11 @@ impl Stub {
     pub fn charge(&self, key: &str) -> String {
         self.lock()
             .entry(key.to_owned())
-            .or_insert_with(|| format!("pay_{}", uuid::Uuid::new_v4().simple()))
+            .or_insert_with(|| Charge {
+                payment_id: format!("pay_{}", uuid::Uuid::new_v4().simple()),
+                amount_cents: None,
+            })
+            .payment_id
             .clone()
     }
 
@@ -266,10 +282,10 @@ impl Stub {
 
     /// The payment made for `key`, if any.
     pub fn payment(&self, key: &str) -> Option<String> {
-        self.lock().get(key).cloned()
+        self.lock().get(key).map(|charge| charge.payment_id.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Charge>> {
         // Only `insert` and `get` run under the lock: a panic cannot leave it half-changed.
         self.charges.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -298,14 +314,32 @@ async fn authorize(
         return Err(StatusCode::PAYMENT_REQUIRED);
     }
     let mut charges = stub.lock();
-    if let Some(payment_id) = charges.get(key) {
+    if let Some(charge) = charges.get(key) {
+        if charge
+            .amount_cents
+            .is_some_and(|amount| amount != req.amount_cents)
+        {
+            warn!(
+                reference = %req.reference,
+                amount_cents = req.amount_cents,
+                "idempotency key reused with another amount: refused"
+            );
+            return Err(StatusCode::UNPROCESSABLE_ENTITY);
+        }
+        let payment_id = &charge.payment_id;
         info!(reference = %req.reference, payment_id, "payment already authorized for this key");
         return Ok(Json(PaymentResponse {
             payment_id: payment_id.clone(),
         }));
     }
     let payment_id = format!("pay_{}", uuid::Uuid::new_v4().simple());
-    charges.insert(key.to_owned(), payment_id.clone());
+    charges.insert(
+        key.to_owned(),
+        Charge {
+            payment_id: payment_id.clone(),
+            amount_cents: Some(req.amount_cents),
+        },
+    );
     drop(charges);
     info!(reference = %req.reference, amount_cents = req.amount_cents, payment_id, "payment authorized");
     Ok(Json(PaymentResponse { payment_id }))

@@ -223,6 +223,47 @@ async fn orders_of_two_databases_with_the_same_ids_are_charged_apart() {
     assert_eq!(provider.stub.charges(), 2);
 }
 
+/// Review finding: the same tenant and reference in a second database (a restore, another
+/// instance) is another order, for another amount; the stub answered the first order's
+/// payment for its key, and the second order was marked paid with nothing charged. The stub
+/// now refuses a key reused with another amount, as real providers do: the second order is
+/// declined, never paid by the first one's charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_reused_in_another_database_is_not_paid_by_the_first_charge() {
+    let stub = Stub::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let provider_url = format!("http://{}", listener.local_addr().unwrap());
+    let router = stub.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut answers = Vec::new();
+    for quantity in [1, 2] {
+        let (_dir, url) = sqlite();
+        let service = start(&url, &provider_url, true).await;
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/orders", service.addr))
+            .header("authorization", "Bearer token-acme")
+            .json(&order("shared-1", &[("sku-apple", quantity)]))
+            .send()
+            .await
+            .expect("send");
+        let (status, body) = json_answer(response).await;
+        let order = by_reference(&service, "shared-1").await;
+        answers.push((status, body, order));
+        service.shutdown().await.expect("clean shutdown");
+    }
+    assert_eq!(answers[0].0, StatusCode::CREATED, "{}", answers[0].1);
+    assert_eq!(answers[0].2.status, "paid");
+    assert_eq!(
+        answers[1].0,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        answers[1].1
+    );
+    assert_eq!(answers[1].2.status, "cancelled");
+    assert_eq!(answers[1].2.payment_id, None);
+    assert_eq!(stub.charges(), 1);
+}
+
 /// An order left pending by an older build (no stored payment key: its charge was asked for
 /// with `order-<id>`, and the answer was lost) is resolved with that key after the upgrade:
 /// paid with the charge already made, never charged a second time under a new key.
