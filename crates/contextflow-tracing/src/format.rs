@@ -315,35 +315,37 @@ impl<F> ContextFormat<F> {
         // A character escapes to at most 12 bytes (`\\udb40\\udc41`): a quarter of the cap for
         // all values together, at worst.
         let short = self.fields.clone().max_len((cap / (48 * n)).max(8));
+        // `{` and the members so far, then the level, the target if asked for, and the flag.
+        let close = |out: &mut String, with_target: bool| -> fmt::Result {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str("\"level\":");
+            escape::write_json(out, meta.level().as_str())?;
+            if with_target {
+                out.push_str(",\"target\":");
+                let target: String = meta.target().chars().take(64).collect();
+                escape::write_json(out, &target)?;
+            }
+            out.push_str(",\"truncated\":true}\n");
+            Ok(())
+        };
         out.push('{');
-        let any = short.write_json_members(&mut out)?;
-        if any {
-            out.push(',');
-        }
-        out.push_str("\"level\":");
-        escape::write_json(&mut out, meta.level().as_str())?;
-        out.push_str(",\"target\":");
-        let target: String = meta.target().chars().take(64).collect();
-        escape::write_json(&mut out, &target)?;
-        out.push_str(",\"truncated\":true}\n");
+        short.write_json_members(&mut out)?;
+        close(&mut out, true)?;
         if out.len() <= cap {
             return writer.write_str(&out);
         }
         out.clear();
-        out.push_str("{\"level\":");
-        escape::write_json(&mut out, meta.level().as_str())?;
-        out.push_str(",\"target\":");
-        let target: String = meta.target().chars().take(64).collect();
-        escape::write_json(&mut out, &target)?;
-        out.push_str(",\"truncated\":true}\n");
+        out.push('{');
+        close(&mut out, true)?;
         if out.len() <= cap {
             return writer.write_str(&out);
         }
         // The shortest valid record (36 bytes at most): no bound can be smaller.
         out.clear();
-        out.push_str("{\"level\":");
-        escape::write_json(&mut out, meta.level().as_str())?;
-        out.push_str(",\"truncated\":true}\n");
+        out.push('{');
+        close(&mut out, false)?;
         writer.write_str(&out)
     }
 }

@@ -28,14 +28,13 @@ async fn connect() -> Connection {
     Connection::connect(&url, properties).await.unwrap()
 }
 
-/// Publishes `n` messages at once, each from a request context of its own, and consumes them
-/// concurrently in a task that has no context; returns (matched, mismatched) handlers.
-async fn round_trip(n: usize) -> (usize, usize) {
+/// A queue of its own for one test, named `contextflow-messaging-<name>-<unique>`, on a new
+/// connection and channel. Removed by the broker if the test dies before its own delete.
+async fn fresh_queue(name: &str) -> (Connection, lapin::Channel, String) {
     let connection = connect().await;
     let channel = connection.create_channel().await.unwrap();
-    let queue = format!("contextflow-messaging-round-trip-{}", RequestId::new());
+    let queue = format!("contextflow-messaging-{name}-{}", RequestId::new());
     let declare = QueueDeclareOptions {
-        // Removed by the broker if the test dies before its own delete.
         auto_delete: true,
         ..QueueDeclareOptions::default()
     };
@@ -43,6 +42,13 @@ async fn round_trip(n: usize) -> (usize, usize) {
         .queue_declare(&queue, declare, FieldTable::default())
         .await
         .unwrap();
+    (connection, channel, queue)
+}
+
+/// Publishes `n` messages at once, each from a request context of its own, and consumes them
+/// concurrently in a task that has no context; returns (matched, mismatched) handlers.
+async fn round_trip(n: usize) -> (usize, usize) {
+    let (connection, channel, queue) = fresh_queue("round-trip").await;
 
     let consume_channel = connection.create_channel().await.unwrap();
     consume_channel
@@ -166,17 +172,7 @@ async fn thousand_concurrent_messages_keep_their_context_multi_thread() {
     ignore = "needs RabbitMQ: set CONTEXTFLOW_AMQP_URL"
 )]
 async fn malformed_headers_from_the_broker_give_a_fresh_context() {
-    let connection = connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    let queue = format!("contextflow-messaging-malformed-{}", RequestId::new());
-    let declare = QueueDeclareOptions {
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(&queue, declare, FieldTable::default())
-        .await
-        .unwrap();
+    let (connection, channel, queue) = fresh_queue("malformed").await;
     let mut headers = FieldTable::default();
     headers.insert(
         "traceparent".into(),
@@ -286,17 +282,7 @@ async fn consumer_spans_name_the_exchange_routing_key_and_queue() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    let connection = connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    let queue = format!("contextflow-messaging-semconv-{}", RequestId::new());
-    let declare = QueueDeclareOptions {
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(&queue, declare, FieldTable::default())
-        .await
-        .unwrap();
+    let (connection, channel, queue) = fresh_queue("semconv").await;
     channel
         .queue_bind(
             &queue,
