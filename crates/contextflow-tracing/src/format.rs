@@ -208,8 +208,10 @@ impl<F> ContextFormat<F> {
         match formatted {
             Ok(result) => result?,
             Err(_) => {
+                // Not through `write_cut_json`, which would format the message again (and
+                // panic again, outside this catch, for a message that panics).
                 let (members, _) = line.split_at(inner_start);
-                return self.write_cut_json(writer, members, "", event);
+                return self.write_unformatted_json(writer, members, event);
             }
         }
         if !fits {
@@ -258,6 +260,38 @@ impl<F> ContextFormat<F> {
     /// Writes the short object that replaces a JSON line longer than the cap: `members` (the
     /// opening brace and the context members), the timestamp found at the start of the cut
     /// line, the level, the message (cut), the target and `"truncated":true`.
+    /// The record of an event whose formatting panicked: the context members, the level,
+    /// the target and `"error":"the event could not be formatted"`, no value of the event's
+    /// (formatting one again could panic again); the panic itself was reported by the panic
+    /// hook.
+    fn write_unformatted_json(
+        &self,
+        writer: &mut Writer<'_>,
+        members: &str,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut out = String::with_capacity(members.len() + 160);
+        out.push_str(members);
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str("\"level\":");
+        escape::write_json(&mut out, meta.level().as_str())?;
+        out.push_str(",\"target\":");
+        let target: String = meta.target().chars().take(64).collect();
+        escape::write_json(&mut out, &target)?;
+        out.push_str(",\"error\":\"the event could not be formatted\"}\n");
+        if out.len() > self.fields.line_cap() {
+            // Huge context values under a small bound: the level and the error alone.
+            out.clear();
+            out.push_str("{\"level\":");
+            escape::write_json(&mut out, meta.level().as_str())?;
+            out.push_str(",\"error\":\"the event could not be formatted\"}\n");
+        }
+        writer.write_str(&out)
+    }
+
     fn write_cut_json(
         &self,
         writer: &mut Writer<'_>,

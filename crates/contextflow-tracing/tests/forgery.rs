@@ -587,6 +587,11 @@ fn json_survives_a_value_whose_display_fails() {
         .unwrap_or_else(|e| panic!("invalid JSON {}: {e}", lines[0]));
     assert_eq!(v["request_id"], "req-1", "{}", lines[0]);
     assert_eq!(v["level"], "INFO", "{}", lines[0]);
+    assert_eq!(
+        v["error"], "the event could not be formatted",
+        "{}",
+        lines[0]
+    );
 }
 
 /// Review finding: under a small bound, the last JSON fallback (level and target) was written

@@ -300,7 +300,8 @@ pub async fn start(config: Config) -> Result<RunningService, Box<dyn Error + Sen
 
 impl RunningService {
     /// Shuts down in dependency order, logging each step: stop accepting orders and finish
-    /// the requests in flight; let the outbox worker deliver what is left and stop; drain the
+    /// the requests in flight; finish deciding the recorded orders whose request was cut off;
+    /// let the outbox worker deliver what is left and stop; drain the
     /// queue; then stop the payment stub (in-flight orders and the resolver still needed it)
     /// and the queue consumer; last, close the database connections.
     ///
@@ -316,6 +317,19 @@ impl RunningService {
             &mut first_error,
             step_task("order server", self.orders_step_timeout, self.orders_server).await,
         );
+        // Recorded orders whose request was cut off are still being charged and decided.
+        info!("shutdown: finishing the orders still being decided");
+        let service = self.state.service.clone();
+        let settled = async move {
+            service.settled().await;
+            Ok::<(), tokio::task::JoinError>(())
+        };
+        let result = step("orders being decided", limit, settled).await;
+        if result.is_err() {
+            // Past the step's time: stopped, their orders stay pending for the resolver.
+            self.state.service.abandon_settling();
+        }
+        record(&mut first_error, result);
         info!("shutdown: draining the outbox and queued messages");
         self.worker_shutdown.begin();
         record(
@@ -360,6 +374,9 @@ impl RunningService {
     /// Stops everything at once, delivering nothing more: what a crash leaves behind (tests of
     /// recovery after a restart).
     pub async fn crash(self) {
+        // The servers first: a request must not get the answer that stopping its order's
+        // decision would give it (a crash answers nothing).
+        let service = self.state.service.clone();
         for task in [
             self.orders_server,
             self.worker,
@@ -369,6 +386,7 @@ impl RunningService {
             task.abort();
             let _ = task.await;
         }
+        service.abandon_settling();
     }
 }
 

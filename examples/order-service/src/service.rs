@@ -136,6 +136,11 @@ pub struct OrderService {
     /// Where the resolver's next pass starts (the id after the last order it asked about),
     /// so that orders the provider cannot decide do not keep the others from being asked.
     resolve_from: Arc<AtomicI64>,
+    /// The charge-and-decide tasks of recorded orders (which outlive a request cut off by its
+    /// deadline or its client): shutdown waits for them, a crash aborts them.
+    settling: tokio_util::task::TaskTracker,
+    /// Stops the settling tasks at once (a simulated crash): their orders stay pending.
+    abandon: tokio_util::sync::CancellationToken,
 }
 
 /// What one resolver pass did.
@@ -163,6 +168,8 @@ impl OrderService {
             payments,
             signal,
             resolve_from: Arc::new(AtomicI64::new(0)),
+            settling: tokio_util::task::TaskTracker::new(),
+            abandon: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -191,11 +198,21 @@ impl OrderService {
             // with the same reference finds it decided.
             let service = self.clone();
             let reference = order.reference.clone();
-            let settle = contextflow::spawn(async move {
-                service
-                    .charge_and_decide(order_id, &reference, total_cents, items)
-                    .await
-            });
+            let abandon = self.abandon.clone();
+            let settle = contextflow::spawn(self.settling.track_future(async move {
+                let settled = tokio::select! {
+                    settled = service.charge_and_decide(order_id, &reference, total_cents, items) => settled,
+                    () = abandon.cancelled() => return Err(ServiceError::PaymentPending {
+                        order_id,
+                        why: "the service stopped".into(),
+                    }),
+                };
+                if let Err(ServiceError::Repo(err)) = &settled {
+                    // Logged here: the request that awaits this may be gone.
+                    error!(order_id, error = %err, "deciding the order failed: it stays pending for the resolver");
+                }
+                settled
+            }));
             let placed = match settle.await {
                 Ok(placed) => placed?,
                 Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
@@ -218,6 +235,20 @@ impl OrderService {
         }
         .instrument(tracing::info_span!("service", op = "place_order"))
         .await
+    }
+
+    /// Waits for the charge-and-decide tasks of recorded orders (those whose request was cut
+    /// off included), for a graceful shutdown: after the order server's requests, before
+    /// the outbox worker's last pass and the payment stub.
+    pub async fn settled(&self) {
+        self.settling.close();
+        self.settling.wait().await;
+    }
+
+    /// Stops the charge-and-decide tasks at once, as a crash would: their orders stay
+    /// pending, for the resolver after a restart.
+    pub fn abandon_settling(&self) {
+        self.abandon.cancel();
     }
 
     /// Steps 2 and 3 of a recorded order: the order's first call to the provider, then the

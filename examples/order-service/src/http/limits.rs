@@ -38,6 +38,7 @@ pub async fn enforce(State(limits): State<Limits>, mut req: Request, next: Next)
     }
     req.extensions_mut()
         .insert(BodyTimeout(limits.body_timeout));
+    let writes = req.method() == axum::http::Method::POST;
     match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
         Ok(response) => response,
         // The outcome is unknown to the client: an order recorded before the deadline is
@@ -45,11 +46,18 @@ pub async fn enforce(State(limits): State<Limits>, mut req: Request, next: Next)
         // learn it instead of implying that nothing happened.
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "request not completed within {} ms; its outcome is unknown: an order it \
-                 recorded is still decided, and a retry with the same reference returns it",
-                limits.request_timeout.as_millis()
-            ),
+            if writes {
+                format!(
+                    "request not completed within {} ms; its outcome is unknown: an order it \
+                     recorded is still decided, and a retry with the same reference returns it",
+                    limits.request_timeout.as_millis()
+                )
+            } else {
+                format!(
+                    "request not completed within {} ms",
+                    limits.request_timeout.as_millis()
+                )
+            },
         )
         .into_response(),
     }

@@ -197,6 +197,39 @@ async fn a_request_past_its_deadline_still_decides_its_recorded_order() {
     service.shutdown().await.expect("clean shutdown");
 }
 
+/// The orders still being decided after their request was cut off: a graceful shutdown
+/// waits for them (the order is paid when it completes), a crash stops them (the order stays
+/// pending for the resolver), as a crash of the process would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_being_decided_are_finished_by_a_shutdown_and_dropped_by_a_crash() {
+    for graceful in [true, false] {
+        let (_dir, url) = sqlite();
+        let (_provider, addr, _) =
+            Provider::start(Mode::AnswerAfter(Duration::from_millis(500))).await;
+        let mut config = Config::local(&url);
+        config.payment_url = Some(format!("http://{addr}"));
+        config.limits.request_timeout = Duration::from_millis(100);
+        let service = app::start(config).await.expect("service starts");
+        let (status, body) = post_order(&service, "cut-1").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        if graceful {
+            service.shutdown().await.expect("clean shutdown");
+        } else {
+            service.crash().await;
+            // Longer than the provider's answer: a task left running would decide by now.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+        let db = order_service::db::Db::connect(&url).await.unwrap();
+        let order = as_acme(OrderRepository::new(&db).find_by_reference("cut-1"))
+            .await
+            .unwrap()
+            .expect("recorded");
+        let want = if graceful { "paid" } else { "pending" };
+        assert_eq!(order.status, want, "graceful: {graceful}");
+        db.close().await;
+    }
+}
+
 /// Two databases (a fresh one after a restore, a second instance) hand out the same order
 /// ids; one provider keeps every idempotency key. Each order is charged for itself: a key made
 /// of the order id got the second order the first one's payment, charging nothing.
